@@ -1,0 +1,32 @@
+"""The exceptions hooktrain raises itself. Each message says what to do next."""
+
+from __future__ import annotations
+
+
+class HooktrainError(Exception):
+    """Base class of every error hooktrain raises on purpose."""
+
+
+class PluginError(HooktrainError):
+    """A plugin cannot be found, loaded, constructed or registered."""
+
+
+class ConfigurationError(HooktrainError, ValueError):
+    """The trainer, a dataloader, the model or a loss is not usable as given."""
+
+
+class HookError(HooktrainError):
+    """A plugin's hook implementation raised; the original is ``__cause__``.
+
+    :ivar plugin: the registered name of the plugin that raised.
+    :ivar hook: the name of the hook.
+    """
+
+    def __init__(self, message: str, *, plugin: str, hook: str) -> None:
+        super().__init__(message)
+        self.plugin = plugin
+        self.hook = hook
+
+
+class NonFiniteLossError(HooktrainError, FloatingPointError):
+    """The training loss became NaN or infinite."""

@@ -1,0 +1,190 @@
+"""Metric values: kept on the device while training, read as floats when asked.
+
+Converting a tensor to a Python number waits for the device. The loop therefore
+only stores tensors; :class:`Metrics` converts a value the first time someone
+reads it, and :class:`RunningMeans` folds a batch's values into device-side sums.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose highest-scoring class equals the target class.
+
+    :param outputs: scores of shape ``(batch, classes)`` (or ``(batch,)`` of
+        logits for a binary problem, thresholded at 0).
+    :param targets: class indices of shape ``(batch,)``, or one-hot / probability
+        rows of the same shape as ``outputs``.
+    :return: a 0-dim float tensor on the outputs' device.
+    """
+    if outputs.ndim == 1:
+        predicted = (outputs > 0).long()
+    else:
+        predicted = outputs.argmax(dim=-1)
+    if targets.ndim == outputs.ndim and outputs.ndim > 1:
+        targets = targets.argmax(dim=-1)
+    return (predicted == targets).float().mean()
+
+
+class Metrics(Mapping[str, float]):
+    """The latest value of every metric, read as Python floats.
+
+    Values are stored as given (often 0-dim tensors still on the device) and
+    converted on first read, so storing costs no synchronisation.
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self) -> None:
+        self._values: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> float:
+        value = self._values[name]
+        if not isinstance(value, float):
+            value = float(value.item() if isinstance(value, torch.Tensor) else value)
+            self._values[name] = value
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Metrics({ {k: self[k] for k in self._values} })"
+
+    def set(self, name: str, value: Any) -> None:
+        """Store a value (a number or a tensor) without converting it."""
+        self._values[name] = value
+
+    def update_raw(self, values: Mapping[str, Any]) -> None:
+        self._values.update(values)
+
+    def raw(self, name: str) -> Any:
+        """The stored value, unconverted."""
+        return self._values[name]
+
+    def floats(self, names: Any = None) -> dict[str, float]:
+        """Floats for ``names`` (all when ``None``), converting every tensor in one
+        transfer rather than one per value."""
+        keys = list(self._values) if names is None else [n for n in names if n in self._values]
+        pending = [k for k in keys if isinstance(self._values[k], torch.Tensor)]
+        if len(pending) > 1:
+            stacked = torch.stack([self._values[k].detach().float().reshape(()) for k in pending])
+            for key, value in zip(pending, stacked.tolist(), strict=True):
+                self._values[key] = float(value)
+        return {k: self[k] for k in keys}
+
+    def clear(self) -> None:
+        self._values.clear()
+
+
+class RunningMeans:
+    """Batch-size-weighted means of named values, summed on the device.
+
+    ``add`` only appends to a list; every ``fold_every`` values (and when the means
+    are read) the pending values of a name are summed in one operation.
+    """
+
+    fold_every = 256
+
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[list[Any], list[float]]] = {}
+        self._sums: dict[str, torch.Tensor | float] = {}
+        self._weights: dict[str, float] = {}
+        #: Names whose values were gathered from every process already.
+        self.global_names: set[str] = set()
+
+    def add(self, name: str, value: Any, weight: float) -> None:
+        pending = self._pending.get(name)
+        if pending is None:
+            pending = self._pending[name] = ([], [])
+        values, weights = pending
+        values.append(value)
+        weights.append(weight)
+        if len(values) >= self.fold_every:
+            self._fold(name)
+
+    def pending_values(self, name: str) -> list[Any]:
+        """Values of ``name`` added since the last fold (read-only use)."""
+        entry = self._pending.get(name)
+        return entry[0] if entry else []
+
+    def _fold(self, name: str) -> None:
+        values, weights = self._pending.pop(name)
+        if not values:
+            return
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        if len(tensors) == len(values):
+            stacked = torch.stack([v.reshape(()) for v in values]).float()
+            total: torch.Tensor | float = (
+                stacked * torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+            ).sum()
+        else:
+            total = sum(float(v) * w for v, w in zip(values, weights, strict=True))
+        previous = self._sums.get(name)
+        self._sums[name] = total if previous is None else previous + total
+        self._weights[name] = self._weights.get(name, 0.0) + float(sum(weights))
+
+    def fold_all(self) -> None:
+        for name in list(self._pending):
+            self._fold(name)
+
+    def compute(
+        self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> dict[str, Any]:
+        """The weighted mean of every name. With ``all_reduce``, sums and weights of
+        names not gathered already are summed over processes in one collective."""
+        self.fold_all()
+        means: dict[str, Any] = {}
+        local = [n for n in self._sums if n not in self.global_names]
+        if all_reduce is not None and local:
+            device = next(
+                (s.device for s in self._sums.values() if isinstance(s, torch.Tensor)),
+                torch.device("cpu"),
+            )
+            packed = torch.stack(
+                [torch.as_tensor(self._sums[n], dtype=torch.float64, device=device) for n in local]
+                + [torch.tensor(self._weights[n], dtype=torch.float64, device=device) for n in local]
+            )
+            reduced = all_reduce(packed)
+            for i, name in enumerate(local):
+                means[name] = reduced[i] / reduced[i + len(local)]
+        for name, total in self._sums.items():
+            if name not in means:
+                means[name] = total / self._weights[name] if self._weights[name] else total
+        return means
+
+    def names(self) -> set[str]:
+        """Every name added since the last reset."""
+        return set(self._sums) | set(self._pending)
+
+    def reset(self) -> None:
+        self._pending.clear()
+        self._sums.clear()
+        self._weights.clear()
+        self.global_names.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Folded sums and weights: what a checkpoint taken mid-epoch needs."""
+        self.fold_all()
+        return {
+            "sums": {
+                n: (s.detach().cpu() if isinstance(s, torch.Tensor) else torch.tensor(s))
+                for n, s in self._sums.items()
+            },
+            "weights": dict(self._weights),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+        self.reset()
+        self._sums = {n: s.to(device) for n, s in state.get("sums", {}).items()}
+        self._weights = {n: float(w) for n, w in state.get("weights", {}).items()}
