@@ -636,6 +636,10 @@ class Trainer:
             torch.randint(0, 2**31 - 1, ()).item()
         )
         self.plugin_manager.hook.prepare(trainer=self, stage="fit")
+        if len(self.lr_schedulers) != len(self._schedulers):
+            raise PluginError("a prepare implementation changed the number of LR schedulers")
+        for entry, scheduler in zip(self._schedulers, self.lr_schedulers, strict=True):
+            entry.scheduler = scheduler  # a plugin may have wrapped it
         self._hooks = hooks = _ResolvedHooks(self.plugin_manager, self._defaults)
         if ckpt_path is not None:
             checkpoint = hooks.load_checkpoint(trainer=self, ckpt_path=os.fspath(ckpt_path))
