@@ -1,0 +1,174 @@
+"""The ``hooktrain`` command line.
+
+``hooktrain plugins`` reads package metadata only: it imports neither torch nor any
+plugin, so it is fast and works even when an installed plugin is broken. Other
+subcommands come from the entry-point group ``hooktrain.commands`` (the core's own
+included), loaded only when invoked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Sequence
+from importlib import metadata
+from typing import Any
+
+from hooktrain.markers import PROJECT_NAME
+from hooktrain.plugins import (
+    COMMAND_ENTRY_POINT_GROUP,
+    ENTRY_POINT_GROUP,
+    disabled_plugin_names,
+    installed_plugins,
+)
+
+
+def _hook_names() -> list[str]:
+    from hooktrain import hookspecs
+
+    return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "hooktrain_spec"))
+
+
+def _implemented_hooks(target: Any) -> list[str]:
+    """Hooks a plugin target implements, found without constructing it."""
+    names = []
+    for attr in dir(target):
+        try:
+            value = inspect.getattr_static(target, attr)
+        except AttributeError:
+            continue
+        if isinstance(value, staticmethod | classmethod):
+            value = value.__func__
+        if hasattr(value, PROJECT_NAME + "_impl"):
+            names.append(attr)
+    return names
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _list_plugins(detail: bool) -> int:
+    installed = installed_plugins()
+    disabled = disabled_plugin_names()
+    if not installed:
+        print(f"no plugins installed (entry-point group {ENTRY_POINT_GROUP!r})")
+        return 0
+    rows = []
+    for name in sorted(installed):
+        plugin = installed[name]
+        row = [name, plugin.distribution, plugin.version]
+        if name in disabled:
+            row.append("disabled")
+        elif detail:
+            try:
+                hooks = _implemented_hooks(plugin.load())
+                row.append("ok: " + (", ".join(hooks) or "no hooks"))
+            except Exception as exc:
+                cause = exc.__cause__ or exc
+                row.append(f"ERROR: {type(cause).__name__}: {cause}")
+        else:
+            row.append("")
+        rows.append(row)
+    print(_table(rows, ["name", "distribution", "version", "hooks" if detail else "status"]))
+    return 0
+
+
+def _show_order(selection: Sequence[str]) -> int:
+    """Print, for each hook, the implementations in the order they will be called."""
+    from hooktrain.errors import HooktrainError
+    from hooktrain.trainer import Trainer
+
+    try:
+        trainer = Trainer(plugins=list(selection), device="cpu")
+    except HooktrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    manager = trainer.plugin_manager
+    print(f"call order for plugins={list(selection)!r} (wrappers surround the rest):")
+    for hook_name in _hook_names():
+        impls = getattr(manager.hook, hook_name).get_hookimpls()
+        if not impls:
+            continue
+        # pluggy calls the list from its end: wrappers first, then the others.
+        described = []
+        for impl in reversed(impls):
+            name = manager.get_name(impl.plugin) or "?"
+            tags = [
+                tag
+                for tag, on in (
+                    ("wrapper", impl.wrapper or impl.hookwrapper),
+                    ("tryfirst", impl.tryfirst),
+                    ("trylast", impl.trylast and name != "core"),
+                )
+                if on
+            ]
+            if name == "core":
+                tags.append("default")
+            described.append(name + (f" ({', '.join(tags)})" if tags else ""))
+        print(f"  {hook_name:<28} {' -> '.join(described)}")
+    return 0
+
+
+def _list_hooks() -> int:
+    from hooktrain import hookspecs
+
+    for name in _hook_names():
+        doc = inspect.getdoc(getattr(hookspecs, name)) or ""
+        print(f"{name:<28} {doc.splitlines()[0] if doc else ''}")
+    return 0
+
+
+def _commands() -> dict[str, metadata.EntryPoint]:
+    found: dict[str, metadata.EntryPoint] = {}
+    for entry_point in metadata.entry_points(group=COMMAND_ENTRY_POINT_GROUP):
+        found.setdefault(entry_point.name, entry_point)
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hooktrain`` and ``python -m hooktrain``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    commands = _commands()
+    if args and args[0] in commands:
+        try:
+            command = commands[args[0]].load()
+        except Exception as exc:
+            print(f"error: command {args[0]!r} failed to load: {exc}", file=sys.stderr)
+            return 2
+        return int(command(args[1:]) or 0)
+
+    parser = argparse.ArgumentParser(
+        prog="hooktrain",
+        description="hooktrain: a PyTorch trainer whose every phase is a plugin hook.",
+        epilog="more commands: " + (", ".join(sorted(commands)) or "none installed"),
+    )
+    sub = parser.add_subparsers(dest="command")
+    plugins = sub.add_parser(
+        "plugins",
+        help="list installed plugins",
+        description="List installed plugins from package metadata (imports nothing). "
+        "Given plugin names, show each hook's implementations in call order.",
+    )
+    plugins.add_argument("selection", nargs="*", metavar="PLUGIN",
+                         help="a plugin list to show the call order of")
+    plugins.add_argument("--detail", action="store_true",
+                         help="import each plugin: show its hooks or its load error")
+    plugins.add_argument("--hooks", action="store_true", help="list every hook of hooktrain")
+    options = parser.parse_args(args)
+    if options.command != "plugins":
+        parser.print_help()
+        return 0 if options.command is None and not args else 2
+    if options.hooks:
+        return _list_hooks()
+    if options.selection:
+        return _show_order(options.selection)
+    return _list_plugins(options.detail)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
