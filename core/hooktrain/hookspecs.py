@@ -401,8 +401,10 @@ def forward_step(trainer: Trainer, batch: Any, batch_idx: int, stage: str) -> An
 
     :param stage: ``"train"``, ``"validate"``, ``"test"`` or ``"predict"``.
     :return: for ``"train"``, the loss tensor or a mapping holding ``"loss"``; for
-        evaluation, a mapping that may hold ``"loss"``, ``"outputs"`` and
-        ``"targets"``; for ``"predict"``, the predictions.
+        evaluation, a loss tensor or a mapping: ``"outputs"`` and ``"targets"``
+        (the loop then computes ``loss_fn`` and the metrics on them) and any other
+        scalar entries (each becomes a metric, ``"acc"`` giving ``val_acc``); for
+        ``"predict"``, the predictions.
     """
 
 

@@ -1022,8 +1022,13 @@ class Trainer:
                     means.add(name, fn(predicted, targets), size)
                     if gathered:
                         means.global_names.add(name)
-        if "loss" in outputs:
-            means.add(prefix + "loss" + suffix, outputs["loss"].detach(), self._batch_size)
+        for key, value in outputs.items():
+            if key in ("outputs", "targets"):
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                means.add(prefix + key + suffix, value.detach(), self._batch_size)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                means.add(prefix + key + suffix, float(value), self._batch_size)
 
 
 # ---------------------------------------------------------------------- helpers
