@@ -245,6 +245,22 @@ class PluginManager(pluggy.PluginManager):
                     f"plugin {name!r} implements {attr!r}, which is not a hooktrain hook{hint} "
                     f"(see 'hooktrain plugins --hooks' for the list)"
                 )
+            offered = list(inspect.signature(getattr(hookspecs, attr)).parameters)
+            try:
+                wanted = [
+                    p.name
+                    for p in inspect.signature(getattr(plugin, attr)).parameters.values()
+                    if p.default is inspect.Parameter.empty
+                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                ]
+            except (TypeError, ValueError):
+                continue
+            unknown = [arg for arg in wanted if arg not in offered]
+            if unknown:
+                raise PluginError(
+                    f"plugin {name!r}: its {attr} takes {', '.join(unknown)}, which the hook "
+                    f"does not offer; {attr} offers ({', '.join(offered)})"
+                )
         try:
             return super().register(plugin, name)
         except pluggy.PluginValidationError as exc:

@@ -1,0 +1,253 @@
+"""Selecting, loading, ordering and refusing plugins."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+import hooktrain
+from hooktrain import hookimpl
+from hooktrain.errors import PluginError
+from hooktrain.testing import run
+
+RECORDING_PLUGIN = """
+from hooktrain import hookimpl
+
+class Tagger:
+    def __init__(self, tag="default", log=None):
+        self.tag = tag
+        self.log = log if log is not None else []
+
+    @hookimpl
+    def on_fit_start(self, trainer):
+        trainer.log("tag_" + self.tag, 1.0)
+
+def factory(**options):
+    return Tagger(**options)
+"""
+
+MODULE_PLUGIN = """
+from hooktrain import hookimpl
+
+seen = []
+
+@hookimpl
+def on_train_epoch_end(trainer):
+    seen.append(trainer.current_epoch)
+"""
+
+
+def test_entry_point_class_gets_options(fake_dists):
+    fake_dists.add("tagger-dist", {"tagger": "tagmod:Tagger"}, {"tagmod": RECORDING_PLUGIN})
+    result = run([("tagger", {"tag": "hello"})], max_epochs=1, record=False)
+    assert "tag_hello" in result.trainer.metrics
+    assert result.trainer.plugin_names == ["tagger"]
+
+
+def test_entry_point_factory_and_module(fake_dists):
+    fake_dists.add(
+        "two-dist",
+        {"made": "tagmod:factory", "modplug": "modplug"},
+        {"tagmod": RECORDING_PLUGIN, "modplug": MODULE_PLUGIN},
+    )
+    result = run([("made", {"tag": "f"}), "modplug"], max_epochs=2, record=False)
+    assert "tag_f" in result.trainer.metrics
+    import modplug
+
+    assert modplug.seen == [0, 1]
+
+
+def test_import_path_and_object_and_class(fake_dists):
+    fake_dists.add("unused-dist", {}, {"tagmod": RECORDING_PLUGIN})
+    import tagmod
+
+    result = run(
+        ["tagmod:Tagger", (tagmod.Tagger, {"tag": "cls"}), tagmod.Tagger(tag="obj")],
+        max_epochs=1,
+        record=False,
+    )
+    for tag in ("default", "cls", "obj"):
+        assert f"tag_{tag}" in result.trainer.metrics
+    assert len(set(result.trainer.plugin_names)) == 3
+
+
+def test_unknown_name_lists_installed_and_closest(fake_dists):
+    fake_dists.add("tagger-dist", {"tagger": "tagmod:Tagger"}, {"tagmod": RECORDING_PLUGIN})
+    with pytest.raises(PluginError) as excinfo:
+        hooktrain.Trainer(plugins=["taggr"])
+    message = str(excinfo.value)
+    assert "unknown plugin 'taggr'" in message
+    assert "Did you mean 'tagger'?" in message
+    assert "tagger" in message.split("Installed plugins:")[1]
+
+
+def test_broken_plugin_breaks_only_runs_that_select_it(fake_dists):
+    fake_dists.add(
+        "broken-dist",
+        {"broken": "brokenmod:Plugin"},
+        {"brokenmod": "raise ImportError('needs libfoo 3')\n"},
+        version="2.5",
+    )
+    fake_dists.add("tagger-dist", {"tagger": "tagmod:Tagger"}, {"tagmod": RECORDING_PLUGIN})
+    # Not selected: never imported, the run works.
+    run(["tagger"], max_epochs=1, record=False)
+    assert "brokenmod" not in sys.modules
+    with pytest.raises(PluginError) as excinfo:
+        hooktrain.Trainer(plugins=["broken"])
+    message = str(excinfo.value)
+    assert "'broken'" in message and "broken-dist 2.5" in message and "needs libfoo 3" in message
+
+
+def test_disable_env_skips_plugin_before_import(fake_dists, monkeypatch, capsys):
+    fake_dists.add(
+        "broken-dist", {"broken": "brokenmod:Plugin"}, {"brokenmod": "raise ImportError('x')\n"}
+    )
+    monkeypatch.setenv("HOOKTRAIN_DISABLE_PLUGINS", "broken, other")
+    trainer = hooktrain.Trainer(plugins=["broken"])
+    assert trainer.plugin_names == []
+    assert "brokenmod" not in sys.modules
+    assert "disabled by HOOKTRAIN_DISABLE_PLUGINS" in capsys.readouterr().err
+
+
+def test_typo_in_hook_name_is_refused_with_closest_hook():
+    class Typo:
+        @hookimpl
+        def on_train_epoch_ned(self, trainer):
+            pass
+
+    with pytest.raises(PluginError) as excinfo:
+        hooktrain.Trainer(plugins=[Typo()])
+    message = str(excinfo.value)
+    assert "'Typo'" in message and "'on_train_epoch_ned'" in message
+    assert "did you mean 'on_train_epoch_end'?" in message
+
+
+def test_unknown_argument_is_refused():
+    class BadArgs:
+        @hookimpl
+        def on_train_batch_end(self, trainer, loss):
+            pass
+
+    with pytest.raises(PluginError, match="BadArgs.*loss"):
+        hooktrain.Trainer(plugins=[BadArgs()])
+
+
+def test_options_for_a_plain_object_are_refused():
+    with pytest.raises(PluginError, match="takes no options"):
+        hooktrain.Trainer(plugins=[(types.ModuleType("plain"), {"x": 1})])
+
+
+def test_malformed_entries_are_refused():
+    with pytest.raises(PluginError, match="pair"):
+        hooktrain.Trainer(plugins=[("tqdm", {"a": 1}, "extra")])
+    with pytest.raises(hooktrain.ConfigurationError, match="must be a list"):
+        hooktrain.Trainer(plugins="tqdm")
+
+
+def test_empty_list_is_the_bare_core():
+    trainer = hooktrain.Trainer(plugins=[])
+    assert trainer.plugin_names == []
+    assert [name for name, _ in trainer.plugin_manager.list_name_plugin()] == ["core"]
+
+
+def test_default_set_selects_installed_defaults_only(monkeypatch):
+    from hooktrain import plugins as plugins_module
+
+    monkeypatch.setattr(plugins_module, "DEFAULT_PLUGINS", ("surely-not-installed",))
+    assert hooktrain.Trainer(plugins=None).plugin_names == []
+
+
+# ---------------------------------------------------------------------- order
+
+
+def _order_plugin(name, log, **marks):
+    class Plugin:
+        @hookimpl(**marks)
+        def on_train_epoch_start(self):
+            log.append(name)
+
+    plugin = Plugin()
+    plugin.name = name
+    return plugin
+
+
+def test_implementations_run_in_list_order():
+    log = []
+    run([_order_plugin("a", log), _order_plugin("b", log), _order_plugin("c", log)],
+        max_epochs=1, record=False)
+    assert log == ["a", "b", "c"]
+
+
+def test_tryfirst_and_trylast_override_list_order():
+    log = []
+    run(
+        [_order_plugin("a", log, trylast=True), _order_plugin("b", log),
+         _order_plugin("c", log, tryfirst=True)],
+        max_epochs=1,
+        record=False,
+    )
+    assert log == ["c", "b", "a"]
+
+
+def test_wrappers_surround_and_core_default_runs_last():
+    log = []
+
+    class Wrapper:
+        name = "wrapper"
+
+        @hookimpl(wrapper=True)
+        def optimizer_step(self, optimizer):
+            log.append("before")
+            result = yield
+            log.append(f"after:{result}")
+            return result
+
+    class Observer:
+        name = "observer"
+
+        @hookimpl
+        def optimizer_step(self, optimizer):
+            log.append("observer")  # returns None: the core's default still steps
+
+    result = run([Observer(), Wrapper()], max_epochs=1, limit_train_batches=1, record=False)
+    assert log == ["before", "observer", "after:True"]
+    assert result.trainer.global_step == 1
+
+
+def test_a_plugin_replaces_a_compute_hook_by_returning_a_value():
+    class NoStep:
+        @hookimpl
+        def optimizer_step(self, optimizer):
+            return False  # claims the step and reports it skipped
+
+    result = run([NoStep()], max_epochs=1, limit_train_batches=2, record=False)
+    assert result.trainer.last_step_skipped is True
+    before = hooktrain.testing.make_model()
+    for a, b in zip(before.parameters(), result.model.parameters(), strict=True):
+        assert a.equal(b)  # the core's optimizer.step() never ran
+
+
+def test_unimplemented_hooks_are_not_called_at_all():
+    from hooktrain.trainer import _ResolvedHooks
+
+    trainer = hooktrain.Trainer(plugins=[])
+    resolved = _ResolvedHooks(trainer.plugin_manager, trainer._defaults)
+    assert resolved.on_train_batch_start is None
+    assert resolved.on_before_backward is None
+    # Only the core implements it: called directly, without pluggy.
+    assert resolved.optimizer_step.__self__ is trainer._defaults
+
+
+def test_plugins_command_shows_call_order(fake_dists):
+    fake_dists.add("tagger-dist", {"tagger": "tagmod:Tagger"}, {"tagmod": RECORDING_PLUGIN})
+    out = subprocess.run(
+        [sys.executable, "-m", "hooktrain", "plugins", "tagger"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("on_fit_start"))
+    assert "tagger" in line
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("optimizer_step"))
+    assert "core (default)" in line
