@@ -752,6 +752,12 @@ class Trainer:
             loss = outputs if type(outputs) is tensor_type else _loss_of(outputs)
             if loss.ndim != 0 or not loss.requires_grad:
                 _raise_bad_loss(loss)
+            if check_every_step and not torch.isfinite(loss):
+                # Before backward, so the bad step never reaches the weights.
+                raise NonFiniteLossError(
+                    f"the training loss is {loss.item()} at epoch {self.current_epoch}, "
+                    f"batch {batch_idx}, global step {self.global_step + 1}"
+                )
             if accumulate > 1:
                 loss = loss / accumulate
             if on_before_backward is not None:
@@ -769,11 +775,6 @@ class Trainer:
             metrics.set("loss", detached)
             if metric_fns and type(outputs) is dict and "outputs" in outputs:
                 self._add_metric_values(means, "", outputs["outputs"], outputs["targets"], False)
-            if check_every_step and not torch.isfinite(detached):
-                raise NonFiniteLossError(
-                    f"the training loss is {detached.item()} at epoch {self.current_epoch}, "
-                    f"batch {batch_idx}, global step {self.global_step}"
-                )
             batch_idx += 1
             self.epoch_batches_done = batch_idx
             if total is not None and batch_idx == total:

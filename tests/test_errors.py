@@ -1,0 +1,227 @@
+"""Every error the core raises on purpose, and what happens around an exception."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+import hooktrain
+from hooktrain import hookimpl
+from hooktrain.errors import ConfigurationError, HookError, NonFiniteLossError
+from hooktrain.testing import make_data, make_model, run
+
+
+def fit(model=None, loader=None, trainer=None, **kwargs):
+    trainer = trainer or hooktrain.Trainer(plugins=[], device="cpu")
+    model = model or make_model()
+    loader = loader if loader is not None else make_data()[0]
+    kwargs.setdefault("loss_fn", F.cross_entropy)
+    kwargs.setdefault("optimizer", lambda p: torch.optim.SGD(p, lr=0.1))
+    trainer.fit(model, loader, **kwargs)
+    return trainer
+
+
+class Exploding:
+    name = "exploder"
+
+    def __init__(self, at_step: int = 3) -> None:
+        self.at_step = at_step
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        if trainer.global_step == self.at_step:
+            raise ValueError("boom")
+
+
+class Witness:
+    name = "witness"
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.exception: BaseException | None = None
+
+    @hookimpl
+    def on_exception(self, trainer, exception):
+        self.events.append("on_exception")
+        self.exception = exception
+
+    @hookimpl
+    def teardown(self, trainer, stage):
+        self.events.append("teardown")
+
+
+def test_hook_error_names_plugin_hook_epoch_and_step():
+    witness = Witness()
+    with pytest.raises(HookError) as excinfo:
+        run([Exploding(at_step=10), witness], max_epochs=3, record=False)
+    error = excinfo.value
+    assert error.plugin == "exploder" and error.hook == "on_train_batch_end"
+    message = str(error)
+    assert "'exploder'" in message and "'on_train_batch_end'" in message
+    assert "epoch 1" in message and "global step 10" in message and "boom" in message
+    assert isinstance(error.__cause__, ValueError)
+    assert witness.events == ["on_exception", "teardown"]
+    assert witness.exception is error
+
+
+def test_error_in_user_code_keeps_its_type_and_gains_a_note():
+    class Faulty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 2)
+
+        def forward(self, x):
+            raise RuntimeError("shape trouble in my model")
+
+    witness = Witness()
+    trainer = hooktrain.Trainer(plugins=[witness], device="cpu")
+    with pytest.raises(RuntimeError, match="shape trouble") as excinfo:
+        fit(Faulty(), trainer=trainer)
+    assert any("epoch 0, global step 0" in note for note in excinfo.value.__notes__)
+    assert witness.events == ["on_exception", "teardown"]
+
+
+def test_keyboard_interrupt_runs_on_exception_and_teardown():
+    class CtrlC:
+        @hookimpl
+        def on_train_batch_end(self, trainer):
+            if trainer.global_step == 2:
+                # A real SIGINT delivered to this process, as Ctrl-C would.
+                os.kill(os.getpid(), signal.SIGINT)
+
+    assert threading.current_thread() is threading.main_thread()
+    witness = Witness()
+    with pytest.raises(KeyboardInterrupt):
+        run([CtrlC(), witness], max_epochs=2, record=False)
+    assert witness.events == ["on_exception", "teardown"]
+    assert isinstance(witness.exception, KeyboardInterrupt)
+
+
+def test_teardown_runs_even_when_on_exception_fails(capsys):
+    class BadHandler:
+        @hookimpl
+        def on_exception(self):
+            raise RuntimeError("handler broke")
+
+    witness = Witness()
+    with pytest.raises(HookError):
+        run([Exploding(), BadHandler(), witness], max_epochs=1, record=False)
+    assert "teardown" in witness.events
+    assert "on_exception itself raised" in capsys.readouterr().err
+
+
+def test_empty_dataloader():
+    empty = DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ConfigurationError, match="empty"):
+        fit(loader=empty)
+
+
+def test_unsized_iterable_that_yields_nothing():
+    class Nothing(IterableDataset):
+        def __iter__(self):
+            return iter(())
+
+    with pytest.raises(ConfigurationError, match="yielded no batches"):
+        fit(loader=DataLoader(Nothing(), batch_size=4))
+
+
+def test_loss_that_is_not_a_scalar():
+    with pytest.raises(ConfigurationError, match=r"scalar .* shape \(16,\)"):
+        fit(loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none"))
+
+
+def test_loss_without_grad():
+    with pytest.raises(ConfigurationError, match="does not require grad"):
+        fit(loss_fn=lambda out, y: F.cross_entropy(out, y).detach())
+
+
+def test_model_without_trainable_parameters():
+    model = make_model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ConfigurationError, match="no trainable parameters"):
+        fit(model)
+
+
+def test_batch_that_cannot_be_unpacked():
+    triples = DataLoader(TensorDataset(torch.randn(8, 8), torch.zeros(8).long(), torch.zeros(8)),
+                         batch_size=4)
+    with pytest.raises(ConfigurationError, match="cannot unpack the batch.*length 3"):
+        fit(loader=triples)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("max_epochs", 0), ("max_epochs", 1.5), ("max_steps", 0), ("accumulate_grad_batches", 0),
+     ("log_every_n_steps", 0), ("gradient_clip_val", -1.0), ("limit_train_batches", -1)],
+)
+def test_bad_trainer_options(option, value):
+    with pytest.raises(ConfigurationError, match=option):
+        hooktrain.Trainer(plugins=[], **{option: value})
+
+
+def test_missing_loss_fn_and_optimizer():
+    with pytest.raises(ConfigurationError, match="loss_fn"):
+        fit(loss_fn=None)
+    with pytest.raises(ConfigurationError, match="optimizer"):
+        fit(optimizer=None)
+    with pytest.raises(ConfigurationError, match="optimizer"):
+        fit(optimizer="adam")
+
+
+def test_not_a_module():
+    with pytest.raises(ConfigurationError, match="torch.nn.Module"):
+        fit(model=lambda x: x)
+
+
+class NaNAfter(nn.Module):
+    """Produces NaN outputs from the given global step on."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 2)
+        self.calls = 0
+        self.step = step
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.layer(x)
+        return out * math.nan if self.calls > self.step else out
+
+
+def test_nan_loss_is_caught_at_the_log_interval_naming_the_step_range():
+    trainer = hooktrain.Trainer(plugins=[], device="cpu", max_epochs=3, log_every_n_steps=4)
+    with pytest.raises(NonFiniteLossError, match="between global steps 5 and 8"):
+        fit(NaNAfter(step=6), trainer=trainer)
+
+
+def test_nan_loss_every_step_option_names_the_exact_step():
+    trainer = hooktrain.Trainer(plugins=[], device="cpu", max_epochs=3, log_every_n_steps=50,
+                                check_finite_every_step=True)
+    with pytest.raises(NonFiniteLossError, match="batch 6, global step 7"):
+        fit(NaNAfter(step=6), trainer=trainer)
+
+
+def test_metric_logged_with_a_bad_value():
+    class Logger:
+        @hookimpl
+        def on_train_batch_end(self, trainer):
+            trainer.log("bad", torch.ones(3))
+
+    with pytest.raises(HookError, match="single number"):
+        run([Logger()], max_epochs=1, record=False)
+
+
+def test_missing_checkpoint_file(tmp_path):
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        fit(ckpt_path=tmp_path / "nope.pt")
+    with pytest.raises(ConfigurationError, match="'last' needs a plugin"):
+        fit(ckpt_path="last")
