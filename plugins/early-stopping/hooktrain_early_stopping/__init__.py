@@ -1,0 +1,200 @@
+"""Early stopping for hooktrain: end ``fit`` when a monitored metric stops improving.
+
+Written only against hooktrain's public API (``hooktrain.hookimpl``, the hooks and
+the trainer's public attributes); it is the worked example of the documentation page
+"Writing a plugin". Select it by name::
+
+    Trainer(plugins=[("early_stopping", {"monitor": "val_loss", "patience": 3})])
+
+Its state (best value, epochs without improvement) is saved in checkpoints under
+``checkpoint["plugins"][<its registered name>]`` and restored on resume, so a run
+that resumes counts patience exactly as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from hooktrain import hookimpl
+
+if TYPE_CHECKING:
+    from hooktrain import Trainer
+
+__all__ = ["EarlyStopping"]
+__version__ = "0.1.0"
+
+_MODES = ("min", "max")
+
+
+# --8<-- [start:class]
+class EarlyStopping:
+    """Stop training when ``monitor`` has not improved for ``patience`` checks.
+
+    The decision is taken at the end of each training epoch, after that epoch's
+    validation, so validation metrics (``val_*``) always exist when it is read. A
+    ``val_*`` metric is only judged at epochs where validation ran (with
+    ``check_val_every_n_epoch=2``, every second epoch), never on a stale value.
+
+    :param monitor: the metric to watch, as named in ``trainer.metrics``.
+    :param patience: checks without improvement tolerated; the run stops at the
+        ``patience + 1``-th (``0`` stops at the first check that does not improve).
+    :param min_delta: the smallest change that counts as an improvement.
+    :param mode: ``"min"`` when lower is better (losses), ``"max"`` when higher is
+        better (accuracy).
+    :param check_finite: stop at once when the monitored value is NaN or infinite.
+    :param verbose: print one line to stderr (on rank 0) when the run stops.
+    """
+
+    #: the registered name when the plugin is passed as an object
+    name = "early_stopping"
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        mode: str = "min",
+        check_finite: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        from hooktrain import ConfigurationError
+
+        if mode not in _MODES:
+            raise ConfigurationError(f"early_stopping: mode must be 'min' or 'max', not {mode!r}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ConfigurationError(
+                f"early_stopping: patience must be an integer >= 0, got {patience!r}"
+            )
+        if not min_delta >= 0:
+            raise ConfigurationError(f"early_stopping: min_delta must be >= 0, got {min_delta!r}")
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = float(min_delta)
+        self.mode = mode
+        self.check_finite = check_finite
+        self.verbose = verbose
+        #: the best value seen so far (``None`` before the first check)
+        self.best: float | None = None
+        #: checks in a row without improvement
+        self.wait = 0
+        #: the epoch at which this plugin stopped the run, else ``None``
+        self.stopped_epoch: int | None = None
+        #: why the run stopped, in words, else ``None``
+        self.stop_reason: str | None = None
+        self._validated = False
+
+    # --8<-- [end:class]
+
+    def improved(self, value: float) -> bool:
+        """Whether ``value`` beats the best value by more than ``min_delta``."""
+        if self.best is None:
+            return True
+        if self.mode == "min":
+            return value < self.best - self.min_delta
+        return value > self.best + self.min_delta
+
+    # --8<-- [start:hooks]
+    @hookimpl
+    def setup(self, stage: str) -> None:
+        # A new fit starts afresh; a resumed one gets its state back afterwards, in
+        # on_load_checkpoint.
+        if stage == "fit":
+            self.best, self.wait, self.stopped_epoch, self.stop_reason = None, 0, None, None
+            self._validated = False
+
+    @hookimpl
+    def on_fit_start(self, trainer: Trainer) -> None:
+        # A run restored from a checkpoint taken after this plugin stopped it stays
+        # stopped: resuming a finished run must not train more.
+        if self.stopped_epoch is not None:
+            trainer.should_stop = True
+
+    @hookimpl
+    def on_validation_end(self, trainer: Trainer) -> None:
+        if trainer.stage == "fit":
+            self._validated = True
+
+    @hookimpl(tryfirst=True)
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        # tryfirst: decide before any checkpoint plugin saves at this epoch end, so
+        # the saved state already includes this epoch's decision.
+        validated, self._validated = self._validated, False
+        if self.monitor.startswith("val_") and not validated:
+            return  # no validation this epoch: the value would be stale
+        if self.monitor not in trainer.metrics:
+            from hooktrain import ConfigurationError
+
+            known = ", ".join(sorted(trainer.metrics)) or "none"
+            raise ConfigurationError(
+                f"early_stopping monitors {self.monitor!r}, which was not logged by the end "
+                f"of epoch {trainer.current_epoch}; metrics available: {known}"
+            )
+        value = trainer.metrics[self.monitor]
+        if self.check_finite and not math.isfinite(value):
+            self._stop(trainer, f"{self.monitor} is {value}")
+        elif self.improved(value):
+            self.best = value
+            self.wait = 0
+        else:
+            self.wait += 1
+            if self.wait > self.patience:
+                self._stop(
+                    trainer,
+                    f"{self.monitor} did not improve on {self.best:.6g} for {self.wait} "
+                    f"checks (patience {self.patience})",
+                )
+
+    @hookimpl
+    def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+        name = trainer.plugin_manager.get_name(self) or self.name
+        checkpoint["plugins"][name] = self.state_dict()
+
+    @hookimpl
+    def on_load_checkpoint(self, trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
+        name = trainer.plugin_manager.get_name(self) or self.name
+        state = checkpoint.get("plugins", {}).get(name)
+        if state is not None:
+            self.load_state_dict(state)
+
+    # --8<-- [end:hooks]
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: plain numbers and strings only, so that it loads
+        with ``torch.load(..., weights_only=True)``."""
+        return {
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "best": self.best,
+            "wait": self.wait,
+            "stopped_epoch": self.stopped_epoch,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned. State saved for another metric
+        or mode is ignored (with a warning): its best value means nothing now."""
+        if state.get("monitor") != self.monitor or state.get("mode") != self.mode:
+            print(
+                f"hooktrain: early_stopping state in the checkpoint watched "
+                f"{state.get('monitor')!r} ({state.get('mode')}); now {self.monitor!r} "
+                f"({self.mode}): starting afresh",
+                file=sys.stderr,
+            )
+            return
+        best = state.get("best")
+        self.best = None if best is None else float(best)
+        self.wait = int(state.get("wait", 0))
+        stopped = state.get("stopped_epoch")
+        self.stopped_epoch = None if stopped is None else int(stopped)
+
+    def _stop(self, trainer: Trainer, reason: str) -> None:
+        trainer.should_stop = True
+        self.stopped_epoch = trainer.current_epoch
+        self.stop_reason = reason
+        if self.verbose and trainer.is_global_zero:
+            print(
+                f"hooktrain: early stopping at epoch {trainer.current_epoch}: {reason}",
+                file=sys.stderr,
+            )
