@@ -1,0 +1,211 @@
+"""``hooktrain new-plugin``: names, refusals, and the full round trip of a generated
+plugin (install, listed by ``hooktrain plugins``, selected by name in a training, its
+own generated tests passing).
+
+The round trip installs into a throw-away virtual environment that sees this one's
+packages (``--system-site-packages``), so the shared environment is never changed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+from hooktrain.scaffold import PluginNames, create_plugin, main
+
+
+@pytest.mark.parametrize(
+    ("typed", "expected"),
+    [
+        (
+            "batch-counter",
+            ("batch_counter", "hooktrain-batch-counter", "hooktrain_batch_counter", "BatchCounter"),
+        ),
+        ("lr_monitor", ("lr_monitor", "hooktrain-lr-monitor", "hooktrain_lr_monitor", "LrMonitor")),
+        ("hooktrain-ema", ("ema", "hooktrain-ema", "hooktrain_ema", "Ema")),
+        ("swa2", ("swa2", "hooktrain-swa2", "hooktrain_swa2", "Swa2")),
+    ],
+)
+def test_names_derived_from_what_the_user_typed(typed: str, expected: tuple) -> None:
+    names = PluginNames.from_name(typed)
+    assert (names.name, names.dist, names.package, names.cls) == expected
+
+
+@pytest.mark.parametrize("bad", ["", "Batch", "2fast", "a--b", "my plugin", "x-", "ü"])
+def test_unusable_names_are_refused_with_the_rule(bad: str, capsys) -> None:
+    with pytest.raises(ValueError, match="lowercase letters, digits"):
+        PluginNames.from_name(bad)
+    assert main([bad, "--directory", "."]) == 2
+    assert "error: plugin name" in capsys.readouterr().err
+
+
+def test_writes_a_complete_distribution(tmp_path: Path) -> None:
+    root = create_plugin("grad-stats", tmp_path, description="Log gradient statistics.")
+    assert root == tmp_path / "hooktrain-grad-stats"
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == [
+        "README.md",
+        "hooktrain_grad_stats/__init__.py",
+        "hooktrain_grad_stats/py.typed",
+        "pyproject.toml",
+        "tests/test_grad_stats.py",
+    ]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert project["project"]["name"] == "hooktrain-grad-stats"
+    assert project["project"]["description"] == "Log gradient statistics."
+    assert project["project"]["entry-points"]["hooktrain"] == {
+        "grad_stats": "hooktrain_grad_stats:GradStats"
+    }
+    assert project["project"]["dependencies"] == ["hooktrain>=0.1"]
+    assert project["tool"]["setuptools"]["package-data"] == {"hooktrain_grad_stats": ["py.typed"]}
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert "{{" not in path.read_text(), f"unrendered placeholder in {path}"
+    source = (root / "hooktrain_grad_stats/__init__.py").read_text()
+    compile(source, "plugin", "exec")
+    assert "class GradStats:" in source and 'name = "grad_stats"' in source
+
+
+def test_refuses_to_overwrite_unless_forced(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "-d", str(tmp_path)]) == 0
+    assert "next:" in capsys.readouterr().out
+    readme = tmp_path / "hooktrain-demo" / "README.md"
+    readme.write_text("mine")
+    assert main(["demo", "-d", str(tmp_path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert readme.read_text() == "mine"
+    assert main(["demo", "-d", str(tmp_path), "--force"]) == 0
+    assert readme.read_text() != "mine"
+
+
+def test_the_generated_code_passes_the_project_linters(tmp_path: Path) -> None:
+    ruff = subprocess.run([sys.executable, "-m", "ruff", "--version"], capture_output=True)
+    if ruff.returncode != 0:
+        pytest.skip("ruff is not installed")
+    root = create_plugin("lint-me", tmp_path)
+    # --isolated: lint as the plugin author will, in their own project, not ours.
+    rules = ["--select", "E,F,W,I,B,UP,SIM,RUF", "--line-length", "100"]
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "check",
+            "--isolated",
+            *rules,
+            "--target-version",
+            "py311",
+            ".",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    fmt = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ruff",
+            "format",
+            "--isolated",
+            "--line-length",
+            "100",
+            "--check",
+            ".",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (
+        f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    )
+    return result
+
+
+@pytest.mark.slow
+def test_round_trip_scaffold_install_list_train_and_test(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+        check=True,
+    )
+    python = str(venv / ("Scripts" if os.name == "nt" else "bin") / "python")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+
+    # 1. The command, as a user types it (through the CLI's subcommand dispatch).
+    made = _run(
+        [python, "-m", "hooktrain", "new-plugin", "step-counter", "-d", str(tmp_path)],
+        tmp_path,
+        env,
+    )
+    root = tmp_path / "hooktrain-step-counter"
+    assert f"created {root}/" in made.stdout
+
+    # 2. A real, non-editable install: builds a wheel from the generated pyproject.
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            str(root),
+        ],
+        tmp_path,
+        env,
+    )
+
+    # 3. Listed from its metadata.
+    listed = _run([python, "-m", "hooktrain", "plugins"], tmp_path, env)
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("step_counter "))
+    assert row.split()[:3] == ["step_counter", "hooktrain-step-counter", "0.1.0"]
+
+    # 4. Selected by name (with an option) in a training.
+    script = textwrap.dedent(
+        """
+        import torch.nn.functional as F
+        import torch
+        from hooktrain import Trainer
+        from hooktrain.testing import make_data, make_model
+
+        trainer = Trainer(plugins=[("step_counter", {"verbose": True})], max_epochs=2,
+                          device="cpu")
+        train, val = make_data()
+        trainer.fit(make_model(), train, val, loss_fn=F.cross_entropy,
+                    optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+        plugin = trainer.plugin_manager.get_plugin("step_counter")
+        print("module", type(plugin).__module__, "per_epoch", plugin.per_epoch)
+        """
+    )
+    trained = _run([python, "-c", script], tmp_path, env)
+    assert "step_counter: epoch 1: 8 batches" in trained.stdout
+    assert "module hooktrain_step_counter per_epoch [8, 8]" in trained.stdout
+
+    # 5. Its own generated tests pass, using the harness's pytest fixtures.
+    tested = _run(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root / "tests")], root, env
+    )
+    assert "3 passed" in tested.stdout
+    # The module came from the install in the venv, not from the source folder.
+    imported = _run(
+        [python, "-c", "import hooktrain_step_counter as m; print(m.__file__)"], tmp_path, env
+    )
+    assert str(venv) in imported.stdout
