@@ -124,9 +124,6 @@ class CoreDefaults:
 
     name = "core"
 
-    def __init__(self) -> None:
-        self._owned_generators: dict[int, torch.Generator] = {}
-
     @hookimpl(trylast=True)
     def batch_iterator(
         self, trainer: Trainer, dataloader: Iterable[Any], stage: str, skip_batches: int
@@ -148,10 +145,13 @@ class CoreDefaults:
             sampler.set_epoch(epoch)  # type: ignore[union-attr]
             return
         if isinstance(sampler, RandomSampler):
-            owned = self._owned_generators.get(id(sampler))
+            # The generator is marked on the sampler itself, so that another trainer
+            # reusing the same DataLoader recognises it as hooktrain's, not the user's.
+            owned = getattr(sampler, "_hooktrain_generator", None)
             if sampler.generator is None or sampler.generator is owned:
                 if owned is None:
-                    owned = self._owned_generators[id(sampler)] = torch.Generator()
+                    owned = torch.Generator()
+                    sampler._hooktrain_generator = owned  # type: ignore[attr-defined]
                     sampler.generator = owned
                 owned.manual_seed(trainer.data_seed + epoch)
 

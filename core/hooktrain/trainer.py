@@ -6,6 +6,7 @@ import itertools
 import os
 import random
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -741,6 +742,7 @@ class Trainer:
         pending_window = False
 
         batch_idx = skip
+        stopped_early = False
         for batch in iterable:
             batch = transfer(trainer=trainer, batch=batch, device=device)
             if on_batch_start is not None:
@@ -777,8 +779,6 @@ class Trainer:
                 self._add_metric_values(means, "", outputs["outputs"], outputs["targets"], False)
             batch_idx += 1
             self.epoch_batches_done = batch_idx
-            if total is not None and batch_idx == total:
-                self.epoch_complete = True
             if val_every is not None and sync and self.global_step % val_every == 0:
                 self._run_validation_in_fit()
             if on_batch_end is not None:
@@ -790,21 +790,23 @@ class Trainer:
             if self.world_size > 1:
                 self._agree_on_stop()
             if self.should_stop or self._max_steps_reached():
+                stopped_early = True
                 break
         self._active_means = None
 
-        if batch_idx == 0:
+        if batch_idx == 0 and skip == 0:
             raise ConfigurationError(
                 "the training dataloader yielded no batches in epoch "
                 f"{self.current_epoch}; hooktrain needs at least one"
             )
-        if total is None and not self.should_stop and not self._max_steps_reached():
-            self.epoch_complete = True  # an unsized iterable ends when it is exhausted
-        if pending_window and self.epoch_complete:
+        # A checkpoint taken at the last batch's end resumes here with nothing left
+        # to train, and still runs this epoch's end (validation, epoch schedulers).
+        exhausted = batch_idx >= total if total is not None else not stopped_early
+        if pending_window and exhausted:
             # An iterable of unknown length ended inside an accumulation window.
             self.sync_gradients = True
             self._optimizer_step()
-        if self.should_stop and not self.epoch_complete:
+        if self.should_stop and not exhausted:
             return  # stopped mid-epoch: no epoch end, a resume continues this epoch
         self._check_finite()
         metrics.update_raw(
@@ -815,7 +817,13 @@ class Trainer:
             self._run_validation_in_fit()
         for entry in self._schedulers:
             if entry.interval == "epoch" and (self.current_epoch + 1) % entry.frequency == 0:
-                self._step_scheduler(entry)
+                with warnings.catch_warnings():
+                    # A run resumed at an epoch's last batch steps the scheduler before
+                    # this process stepped the optimizer; the order is right, torch warns.
+                    warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
+                    self._step_scheduler(entry)
+        # From here a checkpoint resumes at the next epoch (unless max_steps cut it short).
+        self.epoch_complete = exhausted
         if hooks.on_train_epoch_end is not None:
             hooks.on_train_epoch_end(trainer=trainer)
         self._publish(epoch_names, "epoch")

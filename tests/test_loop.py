@@ -1,0 +1,394 @@
+"""The loop's features: limits, accumulation, clipping, schedulers, validation
+timing, seeding, metrics, both model styles, predict/validate/test, and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+
+import hooktrain
+from hooktrain import hookimpl
+from hooktrain.testing import make_data, make_model, run
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.1)
+
+
+def test_max_steps_stops_mid_epoch():
+    result = run(max_epochs=10, max_steps=5, record=False)
+    assert result.trainer.global_step == 5
+    assert result.trainer.current_epoch == 0
+    assert result.trainer.epoch_batches_done == 5
+
+
+def test_limits_and_epoch_counting():
+    result = run(max_epochs=3, limit_train_batches=3, limit_val_batches=1)
+    assert result.trainer.global_step == 9
+    assert result.trainer.current_epoch == 2
+    assert result.recorder.count("on_validation_batch_start") == 3
+
+
+def test_check_val_every_n_epoch():
+    result = run(max_epochs=4, limit_train_batches=1, check_val_every_n_epoch=2)
+    assert result.recorder.count("on_validation_start") == 2
+
+
+def test_accumulation_matches_a_larger_batch():
+    inputs = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    targets = (inputs[:, 0] > 0).long()
+    dataset = TensorDataset(inputs, targets)
+
+    def train(batch_size, accumulate):
+        model = make_model(seed=3)
+        trainer = hooktrain.Trainer(plugins=[], device="cpu", max_epochs=1,
+                                    accumulate_grad_batches=accumulate)
+        trainer.fit(model, DataLoader(dataset, batch_size=batch_size), loss_fn=F.cross_entropy,
+                    optimizer=sgd)
+        return model, trainer
+
+    big, big_trainer = train(16, 1)
+    small, small_trainer = train(8, 2)
+    assert big_trainer.global_step == small_trainer.global_step == 4
+    for a, b in zip(big.parameters(), small.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    # The epoch loss is the mean over samples either way.
+    assert big_trainer.metrics["loss"] == pytest.approx(small_trainer.metrics["loss"], rel=1e-5)
+
+
+def test_accumulation_steps_at_the_end_of_an_unsized_epoch():
+    class Stream(IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(5):
+                yield torch.randn(8, generator=g), torch.tensor(1)
+
+    trainer = hooktrain.Trainer(plugins=[], device="cpu", accumulate_grad_batches=2)
+    trainer.fit(make_model(), DataLoader(Stream(), batch_size=1), loss_fn=F.cross_entropy,
+                optimizer=sgd)
+    assert trainer.global_step == 3  # windows of 2, 2 and the last 1
+
+
+def test_gradient_clipping_logs_the_norm_and_clips():
+    seen = []
+
+    class Inspect:
+        @hookimpl(trylast=True)
+        def on_before_zero_grad(self, trainer, optimizer):
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+            seen.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    result = run([Inspect()], max_epochs=1, gradient_clip_val=0.01, record=False)
+    assert "grad_norm" in result.trainer.metrics
+    assert result.trainer.metrics["grad_norm"] > 0.01
+    assert max(seen) <= 0.01 * 1.0001
+
+
+class LightningStyle(nn.Module):
+    def __init__(self, scheduler="step"):
+        super().__init__()
+        self.net = make_model(seed=5)
+        self.scheduler = scheduler
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return {"loss": F.cross_entropy(self(x), y)}
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        return {"loss": F.cross_entropy(logits, y), "acc": hooktrain.accuracy(logits, y)}
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0]).argmax(-1)
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=1.0)
+        if self.scheduler == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if self.scheduler == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+            return {"optimizer": opt, "lr_scheduler": sched, "monitor": "val_loss"}
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return [opt], [sched]
+
+
+def test_lightning_style_module_with_step_scheduler():
+    model = LightningStyle("step")
+    train, val = make_data()
+    trainer = hooktrain.Trainer(plugins=[], device="cpu", max_epochs=1, limit_train_batches=3)
+    trainer.fit(model, train, val)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1.0 * 0.5**3)
+    assert {"loss", "val_loss", "val_acc"} <= set(trainer.metrics)
+    tested = trainer.test(model, val)
+    assert set(tested) == {"test_loss", "test_acc"}
+    predicted = trainer.predict(model, val)
+    assert predicted.shape == (32,) and predicted.dtype == torch.long
+
+
+def test_epoch_scheduler_and_plateau_scheduler():
+    train, val = make_data()
+    model = LightningStyle("epoch")
+    trainer = hooktrain.Trainer(plugins=[], device="cpu", max_epochs=3)
+    trainer.fit(model, train, val)
+    assert trainer.lr_schedulers[0].get_last_lr()[0] == pytest.approx(0.125)
+
+    model = LightningStyle("plateau")
+    trainer = hooktrain.Trainer(plugins=[], device="cpu", max_epochs=3)
+    trainer.fit(model, train, val)
+    assert trainer.lr_schedulers[0].best == pytest.approx(
+        min(trainer.lr_schedulers[0].best, trainer.metrics["val_loss"])
+    )
+
+
+def test_skipped_step_does_not_step_the_scheduler():
+    class SkipAll:
+        @hookimpl
+        def optimizer_step(self):
+            return False
+
+    model = LightningStyle("step")
+    train, _ = make_data()
+    trainer = hooktrain.Trainer(plugins=[SkipAll()], device="cpu", limit_train_batches=3)
+    trainer.fit(model, train)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 1.0
+    assert trainer.last_step_skipped
+
+
+def test_metrics_are_batch_size_weighted_means():
+    # 10 samples in batches of 4, 4, 2: a plain mean of batch means would be wrong.
+    inputs = torch.randn(10, 8, generator=torch.Generator().manual_seed(0))
+    targets = torch.zeros(10, dtype=torch.long)
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=4)
+    model = make_model()
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    result = trainer.validate(model, loader, loss_fn=F.cross_entropy,
+                              metrics={"acc": hooktrain.accuracy})
+    with torch.no_grad():
+        expected = F.cross_entropy(model(inputs), targets).item()
+        expected_acc = hooktrain.accuracy(model(inputs), targets).item()
+    assert result["val_loss"] == pytest.approx(expected, rel=1e-5)
+    assert result["val_acc"] == pytest.approx(expected_acc)
+
+
+def test_trainer_log_from_a_plugin_is_readable_as_a_float():
+    class GradNorm:
+        @hookimpl
+        def on_after_backward(self, trainer):
+            norms = [p.grad.norm() for p in trainer.model.parameters()]
+            trainer.log("grad_norm", torch.stack(norms).norm())
+
+    result = run([GradNorm()], max_epochs=1, record=False)
+    value = result.trainer.metrics["grad_norm"]
+    assert isinstance(value, float) and value > 0
+
+
+def test_multiple_validation_loaders_get_suffixed_names():
+    train, val = make_data()
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    trainer.fit(make_model(), train, [val, val], loss_fn=F.cross_entropy, optimizer=sgd)
+    assert {"val_loss/dataloader_idx_0", "val_loss/dataloader_idx_1"} <= set(trainer.metrics)
+
+
+def test_should_stop_stops_at_the_next_boundary():
+    class StopAtThree:
+        @hookimpl
+        def on_train_batch_end(self, trainer):
+            if trainer.global_step == 3:
+                trainer.should_stop = True
+
+    result = run([StopAtThree()], max_epochs=5)
+    assert result.trainer.global_step == 3
+    # Stopped mid-epoch: the epoch did not end, so no epoch-end hook ran.
+    assert result.recorder.count("on_train_epoch_end") == 0
+    assert result.recorder.count("on_fit_end") == 1
+
+
+def test_seed_makes_runs_identical_and_shuffles_per_epoch():
+    def train(seed):
+        model = make_model(dropout=0.3)
+        train_loader, _ = make_data()
+        orders = []
+
+        class Order:
+            @hookimpl
+            def on_train_batch_start(self, batch):
+                orders.append(batch[1].tolist())
+
+        trainer = hooktrain.Trainer(plugins=[Order()], device="cpu", max_epochs=2, seed=seed)
+        trainer.fit(model, train_loader, loss_fn=F.cross_entropy, optimizer=sgd)
+        return model, orders
+
+    a, orders_a = train(7)
+    b, orders_b = train(7)
+    c, _ = train(8)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert orders_a == orders_b
+    assert orders_a[:8] != orders_a[8:]  # each epoch is shuffled anew
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
+
+
+def test_validation_does_not_change_training():
+    def train(with_validation):
+        model = make_model(dropout=0.3)
+        train_loader, val_loader = make_data()
+        trainer = hooktrain.Trainer(plugins=[], device="cpu", max_epochs=2, seed=1)
+        trainer.fit(model, train_loader, val_loader if with_validation else None,
+                    loss_fn=F.cross_entropy, optimizer=sgd)
+        return model
+
+    for a, b in zip(train(True).parameters(), train(False).parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_predict_returns_concatenated_outputs():
+    model = make_model()
+    _, val = make_data()
+    predictions = hooktrain.Trainer(plugins=[], device="cpu").predict(model, val)
+    with torch.no_grad():
+        expected = model(val.dataset.tensors[0])
+    torch.testing.assert_close(predictions, expected)
+
+
+class Checkpointer:
+    """Dumps the trainer's checkpoint at one global step, then stops the run: a
+    preemption, as far as the loop can tell."""
+
+    name = "checkpointer"
+
+    def __init__(self, at_step: int, path) -> None:
+        self.at_step = at_step
+        self.path = path
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        if trainer.global_step == self.at_step:
+            torch.save(trainer.dump_checkpoint(), self.path)
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("stop_at", [3, 8, 11])  # mid-epoch, epoch boundary, later epoch
+def test_resume_mid_epoch_is_bit_identical(tmp_path, stop_at):
+    def setup():
+        train_loader, val_loader = make_data(n=64, batch_size=8)
+        return make_model(dropout=0.5), train_loader, val_loader
+
+    def fit(model, train_loader, val_loader, plugins, ckpt_path=None):
+        trainer = hooktrain.Trainer(plugins=plugins, device="cpu", max_epochs=3, seed=123,
+                                    accumulate_grad_batches=1)
+        trainer.fit(model, train_loader, val_loader, loss_fn=F.cross_entropy,
+                    optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+                    metrics={"acc": hooktrain.accuracy}, ckpt_path=ckpt_path)
+        return trainer
+
+    reference_model, *loaders = setup()
+    reference = fit(reference_model, *loaders, plugins=[])
+
+    path = tmp_path / "ckpt.pt"
+    interrupted_model, *loaders = setup()
+    interrupted = fit(interrupted_model, *loaders, plugins=[Checkpointer(stop_at, path)])
+    assert interrupted.global_step == stop_at
+
+    # A fresh process would rebuild everything; so do we (new model, new loaders).
+    seen_batches = []
+
+    class Count:
+        @hookimpl
+        def on_train_batch_start(self, batch_idx):
+            seen_batches.append(batch_idx)
+
+    resumed_model, *loaders = setup()
+    resumed = fit(resumed_model, *loaders, plugins=[Count()], ckpt_path=path)
+    assert len(seen_batches) == 24 - stop_at  # nothing retrained, nothing skipped
+    for a, b in zip(reference_model.state_dict().values(), resumed_model.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    ref_opt, res_opt = reference.optimizers[0].state_dict(), resumed.optimizers[0].state_dict()
+    for key in ref_opt["state"]:
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(ref_opt["state"][key][name], res_opt["state"][key][name])
+    assert reference.metrics["loss"] == resumed.metrics["loss"]
+    assert reference.metrics["val_acc"] == resumed.metrics["val_acc"]
+
+
+def test_resume_skips_batches_without_loading_them(tmp_path):
+    loads = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            loads.append(i)
+            return torch.randn(8), torch.tensor(i % 2)
+
+    path = tmp_path / "c.pt"
+    loader = DataLoader(Counting(), batch_size=4, shuffle=True)
+    trainer = hooktrain.Trainer(plugins=[Checkpointer(5, path)], device="cpu", seed=0)
+    trainer.fit(make_model(), loader, loss_fn=F.cross_entropy, optimizer=sgd)
+    loads.clear()
+    trainer = hooktrain.Trainer(plugins=[], device="cpu", seed=0)
+    trainer.fit(make_model(), loader, loss_fn=F.cross_entropy, optimizer=sgd, ckpt_path=path)
+    assert len(loads) == 32 - 5 * 4
+
+
+def test_checkpoint_from_another_model_lists_the_mismatches(tmp_path):
+    path = tmp_path / "c.pt"
+    run([Checkpointer(2, path)], max_epochs=1, record=False)
+    other = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2), nn.Linear(2, 2))
+    with pytest.raises(hooktrain.ConfigurationError) as excinfo:
+        run([], max_epochs=1, record=False, model=other, fit_kwargs={"ckpt_path": path})
+    message = str(excinfo.value)
+    assert "missing from the checkpoint: 3.bias, 3.weight" in message
+    assert "0.weight: checkpoint (16, 8) vs model (32, 8)" in message
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    path = tmp_path / "c.pt"
+    run([Checkpointer(2, path)], max_epochs=1, record=False)
+    import numpy  # noqa: F401  (so that the NumPy RNG state is part of the checkpoint)
+
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["progress"]["global_step"] == 2
+    assert set(checkpoint["rng"]) >= {"python", "torch"}
+
+
+def test_resume_from_the_last_batch_of_an_epoch_still_runs_that_epoch_end(tmp_path):
+    """A checkpoint at the final batch's end precedes the epoch's validation and its
+    epoch-interval scheduler step; the resumed run must do both."""
+    train, val = make_data()  # 8 batches per epoch
+
+    def fit(plugins, ckpt_path=None):
+        model = LightningStyle("epoch")
+        trainer = hooktrain.Trainer(plugins=plugins, device="cpu", max_epochs=3, seed=5)
+        trainer.fit(model, train, val, ckpt_path=ckpt_path)
+        return model, trainer
+
+    reference_model, reference = fit([])
+    path = tmp_path / "c.pt"
+    fit([Checkpointer(8, path)])
+    validations = []
+
+    class CountValidation:
+        @hookimpl
+        def on_validation_end(self, trainer):
+            validations.append(trainer.current_epoch)
+
+    resumed_model, resumed = fit([CountValidation()], ckpt_path=path)
+    assert validations == [0, 1, 2]
+    assert resumed.optimizers[0].param_groups[0]["lr"] == reference.optimizers[0].param_groups[0][
+        "lr"
+    ]
+    for a, b in zip(reference_model.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
