@@ -1,0 +1,157 @@
+"""The command line, and the hook trace switched on by an environment variable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+from hooktrain import hookimpl
+from hooktrain.testing import run
+
+BROKEN = "raise ImportError('the plugin needs libfoo')\n"
+GOOD = """
+from hooktrain import hookimpl
+
+class Good:
+    @hookimpl
+    def on_fit_start(self, trainer):
+        pass
+
+    @hookimpl
+    def log_metrics(self, metrics):
+        pass
+"""
+COMMAND = """
+def main(argv):
+    print("hello from a plugin command", argv)
+    return 3
+"""
+
+
+def hooktrain_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "hooktrain", *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_plugins_lists_installed_from_metadata_even_when_one_is_broken(fake_dists):
+    fake_dists.add("good-dist", {"good": "goodmod:Good"}, {"goodmod": GOOD}, version="1.2")
+    fake_dists.add("broken-dist", {"broken": "brokenmod:Plugin"}, {"brokenmod": BROKEN})
+    result = hooktrain_cli("plugins")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.split()[:3] == ["good", "good-dist", "1.2"] for line in lines)
+    assert any(line.split()[:3] == ["broken", "broken-dist", "1.0"] for line in lines)
+    assert any(line.split()[:2] == ["profile", "hooktrain"] for line in lines)
+
+
+def test_plugins_listing_imports_neither_torch_nor_plugins(fake_dists):
+    fake_dists.add("broken-dist", {"broken": "brokenmod:Plugin"}, {"brokenmod": BROKEN})
+    code = (
+        "import sys\n"
+        "from hooktrain.cli import main\n"
+        "assert main(['plugins']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'brokenmod' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_detail_shows_hooks_and_load_errors(fake_dists):
+    fake_dists.add("good-dist", {"good": "goodmod:Good"}, {"goodmod": GOOD})
+    fake_dists.add("broken-dist", {"broken": "brokenmod:Plugin"}, {"brokenmod": BROKEN})
+    result = hooktrain_cli("plugins", "--detail")
+    assert result.returncode == 0
+    good = next(ln for ln in result.stdout.splitlines() if ln.startswith("good "))
+    assert "ok: log_metrics, on_fit_start" in good
+    broken = next(ln for ln in result.stdout.splitlines() if ln.startswith("broken "))
+    assert "ERROR: ImportError: the plugin needs libfoo" in broken
+
+
+def test_disabled_plugins_are_marked(fake_dists):
+    fake_dists.add("good-dist", {"good": "goodmod:Good"}, {"goodmod": GOOD})
+    env = {**os.environ, "HOOKTRAIN_DISABLE_PLUGINS": "good"}
+    result = hooktrain_cli("plugins", "--detail", env=env)
+    good = next(ln for ln in result.stdout.splitlines() if ln.startswith("good "))
+    assert good.rstrip().endswith("disabled")
+
+
+def test_hooks_listing_names_every_hook():
+    from hooktrain import hookspecs
+
+    result = hooktrain_cli("plugins", "--hooks")
+    listed = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+    expected = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "hooktrain_spec")}
+    assert listed == expected
+
+
+def test_order_with_an_unknown_plugin_fails_with_the_message():
+    result = hooktrain_cli("plugins", "nonexistent-plugin")
+    assert result.returncode == 2
+    assert "unknown plugin 'nonexistent-plugin'" in result.stderr
+
+
+def test_subcommands_come_from_entry_points(fake_dists):
+    fake_dists.add("cmd-dist", {"greet": "cmdmod:main"}, {"cmdmod": COMMAND},
+                   group="hooktrain.commands")
+    result = hooktrain_cli("greet", "a", "b")
+    assert result.returncode == 3
+    assert "hello from a plugin command ['a', 'b']" in result.stdout
+    assert "greet" in hooktrain_cli("--help").stdout
+
+
+def test_console_script_is_installed():
+    executable = shutil.which("hooktrain")
+    assert executable is not None
+    result = subprocess.run([executable, "plugins"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "profile" in result.stdout
+
+
+def test_unknown_command_exits_2():
+    result = hooktrain_cli("frobnicate")
+    assert result.returncode == 2
+
+
+TRACE_SCRIPT = """
+from hooktrain import hookimpl
+from hooktrain.testing import run
+
+class Mine:
+    name = "mine"
+    @hookimpl
+    def on_train_epoch_start(self, trainer):
+        pass
+
+run([Mine()], max_epochs=1, limit_train_batches=2, record=False)
+"""
+
+
+def test_trace_env_prints_every_hook_call_with_plugin_and_duration():
+    env = {**os.environ, "HOOKTRAIN_TRACE": "1"}
+    result = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("[hooktrain trace]")]
+    epoch_start = [ln for ln in lines if " on_train_epoch_start " in ln]
+    assert len(epoch_start) == 1 and " mine " in epoch_start[0] and epoch_start[0].endswith(" us")
+    # The core's defaults are traced too: two batches, two optimizer steps.
+    assert len([ln for ln in lines if " optimizer_step " in ln and " core " in ln]) == 2
+
+
+def test_trace_off_wraps_nothing():
+    class Mine:
+        @hookimpl
+        def on_train_epoch_start(self, trainer):
+            pass
+
+    plugin = Mine()
+    result = run([plugin], max_epochs=1, limit_train_batches=1, record=False)
+    (impl,) = [
+        i
+        for i in result.trainer.plugin_manager.hook.on_train_epoch_start.get_hookimpls()
+        if i.plugin is plugin
+    ]
+    assert impl.function == plugin.on_train_epoch_start
