@@ -182,6 +182,9 @@ class TensorBoardLogger:
         if isinstance(own, Mapping) and own.get("version"):
             self._resume_dir = str(own["version"])
             self.run_dir = None
+        # Events the old run wrote after the checkpoint (before it crashed or was
+        # stopped) are replaced by this run's: TensorBoard drops steps >= this one
+        # that precede the marker.
         self._purge_step = trainer.global_step + 1
 
     @hookimpl
@@ -196,6 +199,11 @@ class TensorBoardLogger:
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
         resumed = self._purge_step is not None
+        if not resumed:
+            # Every fit's file starts with a session-start marker. TensorBoard's
+            # server ignores the first marker of a run and purges on later ones,
+            # so the fresh run's marker is what makes a resume's marker count.
+            self._purge_step = trainer.global_step
         if self._open(trainer) and self.log_hparams and not resumed:
             self._write_hparams(trainer)
 

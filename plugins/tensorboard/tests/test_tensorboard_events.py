@@ -1,0 +1,249 @@
+"""The event files, read back with TensorBoard's own reader."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hooktrain import Trainer, hookimpl
+from hooktrain.plugins import installed_plugins
+from hooktrain.testing import make_data, make_model, run
+from hooktrain_tensorboard import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+# 128 samples in batches of 16: 8 optimizer steps per epoch.
+STEPS_PER_EPOCH = 8
+
+
+def read(run_dir: Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return accumulator
+
+
+def steps(accumulator: EventAccumulator, tag: str) -> list[int]:
+    return [event.step for event in accumulator.Scalars(tag)]
+
+
+def test_scalars_of_every_scope_and_learning_rate(tmp_path: Path) -> None:
+    result = run(
+        [("tensorboard", {"log_dir": tmp_path / "runs", "name": "exp"})],
+        max_epochs=2,
+        log_every_n_steps=2,
+    )
+    run_dir = tmp_path / "runs" / "exp" / "version_0"
+    assert sorted(os.listdir(tmp_path / "runs" / "exp")) == ["version_0"]
+    events = read(run_dir)
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "epoch/loss", "epoch/acc", "val/loss", "val/acc", "lr/group_0"} <= scalars
+
+    assert steps(events, "train/loss") == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert steps(events, "epoch/loss") == [8, 16]
+    assert steps(events, "val/acc") == [8, 16]
+    # The learning rate is written with the training values, once per step.
+    assert steps(events, "lr/group_0") == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert [event.value for event in events.Scalars("lr/group_0")] == pytest.approx([0.1] * 8)
+
+    # What was written is what the trainer computed.
+    trainer = result.trainer
+    assert events.Scalars("val/acc")[-1].value == pytest.approx(trainer.metrics["val_acc"])
+    assert events.Scalars("epoch/loss")[-1].value == pytest.approx(trainer.metrics["loss"])
+
+
+def test_hyperparameters_land_in_the_same_run(tmp_path: Path) -> None:
+    run(
+        [("tensorboard", {"log_dir": tmp_path, "hparams": {"lr": 0.1, "arch": [8, 16]}})],
+        max_epochs=1,
+        seed=7,
+    )
+    events = read(tmp_path / "default" / "version_0")
+    content = events.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in content
+    data = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    hparams = data.session_start_info.hparams
+    assert hparams["max_epochs"].number_value == 1
+    assert hparams["seed"].number_value == 7
+    assert hparams["plugins"].string_value == "tensorboard, recorder"
+    assert hparams["max_steps"].string_value == "None"
+    assert hparams["lr"].number_value == pytest.approx(0.1)
+    assert hparams["arch"].string_value == "8, 16"
+
+
+def test_direct_object_thins_out_training_values(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="", log_every_n_steps=4, log_lr=False)
+    run([logger], max_epochs=2, log_every_n_steps=2)
+    assert logger.run_dir == tmp_path / "version_0"
+    events = read(logger.run_dir)
+    assert steps(events, "train/loss") == [4, 8, 12, 16]
+    assert not any(tag.startswith("lr/") for tag in events.Tags()["scalars"])
+    # Epoch and validation values are never thinned out.
+    assert steps(events, "val/loss") == [8, 16]
+
+
+def test_each_fresh_run_gets_the_next_version(tmp_path: Path) -> None:
+    (tmp_path / "default" / "version_4").mkdir(parents=True)
+    (tmp_path / "default" / "notes").mkdir()
+    for _ in range(2):
+        run([("tensorboard", {"log_dir": tmp_path})], max_epochs=1, record=False)
+    assert sorted(os.listdir(tmp_path / "default")) == [
+        "notes",
+        "version_4",
+        "version_5",
+        "version_6",
+    ]
+    assert steps(read(tmp_path / "default" / "version_6"), "epoch/loss") == [8]
+
+
+def test_learning_rate_of_every_param_group(tmp_path: Path) -> None:
+    model = make_model()
+    train, val = make_data()
+    optimizer = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.5}, {"params": model[2].parameters()}], lr=0.25
+    )
+    trainer = Trainer(
+        plugins=[("tensorboard", {"log_dir": tmp_path})],
+        max_epochs=1,
+        log_every_n_steps=4,
+        device="cpu",
+    )
+    trainer.fit(model, train, val, loss_fn=F.cross_entropy, optimizer=optimizer)
+    events = read(tmp_path / "default" / "version_0")
+    assert [e.value for e in events.Scalars("lr/group_0")] == [0.5, 0.5]
+    assert [e.value for e in events.Scalars("lr/group_1")] == [0.25, 0.25]
+
+
+def test_standalone_validate_and_test_write_to_the_fit_run(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path)
+    result = run([logger], max_epochs=1)
+    model, (_, val) = result.model, make_data()
+    result.trainer.test(model, val, loss_fn=F.cross_entropy)
+    assert sorted(os.listdir(tmp_path / "default")) == ["version_0"]
+    events = read(tmp_path / "default" / "version_0")
+    assert steps(events, "test/loss") == [STEPS_PER_EPOCH]
+    # The test stage reopened the folder without a restart marker: the fit's values
+    # at the same step survive.
+    assert steps(events, "val/loss") == [STEPS_PER_EPOCH]
+
+
+class SaveAfterEpoch:
+    """Writes a plain core checkpoint at the end of one epoch."""
+
+    name = "saver"
+
+    def __init__(self, path: Path, epoch: int) -> None:
+        self.path, self.epoch = path, epoch
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        if trainer.current_epoch == self.epoch:
+            torch.save(trainer.dump_checkpoint(), self.path)
+
+
+class CrashAt:
+    """Raises in the middle of an epoch, after the step's values were written."""
+
+    name = "crash"
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    @hookimpl
+    def log_metrics(self, trainer: Trainer, scope: str) -> None:
+        if (
+            scope == "step"
+            and trainer.current_epoch == self.epoch
+            and trainer.epoch_batches_done == self.batch
+        ):
+            raise RuntimeError("simulated crash")
+
+
+def test_resume_keeps_the_version_and_writes_no_step_twice(tmp_path: Path) -> None:
+    ckpt = tmp_path / "epoch0.ckpt"
+    options = {"log_dir": tmp_path / "runs", "flush_secs": 3600}
+    with pytest.raises(Exception, match="simulated crash"):
+        run(
+            [("tensorboard", options), SaveAfterEpoch(ckpt, 0), CrashAt(1, 5)],
+            max_epochs=3,
+            log_every_n_steps=1,
+            seed=0,
+            record=False,
+        )
+    run_dir = tmp_path / "runs" / "default" / "version_0"
+    # Written after the checkpoint (steps 9 to 13), and on disk despite the crash.
+    assert steps(read(run_dir), "train/loss") == list(range(1, 14))
+
+    checkpoint = torch.load(ckpt, weights_only=True)
+    assert checkpoint["plugins"]["tensorboard"]["version"] == "version_0"
+    assert checkpoint["progress"]["global_step"] == STEPS_PER_EPOCH
+
+    logger = TensorBoardLogger(tmp_path / "runs", flush_secs=3600)
+    run([logger], max_epochs=3, log_every_n_steps=1, seed=0, fit_kwargs={"ckpt_path": ckpt})
+    assert logger.run_dir == run_dir
+    assert sorted(os.listdir(run_dir.parent)) == ["version_0"]
+    events = read(run_dir)
+    assert steps(events, "train/loss") == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+    assert steps(events, "epoch/loss") == [8, 16, 24]
+    assert steps(events, "lr/group_0") == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+    # The resumed run records its hyperparameters only once: in the fresh run.
+    assert len(events.PluginTagToContent("hparams")) == 3
+
+
+def test_resume_without_tensorboard_state_starts_a_new_version(tmp_path: Path) -> None:
+    ckpt = tmp_path / "plain.ckpt"
+    run([SaveAfterEpoch(ckpt, 0)], max_epochs=1, record=False)
+    run(
+        [("tensorboard", {"log_dir": tmp_path})],
+        max_epochs=2,
+        record=False,
+        fit_kwargs={"ckpt_path": ckpt},
+    )
+    assert steps(read(tmp_path / "default" / "version_0"), "epoch/loss") == [16]
+
+
+class PretendRankOne:
+    """Sets the rank in ``setup``, as a distributed plugin would."""
+
+    name = "rank"
+
+    @hookimpl
+    def setup(self, trainer: Trainer) -> None:
+        trainer.global_rank = 1
+
+
+def test_only_global_zero_writes(tmp_path: Path) -> None:
+    # The rank is set by a plugin listed after this one: the decision must wait.
+    run([("tensorboard", {"log_dir": tmp_path}), PretendRankOne()], max_epochs=1, record=False)
+    assert not (tmp_path / "default").exists()
+
+
+def test_importing_the_plugin_does_not_import_tensorboard() -> None:
+    code = (
+        "import sys, hooktrain_tensorboard\n"
+        "assert 'tensorboard' not in sys.modules, 'tensorboard imported'\n"
+        "assert 'torch.utils.tensorboard' not in sys.modules\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_installed_under_its_entry_point_name() -> None:
+    assert installed_plugins()["tensorboard"].distribution == "hooktrain-tensorboard"
+    listing = subprocess.run(
+        [sys.executable, "-m", "hooktrain", "plugins"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert "hooktrain-tensorboard" in listing.stdout
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="log_every_n_steps"):
+        TensorBoardLogger(log_every_n_steps=0)
