@@ -22,8 +22,10 @@ itself, which costs one sync per redraw, never one per step.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -108,6 +110,7 @@ class ProgressBar:
         self._interactive = False
         self._out: IO[str] = sys.stderr
         self._tqdm: type[Tqdm] | None = None
+        self._ncols: int | None = None
         self._redirect = ExitStack()
         self._bar: Tqdm | None = None
         self._eval_bar: Tqdm | None = None
@@ -143,6 +146,9 @@ class ProgressBar:
             self._interactive = self.terminal
         else:
             self._interactive = in_notebook or _isatty(self._out)
+        # A terminal that reports zero columns (a pty nobody sized, some container
+        # consoles) makes tqdm draw nothing at all; draw 80 columns wide there.
+        self._ncols = 80 if self._interactive and _columns(self._out) == 0 else None
         if self._interactive and self.redirect_logging and _has_console_handler():
             from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -373,7 +379,8 @@ class ProgressBar:
             leave=leave,
             file=self._out,
             unit="batch",
-            dynamic_ncols=True,
+            ncols=self._ncols,
+            dynamic_ncols=self._ncols is None,
             # The plugin decides when to redraw; tqdm must draw whenever asked.
             mininterval=0,
             miniters=1,
@@ -385,6 +392,13 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError, OSError):
         return False
+
+
+def _columns(stream: Any) -> int | None:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        return None
 
 
 def _has_console_handler() -> bool:
