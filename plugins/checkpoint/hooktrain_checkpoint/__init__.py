@@ -1,0 +1,38 @@
+"""hooktrain-checkpoint: atomic, verified checkpoints and exact resume for hooktrain.
+
+Select it with ``Trainer(plugins=[("checkpoint", {"dirpath": "ckpts"})])`` and
+resume with ``trainer.fit(..., ckpt_path="last")``. See ``docs/checkpointing.md``.
+"""
+
+from __future__ import annotations
+
+from hooktrain_checkpoint.plugin import (
+    CheckpointWriteError,
+    ModelCheckpoint,
+    list_checkpoints,
+    newest_checkpoint,
+    snapshot,
+)
+from hooktrain_checkpoint.storage import (
+    CheckpointInfo,
+    DamagedCheckpointError,
+    UnsafeCheckpointError,
+    load_file,
+    read_info,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointWriteError",
+    "DamagedCheckpointError",
+    "ModelCheckpoint",
+    "UnsafeCheckpointError",
+    "__version__",
+    "list_checkpoints",
+    "load_file",
+    "newest_checkpoint",
+    "read_info",
+    "snapshot",
+]

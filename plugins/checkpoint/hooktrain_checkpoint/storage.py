@@ -1,0 +1,333 @@
+"""The checkpoint file: written atomically, verified on load, loaded safely.
+
+A checkpoint is an ordinary ``torch.save`` zip archive, so ``torch.load(path,
+weights_only=True)`` reads it without this package. What this module adds lives in
+the zip archive's comment (a field of the format that every zip reader, torch's
+included, skips): a JSON record holding the progress of the run and the SHA-256
+of every byte of the file before that comment. A file whose record is missing or
+whose digest does not match is *damaged*; nothing else is trusted.
+
+Writing goes to a hidden temporary file in the destination directory, which is
+flushed and fsynced, then renamed over the destination (``os.replace`` is atomic
+on POSIX and Windows), and the directory is fsynced so the rename itself survives
+a power cut. A process killed at any moment therefore leaves the destination
+either complete or as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import pickle
+import shutil
+import socket
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hooktrain.errors import ConfigurationError
+
+__all__ = [
+    "FORMAT",
+    "CheckpointInfo",
+    "DamagedCheckpointError",
+    "UnsafeCheckpointError",
+    "link_or_copy",
+    "load_file",
+    "read_info",
+    "verify",
+    "write_file",
+]
+
+#: Written into every record; a reader refuses records of another format.
+FORMAT = "hooktrain-checkpoint/1"
+SUFFIX = ".ckpt"
+
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_EOCD_SIZE = 22  # the end-of-central-directory record without its comment
+_MAX_COMMENT = 0xFFFF
+_DIGEST_PLACEHOLDER = "0" * 64
+_CHUNK = 8 << 20
+_temp_counter = itertools.count()
+
+
+class DamagedCheckpointError(ConfigurationError):
+    """The file is truncated, altered, or was never completely written.
+
+    :ivar path: the file.
+    :ivar reason: what is wrong with it.
+    :ivar plain: the file is an intact-looking zip archive without any comment,
+        as ``torch.save`` writes: not damaged, just not written by this package.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, plain: bool = False) -> None:
+        super().__init__(f"checkpoint {os.fspath(path)!r} is damaged: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+        self.plain = plain
+
+
+class UnsafeCheckpointError(ConfigurationError):
+    """The file holds pickled objects that safe loading refuses (code could run).
+
+    :ivar path: the file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], detail: str) -> None:
+        super().__init__(
+            f"refusing to load checkpoint {os.fspath(path)!r}: it holds objects that "
+            f"torch.load(weights_only=True) does not allow, so unpickling it could run "
+            f"code. Nothing from it was executed. Detail: {detail}"
+        )
+        self.path = Path(path)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the record of a checkpoint file says, read without loading the file.
+
+    :ivar path: the file.
+    :ivar record: the JSON record (progress, versions, digest, time of saving).
+    :ivar covered_bytes: how many leading bytes of the file the digest covers.
+    """
+
+    path: Path
+    record: Mapping[str, Any]
+    covered_bytes: int
+
+    @property
+    def progress_key(self) -> tuple[int, int, int, int, int]:
+        """Orders checkpoints of one run from oldest to newest."""
+        record = self.record
+        return (
+            int(record.get("global_step", 0)),
+            int(record.get("epoch", 0)),
+            int(bool(record.get("epoch_complete", False))),
+            int(record.get("epoch_batches_done", 0)),
+            int(record.get("sequence", 0)),
+        )
+
+
+class _HashingWriter:
+    """A file-like sink for ``torch.save`` that hashes what passes through and holds
+    back the last bytes, which are the zip archive's end record, so that the
+    comment length in it can be set before it is written."""
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self._hash = hashlib.sha256()
+        self._tail = b""
+        self.size = 0
+
+    def _emit(self, data: Any) -> None:
+        if len(data):
+            self._hash.update(data)
+            self._file.write(data)
+            self.size += len(data)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        count = len(view)
+        if count >= _EOCD_SIZE:
+            self._emit(self._tail)
+            self._emit(view[:-_EOCD_SIZE])
+            self._tail = bytes(view[-_EOCD_SIZE:])
+        else:
+            joined = self._tail + bytes(view)
+            self._emit(joined[:-_EOCD_SIZE])
+            self._tail = joined[-_EOCD_SIZE:]
+        return count
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def finish(self, record: Mapping[str, Any]) -> None:
+        """Write the end record with ``record`` (plus the digest) as its comment."""
+        tail = self._tail
+        if len(tail) != _EOCD_SIZE or tail[:4] != _EOCD_SIGNATURE or tail[20:22] != b"\0\0":
+            raise RuntimeError("torch.save did not end with a zip end record; format changed?")
+        # The digest covers the comment length, so the record's length must be known
+        # before the digest is: serialise it with a placeholder of the same size.
+        text = json.dumps({**record, "sha256": _DIGEST_PLACEHOLDER}, sort_keys=True)
+        length = len(text.encode())
+        if length > _MAX_COMMENT:
+            raise ValueError(f"checkpoint record too long ({length} bytes)")
+        tail = tail[:20] + length.to_bytes(2, "little")
+        self._hash.update(tail)
+        comment = text.replace(_DIGEST_PLACEHOLDER, self._hash.hexdigest()).encode()
+        self._file.write(tail)
+        self._file.write(comment)
+        self.size += len(tail) + len(comment)
+
+
+def _temp_path(path: Path) -> Path:
+    # Hidden, in the same directory (rename must not cross file systems), and
+    # named by host and process so a later run can tell whose leftovers these are.
+    host = socket.gethostname().replace(".", "_")
+    unique = f"{host}.{os.getpid()}.{threading.get_ident()}.{next(_temp_counter)}"
+    return path.with_name(f".{path.name}.{unique}.tmp")
+
+
+def _fsync_directory(directory: Path) -> None:
+    if os.name != "posix":
+        return  # directories cannot be opened for fsync on Windows
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file(state: Any, path: str | os.PathLike[str], record: Mapping[str, Any]) -> int:
+    """Write ``state`` with ``torch.save`` to ``path`` atomically, with ``record``
+    and its digest in the archive's comment.
+
+    :return: the size of the file in bytes.
+    """
+    import torch
+
+    target = Path(path)
+    temp = _temp_path(target)
+    try:
+        with open(temp, "wb") as file:
+            writer = _HashingWriter(file)
+            torch.save(state, writer)
+            writer.finish({"format": FORMAT, **record})
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(target.parent)
+    return writer.size
+
+
+def link_or_copy(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> None:
+    """Make ``destination`` an atomic replica of the complete file ``source``: a hard
+    link when the file system allows one (no data is copied), a copy otherwise."""
+    source, destination = Path(source), Path(destination)
+    temp = _temp_path(destination)
+    try:
+        try:
+            os.link(source, temp)
+        except OSError:
+            shutil.copyfile(source, temp)
+            with open(temp, "rb+") as file:
+                os.fsync(file.fileno())
+        os.replace(temp, destination)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(destination.parent)
+
+
+def read_info(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """Read the record of a checkpoint file without loading or verifying its data.
+
+    :raises DamagedCheckpointError: no record (a truncated file, or one this package
+        did not write) or a record that cannot be parsed.
+    :raises FileNotFoundError: the file does not exist.
+    """
+    path = Path(path)
+    with open(path, "rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        window = min(size, _EOCD_SIZE + _MAX_COMMENT)
+        file.seek(size - window)
+        tail = file.read(window)
+    # The end record's comment runs to the end of the file: find the signature
+    # whose declared comment length matches exactly what follows it.
+    position = tail.rfind(_EOCD_SIGNATURE)
+    while position >= 0:
+        if position + _EOCD_SIZE <= len(tail):
+            length = int.from_bytes(tail[position + 20 : position + 22], "little")
+            if position + _EOCD_SIZE + length == len(tail):
+                break
+        position = tail.rfind(_EOCD_SIGNATURE, 0, position)
+    if position < 0:
+        # A plain torch.save file ends with an end record and no comment; one of
+        # ours that lost its end (truncation) does not.
+        plain = tail[-_EOCD_SIZE : -_EOCD_SIZE + 4] == _EOCD_SIGNATURE and tail[-2:] == b"\0\0"
+        raise DamagedCheckpointError(
+            path, f"no zip end record with a hooktrain record ({size} bytes; truncated?)", plain
+        )
+    comment = tail[position + _EOCD_SIZE :]
+    if not comment:
+        raise DamagedCheckpointError(path, "it has no hooktrain record", plain=True)
+    try:
+        record = json.loads(comment.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise DamagedCheckpointError(path, "no readable hooktrain record at its end") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise DamagedCheckpointError(path, f"the record is not of format {FORMAT!r}")
+    digest = record.get("sha256")
+    if not isinstance(digest, str) or len(digest) != 64:
+        raise DamagedCheckpointError(path, "the record holds no SHA-256 digest")
+    return CheckpointInfo(path, record, size - len(comment))
+
+
+def verify(info: CheckpointInfo) -> None:
+    """Check the file's bytes against the digest in its record.
+
+    :raises DamagedCheckpointError: they differ.
+    """
+    digest = hashlib.sha256()
+    remaining = info.covered_bytes
+    with open(info.path, "rb") as file:
+        while remaining > 0:
+            chunk = file.read(min(_CHUNK, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    if remaining or digest.hexdigest() != info.record["sha256"]:
+        raise DamagedCheckpointError(info.path, "its SHA-256 does not match its record")
+
+
+def load_file(
+    path: str | os.PathLike[str], *, require_record: bool = False
+) -> tuple[dict[str, Any], CheckpointInfo | None]:
+    """Verify and load a checkpoint with ``torch.load(..., weights_only=True)``.
+
+    A file without a hooktrain record (a plain ``torch.save`` file) is loaded
+    unverified, unless ``require_record``.
+
+    :return: the checkpoint mapping, and the verified record (``None`` when the
+        file had none).
+
+    :raises DamagedCheckpointError: it fails verification or cannot be read.
+    :raises UnsafeCheckpointError: it holds objects safe loading refuses.
+    :raises ConfigurationError: it does not exist, or is not a checkpoint mapping.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(f"checkpoint {os.fspath(path)!r} does not exist")
+    info: CheckpointInfo | None
+    try:
+        info = read_info(path)
+    except DamagedCheckpointError as exc:
+        if require_record or not exc.plain:
+            raise
+        info = None  # a plain torch.save file: loaded unverified
+    if info is not None:
+        verify(info)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(path, str(exc).strip().splitlines()[0]) from None
+    except Exception as exc:
+        raise DamagedCheckpointError(
+            path, f"torch.load failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(loaded, dict) or "model" not in loaded or "progress" not in loaded:
+        raise ConfigurationError(
+            f"{os.fspath(path)!r} is not a hooktrain checkpoint (expected a mapping with "
+            f"'model' and 'progress', got {type(loaded).__name__})"
+        )
+    return loaded, info

@@ -1,0 +1,415 @@
+"""Resuming in-process: exactness after a crash at many points, "last" resolution,
+fallback past damaged files, mismatches, plugin-list changes, and the bookkeeping
+of top-k and last."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hooktrain import ConfigurationError, HookError, Trainer, hookimpl
+from hooktrain.testing import HookRecorder, make_data
+from hooktrain_checkpoint import (
+    CheckpointWriteError,
+    DamagedCheckpointError,
+    ModelCheckpoint,
+    read_info,
+)
+from torch import nn
+
+BATCHES_PER_EPOCH = 8  # make_data(n=128, batch_size=16)
+
+
+class Net(nn.Module):
+    """Dropout, Adam and an epoch-wise LR scheduler: every kind of state there is."""
+
+    def __init__(self, hidden: int = 16) -> None:
+        super().__init__()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            self.body = nn.Sequential(
+                nn.Linear(8, hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(hidden, 2)
+            )
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.body(inputs)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.8)]
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt:
+    """Raises after the n-th training batch (counted over the whole run)."""
+
+    name = "crash"
+
+    def __init__(self, batches: int) -> None:
+        self.batches = batches
+        self.seen = 0
+
+    @hookimpl
+    def on_train_batch_end(self) -> None:
+        self.seen += 1
+        if self.seen == self.batches:
+            raise Crash(f"crash after batch {self.seen}")
+
+
+def fit(
+    dirpath: Path,
+    *extra: Any,
+    ckpt_path: str | None = None,
+    epochs: int = 3,
+    accumulate: int = 1,
+    model: nn.Module | None = None,
+    **options: Any,
+) -> tuple[Trainer, nn.Module, ModelCheckpoint]:
+    options.setdefault("every_n_train_steps", 3)
+    checkpoint = ModelCheckpoint(dirpath=dirpath, **options)
+    trainer = Trainer(
+        plugins=[checkpoint, *extra],
+        max_epochs=epochs,
+        seed=11,
+        device="cpu",
+        accumulate_grad_batches=accumulate,
+    )
+    model = model if model is not None else Net()
+    train, val = make_data(n=128, batch_size=16, seed=2)
+    trainer.fit(model, train, val, loss_fn=F.cross_entropy, ckpt_path=ckpt_path)
+    return trainer, model, checkpoint
+
+
+def assert_identical(a: tuple[Trainer, nn.Module, Any], b: tuple[Trainer, nn.Module, Any]) -> None:
+    (trainer_a, model_a, _), (trainer_b, model_b, _) = a, b
+    assert trainer_a.global_step == trainer_b.global_step
+    for (name, x), (_, y) in zip(
+        model_a.state_dict().items(), model_b.state_dict().items(), strict=True
+    ):
+        assert torch.equal(x, y), f"model {name} differs"
+    state_a = trainer_a.optimizers[0].state_dict()
+    state_b = trainer_b.optimizers[0].state_dict()
+    assert state_a["param_groups"] == state_b["param_groups"]
+    for index, per_param in state_a["state"].items():
+        for key, value in per_param.items():
+            assert torch.equal(value, state_b["state"][index][key]), f"optimizer {key} differs"
+    assert trainer_a.lr_schedulers[0].state_dict() == trainer_b.lr_schedulers[0].state_dict()
+
+
+_references: dict[int, tuple[Trainer, nn.Module, Any]] = {}
+
+
+def reference(tmp_path_factory: pytest.TempPathFactory, accumulate: int) -> Any:
+    if accumulate not in _references:
+        _references[accumulate] = fit(tmp_path_factory.mktemp("ref"), accumulate=accumulate)
+    return _references[accumulate]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+@pytest.mark.parametrize("crash_after", [1, 4, 7, 8, 9, 13, 16, 23])
+def test_crash_anywhere_then_resume_last_is_bit_identical(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, crash_after: int, accumulate: int
+) -> None:
+    # Crash points cover: before any checkpoint, mid-epoch, inside an accumulation
+    # window, the epoch's last batch (8, 16) and the first batch of an epoch.
+    expected = reference(tmp_path_factory, accumulate)
+    with pytest.raises(HookError, match="Crash"):
+        fit(tmp_path, CrashAt(crash_after), accumulate=accumulate)
+    resumed = fit(tmp_path, ckpt_path="last", accumulate=accumulate)
+    assert_identical(expected, resumed)
+
+
+def test_resume_retrains_no_batch_and_skips_none(tmp_path: Path) -> None:
+    with pytest.raises(HookError, match="Crash"):
+        fit(tmp_path, CrashAt(11), every_n_train_steps=2)  # last save at step 10
+    recorder = HookRecorder(hooks=["on_train_batch_start"])
+    fit(tmp_path, recorder, ckpt_path="last", every_n_train_steps=2)
+    indices = [call.kwargs["batch_idx"] for call in recorder.of("on_train_batch_start")]
+    # Epoch 1 resumes after its second batch (steps 9 and 10 were done).
+    assert indices == list(range(2, 8)) + list(range(8))
+
+
+def test_skipped_batches_are_not_loaded(tmp_path: Path) -> None:
+    loaded: list[int] = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, base: Any) -> None:
+            self.base = base
+
+        def __len__(self) -> int:
+            return len(self.base)
+
+        def __getitem__(self, index: int) -> Any:
+            loaded.append(index)
+            return self.base[index]
+
+    def run(*extra: Any, ckpt_path: str | None = None) -> None:
+        train, _ = make_data(n=128, batch_size=16, seed=2)
+        loader = torch.utils.data.DataLoader(Counting(train.dataset), batch_size=16, shuffle=True)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5)
+        trainer = Trainer(plugins=[checkpoint, *extra], max_epochs=1, seed=1, device="cpu")
+        trainer.fit(Net(), loader, loss_fn=F.cross_entropy, ckpt_path=ckpt_path)
+
+    with pytest.raises(HookError, match="Crash"):
+        run(CrashAt(6))
+    loaded.clear()
+    run(ckpt_path="last")
+    assert len(loaded) == 3 * 16  # batches 5, 6, 7 only
+
+
+def test_last_with_an_empty_directory_starts_fresh_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    trainer, _, _ = fit(tmp_path / "none-yet", ckpt_path="last", epochs=1)
+    assert trainer.global_step == BATCHES_PER_EPOCH
+    assert "starting fresh" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_run_trains_nothing(tmp_path: Path) -> None:
+    first = fit(tmp_path, epochs=2, every_n_train_steps=5)  # ends between saves
+    recorder = HookRecorder(hooks=["on_train_batch_start"])
+    again = fit(tmp_path, recorder, ckpt_path="last", epochs=2, every_n_train_steps=5)
+    assert recorder.count("on_train_batch_start") == 0
+    assert_identical(first, again)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_newest_is_reported_and_last_falls_back(
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    capsys: pytest.CaptureFixture[str],
+    damage: str,
+) -> None:
+    with pytest.raises(HookError, match="Crash"):
+        fit(tmp_path, CrashAt(10), save_top_k=-1)
+    newest = [tmp_path / "last.ckpt", tmp_path / "epoch=1-step=9.ckpt"]
+    for path in newest:
+        data = bytearray(path.read_bytes())
+        if damage == "truncate":
+            data = data[: len(data) // 2]
+        else:
+            data[len(data) // 3] ^= 0x01
+        path.unlink()  # last.ckpt is a hard link: damage each name separately
+        path.write_bytes(bytes(data))
+    capsys.readouterr()
+    resumed = fit(tmp_path, ckpt_path="last", save_top_k=-1)
+    err = capsys.readouterr().err
+    for path in newest:
+        assert str(path) in err and "damaged" in err
+    assert "resuming from" in err and "epoch=0-step=6.ckpt" in err
+    assert_identical(reference(tmp_path_factory, 1), resumed)
+
+
+def test_explicit_damaged_file_fails_naming_it(tmp_path: Path) -> None:
+    fit(tmp_path, epochs=1)
+    path = tmp_path / "last.ckpt"
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data[:-100])
+    # A file the user named is not stepped around: it is an error, naming it.
+    with pytest.raises(HookError, match=r"last\.ckpt' is damaged") as info:
+        fit(tmp_path, ckpt_path=str(path), epochs=2)
+    assert isinstance(info.value.__cause__, DamagedCheckpointError)
+
+
+def test_a_different_model_fails_listing_the_mismatches(tmp_path: Path) -> None:
+    fit(tmp_path, epochs=1)
+    with pytest.raises(ConfigurationError) as info:
+        fit(tmp_path, ckpt_path="last", epochs=2, model=Net(hidden=12))
+    message = str(info.value)
+    assert "body.0.weight: checkpoint (16, 8) vs model (12, 8)" in message
+    assert "last.ckpt" in "".join(getattr(info.value, "__notes__", []))
+
+    class Other(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = nn.Linear(2, 2)
+
+    with pytest.raises(ConfigurationError, match=r"missing from the checkpoint: extra\.bias"):
+        fit(tmp_path, ckpt_path="last", epochs=2, model=Other())
+
+
+class Stateful:
+    """A plugin with state of its own, stored through the core's hooks."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.restored: Any = None
+
+    @hookimpl
+    def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+        checkpoint["plugins"][self.name] = {"step": trainer.global_step}
+
+    @hookimpl
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.restored = checkpoint["plugins"].get(self.name)
+
+
+def test_a_different_plugin_list_restores_what_matches_and_says_what_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fit(tmp_path, Stateful("kept"), Stateful("dropped"), epochs=1)
+    kept, added = Stateful("kept"), Stateful("added")
+    capsys.readouterr()
+    fit(tmp_path, kept, added, ckpt_path="last", epochs=2)
+    err = capsys.readouterr().err
+    assert kept.restored == {"step": BATCHES_PER_EPOCH}
+    assert added.restored is None
+    assert "not restored: dropped" in err
+    assert "without saved state: added" in err
+
+
+class Scores:
+    """Logs a chosen score at every epoch end, before the checkpoint plugin looks."""
+
+    name = "scores"
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        trainer.log("score", self.values[trainer.current_epoch])
+
+
+def fit_scores(
+    tmp_path: Path, values: list[float], epochs: int, ckpt_path: str | None = None, **options: Any
+) -> ModelCheckpoint:
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path,
+        monitor="score",
+        every_n_epochs=1,
+        filename="{epoch}-{score:.1f}",
+        **options,
+    )
+    trainer = Trainer(
+        plugins=[Scores(values), checkpoint],
+        max_epochs=epochs,
+        seed=0,
+        device="cpu",
+        limit_train_batches=2,
+    )
+    train, _ = make_data(n=64, batch_size=16)
+    trainer.fit(Net(), train, loss_fn=F.cross_entropy, ckpt_path=ckpt_path)
+    return checkpoint
+
+
+def names(directory: Path) -> set[str]:
+    return {p.name for p in directory.iterdir()}
+
+
+@pytest.mark.parametrize(
+    ("mode", "kept", "best"),
+    [
+        ("min", {"epoch=3-score=1.0.ckpt", "epoch=4-score=2.0.ckpt"}, "epoch=3-score=1.0.ckpt"),
+        ("max", {"epoch=0-score=5.0.ckpt", "epoch=2-score=4.0.ckpt"}, "epoch=0-score=5.0.ckpt"),
+    ],
+)
+def test_top_k_keeps_the_best_and_last_the_newest(
+    tmp_path: Path, mode: str, kept: set[str], best: str
+) -> None:
+    checkpoint = fit_scores(tmp_path, [5, 3, 4, 1, 2], 5, mode=mode, save_top_k=2)
+    assert names(tmp_path) == kept | {"last.ckpt"}
+    assert checkpoint.best_model_path == tmp_path / best
+    assert read_info(tmp_path / "last.ckpt").record["epoch"] == 4
+    assert set(checkpoint.best_k_models) == kept
+
+
+def test_top_k_bookkeeping_survives_a_resume(tmp_path: Path) -> None:
+    fit_scores(tmp_path, [5, 3, 4, 1, 2], 3, save_top_k=2)
+    assert names(tmp_path) == {"epoch=1-score=3.0.ckpt", "epoch=2-score=4.0.ckpt", "last.ckpt"}
+    checkpoint = fit_scores(tmp_path, [5, 3, 4, 1, 2], 5, ckpt_path="last", save_top_k=2)
+    # Without the restored ranking, epoch 4 (2.0) could not have evicted epoch 1 (3.0).
+    assert names(tmp_path) == {"epoch=3-score=1.0.ckpt", "epoch=4-score=2.0.ckpt", "last.ckpt"}
+    assert checkpoint.best_k_models == {
+        "epoch=3-score=1.0.ckpt": 1.0,
+        "epoch=4-score=2.0.ckpt": 2.0,
+    }
+
+
+def test_save_top_k_zero_keeps_only_last_and_save_last_false_keeps_no_last(
+    tmp_path: Path,
+) -> None:
+    fit_scores(tmp_path / "a", [5, 3, 4], 3, save_top_k=0)
+    assert names(tmp_path / "a") == {"last.ckpt"}
+    fit_scores(tmp_path / "b", [5, 3, 4], 3, save_top_k=1, save_last=False)
+    assert names(tmp_path / "b") == {"epoch=1-score=3.0.ckpt"}
+
+
+def test_without_monitor_top_k_keeps_the_newest(tmp_path: Path) -> None:
+    fit(tmp_path, epochs=2, save_top_k=2, every_n_train_steps=4)
+    assert names(tmp_path) == {"epoch=1-step=12.ckpt", "epoch=1-step=16.ckpt", "last.ckpt"}
+
+
+def test_a_missing_monitor_warns_once_naming_a_close_metric(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_los")
+    trainer = Trainer(plugins=[checkpoint], max_epochs=2, device="cpu", limit_train_batches=2)
+    train, val = make_data(n=64, batch_size=16)
+    trainer.fit(Net(), train, val, loss_fn=F.cross_entropy)
+    err = capsys.readouterr().err
+    assert err.count("monitored metric 'val_los' does not exist") == 1
+    assert "Did you mean 'val_loss'?" in err
+    assert names(tmp_path) == {"last.ckpt"}
+
+
+def test_a_failed_background_write_surfaces(tmp_path: Path) -> None:
+    class BreakDirectory:
+        """Replaces the checkpoint directory by a file right after the first save."""
+
+        @hookimpl
+        def on_train_batch_end(self, trainer: Trainer) -> None:
+            if trainer.global_step == 3:
+                checkpoint.wait()
+                for path in target.iterdir():
+                    path.unlink()
+                target.rmdir()
+                target.write_text("not a directory")
+
+    target = tmp_path / "ckpts"
+    checkpoint = ModelCheckpoint(dirpath=target, every_n_train_steps=3)
+    trainer = Trainer(plugins=[checkpoint, BreakDirectory()], max_epochs=1, device="cpu")
+    train, _ = make_data(n=128, batch_size=16)
+    with pytest.raises(HookError) as info:
+        trainer.fit(Net(), train, loss_fn=F.cross_entropy)
+    assert isinstance(info.value.__cause__, CheckpointWriteError)
+    assert "ckpts" in str(info.value)
+
+
+def test_sigterm_handler_is_restored_after_fit(tmp_path: Path) -> None:
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    fit(tmp_path, epochs=1)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_filename_pattern_fills_epoch_step_and_metrics(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="run-{epoch:03d}-{step}-{val_loss:.2f}")
+    trainer = Trainer(plugins=[checkpoint], device="cpu")
+    trainer.current_epoch, trainer.global_step = 2, 40
+    assert checkpoint.format_name(trainer) == "run-epoch=002-step=40-val_loss=none.ckpt"
+    trainer.log("val_loss", 0.12345)
+    assert checkpoint.format_name(trainer) == "run-epoch=002-step=40-val_loss=0.12.ckpt"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"mode": "mean"}, {"save_top_k": -2}, {"every_n_train_steps": 0}, {"filename": "a/b"}],
+)
+def test_bad_options_are_refused(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError, match="checkpoint"):
+        ModelCheckpoint(**options)
+
+
+def test_selected_by_entry_point_name(tmp_path: Path) -> None:
+    trainer = Trainer(plugins=[("checkpoint", {"dirpath": os.fspath(tmp_path)})], device="cpu")
+    assert trainer.plugin_names == ["checkpoint"]
