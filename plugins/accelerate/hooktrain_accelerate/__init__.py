@@ -1,0 +1,449 @@
+"""Hugging Face ``accelerate`` for hooktrain, through hooks only.
+
+Select it with ``Trainer(plugins=["accelerate"])`` (options as a pair:
+``("accelerate", {"mixed_precision": "bf16"})``). The same script then runs
+
+* on one process: ``python train.py``;
+* distributed: ``torchrun --standalone --nproc_per_node 2 train.py`` or
+  ``accelerate launch --multi_gpu --num_processes 2 train.py`` (on a machine
+  without a GPU too: the plugin then trains on the CPU over gloo).
+
+What each hook does:
+
+* ``setup``: creates the :class:`accelerate.Accelerator` and sets
+  ``trainer.device``, ``trainer.global_rank`` and ``trainer.world_size`` from it, so
+  that every other plugin (progress bars, loggers, checkpoints) knows whether it
+  is on the process that writes. A launched run that did not become distributed
+  is an error, never N independent copies.
+* ``prepare``: ``accelerator.prepare`` of the model, optimizers, LR schedulers and
+  dataloaders; the trainer's attributes are replaced by the prepared objects.
+* ``batch_iterator``: the epoch's shuffling order from the run's data seed and the
+  epoch (the same on every process, and after a resume); a mid-epoch resume skips
+  batches by index with ``accelerator.skip_first_batches``.
+* ``forward_step`` (wrapper): a model's own ``training_step`` runs *through* the
+  distributed wrapper, so gradients are synchronised; inside a
+  gradient-accumulation window the forward runs under ``accelerator.no_sync``.
+* ``backward``, ``clip_gradients``, ``optimizer_step``: the accelerator's versions.
+* ``all_reduce`` and ``gather_for_metrics``: metrics over every process, without
+  the samples duplicated to pad the last evaluation batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Generator, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from hooktrain import hookimpl
+from hooktrain.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from hooktrain import Trainer
+
+__all__ = ["Accelerate"]
+__version__ = "0.1.0"
+
+_STEP_NAMES = {
+    "train": "training_step",
+    "validate": "validation_step",
+    "test": "test_step",
+    "predict": "predict_step",
+}
+_MIXED_PRECISION = ("no", "bf16", "fp16")
+_LAUNCH_HINT = (
+    "launch with 'torchrun --standalone --nproc_per_node N script.py' or "
+    "'accelerate launch --multi_gpu --num_processes N script.py'"
+)
+
+
+def _make_router(module: torch.nn.Module) -> torch.nn.Module:
+    """Wrap ``module`` in a module whose ``forward`` can be pointed at one of the
+    module's own step methods.
+
+    Distributed data parallel synchronises gradients only for computations that
+    went through *its* ``forward``. A model with its own ``training_step`` is
+    therefore wrapped in this router, the router is what accelerate wraps, and
+    during a step the router's forward calls ``training_step`` (the same idea as
+    Lightning's module wrapper). The user's module itself is left untouched.
+    """
+    from torch import nn
+
+    class StepRouter(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.module = inner
+            object.__setattr__(self, "route", None)
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            route = self.route
+            if route is None:
+                return self.module(*args, **kwargs)
+            return route(*args, **kwargs)
+
+    return StepRouter(module)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    accelerator_api = getattr(torch, "accelerator", None)
+    if accelerator_api is not None and hasattr(accelerator_api, "is_available"):
+        return bool(accelerator_api.is_available())
+    return torch.cuda.is_available()
+
+
+class Accelerate:
+    """Runs the loop through an :class:`accelerate.Accelerator`.
+
+    :param mixed_precision: ``"no"``, ``"bf16"`` or ``"fp16"``; ``None`` takes what
+        ``accelerate launch --mixed_precision`` or ``accelerate config`` set (else
+        ``"no"``). This plugin then owns precision: do not also select ``amp``.
+    :param gradient_accumulation_steps: micro-batches per optimizer step. The
+        core does the accumulation: this value becomes the trainer's
+        ``accumulate_grad_batches`` (a different, explicit
+        ``accumulate_grad_batches`` is an error). ``None`` takes
+        ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS`` when set.
+    :param cpu: force the CPU. ``None`` (default) means the CPU when the script was
+        launched on several processes on a machine without a GPU, so that the
+        processes join one gloo group instead of training independently.
+    :param split_batches: ``True`` splits each batch of the dataloader across the
+        processes (the global batch is the dataloader's batch size); ``False``
+        (default) gives each process whole batches (the global batch is the
+        dataloader's batch size times the number of processes).
+    :param find_unused_parameters: passed to ``DistributedDataParallel``.
+    :param accelerator_kwargs: further keyword arguments for ``Accelerator``.
+    """
+
+    name = "accelerate"
+    # Precision belongs to the accelerator (its autocast, its scaler): no second
+    # plugin may add its own (see hooktrain_amp.PRECISION_OWNER_ATTRIBUTE).
+    hooktrain_precision_owner = "accelerate"
+
+    def __init__(
+        self,
+        mixed_precision: str | None = None,
+        gradient_accumulation_steps: int | None = None,
+        cpu: bool | None = None,
+        split_batches: bool = False,
+        find_unused_parameters: bool = False,
+        accelerator_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if mixed_precision is not None and mixed_precision not in _MIXED_PRECISION:
+            raise ConfigurationError(
+                f"accelerate: mixed_precision must be one of {', '.join(_MIXED_PRECISION)} or "
+                f"None, got {mixed_precision!r}"
+            )
+        if gradient_accumulation_steps is not None and (
+            isinstance(gradient_accumulation_steps, bool)
+            or not isinstance(gradient_accumulation_steps, int)
+            or gradient_accumulation_steps < 1
+        ):
+            raise ConfigurationError(
+                f"accelerate: gradient_accumulation_steps must be an integer >= 1, got "
+                f"{gradient_accumulation_steps!r}"
+            )
+        reserved = {
+            "gradient_accumulation_steps",
+            "gradient_accumulation_plugin",
+            "step_scheduler_with_optimizer",
+            "dataloader_config",
+        }
+        clash = sorted(reserved & set(accelerator_kwargs or {}))
+        if clash:
+            raise ConfigurationError(
+                f"accelerate: accelerator_kwargs may not set {', '.join(clash)}: the plugin "
+                f"sets them (use its own options)"
+            )
+        self.mixed_precision = mixed_precision
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.cpu = cpu
+        self.split_batches = split_batches
+        self.find_unused_parameters = find_unused_parameters
+        self.accelerator_kwargs = dict(accelerator_kwargs or {})
+        #: The accelerator, created by the first ``setup`` and kept for later stages.
+        self.accelerator: Accelerator | None = None
+        self._router: Any = None
+        self._own_eval_step = False
+
+    def __repr__(self) -> str:
+        return (
+            f"Accelerate(mixed_precision={self.mixed_precision!r}, "
+            f"gradient_accumulation_steps={self.gradient_accumulation_steps!r})"
+        )
+
+    # ------------------------------------------------------------------ setup
+
+    @hookimpl
+    def setup(self, trainer: Trainer) -> None:
+        mine = trainer.plugin_manager.get_name(self)
+        for name, plugin in trainer.plugin_manager.list_name_plugin():
+            if plugin is not self and getattr(plugin, "hooktrain_precision_owner", None):
+                raise ConfigurationError(
+                    f"plugins {mine!r} and {name!r} both control precision (autocast and loss "
+                    f"scaling); select only one. Drop {name!r} and pass mixed_precision='bf16' "
+                    f"or 'fp16' to {mine!r}."
+                )
+        self._reconcile_accumulation(trainer)
+        if self.accelerator is None:
+            self.accelerator = self._create_accelerator()
+        accelerator = self.accelerator
+        import torch
+
+        device = accelerator.device
+        # "cpu:0" and "cpu" are one device, but would not compare equal.
+        trainer.device = torch.device("cpu") if device.type == "cpu" else device
+        trainer.global_rank = accelerator.process_index
+        trainer.world_size = accelerator.num_processes
+
+    def _reconcile_accumulation(self, trainer: Trainer) -> None:
+        steps = self.gradient_accumulation_steps
+        if steps is None:
+            from_env = os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "").strip()
+            steps = int(from_env) if from_env else 1
+        if steps == 1 or trainer.accumulate_grad_batches == steps:
+            return
+        if trainer.accumulate_grad_batches != 1:
+            raise ConfigurationError(
+                f"accelerate: gradient_accumulation_steps={steps} (plugin option or "
+                f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS) conflicts with "
+                f"Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}); set one"
+            )
+        # The core divides the loss and decides when to step; the accelerator is
+        # created with one step per window so that it divides nothing again.
+        trainer.accumulate_grad_batches = steps
+
+    def _create_accelerator(self) -> Accelerator:
+        from accelerate import Accelerator, DataLoaderConfiguration
+        from accelerate.utils import (
+            DistributedDataParallelKwargs,
+            DistributedType,
+            GradientAccumulationPlugin,
+        )
+
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        cpu = self.cpu
+        if cpu is None:
+            # Under torchrun on a machine without a GPU, a plain Accelerator()
+            # gives N independent single-process runs without any error;
+            # cpu=True makes it initialise a gloo process group instead.
+            cpu = launched > 1 and not _has_gpu()
+        kwargs: dict[str, Any] = dict(self.accelerator_kwargs)
+        handlers = list(kwargs.pop("kwargs_handlers", []))
+        if self.find_unused_parameters:
+            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+        accelerator = Accelerator(
+            cpu=cpu,
+            mixed_precision=self.mixed_precision,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
+            # The core steps schedulers once per optimizer step (or epoch), and not
+            # after a skipped step; accelerate would step them once per process.
+            step_scheduler_with_optimizer=False,
+            dataloader_config=DataLoaderConfiguration(
+                split_batches=self.split_batches,
+                # Every process draws the same permutation from (seed, epoch).
+                use_seedable_sampler=True,
+            ),
+            kwargs_handlers=handlers,
+            **kwargs,
+        )
+        if accelerator.num_processes != launched:
+            raise ConfigurationError(
+                f"accelerate: the script was launched as {launched} processes but the "
+                f"Accelerator sees {accelerator.num_processes} "
+                f"(distributed type {accelerator.distributed_type}); the processes would "
+                f"train independently. On a machine without a GPU pass cpu=True (or set "
+                f"ACCELERATE_USE_CPU=1), and {_LAUNCH_HINT}."
+            )
+        silent_fp32 = (
+            accelerator.mixed_precision == "fp16"
+            and not accelerator.native_amp
+            and accelerator.distributed_type
+            not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+        )
+        if silent_fp32:
+            raise ConfigurationError(
+                f"accelerate: mixed_precision='fp16' does not run on {accelerator.device} "
+                f"(accelerate would silently train in float32 there); use 'bf16', or the "
+                f"'amp' plugin without 'accelerate' for fp16 on the CPU"
+            )
+        return accelerator
+
+    # ------------------------------------------------------------------ prepare
+
+    @hookimpl
+    def prepare(self, trainer: Trainer, stage: str) -> None:
+        accelerator = self.accelerator
+        module = trainer.module
+        self._router = _make_router(module)
+        if stage == "fit":
+            self._agree_on_data_seed(trainer)
+            optimizers, schedulers = trainer.optimizers, trainer.lr_schedulers
+            prepared = accelerator.prepare(
+                self._router, *optimizers, *schedulers, trainer.train_dataloader
+            )
+            trainer.model = prepared[0]
+            trainer.optimizers = list(prepared[1 : 1 + len(optimizers)])
+            trainer.lr_schedulers = list(prepared[1 + len(optimizers) : -1])
+            trainer.train_dataloader = prepared[-1]
+        else:
+            trainer.model = accelerator.prepare(self._router)
+        eval_step = _STEP_NAMES["validate" if stage == "fit" else stage]
+        self._own_eval_step = callable(getattr(module, eval_step, None))
+        trainer.eval_dataloaders = self._prepare_eval_loaders(trainer.eval_dataloaders)
+
+    def _prepare_eval_loaders(self, loaders: list[Any]) -> list[Any]:
+        """Shard the evaluation dataloaders.
+
+        Per-sample outputs (a model without its own evaluation step) are gathered
+        with ``gather_for_metrics``, which needs every process to see as many
+        batches: the last ones are padded with repeated samples, which gathering
+        removes again. A model's own evaluation step returns or logs batch means,
+        where repeated samples could not be told apart: its dataloaders are split
+        unevenly instead, and only the end-of-run sums are reduced (once per
+        process, whatever its number of batches).
+        """
+        if not loaders:
+            return []
+        accelerator = self.accelerator
+        accelerator.even_batches = not self._own_eval_step
+        try:
+            prepared = accelerator.prepare(*loaders)
+        finally:
+            accelerator.even_batches = True
+        return list(prepared) if isinstance(prepared, tuple) else [prepared]
+
+    def _agree_on_data_seed(self, trainer: Trainer) -> None:
+        # Without Trainer(seed=...) each process drew its own data seed; rank 0's
+        # wins, or the processes would shuffle differently and overlap.
+        if trainer.world_size == 1:
+            return
+        import torch
+        from accelerate.utils import broadcast
+
+        seed = torch.tensor([trainer.data_seed], dtype=torch.int64, device=trainer.device)
+        trainer.data_seed = int(broadcast(seed, from_process=0).item())
+
+    # ------------------------------------------------------------------ data
+
+    @hookimpl
+    def batch_iterator(
+        self, trainer: Trainer, dataloader: Iterable[Any], stage: str, skip_batches: int
+    ) -> Iterable[Any] | None:
+        from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
+
+        if stage != "train" or not isinstance(dataloader, DataLoaderShard | DataLoaderDispatcher):
+            return None  # the core's default handles evaluation and foreign iterables
+        epoch = trainer.current_epoch
+        _seed_sampler(dataloader, trainer.data_seed)
+        dataloader.set_epoch(epoch)
+        if skip_batches <= 0:
+            return dataloader
+        skipping = self.accelerator.skip_first_batches(dataloader, skip_batches)
+        # The new loader must draw the same epoch's permutation as the original.
+        skipping.set_epoch(epoch)
+        return skipping
+
+    # ------------------------------------------------------------------ compute
+
+    @hookimpl(wrapper=True)
+    def forward_step(self, trainer: Trainer, stage: str) -> Generator[None, Any, Any]:
+        accelerator = self.accelerator
+        if stage != "train":
+            # A model's own evaluation step is called directly, not through DDP
+            # (its dataloaders may give the processes different batch counts, and
+            # DDP's forward can run collectives); the accelerator's autocast is
+            # then applied here. A plain model goes through the prepared model,
+            # already under autocast.
+            context: Any = accelerator.autocast() if self._own_eval_step else _NULL
+            with context:
+                return (yield)
+        set_sync = getattr(accelerator.gradient_state, "_set_sync_gradients", None)
+        if set_sync is not None:
+            set_sync(trainer.sync_gradients)  # so that accelerator.sync_gradients agrees
+        # DDP decides in its forward whether the coming backward all-reduces.
+        context = _NULL if trainer.sync_gradients else accelerator.no_sync(trainer.model)
+        module = trainer.module
+        own_step = getattr(module, "training_step", None)
+        if own_step is None or self._router is None:
+            with context:
+                return (yield)
+        # Route the core's call of module.training_step through the prepared
+        # (DDP) model: module.training_step (shadowed for this call) -> DDP ->
+        # router.forward -> the real training_step.
+        router = self._router
+        object.__setattr__(router, "route", own_step)
+        shadowed = module.__dict__.get("training_step", _MISSING)
+        module.__dict__["training_step"] = trainer.model
+        try:
+            with context:
+                return (yield)
+        finally:
+            object.__setattr__(router, "route", None)
+            if shadowed is _MISSING:
+                del module.__dict__["training_step"]
+            else:
+                module.__dict__["training_step"] = shadowed
+
+    @hookimpl
+    def backward(self, loss: torch.Tensor) -> bool:
+        self.accelerator.backward(loss)
+        return True
+
+    @hookimpl
+    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        # A no-op unless accelerate scales the loss (fp16 on a GPU).
+        self.accelerator.unscale_gradients(optimizer=optimizer)
+
+    @hookimpl
+    def clip_gradients(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+        accelerator = self.accelerator
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        # clip_grad_norm_ unscales every optimizer itself; unscale_gradients
+        # already did it for this one, and a second unscale_ is an error.
+        accelerator.unscale_gradients = _no_unscale  # type: ignore[method-assign]
+        try:
+            return accelerator.clip_grad_norm_(parameters, max_norm)
+        finally:
+            del accelerator.unscale_gradients
+
+    @hookimpl
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        optimizer.step()
+        # An AcceleratedOptimizer knows whether its scaler skipped the step.
+        return not getattr(optimizer, "step_was_skipped", False)
+
+    @hookimpl
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    @hookimpl
+    def gather_for_metrics(self, outputs: Any, targets: Any) -> tuple[Any, Any] | None:
+        if self.accelerator.num_processes == 1:
+            return None
+        gathered = self.accelerator.gather_for_metrics((outputs, targets))
+        return gathered[0], gathered[1]
+
+    @hookimpl
+    def teardown(self) -> None:
+        self._router = None
+
+
+_MISSING = object()
+_NULL = contextlib.nullcontext()
+
+
+def _no_unscale(optimizer: Any = None) -> None:
+    return None
+
+
+def _seed_sampler(dataloader: Any, seed: int) -> None:
+    """Point accelerate's seedable sampler at the run's data seed (restored from a
+    checkpoint on resume), so that an epoch's order depends on (seed, epoch) only."""
+    batch_sampler = getattr(dataloader, "batch_sampler", None)
+    for holder in (batch_sampler, getattr(batch_sampler, "batch_sampler", None)):
+        sampler = getattr(holder, "sampler", None)
+        if sampler is not None and hasattr(sampler, "initial_seed"):
+            sampler.initial_seed = seed

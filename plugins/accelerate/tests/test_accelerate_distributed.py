@@ -1,0 +1,233 @@
+"""hooktrain-accelerate in two real processes on the CPU (gloo), started the way
+users start them: plain ``torchrun`` with no extra environment variable, and
+``accelerate launch``.
+
+Each run executes ``accelerate_worker.py``; every rank writes what it saw. The
+reference is the core alone in this process, with the same global batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hooktrain import Trainer, accuracy
+from hooktrain.testing import make_data, make_model
+from torch import nn
+
+pytestmark = pytest.mark.slow
+
+WORKER = Path(__file__).with_name("accelerate_worker.py")
+PER_RANK_BATCH = 8
+N_TRAIN = 80  # 5 global batches of 16: no padding of training batches
+N_VAL = N_TRAIN // 4  # 20: the last evaluation batches are padded on 2 processes
+
+
+def launch(
+    config: dict[str, Any], out: Path, launcher: str = "torchrun"
+) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"out": str(out), "batch_size": PER_RANK_BATCH, "n": N_TRAIN, **config}
+    if torch.cuda.is_available() and "accelerate" not in config:
+        # These tests are about the CPU (gloo) path; a GPU machine may have fewer
+        # GPUs than processes.
+        config["accelerate"] = {"cpu": True}
+    if launcher == "torchrun":
+        prefix = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    else:
+        prefix = [
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            "0",
+        ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU")
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(
+        [sys.executable, *prefix, str(WORKER), json.dumps(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,  # a guard against a hung collective, not a speed check
+    )
+
+
+def ranks(out: Path, proc: subprocess.CompletedProcess) -> list[dict[str, Any]]:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def single_process(model: nn.Module, **kwargs: Any) -> Trainer:
+    """The core alone, one process, global batch = 2 x the per-rank batch."""
+    trainer = Trainer(
+        plugins=[],
+        seed=0,
+        device="cpu",
+        log_every_n_steps=1,
+        max_epochs=kwargs.pop("max_epochs", 2),
+        **kwargs,
+    )
+    train, val = make_data(n=N_TRAIN, batch_size=2 * PER_RANK_BATCH)
+    if callable(getattr(model, "configure_optimizers", None)):
+        trainer.fit(model, train, val)
+    else:
+        trainer.fit(
+            model,
+            train,
+            val,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+            metrics={"acc": accuracy},
+        )
+    return trainer
+
+
+def assert_weights_close(report: dict[str, Any], model: nn.Module) -> None:
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(
+            torch.tensor(report["weights"][name]), value, rtol=0, atol=1e-6, msg=name
+        )
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> tuple[Path, list[dict[str, Any]]]:
+    """Two processes, a plain model, with the tqdm, TensorBoard and checkpoint
+    plugins each pointed at a per-rank location, so that any write by rank 1
+    would show."""
+    for name in ("hooktrain_tqdm", "hooktrain_tensorboard", "hooktrain_checkpoint"):
+        pytest.importorskip(name)
+    out = tmp_path_factory.mktemp("plain")
+    config = {"tqdm": True, "tensorboard": True, "checkpoint": {"dirpath": "ckpt-rank{rank}"}}
+    return out, ranks(out, launch(config, out))
+
+
+def test_two_processes_train_like_one_with_the_global_batch(plain_run) -> None:
+    _, reports = plain_run
+    reference_model = make_model()
+    reference = single_process(reference_model)
+    for report in reports:
+        assert report["world_size"] == 2
+        assert report["global_step"] == reference.global_step == 10
+        assert_weights_close(report, reference_model)
+        # Metrics are the global ones: equal on both ranks and to one process's.
+        assert report["metrics"] == pytest.approx(reference.metrics.floats(), abs=1e-6)
+        # 20 validation samples per run, twice: the padding was dropped.
+        assert report["gathered_eval_samples"] == 2 * N_VAL
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert reports[0]["weights"] == reports[1]["weights"]
+
+
+def test_only_rank_zero_draws_bars_writes_events_and_checkpoints(plain_run) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, reports = plain_run
+    assert "epoch 2/2" in (out / "bars-rank0.txt").read_text()
+    assert (out / "bars-rank1.txt").read_text() == ""
+    assert sorted(p.name for p in (out / "ckpt-rank0").iterdir()) == [
+        "epoch=1-step=10.ckpt",
+        "last.ckpt",
+    ]
+    assert not (out / "ckpt-rank1").exists() or not any((out / "ckpt-rank1").iterdir())
+    events = list((out / "runs-rank0").rglob("events.out.tfevents.*"))
+    assert len(events) == 1
+    assert not list((out / "runs-rank1").rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(events[0]))
+    accumulator.Reload()
+    logged = {tag: accumulator.Scalars(tag)[-1].value for tag in accumulator.Tags()["scalars"]}
+    assert logged["val/loss"] == pytest.approx(reports[0]["metrics"]["val_loss"], abs=1e-6)
+    assert logged["epoch/loss"] == pytest.approx(reports[0]["metrics"]["loss"], abs=1e-6)
+
+
+def test_exact_resume_mid_epoch_in_two_processes(plain_run, tmp_path) -> None:
+    _, uninterrupted = plain_run
+    checkpoint = {"dirpath": "ckpt"}
+    # Stop after 3 of the first epoch's 5 steps; the checkpoint plugin saves last.
+    ranks(tmp_path, launch({"max_steps": 3, "checkpoint": checkpoint}, tmp_path))
+    resumed_out = tmp_path / "resumed"
+    resumed_out.mkdir()
+    (tmp_path / "ckpt").rename(resumed_out / "ckpt")
+    resumed = ranks(
+        resumed_out, launch({"ckpt_path": "last", "checkpoint": checkpoint}, resumed_out)
+    )
+    for before, after in zip(uninterrupted, resumed, strict=True):
+        assert after["global_step"] == 10
+        assert after["weights"] == before["weights"]  # bit for bit
+        assert after["metrics"] == before["metrics"]
+
+
+class StepModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"loss": F.cross_entropy(self(x), y)}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_own_training_step_with_accumulation_and_clipping_synchronises_once_per_step(
+    tmp_path,
+) -> None:
+    config = {
+        "model": "step",
+        "accumulate_grad_batches": 2,
+        "gradient_clip_val": 0.5,
+        "max_epochs": 1,
+        "count_allreduce": True,
+    }
+    reports = ranks(tmp_path, launch(config, tmp_path))
+    reference_model = StepModel()
+    reference = single_process(
+        reference_model, max_epochs=1, accumulate_grad_batches=2, gradient_clip_val=0.5
+    )
+    for report in reports:
+        # 5 micro-batches in windows of 2, 2, 1: three optimizer steps, and DDP
+        # all-reduced gradients three times (never inside a window: no_sync works).
+        assert report["global_step"] == reference.global_step == 3
+        assert report["gradient_allreduces"] == 3
+        assert_weights_close(report, reference_model)
+        # A model's own validation step: no padded duplicates in val_loss.
+        assert report["metrics"] == pytest.approx(reference.metrics.floats(), abs=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only launch path")
+def test_accelerate_launch_on_the_cpu_trains_distributed_in_bf16(tmp_path) -> None:
+    config = {"max_epochs": 1, "accelerate": {"mixed_precision": "bf16"}}
+    reports = ranks(tmp_path, launch(config, tmp_path, launcher="accelerate"))
+    assert [r["world_size"] for r in reports] == [2, 2]
+    assert reports[0]["weights"] == reports[1]["weights"]
+    assert reports[0]["metrics"] == reports[1]["metrics"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, cpu=False is distributed")
+def test_a_launch_that_would_train_n_independent_copies_is_refused(tmp_path) -> None:
+    # cpu=False forces what a plain Accelerator() does under torchrun on a
+    # machine without a GPU: N processes that each think they are alone.
+    proc = launch({"max_epochs": 1, "accelerate": {"cpu": False}}, tmp_path)
+    assert proc.returncode != 0
+    assert "launched as 2 processes but the Accelerator sees 1" in proc.stderr
+    assert not (tmp_path / "rank0.json").exists()
