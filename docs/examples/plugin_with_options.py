@@ -1,0 +1,66 @@
+"""A plugin class with options, state kept in checkpoints, selected as (class, options)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hooktrain import Trainer, hookimpl
+from hooktrain.testing import make_data, make_model
+
+
+# --8<-- [start:plugin]
+class GradNormMonitor:
+    """Logs the gradient norm every ``every_n_steps`` optimizer steps."""
+
+    name = "grad_norm_monitor"  # the name it is registered under
+
+    def __init__(self, every_n_steps: int = 10) -> None:
+        self.every_n_steps = every_n_steps
+        self.largest = 0.0
+
+    @hookimpl
+    def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        # Called after gradients were unscaled and before clipping: true values.
+        if trainer.global_step % self.every_n_steps:
+            return
+        grads = [
+            p.grad
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        trainer.log("grad_norm", norm)  # a tensor: no device sync here
+        self.largest = max(self.largest, float(norm))
+
+    @hookimpl
+    def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+        checkpoint["plugins"][trainer.plugin_manager.get_name(self)] = {"largest": self.largest}
+
+    @hookimpl
+    def on_load_checkpoint(self, trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
+        state = checkpoint["plugins"].get(trainer.plugin_manager.get_name(self))
+        if state is not None:
+            self.largest = state["largest"]
+
+
+trainer = Trainer(plugins=[(GradNormMonitor, {"every_n_steps": 2})], max_epochs=2)
+# --8<-- [end:plugin]
+
+train_loader, val_loader = make_data()
+trainer.fit(
+    make_model(),
+    train_loader,
+    val_loader,
+    loss_fn=F.cross_entropy,
+    optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+)
+monitor = trainer.plugin_manager.get_plugin("grad_norm_monitor")
+print(
+    f"largest gradient norm: {monitor.largest:.3f}; last logged: {trainer.metrics['grad_norm']:.3f}"
+)
+assert monitor.largest > 0
+assert trainer.dump_checkpoint()["plugins"]["grad_norm_monitor"]["largest"] == monitor.largest
