@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ __all__ = ["TensorBoardLogger"]
 __version__ = "0.1.0"
 
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
+_EPOCH_FLUSH_MIN_S = 1.0
 _SCOPE_TAG = {"step": "train", "epoch": "epoch", "validate": "val", "test": "test"}
 _SCOPE_PREFIX = {"validate": "val_", "test": "test_"}
 
@@ -60,10 +62,11 @@ class TensorBoardLogger:
     :param log_hparams: write the run's hyperparameters when a fresh fit starts.
     :param hparams: more hyperparameters to record with the trainer's settings
         (numbers, strings, booleans; anything else is recorded as its ``str``).
-    :param flush_secs: a background thread writes queued events to disk at least
-        this often, so a crash loses at most this many seconds. Epoch ends,
-        exceptions and teardown flush at once.
-    :param max_queue: events held in memory before a write is forced.
+    :param flush_secs: events are kept in memory and written to disk at least
+        this often (checked whenever values are published), at the end of each
+        epoch (at most once a second), when an exception is raised, and at
+        teardown: a process killed outright loses at most this many seconds.
+    :param max_queue: events the writer thread may hold before a write is forced.
     """
 
     #: Registered under this name when passed as an object (the run's own name is
@@ -117,6 +120,11 @@ class TensorBoardLogger:
 
         self._writer: SummaryWriter | None = None
         self._file_writer: Any = None
+        # Summaries wait here, with their step and wall time, until a flush point:
+        # every event handed to the writer wakes its thread, which then competes
+        # with the training loop for the GIL, so they are handed over in batches.
+        self._pending: list[tuple[Any, int, float]] = []
+        self._flushed_at = 0.0
         #: The version folder this run writes to, once chosen (kept across stages).
         self.run_dir: Path | None = None
         self._resume_dir: str | None = None
@@ -169,6 +177,7 @@ class TensorBoardLogger:
         )
         # Built now so that the purge marker (on resume) leads the new file.
         self._file_writer = self._writer._get_file_writer()
+        self._flushed_at = time.monotonic()
         self._purge_step = None
         return True
 
@@ -229,23 +238,47 @@ class TensorBoardLogger:
             self._lr_step = step
             values.extend(value_cls(tag=tag, simple_value=lr) for tag, lr in _lrs(trainer))
         if values:
-            self._file_writer.add_summary(self._summary_cls(value=values), step)
-        if scope == "epoch":
-            self._writer.flush()
+            self._add(self._summary_cls(value=values), step)
+        # Writing waits for TensorBoard's writer thread; in a run of many short
+        # epochs that wait would cost more than the training, hence at most one
+        # epoch-end write per second.
+        since = time.monotonic() - self._flushed_at
+        if since >= self.flush_secs or (scope == "epoch" and since >= _EPOCH_FLUSH_MIN_S):
+            self._flush()
 
     @hookimpl
     def on_exception(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
+        self._flush()
 
     @hookimpl
     def teardown(self) -> None:
         """Flush and close the writer; a later stage of the same trainer reopens
         the same version folder."""
         if self._writer is not None:
+            self._hand_over()
             self._writer.close()
             self._writer = None
             self._file_writer = None
+
+    # ------------------------------------------------------------------ buffering
+
+    def _add(self, summary: Any, step: int) -> None:
+        # The wall time of the moment of logging, not of the later write.
+        self._pending.append((summary, step, time.time()))
+
+    def _hand_over(self) -> None:
+        """Queue the pending summaries on the writer (its thread writes them)."""
+        pending, self._pending = self._pending, []
+        if self._file_writer is not None:
+            for summary, step, wall_time in pending:
+                self._file_writer.add_summary(summary, step, wall_time)
+
+    def _flush(self) -> None:
+        """Write everything pending to disk now."""
+        if self._writer is not None:
+            self._hand_over()
+            self._writer.flush()
+            self._flushed_at = time.monotonic()
 
     # ------------------------------------------------------------------ helpers
 
@@ -259,7 +292,7 @@ class TensorBoardLogger:
         params.update({key: _hparam_value(value) for key, value in self.extra_hparams.items()})
         experiment, session_start, session_end = hparams(params, {})
         for summary in (experiment, session_start, session_end):
-            self._file_writer.add_summary(summary, trainer.global_step)
+            self._add(summary, trainer.global_step)
 
 
 def _strip(name: str, prefix: str) -> str:

@@ -139,7 +139,13 @@ class ProgressBar:
             return
         from tqdm.auto import tqdm as auto_tqdm
 
-        self._tqdm = auto_tqdm
+        class Bar(auto_tqdm):  # type: ignore[misc, valid-type]
+            # tqdm's monitor thread exists to adjust redraw intervals; the plugin
+            # schedules redraws itself, and starting that thread for every
+            # epoch's bar costs more than all the redraws of a short epoch.
+            monitor_interval = 0
+
+        self._tqdm = Bar
         # A notebook's stderr is no terminal, yet its widget bars are the right thing.
         in_notebook = any(cls.__module__ == "tqdm.notebook" for cls in auto_tqdm.__mro__)
         if self.terminal is not None:
