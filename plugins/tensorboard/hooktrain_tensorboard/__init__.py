@@ -42,6 +42,7 @@ __version__ = "0.1.0"
 
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
 _EPOCH_FLUSH_MIN_S = 1.0
+_EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
 _SCOPE_TAG = {"step": "train", "epoch": "epoch", "validate": "val", "test": "test"}
 _SCOPE_PREFIX = {"validate": "val_", "test": "test_"}
 
@@ -169,6 +170,8 @@ class TensorBoardLogger:
         if self.run_dir is None:
             self.run_dir = self._choose_run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self._resume_dir is not None and self._purge_step is not None:
+            _wait_for_a_later_file_name(self.run_dir)
         self._writer = self._writer_cls(
             log_dir=str(self.run_dir),
             purge_step=self._purge_step,
@@ -293,6 +296,21 @@ class TensorBoardLogger:
         experiment, session_start, session_end = hparams(params, {})
         for summary in (experiment, session_start, session_end):
             self._add(summary, trainer.global_step)
+
+
+def _wait_for_a_later_file_name(run_dir: Path) -> None:
+    """TensorBoard reads a run's files in name order, and a name starts with the
+    second it was created in, then the host, process id and a per-process counter,
+    which do not sort by time. A resumed run's restart marker must be read after
+    the old events, so its file must be created in a later second than theirs."""
+    newest = max(
+        (int(m.group(1)) for entry in os.listdir(run_dir) if (m := _EVENT_FILE.match(entry))),
+        default=None,
+    )
+    if newest is not None:
+        delay = newest + 1 - time.time()
+        if delay > 0:
+            time.sleep(min(delay, 1.0))
 
 
 def _strip(name: str, prefix: str) -> str:

@@ -194,6 +194,37 @@ def test_resume_keeps_the_version_and_writes_no_step_twice(tmp_path: Path) -> No
     assert len(events.PluginTagToContent("hparams")) == 3
 
 
+def test_resumed_file_sorts_after_the_old_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # File names hold the creation second, then a per-process counter that does not
+    # sort as a number ("...10" < "...9"). With the old run's file at counter 9 and
+    # the resumed one at 10, in the same second, TensorBoard would read the restart
+    # marker first and purge nothing, unless the resumed file is made a second later.
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    ckpt = tmp_path / "epoch0.ckpt"
+    with pytest.raises(Exception, match="simulated crash"):
+        run(
+            [("tensorboard", {"log_dir": tmp_path}), SaveAfterEpoch(ckpt, 0), CrashAt(1, 3)],
+            max_epochs=2,
+            log_every_n_steps=1,
+            record=False,
+        )
+    run(
+        [("tensorboard", {"log_dir": tmp_path})],
+        max_epochs=2,
+        log_every_n_steps=1,
+        record=False,
+        fit_kwargs={"ckpt_path": ckpt},
+    )
+    run_dir = tmp_path / "default" / "version_0"
+    names = sorted(os.listdir(run_dir))
+    assert [name.rsplit(".", 1)[-1] for name in names] == ["9", "10"]
+    assert steps(read(run_dir), "train/loss") == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+
+
 def test_resume_without_tensorboard_state_starts_a_new_version(tmp_path: Path) -> None:
     ckpt = tmp_path / "plain.ckpt"
     run([SaveAfterEpoch(ckpt, 0)], max_epochs=1, record=False)
