@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -201,8 +202,28 @@ def test_resumed_file_sorts_after_the_old_ones(
     # sort as a number ("...10" < "...9"). With the old run's file at counter 9 and
     # the resumed one at 10, in the same second, TensorBoard would read the restart
     # marker first and purge nothing, unless the resumed file is made a second later.
+    import hooktrain_tensorboard
     from tensorboard.summary.writer import event_file_writer
 
+    class Clock:
+        """Wall time stopped at the start of a second; only ``sleep`` moves it, so
+        both runs fall in one second unless the plugin waits for the next."""
+
+        def __init__(self) -> None:
+            self.now = float(int(time.time()))
+
+        def time(self) -> float:
+            return self.now
+
+        def sleep(self, seconds: float) -> None:
+            self.now += seconds
+
+        def monotonic(self) -> float:
+            return time.monotonic()
+
+    clock = Clock()
+    monkeypatch.setattr(event_file_writer, "time", clock)
+    monkeypatch.setattr(hooktrain_tensorboard, "time", clock)
     monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
     ckpt = tmp_path / "epoch0.ckpt"
     with pytest.raises(Exception, match="simulated crash"):
@@ -222,6 +243,7 @@ def test_resumed_file_sorts_after_the_old_ones(
     run_dir = tmp_path / "default" / "version_0"
     names = sorted(os.listdir(run_dir))
     assert [name.rsplit(".", 1)[-1] for name in names] == ["9", "10"]
+    assert int(names[1].split(".")[3]) == int(names[0].split(".")[3]) + 1
     assert steps(read(run_dir), "train/loss") == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
