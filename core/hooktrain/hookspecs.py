@@ -13,7 +13,7 @@ Two kinds of hook live here:
   ``None`` (``firstresult``), or surrounds it with a ``wrapper=True`` implementation
   (to run it under ``torch.autocast``, for instance).
 
-Every hook receives the :class:`~hooktrain.Trainer` as the keyword argument
+Every hook receives the `hooktrain.Trainer` as the keyword argument
 ``trainer``; an implementation names only the arguments it needs.
 
 A hook that no plugin implements is never called: the loop checks once, before it
@@ -139,7 +139,7 @@ def load_checkpoint(trainer: Trainer, ckpt_path: str) -> Mapping[str, Any] | Non
     """Called during ``fit(..., ckpt_path=...)`` to read the checkpoint to resume from.
 
     The first implementation that returns a mapping wins; that mapping is what
-    :meth:`~hooktrain.Trainer.dump_checkpoint` once produced, and the trainer restores
+    `hooktrain.Trainer.dump_checkpoint` once produced, and the trainer restores
     it. A plugin returns ``None`` to let the next implementation try. The core's
     default reads a plain file with ``torch.load(..., weights_only=True)``; a
     checkpoint plugin resolves names such as ``"last"`` and checks integrity.
@@ -480,7 +480,7 @@ def gather_for_metrics(trainer: Trainer, outputs: Any, targets: Any) -> tuple[An
 
 @hookspec
 def on_save_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
-    """Called by :meth:`~hooktrain.Trainer.dump_checkpoint` after the core filled in
+    """Called by `hooktrain.Trainer.dump_checkpoint` after the core filled in
     its own state (model, optimizers, schedulers, progress, RNG states, metrics).
 
     A plugin adds its own state under ``checkpoint["plugins"][<its name>]``; keep to
@@ -493,7 +493,7 @@ def on_save_checkpoint(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
 
 @hookspec
 def on_load_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
-    """Called by :meth:`~hooktrain.Trainer.restore_checkpoint` after the core restored
+    """Called by `hooktrain.Trainer.restore_checkpoint` after the core restored
     its own state; a plugin reads back what it stored in ``on_save_checkpoint``."""
 
 

@@ -1,7 +1,7 @@
 """The pluggy markers for the project name ``hooktrain``.
 
-Plugins decorate their hook implementations with :data:`hookimpl`; the core
-declares its hooks with :data:`hookspec`. Kept in a module of their own so that
+Plugins decorate their hook implementations with `hookimpl`; the core
+declares its hooks with `hookspec`. Kept in a module of their own so that
 importing them never imports torch.
 """
 

@@ -10,7 +10,7 @@ A plugin is selected by one of:
   called with the options as keyword arguments.
 
 Only selected plugins are imported. Listing what is installed reads package
-metadata alone (:func:`installed_plugins`), so it stays fast and survives broken
+metadata alone (`installed_plugins`), so it stays fast and survives broken
 plugins.
 """
 

@@ -161,7 +161,7 @@ class HookRecorder:
 
 @dataclass
 class RunResult:
-    """What :func:`run` did."""
+    """What `run` did."""
 
     trainer: Trainer
     model: Any
@@ -186,9 +186,9 @@ def run(
 
     :param plugins: the plugin list, as for ``Trainer(plugins=...)``.
     :param stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
-    :param record: register a :class:`HookRecorder` (after your plugins).
-    :param model: default :func:`make_model`.
-    :param data: ``(train_loader, val_loader)``; default :func:`make_data`.
+    :param record: register a `HookRecorder` (after your plugins).
+    :param model: default `make_model`.
+    :param data: ``(train_loader, val_loader)``; default `make_data`.
     :param fit_kwargs: extra keyword arguments for ``fit`` (``ckpt_path``...).
     :param trainer_kwargs: passed to ``Trainer`` (``device="cpu"`` unless given).
     """
@@ -238,12 +238,12 @@ if pytest is not None:
 
     @pytest.fixture
     def hooktrain_run(tmp_path: Any, monkeypatch: Any) -> Any:
-        """:func:`run`, inside a fresh temporary working directory (so plugins that
+        """`run`, inside a fresh temporary working directory (so plugins that
         write files write them there)."""
         monkeypatch.chdir(tmp_path)
         return run
 
     @pytest.fixture
     def hook_recorder() -> HookRecorder:
-        """A fresh :class:`HookRecorder` to put in a plugin list."""
+        """A fresh `HookRecorder` to put in a plugin list."""
         return HookRecorder()
