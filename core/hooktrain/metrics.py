@@ -100,6 +100,9 @@ class RunningMeans:
         self._pending: dict[str, tuple[list[Any], list[float]]] = {}
         self._sums: dict[str, torch.Tensor | float] = {}
         self._weights: dict[str, float] = {}
+        # Per name: whether every value folded since the last ``fold_finite`` was
+        # finite, as a device-side boolean, so that checking costs no sync per fold.
+        self._finite: dict[str, torch.Tensor] = {}
         #: Names whose values were gathered from every process already.
         self.global_names: set[str] = set()
 
@@ -118,13 +121,26 @@ class RunningMeans:
         entry = self._pending.get(name)
         return entry[0] if entry else []
 
+    def fold_finite(self, name: str) -> torch.Tensor | None:
+        """Fold the pending values of ``name`` and say, as a 0-dim boolean tensor left
+        on the device, whether every tensor value folded since the previous call was
+        finite; ``None`` when there was none. Each value is examined once, however
+        often this is called."""
+        if name in self._pending:
+            self._fold(name)
+        return self._finite.pop(name, None)
+
     def _fold(self, name: str) -> None:
         values, weights = self._pending.pop(name)
         if not values:
             return
-        tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        if len(tensors) == len(values):
-            stacked = torch.stack([v.reshape(()) for v in values]).float()
+        if all(isinstance(v, torch.Tensor) for v in values):
+            # 0-dim values (the loss) are stacked as they are: a reshape per value
+            # would cost more than the stack itself.
+            stacked = torch.stack([v if v.ndim == 0 else v.reshape(()) for v in values]).float()
+            finite = torch.isfinite(stacked).all()
+            seen = self._finite.get(name)
+            self._finite[name] = finite if seen is None else seen & finite
             total: torch.Tensor | float = (
                 stacked * torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
             ).sum()
@@ -171,6 +187,7 @@ class RunningMeans:
         self._pending.clear()
         self._sums.clear()
         self._weights.clear()
+        self._finite.clear()
         self.global_names.clear()
 
     def state_dict(self) -> dict[str, Any]:
