@@ -182,8 +182,14 @@ class ModelCheckpoint:
         self.last_model_path: Path | None = None
         #: True once a SIGTERM stopped the run (after its checkpoint was written).
         self.interrupted = False
-        #: Seconds the training thread spent on each save (copy and hand-off).
+        #: Seconds the training thread spent on each save (building the state,
+        #: copying it, waiting for the previous write, handing it off).
         self.save_costs: list[float] = []
+        #: Of each ``save_costs`` entry, the seconds spent waiting for the previous
+        #: write to finish (non-zero only when saves come faster than writes).
+        self.wait_costs: list[float] = []
+        #: Seconds each write took (serialise, hash, fsync, rename), wherever it ran.
+        self.write_costs: list[float] = []
         self._writer = _BackgroundWriter()
         self._sequence = 0
         self._saved_progress: tuple[Any, ...] | None = None
@@ -350,7 +356,11 @@ class ModelCheckpoint:
             return float(trainer.global_step)
         metrics = trainer.metrics
         if self.monitor not in metrics:
-            if not self._warned_monitor and trainer.is_global_zero:
+            # A validation metric is absent until validation first runs; only when
+            # others of its kind exist is its absence worth a word (a typo, mostly).
+            prefix = "val_" if self.monitor.startswith("val_") else ""
+            kind_exists = any(name.startswith(prefix) for name in metrics)
+            if kind_exists and not self._warned_monitor and trainer.is_global_zero:
                 self._warned_monitor = True
                 import difflib
 
@@ -358,8 +368,8 @@ class ModelCheckpoint:
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 print(
                     f"hooktrain-checkpoint: monitored metric {self.monitor!r} does not exist "
-                    f"yet at epoch {trainer.current_epoch}, step {trainer.global_step}; this "
-                    f"checkpoint is not ranked (last is still saved).{hint} Known metrics: "
+                    f"at epoch {trainer.current_epoch}, step {trainer.global_step}; checkpoints "
+                    f"are not ranked until it does (last is still saved).{hint} Known metrics: "
                     f"{', '.join(sorted(metrics)) or 'none'}",
                     file=sys.stderr,
                 )
@@ -413,6 +423,7 @@ class ModelCheckpoint:
     def _save(self, trainer: Trainer, *, ranked: bool) -> None:
         started = time.perf_counter()
         self._writer.wait()  # one write at a time; surfaces the previous one's error
+        waited = time.perf_counter() - started
         ranked_name: str | None = None
         evicted: list[str] = []
         if ranked and self.save_top_k != 0:
@@ -444,6 +455,7 @@ class ModelCheckpoint:
         paths = [str(target)] + ([str(self.last_path)] if ranked_name and self.save_last else [])
 
         def job() -> None:
+            begun = time.perf_counter()
             storage.write_file(state, target, record)
             if ranked_name is not None and self.save_last:
                 storage.link_or_copy(target, self.last_path)
@@ -451,6 +463,7 @@ class ModelCheckpoint:
             for name in evicted:
                 if name != ranked_name:
                     (self.dirpath / name).unlink(missing_ok=True)
+            self.write_costs.append(time.perf_counter() - begun)
             if self.verbose:
                 print(f"hooktrain-checkpoint: saved {' and '.join(paths)}", file=sys.stderr)
 
@@ -459,6 +472,7 @@ class ModelCheckpoint:
         else:
             job()
         self.save_costs.append(time.perf_counter() - started)
+        self.wait_costs.append(waited)
 
     def _rank(self, name: str, score: float) -> tuple[str | None, list[str]]:
         """Enter ``name`` into the top k if it belongs there: ``(name or None, evicted)``."""
