@@ -39,6 +39,13 @@ def move_to_device(obj: Any, device: torch.device) -> Any:
         return obj if obj.device == device else obj.to(device, non_blocking=True)
     cls = type(obj)
     if cls is tuple or cls is list:
+        # The usual batch, a pair of tensors already in place (pre-batched data, the
+        # CPU), is settled in one pass without a call per item.
+        for item in obj:
+            if not isinstance(item, torch.Tensor) or item.device != device:
+                break
+        else:
+            return obj
         moved = [move_to_device(item, device) for item in obj]
         if all(a is b for a, b in zip(moved, obj, strict=True)):
             return obj
@@ -50,6 +57,31 @@ def move_to_device(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, list | tuple):
         return cls(move_to_device(item, device) for item in obj)
     return obj
+
+
+_MODULE_GETATTR = torch.nn.Module.__getattr__
+
+
+def _user_method(module: Any, name: str) -> Any:
+    """``getattr(module, name, None)``, without its cost for a plain module.
+
+    A name an ``nn.Module`` lacks goes through ``Module.__getattr__``, which builds
+    and raises an AttributeError: a microsecond on every step for a model without
+    ``training_step``. The same places are looked up here without raising.
+    """
+    cls = type(module)
+    if getattr(cls, "__getattr__", None) is not _MODULE_GETATTR:
+        return getattr(module, name, None)  # a wrapper that forwards attributes
+    state = module.__dict__
+    if (
+        name in state
+        or hasattr(cls, name)
+        or name in state.get("_parameters", ())
+        or name in state.get("_buffers", ())
+        or name in state.get("_modules", ())
+    ):
+        return getattr(module, name)
+    return None
 
 
 def unpack_batch(batch: Any) -> tuple[Any, Any]:
@@ -161,7 +193,7 @@ class CoreDefaults:
 
     @hookimpl(trylast=True)
     def forward_step(self, trainer: Trainer, batch: Any, batch_idx: int, stage: str) -> Any:
-        step = getattr(trainer.module, _EVAL_STEP_NAMES[stage], None)
+        step = _user_method(trainer.module, _EVAL_STEP_NAMES[stage])
         if step is not None:
             return step(batch, batch_idx)
         if stage == "predict":
