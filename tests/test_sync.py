@@ -1,0 +1,132 @@
+"""No host-device synchronisation per step: running values stay on the device.
+
+Reading a tensor as a Python value (``.item()``, ``float()``, ``bool()``...) makes
+the host wait for the device. The core and the first-party plugins may do that at
+log intervals, epoch ends and checkpoints, never per step. Every such conversion is
+counted over runs of N and 2N steps with a log interval longer than either: the
+count must not grow with the number of steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+from hooktrain import hookimpl
+from hooktrain.plugins import installed_plugins
+from hooktrain.testing import make_data, run
+
+# Every way a tensor becomes a host value.
+CONVERSIONS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+STEPS = 12
+BATCH = 8
+
+
+def first_party(tmp_path: Any) -> list[Any]:
+    """The first-party plugins that are installed, set up to do the most per step."""
+    wanted: list[Any] = [
+        # Redraw on every batch, and never fall back to reading live values after a
+        # quiet spell (a time-based read would make the count depend on the
+        # machine's speed; it is bounded by time, not by steps).
+        (
+            "tqdm",
+            {
+                "stream": io.StringIO(),
+                "terminal": True,
+                "refresh_interval": 0.0,
+                "stale_after": None,
+            },
+        ),
+        ("tensorboard", {"log_dir": str(tmp_path / "tb")}),
+        (
+            "checkpoint",
+            {"dirpath": str(tmp_path / "ckpt"), "every_n_epochs": 1, "monitor": "val_loss"},
+        ),
+        ("early_stopping", {"monitor": "val_loss", "verbose": False}),
+        ("amp", {"precision": "bf16"}),
+    ]
+    installed = installed_plugins()
+    return [item for item in wanted if item[0] in installed]
+
+
+class ConversionCounter:
+    """Counts, by method name, every tensor-to-host conversion while active."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.counts: Counter[str] = Counter()
+        self.active = False
+        for name in CONVERSIONS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, original))
+
+    def _counting(self, name: str, original: Any) -> Any:
+        @functools.wraps(original)
+        def counted(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                self.counts[name] += 1
+            return original(tensor, *args, **kwargs)
+
+        return counted
+
+    def count_run(self, plugins: list[Any], steps: int) -> Counter[str]:
+        self.counts = Counter()
+        self.active = True
+        try:
+            run(
+                plugins,
+                record=False,
+                max_epochs=2,
+                data=make_data(n=steps * BATCH, batch_size=BATCH),
+                # Longer than any run here: step metrics are never published.
+                log_every_n_steps=10 * steps,
+            )
+        finally:
+            self.active = False
+        return self.counts
+
+
+def _plugin_sets(tmp_path: Any) -> dict[str, list[Any]]:
+    return {"core": [], "first-party": first_party(tmp_path)}
+
+
+@pytest.mark.parametrize("which", ["core", "first-party"])
+def test_conversions_do_not_grow_with_steps(which, tmp_path, monkeypatch):
+    counter = ConversionCounter(monkeypatch)
+    short = counter.count_run(_plugin_sets(tmp_path / "short")[which], STEPS)
+    long = counter.count_run(_plugin_sets(tmp_path / "long")[which], 2 * STEPS)
+    # Two epochs of validation, epoch ends and checkpoints convert something; the
+    # steps themselves convert nothing.
+    assert short == long, (
+        f"tensor-to-host conversions grew with the number of steps: {dict(short)} over "
+        f"{2 * STEPS} steps, {dict(long)} over {4 * STEPS} steps"
+    )
+
+
+def test_first_party_plugins_under_test_are_installed(tmp_path):
+    names = [name for name, _ in first_party(tmp_path)]
+    # The core's own package is always there; report which plugins were covered.
+    assert set(names) <= {"tqdm", "tensorboard", "checkpoint", "early_stopping", "amp"}
+    if not names:
+        pytest.skip("no first-party plugin is installed: only the core was checked")
+
+
+class ReadsLossEveryStep:
+    """What the test must catch: a plugin reading the loss as a float every step."""
+
+    name = "reads_loss"
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        trainer.metrics["loss"]  # Metrics converts the device tensor here
+
+
+def test_the_counter_catches_a_per_step_read(monkeypatch):
+    counter = ConversionCounter(monkeypatch)
+    short = counter.count_run([ReadsLossEveryStep()], STEPS)
+    long = counter.count_run([ReadsLossEveryStep()], 2 * STEPS)
+    assert sum(long.values()) - sum(short.values()) >= 2 * STEPS
