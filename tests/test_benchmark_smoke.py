@@ -1,0 +1,35 @@
+"""The benchmark script still runs (tiny sizes; nothing is asserted about time)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+def test_quick_benchmark_prints_every_section_and_ratio():
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--no-lightning"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for workload in ("mlp", "conv"):
+        assert f"## workload {workload}" in out
+        assert re.search(rf"^ratio {workload} b/a = \d+\.\d{{3}}", out, re.MULTILINE), out
+        # Either measured or skipped with the reason, never silently missing.
+        assert re.search(
+            rf"^ratio {workload} c/a = \d+\.\d{{3}}|c  hooktrain \+ .* skipped: ", out, re.MULTILINE
+        ), out
+    assert "skipped: --no-lightning" in out
+    assert re.search(r"import hooktrain, after torch +\d+\.\d+ s", out)
+    assert re.search(r"`hooktrain plugins` \(whole process\) +\d+\.\d+ s", out)
+    # The listing imports neither torch nor any plugin's heavy dependency.
+    assert "heavy modules imported: []" in out
+    for count in (0, 1, 5):
+        assert re.search(rf"{count} implementation\(s\): +\d+\.\d+ us per call", out)
