@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hooktrain import hookspecs
-from hooktrain.defaults import CoreDefaults
+from hooktrain.defaults import CoreDefaults, _user_method
 from hooktrain.errors import ConfigurationError, HookError, NonFiniteLossError, PluginError
 from hooktrain.instrument import TRACE_ENV, implementation_code, instrument, stderr_tracer
 from hooktrain.metrics import MetricFn, Metrics, RunningMeans
@@ -745,6 +745,16 @@ class Trainer:
         tensor_type = torch.Tensor
         self._active_means = means
         pending_window = False
+        # With only the core's forward_step and a plain module (no training_step), the
+        # loop computes the loss itself: the hook call and the outputs dictionary cost
+        # about 3% of a 0.2 ms step. The dictionary is built only for those who read it.
+        loss_fn = self.loss_fn
+        plain_forward = (
+            getattr(forward, "__func__", None) is CoreDefaults.forward_step
+            and loss_fn is not None
+            and _user_method(self.module, "training_step") is None
+        )
+        keep_outputs = bool(metric_fns) or on_batch_end is not None
 
         batch_idx = skip
         stopped_early = False
@@ -755,7 +765,16 @@ class Trainer:
             sync = accumulate == 1 or (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == total
             self.sync_gradients = sync
             self._batch_size = size = _batch_size(batch)
-            outputs = forward(trainer=trainer, batch=batch, batch_idx=batch_idx, stage="train")
+            if plain_forward and type(batch) in (tuple, list) and len(batch) == 2:
+                inputs, targets = batch
+                predicted = model(inputs)
+                loss = loss_fn(predicted, targets)
+                if keep_outputs or type(loss) is not tensor_type:
+                    outputs = {"loss": loss, "outputs": predicted, "targets": targets}
+                else:
+                    outputs = loss
+            else:
+                outputs = forward(trainer=trainer, batch=batch, batch_idx=batch_idx, stage="train")
             loss = outputs if type(outputs) is tensor_type else _loss_of(outputs)
             if loss.ndim != 0 or not loss.requires_grad:
                 _raise_bad_loss(loss)
