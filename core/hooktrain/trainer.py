@@ -101,16 +101,20 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return len(batch) if batch.ndim else 1
-    if isinstance(batch, tuple | list):
+    # Called every step: the common tuple is tested first, and shape[0] is read
+    # rather than len(), which goes through a Python-level Tensor.__len__.
+    cls = type(batch)
+    if cls is tuple or cls is list or isinstance(batch, tuple | list):
         for item in batch:
             if isinstance(item, torch.Tensor) and item.ndim:
-                return len(item)
+                return item.shape[0]
+        return 1
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.ndim else 1
     if isinstance(batch, Mapping):
         for item in batch.values():
             if isinstance(item, torch.Tensor) and item.ndim:
-                return len(item)
+                return item.shape[0]
     return 1
 
 
