@@ -495,6 +495,36 @@ def report_startup(runs: int) -> None:
     print(f"   Trainer(plugins=[]) construction               {seconds:8.4f} s")
 
 
+def report_profile(workload: Workload) -> None:
+    """The ``profile`` plugin's table for variant c: which plugin costs what."""
+    if _missing_plugins(FIRST_PARTY):
+        print("\n## profile of variant c: skipped, first-party plugins not installed")
+        return
+    from hooktrain import Trainer
+    from hooktrain.profiling import ProfilePlugin
+
+    print(f"\n## profile of variant c on workload {workload.name} (one more, untimed, run)")
+    for _ in range(2):  # the first run warms up
+        workdir = tempfile.mkdtemp(prefix="hooktrain-bench-profile-")
+        profiler = ProfilePlugin(print_report=False)
+        trainer = Trainer(
+            plugins=[*first_party_plugins(workdir), profiler],
+            max_epochs=workload.epochs,
+            device="cpu",
+        )
+        try:
+            with quiet():
+                trainer.fit(
+                    workload.make_model(),
+                    workload.make_data(),
+                    loss_fn=workload.loss_fn,
+                    optimizer=_sgd(workload),
+                )
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(profiler.report.format(limit=14))
+
+
 def report_hook_cost(calls: int) -> None:
     """What one hook call costs the loop with 0, 1 and 5 implementations, measured
     the way the loop calls it (hooks resolved once per stage)."""
@@ -548,6 +578,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="mlp,conv", help="comma-separated: mlp,conv")
     parser.add_argument("--no-lightning", action="store_true", help="skip variants d and e")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also print the profile plugin's table for variant c on the MLP",
+    )
+    parser.add_argument(
         "--clock",
         choices=("wall", "cpu"),
         default="wall",
@@ -585,6 +620,8 @@ def main(argv: list[str] | None = None) -> int:
         time_workload(workload, variants, options.repeats)
         report_workload(workload, variants, options.repeats)
 
+    if options.profile:
+        report_profile(factories["mlp"][0](options.mlp_steps, options.epochs))
     report_startup(runs=1 if options.quick else 7)
     report_hook_cost(calls=2_000 if options.quick else 200_000)
     return 0

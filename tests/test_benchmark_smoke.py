@@ -12,7 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 def test_quick_benchmark_prints_every_section_and_ratio():
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--no-lightning"],
+        [sys.executable, str(SCRIPT), "--quick", "--no-lightning", "--profile"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -27,6 +27,8 @@ def test_quick_benchmark_prints_every_section_and_ratio():
             rf"^ratio {workload} c/a = \d+\.\d{{3}}|c  hooktrain \+ .* skipped: ", out, re.MULTILINE
         ), out
     assert "skipped: --no-lightning" in out
+    # The profile plugin's table for variant c, or why it is missing.
+    assert "hooktrain profile: fit" in out or "profile of variant c: skipped" in out
     assert re.search(r"import hooktrain, after torch +\d+\.\d+ s", out)
     assert re.search(r"`hooktrain plugins` \(whole process\) +\d+\.\d+ s", out)
     # The listing imports neither torch nor any plugin's heavy dependency.
