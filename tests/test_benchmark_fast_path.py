@@ -48,3 +48,44 @@ def test_direct_forward_matches_the_hook(metrics):
     assert direct_metrics == hook_metrics
     if metrics:
         assert "acc" in direct_metrics and "val_acc" in direct_metrics
+
+
+class Publications:
+    name = "publications"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str, dict]] = []
+
+    @hookimpl
+    def log_metrics(self, metrics, step, scope):
+        self.seen.append((step, scope, dict(metrics)))
+
+
+class TouchesEveryBatch:
+    """A per-step hook: its presence sends the loop down the general path."""
+
+    name = "touches"
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        pass
+
+
+@pytest.mark.parametrize("max_steps", [11, None])
+def test_loop_without_per_step_plugins_matches_the_general_loop(max_steps):
+    outcomes = []
+    for extra in ([], [TouchesEveryBatch()]):
+        publications = Publications()
+        train, val = make_data()
+        model = make_model(dropout=0.2)
+        trainer = Trainer(plugins=[publications, *extra], max_epochs=3, max_steps=max_steps,
+                          log_every_n_steps=3, device="cpu", seed=4)
+        trainer.fit(model, train, val, loss_fn=F.cross_entropy,
+                    optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+        outcomes.append((model.state_dict(), publications.seen, trainer.global_step,
+                         trainer.epoch_batches_done, trainer.current_epoch))
+    (state_a, seen_a, *progress_a), (state_b, seen_b, *progress_b) = outcomes
+    for key, value in state_a.items():
+        assert torch.equal(value, state_b[key]), key
+    assert seen_a == seen_b and len(seen_a) > 3
+    assert progress_a == progress_b

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hooktrain import hookspecs
-from hooktrain.defaults import CoreDefaults, _user_method
+from hooktrain.defaults import CoreDefaults, _user_method, move_to_device, unpack_batch
 from hooktrain.errors import ConfigurationError, HookError, NonFiniteLossError, PluginError
 from hooktrain.instrument import TRACE_ENV, implementation_code, instrument, stderr_tracer
 from hooktrain.metrics import MetricFn, Metrics, RunningMeans
@@ -773,9 +773,34 @@ class Trainer:
             and _user_method(self.module, "training_step") is None
         )
         keep_outputs = bool(metric_fns) or on_batch_end is not None
+        core = self._defaults
+        only_the_core_takes_part = (
+            plain_forward
+            and getattr(transfer, "__self__", None) is core
+            and getattr(backward, "__self__", None) is core
+            and getattr(hooks.optimizer_step, "__self__", None) is core
+            and on_batch_start is None
+            and on_before_backward is None
+            and on_after_backward is None
+            and on_batch_end is None
+            and hooks.unscale_gradients is None
+            and hooks.on_before_optimizer_step is None
+            and hooks.on_before_zero_grad is None
+            and accumulate == 1
+            and self.gradient_clip_val is None
+            and not metric_fns
+            and val_every is None
+            and not check_every_step
+            and self.world_size == 1
+            and len(self.optimizers) == 1
+            and not any(entry.interval == "step" for entry in self._schedulers)
+        )
 
         batch_idx = skip
         stopped_early = False
+        if only_the_core_takes_part:
+            batch_idx, stopped_early = self._train_batches_alone(iterable, skip)
+            iterable = ()
         for batch in iterable:
             batch = transfer(trainer=trainer, batch=batch, device=device)
             if on_batch_start is not None:
@@ -869,6 +894,51 @@ class Trainer:
         if hooks.on_train_epoch_end is not None:
             hooks.on_train_epoch_end(trainer=trainer)
         self._publish(epoch_names, "epoch")
+
+    def _train_batches_alone(self, iterable: Iterable[Any], batch_idx: int) -> tuple[int, bool]:
+        """The batches of an epoch when no plugin takes part in a training step.
+
+        It does what the general loop does with the core's defaults (move the batch,
+        forward, loss, backward, step, zero the gradients, keep the loss on the device,
+        publish every ``log_every_n_steps``) without the lookups and calls that would
+        find nobody: with a small model they are a few percent of a step. The test
+        ``tests/test_benchmark_fast_path.py`` holds both loops to identical results.
+
+        :return: the batch index reached, and whether the loop stopped early.
+        """
+        device = self.device
+        model = self.model
+        loss_fn = self.loss_fn
+        optimizer = self.optimizers[0]
+        means = self._train_means
+        metrics = self.metrics
+        log_every = self.log_every_n_steps
+        max_steps = self.max_steps if self.max_steps is not None else -1
+        for batch in iterable:
+            batch = move_to_device(batch, device)
+            inputs, targets = batch if type(batch) is tuple and len(batch) == 2 else (
+                unpack_batch(batch)
+            )
+            self._batch_size = size = _batch_size(batch)
+            loss = loss_fn(model(inputs), targets)
+            if type(loss) is not torch.Tensor or loss.ndim != 0 or not loss.requires_grad:
+                _raise_bad_loss(_loss_of(loss) if not isinstance(loss, torch.Tensor) else loss)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            self.global_step = step = self.global_step + 1
+            detached = loss.detach()
+            means.add("loss", detached, size)
+            metrics.set("loss", detached)
+            batch_idx += 1
+            self.epoch_batches_done = batch_idx
+            if step % log_every == 0:
+                self._check_finite()
+                self._publish({"loss", *self._logged_since_publish}, "step")
+                self._logged_since_publish.clear()
+            if self.should_stop or step == max_steps:
+                return batch_idx, True
+        return batch_idx, False
 
     def _optimizer_step(self) -> None:
         hooks = self._hooks
