@@ -182,9 +182,19 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def write_file(state: Any, path: str | os.PathLike[str], record: Mapping[str, Any]) -> int:
+def write_file(
+    state: Any,
+    path: str | os.PathLike[str],
+    record: Mapping[str, Any],
+    *,
+    sync_directory: bool = True,
+) -> int:
     """Write ``state`` with ``torch.save`` to ``path`` atomically, with ``record``
     and its digest in the archive's comment.
+
+    :param sync_directory: fsync the directory after the rename, so the rename
+        survives a power loss; a caller that renames another file into the same
+        directory right after may leave it to that second rename's fsync.
 
     :return: the size of the file in bytes.
     """
@@ -203,7 +213,8 @@ def write_file(state: Any, path: str | os.PathLike[str], record: Mapping[str, An
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_directory(target.parent)
+    if sync_directory:
+        _fsync_directory(target.parent)
     return writer.size
 
 
