@@ -88,6 +88,9 @@ class Gloo:
     def teardown(self) -> None:
         import torch.distributed as dist
 
+        # Both processes meet first: a gloo process whose peer tears down while its
+        # own background work is in flight aborts at exit (exit code -6).
+        dist.barrier()
         dist.destroy_process_group()
 
 
