@@ -135,15 +135,20 @@ class RunningMeans:
         if not values:
             return
         if all(isinstance(v, torch.Tensor) for v in values):
-            # 0-dim values (the loss) are stacked as they are: a reshape per value
-            # would cost more than the stack itself.
-            stacked = torch.stack([v if v.ndim == 0 else v.reshape(()) for v in values]).float()
-            finite = torch.isfinite(stacked).all()
+            try:
+                # 0-dim values (the loss) stack as they are; looking at each one's
+                # shape first would cost more than the stack itself.
+                stacked = torch.stack(values).reshape(-1).float()
+            except RuntimeError:  # mixed shapes of one element each
+                stacked = torch.stack([v.reshape(()) for v in values]).float()
+            total: torch.Tensor | float = stacked @ torch.tensor(
+                weights, dtype=stacked.dtype, device=stacked.device
+            )
+            # NaN and infinity survive a weighted sum of positive weights, so the sum
+            # tells whether every value was finite.
+            finite = torch.isfinite(total)
             seen = self._finite.get(name)
             self._finite[name] = finite if seen is None else seen & finite
-            total: torch.Tensor | float = (
-                stacked * torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
-            ).sum()
         else:
             total = sum(float(v) * w for v, w in zip(values, weights, strict=True))
         previous = self._sums.get(name)

@@ -796,13 +796,33 @@ class Trainer:
             and not any(entry.interval == "step" for entry in self._schedulers)
         )
 
+        # The core's own transfer and backward are called without keyword plumbing,
+        # and a plain optimizer step (one optimizer, no hook around it) is inlined.
+        move_directly = getattr(transfer, "__self__", None) is core
+        backward_directly = getattr(backward, "__self__", None) is core
+        plain_step = (
+            getattr(hooks.optimizer_step, "__self__", None) is core
+            and hooks.unscale_gradients is None
+            and hooks.on_before_optimizer_step is None
+            and hooks.on_before_zero_grad is None
+            and self.gradient_clip_val is None
+            and len(self.optimizers) == 1
+            and not any(entry.interval == "step" for entry in self._schedulers)
+        )
+        only_optimizer = self.optimizers[0] if plain_step else None
+        max_steps = self.max_steps if self.max_steps is not None else -1
+        distributed = self.world_size > 1
+
         batch_idx = skip
         stopped_early = False
         if only_the_core_takes_part:
             batch_idx, stopped_early = self._train_batches_alone(iterable, skip)
             iterable = ()
         for batch in iterable:
-            batch = transfer(trainer=trainer, batch=batch, device=device)
+            if move_directly:
+                batch = move_to_device(batch, device)
+            else:
+                batch = transfer(trainer=trainer, batch=batch, device=device)
             if on_batch_start is not None:
                 on_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
             sync = accumulate == 1 or (batch_idx + 1) % accumulate == 0 or batch_idx + 1 == total
@@ -831,12 +851,21 @@ class Trainer:
                 loss = loss / accumulate
             if on_before_backward is not None:
                 on_before_backward(trainer=trainer, loss=loss)
-            backward(trainer=trainer, loss=loss)
+            if backward_directly:
+                loss.backward()
+            else:
+                backward(trainer=trainer, loss=loss)
             if on_after_backward is not None:
                 on_after_backward(trainer=trainer)
             pending_window = not sync
             if sync:
-                self._optimizer_step()
+                if only_optimizer is not None:
+                    only_optimizer.step()
+                    only_optimizer.zero_grad(set_to_none=True)
+                    self.last_step_skipped = False
+                    self.global_step += 1
+                else:
+                    self._optimizer_step()
             detached = loss.detach()
             if accumulate > 1:
                 detached = detached * accumulate
@@ -854,9 +883,9 @@ class Trainer:
                 self._check_finite()
                 self._publish({"loss", *self._logged_since_publish}, "step")
                 self._logged_since_publish.clear()
-            if self.world_size > 1:
+            if distributed:
                 self._agree_on_stop()
-            if self.should_stop or self._max_steps_reached():
+            if self.should_stop or self.global_step == max_steps:
                 stopped_early = True
                 break
         self._active_means = None
