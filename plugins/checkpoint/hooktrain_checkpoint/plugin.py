@@ -331,7 +331,8 @@ class ModelCheckpoint:
             and self._progress(trainer) != self._saved_progress
         ):
             self._save(trainer, ranked=False)
-        self._writer.wait()
+        # No wait here: teardown waits, so the last write overlaps the other
+        # plugins' fit end and teardown (closing event files, bars).
 
     @hookimpl
     def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
