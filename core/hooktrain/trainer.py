@@ -838,7 +838,12 @@ class Trainer:
                     outputs = loss
             else:
                 outputs = forward(trainer=trainer, batch=batch, batch_idx=batch_idx, stage="train")
-            loss = outputs if type(outputs) is tensor_type else _loss_of(outputs)
+            if type(outputs) is tensor_type:
+                loss = outputs
+            elif type(outputs) is dict and type(outputs.get("loss")) is tensor_type:
+                loss = outputs["loss"]  # the usual dict, without the Mapping ABC check
+            else:
+                loss = _loss_of(outputs)
             if loss.ndim != 0 or not loss.requires_grad:
                 _raise_bad_loss(loss)
             if check_every_step and not torch.isfinite(loss):
