@@ -8,8 +8,16 @@ defines its steps), with the progress bar, TensorBoard and checkpoint plugins.
 PLUGINS = [
     "tqdm",
     ("tensorboard", {"log_dir": "runs", "name": "convolutional"}),
-    ("checkpoint", {"dirpath": "checkpoints/convolutional", "every_n_epochs": 1,
-                    "monitor": "val_acc", "mode": "max", "save_top_k": 2}),
+    (
+        "checkpoint",
+        {
+            "dirpath": "checkpoints/convolutional",
+            "every_n_epochs": 1,
+            "monitor": "val_acc",
+            "mode": "max",
+            "save_top_k": 2,
+        },
+    ),
 ]
 
 import argparse  # noqa: E402
@@ -33,8 +41,9 @@ class DigitsCNN(nn.Module):
             nn.MaxPool2d(2),  # 8x8 -> 4x4
             nn.Dropout(0.2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(),
-                                        nn.Linear(64, 10))
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, 10)
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(images))

@@ -19,15 +19,19 @@ class FakeDistributions:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def add(self, dist: str, entry_points: dict[str, str], modules: dict[str, str],
-            version: str = "1.0", group: str = "hooktrain") -> None:
+    def add(
+        self,
+        dist: str,
+        entry_points: dict[str, str],
+        modules: dict[str, str],
+        version: str = "1.0",
+        group: str = "hooktrain",
+    ) -> None:
         for module, source in modules.items():
             (self.root / f"{module}.py").write_text(textwrap.dedent(source))
         info = self.root / f"{dist.replace('-', '_')}-{version}.dist-info"
         info.mkdir()
-        (info / "METADATA").write_text(
-            f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n"
-        )
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
         lines = [f"[{group}]"] + [f"{name} = {value}" for name, value in entry_points.items()]
         (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from hooktrain import Trainer, accuracy, hookimpl
 from hooktrain.testing import make_data, make_model
 
@@ -78,12 +79,30 @@ def test_loop_without_per_step_plugins_matches_the_general_loop(max_steps):
         publications = Publications()
         train, val = make_data()
         model = make_model(dropout=0.2)
-        trainer = Trainer(plugins=[publications, *extra], max_epochs=3, max_steps=max_steps,
-                          log_every_n_steps=3, device="cpu", seed=4)
-        trainer.fit(model, train, val, loss_fn=F.cross_entropy,
-                    optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
-        outcomes.append((model.state_dict(), publications.seen, trainer.global_step,
-                         trainer.epoch_batches_done, trainer.current_epoch))
+        trainer = Trainer(
+            plugins=[publications, *extra],
+            max_epochs=3,
+            max_steps=max_steps,
+            log_every_n_steps=3,
+            device="cpu",
+            seed=4,
+        )
+        trainer.fit(
+            model,
+            train,
+            val,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        )
+        outcomes.append(
+            (
+                model.state_dict(),
+                publications.seen,
+                trainer.global_step,
+                trainer.epoch_batches_done,
+                trainer.current_epoch,
+            )
+        )
     (state_a, seen_a, *progress_a), (state_b, seen_b, *progress_b) = outcomes
     for key, value in state_a.items():
         assert torch.equal(value, state_b[key]), key

@@ -31,8 +31,13 @@ def main(argv):
 
 
 def hooktrain_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "hooktrain", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "hooktrain", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 def test_plugins_lists_installed_from_metadata_even_when_one_is_broken(fake_dists):
@@ -55,8 +60,9 @@ def test_plugins_listing_imports_neither_torch_nor_plugins(fake_dists):
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "assert 'brokenmod' not in sys.modules\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -95,8 +101,9 @@ def test_order_with_an_unknown_plugin_fails_with_the_message():
 
 
 def test_subcommands_come_from_entry_points(fake_dists):
-    fake_dists.add("cmd-dist", {"greet": "cmdmod:main"}, {"cmdmod": COMMAND},
-                   group="hooktrain.commands")
+    fake_dists.add(
+        "cmd-dist", {"greet": "cmdmod:main"}, {"cmdmod": COMMAND}, group="hooktrain.commands"
+    )
     result = hooktrain_cli("greet", "a", "b")
     assert result.returncode == 3
     assert "hello from a plugin command ['a', 'b']" in result.stdout
@@ -131,8 +138,9 @@ run([Mine()], max_epochs=1, limit_train_batches=2, record=False)
 
 def test_trace_env_prints_every_hook_call_with_plugin_and_duration():
     env = {**os.environ, "HOOKTRAIN_TRACE": "1"}
-    result = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], capture_output=True, text=True,
-                            env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", TRACE_SCRIPT], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("[hooktrain trace]")]
     epoch_start = [ln for ln in lines if " on_train_epoch_start " in ln]

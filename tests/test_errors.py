@@ -152,16 +152,24 @@ def test_model_without_trainable_parameters():
 
 
 def test_batch_that_cannot_be_unpacked():
-    triples = DataLoader(TensorDataset(torch.randn(8, 8), torch.zeros(8).long(), torch.zeros(8)),
-                         batch_size=4)
-    with pytest.raises(ConfigurationError, match="cannot unpack the batch.*length 3"):
+    triples = DataLoader(
+        TensorDataset(torch.randn(8, 8), torch.zeros(8).long(), torch.zeros(8)), batch_size=4
+    )
+    with pytest.raises(ConfigurationError, match=r"cannot unpack the batch.*length 3"):
         fit(loader=triples)
 
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("max_epochs", 0), ("max_epochs", 1.5), ("max_steps", 0), ("accumulate_grad_batches", 0),
-     ("log_every_n_steps", 0), ("gradient_clip_val", -1.0), ("limit_train_batches", -1)],
+    [
+        ("max_epochs", 0),
+        ("max_epochs", 1.5),
+        ("max_steps", 0),
+        ("accumulate_grad_batches", 0),
+        ("log_every_n_steps", 0),
+        ("gradient_clip_val", -1.0),
+        ("limit_train_batches", -1),
+    ],
 )
 def test_bad_trainer_options(option, value):
     with pytest.raises(ConfigurationError, match=option):
@@ -178,7 +186,7 @@ def test_missing_loss_fn_and_optimizer():
 
 
 def test_not_a_module():
-    with pytest.raises(ConfigurationError, match="torch.nn.Module"):
+    with pytest.raises(ConfigurationError, match=r"torch\.nn\.Module"):
         fit(model=lambda x: x)
 
 
@@ -204,8 +212,9 @@ def test_nan_loss_is_caught_at_the_log_interval_naming_the_step_range():
 
 
 def test_nan_loss_every_step_option_names_the_exact_step():
-    trainer = hooktrain.Trainer(plugins=[], device="cpu", max_epochs=3, log_every_n_steps=50,
-                                check_finite_every_step=True)
+    trainer = hooktrain.Trainer(
+        plugins=[], device="cpu", max_epochs=3, log_every_n_steps=50, check_finite_every_step=True
+    )
     with pytest.raises(NonFiniteLossError, match="batch 6, global step 7"):
         fit(NaNAfter(step=6), trainer=trainer)
 

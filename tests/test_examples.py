@@ -15,7 +15,10 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def run_example(name: str, cwd: Path, *args: str) -> tuple[str, float]:
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / f"{name}.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=900,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     last_line = result.stdout.strip().splitlines()[-1]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from hooktrain import HookError, Trainer, hookimpl, hookspecs
 from hooktrain.testing import HookRecorder, run
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from hooktrain import ConfigurationError, Trainer, hookimpl
 from hooktrain.testing import run
 

@@ -84,8 +84,14 @@ def test_fit_with_validation_calls_every_hook_in_the_documented_order():
 
 
 def test_step_validation_runs_inside_the_batch_before_its_end_hook():
-    result = run(max_epochs=1, limit_train_batches=2, limit_val_batches=1,
-                 val_every_n_steps=1, check_val_every_n_epoch=1, log_every_n_steps=100)
+    result = run(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        val_every_n_steps=1,
+        check_val_every_n_epoch=1,
+        log_every_n_steps=100,
+    )
     names = [c.name for c in result.calls]
     first_end = names.index("on_train_batch_end")
     first_validation = names.index("on_validation_start")
@@ -95,8 +101,9 @@ def test_step_validation_runs_inside_the_batch_before_its_end_hook():
 
 
 def test_accumulation_steps_the_optimizer_once_per_window():
-    result = run(max_epochs=1, limit_train_batches=4, limit_val_batches=1,
-                 accumulate_grad_batches=2)
+    result = run(
+        max_epochs=1, limit_train_batches=4, limit_val_batches=1, accumulate_grad_batches=2
+    )
     names = [c.name for c in result.calls]
     assert names.count("backward") == 4
     assert names.count("optimizer_step") == 2
@@ -109,15 +116,41 @@ def test_accumulation_steps_the_optimizer_once_per_window():
 
 def test_validate_test_and_predict_sequences():
     validate = _described(run(stage="validate", limit_val_batches=1).calls)
-    assert validate == ["setup(stage='validate')", "prepare(stage='validate')", *VALIDATION,
-                        "teardown(stage='validate')"]
+    assert validate == [
+        "setup(stage='validate')",
+        "prepare(stage='validate')",
+        *VALIDATION,
+        "teardown(stage='validate')",
+    ]
     test = [c.name for c in run(stage="test", limit_test_batches=1).calls]
-    assert test == ["setup", "prepare", "on_test_start", "on_test_epoch_start", "batch_iterator",
-                    "transfer_batch_to_device", "on_test_batch_start", "forward_step",
-                    "gather_for_metrics", "on_test_batch_end", "on_test_epoch_end", "on_test_end",
-                    "log_metrics", "teardown"]
+    assert test == [
+        "setup",
+        "prepare",
+        "on_test_start",
+        "on_test_epoch_start",
+        "batch_iterator",
+        "transfer_batch_to_device",
+        "on_test_batch_start",
+        "forward_step",
+        "gather_for_metrics",
+        "on_test_batch_end",
+        "on_test_epoch_end",
+        "on_test_end",
+        "log_metrics",
+        "teardown",
+    ]
     predict = [c.name for c in run(stage="predict", limit_predict_batches=1).calls]
-    assert predict == ["setup", "prepare", "on_predict_start", "on_predict_epoch_start",
-                       "batch_iterator", "transfer_batch_to_device", "on_predict_batch_start",
-                       "forward_step", "on_predict_batch_end", "on_predict_epoch_end",
-                       "on_predict_end", "teardown"]
+    assert predict == [
+        "setup",
+        "prepare",
+        "on_predict_start",
+        "on_predict_epoch_start",
+        "batch_iterator",
+        "transfer_batch_to_device",
+        "on_predict_batch_start",
+        "forward_step",
+        "on_predict_batch_end",
+        "on_predict_epoch_end",
+        "on_predict_end",
+        "teardown",
+    ]

@@ -44,10 +44,15 @@ def test_accumulation_matches_a_larger_batch():
 
     def train(batch_size, accumulate):
         model = make_model(seed=3)
-        trainer = hooktrain.Trainer(plugins=[], device="cpu", max_epochs=1,
-                                    accumulate_grad_batches=accumulate)
-        trainer.fit(model, DataLoader(dataset, batch_size=batch_size), loss_fn=F.cross_entropy,
-                    optimizer=sgd)
+        trainer = hooktrain.Trainer(
+            plugins=[], device="cpu", max_epochs=1, accumulate_grad_batches=accumulate
+        )
+        trainer.fit(
+            model,
+            DataLoader(dataset, batch_size=batch_size),
+            loss_fn=F.cross_entropy,
+            optimizer=sgd,
+        )
         return model, trainer
 
     big, big_trainer = train(16, 1)
@@ -67,8 +72,9 @@ def test_accumulation_steps_at_the_end_of_an_unsized_epoch():
                 yield torch.randn(8, generator=g), torch.tensor(1)
 
     trainer = hooktrain.Trainer(plugins=[], device="cpu", accumulate_grad_batches=2)
-    trainer.fit(make_model(), DataLoader(Stream(), batch_size=1), loss_fn=F.cross_entropy,
-                optimizer=sgd)
+    trainer.fit(
+        make_model(), DataLoader(Stream(), batch_size=1), loss_fn=F.cross_entropy, optimizer=sgd
+    )
     assert trainer.global_step == 3  # windows of 2, 2 and the last 1
 
 
@@ -172,8 +178,9 @@ def test_metrics_are_batch_size_weighted_means():
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=4)
     model = make_model()
     trainer = hooktrain.Trainer(plugins=[], device="cpu")
-    result = trainer.validate(model, loader, loss_fn=F.cross_entropy,
-                              metrics={"acc": hooktrain.accuracy})
+    result = trainer.validate(
+        model, loader, loss_fn=F.cross_entropy, metrics={"acc": hooktrain.accuracy}
+    )
     with torch.no_grad():
         expected = F.cross_entropy(model(inputs), targets).item()
         expected_acc = hooktrain.accuracy(model(inputs), targets).item()
@@ -236,7 +243,9 @@ def test_seed_makes_runs_identical_and_shuffles_per_epoch():
         assert torch.equal(pa, pb)
     assert orders_a == orders_b
     assert orders_a[:8] != orders_a[8:]  # each epoch is shuffled anew
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
+    assert any(
+        not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True)
+    )
 
 
 def test_validation_does_not_change_training():
@@ -244,8 +253,13 @@ def test_validation_does_not_change_training():
         model = make_model(dropout=0.3)
         train_loader, val_loader = make_data()
         trainer = hooktrain.Trainer(plugins=[], device="cpu", max_epochs=2, seed=1)
-        trainer.fit(model, train_loader, val_loader if with_validation else None,
-                    loss_fn=F.cross_entropy, optimizer=sgd)
+        trainer.fit(
+            model,
+            train_loader,
+            val_loader if with_validation else None,
+            loss_fn=F.cross_entropy,
+            optimizer=sgd,
+        )
         return model
 
     for a, b in zip(train(True).parameters(), train(False).parameters(), strict=True):
@@ -285,11 +299,18 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, stop_at):
         return make_model(dropout=0.5), train_loader, val_loader
 
     def fit(model, train_loader, val_loader, plugins, ckpt_path=None):
-        trainer = hooktrain.Trainer(plugins=plugins, device="cpu", max_epochs=3, seed=123,
-                                    accumulate_grad_batches=1)
-        trainer.fit(model, train_loader, val_loader, loss_fn=F.cross_entropy,
-                    optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
-                    metrics={"acc": hooktrain.accuracy}, ckpt_path=ckpt_path)
+        trainer = hooktrain.Trainer(
+            plugins=plugins, device="cpu", max_epochs=3, seed=123, accumulate_grad_batches=1
+        )
+        trainer.fit(
+            model,
+            train_loader,
+            val_loader,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
+            metrics={"acc": hooktrain.accuracy},
+            ckpt_path=ckpt_path,
+        )
         return trainer
 
     reference_model, *loaders = setup()
@@ -311,8 +332,9 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path, stop_at):
     resumed_model, *loaders = setup()
     resumed = fit(resumed_model, *loaders, plugins=[Count()], ckpt_path=path)
     assert len(seen_batches) == 24 - stop_at  # nothing retrained, nothing skipped
-    for a, b in zip(reference_model.state_dict().values(), resumed_model.state_dict().values(),
-                    strict=True):
+    for a, b in zip(
+        reference_model.state_dict().values(), resumed_model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
     ref_opt, res_opt = reference.optimizers[0].state_dict(), resumed.optimizers[0].state_dict()
     for key in ref_opt["state"]:
@@ -387,8 +409,8 @@ def test_resume_from_the_last_batch_of_an_epoch_still_runs_that_epoch_end(tmp_pa
 
     resumed_model, resumed = fit([CountValidation()], ckpt_path=path)
     assert validations == [0, 1, 2]
-    assert resumed.optimizers[0].param_groups[0]["lr"] == reference.optimizers[0].param_groups[0][
-        "lr"
-    ]
+    assert (
+        resumed.optimizers[0].param_groups[0]["lr"] == reference.optimizers[0].param_groups[0]["lr"]
+    )
     for a, b in zip(reference_model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)

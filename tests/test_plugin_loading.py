@@ -131,7 +131,7 @@ def test_unknown_argument_is_refused():
         def on_train_batch_end(self, trainer, loss):
             pass
 
-    with pytest.raises(PluginError, match="BadArgs.*loss"):
+    with pytest.raises(PluginError, match=r"BadArgs.*loss"):
         hooktrain.Trainer(plugins=[BadArgs()])
 
 
@@ -176,16 +176,22 @@ def _order_plugin(name, log, **marks):
 
 def test_implementations_run_in_list_order():
     log = []
-    run([_order_plugin("a", log), _order_plugin("b", log), _order_plugin("c", log)],
-        max_epochs=1, record=False)
+    run(
+        [_order_plugin("a", log), _order_plugin("b", log), _order_plugin("c", log)],
+        max_epochs=1,
+        record=False,
+    )
     assert log == ["a", "b", "c"]
 
 
 def test_tryfirst_and_trylast_override_list_order():
     log = []
     run(
-        [_order_plugin("a", log, trylast=True), _order_plugin("b", log),
-         _order_plugin("c", log, tryfirst=True)],
+        [
+            _order_plugin("a", log, trylast=True),
+            _order_plugin("b", log),
+            _order_plugin("c", log, tryfirst=True),
+        ],
         max_epochs=1,
         record=False,
     )
@@ -245,7 +251,9 @@ def test_plugins_command_shows_call_order(fake_dists):
     fake_dists.add("tagger-dist", {"tagger": "tagmod:Tagger"}, {"tagmod": RECORDING_PLUGIN})
     out = subprocess.run(
         [sys.executable, "-m", "hooktrain", "plugins", "tagger"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("on_fit_start"))
     assert "tagger" in line

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch.nn.functional as F
+
 from hooktrain import hookimpl
 from hooktrain.profiling import ProfilePlugin, ProfileReport
 from hooktrain.testing import make_data, run

@@ -16,6 +16,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 from hooktrain.scaffold import PluginNames, create_plugin, main
 
 

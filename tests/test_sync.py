@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from hooktrain import hookimpl
 from hooktrain.plugins import installed_plugins
 from hooktrain.testing import make_data, run

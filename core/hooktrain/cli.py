@@ -48,7 +48,9 @@ def _implemented_hooks(target: Any) -> list[str]:
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -154,10 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="List installed plugins from package metadata (imports nothing). "
         "Given plugin names, show each hook's implementations in call order.",
     )
-    plugins.add_argument("selection", nargs="*", metavar="PLUGIN",
-                         help="a plugin list to show the call order of")
-    plugins.add_argument("--detail", action="store_true",
-                         help="import each plugin: show its hooks or its load error")
+    plugins.add_argument(
+        "selection", nargs="*", metavar="PLUGIN", help="a plugin list to show the call order of"
+    )
+    plugins.add_argument(
+        "--detail", action="store_true", help="import each plugin: show its hooks or its load error"
+    )
     plugins.add_argument("--hooks", action="store_true", help="list every hook of hooktrain")
     options = parser.parse_args(args)
     if options.command != "plugins":

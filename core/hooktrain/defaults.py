@@ -202,7 +202,11 @@ class CoreDefaults:
         inputs, targets = unpack_batch(batch)
         outputs = trainer.model(inputs)
         if stage == "train":
-            return {"loss": trainer.loss_fn(outputs, targets), "outputs": outputs, "targets": targets}
+            return {
+                "loss": trainer.loss_fn(outputs, targets),
+                "outputs": outputs,
+                "targets": targets,
+            }
         return {"outputs": outputs, "targets": targets}
 
     @hookimpl(trylast=True)
@@ -243,4 +247,3 @@ class CoreDefaults:
                 f"checkpoint {ckpt_path!r} could not be loaded safely "
                 f"(torch.load with weights_only=True): {exc}"
             ) from exc
-

@@ -36,8 +36,9 @@ def _timed_function(function: Callable[..., Any], hook: str, plugin: str, record
     return timed
 
 
-def _timed_wrapper(function: Callable[..., Generator[Any, Any, Any]], hook: str, plugin: str,
-                   record: Recorder):
+def _timed_wrapper(
+    function: Callable[..., Generator[Any, Any, Any]], hook: str, plugin: str, record: Recorder
+):
     """Time a wrapper implementation: the code before its ``yield`` and after it,
     not the implementations it surrounds."""
     clock = time.perf_counter

@@ -24,10 +24,7 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         rows of the same shape as ``outputs``.
     :return: a 0-dim float tensor on the outputs' device.
     """
-    if outputs.ndim == 1:
-        predicted = (outputs > 0).long()
-    else:
-        predicted = outputs.argmax(dim=-1)
+    predicted = (outputs > 0).long() if outputs.ndim == 1 else outputs.argmax(dim=-1)
     if targets.ndim == outputs.ndim and outputs.ndim > 1:
         targets = targets.argmax(dim=-1)
     return (predicted == targets).float().mean()
@@ -174,7 +171,10 @@ class RunningMeans:
             )
             packed = torch.stack(
                 [torch.as_tensor(self._sums[n], dtype=torch.float64, device=device) for n in local]
-                + [torch.tensor(self._weights[n], dtype=torch.float64, device=device) for n in local]
+                + [
+                    torch.tensor(self._weights[n], dtype=torch.float64, device=device)
+                    for n in local
+                ]
             )
             reduced = all_reduce(packed)
             for i, name in enumerate(local):

@@ -124,9 +124,10 @@ def _instantiate(name: str, target: Any, options: Mapping[str, Any] | None) -> A
                 f"plugin {name!r}: cannot be constructed with options {dict(options or {})}: {exc}"
             ) from exc
     if options:
+        kind = "a module" if isinstance(target, types.ModuleType) else "an object"
         raise PluginError(
-            f"plugin {name!r} is {'a module' if isinstance(target, types.ModuleType) else 'an object'}"
-            f", not a class or factory, so it takes no options (got {sorted(options)})"
+            f"plugin {name!r} is {kind}, not a class or factory, so it takes no options "
+            f"(got {sorted(options)})"
         )
     return target
 

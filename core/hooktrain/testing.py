@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 from hooktrain.markers import hookimpl
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
     from torch.utils.data import DataLoader
 
@@ -66,8 +65,9 @@ def make_data(
     )
 
 
-def make_model(features: int = 8, classes: int = 2, hidden: int = 16, dropout: float = 0.0,
-               seed: int = 0) -> nn.Module:
+def make_model(
+    features: int = 8, classes: int = 2, hidden: int = 16, dropout: float = 0.0, seed: int = 0
+) -> nn.Module:
     """A two-layer perceptron, initialised from ``seed``."""
     import torch
     from torch import nn
@@ -129,14 +129,19 @@ class HookRecorder:
 
         # pluggy reads argument names from the signature, so build one that
         # matches the hookspec exactly.
+        keywords = ", ".join(f"{p}={p}" for p in params)
         source = (
             f"def {hook_name}({', '.join(params)}):\n"
-            f"    calls.append(HookCall({hook_name!r}, dict({', '.join(f'{p}={p}' for p in params)}),"
+            f"    calls.append(HookCall({hook_name!r}, dict({keywords}),"
             f" time.perf_counter() - start))\n"
             f"    return (yield)\n"
         )
-        namespace: dict[str, Any] = {"calls": calls, "HookCall": HookCall, "time": time,
-                                     "start": start}
+        namespace: dict[str, Any] = {
+            "calls": calls,
+            "HookCall": HookCall,
+            "time": time,
+            "start": start,
+        }
         exec(compile(source, f"<hooktrain recorder {hook_name}>", "exec"), namespace)
         function = namespace[hook_name]
         return hookimpl(wrapper=True, tryfirst=True)(function)

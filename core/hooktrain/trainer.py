@@ -151,11 +151,13 @@ class _ResolvedHooks:
 
 
 class _Scheduler:
-    __slots__ = ("scheduler", "interval", "frequency", "monitor")
+    __slots__ = ("frequency", "interval", "monitor", "scheduler")
 
     def __init__(self, scheduler: Any, interval: str, frequency: int, monitor: str | None):
         if interval not in ("step", "epoch"):
-            raise ConfigurationError(f"LR scheduler interval must be 'step' or 'epoch', not {interval!r}")
+            raise ConfigurationError(
+                f"LR scheduler interval must be 'step' or 'epoch', not {interval!r}"
+            )
         self.scheduler = scheduler
         self.interval = interval
         self.frequency = frequency
@@ -221,9 +223,12 @@ class Trainer:
             _require_int(name, value, minimum=0, optional=True)
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ConfigurationError(f"gradient_clip_val must be > 0, got {gradient_clip_val!r}")
-        if plugins is not None and (isinstance(plugins, str | bytes) or not isinstance(plugins, Sequence)):
+        if plugins is not None and (
+            isinstance(plugins, str | bytes) or not isinstance(plugins, Sequence)
+        ):
             raise ConfigurationError(
-                f"plugins must be a list (of names, objects or (name, options) pairs), got {plugins!r}"
+                f"plugins must be a list (of names, objects or (name, options) pairs), "
+                f"got {plugins!r}"
             )
 
         self.max_epochs = max_epochs
@@ -486,7 +491,8 @@ class Trainer:
         eval_loaders = self._as_loader_list("val_dataloaders", val_dataloaders)
         if loss_fn is None and not callable(getattr(model, "training_step", None)):
             raise ConfigurationError(
-                "fit() needs loss_fn=... for a model without its own training_step(batch, batch_idx)"
+                "fit() needs loss_fn=... for a model without its own "
+                "training_step(batch, batch_idx)"
             )
         self._begin(model, loss_fn, metrics)
         self.train_dataloader = train_dataloaders
@@ -515,7 +521,9 @@ class Trainer:
         """Run one test pass; return the ``test_*`` metrics."""
         return self._evaluate("test", model, dataloaders, loss_fn, metrics)
 
-    def predict(self, model: nn.Module, dataloaders: Iterable[Any] | Sequence[Iterable[Any]]) -> Any:
+    def predict(
+        self, model: nn.Module, dataloaders: Iterable[Any] | Sequence[Iterable[Any]]
+    ) -> Any:
         """Run the model over ``dataloaders`` without gradients.
 
         :return: the predictions concatenated along the first dimension when every
@@ -633,9 +641,15 @@ class Trainer:
     def _as_loader_list(self, what: str, loaders: Any) -> list[Iterable[Any]]:
         if loaders is None:
             return []
-        if isinstance(loaders, list | tuple) and loaders and all(
-            isinstance(item, Iterable) and not isinstance(item, torch.Tensor) for item in loaders
-        ) and not isinstance(loaders[0], torch.Tensor | tuple):
+        if (
+            isinstance(loaders, list | tuple)
+            and loaders
+            and all(
+                isinstance(item, Iterable) and not isinstance(item, torch.Tensor)
+                for item in loaders
+            )
+            and not isinstance(loaders[0], torch.Tensor | tuple)
+        ):
             result = list(loaders)
         else:
             result = [loaders]
@@ -656,8 +670,8 @@ class Trainer:
         self._pending_rng = None
         self._train_means.reset()
         self._checked_steps_from = 1
-        self.data_seed = self.seed if self.seed is not None else int(
-            torch.randint(0, 2**31 - 1, ()).item()
+        self.data_seed = (
+            self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         )
         self.plugin_manager.hook.prepare(trainer=self, stage="fit")
         if len(self.lr_schedulers) != len(self._schedulers):
@@ -739,8 +753,9 @@ class Trainer:
         limit = self.limits["train"]
         if limit is not None:
             total = limit if total is None else min(total, limit)
-        iterable = hooks.batch_iterator(trainer=trainer, dataloader=loader, stage="train",
-                                        skip_batches=skip)
+        iterable = hooks.batch_iterator(
+            trainer=trainer, dataloader=loader, stage="train", skip_batches=skip
+        )
         if total is not None:
             iterable = itertools.islice(iterable, max(0, total - skip))
         self._apply_pending_rng()  # mid-epoch resume: after the iterator drew its seeds
@@ -910,9 +925,7 @@ class Trainer:
         if self.should_stop and not exhausted:
             return  # stopped mid-epoch: no epoch end, a resume continues this epoch
         self._check_finite()
-        metrics.update_raw(
-            means.compute(self.all_reduce if self.world_size > 1 else None)
-        )
+        metrics.update_raw(means.compute(self.all_reduce if self.world_size > 1 else None))
         epoch_names = means.names()
         if self.eval_dataloaders and (self.current_epoch + 1) % self.check_val_every_n_epoch == 0:
             self._run_validation_in_fit()
@@ -950,8 +963,8 @@ class Trainer:
         max_steps = self.max_steps if self.max_steps is not None else -1
         for batch in iterable:
             batch = move_to_device(batch, device)
-            inputs, targets = batch if type(batch) is tuple and len(batch) == 2 else (
-                unpack_batch(batch)
+            inputs, targets = (
+                batch if type(batch) is tuple and len(batch) == 2 else (unpack_batch(batch))
             )
             self._batch_size = size = _batch_size(batch)
             loss = loss_fn(model(inputs), targets)
@@ -1047,7 +1060,9 @@ class Trainer:
         with torch.no_grad():
             for name, fn in self.metric_fns.items():
                 full = prefix + name
-                value = fn(outputs.detach() if isinstance(outputs, torch.Tensor) else outputs, targets)
+                value = fn(
+                    outputs.detach() if isinstance(outputs, torch.Tensor) else outputs, targets
+                )
                 means.add(full, value, size)
                 self.metrics.set(full, value)
                 if gathered:
@@ -1122,18 +1137,28 @@ class Trainer:
                     for batch_idx, batch in enumerate(iterable):
                         batch = transfer(trainer=self, batch=batch, device=self.device)
                         if on_batch_start is not None:
-                            on_batch_start(trainer=self, batch=batch, batch_idx=batch_idx,
-                                           dataloader_idx=loader_idx)
+                            on_batch_start(
+                                trainer=self,
+                                batch=batch,
+                                batch_idx=batch_idx,
+                                dataloader_idx=loader_idx,
+                            )
                         self._batch_size = _batch_size(batch)
-                        outputs = forward(trainer=self, batch=batch, batch_idx=batch_idx,
-                                          stage=stage)
+                        outputs = forward(
+                            trainer=self, batch=batch, batch_idx=batch_idx, stage=stage
+                        )
                         if stage == "predict":
                             predictions.append(outputs)
                         else:
                             self._accumulate_eval(means, prefix, suffix, outputs, gather)
                         if on_batch_end is not None:
-                            on_batch_end(trainer=self, outputs=outputs, batch=batch,
-                                         batch_idx=batch_idx, dataloader_idx=loader_idx)
+                            on_batch_end(
+                                trainer=self,
+                                outputs=outputs,
+                                batch=batch,
+                                batch_idx=batch_idx,
+                                dataloader_idx=loader_idx,
+                            )
                 results = means.compute(self.all_reduce if self.world_size > 1 else None)
                 self.metrics.update_raw(results)
                 if stage == "predict":
@@ -1299,4 +1324,3 @@ def _parse_optimizer_config(config: Any) -> tuple[list[Any], list[_Scheduler]]:
         f"configure_optimizers() returned {type(config).__name__}; return an optimizer, a "
         f"list of them, ([optimizers], [schedulers]) or a dict with 'optimizer'"
     )
-

@@ -2,13 +2,14 @@
 
 import sys
 
-import hooktrain
 import hooktrain_checkpoint.cli
 import torch
 import torch.nn.functional as F
-from hooktrain.testing import make_data
 from hooktrain_checkpoint import ModelCheckpoint
 from torch import nn
+
+import hooktrain
+from hooktrain.testing import make_data
 
 
 # --8<-- [start:train]

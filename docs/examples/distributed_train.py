@@ -9,9 +9,10 @@
 On a machine without a GPU the launched runs train on the CPU over gloo.
 """
 
-import hooktrain
 import torch
 import torch.nn.functional as F
+
+import hooktrain
 from hooktrain.testing import make_data, make_model
 
 

@@ -1,10 +1,11 @@
 """bf16 autocast on the CPU with the amp plugin, and a look inside the model."""
 
-import hooktrain
 import torch
 import torch.nn.functional as F
-from hooktrain.testing import make_data
 from torch import nn
+
+import hooktrain
+from hooktrain.testing import make_data
 
 
 # --8<-- [start:model]

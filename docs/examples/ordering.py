@@ -4,6 +4,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+
 from hooktrain import Trainer, hookimpl
 from hooktrain.testing import make_data, make_model
 

@@ -2,9 +2,10 @@
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from hooktrain import Trainer
 from hooktrain.testing import make_data
-from torch import nn
 
 
 # --8<-- [start:model]

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
 from hooktrain import Trainer, hookimpl
 from hooktrain.testing import make_data, make_model
 

@@ -1,11 +1,12 @@
 """Getting started: train a small network on scikit-learn's digits (bundled, no download)."""
 
-import hooktrain
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+import hooktrain
 
 # --8<-- [start:data]
 digits = load_digits()

@@ -3,13 +3,14 @@
 Runs in a few seconds on a CPU; writes its event files under ./runs/quickstart/.
 """
 
-import hooktrain
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+import hooktrain
 
 digits = load_digits()
 inputs = torch.tensor(digits.data, dtype=torch.float32) / 16.0

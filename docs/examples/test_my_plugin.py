@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from hooktrain import HookError, Trainer, hookimpl
 from hooktrain.testing import HookRecorder, make_data, make_model, run
 

@@ -44,6 +44,7 @@ from hooktrain.errors import ConfigurationError
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
+
     from hooktrain import Trainer
 
 __all__ = ["Accelerate"]

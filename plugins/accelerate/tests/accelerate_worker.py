@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from hooktrain import Trainer, accuracy, hookimpl
 from hooktrain.testing import make_data, make_model
-from torch import nn
 
 
 class StepModel(nn.Module):

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from hooktrain import Trainer, accuracy
 from hooktrain.testing import make_data, make_model
-from torch import nn
 
 pytestmark = pytest.mark.slow
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.nn.functional as F
+
 from hooktrain import Trainer, hookimpl
 from hooktrain.testing import make_data, make_model
 

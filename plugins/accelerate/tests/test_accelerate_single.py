@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hooktrain_accelerate import Accelerate
+from torch import nn
+
 from hooktrain import ConfigurationError, HookError, Trainer
 from hooktrain.plugins import installed_plugins
 from hooktrain.testing import make_data, make_model, run
-from hooktrain_accelerate import Accelerate
-from torch import nn
 
 
 @pytest.fixture(autouse=True)

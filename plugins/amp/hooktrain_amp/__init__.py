@@ -24,6 +24,7 @@ from hooktrain.errors import ConfigurationError
 
 if TYPE_CHECKING:
     import torch
+
     from hooktrain import Trainer
 
 __all__ = ["PRECISION_OWNER_ATTRIBUTE", "MixedPrecision"]

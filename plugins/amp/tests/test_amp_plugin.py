@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hooktrain_amp import MixedPrecision
+from torch import nn
+
 from hooktrain import ConfigurationError, HookError, Trainer, hookimpl
 from hooktrain.plugins import installed_plugins
 from hooktrain.testing import make_data
-from hooktrain_amp import MixedPrecision
-from torch import nn
 
 
 class DtypeProbe(nn.Module):

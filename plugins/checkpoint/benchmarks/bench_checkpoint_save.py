@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hooktrain import Trainer, hookimpl
 from hooktrain_checkpoint import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from hooktrain import Trainer, hookimpl
 
 
 class StepTimer:

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
 from hooktrain.errors import ConfigurationError
-
 from hooktrain_checkpoint import storage
 
 if TYPE_CHECKING:

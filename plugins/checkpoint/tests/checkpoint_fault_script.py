@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from hooktrain import Trainer, hookimpl
 from hooktrain.testing import make_data
-from torch import nn
 
 
 class Net(nn.Module):

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hooktrain import Trainer
-from hooktrain.testing import make_data, make_model
 from hooktrain_checkpoint import ModelCheckpoint
 from hooktrain_checkpoint.cli import main
+
+from hooktrain import Trainer
+from hooktrain.testing import make_data, make_model
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hooktrain import ConfigurationError, HookError, Trainer, hookimpl
-from hooktrain.testing import HookRecorder, make_data
 from hooktrain_checkpoint import (
     CheckpointWriteError,
     DamagedCheckpointError,
@@ -20,6 +18,9 @@ from hooktrain_checkpoint import (
     read_info,
 )
 from torch import nn
+
+from hooktrain import ConfigurationError, HookError, Trainer, hookimpl
+from hooktrain.testing import HookRecorder, make_data
 
 BATCHES_PER_EPOCH = 8  # make_data(n=128, batch_size=16)
 

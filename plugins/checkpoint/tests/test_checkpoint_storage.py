@@ -14,8 +14,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hooktrain import HookError, Trainer
-from hooktrain.testing import make_data, make_model
 from hooktrain_checkpoint import (
     DamagedCheckpointError,
     ModelCheckpoint,
@@ -25,6 +23,9 @@ from hooktrain_checkpoint import (
     snapshot,
 )
 from hooktrain_checkpoint.storage import link_or_copy, verify, write_file
+
+from hooktrain import HookError, Trainer
+from hooktrain.testing import make_data, make_model
 
 STATE = {
     "model": {"w": torch.arange(12.0).reshape(3, 4), "b": torch.zeros(3)},

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hooktrain_early_stopping import EarlyStopping
+
 from hooktrain import ConfigurationError, HookError, Trainer, hookimpl
 from hooktrain.testing import make_data, make_model, run
-from hooktrain_early_stopping import EarlyStopping
 
 
 class ScriptedScore:

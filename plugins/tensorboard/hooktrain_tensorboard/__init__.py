@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 from hooktrain import hookimpl
 
 if TYPE_CHECKING:
-    from hooktrain.trainer import Trainer
     from torch.utils.tensorboard import SummaryWriter
+
+    from hooktrain.trainer import Trainer
 
 __all__ = ["TensorBoardLogger"]
 __version__ = "0.1.0"

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hooktrain import Trainer, hookimpl
-from hooktrain.plugins import installed_plugins
-from hooktrain.testing import make_data, make_model, run
 from hooktrain_tensorboard import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+
+from hooktrain import Trainer, hookimpl
+from hooktrain.plugins import installed_plugins
+from hooktrain.testing import make_data, make_model, run
 
 # 128 samples in batches of 16: 8 optimizer steps per epoch.
 STEPS_PER_EPOCH = 8

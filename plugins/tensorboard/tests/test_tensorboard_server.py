@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from hooktrain import hookimpl
 from hooktrain.testing import run
 

@@ -35,8 +35,9 @@ from typing import IO, TYPE_CHECKING, Any
 from hooktrain import hookimpl
 
 if TYPE_CHECKING:
-    from hooktrain.trainer import Trainer
     from tqdm import tqdm as Tqdm
+
+    from hooktrain.trainer import Trainer
 
 __all__ = ["ProgressBar"]
 __version__ = "0.1.0"

@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hooktrain_tqdm import ProgressBar
+
 from hooktrain import Trainer, hookimpl
 from hooktrain.plugins import installed_plugins
 from hooktrain.testing import make_data, make_model, run
-from hooktrain_tqdm import ProgressBar
 
 NUMBER = r"-?[\d.]+(?:e[-+]\d+)?"
 SUMMARY = re.compile(
