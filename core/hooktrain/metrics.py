@@ -113,11 +113,6 @@ class RunningMeans:
         if len(values) >= self.fold_every:
             self._fold(name)
 
-    def pending_values(self, name: str) -> list[Any]:
-        """Values of ``name`` added since the last fold (read-only use)."""
-        entry = self._pending.get(name)
-        return entry[0] if entry else []
-
     def fold_finite(self, name: str) -> torch.Tensor | None:
         """Fold the pending values of ``name`` and say, as a 0-dim boolean tensor left
         on the device, whether every tensor value folded since the previous call was
