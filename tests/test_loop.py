@@ -414,3 +414,15 @@ def test_resume_from_the_last_batch_of_an_epoch_still_runs_that_epoch_end(tmp_pa
     )
     for a, b in zip(reference_model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_should_stop_inside_an_accumulation_window_waits_for_its_optimizer_step():
+    class StopAtBatchFour:
+        @hookimpl
+        def on_train_batch_end(self, trainer, batch_idx):
+            if batch_idx == 4:  # the second micro-batch of the second window of three
+                trainer.should_stop = True
+
+    result = run([StopAtBatchFour()], max_epochs=2, accumulate_grad_batches=3, record=False)
+    assert result.trainer.epoch_batches_done == 6
+    assert result.trainer.global_step == 2

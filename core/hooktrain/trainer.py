@@ -278,7 +278,10 @@ class Trainer:
         self.epoch_batches_done = 0
         #: True once every batch of the current epoch was trained.
         self.epoch_complete = False
+        #: Set it to stop training cleanly after the next optimizer step (all processes
+        #: agree on it); a stop in the middle of an epoch skips that epoch's end.
         self.should_stop = False
+        #: Whether the current micro-batch completes a gradient-accumulation window.
         self.sync_gradients = True
         self.last_step_skipped = False
         self.global_rank = 0
@@ -903,11 +906,14 @@ class Trainer:
                 self._check_finite()
                 self._publish({"loss", *self._logged_since_publish}, "step")
                 self._logged_since_publish.clear()
-            if distributed:
-                self._agree_on_stop()
-            if self.should_stop or self.global_step == max_steps:
-                stopped_early = True
-                break
+            # Stop only where an optimizer step just happened: inside an accumulation
+            # window the gradients gathered so far would be lost with the stop.
+            if sync:
+                if distributed:
+                    self._agree_on_stop()
+                if self.should_stop or self.global_step == max_steps:
+                    stopped_early = True
+                    break
         self._active_means = None
 
         if batch_idx == 0 and skip == 0:
