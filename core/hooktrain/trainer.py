@@ -792,28 +792,6 @@ class Trainer:
         )
         keep_outputs = bool(metric_fns) or on_batch_end is not None
         core = self._defaults
-        only_the_core_takes_part = (
-            plain_forward
-            and getattr(transfer, "__self__", None) is core
-            and getattr(backward, "__self__", None) is core
-            and getattr(hooks.optimizer_step, "__self__", None) is core
-            and on_batch_start is None
-            and on_before_backward is None
-            and on_after_backward is None
-            and on_batch_end is None
-            and hooks.unscale_gradients is None
-            and hooks.on_before_optimizer_step is None
-            and hooks.on_before_zero_grad is None
-            and accumulate == 1
-            and self.gradient_clip_val is None
-            and not metric_fns
-            and val_every is None
-            and not check_every_step
-            and self.world_size == 1
-            and len(self.optimizers) == 1
-            and not any(entry.interval == "step" for entry in self._schedulers)
-        )
-
         # The core's own transfer and backward are called without keyword plumbing,
         # and a plain optimizer step (one optimizer, no hook around it) is inlined.
         move_directly = getattr(transfer, "__self__", None) is core
@@ -830,6 +808,21 @@ class Trainer:
         only_optimizer = self.optimizers[0] if plain_step else None
         max_steps = self.max_steps if self.max_steps is not None else -1
         distributed = self.world_size > 1
+        only_the_core_takes_part = (
+            plain_forward
+            and move_directly
+            and backward_directly
+            and plain_step
+            and on_batch_start is None
+            and on_before_backward is None
+            and on_after_backward is None
+            and on_batch_end is None
+            and accumulate == 1
+            and not metric_fns
+            and val_every is None
+            and not check_every_step
+            and not distributed
+        )
 
         batch_idx = skip
         stopped_early = False
@@ -974,8 +967,10 @@ class Trainer:
             )
             self._batch_size = size = _batch_size(batch)
             loss = loss_fn(model(inputs), targets)
-            if type(loss) is not torch.Tensor or loss.ndim != 0 or not loss.requires_grad:
-                _raise_bad_loss(_loss_of(loss) if not isinstance(loss, torch.Tensor) else loss)
+            if type(loss) is not torch.Tensor:
+                loss = _loss_of(loss)  # as the general loop reads it
+            if loss.ndim != 0 or not loss.requires_grad:
+                _raise_bad_loss(loss)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
