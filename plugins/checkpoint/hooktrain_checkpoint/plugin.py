@@ -224,6 +224,8 @@ class ModelCheckpoint:
         self._sigterm = False
         self._previous_handler: Any = None
         self._handler_installed = False
+        self._trainer: Trainer | None = None
+        self._inside_epoch = False
         self._warned_monitor = False
         self._loaded_from: str | None = None
 
@@ -253,11 +255,13 @@ class ModelCheckpoint:
         if stage != "fit":
             return
         self._sigterm = False
+        self._inside_epoch = False
         self.interrupted = False
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
             self._remove_stale_temporaries()
         if self.save_on_sigterm and threading.current_thread() is threading.main_thread():
+            self._trainer = trainer
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._handler_installed = True
 
@@ -273,11 +277,23 @@ class ModelCheckpoint:
                 signal.signal(signal.SIGTERM, self._previous_handler)
                 self._handler_installed = False
                 self._previous_handler = None
+            self._trainer = None
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        # Only a flag: the save happens on the training thread at a batch boundary,
-        # where the state is consistent.
+        # No save here: the handler runs between two bytecodes of the training
+        # thread, anywhere. It asks the core to stop, which the core honours after
+        # an optimizer step (agreed between processes), and on_fit_end saves there.
+        # That needs no hook per step from this plugin.
         self._sigterm = True
+        trainer = self._trainer
+        if trainer is None:
+            return
+        if trainer.world_size <= 1 or self._inside_epoch:
+            trainer.should_stop = True
+        # Else (several processes, outside an epoch's batches): the core reads
+        # should_stop there without agreeing on it first, so setting it on this
+        # process alone would split the processes. The flag is agreed on at the next
+        # epoch start or end, or fit end, whichever comes first.
 
     def _remove_stale_temporaries(self) -> None:
         # Temporaries are named .<name>.<host>.<pid>.<thread>.<n>.tmp; one whose
@@ -298,30 +314,47 @@ class ModelCheckpoint:
     def on_train_batch_end(self, trainer: Trainer) -> None:
         # Gradients of a half-accumulated window are not in a checkpoint, so only
         # a batch that completed an optimizer step is a consistent place to save.
-        if not trainer.sync_gradients:
-            return
         every = self.every_n_train_steps
-        due = every is not None and trainer.global_step % every == 0 and trainer.global_step > 0
-        if self._sigterm_agreed(trainer):
-            self._stop_on_sigterm(trainer)
+        if every is None or not trainer.sync_gradients:
             return
-        if due:
+        if trainer.global_step % every == 0 and trainer.global_step > 0:
             self._save(trainer, ranked=True)
 
     @hookimpl
+    def on_train_epoch_start(self, trainer: Trainer) -> None:
+        if self.save_on_sigterm and trainer.world_size > 1:
+            # From here to the epoch's end the core agrees on should_stop after every
+            # optimizer step, so the handler may set it directly (set first, so a
+            # signal between the two lines is not lost).
+            self._inside_epoch = True
+            if self._sigterm_agreed(trainer):
+                trainer.should_stop = True
+
+    @hookimpl
     def on_train_epoch_end(self, trainer: Trainer) -> None:
+        if self.save_on_sigterm and trainer.world_size > 1:
+            # A signal since the epoch's last optimizer step reached this process
+            # only; agree on it before the core decides whether to go on.
+            self._inside_epoch = False
+            if self._sigterm_agreed(trainer):
+                trainer.should_stop = True
+        # A save that is due happens even when a SIGTERM stops the run after this
+        # epoch; on_fit_end then finds the state saved and only reports.
         every = self.every_n_epochs
-        due = every is not None and (trainer.current_epoch + 1) % every == 0
-        if self._sigterm_agreed(trainer):
-            if due:
-                self._save(trainer, ranked=True)
-            self._stop_on_sigterm(trainer)
-            return
-        if due:
+        if every is not None and (trainer.current_epoch + 1) % every == 0:
             self._save(trainer, ranked=True)
 
     @hookimpl
     def on_fit_end(self, trainer: Trainer) -> None:
+        # Every process reaches fit end once, so agreeing here is a balanced
+        # collective: all of them take the same path below (dump_checkpoint may run
+        # collectives of its own), and only rank 0 writes.
+        if self.save_on_sigterm and trainer.world_size > 1:
+            self._inside_epoch = False
+            self._sigterm_agreed(trainer)
+        if self.save_on_sigterm and self._sigterm:
+            self._stop_on_sigterm(trainer)
+            return
         # The final state is saved too, so that rerunning a finished command with
         # ckpt_path="last" finds nothing left to do.
         if (
@@ -343,18 +376,18 @@ class ModelCheckpoint:
         self._loaded_from = None
 
     def _sigterm_agreed(self, trainer: Trainer) -> bool:
-        if not self.save_on_sigterm:
-            return False
-        if trainer.world_size > 1:
-            # Every process must save and stop at the same batch, or those that
-            # go on wait forever in the next collective.
-            import torch
+        """Whether any process received SIGTERM (a collective: every process calls it
+        at the same point)."""
+        import torch
 
-            flag = torch.tensor([1.0 if self._sigterm else 0.0], device=trainer.device)
-            self._sigterm = bool(trainer.all_reduce(flag).item() > 0)
+        flag = torch.tensor([1.0 if self._sigterm else 0.0], device=trainer.device)
+        self._sigterm = bool(trainer.all_reduce(flag).item() > 0)
         return self._sigterm
 
     def _stop_on_sigterm(self, trainer: Trainer) -> None:
+        # The loop has stopped (after an optimizer step, so no half-accumulated
+        # gradients) or finished: save that state unless it is saved already, and
+        # wait for it, since the scheduler may kill the process soon after.
         if self._progress(trainer) != self._saved_progress:
             self._save(trainer, ranked=False)
         self._writer.wait()

@@ -5,6 +5,7 @@ of top-k and last."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,7 @@ def fit(
     epochs: int = 3,
     accumulate: int = 1,
     model: nn.Module | None = None,
+    loss_fn: Any = F.cross_entropy,
     **options: Any,
 ) -> tuple[Trainer, nn.Module, ModelCheckpoint]:
     options.setdefault("every_n_train_steps", 3)
@@ -84,7 +86,7 @@ def fit(
     )
     model = model if model is not None else Net()
     train, val = make_data(n=128, batch_size=16, seed=2)
-    trainer.fit(model, train, val, loss_fn=F.cross_entropy, ckpt_path=ckpt_path)
+    trainer.fit(model, train, val, loss_fn=loss_fn, ckpt_path=ckpt_path)
     return trainer, model, checkpoint
 
 
@@ -391,6 +393,111 @@ def test_sigterm_handler_is_restored_after_fit(tmp_path: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     fit(tmp_path, epochs=1)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def sigterm_at_step(step: int) -> Any:
+    """A loss function that sends this process SIGTERM while computing the loss of
+    the ``step``-th batch: a signal in the middle of a step, with no plugin hook per
+    step (the core's own batch loop stays in use)."""
+    calls = 0
+
+    def loss_fn(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return F.cross_entropy(predicted, targets)
+
+    return loss_fn
+
+
+EPOCH_WISE = {"every_n_train_steps": None, "every_n_epochs": 1}
+
+
+@pytest.mark.parametrize("step", [5, BATCHES_PER_EPOCH])
+def test_sigterm_stops_after_the_step_saves_and_resumes_exactly(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, step: int, capsys: Any
+) -> None:
+    expected = fit(tmp_path_factory.mktemp("ref"), **EPOCH_WISE)
+    trainer, _, checkpoint = fit(tmp_path, loss_fn=sigterm_at_step(step), **EPOCH_WISE)
+    assert trainer.should_stop and checkpoint.interrupted
+    assert trainer.global_step == step and trainer.current_epoch == 0
+    assert "SIGTERM received; saved" in capsys.readouterr().err
+    record = read_info(tmp_path / "last.ckpt").record
+    assert record["global_step"] == step
+    # At the epoch's last batch the epoch still ends, and its due save happens.
+    at_epoch_end = step == BATCHES_PER_EPOCH
+    assert record["epoch_complete"] is at_epoch_end
+    assert (tmp_path / f"epoch=0-step={step}.ckpt").exists() is at_epoch_end
+    resumed = fit(tmp_path, ckpt_path="last", **EPOCH_WISE)
+    assert not resumed[2].interrupted
+    assert_identical(expected, resumed)
+
+
+class PretendTwoProcesses:
+    """world_size 2 in one process: all_reduce of one process is the identity, so the
+    agreement code runs for real and the sums are this process's values."""
+
+    name = "two"
+
+    def __init__(self) -> None:
+        self.reductions = 0
+
+    @hookimpl
+    def setup(self, trainer: Trainer) -> None:
+        trainer.world_size = 2
+
+    @hookimpl
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.reductions += 1
+        return tensor
+
+
+class SigtermAfterEpochEnd:
+    """Sends SIGTERM in its on_train_epoch_end of the first epoch (after the
+    checkpoint plugin's, which comes first in the list) and notes what the handler
+    did to ``should_stop`` there."""
+
+    name = "sigterm_after_epoch_end"
+
+    def __init__(self) -> None:
+        self.should_stop_after_signal: bool | None = None
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        if self.should_stop_after_signal is None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            self.should_stop_after_signal = trainer.should_stop
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_between_epochs_stops_every_process_on_the_same_path(
+    tmp_path: Path, processes: int
+) -> None:
+    # After an epoch's end the core reads should_stop without agreeing on it, so
+    # with several processes the handler must not set it there on one alone (that
+    # one would stop, the others wait in the next collective). The flag is agreed
+    # on at the next epoch's start instead, and all stop after its first step.
+    signaller = SigtermAfterEpochEnd()
+    extra: list[Any] = [signaller] + ([PretendTwoProcesses()] if processes > 1 else [])
+    trainer, _, checkpoint = fit(tmp_path, *extra, **EPOCH_WISE)
+    assert signaller.should_stop_after_signal is (processes == 1)
+    assert trainer.should_stop and checkpoint.interrupted
+    stopped_at = BATCHES_PER_EPOCH if processes == 1 else BATCHES_PER_EPOCH + 1
+    assert trainer.global_step == stopped_at
+    record = read_info(tmp_path / "last.ckpt").record
+    assert record["global_step"] == stopped_at
+    assert record["epoch_complete"] is (processes == 1)
+
+
+def test_several_processes_agree_on_sigterm_per_epoch_not_per_step(tmp_path: Path) -> None:
+    two = PretendTwoProcesses()
+    trainer, _, _ = fit(tmp_path, two, epochs=2, **EPOCH_WISE)
+    # The core agrees on should_stop once per optimizer step; the plugin adds one
+    # agreement at each epoch's start and end and one at fit end, not one per step.
+    steps, epochs = trainer.global_step, 2
+    epoch_means = two.reductions - steps - 2 * epochs - 1
+    assert 0 <= epoch_means < steps
 
 
 def test_filename_pattern_fills_epoch_step_and_metrics(tmp_path: Path) -> None:
