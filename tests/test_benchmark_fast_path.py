@@ -63,20 +63,65 @@ class Publications:
 
 
 class TouchesEveryBatch:
-    """A per-step hook: its presence sends the loop down the general path."""
+    """A hook inside the step: its presence sends the loop down the general path."""
 
     name = "touches"
 
     @hookimpl
-    def on_train_batch_end(self, trainer):
+    def on_before_backward(self, trainer):
         pass
+
+
+class WatchesBatchEnds:
+    """``on_train_batch_end`` alone keeps the lean loop; it must see what the general
+    loop would show it."""
+
+    name = "watches"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple] = []
+
+    @hookimpl
+    def on_train_batch_end(self, trainer, outputs, batch, batch_idx):
+        self.seen.append(
+            (
+                batch_idx,
+                trainer.global_step,
+                trainer.epoch_batches_done,
+                trainer.sync_gradients,
+                trainer.last_step_skipped,
+                sorted(outputs),
+                outputs["loss"].item(),
+                outputs["outputs"].detach().clone(),
+                outputs["targets"].clone(),
+                batch[0].clone(),
+                trainer.metrics["loss"],
+            )
+        )
+
+
+def _same_views(a: list[tuple], b: list[tuple]) -> bool:
+    if len(a) != len(b):
+        return False
+    for row_a, row_b in zip(a, b, strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            if isinstance(x, torch.Tensor):
+                if not torch.equal(x, y):
+                    return False
+            elif x != y:
+                return False
+    return True
 
 
 @pytest.mark.parametrize("max_steps", [11, None])
 def test_loop_without_per_step_plugins_matches_the_general_loop(max_steps):
     outcomes = []
+    watchers = []
     for extra in ([], [TouchesEveryBatch()]):
         publications = Publications()
+        watcher = WatchesBatchEnds()
+        watchers.append(watcher)
+        extra = [*extra, watcher]
         train, val = make_data()
         model = make_model(dropout=0.2)
         trainer = Trainer(
@@ -108,3 +153,27 @@ def test_loop_without_per_step_plugins_matches_the_general_loop(max_steps):
         assert torch.equal(value, state_b[key]), key
     assert seen_a == seen_b and len(seen_a) > 3
     assert progress_a == progress_b
+    lean, general = watchers
+    assert len(lean.seen) == progress_a[0]
+    assert _same_views(lean.seen, general.seen)
+
+
+def test_only_a_batch_end_watcher_keeps_the_lean_loop(monkeypatch):
+    taken = []
+    original = Trainer._train_batches_alone
+
+    def spy(self, *args):
+        taken.append(self.current_epoch)
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_train_batches_alone", spy)
+    for plugins, lean in (([WatchesBatchEnds()], True), ([TouchesEveryBatch()], False)):
+        taken.clear()
+        train, _ = make_data()
+        Trainer(plugins=plugins, max_epochs=2, device="cpu").fit(
+            make_model(),
+            train,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        )
+        assert taken == ([0, 1] if lean else [])
