@@ -52,6 +52,7 @@ _EOCD_SIZE = 22  # the end-of-central-directory record without its comment
 _MAX_COMMENT = 0xFFFF
 _DIGEST_PLACEHOLDER = "0" * 64
 _CHUNK = 8 << 20
+_BUFFER = 1 << 20  # writes of torch.save smaller than this are gathered (see _HashingWriter)
 _temp_counter = itertools.count()
 
 
@@ -115,12 +116,19 @@ class CheckpointInfo:
 class _HashingWriter:
     """A file-like sink for ``torch.save`` that hashes what passes through and holds
     back the last bytes, which are the zip archive's end record, so that the
-    comment length in it can be set before it is written."""
+    comment length in it can be set before it is written.
+
+    ``torch.save`` writes in many small pieces (zip headers, record names: dozens
+    per tensor), and handing each to the hash and the file one by one cost more
+    than the pickling itself for a small model. Pieces under ``_BUFFER`` bytes are
+    gathered first and hashed and written together; larger ones (the data of big
+    tensors) go through without being copied.
+    """
 
     def __init__(self, file: Any) -> None:
         self._file = file
         self._hash = hashlib.sha256()
-        self._tail = b""
+        self._pending = bytearray()
         self.size = 0
 
     def _emit(self, data: Any) -> None:
@@ -129,17 +137,26 @@ class _HashingWriter:
             self._file.write(data)
             self.size += len(data)
 
+    def _drain(self, keep: int) -> None:
+        """Emit what is pending except its last ``keep`` bytes."""
+        pending = self._pending
+        cut = len(pending) - keep
+        if cut > 0:
+            with memoryview(pending) as view, view[:cut] as head:
+                self._emit(head)
+            del pending[:cut]
+
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         count = len(view)
-        if count >= _EOCD_SIZE:
-            self._emit(self._tail)
-            self._emit(view[:-_EOCD_SIZE])
-            self._tail = bytes(view[-_EOCD_SIZE:])
+        if count < _BUFFER:
+            self._pending += view
+            if len(self._pending) >= _BUFFER:
+                self._drain(keep=_EOCD_SIZE)
         else:
-            joined = self._tail + bytes(view)
-            self._emit(joined[:-_EOCD_SIZE])
-            self._tail = joined[-_EOCD_SIZE:]
+            self._drain(keep=0)  # all of it comes before these bytes
+            self._emit(view[:-_EOCD_SIZE])
+            self._pending += view[-_EOCD_SIZE:]
         return count
 
     def flush(self) -> None:
@@ -147,7 +164,8 @@ class _HashingWriter:
 
     def finish(self, record: Mapping[str, Any]) -> None:
         """Write the end record with ``record`` (plus the digest) as its comment."""
-        tail = self._tail
+        self._drain(keep=_EOCD_SIZE)
+        tail = bytes(self._pending)
         if len(tail) != _EOCD_SIZE or tail[:4] != _EOCD_SIGNATURE or tail[20:22] != b"\0\0":
             raise RuntimeError("torch.save did not end with a zip end record; format changed?")
         # The digest covers the comment length, so the record's length must be known
