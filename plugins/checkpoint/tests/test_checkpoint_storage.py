@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import signal
 import subprocess
 import sys
@@ -49,6 +50,29 @@ def test_a_checkpoint_is_a_plain_zip_with_a_verified_record(tmp_path: Path) -> N
     loaded, verified = load_file(path)
     assert verified is not None and loaded["rng"]["python"]["state"] == list(range(625))
     assert not [p for p in tmp_path.iterdir() if p.name != "a.ckpt"]  # no temporaries left
+
+
+@pytest.mark.parametrize("big_last", [False, True])
+def test_small_and_large_writes_make_the_same_verified_file(tmp_path: Path, big_last: bool) -> None:
+    # Pieces under a MiB are gathered before hashing and writing, bigger ones go
+    # straight through; a file mixing both (a big tensor in the middle of the
+    # archive or as its last record) must verify and load exactly.
+    big = torch.arange(600_000, dtype=torch.float32)  # 2.4 MB: one write of its own
+    state = {**STATE, "model": {**STATE["model"], "big": big}}
+    if big_last:
+        state["zz"] = torch.arange(400_000, dtype=torch.int64)
+    path = tmp_path / "big.ckpt"
+    size = write_file(state, path, RECORD)
+    assert path.stat().st_size == size > big.nbytes
+    loaded, info = load_file(path, require_record=True)
+    assert info is not None and torch.equal(loaded["model"]["big"], big)
+    if big_last:
+        assert torch.equal(loaded["zz"], state["zz"])
+    # The same bytes as torch.save into memory, apart from the comment and its length.
+    plain = io.BytesIO()
+    torch.save(state, plain)
+    comment_length = len(zipfile.ZipFile(path).comment)
+    assert path.read_bytes()[: -comment_length - 2] == plain.getvalue()[:-2]
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.1, 0.5, 0.99])
