@@ -1,4 +1,4 @@
-"""TensorBoard event files for hooktrain, written with ``torch.utils.tensorboard``.
+"""TensorBoard event files for hooktrain.
 
 Each run writes to ``<log_dir>/<name>/version_<n>``: a fresh run takes the next
 free ``n``; a run resumed from a checkpoint goes on writing in the version it
@@ -18,8 +18,9 @@ What is written, all against ``trainer.global_step``:
 * the run's hyperparameters (the trainer's settings, the plugin list, and any
   ``hparams`` given here), in the HPARAMS tab of the same run.
 
-Nothing here imports ``tensorboard`` until the plugin is constructed, and only
-the global-zero process writes.
+The plugin writes the event files itself (:mod:`._event_file`), from the training
+thread, at its flush points: no writer thread. Nothing here imports ``tensorboard``
+until the plugin is constructed, and only the global-zero process writes.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ from typing import TYPE_CHECKING, Any
 from hooktrain import hookimpl
 
 if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
-
     from hooktrain.trainer import Trainer
+
+    from ._event_file import EventFile
 
 __all__ = ["TensorBoardLogger"]
 __version__ = "0.1.0"
@@ -68,7 +69,7 @@ class TensorBoardLogger:
         this often (checked whenever values are published), at the end of each
         epoch (at most once a second), when an exception is raised, and at
         teardown: a process killed outright loses at most this many seconds.
-    :param max_queue: events the writer thread may hold before a write is forced.
+    :param max_queue: events kept in memory before a write is forced.
     """
 
     #: Registered under this name when passed as an object (the run's own name is
@@ -100,16 +101,15 @@ class TensorBoardLogger:
             raise ValueError(f"flush_secs must be > 0, got {flush_secs!r}")
         try:
             # Imported here, not at module level: selecting the plugin is what
-            # pays for TensorBoard (about a quarter of a second).
-            from tensorboard.compat.proto.summary_pb2 import Summary
-            from torch.utils.tensorboard import SummaryWriter
+            # pays for TensorBoard's protocol buffers (about 15 ms; the writer
+            # of torch.utils.tensorboard, not used, took about 0.18 s).
+            from . import _event_file
         except ImportError as exc:
             raise ImportError(
                 "the hooktrain 'tensorboard' plugin needs the 'tensorboard' package: "
                 "pip install tensorboard"
             ) from exc
-        self._summary_cls = Summary
-        self._writer_cls = SummaryWriter
+        self._event_file_cls = _event_file.EventFile
         self.log_dir = Path(log_dir)
         self.run_name = name
         self.version = version
@@ -120,18 +120,16 @@ class TensorBoardLogger:
         self.flush_secs = flush_secs
         self.max_queue = max_queue
 
-        self._writer: SummaryWriter | None = None
-        self._file_writer: Any = None
-        # Summaries wait here, with their step and wall time, until a flush point:
-        # every event handed to the writer wakes its thread, which then competes
-        # with the training loop for the GIL, so they are handed over in batches.
-        self._pending: list[tuple[Any, int, float]] = []
+        # Events wait in the file object's memory until a flush point.
+        self._file: EventFile | None = None
         self._flushed_at = 0.0
         #: The version folder this run writes to, once chosen (kept across stages).
         self.run_dir: Path | None = None
         self._resume_dir: str | None = None
         self._purge_step: int | None = None
         self._lr_step = -1
+        # The tag of each published name, per scope.
+        self._tags: dict[str, dict[str, str]] = {}
 
     # ------------------------------------------------------------------ the run folder
 
@@ -163,8 +161,8 @@ class TensorBoardLogger:
             return candidate
 
     def _open(self, trainer: Trainer) -> bool:
-        """Open the writer on the global-zero process; ``False`` elsewhere."""
-        if self._writer is not None:
+        """Open the event file on the global-zero process; ``False`` elsewhere."""
+        if self._file is not None:
             return True
         if not trainer.is_global_zero:
             return False
@@ -173,14 +171,8 @@ class TensorBoardLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self._resume_dir is not None and self._purge_step is not None:
             _wait_for_a_later_file_name(self.run_dir)
-        self._writer = self._writer_cls(
-            log_dir=str(self.run_dir),
-            purge_step=self._purge_step,
-            max_queue=self.max_queue,
-            flush_secs=self.flush_secs,
-        )
-        # Built now so that the purge marker (on resume) leads the new file.
-        self._file_writer = self._writer._get_file_writer()
+        # The restart marker (purge step) leads the new file.
+        self._file = self._event_file_cls(self.run_dir, purge_step=self._purge_step)
         self._flushed_at = time.monotonic()
         self._purge_step = None
         return True
@@ -231,23 +223,31 @@ class TensorBoardLogger:
             return
         if not self._open(trainer):
             return
-        group = _SCOPE_TAG.get(scope, scope)
-        prefix = _SCOPE_PREFIX.get(scope, "")
-        value_cls = self._summary_cls.Value
-        values = [
-            value_cls(tag=f"{group}/{_strip(name, prefix)}", simple_value=float(value))
-            for name, value in metrics.items()
-        ]
+        tags = self._tags.get(scope)
+        if tags is None:
+            tags = self._tags[scope] = {}
+        values = []
+        for name, value in metrics.items():
+            tag = tags.get(name)
+            if tag is None:
+                tag = tags[name] = _tag(scope, name)
+            values.append((tag, float(value)))
         if self.log_lr and scope in ("step", "epoch") and step != self._lr_step:
             self._lr_step = step
-            values.extend(value_cls(tag=tag, simple_value=lr) for tag, lr in _lrs(trainer))
+            values.extend(_lrs(trainer))
+        file = self._file
         if values:
-            self._add(self._summary_cls(value=values), step)
-        # Writing waits for TensorBoard's writer thread; in a run of many short
-        # epochs that wait would cost more than the training, hence at most one
-        # epoch-end write per second.
+            # Kept as plain values with the wall time of the moment of logging;
+            # made into an event at the next write.
+            file.add_scalars(time.time(), step, values)
+        # A write is one system call; at most one epoch-end write a second keeps a
+        # run of many tiny epochs from paying one per epoch.
         since = time.monotonic() - self._flushed_at
-        if since >= self.flush_secs or (scope == "epoch" and since >= _EPOCH_FLUSH_MIN_S):
+        if (
+            since >= self.flush_secs
+            or (scope == "epoch" and since >= _EPOCH_FLUSH_MIN_S)
+            or file.pending >= self.max_queue
+        ):
             self._flush()
 
     @hookimpl
@@ -256,32 +256,16 @@ class TensorBoardLogger:
 
     @hookimpl
     def teardown(self) -> None:
-        """Flush and close the writer; a later stage of the same trainer reopens
-        the same version folder."""
-        if self._writer is not None:
-            self._hand_over()
-            self._writer.close()
-            self._writer = None
-            self._file_writer = None
-
-    # ------------------------------------------------------------------ buffering
-
-    def _add(self, summary: Any, step: int) -> None:
-        # The wall time of the moment of logging, not of the later write.
-        self._pending.append((summary, step, time.time()))
-
-    def _hand_over(self) -> None:
-        """Queue the pending summaries on the writer (its thread writes them)."""
-        pending, self._pending = self._pending, []
-        if self._file_writer is not None:
-            for summary, step, wall_time in pending:
-                self._file_writer.add_summary(summary, step, wall_time)
+        """Write what is pending and close the file; a later stage of the same
+        trainer opens a new file in the same version folder."""
+        if self._file is not None:
+            file, self._file = self._file, None
+            file.close()
 
     def _flush(self) -> None:
         """Write everything pending to disk now."""
-        if self._writer is not None:
-            self._hand_over()
-            self._writer.flush()
+        if self._file is not None:
+            self._file.write()
             self._flushed_at = time.monotonic()
 
     # ------------------------------------------------------------------ helpers
@@ -290,13 +274,51 @@ class TensorBoardLogger:
         return trainer.plugin_manager.get_name(self) or self.name
 
     def _write_hparams(self, trainer: Trainer) -> None:
-        from torch.utils.tensorboard.summary import hparams
-
         params = {key: _hparam_value(value) for key, value in trainer.hparams.items()}
         params.update({key: _hparam_value(value) for key, value in self.extra_hparams.items()})
-        experiment, session_start, session_end = hparams(params, {})
-        for summary in (experiment, session_start, session_end):
-            self._add(summary, trainer.global_step)
+        wall_time = time.time()
+        for event in _hparams_events(params, trainer.global_step, wall_time):
+            self._file.add(event)
+
+
+def _hparams_events(
+    params: Mapping[str, bool | int | float | str], step: int, wall_time: float
+) -> list[Any]:
+    """The three events of TensorBoard's hparams plugin: the experiment (which
+    hyperparameters exist), the session's start (their values) and its end."""
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    experiment = api_pb2.Experiment()
+    start = plugin_data_pb2.SessionStartInfo()
+    for key, value in params.items():
+        # Booleans are numbers here (0 and 1), as torch.utils.tensorboard writes them.
+        if isinstance(value, str):
+            start.hparams[key].string_value = value
+            kind = api_pb2.DATA_TYPE_STRING
+        else:
+            start.hparams[key].number_value = value
+            kind = api_pb2.DATA_TYPE_FLOAT64
+        experiment.hparam_infos.add(name=key, type=kind)
+    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
+    events = []
+    for tag, data in (
+        ("_hparams_/experiment", plugin_data_pb2.HParamsPluginData(experiment=experiment)),
+        (
+            "_hparams_/session_start_info",
+            plugin_data_pb2.HParamsPluginData(session_start_info=start),
+        ),
+        ("_hparams_/session_end_info", plugin_data_pb2.HParamsPluginData(session_end_info=end)),
+    ):
+        metadata = SummaryMetadata(
+            plugin_data=SummaryMetadata.PluginData(
+                plugin_name="hparams", content=data.SerializeToString()
+            )
+        )
+        summary = Summary(value=[Summary.Value(tag=tag, metadata=metadata)])
+        events.append(Event(wall_time=wall_time, step=step, summary=summary))
+    return events
 
 
 def _wait_for_a_later_file_name(run_dir: Path) -> None:
@@ -314,8 +336,12 @@ def _wait_for_a_later_file_name(run_dir: Path) -> None:
             time.sleep(min(delay, 1.0))
 
 
-def _strip(name: str, prefix: str) -> str:
-    return name[len(prefix) :] if prefix and name.startswith(prefix) else name
+def _tag(scope: str, name: str) -> str:
+    """``val_acc`` published after a validation is written as ``val/acc``."""
+    prefix = _SCOPE_PREFIX.get(scope, "")
+    if prefix and name.startswith(prefix):
+        name = name[len(prefix) :]
+    return f"{_SCOPE_TAG.get(scope, scope)}/{name}"
 
 
 def _lrs(trainer: Trainer) -> list[tuple[str, float]]:

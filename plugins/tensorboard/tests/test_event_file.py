@@ -1,9 +1,15 @@
-"""The plugin's own event-file writer: its records, read back by TensorBoard."""
+"""The plugin's own event-file writer: its records, read back by TensorBoard, and
+what reaches the disk when."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+
+from hooktrain import hookimpl
+from hooktrain.testing import run
 
 
 def read(run_dir: Path) -> EventAccumulator:
@@ -112,3 +121,125 @@ def test_two_files_of_one_second_get_different_names(
     file.close()
     assert file.path.name.endswith(".6")
     assert (tmp_path / taken).read_bytes() == b"not ours"
+
+
+class ThreadWatch:
+    """Records the threads alive while the trainer publishes values."""
+
+    name = "threads"
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    @hookimpl
+    def log_metrics(self) -> None:
+        self.seen.update(thread.name for thread in threading.enumerate())
+
+
+def test_no_writer_thread(tmp_path: Path) -> None:
+    before = {thread.name for thread in threading.enumerate()}
+    watch = ThreadWatch()
+    run([("tensorboard", {"log_dir": tmp_path}), watch], max_epochs=2, record=False)
+    assert watch.seen and watch.seen <= before
+
+
+def test_max_queue_forces_a_write(tmp_path: Path) -> None:
+    from hooktrain_tensorboard import TensorBoardLogger
+
+    class Size:
+        name = "size"
+
+        def __init__(self, logger: TensorBoardLogger) -> None:
+            self.logger, self.pending = logger, []
+
+        @hookimpl(trylast=True)
+        def log_metrics(self, scope: str) -> None:
+            if scope == "step":
+                self.pending.append(self.logger._file.pending)
+
+    logger = TensorBoardLogger(tmp_path, flush_secs=3600, max_queue=4, log_hparams=False)
+    size = Size(logger)
+    run([logger, size], max_epochs=1, log_every_n_steps=1, record=False)
+    # 8 steps: never more than max_queue - 1 events wait.
+    assert len(size.pending) == 8
+    assert max(size.pending) == 3
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    import hooktrain_tensorboard
+    from hooktrain import hookimpl
+    from hooktrain.testing import run
+
+    # Epoch ends a few milliseconds apart still write (not at most once a second).
+    hooktrain_tensorboard._EPOCH_FLUSH_MIN_S = 0.0
+
+    class Kill:
+        name = "kill"
+
+        @hookimpl
+        def log_metrics(self, trainer, scope):
+            if scope == "step" and trainer.current_epoch == 1 and trainer.epoch_batches_done == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    options = {"log_dir": sys.argv[1], "flush_secs": float(sys.argv[2])}
+    run([("tensorboard", options), Kill()], max_epochs=3, log_every_n_steps=1, record=False)
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+@pytest.mark.parametrize(
+    ("flush_secs", "on_disk"),
+    [
+        # Nothing forces a write between the first epoch's end and the kill at
+        # step 13: steps 9 to 12, and 13, die with the process.
+        (3600.0, list(range(1, 9))),
+        # Every publication is past flush_secs: each is written as it is logged.
+        (1e-9, list(range(1, 14))),
+    ],
+)
+def test_a_killed_process_loses_only_what_waited_for_a_flush_point(
+    tmp_path: Path, flush_secs: float, on_disk: list[int]
+) -> None:
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_RUN)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "runs"), str(flush_secs)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    events = read(tmp_path / "runs" / "default" / "version_0")
+    assert [e.step for e in events.Scalars("train/loss")] == on_disk
+    assert [e.step for e in events.Scalars("epoch/loss")] == [8]
+
+
+def test_hparams_of_every_kind(tmp_path: Path) -> None:
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    run(
+        [("tensorboard", {"log_dir": tmp_path, "hparams": {"text": "a", "n": 3, "on": True}})],
+        max_epochs=1,
+        record=False,
+    )
+    content = read(tmp_path / "default" / "version_0").PluginTagToContent("hparams")
+    assert set(content) == {
+        "_hparams_/experiment",
+        "_hparams_/session_start_info",
+        "_hparams_/session_end_info",
+    }
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    values = start.session_start_info.hparams
+    assert values["text"].string_value == "a"
+    assert values["n"].number_value == 3
+    assert values["on"].number_value == 1  # as torch.utils.tensorboard records a bool
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+    kinds = {info.name: info.type for info in experiment.experiment.hparam_infos}
+    assert kinds["text"] == api_pb2.DATA_TYPE_STRING
+    assert kinds["n"] == api_pb2.DATA_TYPE_FLOAT64
+    assert kinds["max_epochs"] == api_pb2.DATA_TYPE_FLOAT64
+    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"])
+    assert end.session_end_info.status == api_pb2.STATUS_SUCCESS

@@ -203,8 +203,10 @@ def test_resumed_file_sorts_after_the_old_ones(
     # sort as a number ("...10" < "...9"). With the old run's file at counter 9 and
     # the resumed one at 10, in the same second, TensorBoard would read the restart
     # marker first and purge nothing, unless the resumed file is made a second later.
+    import itertools
+
     import hooktrain_tensorboard
-    from tensorboard.summary.writer import event_file_writer
+    from hooktrain_tensorboard import _event_file
 
     class Clock:
         """Wall time stopped at the start of a second; only ``sleep`` moves it, so
@@ -223,9 +225,9 @@ def test_resumed_file_sorts_after_the_old_ones(
             return time.monotonic()
 
     clock = Clock()
-    monkeypatch.setattr(event_file_writer, "time", clock)
+    monkeypatch.setattr(_event_file, "time", clock)
     monkeypatch.setattr(hooktrain_tensorboard, "time", clock)
-    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
+    monkeypatch.setattr(_event_file, "_counter", itertools.count(9))
     ckpt = tmp_path / "epoch0.ckpt"
     with pytest.raises(Exception, match="simulated crash"):
         run(
