@@ -12,7 +12,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -286,10 +286,18 @@ class ModelCheckpoint:
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
             self._handler_installed = True
 
-    @hookimpl
-    def teardown(self, trainer: Trainer, stage: str) -> None:
-        if stage != "fit":
-            return
+    @hookimpl(wrapper=True)
+    def teardown(self, trainer: Trainer, stage: str) -> Generator[None, None, None]:
+        # A wrapper: the wait for the last write comes after every other plugin's
+        # teardown (closing event files and bars), whatever the plugin order, so it
+        # overlaps them; and it runs even when one of them raises.
+        try:
+            return (yield)
+        finally:
+            if stage == "fit":
+                self._end_fit()
+
+    def _end_fit(self) -> None:
         try:
             # A run never ends with a write in flight, even when it failed.
             self._writer.close()

@@ -522,6 +522,29 @@ def test_only_step_wise_saving_adds_a_hook_per_step(tmp_path: Path, by_name: boo
     assert isinstance(plugin, ModelCheckpoint) and plugin.every_n_train_steps == 3
 
 
+def test_the_last_write_ends_even_when_an_earlier_teardown_raises(tmp_path: Path) -> None:
+    import signal
+
+    class FailingTeardown:
+        name = "failing_teardown"
+
+        @hookimpl
+        def teardown(self) -> None:
+            raise RuntimeError("teardown failed")
+
+    before = signal.getsignal(signal.SIGTERM)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path)
+    # Listed first, its teardown is called first; the checkpoint's still runs and
+    # waits for the last write, which is complete when fit returns (here, raises).
+    trainer = Trainer(plugins=[FailingTeardown(), checkpoint], max_epochs=2, device="cpu")
+    train, _ = make_data(n=64, batch_size=16)
+    with pytest.raises(HookError, match="teardown failed"):
+        trainer.fit(Net(), train, loss_fn=F.cross_entropy)
+    assert not checkpoint._writer.busy and checkpoint._writer._thread is None
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert read_info(tmp_path / "last.ckpt").record["global_step"] == 8
+
+
 def test_filename_pattern_fills_epoch_step_and_metrics(tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="run-{epoch:03d}-{step}-{val_loss:.2f}")
     trainer = Trainer(plugins=[checkpoint], device="cpu")
