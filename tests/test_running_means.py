@@ -1,0 +1,50 @@
+"""RunningMeans: the loop's device-side means and its finiteness check."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hooktrain.metrics import RunningMeans
+
+
+@pytest.mark.parametrize("sizes", [[32, 32, 32], [32, 10, 5], [1, 1, 1]])
+def test_weighted_means_whatever_the_batch_sizes(sizes: list[int]) -> None:
+    means = RunningMeans()
+    values = [0.5, 2.0, -1.25]
+    for value, size in zip(values, sizes, strict=True):
+        means.add("loss", torch.tensor(value), size)
+    expected = sum(v * s for v, s in zip(values, sizes, strict=True)) / sum(sizes)
+    assert float(means.compute()["loss"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_means_of_half_precision_values_are_summed_in_float32() -> None:
+    means = RunningMeans()
+    for _ in range(4097):  # 4097 has no float16 representation: it would round to 4096
+        means.add("loss", torch.tensor(1.0, dtype=torch.float16), 1)
+    mean = means.compute()["loss"]
+    assert mean.dtype == torch.float32 and float(mean) == 1.0
+
+
+def test_fold_finite_reports_each_new_stretch_once() -> None:
+    means = RunningMeans()
+    assert means.fold_finite("loss") is None  # nothing folded yet
+    means.add("loss", torch.tensor(1.0), 4)
+    assert bool(means.fold_finite("loss")) is True
+    assert means.fold_finite("loss") is None  # nothing new since
+    means.add("loss", torch.tensor(math.nan), 4)
+    means.add("loss", torch.tensor(2.0), 4)
+    assert bool(means.fold_finite("loss")) is False
+    means.reset()
+    means.add("loss", torch.tensor(3.0), 4)
+    assert bool(means.fold_finite("loss")) is True
+
+
+def test_infinity_between_checks_is_seen_even_after_an_automatic_fold() -> None:
+    means = RunningMeans()
+    means.add("loss", torch.tensor(math.inf), 1)
+    for _ in range(RunningMeans.fold_every):  # forces a fold inside add
+        means.add("loss", torch.tensor(1.0), 1)
+    assert bool(means.fold_finite("loss")) is False
