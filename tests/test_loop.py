@@ -426,3 +426,35 @@ def test_should_stop_inside_an_accumulation_window_waits_for_its_optimizer_step(
     result = run([StopAtBatchFour()], max_epochs=2, accumulate_grad_batches=3, record=False)
     assert result.trainer.epoch_batches_done == 6
     assert result.trainer.global_step == 2
+
+
+class OtherProcessStopsAfterEpoch:
+    """Pretends to be one of two processes whose partner set should_stop at the end
+    of the first epoch: all_reduce adds the partner's flag to this process's."""
+
+    def __init__(self) -> None:
+        self.partner_stopped = False
+
+    @hookimpl
+    def setup(self, trainer):
+        trainer.world_size = 2
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer):
+        self.partner_stopped = True
+
+    @hookimpl
+    def all_reduce(self, tensor):
+        if tensor.numel() == 1 and tensor.dtype == torch.float32:  # the stop flag
+            return tensor + (1.0 if self.partner_stopped else 0.0)
+        return tensor * 2  # sums of equal partners
+
+
+def test_a_stop_decided_by_another_process_at_epoch_end_stops_this_one_too():
+    partner = OtherProcessStopsAfterEpoch()
+    result = run([partner], max_epochs=3, limit_train_batches=4, record=False)
+    # Without an agreement after the epoch this process would train epoch 2 alone
+    # while its partner had stopped: a hang at the next collective in a real run.
+    assert result.trainer.should_stop
+    assert result.trainer.current_epoch == 0
+    assert result.trainer.global_step == 4

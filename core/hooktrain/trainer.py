@@ -758,6 +758,10 @@ class Trainer:
             and not self._max_steps_reached()
         ):
             self._train_epoch()
+            if self.world_size > 1:
+                # should_stop set at an epoch's end (early stopping, a signal) must stop
+                # every process here, or those going on wait in the next collective.
+                self._agree_on_stop()
             if (
                 self.should_stop
                 or self._max_steps_reached()
