@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointWriteError", "ModelCheckpoint", "snapshot"]
 
 LAST_NAME = "last"
+#: A checkpoint whose model, with three times its parameters' bytes, stays under this
+#: many bytes is encoded on the training thread and only written in the background.
+INLINE_ENCODE_LIMIT = 4 << 20
 _FIELD = re.compile(r"\{([^{}:]+)(?::([^{}]*))?\}")
 
 
@@ -249,6 +252,7 @@ class ModelCheckpoint:
         self._inside_epoch = False
         self._warned_monitor = False
         self._loaded_from: str | None = None
+        self._inline: bool | None = None  # decided at a fit's first save
 
     # ------------------------------------------------------------------ public
 
@@ -277,6 +281,7 @@ class ModelCheckpoint:
             return
         self._sigterm = False
         self._inside_epoch = False
+        self._inline = None
         self.interrupted = False
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
@@ -522,8 +527,7 @@ class ModelCheckpoint:
         self.last_model_path = self.last_path if self.save_last else target
         if not trainer.is_global_zero:
             return
-        state = snapshot(checkpoint)
-        progress = state["progress"]
+        progress = checkpoint["progress"]
         record = {
             "epoch": int(progress["epoch"]),
             "global_step": int(progress["global_step"]),
@@ -531,15 +535,29 @@ class ModelCheckpoint:
             "epoch_complete": bool(progress["epoch_complete"]),
             "sequence": self._sequence,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "hooktrain_version": state.get("hooktrain_version"),
+            "hooktrain_version": checkpoint.get("hooktrain_version"),
         }
         paths = [str(target)] + ([str(self.last_path)] if ranked_name and self.save_last else [])
+        if self.async_save and self._encodes_inline(trainer):
+            # A small state is encoded here, on the training thread (well under a
+            # millisecond for a small model), leaving the writer only system calls,
+            # during which it does not hold the interpreter lock. Pickled on the
+            # writer thread instead, the same state slowed training down by more
+            # than its own encoding time, contending for the lock.
+            encoded: bytes | None = storage.encode(checkpoint, record)
+            state = None
+        else:
+            encoded = None
+            state = snapshot(checkpoint)
 
         def job() -> None:
             begun = time.perf_counter()
             linking = ranked_name is not None and self.save_last
             # With a link to follow, one directory fsync after both renames covers both.
-            storage.write_file(state, target, record, sync_directory=not linking)
+            if encoded is not None:
+                storage.write_encoded(encoded, target, sync_directory=not linking)
+            else:
+                storage.write_file(state, target, record, sync_directory=not linking)
             if linking:
                 storage.link_or_copy(target, self.last_path)
             # Evicted files go only once their replacement is complete.
@@ -556,6 +574,15 @@ class ModelCheckpoint:
             job()
         self.save_costs.append(time.perf_counter() - started)
         self.wait_costs.append(waited)
+
+    def _encodes_inline(self, trainer: Trainer) -> bool:
+        """Whether this fit's checkpoints are small enough to encode on the training
+        thread: judged once per fit from the model's size (optimizer state is about
+        the same again, or twice for Adam)."""
+        if self._inline is None:
+            parameter_bytes = sum(p.nbytes for p in trainer.module.parameters())
+            self._inline = 3 * parameter_bytes <= INLINE_ENCODE_LIMIT
+        return self._inline
 
     def _rank(self, name: str, score: float) -> tuple[str | None, list[str]]:
         """Enter ``name`` into the top k if it belongs there: ``(name or None, evicted)``."""

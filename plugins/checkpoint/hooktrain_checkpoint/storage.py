@@ -17,6 +17,7 @@ either complete or as it was.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import os
@@ -36,10 +37,12 @@ __all__ = [
     "CheckpointInfo",
     "DamagedCheckpointError",
     "UnsafeCheckpointError",
+    "encode",
     "link_or_copy",
     "load_file",
     "read_info",
     "verify",
+    "write_encoded",
     "write_file",
 ]
 
@@ -200,6 +203,44 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _save_into(file: Any, state: Any, record: Mapping[str, Any]) -> int:
+    import torch
+
+    writer = _HashingWriter(file)
+    torch.save(state, writer)
+    writer.finish({"format": FORMAT, **record})
+    return writer.size
+
+
+def encode(state: Any, record: Mapping[str, Any]) -> bytes:
+    """The complete content of the checkpoint file for ``state`` and ``record``
+    (``torch.save``'s archive, its record and digest in the comment), built in memory.
+
+    Once encoded, the state may change: the bytes are a copy. Writing them with
+    :func:`write_encoded` gives the same file as :func:`write_file`.
+    """
+    buffer = io.BytesIO()
+    _save_into(buffer, state, record)
+    return buffer.getvalue()
+
+
+def _write_atomically(path: str | os.PathLike[str], fill: Any, *, sync_directory: bool) -> int:
+    target = Path(path)
+    temp = _temp_path(target)
+    try:
+        with open(temp, "wb") as file:
+            size = fill(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    if sync_directory:
+        _fsync_directory(target.parent)
+    return size
+
+
 def write_file(
     state: Any,
     path: str | os.PathLike[str],
@@ -216,24 +257,18 @@ def write_file(
 
     :return: the size of the file in bytes.
     """
-    import torch
+    return _write_atomically(
+        path, lambda file: _save_into(file, state, record), sync_directory=sync_directory
+    )
 
-    target = Path(path)
-    temp = _temp_path(target)
-    try:
-        with open(temp, "wb") as file:
-            writer = _HashingWriter(file)
-            torch.save(state, writer)
-            writer.finish({"format": FORMAT, **record})
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    if sync_directory:
-        _fsync_directory(target.parent)
-    return writer.size
+
+def write_encoded(data: bytes, path: str | os.PathLike[str], *, sync_directory: bool = True) -> int:
+    """Write bytes from :func:`encode` to ``path`` atomically, as :func:`write_file`
+    does (temporary file, fsync, rename, directory fsync).
+
+    :return: the size of the file in bytes.
+    """
+    return _write_atomically(path, lambda file: file.write(data), sync_directory=sync_directory)
 
 
 def link_or_copy(source: str | os.PathLike[str], destination: str | os.PathLike[str]) -> None:

@@ -129,6 +129,50 @@ def test_crash_anywhere_then_resume_last_is_bit_identical(
     assert_identical(expected, resumed)
 
 
+@pytest.mark.parametrize("crash_after", [7, 13])
+def test_a_large_state_written_from_a_snapshot_resumes_bit_identically(
+    tmp_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    crash_after: int,
+) -> None:
+    # Small states are encoded on the training thread; above the limit the writer
+    # thread encodes a snapshot. Both must resume the same run.
+    from hooktrain_checkpoint import plugin, storage
+
+    expected = reference(tmp_path_factory, 1)
+    monkeypatch.setattr(plugin, "INLINE_ENCODE_LIMIT", 0)
+    encoded_here: list[int] = []
+    real_encode = storage.encode
+    monkeypatch.setattr(storage, "encode", lambda *a: encoded_here.append(1) or real_encode(*a))
+    with pytest.raises(HookError, match="Crash"):
+        fit(tmp_path, CrashAt(crash_after))
+    resumed = fit(tmp_path, ckpt_path="last")
+    assert encoded_here == []
+    assert resumed[2].write_costs  # it did write
+    assert_identical(expected, resumed)
+
+
+def test_a_small_state_is_encoded_on_the_training_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from hooktrain_checkpoint import storage
+
+    threads: list[str] = []
+    real_encode = storage.encode
+
+    def spy(*args: Any) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real_encode(*args)
+
+    monkeypatch.setattr(storage, "encode", spy)
+    _, _, checkpoint = fit(tmp_path, epochs=1)
+    assert threads and set(threads) == {threading.main_thread().name}
+    assert len(threads) == len(checkpoint.write_costs)
+
+
 def test_resume_retrains_no_batch_and_skips_none(tmp_path: Path) -> None:
     with pytest.raises(HookError, match="Crash"):
         fit(tmp_path, CrashAt(11), every_n_train_steps=2)  # last save at step 10

@@ -23,7 +23,13 @@ from hooktrain_checkpoint import (
     read_info,
     snapshot,
 )
-from hooktrain_checkpoint.storage import link_or_copy, verify, write_file
+from hooktrain_checkpoint.storage import (
+    encode,
+    link_or_copy,
+    verify,
+    write_encoded,
+    write_file,
+)
 
 from hooktrain import HookError, Trainer
 from hooktrain.testing import make_data, make_model
@@ -73,6 +79,19 @@ def test_small_and_large_writes_make_the_same_verified_file(tmp_path: Path, big_
     torch.save(state, plain)
     comment_length = len(zipfile.ZipFile(path).comment)
     assert path.read_bytes()[: -comment_length - 2] == plain.getvalue()[:-2]
+
+
+def test_encoded_in_memory_and_written_later_is_the_same_file(tmp_path: Path) -> None:
+    state = {key: dict(value) if isinstance(value, dict) else value for key, value in STATE.items()}
+    data = encode(state, RECORD)
+    state["model"]["w"] = state["model"]["w"] + 1  # later changes do not reach the bytes
+    direct, later = tmp_path / "direct.ckpt", tmp_path / "later.ckpt"
+    write_file(STATE, direct, RECORD)
+    assert write_encoded(data, later) == len(data)
+    assert later.read_bytes() == direct.read_bytes()
+    loaded, info = load_file(later, require_record=True)
+    assert torch.equal(loaded["model"]["w"], STATE["model"]["w"])
+    assert info is not None and info.record["global_step"] == 7
 
 
 @pytest.mark.parametrize("keep", [0.0, 0.1, 0.5, 0.99])
