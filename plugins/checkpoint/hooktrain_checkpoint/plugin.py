@@ -56,7 +56,7 @@ def snapshot(obj: Any, _memo: dict[int, Any] | None = None) -> Any:
     if isinstance(obj, dict):
         return type(obj)((key, snapshot(value, memo)) for key, value in obj.items())
     if isinstance(obj, list | tuple):
-        # Long lists of plain numbers (the Python RNG state: 625 ints) need no walk.
+        # Long lists of plain numbers need no walk, item by item.
         if all(type(item) in _PLAIN for item in obj):
             return list(obj) if isinstance(obj, list) else obj
         if isinstance(obj, list):
