@@ -324,10 +324,11 @@ class ModelCheckpoint:
             return
         if trainer.world_size <= 1 or self._inside_epoch:
             trainer.should_stop = True
-        # Else (several processes, outside an epoch's batches): the core reads
-        # should_stop there without agreeing on it first, so setting it on this
-        # process alone would split the processes. The flag is agreed on at the next
-        # epoch start or end, or fit end, whichever comes first.
+        # Else (several processes, outside an epoch's batches): the core agrees on
+        # should_stop after optimizer steps and once after each epoch's end, but a
+        # signal landing after that agreement would be read by this process alone,
+        # splitting the processes. The flag is agreed on at the next epoch start or
+        # end, or fit end, whichever comes first.
 
     def _remove_stale_temporaries(self) -> None:
         # Temporaries are named .<name>.<host>.<pid>.<thread>.<n>.tmp; one whose
