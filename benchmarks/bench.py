@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import logging
 import os
@@ -392,11 +393,16 @@ def time_workload(workload: Workload, variants: list[Variant], repeats: int) -> 
             model = workload.make_model()
             data = workload.make_data()
             workdir = tempfile.mkdtemp(prefix=f"hooktrain-bench-{variant.key}-")
+            # Each variant starts clean: no garbage another one left for the cyclic
+            # collector, no file writes of another one still queued in the kernel.
+            gc.collect()
             try:
                 with quiet():
                     seconds = variant.run(workload, model, data, workdir)
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
+                if hasattr(os, "sync"):
+                    os.sync()
             if round_index:
                 variant.seconds.append(seconds)
 
@@ -565,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tiny sizes and two rounds: checks the script, measures nothing",
     )
-    parser.add_argument("--repeats", type=int, default=15, help="interleaved rounds")
+    parser.add_argument("--repeats", type=int, default=31, help="interleaved rounds")
     parser.add_argument("--mlp-steps", type=int, default=300, help="MLP steps per epoch")
     parser.add_argument(
         "--conv-steps",
