@@ -112,6 +112,16 @@ class RunningMeans:
         if len(values) >= self.fold_every:
             self._fold(name)
 
+    def extend(self, name: str, values: list[Any], weights: list[float]) -> None:
+        """``add`` for each pair of ``values`` and ``weights``, in one call."""
+        pending = self._pending.get(name)
+        if pending is None:
+            pending = self._pending[name] = ([], [])
+        pending[0].extend(values)
+        pending[1].extend(weights)
+        if len(pending[0]) >= self.fold_every:
+            self._fold(name)
+
     def fold_finite(self, name: str) -> torch.Tensor | None:
         """Fold the pending values of ``name`` and say, as a 0-dim boolean tensor left
         on the device, whether every tensor value of ``name`` folded since the last

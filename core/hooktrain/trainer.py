@@ -1034,12 +1034,26 @@ class Trainer:
         # Every batch ends an optimizer step here (no accumulation, nothing skips).
         self.sync_gradients = True
         self.last_step_skipped = False
+        # With nobody watching the steps, the losses of a log interval are handed to
+        # the running means (and the latest to the metrics) at its end: two method
+        # calls less per step. A watcher may read both at any step, so then each
+        # step's loss goes in at once.
+        watched = on_batch_end is not None
+        losses: list[torch.Tensor] = []
+        sizes: list[int] = []
+        tensor_type = torch.Tensor
         for batch in iterable:
             batch = move_to_device(batch, device)
             inputs, targets = (
                 batch if type(batch) is tuple and len(batch) == 2 else (unpack_batch(batch))
             )
-            self._batch_size = size = _batch_size(batch)
+            # what _batch_size(batch) finds first for the usual pair, without the call
+            size = (
+                inputs.shape[0]
+                if type(inputs) is tensor_type and inputs.ndim
+                else _batch_size(batch)
+            )
+            self._batch_size = size
             if on_batch_end is None:
                 predicted = None
                 result = loss_fn(model(inputs), targets)
@@ -1055,20 +1069,37 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             self.global_step = step = self.global_step + 1
             detached = loss.detach()
-            means.add("loss", detached, size)
-            metrics.set("loss", detached)
             batch_idx += 1
             self.epoch_batches_done = batch_idx
-            if on_batch_end is not None:
+            if watched:
+                means.add("loss", detached, size)
+                metrics.set("loss", detached)
                 outputs = {"loss": result, "outputs": predicted, "targets": targets}
                 on_batch_end(trainer=self, outputs=outputs, batch=batch, batch_idx=batch_idx - 1)
+            else:
+                losses.append(detached)
+                sizes.append(size)
             if step % log_every == 0:
+                if losses:
+                    self._hand_over_losses(losses, sizes)
                 self._check_finite()
                 self._publish({"loss", *self._logged_since_publish}, "step")
                 self._logged_since_publish.clear()
             if self.should_stop or step == max_steps:
+                if losses:
+                    self._hand_over_losses(losses, sizes)
                 return batch_idx, True
+        if losses:
+            self._hand_over_losses(losses, sizes)
         return batch_idx, False
+
+    def _hand_over_losses(self, losses: list[torch.Tensor], sizes: list[int]) -> None:
+        """Put the losses the lean loop kept aside into the running means and the
+        latest into the metrics, and empty both lists."""
+        self._train_means.extend("loss", losses, sizes)
+        self.metrics.set("loss", losses[-1])
+        losses.clear()
+        sizes.clear()
 
     def _optimizer_step(self) -> None:
         hooks = self._hooks
