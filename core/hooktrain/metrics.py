@@ -69,6 +69,11 @@ class Metrics(Mapping[str, float]):
         """The stored value, unconverted."""
         return self._values[name]
 
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of every stored value, unconverted, safe to take from another
+        thread while the loop stores new values (the copy is made in one step)."""
+        return self._values.copy()
+
     def floats(self, names: Any = None) -> dict[str, float]:
         """Floats for ``names`` (all when ``None``), converting every tensor in one
         transfer rather than one per value."""

@@ -1035,9 +1035,10 @@ class Trainer:
         self.sync_gradients = True
         self.last_step_skipped = False
         # With nobody watching the steps, the losses of a log interval are handed to
-        # the running means (and the latest to the metrics) at its end: two method
-        # calls less per step. A watcher may read both at any step, so then each
-        # step's loss goes in at once.
+        # the running means at its end: a method call less per step. A watcher may
+        # read the means at any step (a checkpoint), so then each loss goes in at
+        # once. The latest loss is always stored: a progress bar's timer thread may
+        # read it between publications.
         watched = on_batch_end is not None
         losses: list[torch.Tensor] = []
         sizes: list[int] = []
@@ -1071,9 +1072,9 @@ class Trainer:
             detached = loss.detach()
             batch_idx += 1
             self.epoch_batches_done = batch_idx
+            metrics.set("loss", detached)
             if watched:
                 means.add("loss", detached, size)
-                metrics.set("loss", detached)
                 outputs = {"loss": result, "outputs": predicted, "targets": targets}
                 on_batch_end(trainer=self, outputs=outputs, batch=batch, batch_idx=batch_idx - 1)
             else:
@@ -1094,10 +1095,9 @@ class Trainer:
         return batch_idx, False
 
     def _hand_over_losses(self, losses: list[torch.Tensor], sizes: list[int]) -> None:
-        """Put the losses the lean loop kept aside into the running means and the
-        latest into the metrics, and empty both lists."""
+        """Put the losses the lean loop kept aside into the running means, and empty
+        both lists."""
         self._train_means.extend("loss", losses, sizes)
-        self.metrics.set("loss", losses[-1])
         losses.clear()
         sizes.clear()
 
