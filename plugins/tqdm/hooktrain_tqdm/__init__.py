@@ -12,12 +12,16 @@ Where the output is not a terminal (CI logs, ``nohup``, a redirected stderr) no
 bar is drawn: a plain progress line every ``plain_interval`` seconds at most, and
 the same summary line per epoch. Nothing is ever written with a carriage return.
 
-The per-batch cost is one comparison of ``perf_counter()`` with the next redraw
-deadline. Values in the postfix are those the trainer last published (at every
-``log_every_n_steps``, already converted to floats for the loggers), so drawing
-the bar forces no device sync; only when nothing was published for
-``stale_after`` seconds (very slow steps) does a redraw read the current values
-itself, which costs one sync per redraw, never one per step.
+The training bar costs nothing per batch: the plugin implements no per-step hook
+(which would also send the trainer off its lean batch loop, about 2% of a small
+model's step). A timer thread redraws it when a redraw is due, reading the
+trainer's batch count; it sleeps in between, so the bar also keeps ticking (the
+elapsed time) during one long step. Values in the postfix are those the trainer
+last published (at every ``log_every_n_steps``, already converted to floats for
+the loggers), so drawing the bar forces no device sync; only when nothing was
+published for ``stale_after`` seconds (very slow steps) does a redraw read the
+latest loss itself, which costs one sync per redraw, never one per step.
+Validation, test and predict bars are updated from their batch-end hooks.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from time import perf_counter
@@ -49,14 +54,15 @@ class ProgressBar:
     """A hooktrain plugin drawing progress bars (entry-point name ``tqdm``).
 
     :param refresh_interval: seconds between two redraws of a bar on a terminal or
-        in a notebook. Batches in between only compare a timestamp.
+        in a notebook (at least 0.005 s for the training bar, which a timer thread
+        redraws).
     :param leave: keep each epoch's bar on screen when the epoch ends (the summary
         line is printed either way). The validation bar is always removed.
     :param stream: where to draw; default ``sys.stderr`` as it is when the stage
         starts.
     :param plain_interval: where ``stream`` is not a terminal, print a plain progress
-        line at most every this many seconds during an epoch; ``None`` prints only
-        the summary line per epoch.
+        line every this many seconds during an epoch (at least 0.005 s); ``None``
+        prints only the summary line per epoch.
     :param metrics: names to show in the postfix and the summary, in this order;
         default every published value, ``loss`` first.
     :param stale_after: when nothing was published for this many seconds (steps
@@ -125,6 +131,13 @@ class ProgressBar:
         self._epoch_first_batch = 0
         self._epoch_total: int | None = None
         self._eval_offsets: list[int] = []
+        # The timer thread that redraws the training bar, and what it shares with
+        # the training thread: every access to bars and deadlines holds the lock.
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._timer: threading.Thread | None = None
+        self._stopping = False
+        self._trainer: Trainer | None = None
 
     # ------------------------------------------------------------------ stage
 
@@ -138,6 +151,7 @@ class ProgressBar:
         self._fresh_at = perf_counter()
         if not self._active:
             return
+        self._trainer = trainer
         from tqdm.auto import tqdm as auto_tqdm
 
         class Bar(auto_tqdm):  # type: ignore[misc, valid-type]
@@ -171,19 +185,64 @@ class ProgressBar:
 
     @hookimpl
     def teardown(self, trainer: Trainer) -> None:
-        """Close any bar left open (stopped mid-epoch, or an exception) and restore
-        logging, so a traceback printed afterwards starts on a clean line."""
+        """Stop the timer thread, close any bar left open (stopped mid-epoch, or an
+        exception) and restore logging, so a traceback printed afterwards starts on
+        a clean line."""
+        self._stop_timer()
         self._close_bars()
         self._redirect.close()
         self._begun = False
         self._active = False
+        self._trainer = None
         self._next = self._eval_next = _NEVER
 
     def _close_bars(self) -> None:
-        for bar in (self._eval_bar, self._bar):
-            if bar is not None:
-                bar.close()
-        self._eval_bar = self._bar = None
+        with self._lock:
+            for bar in (self._eval_bar, self._bar):
+                if bar is not None:
+                    bar.close()
+            self._eval_bar = self._bar = None
+
+    # ------------------------------------------------------------------ timer thread
+
+    def _schedule(self, deadline: float) -> None:
+        """Set the training bar's next redraw (``_NEVER``: none) and tell the timer
+        thread, starting it on first use."""
+        with self._lock:
+            self._next = deadline
+            if deadline != _NEVER and self._timer is None:
+                self._stopping = False
+                self._timer = threading.Thread(
+                    target=self._run_timer, name="hooktrain-tqdm", daemon=True
+                )
+                self._timer.start()
+        self._wake.set()
+
+    def _run_timer(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+                now = perf_counter()
+                if now >= self._next and self._trainer is not None:
+                    try:
+                        self._redraw(self._trainer)
+                    except Exception:  # a bar must never take training down
+                        self._next = _NEVER
+                wait = None if self._next == _NEVER else max(0.0, self._next - perf_counter())
+            self._wake.wait(wait)
+            self._wake.clear()
+
+    def _stop_timer(self) -> None:
+        timer = self._timer
+        if timer is None:
+            return
+        with self._lock:
+            self._stopping = True
+            self._next = _NEVER
+        self._wake.set()
+        timer.join()
+        self._timer = None
 
     # ------------------------------------------------------------------ training
 
@@ -192,31 +251,31 @@ class ProgressBar:
         self._begin(trainer)
         if not self._active:
             return
-        now = perf_counter()
-        self._val_values = {}
-        self._epoch_started = now
-        self._epoch_first_batch = trainer.epoch_batches_done
-        self._epoch_total = _train_total(trainer)
-        if self._interactive:
-            if self._bar is not None:
-                self._bar.close()
-            self._bar = self._new_bar(
-                total=self._epoch_total,
-                initial=trainer.epoch_batches_done,
-                desc=_epoch_label(trainer),
-                leave=self.leave,
-            )
-            self._next = now + self.refresh_interval
-        else:
-            self._next = now + self.plain_interval if self.plain_interval else _NEVER
-
-    @hookimpl
-    def on_train_batch_end(self, trainer: Trainer) -> None:
-        # The only per-batch work: everything else waits for the deadline.
-        if perf_counter() >= self._next:
-            self._redraw(trainer)
+        with self._lock:
+            now = perf_counter()
+            self._val_values = {}
+            self._epoch_started = now
+            self._epoch_first_batch = trainer.epoch_batches_done
+            self._epoch_total = _train_total(trainer)
+            if self._interactive:
+                if self._bar is not None:
+                    self._bar.close()
+                self._bar = self._new_bar(
+                    total=self._epoch_total,
+                    initial=trainer.epoch_batches_done,
+                    desc=_epoch_label(trainer),
+                    leave=self.leave,
+                )
+                deadline = now + _timer_interval(self.refresh_interval)
+            elif self.plain_interval:
+                deadline = now + _timer_interval(self.plain_interval)
+            else:
+                deadline = _NEVER
+            self._schedule(deadline)
 
     def _redraw(self, trainer: Trainer) -> None:
+        """Redraw the training bar (or print a plain progress line); called by the
+        timer thread, holding the lock."""
         now = perf_counter()
         done = trainer.epoch_batches_done
         postfix = _format_values(self._current_values(trainer, now))
@@ -227,18 +286,19 @@ class ProgressBar:
                 bar.update(done - bar.n)
             else:
                 bar.refresh()
-            self._next = now + self.refresh_interval
+            self._next = now + _timer_interval(self.refresh_interval)
         elif self._active and not self._interactive and self.plain_interval:
             self._print(self._plain_progress(trainer, done, now, postfix))
-            self._next = now + self.plain_interval
+            self._next = now + _timer_interval(self.plain_interval)
         else:
             self._next = _NEVER
 
     def _current_values(self, trainer: Trainer, now: float) -> dict[str, float]:
         if self.stale_after is not None and now - self._fresh_at > self.stale_after:
-            # Nothing published for a while: read the live values (one transfer for
-            # all of them) rather than show a loss from long ago.
-            self._latest.update(trainer.metrics.floats())
+            # Nothing published for a while: read the latest values rather than show
+            # a loss from long ago. From this thread, only a copy of what the loop
+            # stored is read: converting it costs one sync per redraw.
+            self._latest.update(_floats(trainer.metrics.snapshot()))
             self._fresh_at = now
         return self._select(self._latest)
 
@@ -258,16 +318,17 @@ class ProgressBar:
         converted them for every logger) and print the summary lines."""
         if not self._active:
             return
-        if scope == "step":
-            self._latest.update(metrics)
-            self._fresh_at = perf_counter()
-        elif scope == "epoch":
-            self._end_epoch(trainer, metrics)
-        elif trainer.stage == "fit" and scope == "validate":
-            self._val_values.update(metrics)
-            self._latest.update(metrics)
-        elif scope in ("validate", "test"):
-            self._print(f"{scope}: {_format_values(self._select(metrics))}")
+        with self._lock:
+            if scope == "step":
+                self._latest.update(metrics)
+                self._fresh_at = perf_counter()
+            elif scope == "epoch":
+                self._end_epoch(trainer, metrics)
+            elif trainer.stage == "fit" and scope == "validate":
+                self._val_values.update(metrics)
+                self._latest.update(metrics)
+            elif scope in ("validate", "test"):
+                self._print(f"{scope}: {_format_values(self._select(metrics))}")
 
     def _end_epoch(self, trainer: Trainer, means: Mapping[str, float]) -> None:
         values = self._select({**means, **self._val_values})
@@ -294,12 +355,13 @@ class ProgressBar:
         return ordered
 
     def _print(self, line: str) -> None:
-        if self._interactive and self._tqdm is not None:
-            # tqdm.write clears the open bars, prints, and draws them again below.
-            self._tqdm.write(line, file=self._out)
-        else:
-            self._out.write(line + "\n")
-            self._out.flush()
+        with self._lock:
+            if self._interactive and self._tqdm is not None:
+                # tqdm.write clears the open bars, prints, and draws them again below.
+                self._tqdm.write(line, file=self._out)
+            else:
+                self._out.write(line + "\n")
+                self._out.flush()
 
     # ------------------------------------------------------------------ evaluation
 
@@ -315,7 +377,8 @@ class ProgressBar:
             else [0] * len(lengths)
         )
         total = sum(lengths) if all(n is not None for n in lengths) else None  # type: ignore[arg-type]
-        self._eval_bar = self._new_bar(total=total, initial=0, desc=label, leave=False)
+        with self._lock:
+            self._eval_bar = self._new_bar(total=total, initial=0, desc=label, leave=False)
         self._eval_next = perf_counter() + self.refresh_interval
 
     def _eval_batch_end(self, batch_idx: int, dataloader_idx: int) -> None:
@@ -326,14 +389,16 @@ class ProgressBar:
             return
         offsets = self._eval_offsets
         done = (offsets[dataloader_idx] if dataloader_idx < len(offsets) else 0) + batch_idx + 1
-        if done > bar.n:
-            bar.update(done - bar.n)
+        with self._lock:
+            if done > bar.n:
+                bar.update(done - bar.n)
         self._eval_next = now + self.refresh_interval
 
     def _end_eval(self) -> None:
-        if self._eval_bar is not None:
-            self._eval_bar.close()
-            self._eval_bar = None
+        with self._lock:
+            if self._eval_bar is not None:
+                self._eval_bar.close()
+                self._eval_bar = None
         self._eval_next = _NEVER
 
     @hookimpl
@@ -392,6 +457,26 @@ class ProgressBar:
             mininterval=0,
             miniters=1,
         )
+
+
+#: The timer thread's shortest interval: a zero interval would keep it spinning.
+_MIN_TIMER_INTERVAL = 0.005
+
+
+def _timer_interval(seconds: float) -> float:
+    return max(seconds, _MIN_TIMER_INTERVAL)
+
+
+def _floats(values: Mapping[str, Any]) -> dict[str, float]:
+    """Stored metric values (tensors or numbers) as floats, without touching the
+    trainer's own store."""
+    converted = {}
+    for name, value in values.items():
+        try:
+            converted[name] = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError, RuntimeError):
+            continue  # not a single number
+    return converted
 
 
 def _isatty(stream: Any) -> bool:

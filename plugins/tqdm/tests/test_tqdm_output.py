@@ -13,6 +13,7 @@ import sys
 import termios
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,20 @@ class FakeTerminal(io.StringIO):
         return True
 
 
+class SlowBatches:
+    """Makes every training batch take ``seconds`` (sleeping, so the bar's timer
+    thread runs meanwhile): the bar redraws on a timer, not per batch."""
+
+    name = "slow_batches"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    @hookimpl
+    def on_train_batch_end(self) -> None:
+        time.sleep(self.seconds)
+
+
 def frames(output: str, label: str) -> list[str]:
     """Every drawn frame of the bar labelled ``label``."""
     return [
@@ -61,8 +76,13 @@ def test_plain_file_gets_one_line_per_epoch(tmp_path: Path) -> None:
 
 def test_plain_file_gets_sparse_progress_lines(tmp_path: Path) -> None:
     stream = io.StringIO()
-    # An interval this short makes every batch due: the format, not the timing, is tested.
-    run([ProgressBar(stream=stream, plain_interval=1e-9)], max_epochs=2, log_every_n_steps=2)
+    # Batches of 20 ms and a line every 10 ms at most: many lines, whose format, not
+    # timing, is tested.
+    run(
+        [ProgressBar(stream=stream, plain_interval=0.01), SlowBatches(0.02)],
+        max_epochs=2,
+        log_every_n_steps=2,
+    )
     text = stream.getvalue()
     assert "\r" not in text
     progress = [line for line in text.splitlines() if not SUMMARY.match(line)]
@@ -173,9 +193,11 @@ def test_terminal_without_logging_redirection_breaks_the_line() -> None:
 
 def test_redraws_are_throttled_by_time() -> None:
     eager, throttled = FakeTerminal(), FakeTerminal()
-    run([ProgressBar(stream=eager, refresh_interval=0)], max_epochs=2, record=False)
+    eager_bar = ProgressBar(stream=eager, refresh_interval=0)
+    run([eager_bar, SlowBatches(0.02)], max_epochs=2, record=False)
     run([ProgressBar(stream=throttled, refresh_interval=3600)], max_epochs=2, record=False)
-    # Redrawing at every batch: a frame per batch. Once an hour: the first and the last.
+    # As often as the timer allows (every 5 ms) through 8 batches of 20 ms: many
+    # frames. Once an hour: the first and the last.
     assert len(frames(eager.getvalue(), "epoch 1/2")) >= 8
     assert len(frames(throttled.getvalue(), "epoch 1/2")) == 2
     assert len(frames(throttled.getvalue(), "epoch 2/2")) == 2
@@ -278,14 +300,19 @@ def conversions(monkeypatch: pytest.MonkeyPatch, plugins: list[Any], tmp_path: P
 
 
 def test_bar_and_logger_add_no_device_sync(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    baseline = conversions(monkeypatch, [], tmp_path)
-    bar = ProgressBar(stream=FakeTerminal(), refresh_interval=0, stale_after=None)
-    with_plugins = conversions(monkeypatch, [bar, ("tensorboard", {"log_dir": tmp_path})], tmp_path)
-    # Redrawn at every one of 32 batches, the bar still converts nothing itself.
+    slow = SlowBatches(0.01)
+    baseline = conversions(monkeypatch, [slow], tmp_path)
+    screen = FakeTerminal()
+    bar = ProgressBar(stream=screen, refresh_interval=0, stale_after=None)
+    with_plugins = conversions(
+        monkeypatch, [bar, slow, ("tensorboard", {"log_dir": tmp_path})], tmp_path
+    )
+    # Redrawn many times through 32 batches of 10 ms, the bar converts nothing itself.
+    assert len(frames(screen.getvalue(), "epoch 1/2")) >= 8
     assert with_plugins == baseline
-    # A bar that reads live values at each redraw is caught by the same count.
+    # A bar that reads the latest values at each redraw is caught by the same count.
     eager = ProgressBar(stream=FakeTerminal(), refresh_interval=0, stale_after=0)
-    assert conversions(monkeypatch, [eager], tmp_path) >= baseline + 16
+    assert conversions(monkeypatch, [eager, slow], tmp_path) >= baseline + 8
 
 
 def test_installed_under_its_entry_point_name() -> None:
@@ -302,3 +329,22 @@ def test_bad_options_are_refused() -> None:
         ProgressBar(refresh_interval=-1)
     with pytest.raises(ValueError, match="metrics"):
         ProgressBar(metrics="loss")
+
+
+def test_the_training_bar_adds_no_hook_per_step() -> None:
+    # Any on_train_batch_end implementation would take the trainer off its lean loop.
+    trainer = Trainer(plugins=["tqdm"], device="cpu")
+    assert trainer.plugin_manager.hook.on_train_batch_end.get_hookimpls() == []
+
+
+def test_the_bar_keeps_ticking_during_one_long_step() -> None:
+    screen = FakeTerminal()
+    run(
+        [ProgressBar(stream=screen, refresh_interval=0.02), SlowBatches(0.3)],
+        max_epochs=1,
+        limit_train_batches=1,
+        record=False,
+    )
+    # Redrawn by the timer through the 0.3 s of the only batch (about 15 times at
+    # 20 ms), where a per-batch redraw would draw the first and the last frame only.
+    assert len(frames(screen.getvalue(), "epoch 1/1")) >= 5, screen.getvalue()
