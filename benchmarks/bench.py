@@ -183,7 +183,11 @@ class Variant:
     label: str
     run: Callable[[Workload, nn.Module, Any, str], float] | None
     skipped: str | None = None
+    #: Runs in every ``every``-th round only (the slow Lightning variants), so that
+    #: the budgeted variants get many rounds in the same time.
+    every: int = 1
     seconds: list[float] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
 
 
 def run_raw(workload: Workload, model: nn.Module, data: Any, workdir: str) -> float:
@@ -329,7 +333,7 @@ def _missing_plugins(names: tuple[str, ...]) -> list[str]:
     return [name for name in names if name not in installed]
 
 
-def make_variants(with_lightning: bool) -> list[Variant]:
+def make_variants(with_lightning: bool, lightning_every: int = 1) -> list[Variant]:
     variants = [
         Variant("a", "raw PyTorch loop", run_raw),
         Variant("b", "hooktrain, no plugins", hooktrain_runner(lambda _: [])),
@@ -357,6 +361,7 @@ def make_variants(with_lightning: bool) -> list[Variant]:
             "Lightning, extras off",
             lightning_runner(False) if reason is None else None,
             reason,
+            every=lightning_every,
         )
     )
     variants.append(
@@ -365,6 +370,7 @@ def make_variants(with_lightning: bool) -> list[Variant]:
             "Lightning, bar + TensorBoard + checkpoint + log",
             lightning_runner(True) if reason is None else None,
             reason,
+            every=lightning_every,
         )
     )
     return variants
@@ -390,6 +396,8 @@ def time_workload(workload: Workload, variants: list[Variant], repeats: int) -> 
     active = [v for v in variants if v.run is not None]
     for round_index in range(repeats + 1):  # round 0 warms up and is dropped
         for variant in active:
+            if round_index % variant.every:
+                continue
             model = workload.make_model()
             data = workload.make_data()
             workdir = tempfile.mkdtemp(prefix=f"hooktrain-bench-{variant.key}-")
@@ -405,12 +413,13 @@ def time_workload(workload: Workload, variants: list[Variant], repeats: int) -> 
                     os.sync()
             if round_index:
                 variant.seconds.append(seconds)
+                variant.rounds.append(round_index)
 
 
 def report_workload(workload: Workload, variants: list[Variant], repeats: int) -> None:
     print(f"\n## workload {workload.name}: {workload.description}")
     print(f"   {workload.steps} steps per run, {repeats} interleaved rounds, median of each")
-    raw = variants[0].seconds
+    raw = dict(zip(variants[0].rounds, variants[0].seconds, strict=True))
     print(f"   {'variant':<50} {'us/step':>9} {'ratio to a':>11}")
     for variant in variants:
         title = f"{variant.key}  {variant.label}"
@@ -418,14 +427,20 @@ def report_workload(workload: Workload, variants: list[Variant], repeats: int) -
             print(f"   {title:<50} skipped: {variant.skipped}")
             continue
         per_step = statistics.median(variant.seconds) / workload.steps * 1e6
-        ratios = [s / r for s, r in zip(variant.seconds, raw, strict=True)]
-        ratio = statistics.median(ratios)
+        ratio, ratios = _paired_ratio(variant, raw)
         spread = f"[{min(ratios):.3f}..{max(ratios):.3f}]" if len(ratios) > 1 else ""
-        print(f"   {title:<50} {per_step:9.1f} {ratio:11.3f}  {spread}")
+        rounds = f"  ({len(ratios)} rounds)" if variant.every > 1 else ""
+        print(f"   {title:<50} {per_step:9.1f} {ratio:11.3f}  {spread}{rounds}")
     for variant in variants[1:]:
         if variant.run is not None:
-            ratio = statistics.median(s / r for s, r in zip(variant.seconds, raw, strict=True))
+            ratio, _ = _paired_ratio(variant, raw)
             print(f"ratio {workload.name} {variant.key}/a = {ratio:.3f}  ({variant.label})")
+
+
+def _paired_ratio(variant: Variant, raw: dict[int, float]) -> tuple[float, list[float]]:
+    """The median of the variant's time over the raw loop's in the same round."""
+    ratios = [s / raw[r] for s, r in zip(variant.seconds, variant.rounds, strict=True)]
+    return statistics.median(ratios), ratios
 
 
 # --------------------------------------------------------------------------------
@@ -571,7 +586,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tiny sizes and two rounds: checks the script, measures nothing",
     )
-    parser.add_argument("--repeats", type=int, default=31, help="interleaved rounds")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=101,
+        help="interleaved rounds of a, b and c (the budgeted ratios; on a shared "
+        "machine the median of about 30 rounds still moves by 2%%)",
+    )
+    parser.add_argument(
+        "--lightning-every",
+        type=int,
+        default=4,
+        help="run the Lightning variants d and e in every N-th round only (they take "
+        "most of a round's time)",
+    )
     parser.add_argument("--mlp-steps", type=int, default=300, help="MLP steps per epoch")
     parser.add_argument(
         "--conv-steps",
@@ -598,6 +626,9 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     if options.quick:
         options.repeats, options.mlp_steps, options.conv_steps = 2, 20, 4
+        options.lightning_every = 1
+    if options.lightning_every < 1:
+        parser.error("--lightning-every must be at least 1")
 
     torch.set_num_threads(options.threads)
     global CLOCK
@@ -622,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in options.workloads.split(","):
         factory, steps = factories[name.strip()]
         workload = factory(steps, options.epochs)
-        variants = make_variants(not options.no_lightning)
+        variants = make_variants(not options.no_lightning, options.lightning_every)
         time_workload(workload, variants, options.repeats)
         report_workload(workload, variants, options.repeats)
 
