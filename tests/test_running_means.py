@@ -1,4 +1,5 @@
-"""RunningMeans: the loop's device-side means and its finiteness check."""
+"""Metrics and RunningMeans: the loop's stored values, device-side means and
+finiteness check."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hooktrain.metrics import RunningMeans
+from hooktrain.metrics import Metrics, RunningMeans
 
 
 @pytest.mark.parametrize("sizes", [[32, 32, 32], [32, 10, 5], [1, 1, 1]])
@@ -48,3 +49,16 @@ def test_infinity_between_checks_is_seen_even_after_an_automatic_fold() -> None:
     for _ in range(RunningMeans.fold_every):  # forces a fold inside add
         means.add("loss", torch.tensor(1.0), 1)
     assert bool(means.fold_finite("loss")) is False
+
+
+def test_floats_keep_the_conversion_and_snapshot_floats_leave_the_store_alone() -> None:
+    metrics = Metrics()
+    metrics.set("loss", torch.tensor(0.5))
+    metrics.set("acc", torch.tensor(0.25))
+    metrics.set("lr", 0.1)
+    assert metrics.snapshot_floats() == {"loss": 0.5, "acc": 0.25, "lr": 0.1}
+    assert isinstance(metrics.raw("loss"), torch.Tensor)  # a reader elsewhere stores nothing
+    assert metrics.floats(["acc", "missing"]) == {"acc": 0.25}
+    assert metrics.raw("acc") == 0.25 and isinstance(metrics.raw("loss"), torch.Tensor)
+    assert metrics.floats() == {"loss": 0.5, "acc": 0.25, "lr": 0.1}
+    assert metrics.raw("loss") == 0.5

@@ -69,24 +69,34 @@ class Metrics(Mapping[str, float]):
         """The stored value, unconverted."""
         return self._values[name]
 
-    def snapshot(self) -> dict[str, Any]:
-        """A copy of every stored value, unconverted, safe to take from another
-        thread while the loop stores new values (the copy is made in one step)."""
-        return self._values.copy()
-
     def floats(self, names: Any = None) -> dict[str, float]:
         """Floats for ``names`` (all when ``None``), converting every tensor in one
-        transfer rather than one per value."""
+        transfer rather than one per value; the converted values are kept."""
         keys = list(self._values) if names is None else [n for n in names if n in self._values]
-        pending = [k for k in keys if isinstance(self._values[k], torch.Tensor)]
-        if len(pending) > 1:
-            stacked = torch.stack([self._values[k].detach().float().reshape(()) for k in pending])
-            for key, value in zip(pending, stacked.tolist(), strict=True):
-                self._values[key] = float(value)
-        return {k: self[k] for k in keys}
+        converted = _as_floats({k: self._values[k] for k in keys})
+        self._values.update(converted)
+        return converted
+
+    def snapshot_floats(self) -> dict[str, float]:
+        """Floats for every value, converted from a copy (taken in one step) and not
+        kept: safe to call from another thread while the loop stores new values."""
+        return _as_floats(self._values.copy())
 
     def clear(self) -> None:
         self._values.clear()
+
+
+def _as_floats(values: Mapping[str, Any]) -> dict[str, float]:
+    """``values`` as floats, every tensor among them read in one transfer."""
+    tensors = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    read: dict[str, float] = {}
+    if len(tensors) > 1:
+        stacked = torch.stack([values[k].detach().float().reshape(()) for k in tensors])
+        read = dict(zip(tensors, stacked.tolist(), strict=True))
+    return {
+        k: float(read[k] if k in read else v.item() if isinstance(v, torch.Tensor) else v)
+        for k, v in values.items()
+    }
 
 
 class RunningMeans:

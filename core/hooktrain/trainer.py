@@ -1055,7 +1055,7 @@ class Trainer:
                 else _batch_size(batch)
             )
             self._batch_size = size
-            if on_batch_end is None:
+            if not watched:
                 predicted = None
                 result = loss_fn(model(inputs), targets)
             else:  # the hook is given the model's output

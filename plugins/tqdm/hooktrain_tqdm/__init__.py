@@ -298,7 +298,7 @@ class ProgressBar:
             # Nothing published for a while: read the latest values rather than show
             # a loss from long ago. From this thread, only a copy of what the loop
             # stored is read: converting it costs one sync per redraw.
-            self._latest.update(_floats(trainer.metrics.snapshot()))
+            self._latest.update(trainer.metrics.snapshot_floats())
             self._fresh_at = now
         return self._select(self._latest)
 
@@ -465,18 +465,6 @@ _MIN_TIMER_INTERVAL = 0.005
 
 def _timer_interval(seconds: float) -> float:
     return max(seconds, _MIN_TIMER_INTERVAL)
-
-
-def _floats(values: Mapping[str, Any]) -> dict[str, float]:
-    """Stored metric values (tensors or numbers) as floats, without touching the
-    trainer's own store."""
-    converted = {}
-    for name, value in values.items():
-        try:
-            converted[name] = float(value.item() if hasattr(value, "item") else value)
-        except (TypeError, ValueError, RuntimeError):
-            continue  # not a single number
-    return converted
 
 
 def _isatty(stream: Any) -> bool:
