@@ -339,6 +339,13 @@ class Trainer:
         self.global_step = 0
         #: Batches of the current epoch already trained (a checkpoint resumes after them).
         self.epoch_batches_done = 0
+        #: Batches the current training epoch runs (``len`` of the loader capped by
+        #: ``limit_train_batches``); ``None`` when the loader has no length. Set before
+        #: ``on_train_epoch_start``.
+        self.num_training_batches: int | None = None
+        #: Batches each loader of the running evaluation stage yields, the same way;
+        #: set before ``on_validation_start`` (``on_test_start``, ...).
+        self.num_eval_batches: list[int | None] = []
         #: True once every batch of the current epoch was trained.
         self.epoch_complete = False
         #: Set it to stop training cleanly after the next optimizer step (all processes
@@ -816,14 +823,11 @@ class Trainer:
             self._apply_pending_rng()
         self.epoch_batches_done = skip
         self.epoch_complete = False
+        loader = self.train_dataloader
+        total = self.num_training_batches = _limited_length(loader, self.limits["train"])
         if hooks.on_train_epoch_start is not None:
             hooks.on_train_epoch_start(trainer=trainer)
 
-        loader = self.train_dataloader
-        total = _length(loader)
-        limit = self.limits["train"]
-        if limit is not None:
-            total = limit if total is None else min(total, limit)
         iterable = hooks.batch_iterator(
             trainer=trainer, dataloader=loader, stage="train", skip_batches=skip
         )
@@ -1231,6 +1235,7 @@ class Trainer:
         limit = self.limits[stage]
         model = self.model
         model.eval()
+        self.num_eval_batches = [_limited_length(loader, limit) for loader in loaders]
         means = RunningMeans()
         predictions: list[Any] = []
         previous_means, previous_prefix = self._active_means, self._log_prefix
@@ -1348,6 +1353,13 @@ def _length(loader: Any) -> int | None:
         return len(loader)
     except TypeError:
         return None
+
+
+def _limited_length(loader: Any, limit: int | None) -> int | None:
+    length = _length(loader)
+    if limit is not None:
+        length = limit if length is None else min(length, limit)
+    return length
 
 
 def _require_int(name: str, value: Any, *, minimum: int, optional: bool = False) -> None:
