@@ -550,7 +550,7 @@ def report_hook_cost(calls: int) -> None:
     """What one hook call costs the loop with 0, 1 and 5 implementations, measured
     the way the loop calls it (hooks resolved once per stage)."""
     from hooktrain import Trainer, hookimpl
-    from hooktrain.trainer import _ResolvedHooks
+    from hooktrain.hookcalls import ResolvedHooks as _ResolvedHooks
 
     class Noop:
         def __init__(self, index: int) -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from hooktrain import hookimpl
+from hooktrain.hookcalls import direct_caller as _direct_caller
 from hooktrain.testing import run
-from hooktrain.trainer import _direct_caller
 
 
 class Calls:

@@ -7,7 +7,7 @@ module docstring spells it out. Changing either without this test is a bug.
 
 from __future__ import annotations
 
-from hooktrain.testing import run
+from hooktrain.testing import HookRecorder, run
 
 
 def _described(calls):
@@ -96,8 +96,8 @@ def test_step_validation_runs_inside_the_batch_before_its_end_hook():
     first_end = names.index("on_train_batch_end")
     first_validation = names.index("on_validation_start")
     assert names.index("optimizer_step") < first_validation < first_end
-    # Two step validations and the epoch's own.
-    assert names.count("on_validation_start") == 3
+    # Two step validations; the epoch's own would see the weights of the second.
+    assert names.count("on_validation_start") == 2
 
 
 def test_accumulation_steps_the_optimizer_once_per_window():
@@ -154,3 +154,23 @@ def test_validate_test_and_predict_sequences():
         "on_predict_end",
         "teardown",
     ]
+
+
+def test_observer_hooks_alone_see_the_same_order():
+    # A plain run's plugins mostly watch batch ends and publications: with only those
+    # two hooks implemented, every other hook is skipped, and the order they see must
+    # still be the ground truth's.
+    observed = ("on_train_batch_end", "log_metrics")
+    recorder = HookRecorder(hooks=observed)
+    run(
+        [recorder],
+        record=False,
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        log_every_n_steps=2,
+        gradient_clip_val=1.0,
+    )
+    expected = [call for call in FIT if call.split("(")[0] in observed]
+    assert _described(recorder.calls) == expected
+    assert len(expected) == 2 * 2 + 3 * 2  # two batch ends and three publications an epoch

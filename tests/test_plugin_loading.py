@@ -237,7 +237,7 @@ def test_a_plugin_replaces_a_compute_hook_by_returning_a_value():
 
 
 def test_unimplemented_hooks_are_not_called_at_all():
-    from hooktrain.trainer import _ResolvedHooks
+    from hooktrain.hookcalls import ResolvedHooks as _ResolvedHooks
 
     trainer = hooktrain.Trainer(plugins=[])
     resolved = _ResolvedHooks(trainer.plugin_manager, trainer._defaults)

@@ -21,11 +21,12 @@ if TYPE_CHECKING:
         PluginError,
     )
     from hooktrain.metrics import accuracy
-    from hooktrain.trainer import Trainer, seed_everything
+    from hooktrain.rng import seed_everything
+    from hooktrain.trainer import Trainer
 
 _LAZY = {
     "Trainer": "hooktrain.trainer",
-    "seed_everything": "hooktrain.trainer",
+    "seed_everything": "hooktrain.rng",
     "accuracy": "hooktrain.metrics",
     "HooktrainError": "hooktrain.errors",
     "ConfigurationError": "hooktrain.errors",

@@ -8,147 +8,25 @@ loop calls it directly and pluggy is not involved.
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler
+from torch.utils.data import RandomSampler
 
+from hooktrain.batches import move_to_device, skip_first_batches, unpack_batch, user_method
 from hooktrain.errors import ConfigurationError
 from hooktrain.markers import hookimpl
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-_EVAL_STEP_NAMES = {
+_STEP_NAMES = {
     "train": "training_step",
     "validate": "validation_step",
     "test": "test_step",
     "predict": "predict_step",
 }
-
-
-def move_to_device(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor inside tuples, lists and dicts on ``device``.
-
-    Returns ``obj`` itself when nothing had to move, so the common case allocates
-    nothing.
-    """
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=True)
-    cls = type(obj)
-    if cls is tuple or cls is list:
-        # The usual batch, a pair of tensors already in place (pre-batched data, the
-        # CPU), is settled in one pass without a call per item.
-        for item in obj:
-            if not isinstance(item, torch.Tensor) or item.device != device:
-                break
-        else:
-            return obj
-        moved = [move_to_device(item, device) for item in obj]
-        if all(a is b for a, b in zip(moved, obj, strict=True)):
-            return obj
-        return cls(moved)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return cls(*(move_to_device(item, device) for item in obj))
-    if isinstance(obj, Mapping):
-        return {key: move_to_device(value, device) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
-        return cls(move_to_device(item, device) for item in obj)
-    return obj
-
-
-_MODULE_GETATTR = torch.nn.Module.__getattr__
-
-
-def _user_method(module: Any, name: str) -> Any:
-    """``getattr(module, name, None)``, without its cost for a plain module.
-
-    A name an ``nn.Module`` lacks goes through ``Module.__getattr__``, which builds
-    and raises an AttributeError: a microsecond on every step for a model without
-    ``training_step``. The same places are looked up here without raising.
-    """
-    cls = type(module)
-    if getattr(cls, "__getattr__", None) is not _MODULE_GETATTR:
-        return getattr(module, name, None)  # a wrapper that forwards attributes
-    state = module.__dict__
-    if (
-        name in state
-        or hasattr(cls, name)
-        or name in state.get("_parameters", ())
-        or name in state.get("_buffers", ())
-        or name in state.get("_modules", ())
-    ):
-        return getattr(module, name)
-    return None
-
-
-def unpack_batch(batch: Any) -> tuple[Any, Any]:
-    """``(inputs, targets)`` of a batch, with an error that says what was received."""
-    if isinstance(batch, tuple | list) and len(batch) == 2:
-        return batch[0], batch[1]
-    if isinstance(batch, Mapping) and "inputs" in batch and "targets" in batch:
-        return batch["inputs"], batch["targets"]
-    described = (
-        f"a {type(batch).__name__} of length {len(batch)}"
-        if isinstance(batch, tuple | list)
-        else f"a {type(batch).__name__}"
-    )
-    raise ConfigurationError(
-        f"cannot unpack the batch into (inputs, targets): got {described}. A model "
-        f"without its own training_step needs batches of two items (inputs, targets) "
-        f"or a dict with 'inputs' and 'targets'; otherwise define training_step(batch, "
-        f"batch_idx) on the model."
-    )
-
-
-class _SkipFirstBatches(Sampler[list[int]]):
-    """A batch sampler that drops the first ``skip`` batches of another, by index.
-
-    Only indices are skipped: the dataset is never asked for the skipped samples.
-    """
-
-    def __init__(self, batch_sampler: Iterable[list[int]], skip: int) -> None:
-        self.batch_sampler = batch_sampler
-        self.skip = skip
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return itertools.islice(iter(self.batch_sampler), self.skip, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.batch_sampler) - self.skip)  # type: ignore[arg-type]
-
-
-def skip_first_batches(dataloader: Iterable[Any], skip: int) -> Iterable[Any]:
-    """``dataloader`` without its first ``skip`` batches, loading none of them when
-    it is a plain map-style ``DataLoader``; other iterables are advanced."""
-    if skip <= 0:
-        return dataloader
-    if (
-        type(dataloader) is DataLoader
-        and not isinstance(dataloader.dataset, IterableDataset)
-        and dataloader.batch_sampler is not None
-    ):
-        workers = dataloader.num_workers
-        return DataLoader(
-            dataloader.dataset,
-            batch_sampler=_SkipFirstBatches(dataloader.batch_sampler, skip),
-            num_workers=workers,
-            collate_fn=dataloader.collate_fn,
-            pin_memory=dataloader.pin_memory,
-            timeout=dataloader.timeout,
-            worker_init_fn=dataloader.worker_init_fn,
-            multiprocessing_context=dataloader.multiprocessing_context,
-            generator=dataloader.generator,
-            prefetch_factor=dataloader.prefetch_factor if workers else None,
-            persistent_workers=dataloader.persistent_workers if workers else False,
-            pin_memory_device=dataloader.pin_memory_device,
-        )
-    iterator = iter(dataloader)
-    for _ in itertools.islice(iterator, skip):
-        pass
-    return iterator
 
 
 class CoreDefaults:
@@ -193,7 +71,7 @@ class CoreDefaults:
 
     @hookimpl(trylast=True)
     def forward_step(self, trainer: Trainer, batch: Any, batch_idx: int, stage: str) -> Any:
-        step = _user_method(trainer.module, _EVAL_STEP_NAMES[stage])
+        step = user_method(trainer.module, _STEP_NAMES[stage])
         if step is not None:
             return step(batch, batch_idx)
         if stage == "predict":

@@ -1,0 +1,259 @@
+"""What the loop needs to know about batches and dataloaders.
+
+Moving a batch to a device, splitting it into inputs and targets, its size,
+a loader's length, skipping the first batches of an epoch, and finding a model's
+own step methods. None of these is a hook: the core's hook implementations
+(`hooktrain.defaults`) and the loops use them, and so may plugins.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from hooktrain.errors import ConfigurationError
+
+__all__ = [
+    "batch_size",
+    "check_loader",
+    "check_model",
+    "length",
+    "limited_length",
+    "loader_list",
+    "move_to_device",
+    "skip_first_batches",
+    "skips_by_index",
+    "unpack_batch",
+    "user_method",
+]
+
+
+def move_to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor inside tuples, lists and dicts on ``device``.
+
+    Returns ``obj`` itself when nothing had to move, so the common case allocates
+    nothing.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=True)
+    cls = type(obj)
+    if cls is tuple or cls is list:
+        # The usual batch, a pair of tensors already in place (pre-batched data, the
+        # CPU), is settled in one pass without a call per item.
+        for item in obj:
+            if not isinstance(item, torch.Tensor) or item.device != device:
+                break
+        else:
+            return obj
+        moved = [move_to_device(item, device) for item in obj]
+        if all(a is b for a, b in zip(moved, obj, strict=True)):
+            return obj
+        return cls(moved)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return cls(*(move_to_device(item, device) for item in obj))
+    if isinstance(obj, Mapping):
+        return {key: move_to_device(value, device) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return cls(move_to_device(item, device) for item in obj)
+    return obj
+
+
+def unpack_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch: a pair, or a dict with ``"inputs"`` and
+    ``"targets"``.
+
+    :raises ConfigurationError: for any other batch, saying what was received.
+    """
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping) and "inputs" in batch and "targets" in batch:
+        return batch["inputs"], batch["targets"]
+    described = (
+        f"a {type(batch).__name__} of length {len(batch)}"
+        if isinstance(batch, tuple | list)
+        else f"a {type(batch).__name__}"
+    )
+    raise ConfigurationError(
+        f"cannot unpack the batch into (inputs, targets): got {described}. A model "
+        f"without its own training_step needs batches of two items (inputs, targets) "
+        f"or a dict with 'inputs' and 'targets'; otherwise define training_step(batch, "
+        f"batch_idx) on the model."
+    )
+
+
+def batch_size(batch: Any) -> int:
+    """The first dimension of the first tensor with one in ``batch`` (a tensor, a
+    tuple or list, or a dict), else 1."""
+    # Called every step: the common tuple is tested first, and shape[0] is read
+    # rather than len(), which goes through a Python-level Tensor.__len__.
+    cls = type(batch)
+    if cls is tuple or cls is list or isinstance(batch, tuple | list):
+        for item in batch:
+            if isinstance(item, torch.Tensor) and item.ndim:
+                return item.shape[0]
+        return 1
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.ndim else 1
+    if isinstance(batch, Mapping):
+        for item in batch.values():
+            if isinstance(item, torch.Tensor) and item.ndim:
+                return item.shape[0]
+    return 1
+
+
+def length(loader: Any) -> int | None:
+    """``len(loader)``, or ``None`` when it has none."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
+
+
+def limited_length(loader: Any, limit: int | None) -> int | None:
+    """Batches a stage takes from ``loader``: its length capped by ``limit``
+    (``limit_*_batches``); ``None`` when neither is known."""
+    found = length(loader)
+    if limit is not None:
+        found = limit if found is None else min(found, limit)
+    return found
+
+
+_MODULE_GETATTR = torch.nn.Module.__getattr__
+
+
+def user_method(module: Any, name: str) -> Any:
+    """``getattr(module, name, None)``, without its cost for a plain module.
+
+    A name an ``nn.Module`` lacks goes through ``Module.__getattr__``, which builds
+    and raises an AttributeError: a microsecond on every step for a model without
+    ``training_step``. The same places are looked up here without raising.
+    """
+    cls = type(module)
+    if getattr(cls, "__getattr__", None) is not _MODULE_GETATTR:
+        return getattr(module, name, None)  # a wrapper that forwards attributes
+    state = module.__dict__
+    if (
+        name in state
+        or hasattr(cls, name)
+        or name in state.get("_parameters", ())
+        or name in state.get("_buffers", ())
+        or name in state.get("_modules", ())
+    ):
+        return getattr(module, name)
+    return None
+
+
+class _SkipFirstBatches(Sampler[list[int]]):
+    """A batch sampler that drops the first ``skip`` batches of another, by index.
+
+    Only indices are skipped: the dataset is never asked for the skipped samples.
+    """
+
+    def __init__(self, batch_sampler: Iterable[list[int]], skip: int) -> None:
+        self.batch_sampler = batch_sampler
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.skip, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)  # type: ignore[arg-type]
+
+
+def skips_by_index(dataloader: Any) -> bool:
+    """Whether `skip_first_batches` can skip ``dataloader``'s batches by index,
+    loading none of them, and still give the rest exactly as an uninterrupted
+    epoch would.
+
+    True for a plain map-style ``DataLoader`` without worker processes. With
+    workers, each batch is loaded by worker ``index % num_workers``, whose random
+    stream advanced over the batches it loaded before: skipping by index would
+    hand the remaining batches to other workers in other states, so those loaders
+    are advanced by loading the skipped batches instead.
+    """
+    return (
+        type(dataloader) is DataLoader
+        and not isinstance(dataloader.dataset, IterableDataset)
+        and dataloader.batch_sampler is not None
+        and dataloader.num_workers == 0
+    )
+
+
+def skip_first_batches(dataloader: Iterable[Any], skip: int) -> Iterable[Any]:
+    """``dataloader`` without its first ``skip`` batches.
+
+    A loader for which `skips_by_index` holds is rebuilt around a batch sampler
+    that drops the first ``skip`` index lists; any other iterable is iterated and
+    the first ``skip`` batches it yields are thrown away (the returned object is
+    then that iterator).
+    """
+    if skip <= 0:
+        return dataloader
+    if skips_by_index(dataloader):
+        assert isinstance(dataloader, DataLoader)
+        return DataLoader(
+            dataloader.dataset,
+            batch_sampler=_SkipFirstBatches(dataloader.batch_sampler, skip),
+            num_workers=0,
+            collate_fn=dataloader.collate_fn,
+            pin_memory=dataloader.pin_memory,
+            timeout=dataloader.timeout,
+            worker_init_fn=dataloader.worker_init_fn,
+            generator=dataloader.generator,
+            pin_memory_device=dataloader.pin_memory_device,
+        )
+    iterator = iter(dataloader)
+    for _ in itertools.islice(iterator, skip):
+        pass
+    return iterator
+
+
+def check_model(model: Any, *, training: bool) -> None:
+    """:raises ConfigurationError: when ``model`` is not an ``nn.Module``, or (for
+    training) has no parameter that requires grad."""
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if training and not any(p.requires_grad for p in model.parameters()):
+        raise ConfigurationError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True)"
+        )
+
+
+def check_loader(what: str, loader: Any) -> None:
+    """:raises ConfigurationError: when ``loader`` is not iterable, or its length
+    says it yields nothing."""
+    if loader is None or not isinstance(loader, Iterable):
+        raise ConfigurationError(
+            f"{what} must be an iterable of batches (a DataLoader), got {type(loader).__name__}"
+        )
+    if length(loader) == 0:
+        raise ConfigurationError(
+            f"{what} is empty: it yields no batches (is the dataset empty, or "
+            f"drop_last=True with fewer samples than batch_size?)"
+        )
+
+
+def loader_list(what: str, loaders: Any) -> list[Iterable[Any]]:
+    """``loaders`` as a list of dataloaders: ``None`` gives none, one loader gives
+    a list of one, a list or tuple of loaders is copied; each is checked with
+    `check_loader`."""
+    if loaders is None:
+        return []
+    if (
+        isinstance(loaders, list | tuple)
+        and loaders
+        and all(
+            isinstance(item, Iterable) and not isinstance(item, torch.Tensor) for item in loaders
+        )
+        and not isinstance(loaders[0], torch.Tensor | tuple)
+    ):
+        result = list(loaders)
+    else:
+        result = [loaders]
+    for loader in result:
+        check_loader(what, loader)
+    return result

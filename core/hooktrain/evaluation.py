@@ -1,0 +1,165 @@
+"""The evaluation loop: validation (inside ``fit`` or alone), test and predict.
+
+One pass over each dataloader without gradients, with the model's modules in
+eval mode and put back afterwards in exactly the modes they had. Losses and
+metrics are batch-size-weighted means over the whole pass, reduced over
+processes once at its end.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hooktrain.batches import batch_size, limited_length
+from hooktrain.metrics import RunningMeans
+
+if TYPE_CHECKING:
+    from hooktrain.trainer import Trainer
+
+__all__ = ["STAGE_HOOKS", "evaluation_loop"]
+
+#: The hooks each evaluation stage calls, and the prefix of its metric names.
+STAGE_HOOKS: dict[str, dict[str, str]] = {
+    stage: {
+        "start": f"on_{word}_start",
+        "epoch_start": f"on_{word}_epoch_start",
+        "batch_start": f"on_{word}_batch_start",
+        "batch_end": f"on_{word}_batch_end",
+        "epoch_end": f"on_{word}_epoch_end",
+        "end": f"on_{word}_end",
+        "prefix": prefix,
+    }
+    for stage, word, prefix in (
+        ("validate", "validation", "val_"),
+        ("test", "test", "test_"),
+        ("predict", "predict", ""),
+    )
+}
+
+
+def evaluation_loop(
+    trainer: Trainer, stage: str, loaders: Sequence[Iterable[Any]]
+) -> dict[str, Any]:
+    """One pass of ``stage`` (``"validate"``, ``"test"`` or ``"predict"``) over
+    ``loaders``.
+
+    :return: the stage's metrics by name (``val_loss``...; values may be device
+        tensors), or ``{"predictions": [...]}`` for ``predict``: each batch's
+        ``forward_step`` result, in order.
+    """
+    hooks = trainer._hooks
+    names = STAGE_HOOKS[stage]
+    prefix = names["prefix"]
+    on_start = getattr(hooks, names["start"])
+    on_epoch_start = getattr(hooks, names["epoch_start"])
+    on_batch_start = getattr(hooks, names["batch_start"])
+    on_batch_end = getattr(hooks, names["batch_end"])
+    on_epoch_end = getattr(hooks, names["epoch_end"])
+    on_end = getattr(hooks, names["end"])
+    transfer = hooks.transfer_batch_to_device
+    forward = hooks.forward_step
+    gather = hooks.gather_for_metrics
+    limit = trainer.limits[stage]
+    trainer.num_eval_batches = [limited_length(loader, limit) for loader in loaders]
+    means = RunningMeans()
+    predictions: list[Any] = []
+    modes = [(module, module.training) for module in trainer.model.modules()]
+    trainer.model.eval()
+    outer = trainer._active_means, trainer._log_prefix
+    trainer._active_means, trainer._log_prefix = means, prefix
+    try:
+        with torch.no_grad():
+            if on_start is not None:
+                on_start(trainer=trainer)
+            if on_epoch_start is not None:
+                on_epoch_start(trainer=trainer)
+            for loader_idx, loader in enumerate(loaders):
+                suffix = f"/dataloader_idx_{loader_idx}" if len(loaders) > 1 else ""
+                iterable = hooks.batch_iterator(
+                    trainer=trainer, dataloader=loader, stage=stage, skip_batches=0
+                )
+                if limit is not None:
+                    iterable = itertools.islice(iterable, limit)
+                for batch_idx, batch in enumerate(iterable):
+                    batch = transfer(trainer=trainer, batch=batch, device=trainer.device)
+                    if on_batch_start is not None:
+                        on_batch_start(
+                            trainer=trainer,
+                            batch=batch,
+                            batch_idx=batch_idx,
+                            dataloader_idx=loader_idx,
+                        )
+                    trainer._batch_size = batch_size(batch)
+                    outputs = forward(
+                        trainer=trainer, batch=batch, batch_idx=batch_idx, stage=stage
+                    )
+                    if stage == "predict":
+                        predictions.append(outputs)
+                    else:
+                        _accumulate(trainer, means, prefix, suffix, outputs, gather)
+                    if on_batch_end is not None:
+                        on_batch_end(
+                            trainer=trainer,
+                            outputs=outputs,
+                            batch=batch,
+                            batch_idx=batch_idx,
+                            dataloader_idx=loader_idx,
+                        )
+            results = means.compute(trainer.all_reduce if trainer.world_size > 1 else None)
+            trainer.metrics.update_raw(results)
+            if on_epoch_end is not None:
+                if stage == "predict":
+                    on_epoch_end(trainer=trainer, predictions=predictions)
+                else:
+                    on_epoch_end(trainer=trainer)
+            if on_end is not None:
+                on_end(trainer=trainer)
+    finally:
+        trainer._active_means, trainer._log_prefix = outer
+        for module, training in modes:
+            module.training = training
+    if stage == "predict":
+        return {"predictions": predictions}
+    trainer._publish(results, stage)
+    return results
+
+
+def _accumulate(
+    trainer: Trainer, means: RunningMeans, prefix: str, suffix: str, outputs: Any, gather: Any
+) -> None:
+    """Add one evaluation batch's loss and metrics to the running means."""
+    if isinstance(outputs, torch.Tensor):
+        means.add(prefix + "loss" + suffix, outputs.detach(), trainer._batch_size)
+        return
+    if not isinstance(outputs, Mapping):
+        return  # a step that returned None logged what it wanted itself
+    if "outputs" in outputs and "targets" in outputs:
+        predicted, targets = outputs["outputs"], outputs["targets"]
+        gathered = False
+        if gather is not None:
+            result = gather(trainer=trainer, outputs=predicted, targets=targets)
+            if result is not None:
+                predicted, targets = result
+                gathered = True
+        size = batch_size(predicted)
+        if "loss" not in outputs and trainer.loss_fn is not None:
+            name = prefix + "loss" + suffix
+            means.add(name, trainer.loss_fn(predicted, targets).detach(), size)
+            if gathered:
+                means.global_names.add(name)
+        for metric, fn in trainer.metric_fns.items():
+            name = prefix + metric + suffix
+            means.add(name, fn(predicted, targets), size)
+            if gathered:
+                means.global_names.add(name)
+    for key, value in outputs.items():
+        if key in ("outputs", "targets"):
+            continue
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            means.add(prefix + key + suffix, value.detach(), trainer._batch_size)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            means.add(prefix + key + suffix, float(value), trainer._batch_size)

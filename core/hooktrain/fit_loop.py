@@ -1,0 +1,355 @@
+"""The fit loop: epochs, and the one batch loop inside them.
+
+The work on one micro-batch (forward, loss, backward) is built once per stage by
+`make_train_step` from the resolved hooks, the way Keras builds its
+``train_function``; ending an accumulation window is built likewise by
+`hooktrain.optimization.make_optimizer_step`. The batch loop then reads the
+same whoever implements what: move the batch, train on it, step when the window
+is complete, record the loss, validate when due, tell plugins, publish when due,
+stop when asked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hooktrain.batches import batch_size, limited_length
+from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError
+from hooktrain.evaluation import evaluation_loop
+from hooktrain.hookcalls import ResolvedHooks
+from hooktrain.optimization import (
+    configure_optimizers,
+    make_optimizer_step,
+    step_scheduler,
+)
+from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from hooktrain.trainer import Trainer
+
+__all__ = ["make_train_step", "run_fit"]
+
+#: ``train_step(batch, batch_idx) -> (outputs, loss)``
+TrainStep = Callable[[Any, int], tuple[Any, torch.Tensor]]
+
+
+def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] | None) -> None:
+    """The body of ``fit``, between ``setup`` and ``teardown``."""
+    trainer.optimizers, trainer._schedulers = configure_optimizers(trainer.module, optimizer)
+    trainer.lr_schedulers = [entry.scheduler for entry in trainer._schedulers]
+    _check_monitors(trainer)
+    trainer._start_progress()
+    trainer.plugin_manager.hook.prepare(trainer=trainer, stage="fit")
+    if len(trainer.lr_schedulers) != len(trainer._schedulers):
+        raise PluginError("a prepare implementation changed the number of LR schedulers")
+    for entry, scheduler in zip(trainer._schedulers, trainer.lr_schedulers, strict=True):
+        entry.scheduler = scheduler  # a plugin may have wrapped it
+    hooks = trainer._hooks = ResolvedHooks(trainer.plugin_manager, trainer._defaults)
+    if ckpt_path is not None:
+        checkpoint = hooks.load_checkpoint(trainer=trainer, ckpt_path=os.fspath(ckpt_path))
+        if checkpoint:
+            trainer.restore_checkpoint(checkpoint)
+    if hooks.on_fit_start is not None:
+        hooks.on_fit_start(trainer=trainer)
+    train_step = make_train_step(trainer, hooks)
+    optimizer_step = make_optimizer_step(trainer, hooks)
+    # current_epoch stays on the last epoch trained once the loop ends.
+    while trainer.current_epoch < trainer.max_epochs and not _should_stop(trainer):
+        _train_epoch(trainer, hooks, train_step, optimizer_step)
+        if trainer.world_size > 1:
+            # should_stop set at an epoch's end (early stopping, a signal) must stop
+            # every process here, or those going on wait in the next collective.
+            _agree_on_stop(trainer)
+        if (
+            _should_stop(trainer)
+            or not trainer.epoch_complete
+            or trainer.current_epoch + 1 >= trainer.max_epochs
+        ):
+            break
+        trainer.current_epoch += 1
+    if hooks.on_fit_end is not None:
+        hooks.on_fit_end(trainer=trainer)
+
+
+def make_train_step(trainer: Trainer, hooks: ResolvedHooks) -> TrainStep:
+    """Build the function that trains on one micro-batch already on the device.
+
+    ``train_step(batch, batch_idx)`` calls ``forward_step(stage="train")``, checks
+    the loss (a 0-dim tensor that requires grad), divides it by
+    ``accumulate_grad_batches``, and runs ``on_before_backward``, ``backward`` and
+    ``on_after_backward``. It returns ``(outputs, loss)``: what ``forward_step``
+    returned and the undivided loss.
+
+    :raises ConfigurationError: when the step returned no usable loss.
+    :raises NonFiniteLossError: with ``check_finite_every_step``, before backward,
+        when the loss is NaN or infinite.
+    """
+    forward = hooks.forward_step
+    on_before_backward = hooks.on_before_backward
+    backward = hooks.backward
+    on_after_backward = hooks.on_after_backward
+    accumulate = trainer.accumulate_grad_batches
+    check_every_step = trainer.check_finite_every_step
+    tensor = torch.Tensor
+
+    def train_step(batch: Any, batch_idx: int) -> tuple[Any, torch.Tensor]:
+        outputs = forward(trainer=trainer, batch=batch, batch_idx=batch_idx, stage="train")
+        if type(outputs) is tensor:
+            loss = outputs
+        elif type(outputs) is dict and type(outputs.get("loss")) is tensor:
+            loss = outputs["loss"]  # the usual dict, without the Mapping ABC check
+        else:
+            loss = _loss_of(outputs)
+        if loss.ndim != 0 or not loss.requires_grad:
+            _raise_bad_loss(loss)
+        if check_every_step and not torch.isfinite(loss):
+            # Before backward, so the bad step never reaches the weights.
+            raise NonFiniteLossError(
+                f"the training loss is {loss.item()} at epoch {trainer.current_epoch}, "
+                f"batch {batch_idx}, global step {trainer.global_step + 1}"
+            )
+        scaled = loss / accumulate if accumulate > 1 else loss
+        if on_before_backward is not None:
+            on_before_backward(trainer=trainer, loss=scaled)
+        backward(trainer=trainer, loss=scaled)
+        if on_after_backward is not None:
+            on_after_backward(trainer=trainer)
+        return outputs, loss
+
+    return train_step
+
+
+def _train_epoch(
+    trainer: Trainer,
+    hooks: ResolvedHooks,
+    train_step: TrainStep,
+    optimizer_step: Callable[[int], None],
+) -> None:
+    skip = trainer._resume_skip
+    trainer._resume_skip = 0
+    means = trainer._train_means
+    if skip == 0:
+        means.reset()
+        trainer._apply_pending_rng()
+    # The model trains in the modes its modules are in: a module the user put in
+    # eval mode (a frozen BatchNorm) stays there. Evaluation puts them back.
+    trainer.epoch_batches_done = skip
+    trainer.epoch_complete = False
+    loader = trainer.train_dataloader
+    limit = trainer.limits["train"]
+    total = trainer.num_training_batches = limited_length(loader, limit)
+    if hooks.on_train_epoch_start is not None:
+        hooks.on_train_epoch_start(trainer=trainer)
+    batches = _epoch_batches(trainer, hooks, loader, skip)
+    if limit is not None:
+        batches = itertools.islice(batches, max(0, limit - skip))
+    trainer._apply_pending_rng()  # a mid-epoch resume: after the iterator drew its seeds
+
+    device = trainer.device
+    transfer = hooks.transfer_batch_to_device
+    on_batch_start = hooks.on_train_batch_start
+    on_batch_end = hooks.on_train_batch_end
+    accumulate = trainer.accumulate_grad_batches
+    log_every = trainer.log_every_n_steps
+    val_every = trainer.val_every_n_steps if trainer.eval_dataloaders else None
+    metric_fns = trainer.metric_fns
+    metrics = trainer.metrics
+    distributed = trainer.world_size > 1
+    trainer._active_means = means
+    window = 0  # micro-batches in the open accumulation window
+    batch_idx = skip
+    stopped = False
+    for batch in batches:
+        batch = transfer(trainer=trainer, batch=batch, device=device)
+        if on_batch_start is not None:
+            on_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
+        window += 1
+        sync = window == accumulate or batch_idx + 1 == total
+        trainer.sync_gradients = sync
+        trainer._batch_size = size = batch_size(batch)
+        outputs, loss = train_step(batch, batch_idx)
+        if sync:
+            optimizer_step(window)
+            window = 0
+        detached = loss.detach()
+        means.add("loss", detached, size)
+        metrics.set("loss", detached)
+        if metric_fns and type(outputs) is dict and "outputs" in outputs:
+            trainer._add_metric_values(means, outputs["outputs"], outputs["targets"])
+        batch_idx += 1
+        trainer.epoch_batches_done = batch_idx
+        if val_every is not None and sync and trainer.global_step % val_every == 0:
+            _validate(trainer)
+        if on_batch_end is not None:
+            on_batch_end(trainer=trainer, outputs=outputs, batch=batch, batch_idx=batch_idx - 1)
+        if sync and trainer.global_step % log_every == 0:
+            trainer._publish_step()
+        # Stop only where an optimizer step just happened: inside an accumulation
+        # window the gradients gathered so far would be lost with the stop.
+        if sync:
+            if distributed:
+                _agree_on_stop(trainer)
+            if _should_stop(trainer):
+                stopped = True
+                break
+    trainer._active_means = None
+
+    if batch_idx == skip and skip == 0:
+        raise ConfigurationError(
+            "the training dataloader yielded no batches in epoch "
+            f"{trainer.current_epoch}; hooktrain needs at least one"
+        )
+    if window:
+        # The iterator ended inside an accumulation window (its length was unknown
+        # or wrong): the window is stepped with the micro-batches it holds.
+        trainer.sync_gradients = True
+        optimizer_step(window)
+    # The iterator's end is the epoch's end; a stop at the last batch of a known
+    # length ends it too. Any other stop leaves the epoch open: no epoch end runs,
+    # and a resume continues it.
+    exhausted = not stopped or (total is not None and batch_idx >= total)
+    if not stopped and total is not None and batch_idx != total and not trainer._warned_length:
+        trainer._warned_length = True
+        warnings.warn(
+            f"hooktrain: the training dataloader ({type(loader).__name__}) said it has "
+            f"{total} batches (len) but yielded {batch_idx}; its end was taken as the "
+            f"epoch's end",
+            stacklevel=4,
+        )
+    if not exhausted:
+        return
+    _end_epoch(trainer, hooks)
+
+
+def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
+    trainer._check_finite()
+    means = trainer._train_means
+    trainer.metrics.update_raw(
+        means.compute(trainer.all_reduce if trainer.world_size > 1 else None)
+    )
+    computed = means.names()
+    if (
+        trainer.eval_dataloaders
+        and (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0
+        # A step-wise validation at this epoch's last step saw these same weights.
+        and trainer._validated_at_step != trainer.global_step
+    ):
+        computed |= _validate(trainer)
+    elif trainer._validated_at_step == trainer.global_step:
+        computed |= trainer._last_validation
+    for entry in trainer._schedulers:
+        if entry.interval == "epoch" and (trainer.current_epoch + 1) % entry.frequency == 0:
+            step_scheduler(trainer, entry, computed)
+    # From here a checkpoint resumes at the next epoch.
+    trainer.epoch_complete = True
+    if hooks.on_train_epoch_end is not None:
+        hooks.on_train_epoch_end(trainer=trainer)
+    trainer._publish(means.names(), "epoch")
+
+
+def _validate(trainer: Trainer) -> set[str]:
+    """Validation inside ``fit``: the names it computed. It must not change
+    training, so every global random generator is put back afterwards (its
+    dataloaders draw seeds, its datasets may draw numbers)."""
+    with fork_rng():
+        results = evaluation_loop(trainer, "validate", trainer.eval_dataloaders)
+    trainer._validated_at_step = trainer.global_step
+    trainer._last_validation = set(results)
+    return set(results)
+
+
+def _epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: int) -> Iterator[Any]:
+    """The epoch's batch iterator, created here so that it draws its seeds (the
+    sampler's order, the workers' base seed) from the epoch's starting state.
+
+    That state (every global generator and the loader's own generators) is kept
+    for checkpoints; a run resuming in the middle of the epoch puts it back first,
+    so the iterator it creates replays the interrupted epoch exactly.
+    """
+    generators = loader_generators(loader)
+    saved = trainer._pending_epoch_data
+    trainer._pending_epoch_data = None
+    if skip and saved is not None:
+        set_rng_state(saved["rng"])
+        states = saved.get("generators", [])
+        if len(states) == len(generators):
+            for generator, state in zip(generators, states, strict=True):
+                generator.set_state(state)
+        else:
+            warnings.warn(
+                f"hooktrain: the training dataloader ({type(loader).__name__}) has "
+                f"{len(generators)} random generator(s) now and {len(states)} in the "
+                f"checkpoint: the resumed epoch's order may differ from the interrupted one",
+                stacklevel=3,
+            )
+    elif skip:
+        warnings.warn(
+            "hooktrain: the checkpoint does not hold the epoch's starting random state "
+            "(an older checkpoint); the resumed epoch's data may differ",
+            stacklevel=3,
+        )
+    if skip and isinstance(loader, Iterator):
+        warnings.warn(
+            f"hooktrain: the training data is an iterator ({type(loader).__name__}), which "
+            f"cannot be replayed: the resumed epoch continues from wherever it is now",
+            stacklevel=3,
+        )
+    trainer._epoch_start_state = {
+        "rng": rng_state(),
+        "generators": [generator.get_state() for generator in generators],
+    }
+    iterable = hooks.batch_iterator(
+        trainer=trainer, dataloader=loader, stage="train", skip_batches=skip
+    )
+    return iter(iterable)
+
+
+def _should_stop(trainer: Trainer) -> bool:
+    return trainer.should_stop or (
+        trainer.max_steps is not None and trainer.global_step >= trainer.max_steps
+    )
+
+
+def _agree_on_stop(trainer: Trainer) -> None:
+    # One process deciding to stop (a signal, early stopping) must stop all of
+    # them at the same batch, or the others wait forever in the next collective.
+    flag = torch.tensor([1.0 if trainer.should_stop else 0.0], device=trainer.device)
+    trainer.should_stop = bool(trainer.all_reduce(flag).item() > 0)
+
+
+def _check_monitors(trainer: Trainer) -> None:
+    for entry in trainer._schedulers:
+        if entry.monitor and entry.monitor.startswith("val_") and not trainer.eval_dataloaders:
+            raise ConfigurationError(
+                f"an LR scheduler monitors {entry.monitor!r}, a validation metric, but fit() "
+                f"was given no val_dataloaders: pass them, or monitor a training metric"
+            )
+
+
+def _loss_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, Mapping) and "loss" in outputs:
+        loss = outputs["loss"]
+        if isinstance(loss, torch.Tensor):
+            return loss
+    raise ConfigurationError(
+        f"the training step must return the loss tensor or a dict holding 'loss', "
+        f"got {type(outputs).__name__}"
+    )
+
+
+def _raise_bad_loss(loss: torch.Tensor) -> None:
+    if loss.ndim != 0:
+        raise ConfigurationError(
+            f"the loss must be a scalar (0-dim) tensor, got shape {tuple(loss.shape)}; "
+            f"reduce it (reduction='mean') before returning it"
+        )
+    raise ConfigurationError(
+        "the loss does not require grad: it was detached, computed under torch.no_grad(), "
+        "or the model's parameters do not take part in it"
+    )

@@ -1,0 +1,231 @@
+"""Optimizers and learning-rate schedulers: building them, and one optimizer step.
+
+`configure_optimizers` reads what the user gave (an optimizer, a callable taking
+the parameters, or the model's own ``configure_optimizers``). `make_optimizer_step`
+builds, once per stage, the function the loop calls when a gradient-accumulation
+window is complete.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Collection, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+
+from hooktrain.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from hooktrain.hookcalls import ResolvedHooks
+    from hooktrain.trainer import Trainer
+
+__all__ = ["Scheduler", "configure_optimizers", "make_optimizer_step", "parse_optimizer_config"]
+
+
+class Scheduler:
+    """An LR scheduler with when to step it.
+
+    :ivar interval: ``"step"`` (after optimizer steps) or ``"epoch"`` (after epochs).
+    :ivar frequency: step it every this many intervals.
+    :ivar monitor: the metric passed to ``scheduler.step(value)`` (a plateau
+        scheduler); such a scheduler steps only after epochs that computed it.
+    """
+
+    __slots__ = ("frequency", "interval", "monitor", "scheduler")
+
+    def __init__(self, scheduler: Any, interval: str, frequency: int, monitor: str | None):
+        if interval not in ("step", "epoch"):
+            raise ConfigurationError(
+                f"LR scheduler interval must be 'step' or 'epoch', not {interval!r}"
+            )
+        self.scheduler = scheduler
+        self.interval = interval
+        self.frequency = frequency
+        self.monitor = monitor
+
+
+def configure_optimizers(module: torch.nn.Module, optimizer: Any) -> tuple[list[Any], list[Any]]:
+    """The optimizers and `Scheduler` entries of a run.
+
+    :param optimizer: an optimizer, a callable taking the parameters, or ``None``
+        to ask ``module.configure_optimizers()``.
+    :raises ConfigurationError: when there is no optimizer, or something else was
+        given where an optimizer belongs.
+    """
+    schedulers: list[Scheduler] = []
+    if optimizer is not None:
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizers = [optimizer]
+        elif callable(optimizer):
+            optimizers = [optimizer(module.parameters())]
+        else:
+            raise ConfigurationError(
+                f"optimizer must be a torch.optim.Optimizer or a callable taking the "
+                f"parameters, got {type(optimizer).__name__}"
+            )
+    elif callable(getattr(module, "configure_optimizers", None)):
+        optimizers, schedulers = parse_optimizer_config(module.configure_optimizers())
+    else:
+        raise ConfigurationError(
+            "fit() needs optimizer=... (an optimizer or a callable taking the parameters), "
+            "or a configure_optimizers() method on the model"
+        )
+    for opt in optimizers:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise ConfigurationError(f"expected an optimizer, got {type(opt).__name__}")
+    return optimizers, schedulers
+
+
+def parse_optimizer_config(config: Any) -> tuple[list[Any], list[Scheduler]]:
+    """Read what ``configure_optimizers`` returned: an optimizer, a list of them, a
+    pair ``([optimizers], [schedulers])``, or a dict (or list of dicts) with
+    ``"optimizer"`` and ``"lr_scheduler"`` (a scheduler, or a dict with
+    ``"scheduler"``, ``"interval"``, ``"frequency"`` and ``"monitor"``).
+
+    A ``ReduceLROnPlateau`` (or a subclass) given without a monitor monitors
+    ``val_loss``, as in Lightning.
+    """
+
+    def scheduler_entry(item: Any) -> Scheduler:
+        if isinstance(item, Mapping):
+            return Scheduler(
+                item["scheduler"],
+                item.get("interval", "epoch"),
+                int(item.get("frequency", 1)),
+                item.get("monitor", _default_monitor(item["scheduler"])),
+            )
+        return Scheduler(item, "epoch", 1, _default_monitor(item))
+
+    if isinstance(config, torch.optim.Optimizer):
+        return [config], []
+    if isinstance(config, Mapping):
+        config = [config]
+    if (
+        isinstance(config, tuple | list)
+        and len(config) == 2
+        and isinstance(config[0], list | tuple)
+        and isinstance(config[1], list | tuple)
+    ):
+        return list(config[0]), [scheduler_entry(s) for s in config[1]]
+    if isinstance(config, list | tuple):
+        optimizers, schedulers = [], []
+        for item in config:
+            if isinstance(item, Mapping):
+                optimizers.append(item["optimizer"])
+                if item.get("lr_scheduler") is not None:
+                    entry = scheduler_entry(item["lr_scheduler"])
+                    if "monitor" in item:
+                        entry.monitor = item["monitor"]
+                    schedulers.append(entry)
+            else:
+                optimizers.append(item)
+        return optimizers, schedulers
+    raise ConfigurationError(
+        f"configure_optimizers() returned {type(config).__name__}; return an optimizer, a "
+        f"list of them, ([optimizers], [schedulers]) or a dict with 'optimizer'"
+    )
+
+
+def _default_monitor(scheduler: Any) -> str | None:
+    return "val_loss" if isinstance(scheduler, ReduceLROnPlateau) else None
+
+
+def make_optimizer_step(trainer: Trainer, hooks: ResolvedHooks) -> Callable[[int], None]:
+    """Build the function that ends a gradient-accumulation window.
+
+    The returned ``optimizer_step(micro_batches)`` is called with the number of
+    micro-batches the window really held. Each micro-batch's loss was divided by
+    ``accumulate_grad_batches`` before backward; a shorter window (the last one of
+    an epoch) has its gradients multiplied by ``accumulate_grad_batches /
+    micro_batches``, so that every window's gradient is the mean over its own
+    micro-batches. Then, for each optimizer: ``unscale_gradients``,
+    ``on_before_optimizer_step``, ``clip_gradients`` (with ``gradient_clip_val``),
+    ``optimizer_step``; the step-wise LR schedulers (when no optimizer skipped its
+    step); for each optimizer ``on_before_zero_grad`` and ``zero_grad``; and
+    ``trainer.global_step`` grows by one.
+    """
+    optimizers = trainer.optimizers
+    step_schedulers = [entry for entry in trainer._schedulers if entry.interval == "step"]
+    accumulate = trainer.accumulate_grad_batches
+    clip = trainer.gradient_clip_val
+    unscale = hooks.unscale_gradients
+    on_before_optimizer_step = hooks.on_before_optimizer_step
+    clip_gradients = hooks.clip_gradients
+    step = hooks.optimizer_step
+    on_before_zero_grad = hooks.on_before_zero_grad
+
+    def optimizer_step(micro_batches: int) -> None:
+        if micro_batches != accumulate:
+            _scale_gradients(optimizers, accumulate / micro_batches)
+        stepped_all = True
+        for optimizer in optimizers:
+            if unscale is not None:
+                unscale(trainer=trainer, optimizer=optimizer)
+            if on_before_optimizer_step is not None:
+                on_before_optimizer_step(trainer=trainer, optimizer=optimizer)
+            if clip is not None:
+                norm = clip_gradients(trainer=trainer, optimizer=optimizer, max_norm=clip)
+                if norm is not None:
+                    trainer.log("grad_norm", norm)
+            if step(trainer=trainer, optimizer=optimizer) is False:
+                stepped_all = False
+        trainer.last_step_skipped = not stepped_all
+        if stepped_all:
+            for entry in step_schedulers:
+                if (trainer.global_step + 1) % entry.frequency == 0:
+                    step_scheduler(trainer, entry, None)
+        for optimizer in optimizers:
+            if on_before_zero_grad is not None:
+                on_before_zero_grad(trainer=trainer, optimizer=optimizer)
+            optimizer.zero_grad(set_to_none=True)
+        trainer.global_step += 1
+
+    return optimizer_step
+
+
+def _scale_gradients(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    grads = [
+        p.grad
+        for optimizer in optimizers
+        for group in optimizer.param_groups
+        for p in group["params"]
+        if p.grad is not None
+    ]
+    if grads:
+        torch._foreach_mul_(grads, factor)
+
+
+def step_scheduler(trainer: Trainer, entry: Scheduler, computed: Collection[str] | None) -> None:
+    """Step one scheduler; a monitoring one is given its metric's value.
+
+    :param computed: the metric names computed since the scheduler last had the
+        chance to step (an epoch's training and validation metrics), or ``None``
+        for a step-wise scheduler. A monitoring scheduler whose metric is not among
+        them does not step: a plateau is judged only on fresh values, and epochs
+        that skip validation (``check_val_every_n_epoch``) have none.
+    :raises ConfigurationError: when the monitored metric is missing although the
+        epoch computed validation metrics (a misspelt name), naming those known.
+    """
+    monitor = entry.monitor
+    if monitor is not None and computed is not None and monitor not in computed:
+        if not any(name.startswith("val_") for name in computed):
+            return  # validation did not run this epoch
+        raise ConfigurationError(
+            f"the LR scheduler monitors {monitor!r}, which this epoch did not compute; "
+            f"computed: {', '.join(sorted(computed)) or 'none'}"
+        )
+    if monitor is not None and monitor not in trainer.metrics:
+        raise ConfigurationError(
+            f"the LR scheduler monitors {monitor!r}, which was never logged; "
+            f"known metrics: {', '.join(sorted(trainer.metrics)) or 'none'}"
+        )
+    with warnings.catch_warnings():
+        # A run resumed at an epoch's last batch steps the scheduler before this
+        # process stepped the optimizer; the order is right, torch warns.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
+        if monitor is None:
+            entry.scheduler.step()
+        else:
+            entry.scheduler.step(trainer.metrics[monitor])
