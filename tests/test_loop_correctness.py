@@ -1,0 +1,442 @@
+"""Faults users of other trainers reported, each turned into the right value.
+
+Every test here failed on the loop before it was fixed; each names the kind of
+fault it guards, since the fix covers the kind, not only the input shown.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+
+import numpy
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+
+from hooktrain import ConfigurationError, Trainer, hookimpl
+from hooktrain.testing import HookRecorder, make_data, make_model
+
+
+def sgd(lr: float = 0.1):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+# ---------------------------------------------------------------- 1. accumulation
+
+
+class GradientSeen:
+    name = "gradient_seen"
+
+    def __init__(self) -> None:
+        self.grads: list[float] = []
+
+    @hookimpl
+    def on_before_optimizer_step(self, optimizer):
+        self.grads.append(optimizer.param_groups[0]["params"][0].grad.item())
+
+
+class Ones(IterableDataset):
+    """``n`` samples of 1.0, with no length."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield torch.ones(1), torch.zeros(1)
+
+
+def _linear_without_bias() -> nn.Module:
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    return model
+
+
+def _double_loss(outputs, targets):
+    # d/dw of 2 * w * x at x = 1: every micro-batch's gradient is 2.0.
+    return (2 * outputs).sum()
+
+
+@pytest.mark.parametrize("known_length", [True, False])
+def test_a_short_last_accumulation_window_is_the_mean_of_what_it_holds(known_length):
+    data = TensorDataset(torch.ones(6, 1), torch.zeros(6, 1)) if known_length else Ones(6)
+    seen = GradientSeen()
+    trainer = Trainer(plugins=[seen], accumulate_grad_batches=4, device="cpu")
+    trainer.fit(
+        _linear_without_bias(),
+        DataLoader(data, batch_size=1),
+        loss_fn=_double_loss,
+        optimizer=sgd(0.0),
+    )
+    # Windows of 4 and 2 micro-batches: each window's gradient is the mean of its own.
+    assert seen.grads == [2.0, 2.0]
+    assert trainer.global_step == 2
+
+
+# ---------------------------------------------------------------- 2. random streams
+
+
+class Draws(Dataset):
+    """Records every ``random.random()`` and NumPy draw its ``__getitem__`` makes."""
+
+    def __init__(self, n: int, log: list[tuple[float, float]] | None) -> None:
+        self.data = make_data(n=n, batch_size=n)[0].dataset
+        self.log = log
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        draw = (random.random(), float(numpy.random.random()))
+        if self.log is not None:
+            self.log.append(draw)
+        return self.data[index]
+
+
+def test_validation_does_not_change_trainings_random_streams():
+    logs = []
+    for with_validation in (False, True):
+        log: list[tuple[float, float]] = []
+        train = DataLoader(Draws(16, log), batch_size=4, shuffle=True)
+        val = DataLoader(Draws(8, None), batch_size=4) if with_validation else None
+        model = make_model(dropout=0.3)
+        Trainer(plugins=[], max_epochs=2, seed=0, device="cpu").fit(
+            model, train, val, loss_fn=F.cross_entropy, optimizer=sgd()
+        )
+        logs.append((log, model.state_dict()))
+    (without, state_without), (with_val, state_with) = logs
+    assert len(without) == 32 and without == with_val
+    for key, value in state_without.items():
+        assert torch.equal(value, state_with[key]), key
+
+
+# ---------------------------------------------------------------- 3. validated twice
+
+
+def test_the_same_weights_are_not_validated_twice():
+    recorder = HookRecorder(hooks=["on_validation_start", "log_metrics"])
+    train, val = make_data(n=16, batch_size=16)
+    trainer = Trainer(plugins=[recorder], max_epochs=2, val_every_n_steps=1, device="cpu")
+    trainer.fit(make_model(), train, val, loss_fn=F.cross_entropy, optimizer=sgd())
+    # One batch an epoch: the step-wise validation at each epoch's last step is the
+    # epoch's validation too.
+    assert recorder.count("on_validation_start") == 2
+    scopes = [call.kwargs["scope"] for call in recorder.of("log_metrics")]
+    assert scopes.count("validate") == 2
+
+
+# ---------------------------------------------------------------- 4. plateau scheduler
+
+
+class PlateauModel(nn.Module):
+    def __init__(self, scheduler_class: type) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.scheduler_class = scheduler_class
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return {"loss": F.cross_entropy(self(x), y)}
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        self.scheduler = self.scheduler_class(optimizer)
+        return [optimizer], [self.scheduler]
+
+
+class RenamedPlateau(torch.optim.lr_scheduler.ReduceLROnPlateau):
+    """A plateau scheduler under another class name: still recognised as one."""
+
+
+@pytest.mark.parametrize(
+    "scheduler_class", [torch.optim.lr_scheduler.ReduceLROnPlateau, RenamedPlateau]
+)
+def test_a_plateau_scheduler_steps_only_after_validated_epochs(scheduler_class):
+    train, val = make_data(n=32, batch_size=16)
+    model = PlateauModel(scheduler_class)
+    Trainer(plugins=[], max_epochs=4, check_val_every_n_epoch=2, device="cpu").fit(
+        model, train, val
+    )
+    # Epochs 1 and 3 validated; the scheduler stepped after each of them only.
+    assert model.scheduler.last_epoch == 2
+
+
+def test_a_plateau_scheduler_without_validation_fails_before_training():
+    train, _ = make_data(n=32, batch_size=16)
+    model = PlateauModel(torch.optim.lr_scheduler.ReduceLROnPlateau)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ConfigurationError, match="monitors 'val_loss', a validation metric"):
+        Trainer(plugins=[], max_epochs=2, device="cpu").fit(model, train)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+# ---------------------------------------------------------------- 5. predictions
+
+
+class Emits(nn.Module):
+    """Predicts whatever tensors it was built with, one per batch."""
+
+    def __init__(self, outputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.outputs = outputs
+        self.dummy = nn.Linear(1, 1)
+
+    def predict_step(self, batch, batch_idx):
+        return self.outputs[batch_idx]
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        [torch.zeros(1, 1), torch.zeros(1, 2)],  # widths
+        [torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.int64)],  # dtypes
+        [torch.zeros(2), torch.zeros(1, 2)],  # dimensions
+    ],
+    ids=["widths", "dtypes", "dimensions"],
+)
+def test_predictions_that_cannot_be_concatenated_come_back_as_a_list(outputs):
+    loader = DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1)
+    result = Trainer(plugins=[], device="cpu").predict(Emits(outputs), loader)
+    assert isinstance(result, list) and len(result) == 2
+    assert all(a is b for a, b in zip(result, outputs, strict=True))
+
+
+def test_predictions_of_one_shape_are_concatenated():
+    outputs = [torch.zeros(1, 2), torch.ones(3, 2)]
+    loader = DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1)
+    result = Trainer(plugins=[], device="cpu").predict(Emits(outputs), loader)
+    assert torch.equal(result, torch.cat(outputs))
+
+
+# ---------------------------------------------------------------- 6. max_steps mid-epoch
+
+
+class EpochEnds:
+    name = "epoch_ends"
+
+    def __init__(self) -> None:
+        self.ends = 0
+        self.validations = 0
+
+    @hookimpl
+    def on_train_epoch_end(self):
+        self.ends += 1
+
+    @hookimpl
+    def on_validation_start(self):
+        self.validations += 1
+
+
+class SavesAtFitEnd:
+    """Keeps the checkpoint of the run as it ended, as a file."""
+
+    name = "saves_at_fit_end"
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    @hookimpl
+    def on_fit_end(self, trainer):
+        torch.save(trainer.dump_checkpoint(), self.path)
+
+
+class StepLRModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model(dropout=0.2)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.5)
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
+
+
+def _fit_steps(max_steps, plugins, ckpt_path=None):
+    train, val = make_data(n=64, batch_size=8)  # 8 steps an epoch
+    model = StepLRModel()
+    trainer = Trainer(plugins=plugins, max_epochs=3, max_steps=max_steps, seed=1, device="cpu")
+    trainer.fit(model, train, val, loss_fn=F.cross_entropy, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def test_stopping_at_max_steps_mid_epoch_runs_no_epoch_end_and_resumes_exactly(tmp_path):
+    ends = EpochEnds()
+    path = tmp_path / "cut.ckpt"
+    trainer, _ = _fit_steps(7, [ends, SavesAtFitEnd(path)])
+    assert trainer.global_step == 7
+    assert ends.ends == 0 and ends.validations == 0
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.5  # no epoch-end scheduler step
+
+    resumed_ends = EpochEnds()
+    resumed, resumed_model = _fit_steps(15, [resumed_ends], ckpt_path=path)
+    single, single_model = _fit_steps(15, [])
+    assert resumed.global_step == single.global_step == 15
+    assert resumed_ends.ends == 1  # epoch 0's end, once
+    assert resumed.optimizers[0].param_groups[0]["lr"] == single.optimizers[0].param_groups[0]["lr"]
+    for key, value in single_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+
+
+# ---------------------------------------------------------------- 7. module modes
+
+
+def _frozen_norm_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.Linear(2, 1))
+    model[0].eval()
+    return model
+
+
+def test_a_module_the_user_put_in_eval_mode_stays_in_eval_mode():
+    model = _frozen_norm_model()
+    data = DataLoader(TensorDataset(torch.randn(16, 2) + 3, torch.randn(16, 1)), batch_size=4)
+    Trainer(plugins=[], max_epochs=2, device="cpu").fit(
+        model, data, data, loss_fn=F.mse_loss, optimizer=sgd(0.0)
+    )
+    assert torch.equal(model[0].running_mean, torch.zeros(2))
+    assert model.training and not model[0].training and model[1].training
+
+
+def test_evaluation_puts_back_exactly_the_modes_it_found():
+    data = DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=4)
+    model = _frozen_norm_model()
+    before = [m.training for m in model.modules()]
+    trainer = Trainer(plugins=[], device="cpu")
+    trainer.validate(model, data, loss_fn=F.mse_loss)
+    trainer.test(model, data, loss_fn=F.mse_loss)
+    trainer.predict(model, DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4))
+    assert [m.training for m in model.modules()] == before == [True, False, True]
+
+
+# ---------------------------------------------------------------- 8. data order on resume
+
+
+class Indexed(Dataset):
+    """Returns its index as a feature, so the trained order can be read off batches;
+    ``noise`` adds ``torch.randn`` in ``__getitem__`` (drawn in the worker)."""
+
+    def __init__(self, n: int, noise: bool) -> None:
+        self.n = n
+        self.noise = noise
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        x = torch.full((2,), float(index))
+        if self.noise:
+            x = x + torch.randn(2)
+        return x, torch.tensor(index % 2)
+
+
+class SeesSamples:
+    name = "sees_samples"
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+
+    @hookimpl
+    def on_train_batch_start(self, batch):
+        self.samples.extend(batch[0][:, 0].round().long().tolist())
+
+
+class CrashesAfter:
+    """Saves a checkpoint at ``save_at`` and raises at ``crash_at`` (global steps)."""
+
+    name = "crashes_after"
+
+    def __init__(self, path, save_at: int, crash_at: int) -> None:
+        self.path, self.save_at, self.crash_at = path, save_at, crash_at
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        if trainer.global_step == self.save_at:
+            torch.save(trainer.dump_checkpoint(), self.path)
+        if trainer.global_step == self.crash_at:
+            raise KeyboardInterrupt("killed")
+
+
+def _loader(kind: str) -> DataLoader:
+    if kind == "own generator":
+        return DataLoader(
+            Indexed(8, noise=False),
+            batch_size=2,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+    return DataLoader(Indexed(8, noise=True), batch_size=2, shuffle=True, num_workers=2)
+
+
+@pytest.mark.parametrize("kind", ["own generator", "workers with noise"])
+def test_a_resumed_epoch_replays_the_interrupted_epochs_data(kind, tmp_path):
+    def fit(plugins, ckpt_path=None):
+        model = make_model(features=2, dropout=0.2)
+        trainer = Trainer(plugins=plugins, max_epochs=3, seed=3, device="cpu")
+        trainer.fit(
+            model, _loader(kind), loss_fn=F.cross_entropy, optimizer=sgd(), ckpt_path=ckpt_path
+        )
+        return model
+
+    whole = SeesSamples()
+    uninterrupted = fit([whole])
+    path = tmp_path / "mid.ckpt"
+    before = SeesSamples()
+    with pytest.raises(KeyboardInterrupt):
+        fit([before, CrashesAfter(path, save_at=6, crash_at=7)])
+    after = SeesSamples()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact resume has nothing to warn about
+        resumed = fit([after], ckpt_path=path)
+    assert before.samples[: 6 * 2] + after.samples == whole.samples
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+# ---------------------------------------------------------------- 10. wrong len()
+
+
+class Liar(IterableDataset):
+    """Says it holds 2 samples, yields 1."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __iter__(self):
+        yield torch.ones(2), torch.tensor(1)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_loader_whose_length_is_wrong_ends_the_epoch_not_the_fit(accumulate, tmp_path):
+    epochs = EpochEnds()
+    path = tmp_path / "end.ckpt"
+    trainer = Trainer(
+        plugins=[epochs, SavesAtFitEnd(path)],
+        max_epochs=3,
+        accumulate_grad_batches=accumulate,
+        device="cpu",
+    )
+    with pytest.warns(UserWarning, match=r"said it has 2 batches \(len\) but yielded 1") as caught:
+        trainer.fit(
+            make_model(features=2),
+            DataLoader(Liar(), batch_size=1),
+            loss_fn=F.cross_entropy,
+            optimizer=sgd(),
+        )
+    assert sum("yielded 1" in str(w.message) for w in caught) == 1  # warned once
+    assert epochs.ends == 3
+    assert trainer.global_step == 3  # each epoch's open window was stepped
+    saved = torch.load(path, weights_only=True)
+    assert saved["progress"]["epoch"] == 2 and saved["progress"]["epoch_complete"]
