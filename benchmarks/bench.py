@@ -8,7 +8,8 @@ Run it from the repository root after installing hooktrain::
 Every variant trains the same model on the same data for the same number of
 steps from the same seed:
 
-a. a hand-written loop (what a careful user writes);
+a. a hand-written loop, the best a careful user writes: each step's detached
+   loss kept in a list and reduced once per epoch;
 b. hooktrain with no plugins;
 c. hooktrain with the progress bar, TensorBoard and checkpoint (every epoch)
    plugins, selected by entry-point name (skipped when they are not installed);
@@ -191,8 +192,9 @@ class Variant:
 
 
 def run_raw(workload: Workload, model: nn.Module, data: Any, workdir: str) -> float:
-    """The loop a careful user writes: no per-step ``.item()``; the epoch's mean
-    loss is summed on the device and read once per epoch."""
+    """The best loop a careful user writes: no per-step ``.item()`` and no per-step
+    arithmetic on the loss either; each step's detached loss goes into a list, which
+    is reduced once per epoch for the epoch's mean loss."""
     start = CLOCK()
     model.train()
     scheduler = None
@@ -202,8 +204,10 @@ def run_raw(workload: Workload, model: nn.Module, data: Any, workdir: str) -> fl
     else:
         optimizer = _sgd(workload)(model.parameters())
     for _epoch in range(workload.epochs):
-        total = torch.zeros(())
-        count = 0
+        # A running sum on the device (``total += loss.detach()``) launches an
+        # addition per step, about 6% of a 250 us MLP step; appending to a list costs
+        # a fraction of that, and the ratios should be against the best hand loop.
+        losses: list[torch.Tensor] = []
         for batch_idx, (inputs, targets) in enumerate(data):
             optimizer.zero_grad(set_to_none=True)
             if workload.loss_fn is None:
@@ -212,11 +216,10 @@ def run_raw(workload: Workload, model: nn.Module, data: Any, workdir: str) -> fl
                 loss = workload.loss_fn(model(inputs), targets)
             loss.backward()
             optimizer.step()
-            total += loss.detach()
-            count += 1
+            losses.append(loss.detach())
         if scheduler is not None:
             scheduler.step()
-        epoch_loss = (total / count).item()  # noqa: F841 - what a user would print
+        epoch_loss = torch.stack(losses).mean().item()  # noqa: F841 - what a user would print
     return CLOCK() - start
 
 
