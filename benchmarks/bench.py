@@ -2,13 +2,15 @@
 
 Run it from the repository root after installing hooktrain::
 
-    python benchmarks/bench.py            # the full run recorded in docs/benchmarks.md
-    python benchmarks/bench.py --quick    # a few seconds, to check it still works
+    python benchmarks/bench.py              # the full run recorded in docs/benchmarks.md
+    python benchmarks/bench.py --rounds 5   # full sizes, few rounds: a rough look
+    python benchmarks/bench.py --quick      # a few seconds, to check it still works
 
 Every variant trains the same model on the same data for the same number of
 steps from the same seed:
 
-a. a hand-written loop (what a careful user writes);
+a. a hand-written loop, the best a careful user writes: each step's detached
+   loss kept in a list and reduced once per epoch;
 b. hooktrain with no plugins;
 c. hooktrain with the progress bar, TensorBoard and checkpoint (every epoch)
    plugins, selected by entry-point name (skipped when they are not installed);
@@ -19,9 +21,10 @@ e. Lightning with them on and ``self.log`` every step (d and e only when
 The variants run interleaved (a b c d e a b c d e ...) after one warm-up round,
 so that a slow moment of a shared machine hits all of them alike. For each round
 the time of each variant is divided by the raw loop's time of the same round; the
-script prints the median of these paired ratios, which is what the overhead budget
-in docs/benchmarks.md is stated in. The whole ``fit`` call is timed (setup
-included), and the whole raw loop (optimizer creation included).
+script prints, per workload, the median of these paired ratios, which is what the
+overhead budget in docs/benchmarks.md is stated in, and their spread (smallest,
+quartiles, largest). The whole ``fit`` call is timed (setup included), and the
+whole raw loop (optimizer creation included).
 
 torch runs on one thread (``--threads``) so that the two cores of a small machine
 do not make the timings noisy. Progress bars write to ``os.devnull`` so that the
@@ -191,8 +194,9 @@ class Variant:
 
 
 def run_raw(workload: Workload, model: nn.Module, data: Any, workdir: str) -> float:
-    """The loop a careful user writes: no per-step ``.item()``; the epoch's mean
-    loss is summed on the device and read once per epoch."""
+    """The best loop a careful user writes: no per-step ``.item()`` and no per-step
+    arithmetic on the loss either; each step's detached loss goes into a list, which
+    is reduced once per epoch for the epoch's mean loss."""
     start = CLOCK()
     model.train()
     scheduler = None
@@ -202,8 +206,10 @@ def run_raw(workload: Workload, model: nn.Module, data: Any, workdir: str) -> fl
     else:
         optimizer = _sgd(workload)(model.parameters())
     for _epoch in range(workload.epochs):
-        total = torch.zeros(())
-        count = 0
+        # A running sum on the device (``total += loss.detach()``) launches an
+        # addition per step, about 6% of a 250 us MLP step; appending to a list costs
+        # a fraction of that, and the ratios should be against the best hand loop.
+        losses: list[torch.Tensor] = []
         for batch_idx, (inputs, targets) in enumerate(data):
             optimizer.zero_grad(set_to_none=True)
             if workload.loss_fn is None:
@@ -212,11 +218,10 @@ def run_raw(workload: Workload, model: nn.Module, data: Any, workdir: str) -> fl
                 loss = workload.loss_fn(model(inputs), targets)
             loss.backward()
             optimizer.step()
-            total += loss.detach()
-            count += 1
+            losses.append(loss.detach())
         if scheduler is not None:
             scheduler.step()
-        epoch_loss = (total / count).item()  # noqa: F841 - what a user would print
+        epoch_loss = torch.stack(losses).mean().item()  # noqa: F841 - what a user would print
     return CLOCK() - start
 
 
@@ -392,9 +397,9 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def time_workload(workload: Workload, variants: list[Variant], repeats: int) -> None:
+def time_workload(workload: Workload, variants: list[Variant], rounds: int) -> None:
     active = [v for v in variants if v.run is not None]
-    for round_index in range(repeats + 1):  # round 0 warms up and is dropped
+    for round_index in range(rounds + 1):  # round 0 warms up and is dropped
         for variant in active:
             if round_index % variant.every:
                 continue
@@ -416,31 +421,75 @@ def time_workload(workload: Workload, variants: list[Variant], repeats: int) -> 
                 variant.rounds.append(round_index)
 
 
-def report_workload(workload: Workload, variants: list[Variant], repeats: int) -> None:
+def report_workload(workload: Workload, variants: list[Variant], rounds: int) -> None:
+    """Per variant: the median time per step, and the median of its paired ratios to
+    the raw loop with their spread (min, quartiles, max over the rounds)."""
     print(f"\n## workload {workload.name}: {workload.description}")
-    print(f"   {workload.steps} steps per run, {repeats} interleaved rounds, median of each")
+    print(
+        f"   {workload.steps} steps per run, {rounds} interleaved rounds; ratios are "
+        f"per round (variant / a of the same round): their median, min, quartiles, max"
+    )
     raw = dict(zip(variants[0].rounds, variants[0].seconds, strict=True))
-    print(f"   {'variant':<50} {'us/step':>9} {'ratio to a':>11}")
+    print(
+        f"   {'variant':<50} {'us/step':>9} {'median':>7} {'min':>7} {'q1':>7} {'q3':>7} "
+        f"{'max':>7}  rounds"
+    )
+    summaries = []
     for variant in variants:
         title = f"{variant.key}  {variant.label}"
         if variant.run is None:
             print(f"   {title:<50} skipped: {variant.skipped}")
             continue
+        if not variant.seconds:
+            # Only possible for a variant run every N-th round, with fewer rounds.
+            print(f"   {title:<50} no timed round (more --rounds or a lower --lightning-every)")
+            continue
         per_step = statistics.median(variant.seconds) / workload.steps * 1e6
-        ratio, ratios = _paired_ratio(variant, raw)
-        spread = f"[{min(ratios):.3f}..{max(ratios):.3f}]" if len(ratios) > 1 else ""
-        rounds = f"  ({len(ratios)} rounds)" if variant.every > 1 else ""
-        print(f"   {title:<50} {per_step:9.1f} {ratio:11.3f}  {spread}{rounds}")
-    for variant in variants[1:]:
-        if variant.run is not None:
-            ratio, _ = _paired_ratio(variant, raw)
-            print(f"ratio {workload.name} {variant.key}/a = {ratio:.3f}  ({variant.label})")
+        if variant is variants[0]:
+            print(f"   {title:<50} {per_step:9.1f} {1:7.3f} {'':>31}  {len(variant.seconds)}")
+            continue
+        spread = _paired_ratios(variant, raw)
+        print(
+            f"   {title:<50} {per_step:9.1f} {spread.median:7.3f} {spread.low:7.3f} "
+            f"{spread.q1:7.3f} {spread.q3:7.3f} {spread.high:7.3f}  {spread.count}"
+        )
+        summaries.append((variant, spread))
+    for variant, spread in summaries:
+        print(
+            f"ratio {workload.name} {variant.key}/a = {spread.median:.3f}  "
+            f"(min {spread.low:.3f}, q1 {spread.q1:.3f}, q3 {spread.q3:.3f}, "
+            f"max {spread.high:.3f}; {spread.count} rounds)  {variant.label}"
+        )
 
 
-def _paired_ratio(variant: Variant, raw: dict[int, float]) -> tuple[float, list[float]]:
-    """The median of the variant's time over the raw loop's in the same round."""
+@dataclass(frozen=True)
+class Spread:
+    """Summary of one variant's per-round ratios to the raw loop."""
+
+    median: float
+    low: float
+    q1: float
+    q3: float
+    high: float
+    count: int
+
+
+def _paired_ratios(variant: Variant, raw: dict[int, float]) -> Spread:
+    """The variant's time over the raw loop's in the same round, for every round it
+    ran in: pairing cancels the slow moments a shared machine gives both alike."""
     ratios = [s / raw[r] for s, r in zip(variant.seconds, variant.rounds, strict=True)]
-    return statistics.median(ratios), ratios
+    if len(ratios) > 1:
+        q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    else:  # quantiles needs two points (before Python 3.13)
+        q1 = q3 = ratios[0]
+    return Spread(
+        median=statistics.median(ratios),
+        low=min(ratios),
+        q1=q1,
+        q3=q3,
+        high=max(ratios),
+        count=len(ratios),
+    )
 
 
 # --------------------------------------------------------------------------------
@@ -587,11 +636,14 @@ def main(argv: list[str] | None = None) -> int:
         help="tiny sizes and two rounds: checks the script, measures nothing",
     )
     parser.add_argument(
+        "--rounds",
         "--repeats",
+        dest="rounds",
         type=int,
         default=101,
-        help="interleaved rounds of a, b and c (the budgeted ratios; on a shared "
-        "machine the median of about 30 rounds still moves by 2%%)",
+        help="timed interleaved rounds of a, b and c, after one warm-up round (the "
+        "budgeted ratios; on a shared machine the median of about 30 rounds still moves "
+        "by 2%%); a few, e.g. --rounds 3, check the script in seconds",
     )
     parser.add_argument(
         "--lightning-every",
@@ -625,8 +677,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     options = parser.parse_args(argv)
     if options.quick:
-        options.repeats, options.mlp_steps, options.conv_steps = 2, 20, 4
+        options.rounds, options.mlp_steps, options.conv_steps = 2, 20, 4
         options.lightning_every = 1
+    if options.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if options.lightning_every < 1:
         parser.error("--lightning-every must be at least 1")
 
@@ -654,8 +708,8 @@ def main(argv: list[str] | None = None) -> int:
         factory, steps = factories[name.strip()]
         workload = factory(steps, options.epochs)
         variants = make_variants(not options.no_lightning, options.lightning_every)
-        time_workload(workload, variants, options.repeats)
-        report_workload(workload, variants, options.repeats)
+        time_workload(workload, variants, options.rounds)
+        report_workload(workload, variants, options.rounds)
 
     if options.profile:
         report_profile(factories["mlp"][0](options.mlp_steps, options.epochs))

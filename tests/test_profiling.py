@@ -1,9 +1,18 @@
-"""The ``profile`` plugin: a table of time per plugin and hook, and the loop's own."""
+"""The ``profile`` plugin: a table of time per plugin and hook, and the loop's own.
+
+The profiler reads ``time.perf_counter``; these tests replace it with a clock that
+moves only when a test's plugin or data says so. Real sleeps would make every
+comparison depend on the machine: on a busy one the core's forward step can take
+longer than a plugin's sleep. With the fake clock each row's time is known exactly,
+so a time counted in the wrong row shows as a wrong number.
+"""
 
 from __future__ import annotations
 
 import io
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch.nn.functional as F
@@ -15,14 +24,58 @@ from hooktrain.testing import make_data, run
 SLEEP = 0.002
 
 
+class FakeClock:
+    """Stands in for ``time.perf_counter``: stopped, except for :meth:`advance`.
+
+    Everything real (the model's compute, pluggy, the loop) takes no time on it;
+    only what a test advances does.
+    """
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(time, "perf_counter", fake)
+    return fake
+
+
 class SlowBatchEnd:
-    """Sleeps in every on_train_batch_end: a plugin a user would want to find."""
+    """Takes SLEEP seconds in every on_train_batch_end: a plugin a user would want
+    to find."""
 
     name = "slow"
 
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
     @hookimpl
     def on_train_batch_end(self, trainer):
-        time.sleep(SLEEP)
+        self.clock.advance(SLEEP)
+
+
+class SlowLoading:
+    """Training batches that take ``seconds`` each to load: time the loop spends
+    outside every hook."""
+
+    def __init__(self, batches: Any, clock: FakeClock, seconds: float) -> None:
+        self.batches, self.clock, self.seconds = batches, clock, seconds
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.batches:
+            self.clock.advance(self.seconds)
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def _profile(result) -> ProfilePlugin:
@@ -31,30 +84,38 @@ def _profile(result) -> ProfilePlugin:
     return plugin
 
 
-def test_selected_by_entry_point_name_it_finds_the_slow_plugin():
+def test_selected_by_entry_point_name_it_finds_the_slow_plugin(clock):
     stream = io.StringIO()
-    result = run([SlowBatchEnd(), ("profile", {"stream": stream})], record=False)
+    train, val = make_data()
+    loading = 0.0005
+    result = run(
+        [SlowBatchEnd(clock), ("profile", {"stream": stream})],
+        record=False,
+        data=(SlowLoading(train, clock, loading), val),
+    )
     report = _profile(result).report
     assert isinstance(report, ProfileReport)
     steps = result.trainer.global_step
-    assert report.stage == "fit" and report.steps == steps
+    assert steps > 0 and report.stage == "fit" and report.steps == steps
 
     slow = report.row("on_train_batch_end", "slow")
     assert slow is not None and slow.calls == steps
-    assert slow.seconds >= steps * SLEEP  # sleep guarantees at least this much
-    assert slow.mean_seconds == pytest.approx(slow.seconds / steps)
-    # The slow plugin is the biggest cost that is not the model's own compute.
-    non_core = [row for row in report.rows if row.plugin != "core"]
-    assert non_core[0] is slow
-    assert list(report.by_plugin())[:2].count("slow") == 1
+    assert slow.seconds == pytest.approx(steps * SLEEP)
+    assert slow.mean_seconds == pytest.approx(SLEEP)
+    assert report.rows[0] is slow
+    by_plugin = report.by_plugin()
+    assert next(iter(by_plugin)) == "slow"
+    assert by_plugin["slow"] == pytest.approx(steps * SLEEP)
 
     # Hooks only the core implements are called directly by the loop, bypassing
     # pluggy; they are timed all the same.
     forward = report.row("forward_step", "core")
     assert forward is not None and forward.calls >= steps
     assert report.row("optimizer_step", "core").calls == steps
-    assert report.hook_seconds + report.loop_seconds == pytest.approx(report.wall_seconds)
-    assert report.loop_seconds > 0
+    # Loading the batches happens in the loop itself, outside every hook.
+    assert report.hook_seconds == pytest.approx(steps * SLEEP)
+    assert report.wall_seconds == pytest.approx(steps * (SLEEP + loading))
+    assert report.loop_seconds == pytest.approx(steps * loading)
 
     text = stream.getvalue()
     assert "hooktrain profile: fit" in text
@@ -65,9 +126,9 @@ def test_selected_by_entry_point_name_it_finds_the_slow_plugin():
     assert all(row.plugin != "profile" for row in report.rows)
 
 
-def test_implementations_are_unwrapped_after_the_stage():
+def test_implementations_are_unwrapped_after_the_stage(clock):
     plugin = ProfilePlugin(print_report=False)
-    slow = SlowBatchEnd()
+    slow = SlowBatchEnd(clock)
     result = run([slow, plugin], record=False)
     manager = result.trainer.plugin_manager
     for hook_name in ("on_train_batch_end", "forward_step", "setup", "teardown"):
@@ -84,49 +145,76 @@ class Nesting:
 
     name = "nesting"
 
+    def __init__(self, clock: FakeClock, outer: float, inner: float) -> None:
+        self.clock, self.outer, self.inner = clock, outer, inner
+
     @hookimpl
     def on_train_epoch_end(self, trainer):
+        self.clock.advance(self.outer)
         trainer.plugin_manager.hook.on_save_checkpoint(trainer=trainer, checkpoint={})
 
     @hookimpl
     def on_save_checkpoint(self, trainer, checkpoint):
-        time.sleep(0.05)
+        self.clock.advance(self.inner)
 
 
-def test_nested_hook_time_counts_once_in_the_innermost():
+def test_nested_hook_time_counts_once_in_the_innermost(clock):
     plugin = ProfilePlugin(print_report=False)
-    run([Nesting(), plugin], record=False, max_epochs=2)
+    run([Nesting(clock, outer=0.003, inner=0.05), plugin], record=False, max_epochs=2)
     report = plugin.report
     inner = report.row("on_save_checkpoint", "nesting")
     outer = report.row("on_train_epoch_end", "nesting")
     assert inner.calls == outer.calls == 2
-    assert inner.seconds >= 0.1
-    # The outer implementation does nothing but call the inner one.
-    assert outer.seconds < inner.seconds
+    assert inner.seconds == pytest.approx(2 * 0.05)
+    # The outer implementation's own time, without the inner call it made.
+    assert outer.seconds == pytest.approx(2 * 0.003)
+    assert report.hook_seconds == pytest.approx(report.wall_seconds)
 
 
 class Surrounding:
-    """A wrapper around forward_step that sleeps before and after the real one."""
+    """A wrapper around forward_step that takes SLEEP before and after the others."""
 
     name = "surrounding"
 
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
     @hookimpl(wrapper=True)
     def forward_step(self, trainer, batch, batch_idx, stage):
-        time.sleep(SLEEP)
+        self.clock.advance(SLEEP)
         result = yield
+        self.clock.advance(SLEEP)
         return result
 
 
-def test_a_wrapper_is_timed_without_what_it_surrounds():
+class SurroundedForward:
+    """A plain forward_step that takes time and defers (returns None) to the core's."""
+
+    name = "surrounded"
+
+    def __init__(self, clock: FakeClock, seconds: float) -> None:
+        self.clock, self.seconds = clock, seconds
+
+    @hookimpl
+    def forward_step(self, trainer, batch, batch_idx, stage):
+        self.clock.advance(self.seconds)
+
+
+def test_a_wrapper_is_timed_without_what_it_surrounds(clock):
     plugin = ProfilePlugin(print_report=False)
-    run([Surrounding(), plugin], record=False)
+    surrounded = 0.5
+    run([Surrounding(clock), SurroundedForward(clock, surrounded), plugin], record=False)
     report = plugin.report
     wrapper = report.row("forward_step", "surrounding")
+    inner = report.row("forward_step", "surrounded")
     core = report.row("forward_step", "core")
-    assert wrapper.calls == core.calls
-    assert wrapper.seconds >= wrapper.calls * SLEEP
-    # The sleeps are the wrapper's, not the core's.
-    assert core.seconds < wrapper.seconds
+    assert wrapper.calls == inner.calls == core.calls > 0
+    # The wrapper's own time before and after its yield, not the implementations it
+    # surrounds; theirs is theirs, and none of the wrapper's lands in the core's row.
+    assert wrapper.seconds == pytest.approx(wrapper.calls * 2 * SLEEP)
+    assert inner.seconds == pytest.approx(inner.calls * surrounded)
+    assert core.seconds == pytest.approx(0.0, abs=1e-12)
+    assert report.hook_seconds == pytest.approx(report.wall_seconds)
 
 
 def test_every_stage_gets_its_own_report():
@@ -139,9 +227,9 @@ def test_every_stage_gets_its_own_report():
     assert plugin.report.row("forward_step", "core").calls == len(val)
 
 
-def test_limit_shortens_the_printed_table():
+def test_limit_shortens_the_printed_table(clock):
     report = ProfilePlugin(print_report=False)
-    run([SlowBatchEnd(), report], record=False)
+    run([SlowBatchEnd(clock), report], record=False)
     text = report.report.format(limit=1)
     assert "more rows" in text
     assert text.count("\n") < report.report.format().count("\n")
