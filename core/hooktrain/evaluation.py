@@ -20,7 +20,7 @@ from hooktrain.metrics import RunningMeans
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["STAGE_HOOKS", "evaluation_loop"]
+__all__ = ["STAGE_HOOKS", "concatenable", "evaluation_loop"]
 
 #: The hooks each evaluation stage calls, and the prefix of its metric names.
 STAGE_HOOKS: dict[str, dict[str, str]] = {
@@ -111,13 +111,15 @@ def evaluation_loop(
                         )
             results = means.compute(trainer.all_reduce if trainer.world_size > 1 else None)
             trainer.metrics.update_raw(results)
-            if on_epoch_end is not None:
-                if stage == "predict":
-                    on_epoch_end(trainer=trainer, predictions=predictions)
-                else:
-                    on_epoch_end(trainer=trainer)
-            if on_end is not None:
-                on_end(trainer=trainer)
+            with trainer._logging_epoch_end() as logged:
+                if on_epoch_end is not None:
+                    if stage == "predict":
+                        on_epoch_end(trainer=trainer, predictions=predictions)
+                    else:
+                        on_epoch_end(trainer=trainer)
+                if on_end is not None:
+                    on_end(trainer=trainer)
+            results.update({name: trainer.metrics.raw(name) for name in logged})
     finally:
         trainer._active_means, trainer._log_prefix = outer
         for module, training in modes:
@@ -163,3 +165,15 @@ def _accumulate(
             means.add(prefix + key + suffix, value.detach(), trainer._batch_size)
         elif isinstance(value, int | float) and not isinstance(value, bool):
             means.add(prefix + key + suffix, float(value), trainer._batch_size)
+
+
+def concatenable(predictions: list[Any]) -> bool:
+    """Whether ``torch.cat`` joins ``predictions`` without failing or converting:
+    tensors of one dtype, on one device, equal past the first dimension."""
+    if not predictions or not all(isinstance(p, torch.Tensor) and p.ndim for p in predictions):
+        return False
+    first = predictions[0]
+    return all(
+        p.dtype == first.dtype and p.device == first.device and p.shape[1:] == first.shape[1:]
+        for p in predictions
+    )

@@ -44,7 +44,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     trainer.optimizers, trainer._schedulers = configure_optimizers(trainer.module, optimizer)
     trainer.lr_schedulers = [entry.scheduler for entry in trainer._schedulers]
     _check_monitors(trainer)
-    trainer._start_progress()
+    _start_progress(trainer)
     trainer.plugin_manager.hook.prepare(trainer=trainer, stage="fit")
     if len(trainer.lr_schedulers) != len(trainer._schedulers):
         raise PluginError("a prepare implementation changed the number of LR schedulers")
@@ -136,7 +136,7 @@ def _train_epoch(
     means = trainer._train_means
     if skip == 0:
         means.reset()
-        trainer._apply_pending_rng()
+        _apply_pending_rng(trainer)
     # The model trains in the modes its modules are in: a module the user put in
     # eval mode (a frozen BatchNorm) stays there. Evaluation puts them back.
     trainer.epoch_batches_done = skip
@@ -149,7 +149,7 @@ def _train_epoch(
     batches = _epoch_batches(trainer, hooks, loader, skip)
     if limit is not None:
         batches = itertools.islice(batches, max(0, limit - skip))
-    trainer._apply_pending_rng()  # a mid-epoch resume: after the iterator drew its seeds
+    _apply_pending_rng(trainer)  # a mid-epoch resume: after the iterator drew its seeds
 
     device = trainer.device
     transfer = hooks.transfer_batch_to_device
@@ -181,7 +181,7 @@ def _train_epoch(
         means.add("loss", detached, size)
         metrics.set("loss", detached)
         if metric_fns and type(outputs) is dict and "outputs" in outputs:
-            trainer._add_metric_values(means, outputs["outputs"], outputs["targets"])
+            _add_metric_values(trainer, means, outputs["outputs"], outputs["targets"])
         batch_idx += 1
         trainer.epoch_batches_done = batch_idx
         if val_every is not None and sync and trainer.global_step % val_every == 0:
@@ -189,7 +189,7 @@ def _train_epoch(
         if on_batch_end is not None:
             on_batch_end(trainer=trainer, outputs=outputs, batch=batch, batch_idx=batch_idx - 1)
         if sync and trainer.global_step % log_every == 0:
-            trainer._publish_step()
+            _publish_step(trainer)
         # Stop only where an optimizer step just happened: inside an accumulation
         # window the gradients gathered so far would be lost with the stop.
         if sync:
@@ -228,7 +228,7 @@ def _train_epoch(
 
 
 def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
-    trainer._check_finite()
+    _check_finite(trainer)
     means = trainer._train_means
     trainer.metrics.update_raw(
         means.compute(trainer.all_reduce if trainer.world_size > 1 else None)
@@ -248,9 +248,10 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
             step_scheduler(trainer, entry, computed)
     # From here a checkpoint resumes at the next epoch.
     trainer.epoch_complete = True
-    if hooks.on_train_epoch_end is not None:
-        hooks.on_train_epoch_end(trainer=trainer)
-    trainer._publish(means.names(), "epoch")
+    with trainer._logging_epoch_end() as logged:
+        if hooks.on_train_epoch_end is not None:
+            hooks.on_train_epoch_end(trainer=trainer)
+    trainer._publish(means.names() | logged, "epoch")
 
 
 def _validate(trainer: Trainer) -> set[str]:
@@ -308,6 +309,64 @@ def _epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: in
         trainer=trainer, dataloader=loader, stage="train", skip_batches=skip
     )
     return iter(iterable)
+
+
+def _publish_step(trainer: Trainer) -> None:
+    """A log point inside the epoch: check the losses since the last one, and
+    publish the loss and whatever was logged since."""
+    _check_finite(trainer)
+    trainer._publish({"loss", *trainer._logged_since_publish}, "step")
+    trainer._logged_since_publish.clear()
+
+
+def _check_finite(trainer: Trainer) -> None:
+    """Raise if any loss since the last check was NaN or infinite. Called where the
+    loop reads values anyway (publishing, epoch end), so it adds no sync per step."""
+    finite = trainer._train_means.fold_finite("loss")
+    if finite is None:
+        return
+    first, last = trainer._checked_steps_from, trainer.global_step
+    trainer._checked_steps_from = last + 1
+    if not bool(finite):
+        raise NonFiniteLossError(
+            f"the training loss became NaN or infinite between global steps {first} and "
+            f"{last} (epoch {trainer.current_epoch}); pass check_finite_every_step=True to "
+            f"find the exact step"
+        )
+
+
+def _add_metric_values(trainer: Trainer, means: Any, outputs: Any, targets: Any) -> None:
+    size = batch_size(outputs)
+    with torch.no_grad():
+        for name, fn in trainer.metric_fns.items():
+            value = fn(outputs.detach() if isinstance(outputs, torch.Tensor) else outputs, targets)
+            means.add(name, value, size)
+            trainer.metrics.set(name, value)
+
+
+def _start_progress(trainer: Trainer) -> None:
+    """Progress as a new fit starts it (a checkpoint may then replace it)."""
+    trainer.current_epoch = 0
+    trainer.global_step = 0
+    trainer.epoch_batches_done = 0
+    trainer.epoch_complete = False
+    trainer._resume_skip = 0
+    trainer._pending_rng = None
+    trainer._pending_epoch_data = None
+    trainer._epoch_start_state = None
+    trainer._validated_at_step = -1
+    trainer._warned_length = False
+    trainer._train_means.reset()
+    trainer._checked_steps_from = 1
+    trainer.data_seed = (
+        trainer.seed if trainer.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    )
+
+
+def _apply_pending_rng(trainer: Trainer) -> None:
+    if trainer._pending_rng is not None:
+        set_rng_state(trainer._pending_rng)
+        trainer._pending_rng = None
 
 
 def _should_stop(trainer: Trainer) -> bool:

@@ -7,25 +7,26 @@ plugin.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from hooktrain import state
-from hooktrain.batches import batch_size, check_loader, check_model, loader_list
+from hooktrain.batches import check_loader, check_model, loader_list
 from hooktrain.defaults import CoreDefaults
-from hooktrain.errors import ConfigurationError, NonFiniteLossError
-from hooktrain.evaluation import evaluation_loop
+from hooktrain.errors import ConfigurationError
+from hooktrain.evaluation import concatenable, evaluation_loop
 from hooktrain.fit_loop import run_fit
 from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.instrument import TRACE_ENV, instrument, stderr_tracer
 from hooktrain.metrics import MetricFn, Metrics, RunningMeans
 from hooktrain.optimization import Scheduler
 from hooktrain.plugins import PluginManager, PluginSelection, resolve_plugins
-from hooktrain.rng import seed_everything, set_rng_state
+from hooktrain.rng import seed_everything
 from hooktrain.stages import run_stage
 
 __all__ = ["Trainer", "seed_everything"]
@@ -180,6 +181,9 @@ class Trainer:
         self._active_means: RunningMeans | None = None
         self._train_means = RunningMeans()
         self._logged_since_publish: set[str] = set()
+        # Names logged in a stage's epoch-end hooks: they belong to that epoch's
+        # publication, not to the next step's.
+        self._epoch_end_logs: set[str] | None = None
         self._checked_steps_from = 1
         self._batch_size = 1
 
@@ -217,6 +221,9 @@ class Trainer:
         Inside a batch the value also joins the epoch's batch-size-weighted mean;
         inside validation or test the name gets the ``val_`` / ``test_`` prefix
         unless it already has it. ``trainer.metrics[name]`` returns the latest value.
+        A value logged in a stage's epoch-end hooks (``on_train_epoch_end``,
+        ``on_validation_epoch_end``, ``on_validation_end``...) belongs to that epoch:
+        it is published with it and returned by ``validate``/``test``.
 
         :raises ConfigurationError: for a tensor of more than one element, or a
             value that is neither a number nor a tensor.
@@ -236,7 +243,10 @@ class Trainer:
         if prefix and not name.startswith(prefix):
             name = prefix + name
         self.metrics.set(name, value)
-        self._logged_since_publish.add(name)
+        if self._epoch_end_logs is not None:
+            self._epoch_end_logs.add(name)
+        else:
+            self._logged_since_publish.add(name)
         if self._active_means is not None:
             self._active_means.add(name, value, batch_size or self._batch_size)
 
@@ -257,37 +267,15 @@ class Trainer:
         if values:
             log_metrics(trainer=self, metrics=values, step=self.global_step, scope=scope)
 
-    def _publish_step(self) -> None:
-        """A log point inside the epoch: check the losses since the last one, and
-        publish the loss and whatever was logged since."""
-        self._check_finite()
-        self._publish({"loss", *self._logged_since_publish}, "step")
-        self._logged_since_publish.clear()
-
-    def _check_finite(self) -> None:
-        """Raise if any loss since the last check was NaN or infinite. Called where the
-        loop reads values anyway (publishing, epoch end), so it adds no sync per step."""
-        finite = self._train_means.fold_finite("loss")
-        if finite is None:
-            return
-        first, last = self._checked_steps_from, self.global_step
-        self._checked_steps_from = last + 1
-        if not bool(finite):
-            raise NonFiniteLossError(
-                f"the training loss became NaN or infinite between global steps {first} and "
-                f"{last} (epoch {self.current_epoch}); pass check_finite_every_step=True to "
-                f"find the exact step"
-            )
-
-    def _add_metric_values(self, means: RunningMeans, outputs: Any, targets: Any) -> None:
-        size = batch_size(outputs)
-        with torch.no_grad():
-            for name, fn in self.metric_fns.items():
-                value = fn(
-                    outputs.detach() if isinstance(outputs, torch.Tensor) else outputs, targets
-                )
-                means.add(name, value, size)
-                self.metrics.set(name, value)
+    @contextlib.contextmanager
+    def _logging_epoch_end(self) -> Iterator[set[str]]:
+        """Collect the names logged inside the block (a stage's epoch-end hooks):
+        they are published with that epoch, not at the next step."""
+        self._epoch_end_logs = logged = set()
+        try:
+            yield logged
+        finally:
+            self._epoch_end_logs = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -314,11 +302,6 @@ class Trainer:
             fit the checkpoint (every mismatch is named).
         """
         state.restore_checkpoint(self, checkpoint)
-
-    def _apply_pending_rng(self) -> None:
-        if self._pending_rng is not None:
-            set_rng_state(self._pending_rng)
-            self._pending_rng = None
 
     # ------------------------------------------------------------------ entry points
 
@@ -371,7 +354,13 @@ class Trainer:
         loss_fn: Callable[..., torch.Tensor] | None = None,
         metrics: Mapping[str, MetricFn] | None = None,
     ) -> dict[str, float]:
-        """Run one validation pass; return the ``val_*`` metrics."""
+        """Run one validation pass; return the ``val_*`` metrics.
+
+        ``loss_fn`` and ``metrics`` default to those of the last ``fit`` on this
+        trainer.
+
+        :raises ConfigurationError: when the pass computed no metric at all.
+        """
         return self._evaluate("validate", model, dataloaders, loss_fn, metrics)
 
     def test(
@@ -382,7 +371,8 @@ class Trainer:
         loss_fn: Callable[..., torch.Tensor] | None = None,
         metrics: Mapping[str, MetricFn] | None = None,
     ) -> dict[str, float]:
-        """Run one test pass; return the ``test_*`` metrics."""
+        """Run one test pass; return the ``test_*`` metrics (``loss_fn`` and
+        ``metrics`` as for :meth:`validate`)."""
         return self._evaluate("test", model, dataloaders, loss_fn, metrics)
 
     def predict(
@@ -396,7 +386,7 @@ class Trainer:
             each batch's predictions, in order.
         """
         predictions = self._evaluate("predict", model, dataloaders, None, None)["predictions"]
-        if _concatenable(predictions):
+        if concatenable(predictions):
             return torch.cat(predictions)
         return predictions
 
@@ -413,24 +403,6 @@ class Trainer:
         self.metric_fns = dict(metrics or {})
         self.should_stop = False
 
-    def _start_progress(self) -> None:
-        """Progress as a new fit starts it (a checkpoint may then replace it)."""
-        self.current_epoch = 0
-        self.global_step = 0
-        self.epoch_batches_done = 0
-        self.epoch_complete = False
-        self._resume_skip = 0
-        self._pending_rng = None
-        self._pending_epoch_data = None
-        self._epoch_start_state = None
-        self._validated_at_step = -1
-        self._warned_length = False
-        self._train_means.reset()
-        self._checked_steps_from = 1
-        self.data_seed = (
-            self.seed if self.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        )
-
     def _evaluate(
         self,
         stage: str,
@@ -443,14 +415,28 @@ class Trainer:
         loaders = loader_list("dataloaders", dataloaders)
         if not loaders:
             raise ConfigurationError(f"{stage}() needs at least one dataloader")
-        self._begin(model, loss_fn, metrics)
+        # As Keras's evaluate uses what compile set: what the last fit computed
+        # with, unless given here.
+        self._begin(
+            model,
+            loss_fn if loss_fn is not None else self.loss_fn,
+            metrics if metrics is not None else self.metric_fns,
+        )
         self.eval_dataloaders = loaders
 
         def body() -> dict[str, Any]:
             self.plugin_manager.hook.prepare(trainer=self, stage=stage)
             self._hooks = ResolvedHooks(self.plugin_manager, self._defaults)
             results = evaluation_loop(self, stage, self.eval_dataloaders)
-            return results if stage == "predict" else self.metrics.floats(results)
+            if stage == "predict":
+                return results
+            if not results:
+                raise ConfigurationError(
+                    f"{stage}() computed no metric: pass loss_fn=... or metrics=..., give "
+                    f"the model a {'validation' if stage == 'validate' else 'test'}_step "
+                    f"that returns a loss, or call it after a fit() that had a loss_fn"
+                )
+            return self.metrics.floats(results)
 
         return run_stage(self, stage, body)
 
@@ -464,15 +450,3 @@ def _require_int(name: str, value: Any, *, minimum: int, optional: bool = False)
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _concatenable(predictions: list[Any]) -> bool:
-    """Whether ``torch.cat`` joins ``predictions`` without failing or converting:
-    tensors of one dtype, on one device, equal past the first dimension."""
-    if not predictions or not all(isinstance(p, torch.Tensor) and p.ndim for p in predictions):
-        return False
-    first = predictions[0]
-    return all(
-        p.dtype == first.dtype and p.device == first.device and p.shape[1:] == first.shape[1:]
-        for p in predictions
-    )
