@@ -199,14 +199,12 @@ def test_resume_keeps_the_version_and_writes_no_step_twice(tmp_path: Path) -> No
 def test_resumed_file_sorts_after_the_old_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # File names hold the creation second, then a per-process counter that does not
-    # sort as a number ("...10" < "...9"). With the old run's file at counter 9 and
-    # the resumed one at 10, in the same second, TensorBoard would read the restart
-    # marker first and purge nothing, unless the resumed file is made a second later.
-    import itertools
-
+    # File names hold the creation second, then the host, the process id and a
+    # per-process counter, which do not sort by time ("...10" < "...9"). A resumed
+    # run's file must sort after the old ones, or TensorBoard reads its restart marker
+    # first and purges nothing: it must be created in a later second.
     import hooktrain_tensorboard
-    from hooktrain_tensorboard import _event_file
+    from tensorboard.summary.writer import event_file_writer
 
     class Clock:
         """Wall time stopped at the start of a second; only ``sleep`` moves it, so
@@ -225,9 +223,9 @@ def test_resumed_file_sorts_after_the_old_ones(
             return time.monotonic()
 
     clock = Clock()
-    monkeypatch.setattr(_event_file, "time", clock)
+    # TensorBoard's writer names its file from this clock.
+    monkeypatch.setattr(event_file_writer, "time", clock)
     monkeypatch.setattr(hooktrain_tensorboard, "time", clock)
-    monkeypatch.setattr(_event_file, "_counter", itertools.count(9))
     ckpt = tmp_path / "epoch0.ckpt"
     with pytest.raises(Exception, match="simulated crash"):
         run(
@@ -236,6 +234,7 @@ def test_resumed_file_sorts_after_the_old_ones(
             log_every_n_steps=1,
             record=False,
         )
+    old = set(os.listdir(tmp_path / "default" / "version_0"))
     run(
         [("tensorboard", {"log_dir": tmp_path})],
         max_epochs=2,
@@ -244,9 +243,10 @@ def test_resumed_file_sorts_after_the_old_ones(
         fit_kwargs={"ckpt_path": ckpt},
     )
     run_dir = tmp_path / "default" / "version_0"
-    names = sorted(os.listdir(run_dir))
-    assert [name.rsplit(".", 1)[-1] for name in names] == ["9", "10"]
-    assert int(names[1].split(".")[3]) == int(names[0].split(".")[3]) + 1
+    (resumed,) = set(os.listdir(run_dir)) - old
+    (crashed,) = old
+    assert int(resumed.split(".")[3]) == int(crashed.split(".")[3]) + 1
+    assert sorted(os.listdir(run_dir)) == [crashed, resumed]
     assert steps(read(run_dir), "train/loss") == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
@@ -278,9 +278,11 @@ def test_only_global_zero_writes(tmp_path: Path) -> None:
     assert not (tmp_path / "default").exists()
 
 
-def test_importing_the_plugin_does_not_import_tensorboard() -> None:
+def test_importing_or_constructing_the_plugin_does_not_import_tensorboard() -> None:
+    # The writer is imported when the first file is opened, on the process that writes.
     code = (
         "import sys, hooktrain_tensorboard\n"
+        "hooktrain_tensorboard.TensorBoardLogger('runs', name='x', hparams={'a': 1})\n"
         "assert 'tensorboard' not in sys.modules, 'tensorboard imported'\n"
         "assert 'torch.utils.tensorboard' not in sys.modules\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
@@ -303,3 +305,7 @@ def test_installed_under_its_entry_point_name() -> None:
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="log_every_n_steps"):
         TensorBoardLogger(log_every_n_steps=0)
+    with pytest.raises(ValueError, match="flush_secs"):
+        TensorBoardLogger(flush_secs=0)
+    with pytest.raises(ValueError, match="max_queue"):
+        TensorBoardLogger(max_queue=True)
