@@ -7,7 +7,8 @@ and resuming without writing a step twice.
 
 Each fit writes to ``<log_dir>/<name>/version_<n>``:
 
-* a fit that does not resume from a checkpoint takes the next free ``n``;
+* a fit that does not resume from a checkpoint takes the next free ``n``, also a
+  later fit of the same trainer (which counts its steps from 0 again);
 * a fit resumed from a checkpoint goes on writing in the version the checkpoint
   records, and marks a restart at the checkpoint's step + 1: TensorBoard then drops
   what that version holds past the checkpoint (steps trained before a crash), so no
@@ -160,7 +161,12 @@ class TensorBoardLogger:
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
         resume, self._resume = self._resume, None
+        # Each fit counts steps from 0 again: the previous fit's last one says nothing.
+        self._lr_step = -1
         if resume is None:
+            # A new version even for a later fit of the same trainer: in the same
+            # folder, this fit's restart marker would drop the earlier fit's steps.
+            self.run_dir = None
             # A fresh fit's file starts with a restart marker too: TensorBoard's
             # Python reader honours a resumed run's marker only when the run's first
             # file had one.

@@ -102,6 +102,108 @@ def test_each_fresh_run_gets_the_next_version(tmp_path: Path) -> None:
     assert steps(read(tmp_path / "default" / "version_6"), "epoch/loss") == [8]
 
 
+class Published:
+    """Keeps the training loss of every publication, as the trainer published it."""
+
+    name = "published"
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, float]] = []
+
+    @hookimpl
+    def log_metrics(self, metrics: dict[str, float], step: int, scope: str) -> None:
+        if scope == "step":
+            self.losses.append((step, metrics["loss"]))
+
+
+def test_a_second_fit_writes_a_new_version_and_keeps_the_first(tmp_path: Path) -> None:
+    published = Published()
+    trainer = Trainer(
+        plugins=[("tensorboard", {"log_dir": tmp_path, "name": ""}), published],
+        max_epochs=1,
+        log_every_n_steps=1,
+        device="cpu",
+    )
+    model = make_model()
+    one_batch, _ = make_data(n=16, batch_size=16)
+    for _ in range(2):
+        trainer.fit(
+            model,
+            one_batch,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        )
+    # Each fit counts its steps from 0: both published a loss at step 1, and
+    # TensorBoard shows both.
+    assert [step for step, _ in published.losses] == [1, 1]
+    shown = [
+        (version, event.step)
+        for version in sorted(os.listdir(tmp_path))
+        for event in read(tmp_path / version).Scalars("train/loss")
+    ]
+    assert shown == [("version_0", 1), ("version_1", 1)]
+    for version, (step, loss) in zip(["version_0", "version_1"], published.losses, strict=True):
+        events = read(tmp_path / version)
+        assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+            (step, pytest.approx(loss))
+        ]
+        assert steps(events, "lr/group_0") == [1]
+        assert len(events.PluginTagToContent("hparams")) == 3
+
+
+def test_with_a_fixed_version_tensorboard_shows_the_latest_fit(tmp_path: Path) -> None:
+    published = Published()
+    trainer = Trainer(
+        plugins=[("tensorboard", {"log_dir": tmp_path, "name": "", "version": 0}), published],
+        max_epochs=1,
+        log_every_n_steps=1,
+        device="cpu",
+    )
+    model = make_model()
+    one_batch, _ = make_data(n=16, batch_size=16)
+    for _ in range(2):
+        trainer.fit(
+            model,
+            one_batch,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        )
+    assert os.listdir(tmp_path) == ["version_0"]
+    (_, second_loss) = published.losses[1]
+    events = read(tmp_path / "version_0")
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, pytest.approx(second_loss))
+    ]
+
+
+def test_a_resumed_fit_goes_back_to_the_checkpoints_version(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="")
+    trainer = Trainer(plugins=[logger], max_epochs=1, log_every_n_steps=1, device="cpu")
+    model = make_model()
+    train, _ = make_data()
+
+    def fit(**kwargs: object) -> None:
+        trainer.fit(
+            model,
+            train,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+            **kwargs,
+        )
+
+    fit()
+    ckpt = tmp_path / "after_fit_1.ckpt"
+    torch.save(trainer.dump_checkpoint(), ckpt)
+    fit()
+    assert logger.run_dir == tmp_path / "version_1"
+    trainer.max_epochs = 2
+    fit(ckpt_path=ckpt)
+    assert logger.run_dir == tmp_path / "version_0"
+    assert sorted(os.listdir(tmp_path)) == ["after_fit_1.ckpt", "version_0", "version_1"]
+    assert steps(read(tmp_path / "version_0"), "train/loss") == list(range(1, 17))
+    assert steps(read(tmp_path / "version_1"), "train/loss") == list(range(1, 9))
+
+
 def test_learning_rate_of_every_param_group(tmp_path: Path) -> None:
     model = make_model()
     train, val = make_data()
