@@ -1,30 +1,35 @@
-"""TensorBoard event files for hooktrain.
+"""TensorBoard event files for hooktrain, written by ``torch.utils.tensorboard``.
 
-Each run writes to ``<log_dir>/<name>/version_<n>``: a fresh run takes the next
-free ``n``; a run resumed from a checkpoint goes on writing in the version it
-started in, and tells TensorBoard to drop whatever that version holds past the
-checkpoint's step (events written after the checkpoint and before a crash), so no
-step appears twice.
+A small logger plugin, meant to be copied by anyone writing another one: options
+checked when it is constructed, the heavy library imported only when the first
+file is opened on the global-zero process, versioned run folders, hyperparameters,
+and resuming without writing a step twice.
 
-What is written, all against ``trainer.global_step``:
+Each fit writes to ``<log_dir>/<name>/version_<n>``:
 
-* ``train/<name>``: the values the trainer publishes every ``log_every_n_steps``
-  (``loss`` and everything passed to ``trainer.log``), optionally thinned out;
-* ``epoch/<name>``: the epoch means (``loss``, metrics, logged values);
-* ``val/<name>`` and ``test/<name>``: validation and test means (``val_loss`` is
-  written as ``val/loss``);
-* ``lr/group_<g>`` (``lr/optimizer_<k>/group_<g>`` with several optimizers): the
-  learning rate of every parameter group, whenever train or epoch values are;
-* the run's hyperparameters (the trainer's settings, the plugin list, and any
-  ``hparams`` given here), in the HPARAMS tab of the same run.
+* a fit that does not resume from a checkpoint takes the next free ``n``, also a
+  later fit of the same trainer (which counts its steps from 0 again);
+* a fit resumed from a checkpoint goes on writing in the version the checkpoint
+  records, and marks a restart at the checkpoint's step + 1: TensorBoard then drops
+  what that version holds past the checkpoint (steps trained before a crash), so no
+  step appears twice;
+* ``validate`` and ``test`` write into the latest fit's version.
 
-The plugin writes the event files itself (:mod:`._event_file`), from the training
-thread, at its flush points: no writer thread. Nothing here imports ``tensorboard``
-until the plugin is constructed, and only the global-zero process writes.
+Against ``trainer.global_step`` it writes ``train/<name>`` (what the trainer
+publishes every ``log_every_n_steps``), ``epoch/<name>`` (epoch means), ``val/<name>``
+and ``test/<name>``, ``lr/group_<g>`` and the run's hyperparameters; the tags are
+listed in docs/plugins/tensorboard.md.
+
+``SummaryWriter`` writes the files. The values the trainer publishes wait in a list
+until a flush point (an epoch's end, ``flush_secs``, ``max_queue``, an exception,
+teardown), where they are handed to the writer at once and the plugin waits until
+they are in the file: the writer's thread wakes once per flush point instead of at
+every publication.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import time
@@ -35,16 +40,16 @@ from typing import TYPE_CHECKING, Any
 from hooktrain import hookimpl
 
 if TYPE_CHECKING:
-    from hooktrain.trainer import Trainer
+    from torch.utils.tensorboard import SummaryWriter
 
-    from ._event_file import EventFile
+    from hooktrain.trainer import Trainer
 
 __all__ = ["TensorBoardLogger"]
 __version__ = "0.1.0"
 
 _VERSION_DIR = re.compile(r"^version_(\d+)$")
-_EPOCH_FLUSH_MIN_S = 1.0
 _EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
+_EPOCH_FLUSH_MIN_S = 1.0
 _SCOPE_TAG = {"step": "train", "epoch": "epoch", "validate": "val", "test": "test"}
 _SCOPE_PREFIX = {"validate": "val_", "test": "test_"}
 
@@ -57,19 +62,25 @@ class TensorBoardLogger:
     :param name: the experiment's folder under ``log_dir``; ``""`` puts the
         versions right under ``log_dir``.
     :param version: write into ``version_<version>`` (an int) or into a folder of
-        this name (a string) instead of the next free version.
+        this name (a string) instead of the next free version. Every fit that does
+        not resume then writes there, and its restart marker makes TensorBoard show
+        that fit in place of what the folder held.
     :param log_every_n_steps: write the published training values only at steps
         that are a multiple of this (use a multiple of the trainer's
         ``log_every_n_steps``); default: every time the trainer publishes.
     :param log_lr: write the learning rate of each optimizer parameter group.
-    :param log_hparams: write the run's hyperparameters when a fresh fit starts.
+    :param log_hparams: write the run's hyperparameters when a fit that does not
+        resume starts.
     :param hparams: more hyperparameters to record with the trainer's settings
         (numbers, strings, booleans; anything else is recorded as its ``str``).
-    :param flush_secs: events are kept in memory and written to disk at least
-        this often (checked whenever values are published), at the end of each
-        epoch (at most once a second), when an exception is raised, and at
-        teardown: a process killed outright loses at most this many seconds.
-    :param max_queue: events kept in memory before a write is forced.
+    :param flush_secs: published values are written at least this often, in
+        seconds (checked whenever values are published), at the end of each epoch
+        (at most once a second), when an exception is raised, and at teardown: a
+        process killed outright loses what was published since the last of these.
+    :param max_queue: publications kept waiting before a write is forced.
+    :raises ValueError: ``log_every_n_steps`` is not an integer >= 1, ``flush_secs``
+        is not > 0 or ``max_queue`` is not an integer >= 1.
+    :raises ImportError: the ``tensorboard`` package is not installed.
     """
 
     #: Registered under this name when passed as an object (the run's own name is
@@ -89,27 +100,21 @@ class TensorBoardLogger:
         flush_secs: float = 5.0,
         max_queue: int = 1000,
     ) -> None:
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool)
-            or not isinstance(log_every_n_steps, int)
-            or log_every_n_steps < 1
-        ):
+        if log_every_n_steps is not None and not _positive_int(log_every_n_steps):
             raise ValueError(
                 f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}"
             )
         if not flush_secs > 0:
             raise ValueError(f"flush_secs must be > 0, got {flush_secs!r}")
-        try:
-            # Imported here, not at module level: selecting the plugin is what
-            # pays for TensorBoard's protocol buffers (about 15 ms; the writer
-            # of torch.utils.tensorboard, not used, took about 0.18 s).
-            from . import _event_file
-        except ImportError as exc:
+        if not _positive_int(max_queue):
+            raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+        # Only looked up here: importing torch.utils.tensorboard takes 0.2 to 0.5 s,
+        # paid when the first file is opened, and only on the process that writes.
+        if importlib.util.find_spec("tensorboard") is None:
             raise ImportError(
                 "the hooktrain 'tensorboard' plugin needs the 'tensorboard' package: "
                 "pip install tensorboard"
-            ) from exc
-        self._event_file_cls = _event_file.EventFile
+            )
         self.log_dir = Path(log_dir)
         self.run_name = name
         self.version = version
@@ -120,26 +125,143 @@ class TensorBoardLogger:
         self.flush_secs = flush_secs
         self.max_queue = max_queue
 
-        # Events wait in the file object's memory until a flush point.
-        self._file: EventFile | None = None
-        self._flushed_at = 0.0
-        #: The version folder this run writes to, once chosen (kept across stages).
+        #: The version folder of the latest fit, once chosen (validate and test
+        #: write there too).
         self.run_dir: Path | None = None
-        self._resume_dir: str | None = None
-        self._purge_step: int | None = None
+        self._writer: SummaryWriter | None = None
+        # Waiting for the next flush point: (wall time in seconds, step, a Summary, or
+        # the [(tag, value)] of one: made into one there, out of the training loop).
+        self._pending: list[tuple[float, int, Any]] = []
+        # Set by on_load_checkpoint for the fit that follows: the version folder the
+        # checkpoint's run wrote to (None when it does not say) and its restart step.
+        self._resume: tuple[str | None, int] | None = None
+        self._flushed_at = 0.0
         self._lr_step = -1
-        # The tag of each published name, per scope.
-        self._tags: dict[str, dict[str, str]] = {}
 
-    # ------------------------------------------------------------------ the run folder
+    # ------------------------------------------------------------------ hooks
+
+    @hookimpl
+    def on_load_checkpoint(self, trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
+        own = checkpoint.get("plugins", {}).get(self._registered_name(trainer))
+        version = str(own["version"]) if isinstance(own, Mapping) and own.get("version") else None
+        # Events the old run wrote after the checkpoint (before it crashed or was
+        # stopped) are replaced by this run's: TensorBoard drops the steps >= this
+        # one that precede the restart marker.
+        self._resume = (version, trainer.global_step + 1)
+
+    @hookimpl
+    def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+        if self.run_dir is not None:
+            checkpoint.setdefault("plugins", {})[self._registered_name(trainer)] = {
+                "version": self.run_dir.name,
+                "run_name": self.run_name,
+                "global_step": trainer.global_step,
+            }
+
+    @hookimpl
+    def on_fit_start(self, trainer: Trainer) -> None:
+        resume, self._resume = self._resume, None
+        # Each fit counts steps from 0 again: the previous fit's last one says nothing.
+        self._lr_step = -1
+        if resume is None:
+            # A new version even for a later fit of the same trainer: in the same
+            # folder, this fit's restart marker would drop the earlier fit's steps.
+            self.run_dir = None
+            # A fresh fit's file starts with a restart marker too: TensorBoard's
+            # Python reader honours a resumed run's marker only when the run's first
+            # file had one.
+            restart_step = trainer.global_step
+        else:
+            version, restart_step = resume
+            self.run_dir = self._experiment_dir() / version if version else None
+        if self._open(trainer, restart_step) and self.log_hparams and resume is None:
+            self._write_hparams(trainer)
+
+    @hookimpl
+    def log_metrics(
+        self, trainer: Trainer, metrics: Mapping[str, float], step: int, scope: str
+    ) -> None:
+        """Write what the trainer published: the values are floats already, so this
+        costs no device sync (a learning rate stored as a tensor is read here)."""
+        every = self.log_every_n_steps
+        if scope == "step" and every is not None and step % every:
+            return
+        if not self._open(trainer):
+            return
+        values = [(_tag(scope, name), float(value)) for name, value in metrics.items()]
+        if self.log_lr and scope in ("step", "epoch") and step != self._lr_step:
+            self._lr_step = step
+            values.extend(_lrs(trainer))
+        if values:
+            self._pending.append((time.time(), step, values))
+        # Each flush wakes the writer thread and waits for it: at most one a second
+        # at epoch ends keeps a run of many tiny epochs from paying one per epoch.
+        since = time.monotonic() - self._flushed_at
+        if (
+            since >= self.flush_secs
+            or (scope == "epoch" and since >= _EPOCH_FLUSH_MIN_S)
+            or len(self._pending) >= self.max_queue
+        ):
+            self._flush()
+
+    @hookimpl
+    def on_exception(self) -> None:
+        self._flush()
+
+    @hookimpl
+    def teardown(self) -> None:
+        """Write what is pending and close the file; a later stage of the same
+        trainer opens a new file."""
+        if self._writer is not None:
+            self._flush()
+            writer, self._writer = self._writer, None
+            writer.close()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _open(self, trainer: Trainer, restart_step: int | None = None) -> bool:
+        """Open an event file on the global-zero process; ``False`` elsewhere."""
+        if self._writer is not None:
+            return True
+        if not trainer.is_global_zero:
+            return False
+        if self.run_dir is None:
+            self.run_dir = self._new_run_dir()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if restart_step is not None:
+            _wait_for_a_later_file_name(self.run_dir)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(
+            str(self.run_dir),
+            max_queue=self.max_queue,
+            flush_secs=self.flush_secs,
+            purge_step=restart_step,
+        )
+        self._flushed_at = time.monotonic()
+        return True
+
+    def _flush(self) -> None:
+        """Hand the pending values to the writer, one event per publication, and
+        wait until it has written them to the file."""
+        if self._writer is None:
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        file_writer = self._writer.file_writer
+        pending, self._pending = self._pending, []
+        for wall_time, step, summary in pending:
+            if isinstance(summary, list):
+                summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in summary])
+            file_writer.add_summary(summary, step, wall_time)
+        self._writer.flush()
+        self._flushed_at = time.monotonic()
 
     def _experiment_dir(self) -> Path:
         return self.log_dir / self.run_name if self.run_name else self.log_dir
 
-    def _choose_run_dir(self) -> Path:
+    def _new_run_dir(self) -> Path:
         root = self._experiment_dir()
-        if self._resume_dir is not None:
-            return root / self._resume_dir
         if self.version is not None:
             folder = f"version_{self.version}" if isinstance(self.version, int) else self.version
             return root / folder
@@ -160,172 +282,26 @@ class TensorBoardLogger:
                 continue
             return candidate
 
-    def _open(self, trainer: Trainer) -> bool:
-        """Open the event file on the global-zero process; ``False`` elsewhere."""
-        if self._file is not None:
-            return True
-        if not trainer.is_global_zero:
-            return False
-        if self.run_dir is None:
-            self.run_dir = self._choose_run_dir()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self._resume_dir is not None and self._purge_step is not None:
-            _wait_for_a_later_file_name(self.run_dir)
-        # The restart marker (purge step) leads the new file.
-        self._file = self._event_file_cls(self.run_dir, purge_step=self._purge_step)
-        self._flushed_at = time.monotonic()
-        self._purge_step = None
-        return True
-
-    # ------------------------------------------------------------------ hooks
-
-    @hookimpl
-    def on_load_checkpoint(self, trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
-        """Resume in the version folder the checkpoint's run wrote to, and mark
-        every step after the checkpoint's as stale."""
-        own = checkpoint.get("plugins", {}).get(self._registered_name(trainer))
-        if isinstance(own, Mapping) and own.get("version"):
-            self._resume_dir = str(own["version"])
-            self.run_dir = None
-        # Events the old run wrote after the checkpoint (before it crashed or was
-        # stopped) are replaced by this run's: TensorBoard drops steps >= this one
-        # that precede the marker.
-        self._purge_step = trainer.global_step + 1
-
-    @hookimpl
-    def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
-        if self.run_dir is not None:
-            checkpoint.setdefault("plugins", {})[self._registered_name(trainer)] = {
-                "version": self.run_dir.name,
-                "run_name": self.run_name,
-                "global_step": trainer.global_step,
-            }
-
-    @hookimpl
-    def on_fit_start(self, trainer: Trainer) -> None:
-        resumed = self._purge_step is not None
-        if not resumed:
-            # Every fit's file starts with a session-start marker. TensorBoard's
-            # server ignores the first marker of a run and purges on later ones,
-            # so the fresh run's marker is what makes a resume's marker count.
-            self._purge_step = trainer.global_step
-        if self._open(trainer) and self.log_hparams and not resumed:
-            self._write_hparams(trainer)
-
-    @hookimpl
-    def log_metrics(
-        self, trainer: Trainer, metrics: Mapping[str, float], step: int, scope: str
-    ) -> None:
-        """Write what the trainer published: the values are floats already, so this
-        costs no device sync (a learning rate stored as a tensor is read here)."""
-        every = self.log_every_n_steps
-        if scope == "step" and every is not None and step % every:
-            return
-        if not self._open(trainer):
-            return
-        tags = self._tags.get(scope)
-        if tags is None:
-            tags = self._tags[scope] = {}
-        values = []
-        for name, value in metrics.items():
-            tag = tags.get(name)
-            if tag is None:
-                tag = tags[name] = _tag(scope, name)
-            values.append((tag, float(value)))
-        if self.log_lr and scope in ("step", "epoch") and step != self._lr_step:
-            self._lr_step = step
-            values.extend(_lrs(trainer))
-        file = self._file
-        if values:
-            # Kept as plain values with the wall time of the moment of logging;
-            # made into an event at the next write.
-            file.add_scalars(time.time(), step, values)
-        # A write is one system call; at most one epoch-end write a second keeps a
-        # run of many tiny epochs from paying one per epoch.
-        since = time.monotonic() - self._flushed_at
-        if (
-            since >= self.flush_secs
-            or (scope == "epoch" and since >= _EPOCH_FLUSH_MIN_S)
-            or file.pending >= self.max_queue
-        ):
-            self._flush()
-
-    @hookimpl
-    def on_exception(self) -> None:
-        self._flush()
-
-    @hookimpl
-    def teardown(self) -> None:
-        """Write what is pending and close the file; a later stage of the same
-        trainer opens a new file in the same version folder."""
-        if self._file is not None:
-            file, self._file = self._file, None
-            file.close()
-
-    def _flush(self) -> None:
-        """Write everything pending to disk now."""
-        if self._file is not None:
-            self._file.write()
-            self._flushed_at = time.monotonic()
-
-    # ------------------------------------------------------------------ helpers
-
     def _registered_name(self, trainer: Trainer) -> str:
         return trainer.plugin_manager.get_name(self) or self.name
 
     def _write_hparams(self, trainer: Trainer) -> None:
-        params = {key: _hparam_value(value) for key, value in trainer.hparams.items()}
-        params.update({key: _hparam_value(value) for key, value in self.extra_hparams.items()})
+        from torch.utils.tensorboard.summary import hparams
+
+        params = {**trainer.hparams, **self.extra_hparams}
+        # SummaryWriter.add_hparams would put them in a run of their own; written to
+        # this run's file, the HPARAMS tab links them to this run's scalars. torch
+        # records a boolean as a number (0 or 1).
         wall_time = time.time()
-        for event in _hparams_events(params, trainer.global_step, wall_time):
-            self._file.add(event)
-
-
-def _hparams_events(
-    params: Mapping[str, bool | int | float | str], step: int, wall_time: float
-) -> list[Any]:
-    """The three events of TensorBoard's hparams plugin: the experiment (which
-    hyperparameters exist), the session's start (their values) and its end."""
-    from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
-
-    experiment = api_pb2.Experiment()
-    start = plugin_data_pb2.SessionStartInfo()
-    for key, value in params.items():
-        # Booleans are numbers here (0 and 1), as torch.utils.tensorboard writes them.
-        if isinstance(value, str):
-            start.hparams[key].string_value = value
-            kind = api_pb2.DATA_TYPE_STRING
-        else:
-            start.hparams[key].number_value = value
-            kind = api_pb2.DATA_TYPE_FLOAT64
-        experiment.hparam_infos.add(name=key, type=kind)
-    end = plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_SUCCESS)
-    events = []
-    for tag, data in (
-        ("_hparams_/experiment", plugin_data_pb2.HParamsPluginData(experiment=experiment)),
-        (
-            "_hparams_/session_start_info",
-            plugin_data_pb2.HParamsPluginData(session_start_info=start),
-        ),
-        ("_hparams_/session_end_info", plugin_data_pb2.HParamsPluginData(session_end_info=end)),
-    ):
-        metadata = SummaryMetadata(
-            plugin_data=SummaryMetadata.PluginData(
-                plugin_name="hparams", content=data.SerializeToString()
-            )
-        )
-        summary = Summary(value=[Summary.Value(tag=tag, metadata=metadata)])
-        events.append(Event(wall_time=wall_time, step=step, summary=summary))
-    return events
+        for summary in hparams({key: _hparam_value(value) for key, value in params.items()}, {}):
+            self._pending.append((wall_time, trainer.global_step, summary))
 
 
 def _wait_for_a_later_file_name(run_dir: Path) -> None:
     """TensorBoard reads a run's files in name order, and a name starts with the
     second it was created in, then the host, process id and a per-process counter,
-    which do not sort by time. A resumed run's restart marker must be read after
-    the old events, so its file must be created in a later second than theirs."""
+    which do not sort by time. A restart marker must be read after the old events,
+    so its file must be created in a later second than theirs."""
     newest = max(
         (int(m.group(1)) for entry in os.listdir(run_dir) if (m := _EVENT_FILE.match(entry))),
         default=None,
@@ -334,6 +310,10 @@ def _wait_for_a_later_file_name(run_dir: Path) -> None:
         delay = newest + 1 - time.time()
         if delay > 0:
             time.sleep(min(delay, 1.0))
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _tag(scope: str, name: str) -> str:
@@ -345,16 +325,14 @@ def _tag(scope: str, name: str) -> str:
 
 
 def _lrs(trainer: Trainer) -> list[tuple[str, float]]:
-    optimizers = trainer.optimizers
-    several = len(optimizers) > 1
+    several = len(trainer.optimizers) > 1
     found = []
-    for k, optimizer in enumerate(optimizers):
+    for k, optimizer in enumerate(trainer.optimizers):
         for g, param_group in enumerate(optimizer.param_groups):
             lr = param_group.get("lr")
-            if lr is None:
-                continue
-            tag = f"lr/optimizer_{k}/group_{g}" if several else f"lr/group_{g}"
-            found.append((tag, float(lr)))
+            if lr is not None:
+                tag = f"lr/optimizer_{k}/group_{g}" if several else f"lr/group_{g}"
+                found.append((tag, float(lr)))
     return found
 
 

@@ -102,6 +102,108 @@ def test_each_fresh_run_gets_the_next_version(tmp_path: Path) -> None:
     assert steps(read(tmp_path / "default" / "version_6"), "epoch/loss") == [8]
 
 
+class Published:
+    """Keeps the training loss of every publication, as the trainer published it."""
+
+    name = "published"
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, float]] = []
+
+    @hookimpl
+    def log_metrics(self, metrics: dict[str, float], step: int, scope: str) -> None:
+        if scope == "step":
+            self.losses.append((step, metrics["loss"]))
+
+
+def test_a_second_fit_writes_a_new_version_and_keeps_the_first(tmp_path: Path) -> None:
+    published = Published()
+    trainer = Trainer(
+        plugins=[("tensorboard", {"log_dir": tmp_path, "name": ""}), published],
+        max_epochs=1,
+        log_every_n_steps=1,
+        device="cpu",
+    )
+    model = make_model()
+    one_batch, _ = make_data(n=16, batch_size=16)
+    for _ in range(2):
+        trainer.fit(
+            model,
+            one_batch,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        )
+    # Each fit counts its steps from 0: both published a loss at step 1, and
+    # TensorBoard shows both.
+    assert [step for step, _ in published.losses] == [1, 1]
+    shown = [
+        (version, event.step)
+        for version in sorted(os.listdir(tmp_path))
+        for event in read(tmp_path / version).Scalars("train/loss")
+    ]
+    assert shown == [("version_0", 1), ("version_1", 1)]
+    for version, (step, loss) in zip(["version_0", "version_1"], published.losses, strict=True):
+        events = read(tmp_path / version)
+        assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+            (step, pytest.approx(loss))
+        ]
+        assert steps(events, "lr/group_0") == [1]
+        assert len(events.PluginTagToContent("hparams")) == 3
+
+
+def test_with_a_fixed_version_tensorboard_shows_the_latest_fit(tmp_path: Path) -> None:
+    published = Published()
+    trainer = Trainer(
+        plugins=[("tensorboard", {"log_dir": tmp_path, "name": "", "version": 0}), published],
+        max_epochs=1,
+        log_every_n_steps=1,
+        device="cpu",
+    )
+    model = make_model()
+    one_batch, _ = make_data(n=16, batch_size=16)
+    for _ in range(2):
+        trainer.fit(
+            model,
+            one_batch,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        )
+    assert os.listdir(tmp_path) == ["version_0"]
+    (_, second_loss) = published.losses[1]
+    events = read(tmp_path / "version_0")
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, pytest.approx(second_loss))
+    ]
+
+
+def test_a_resumed_fit_goes_back_to_the_checkpoints_version(tmp_path: Path) -> None:
+    logger = TensorBoardLogger(tmp_path, name="")
+    trainer = Trainer(plugins=[logger], max_epochs=1, log_every_n_steps=1, device="cpu")
+    model = make_model()
+    train, _ = make_data()
+
+    def fit(**kwargs: object) -> None:
+        trainer.fit(
+            model,
+            train,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+            **kwargs,
+        )
+
+    fit()
+    ckpt = tmp_path / "after_fit_1.ckpt"
+    torch.save(trainer.dump_checkpoint(), ckpt)
+    fit()
+    assert logger.run_dir == tmp_path / "version_1"
+    trainer.max_epochs = 2
+    fit(ckpt_path=ckpt)
+    assert logger.run_dir == tmp_path / "version_0"
+    assert sorted(os.listdir(tmp_path)) == ["after_fit_1.ckpt", "version_0", "version_1"]
+    assert steps(read(tmp_path / "version_0"), "train/loss") == list(range(1, 17))
+    assert steps(read(tmp_path / "version_1"), "train/loss") == list(range(1, 9))
+
+
 def test_learning_rate_of_every_param_group(tmp_path: Path) -> None:
     model = make_model()
     train, val = make_data()
@@ -199,14 +301,12 @@ def test_resume_keeps_the_version_and_writes_no_step_twice(tmp_path: Path) -> No
 def test_resumed_file_sorts_after_the_old_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # File names hold the creation second, then a per-process counter that does not
-    # sort as a number ("...10" < "...9"). With the old run's file at counter 9 and
-    # the resumed one at 10, in the same second, TensorBoard would read the restart
-    # marker first and purge nothing, unless the resumed file is made a second later.
-    import itertools
-
+    # File names hold the creation second, then the host, the process id and a
+    # per-process counter, which do not sort by time ("...10" < "...9"). A resumed
+    # run's file must sort after the old ones, or TensorBoard reads its restart marker
+    # first and purges nothing: it must be created in a later second.
     import hooktrain_tensorboard
-    from hooktrain_tensorboard import _event_file
+    from tensorboard.summary.writer import event_file_writer
 
     class Clock:
         """Wall time stopped at the start of a second; only ``sleep`` moves it, so
@@ -225,9 +325,9 @@ def test_resumed_file_sorts_after_the_old_ones(
             return time.monotonic()
 
     clock = Clock()
-    monkeypatch.setattr(_event_file, "time", clock)
+    # TensorBoard's writer names its file from this clock.
+    monkeypatch.setattr(event_file_writer, "time", clock)
     monkeypatch.setattr(hooktrain_tensorboard, "time", clock)
-    monkeypatch.setattr(_event_file, "_counter", itertools.count(9))
     ckpt = tmp_path / "epoch0.ckpt"
     with pytest.raises(Exception, match="simulated crash"):
         run(
@@ -236,6 +336,7 @@ def test_resumed_file_sorts_after_the_old_ones(
             log_every_n_steps=1,
             record=False,
         )
+    old = set(os.listdir(tmp_path / "default" / "version_0"))
     run(
         [("tensorboard", {"log_dir": tmp_path})],
         max_epochs=2,
@@ -244,9 +345,10 @@ def test_resumed_file_sorts_after_the_old_ones(
         fit_kwargs={"ckpt_path": ckpt},
     )
     run_dir = tmp_path / "default" / "version_0"
-    names = sorted(os.listdir(run_dir))
-    assert [name.rsplit(".", 1)[-1] for name in names] == ["9", "10"]
-    assert int(names[1].split(".")[3]) == int(names[0].split(".")[3]) + 1
+    (resumed,) = set(os.listdir(run_dir)) - old
+    (crashed,) = old
+    assert int(resumed.split(".")[3]) == int(crashed.split(".")[3]) + 1
+    assert sorted(os.listdir(run_dir)) == [crashed, resumed]
     assert steps(read(run_dir), "train/loss") == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
@@ -278,9 +380,11 @@ def test_only_global_zero_writes(tmp_path: Path) -> None:
     assert not (tmp_path / "default").exists()
 
 
-def test_importing_the_plugin_does_not_import_tensorboard() -> None:
+def test_importing_or_constructing_the_plugin_does_not_import_tensorboard() -> None:
+    # The writer is imported when the first file is opened, on the process that writes.
     code = (
         "import sys, hooktrain_tensorboard\n"
+        "hooktrain_tensorboard.TensorBoardLogger('runs', name='x', hparams={'a': 1})\n"
         "assert 'tensorboard' not in sys.modules, 'tensorboard imported'\n"
         "assert 'torch.utils.tensorboard' not in sys.modules\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
@@ -303,3 +407,7 @@ def test_installed_under_its_entry_point_name() -> None:
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="log_every_n_steps"):
         TensorBoardLogger(log_every_n_steps=0)
+    with pytest.raises(ValueError, match="flush_secs"):
+        TensorBoardLogger(flush_secs=0)
+    with pytest.raises(ValueError, match="max_queue"):
+        TensorBoardLogger(max_queue=True)
