@@ -137,8 +137,19 @@ class TensorBoardLogger:
         self._resume: tuple[str | None, int] | None = None
         self._flushed_at = 0.0
         self._lr_step = -1
+        # The learning rates the current step trains with, read before it: by the
+        # time the step's values are published a scheduler may have moved them.
+        self._step_lrs: list[list[float]] = []
 
     # ------------------------------------------------------------------ hooks
+
+    @hookimpl
+    def on_train_batch_start(self, trainer: Trainer) -> None:
+        if self.log_lr:
+            self._step_lrs = [
+                [group["lr"] for group in optimizer.param_groups]
+                for optimizer in trainer.optimizers
+            ]
 
     @hookimpl
     def on_load_checkpoint(self, trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
@@ -191,7 +202,7 @@ class TensorBoardLogger:
         values = [(_tag(scope, name), float(value)) for name, value in metrics.items()]
         if self.log_lr and scope in ("step", "epoch") and step != self._lr_step:
             self._lr_step = step
-            values.extend(_lrs(trainer))
+            values.extend(_lr_tags(self._step_lrs))
         if values:
             self._pending.append((time.time(), step, values))
         # Each flush wakes the writer thread and waits for it: at most one a second
@@ -324,16 +335,15 @@ def _tag(scope: str, name: str) -> str:
     return f"{_SCOPE_TAG.get(scope, scope)}/{name}"
 
 
-def _lrs(trainer: Trainer) -> list[tuple[str, float]]:
-    several = len(trainer.optimizers) > 1
-    found = []
-    for k, optimizer in enumerate(trainer.optimizers):
-        for g, param_group in enumerate(optimizer.param_groups):
-            lr = param_group.get("lr")
-            if lr is not None:
-                tag = f"lr/optimizer_{k}/group_{g}" if several else f"lr/group_{g}"
-                found.append((tag, float(lr)))
-    return found
+def _lr_tags(lrs: list[list[float]]) -> list[tuple[str, float]]:
+    """Tags for the learning rates of each optimizer's parameter groups."""
+    several = len(lrs) > 1
+    return [
+        (f"lr/optimizer_{k}/group_{g}" if several else f"lr/group_{g}", float(lr))
+        for k, groups in enumerate(lrs)
+        for g, lr in enumerate(groups)
+        if lr is not None
+    ]
 
 
 def _hparam_value(value: Any) -> bool | int | float | str:

@@ -222,6 +222,54 @@ def test_learning_rate_of_every_param_group(tmp_path: Path) -> None:
     assert [e.value for e in events.Scalars("lr/group_1")] == [0.25, 0.25]
 
 
+class ScheduledModel(torch.nn.Module):
+    """A model whose LR scheduler steps per step (factor 1/(k+1)) or per epoch (x0.1)."""
+
+    def __init__(self, interval: str) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.interval = interval
+
+    def forward(self, x):
+        return self.net(x)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=1.0)
+        if self.interval == "step":
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 / (k + 1))
+        else:
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.interval},
+        }
+
+
+@pytest.mark.parametrize(
+    ("interval", "batches", "every", "expected"),
+    [
+        ("step", 1, 1, {1: 1.0, 2: 0.5}),
+        # Written at the epoch ends (steps 2 and 4): step 2 trained with 1.0, even
+        # though the scheduler moved the rate to 0.1 before the epoch's values went out.
+        ("epoch", 2, 4, {2: 1.0, 4: 0.1}),
+    ],
+)
+def test_the_learning_rate_written_for_a_step_is_the_one_it_trained_with(
+    tmp_path: Path, interval: str, batches: int, every: int, expected: dict[int, float]
+) -> None:
+    train, _ = make_data(n=16 * batches, batch_size=16)
+    trainer = Trainer(
+        plugins=[("tensorboard", {"log_dir": tmp_path, "name": ""})],
+        max_epochs=2,
+        log_every_n_steps=every,
+        device="cpu",
+    )
+    trainer.fit(ScheduledModel(interval), train, loss_fn=F.cross_entropy)
+    events = read(tmp_path / "version_0")
+    written = {e.step: e.value for e in events.Scalars("lr/group_0")}
+    assert written == pytest.approx(expected)
+
+
 def test_standalone_validate_and_test_write_to_the_fit_run(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path)
     result = run([logger], max_epochs=1)
