@@ -92,3 +92,70 @@ def test_an_evaluation_that_computes_nothing_fails_clearly():
     _, val = make_data(n=32, batch_size=16)
     with pytest.raises(ConfigurationError, match=r"validate\(\) computed no metric"):
         Trainer(plugins=[], device="cpu").validate(make_model(), val)
+
+
+# ---------------------------------------------------------------- batch weights
+
+
+class TimeMajor(torch.nn.Module):
+    """Reads ``(T, B, F)`` batches and averages over time: outputs ``(B, C)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = make_model(features=2)
+
+    def forward(self, x):
+        return self.head(x.mean(dim=0))
+
+
+def _time_major_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    sequences = torch.randn(5, 3, 2, generator=generator)  # T=5, three sequences
+    targets = torch.tensor([0, 1, 1])
+    return [(sequences[:, :2], targets[:2]), (sequences[:, 2:], targets[2:])]
+
+
+def test_training_and_evaluation_weigh_a_batch_alike():
+    batches = _time_major_batches()
+    trainer = Trainer(plugins=[], device="cpu")
+    model = TimeMajor()
+    trainer.fit(
+        model, batches, batches, loss_fn=F.cross_entropy, optimizer=lambda p: torch.optim.SGD(p, 0)
+    )
+    with torch.no_grad():
+        per_sample = F.cross_entropy(
+            model(torch.cat([x for x, _ in batches], dim=1)),
+            torch.cat([y for _, y in batches]),
+            reduction="none",
+        )
+    # Weighted by sequences (2 and 1), not by time steps (5 and 5).
+    assert trainer.metrics["loss"] == pytest.approx(per_sample.mean().item(), rel=1e-6)
+    assert trainer.metrics["loss"] == pytest.approx(trainer.metrics["val_loss"], rel=1e-6)
+
+
+class SaysItsBatchSize(torch.nn.Module):
+    """A step whose batch no rule can read: it says how many samples it held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch, batch_idx):
+        values = batch["values"]
+        return {"loss": self.weight * sum(values) / len(values), "batch_size": len(values)}
+
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_step_can_say_its_batch_size():
+    batches = [{"values": [1.0, 2.0, 3.0]}, {"values": [10.0]}]
+    trainer = Trainer(plugins=[], device="cpu")
+    trainer.fit(SaysItsBatchSize(), batches, [batches])  # one validation loader
+    # (1 + 2 + 3 + 10) / 4 samples, not the mean of the two batch means (6.0).
+    assert trainer.metrics["loss"] == pytest.approx(4.0)
+    assert trainer.metrics["val_loss"] == pytest.approx(4.0)
+    assert "val_batch_size" not in trainer.metrics

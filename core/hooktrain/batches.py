@@ -27,6 +27,7 @@ __all__ = [
     "move_to_device",
     "skip_first_batches",
     "skips_by_index",
+    "step_batch_size",
     "unpack_batch",
     "user_method",
 ]
@@ -103,6 +104,26 @@ def batch_size(batch: Any) -> int:
             if isinstance(item, torch.Tensor) and item.ndim:
                 return item.shape[0]
     return 1
+
+
+def step_batch_size(outputs: Any, batch_guess: int) -> int:
+    """How much one batch weighs in the epoch's means, once its step has run.
+
+    A step's dict may say it (``"batch_size"``): that wins, for batches no rule can
+    read (packed sequences, a dict of ragged lists). Otherwise, for a plain model
+    (the core's step returns ``"outputs"``) it is the first dimension of the
+    model's outputs, in training as in evaluation: for time-major inputs of shape
+    ``(T, B, F)`` that is ``B``, not ``T``. Otherwise ``batch_guess``, the
+    first dimension of the first tensor in the batch (`batch_size`).
+    """
+    if type(outputs) is dict:
+        given = outputs.get("batch_size")
+        if given is not None:
+            return int(given)
+        predicted = outputs.get("outputs")
+        if isinstance(predicted, torch.Tensor) and predicted.ndim:
+            return predicted.shape[0]
+    return batch_guess
 
 
 def length(loader: Any) -> int | None:

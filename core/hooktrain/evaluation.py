@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.batches import batch_size, limited_length
+from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.metrics import RunningMeans
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ def evaluation_loop(
                     outputs = forward(
                         trainer=trainer, batch=batch, batch_idx=batch_idx, stage=stage
                     )
+                    trainer._batch_size = step_batch_size(outputs, trainer._batch_size)
                     if stage == "predict":
                         predictions.append(outputs)
                     else:
@@ -159,7 +160,7 @@ def _accumulate(
             if gathered:
                 means.global_names.add(name)
     for key, value in outputs.items():
-        if key in ("outputs", "targets"):
+        if key in ("outputs", "targets", "batch_size"):
             continue
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             means.add(prefix + key + suffix, value.detach(), trainer._batch_size)

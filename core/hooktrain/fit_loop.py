@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.batches import batch_size, limited_length
+from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError
 from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks
@@ -172,8 +172,9 @@ def _train_epoch(
         window += 1
         sync = window == accumulate or batch_idx + 1 == total
         trainer.sync_gradients = sync
-        trainer._batch_size = size = batch_size(batch)
+        trainer._batch_size = batch_size(batch)  # for values logged inside the step
         outputs, loss = train_step(batch, batch_idx)
+        trainer._batch_size = size = step_batch_size(outputs, trainer._batch_size)
         if sync:
             optimizer_step(window)
             window = 0
