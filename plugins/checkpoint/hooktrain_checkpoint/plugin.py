@@ -34,7 +34,10 @@ class ModelCheckpoint:
     :param dirpath: the directory the checkpoints go to (created when needed).
     :param filename: the name pattern of top-k checkpoints, without ``.ckpt``;
         ``{epoch}``, ``{step}`` and any metric name, with an optional format
-        (``"{epoch}-{val_loss:.3f}"`` gives ``epoch=2-val_loss=0.123.ckpt``).
+        (``"{epoch}-{val_loss:.3f}"`` gives ``epoch=2-val_loss=0.123.ckpt``). A
+        name that a kept checkpoint has already gets ``-v1``, ``-v2``...: a kept
+        checkpoint is overwritten only by a save of its own global step (at the
+        epoch's end, after a step-wise save of its last batch).
     :param monitor: the metric that ranks checkpoints; ``None`` ranks by recency.
     :param mode: ``"min"`` or ``"max"``: which values of ``monitor`` are better.
     :param save_top_k: how many ranked checkpoints to keep; ``-1`` keeps every
@@ -123,6 +126,9 @@ class ModelCheckpoint:
         self._sigterm = SigtermWatch()
         self._step_saver: StepSaver | None = None
         self._sequence = 0
+        # The global step of each file in best_k_models: a second ranked save of one
+        # step (at the epoch's end after its last batch) replaces its own file.
+        self._kept_steps: dict[str, int] = {}
         self._saved_progress: tuple[Any, ...] | None = None
         self._warned_monitor = False
         self._loaded_from: str | None = None
@@ -288,26 +294,15 @@ class ModelCheckpoint:
         if self.monitor is None:
             return float(trainer.global_step)
         metrics = trainer.metrics
-        if self.monitor not in metrics:
-            # A validation metric is absent until validation first runs; only when
-            # others of its kind exist is its absence worth a word (a typo, mostly).
-            prefix = "val_" if self.monitor.startswith("val_") else ""
-            kind_exists = any(name.startswith(prefix) for name in metrics)
-            if kind_exists and not self._warned_monitor and trainer.is_global_zero:
+        if self.monitor in metrics:
+            return float(metrics[self.monitor])
+        if not self._warned_monitor and trainer.is_global_zero:
+            where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
+            message = topk.missing_monitor_message(self.monitor, metrics, where)
+            if message is not None:
                 self._warned_monitor = True
-                import difflib
-
-                close = difflib.get_close_matches(self.monitor, list(metrics), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                print(
-                    f"hooktrain-checkpoint: monitored metric {self.monitor!r} does not exist "
-                    f"at epoch {trainer.current_epoch}, step {trainer.global_step}; checkpoints "
-                    f"are not ranked until it does (last is still saved).{hint} Known metrics: "
-                    f"{', '.join(sorted(metrics)) or 'none'}",
-                    file=sys.stderr,
-                )
-            return None
-        return float(metrics[self.monitor])
+                print(message, file=sys.stderr)
+        return None
 
     def _effective_mode(self) -> str:
         return "max" if self.monitor is None else self.mode
@@ -331,7 +326,15 @@ class ModelCheckpoint:
                     score,
                     self.save_top_k,
                     self._effective_mode(),
+                    same_step=[
+                        kept
+                        for kept, step in self._kept_steps.items()
+                        if step == trainer.global_step
+                    ],
                 )
+                if ranked_name is not None:
+                    self._kept_steps[ranked_name] = trainer.global_step
+                    self._forget_steps_of_evicted()
         self._sequence += 1
         self._saved_progress = self._progress(trainer)
         # Every process builds the checkpoint, whatever it decided about ranking:
@@ -391,6 +394,11 @@ class ModelCheckpoint:
         self.save_costs.append(time.perf_counter() - started)
         self.wait_costs.append(waited)
 
+    def _forget_steps_of_evicted(self) -> None:
+        self._kept_steps = {
+            name: step for name, step in self._kept_steps.items() if name in self.best_k_models
+        }
+
     def _encodes_inline(self, trainer: Trainer) -> bool:
         """Whether this fit's checkpoints are small enough to encode on the training
         thread: judged once per fit from the model's size (optimizer state is about
@@ -409,6 +417,7 @@ class ModelCheckpoint:
             "monitor": self.monitor,
             "mode": self.mode,
             "best_k_models": dict(self.best_k_models),
+            "kept_steps": dict(self._kept_steps),
             "sequence": self._sequence,
         }
 
@@ -425,6 +434,11 @@ class ModelCheckpoint:
                     for name, score in state.get("best_k_models", {}).items()
                     if (self.dirpath / name).is_file()
                 }
+                # Absent from checkpoints saved before it was kept: then none is replaced.
+                self._kept_steps = {
+                    name: int(step) for name, step in state.get("kept_steps", {}).items()
+                }
+                self._forget_steps_of_evicted()
         progress = checkpoint["progress"]
         self._saved_progress = (
             int(progress["epoch"]),
