@@ -169,8 +169,9 @@ class ModelCheckpoint:
         # registered when it runs. The rest comes after every other setup, when
         # plugins that set the process's rank have done so.
         if stage == "fit" and self.every_n_train_steps is not None:
-            self._step_saver = StepSaver(self)
-            trainer.plugin_manager.register(self._step_saver, f"{self._own_name(trainer)}.steps")
+            saver = StepSaver(self)
+            trainer.plugin_manager.register(saver, f"{self._own_name(trainer)}.steps")
+            self._step_saver = saver  # only once registered: teardown unregisters it
         result = yield
         if stage == "fit":
             self._inline = None

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from hooktrain_checkpoint import ModelCheckpoint
 
-from hooktrain import Trainer, hookimpl
+from hooktrain import PluginError, Trainer, hookimpl
 from hooktrain.testing import make_data, make_model
 
 
@@ -107,3 +107,21 @@ def test_the_profile_plugin_times_step_wise_saving(tmp_path: Path) -> None:
     report = trainer.plugin_manager.get_plugin("profile").report
     calls = {(row.hook, row.plugin): row.calls for row in report.rows}
     assert calls[("on_train_batch_end", "checkpoint.steps")] == 3
+
+
+class NamedLikeTheSaver:
+    name = "checkpoint.steps"
+
+    @hookimpl
+    def on_fit_start(self) -> None:
+        pass
+
+
+def test_a_saver_that_cannot_be_registered_fails_the_fit_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1)
+    with pytest.raises(PluginError, match=r"'checkpoint\.steps' cannot be registered"):
+        fit(checkpoint, NamedLikeTheSaver(), batches=1)
+    # teardown had nothing of its own to unregister
+    assert "teardown raised" not in capsys.readouterr().err
