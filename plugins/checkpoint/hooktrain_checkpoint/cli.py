@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hooktrain_checkpoint import storage
+from hooktrain_checkpoint.discovery import list_checkpoints
 
 __all__ = ["describe", "main"]
 
@@ -127,8 +128,6 @@ def main(argv: Sequence[str]) -> int:
         print(f"error: {path} does not exist", file=sys.stderr)
         return 2
     if path.is_dir():
-        from hooktrain_checkpoint.plugin import list_checkpoints
-
         damaged: list[str] = []
         files = [info.path for info in list_checkpoints(path, report=damaged.append)]
         # Files without a record are shown too: the user asked about this directory.

@@ -41,6 +41,7 @@ __all__ = [
     "link_or_copy",
     "load_file",
     "read_info",
+    "remove_stale_temporaries",
     "verify",
     "write_encoded",
     "write_file",
@@ -49,6 +50,8 @@ __all__ = [
 #: Written into every record; a reader refuses records of another format.
 FORMAT = "hooktrain-checkpoint/1"
 SUFFIX = ".ckpt"
+#: The stem of the file that always holds the newest state (``last.ckpt``).
+LAST_NAME = "last"
 
 _EOCD_SIGNATURE = b"PK\x05\x06"
 _EOCD_SIZE = 22  # the end-of-central-directory record without its comment
@@ -191,6 +194,31 @@ def _temp_path(path: Path) -> Path:
     host = socket.gethostname().replace(".", "_")
     unique = f"{host}.{os.getpid()}.{threading.get_ident()}.{next(_temp_counter)}"
     return path.with_name(f".{path.name}.{unique}.tmp")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> None:
+    """Delete the temporaries in ``directory`` that a killed process on this host
+    left behind (those whose process is gone); others' are left alone."""
+    host = socket.gethostname().replace(".", "_")
+    for temp in Path(directory).glob(".*.tmp"):
+        # .<name>.<host>.<pid>.<thread>.<n>.tmp, as _temp_path names them
+        parts = temp.name.rsplit(".", 5)
+        if len(parts) != 6 or parts[1] != host or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        temp.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -544,28 +544,6 @@ def test_several_processes_agree_on_sigterm_per_epoch_not_per_step(tmp_path: Pat
     assert 0 <= epoch_means < steps
 
 
-def _per_step_implementers(trainer: Trainer) -> list[str]:
-    hook = trainer.plugin_manager.hook.on_train_batch_end
-    return [trainer.plugin_manager.get_name(impl.plugin) for impl in hook.get_hookimpls()]
-
-
-@pytest.mark.parametrize("by_name", [False, True])
-def test_only_step_wise_saving_adds_a_hook_per_step(tmp_path: Path, by_name: bool) -> None:
-    # Any on_train_batch_end implementation costs a pluggy call per step and the
-    # core's plugin-free batch loop; a checkpoint saved per epoch needs neither.
-    def trainer_with(**options: Any) -> Trainer:
-        options["dirpath"] = os.fspath(tmp_path)
-        plugin = ("checkpoint", options) if by_name else ModelCheckpoint(**options)
-        return Trainer(plugins=[plugin], device="cpu")
-
-    assert _per_step_implementers(trainer_with()) == []
-    assert _per_step_implementers(trainer_with(every_n_epochs=2, save_on_sigterm=True)) == []
-    stepwise = trainer_with(every_n_train_steps=3)
-    assert _per_step_implementers(stepwise) == ["checkpoint"]
-    plugin = stepwise.plugin_manager.get_plugin("checkpoint")
-    assert isinstance(plugin, ModelCheckpoint) and plugin.every_n_train_steps == 3
-
-
 def test_the_last_write_ends_even_when_an_earlier_teardown_raises(tmp_path: Path) -> None:
     import signal
 

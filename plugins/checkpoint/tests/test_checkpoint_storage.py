@@ -235,8 +235,13 @@ def test_a_writer_killed_at_random_moments_never_leaves_a_partial_file(tmp_path:
     temporaries = list(tmp_path.glob(".*.tmp"))
     assert len(temporaries) <= 1  # the one being written when the kill landed
     # A later run removes what the killed one left.
-    checkpoint = ModelCheckpoint(dirpath=tmp_path)
-    trainer = Trainer(plugins=[checkpoint], device="cpu")
-    checkpoint.setup(trainer, "fit")
-    checkpoint.teardown(trainer, "fit")
+    trainer = Trainer(
+        plugins=[ModelCheckpoint(dirpath=tmp_path)], limit_train_batches=1, device="cpu"
+    )
+    trainer.fit(
+        make_model(),
+        make_data(n=16)[0],
+        loss_fn=F.cross_entropy,
+        optimizer=lambda parameters: torch.optim.SGD(parameters, lr=0.1),
+    )
     assert not list(tmp_path.glob(".*.tmp"))

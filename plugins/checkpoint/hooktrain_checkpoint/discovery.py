@@ -1,0 +1,64 @@
+"""Finding the checkpoints of a directory, newest first, and the newest intact one."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hooktrain_checkpoint import storage
+
+__all__ = ["list_checkpoints", "newest_checkpoint"]
+
+
+def list_checkpoints(
+    directory: str | os.PathLike[str], report: Callable[[str], None] | None = None
+) -> list[storage.CheckpointInfo]:
+    """Every checkpoint with a readable record in ``directory``, newest first.
+
+    Files whose record is missing or unreadable are passed to ``report`` by name.
+    Records are read, data is not verified.
+    """
+    found = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    for path in sorted(directory.glob("*" + storage.SUFFIX)):
+        if path.name.startswith("."):
+            continue
+        try:
+            found.append(storage.read_info(path))
+        except storage.DamagedCheckpointError as exc:
+            if report is not None:
+                report(f"hooktrain-checkpoint: skipping {exc}")
+        except OSError as exc:
+            if report is not None:
+                report(f"hooktrain-checkpoint: skipping {path}: {exc}")
+    # Newest first; between equal states (last.ckpt and the ranked file it links
+    # to) prefer last.ckpt.
+    found.sort(key=lambda i: (i.progress_key, i.path.stem == storage.LAST_NAME), reverse=True)
+    return found
+
+
+def newest_checkpoint(
+    directory: str | os.PathLike[str], report: Callable[[str], None] | None = None
+) -> tuple[dict[str, Any], storage.CheckpointInfo] | None:
+    """Load the newest complete, intact checkpoint of ``directory``.
+
+    A damaged file (truncated, or its digest does not match) is passed to
+    ``report`` by name and the next newest is tried. A file that safe loading
+    refuses stops the search with :class:`~hooktrain_checkpoint.storage.UnsafeCheckpointError`:
+    a planted file is not something to step around quietly.
+
+    :return: ``(checkpoint, info)``, or ``None`` when no intact checkpoint exists.
+    """
+    for info in list_checkpoints(directory, report):
+        try:
+            checkpoint, _ = storage.load_file(info.path, require_record=True)
+        except storage.DamagedCheckpointError as exc:
+            if report is not None:
+                report(f"hooktrain-checkpoint: skipping {exc}; trying an older one")
+            continue
+        return checkpoint, info
+    return None

@@ -1,0 +1,98 @@
+"""Resuming: which checkpoint ``ckpt_path`` names, and what differs since it was saved."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hooktrain_checkpoint import storage
+from hooktrain_checkpoint.discovery import newest_checkpoint
+
+if TYPE_CHECKING:
+    from hooktrain.trainer import Trainer
+
+__all__ = ["load", "report_differences"]
+
+
+def load(ckpt_path: str, dirpath: Path, *, say: bool) -> tuple[Mapping[str, Any], str] | None:
+    """The checkpoint that ``ckpt_path`` names, and the file it came from.
+
+    ``"last"`` means the newest intact checkpoint of ``dirpath``, a directory its
+    newest intact one (damaged files are reported and stepped over); anything else
+    is a file, loaded as it is. With ``say``, what happens is printed to stderr.
+
+    :return: ``None`` when a directory holds no intact checkpoint.
+    :raises storage.DamagedCheckpointError: when the file named is damaged.
+    :raises storage.UnsafeCheckpointError: when safe loading refuses a file.
+    """
+    path = Path(ckpt_path)
+    if ckpt_path == storage.LAST_NAME or path.is_dir():
+        directory = dirpath if ckpt_path == storage.LAST_NAME else path
+        found = newest_checkpoint(directory, report=_stderr if say else None)
+        if found is None:
+            if say:
+                print(
+                    f"hooktrain-checkpoint: no complete checkpoint in {directory}; starting fresh",
+                    file=sys.stderr,
+                )
+            return None
+        checkpoint, info = found
+        loaded_from = os.fspath(info.path)
+    else:
+        checkpoint, info = storage.load_file(path)
+        loaded_from = os.fspath(path)
+        if info is None and say:
+            print(
+                f"hooktrain-checkpoint: {path} has no integrity record (not written by "
+                f"this plugin); loaded without verification",
+                file=sys.stderr,
+            )
+    if say:
+        progress = checkpoint["progress"]
+        print(
+            f"hooktrain-checkpoint: resuming from {loaded_from} (epoch "
+            f"{progress['epoch']}, global step {progress['global_step']})",
+            file=sys.stderr,
+        )
+    return checkpoint, loaded_from
+
+
+def report_differences(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
+    """Print to stderr the plugins selected now that the checkpoint has no state for,
+    and the versions (hooktrain's, plugins') that changed since it was saved."""
+    saved_plugins = list(checkpoint.get("plugin_list", []))
+    fresh = [
+        name
+        for name in trainer.plugin_names
+        if name not in saved_plugins and name not in checkpoint.get("plugins", {})
+    ]
+    if fresh:
+        print(
+            f"hooktrain-checkpoint: plugins selected now but not in the checkpoint start "
+            f"without saved state: {', '.join(fresh)}",
+            file=sys.stderr,
+        )
+    from hooktrain import __version__
+    from hooktrain.plugins import installed_plugins
+
+    changed = []
+    if checkpoint.get("hooktrain_version") not in (None, __version__):
+        changed.append(f"hooktrain {checkpoint['hooktrain_version']} -> {__version__}")
+    installed = installed_plugins()
+    for name, version in checkpoint.get("plugin_versions", {}).items():
+        now = installed[name].version if name in installed else None
+        if now is not None and now != version:
+            changed.append(f"{name} {version} -> {now}")
+    if changed:
+        print(
+            f"hooktrain-checkpoint: versions changed since the checkpoint was saved: "
+            f"{'; '.join(changed)}",
+            file=sys.stderr,
+        )
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)

@@ -1,0 +1,143 @@
+"""Which ranked checkpoints to keep, and what their files are called."""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from hooktrain_checkpoint.storage import LAST_NAME, SUFFIX
+
+__all__ = ["better", "enter", "missing_monitor_message", "ranked", "render_name"]
+
+_FIELD = re.compile(r"\{([^{}:]+)(?::([^{}]*))?\}")
+
+
+def render_name(pattern: str, values: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
+    """The file name (with ``.ckpt``) that ``pattern`` gives: each ``{key}`` or
+    ``{key:format}`` becomes ``key=value``, the value taken from ``values`` (epoch,
+    step) or else ``metrics``, and ``none`` when neither has it. A name that would
+    be ``last`` becomes ``last-ranked``: ``last.ckpt`` is the newest state's."""
+
+    def render(match: re.Match[str]) -> str:
+        key, spec = match.group(1).strip(), match.group(2)
+        value: Any = values.get(key)
+        if value is None and key in metrics:
+            value = metrics[key]
+        if value is None:
+            text = "none"  # a metric that does not exist yet at this save
+        elif spec:
+            text = format(value, spec)
+        else:
+            text = str(value)
+        return f"{key.replace('/', '_')}={text}"
+
+    name = _FIELD.sub(render, pattern)
+    if name == LAST_NAME:
+        name += "-ranked"
+    return name + SUFFIX
+
+
+def missing_monitor_message(monitor: str, metrics: Mapping[str, Any], where: str) -> str | None:
+    """What to say when ``monitor`` is not among ``metrics`` (at ``where``), or
+    ``None`` when its absence is expected."""
+    # A validation metric is absent until validation first runs; only when others
+    # of its kind exist is its absence worth a word (a typo, mostly).
+    prefix = "val_" if monitor.startswith("val_") else ""
+    if not any(name.startswith(prefix) for name in metrics):
+        return None
+    close = difflib.get_close_matches(monitor, list(metrics), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (
+        f"hooktrain-checkpoint: monitored metric {monitor!r} does not exist at {where}; "
+        f"checkpoints are not ranked until it does (last is still saved).{hint} Known "
+        f"metrics: {', '.join(sorted(metrics)) or 'none'}"
+    )
+
+
+def better(a: float, b: float, mode: str) -> bool:
+    """Whether score ``a`` is better than ``b`` (``mode`` ``"min"`` or ``"max"``).
+    NaN is never better than anything: a diverged run must not evict good files."""
+    if math.isnan(a):
+        return False
+    if math.isnan(b):
+        return True
+    return a < b if mode == "min" else a > b
+
+
+def ranked(scores: Mapping[str, float], mode: str) -> list[str]:
+    """The names in ``scores``, best first, NaN last."""
+    nan_last = [name for name, score in scores.items() if math.isnan(score)]
+    finite = sorted(
+        (name for name, score in scores.items() if not math.isnan(score)),
+        key=lambda name: scores[name],
+        reverse=mode == "max",
+    )
+    return finite + nan_last
+
+
+def enter(
+    scores: dict[str, float],
+    name: str,
+    score: float,
+    keep: int,
+    mode: str,
+    *,
+    same_step: Collection[str] = (),
+) -> tuple[str | None, list[str]]:
+    """Enter a checkpoint scoring ``score`` into ``scores`` (file name to score of
+    the checkpoints kept) if it belongs among the best ``keep`` (``-1``: all).
+
+    Whether it belongs depends on its score alone. Its file is ``name``, unless a
+    checkpoint that stays kept has that name: then the first free of ``name-v1``,
+    ``name-v2``, ... (before ``.ckpt``), so that no kept file is ever overwritten
+    by the save of another step, least of all a better one by a worse one. A name
+    that only an evicted checkpoint held is free: the new file replaces it.
+
+    :param same_step: the kept checkpoints of the same global step as this one. One
+        named ``name`` or a version of it holds the same weights (saved again at the
+        epoch's end, after a step-wise save of its last batch): the new save is
+        ranked in its place, rescored, and takes its file.
+    :return: ``(file name, evicted names)``, or ``(None, [])`` when it does not
+        belong (``scores`` is then unchanged).
+    """
+    if keep == 0:
+        return None, []
+    stem = name.removesuffix(SUFFIX)
+    replaced = next(
+        (kept for kept in same_step if kept in scores and _version_of(kept, stem)), None
+    )
+    withdrawn = scores.pop(replaced) if replaced is not None else None
+    evicted: list[str] = []
+    if keep != -1 and len(scores) >= keep:
+        order = ranked(scores, mode)
+        if not better(score, scores[order[-1]], mode):
+            if replaced is not None and withdrawn is not None:
+                scores[replaced] = withdrawn
+            return None, []
+        # The worst go, so that the best ``keep`` remain, the new one among them
+        # (more than one when a resumed run keeps fewer than the saved ranking).
+        evicted = order[keep - 1 :]
+    if replaced is not None:
+        name = replaced
+    else:
+        taken = set(scores) - set(evicted)
+        version = 0
+        while name in taken:
+            version += 1
+            name = f"{stem}-v{version}{SUFFIX}"
+    for old in evicted:
+        del scores[old]
+    scores[name] = score
+    return name, evicted
+
+
+def _version_of(name: str, stem: str) -> bool:
+    """Whether ``name`` is ``stem.ckpt`` or ``stem-v<n>.ckpt``."""
+    base = name.removesuffix(SUFFIX)
+    if base == stem:
+        return True
+    version = base.removeprefix(stem + "-v")
+    return base.startswith(stem + "-v") and version.isdigit()
