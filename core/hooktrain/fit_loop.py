@@ -131,26 +131,15 @@ def _train_epoch(
     train_step: TrainStep,
     optimizer_step: Callable[[int], None],
 ) -> None:
-    skip = trainer._resume_skip
-    trainer._resume_skip = 0
-    means = trainer._train_means
-    if skip == 0:
-        means.reset()
-        _apply_pending_rng(trainer)
-    # The model trains in the modes its modules are in: a module the user put in
-    # eval mode (a frozen BatchNorm) stays there. Evaluation puts them back.
-    trainer.epoch_batches_done = skip
-    trainer.epoch_complete = False
-    loader = trainer.train_dataloader
-    limit = trainer.limits["train"]
-    total = trainer.num_training_batches = limited_length(loader, limit)
-    if hooks.on_train_epoch_start is not None:
-        hooks.on_train_epoch_start(trainer=trainer)
-    batches = _epoch_batches(trainer, hooks, loader, skip)
-    if limit is not None:
-        batches = itertools.islice(batches, max(0, limit - skip))
-    _apply_pending_rng(trainer)  # a mid-epoch resume: after the iterator drew its seeds
+    """One training epoch (or the rest of one, after a mid-epoch resume).
 
+    The model trains in the modes its modules are in: a module the user put in
+    eval mode (a frozen BatchNorm) stays there, and evaluation puts every mode
+    back as it found it.
+    """
+    skip = trainer._resume_skip
+    batches, total = _open_epoch(trainer, hooks, skip)
+    means = trainer._train_means
     device = trainer.device
     transfer = hooks.transfer_batch_to_device
     on_batch_start = hooks.on_train_batch_start
@@ -218,7 +207,8 @@ def _train_epoch(
     if not stopped and total is not None and batch_idx != total and not trainer._warned_length:
         trainer._warned_length = True
         warnings.warn(
-            f"hooktrain: the training dataloader ({type(loader).__name__}) said it has "
+            f"hooktrain: the training dataloader ({type(trainer.train_dataloader).__name__}) "
+            f"said it has "
             f"{total} batches (len) but yielded {batch_idx}; its end was taken as the "
             f"epoch's end",
             stacklevel=4,
@@ -226,6 +216,30 @@ def _train_epoch(
     if not exhausted:
         return
     _end_epoch(trainer, hooks)
+
+
+def _open_epoch(
+    trainer: Trainer, hooks: ResolvedHooks, skip: int
+) -> tuple[Iterator[Any], int | None]:
+    """Everything before an epoch's first batch: progress, ``on_train_epoch_start``
+    and the epoch's iterator. :return: the iterator and the number of batches the
+    epoch should have (``None`` when unknown)."""
+    trainer._resume_skip = 0
+    if skip == 0:
+        trainer._train_means.reset()
+        _apply_pending_rng(trainer)
+    trainer.epoch_batches_done = skip
+    trainer.epoch_complete = False
+    loader = trainer.train_dataloader
+    limit = trainer.limits["train"]
+    total = trainer.num_training_batches = limited_length(loader, limit)
+    if hooks.on_train_epoch_start is not None:
+        hooks.on_train_epoch_start(trainer=trainer)
+    batches = _epoch_batches(trainer, hooks, loader, skip)
+    if limit is not None:
+        batches = itertools.islice(batches, max(0, limit - skip))
+    _apply_pending_rng(trainer)  # a mid-epoch resume: after the iterator drew its seeds
+    return batches, total
 
 
 def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
