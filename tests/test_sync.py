@@ -31,18 +31,8 @@ BATCH = 8
 def first_party(tmp_path: Any) -> list[Any]:
     """The first-party plugins that are installed, set up to do the most per step."""
     wanted: list[Any] = [
-        # Redraw on every batch, and never fall back to reading live values after a
-        # quiet spell (a time-based read would make the count depend on the
-        # machine's speed; it is bounded by time, not by steps).
-        (
-            "tqdm",
-            {
-                "stream": io.StringIO(),
-                "terminal": True,
-                "refresh_interval": 0.0,
-                "stale_after": None,
-            },
-        ),
+        # Redraw on every batch.
+        ("tqdm", {"stream": io.StringIO(), "terminal": True, "refresh_interval": 0.0}),
         ("tensorboard", {"log_dir": str(tmp_path / "tb")}),
         (
             "checkpoint",

@@ -13,10 +13,10 @@ import sys
 import termios
 import textwrap
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
+import hooktrain_tqdm
 import pytest
 import torch
 import torch.nn.functional as F
@@ -40,18 +40,21 @@ class FakeTerminal(io.StringIO):
         return True
 
 
-class SlowBatches:
-    """Makes every training batch take ``seconds`` (sleeping, so the bar's timer
-    thread runs meanwhile): the bar redraws on a timer, not per batch."""
+class FakeClock:
+    """Stands in for the plugin's clock: time moves only when a training batch ends,
+    by ``seconds_per_batch``, so the number of redraws follows from the options alone."""
 
-    name = "slow_batches"
+    name = "fake_clock"
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds_per_batch: float) -> None:
+        self.now = 0.0
+        self.seconds_per_batch = seconds_per_batch
+        monkeypatch.setattr(hooktrain_tqdm, "_clock", lambda: self.now)
 
-    @hookimpl
+    # Before the bar's own hook, which must see the batch's time already elapsed.
+    @hookimpl(tryfirst=True)
     def on_train_batch_end(self) -> None:
-        time.sleep(self.seconds)
+        self.now += self.seconds_per_batch
 
 
 def frames(output: str, label: str) -> list[str]:
@@ -74,24 +77,45 @@ def test_plain_file_gets_one_line_per_epoch(tmp_path: Path) -> None:
     assert [SUMMARY.match(line).group(1) for line in lines] == ["1", "2"], text
 
 
-def test_plain_file_gets_sparse_progress_lines(tmp_path: Path) -> None:
+class Published:
+    """Keeps the step losses the trainer published, by step."""
+
+    name = "published"
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    @hookimpl
+    def log_metrics(self, metrics: dict[str, float], step: int, scope: str) -> None:
+        if scope == "step":
+            self.losses[step] = metrics["loss"]
+
+
+def test_plain_file_gets_sparse_progress_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = io.StringIO()
-    # Batches of 20 ms and a line every 10 ms at most: many lines, whose format, not
-    # timing, is tested.
+    clock = FakeClock(monkeypatch, seconds_per_batch=1.0)
+    published = Published()
     run(
-        [ProgressBar(stream=stream, plain_interval=0.01), SlowBatches(0.02)],
+        [ProgressBar(stream=stream, plain_interval=2.5), clock, published],
         max_epochs=2,
         log_every_n_steps=2,
     )
-    text = stream.getvalue()
-    assert "\r" not in text
-    progress = [line for line in text.splitlines() if not SUMMARY.match(line)]
-    assert len(progress) >= 8
-    for line in progress:
-        assert re.match(rf"^epoch [12]/2: \d/8 batches \(\d+%\), {NUMBER} batches/s", line), line
-    # After the first publication (step 2) the postfix carries the loss.
-    assert "loss=" in progress[-1]
-    assert sum(1 for line in text.splitlines() if SUMMARY.match(line)) == 2
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue()
+    progress = [line for line in lines if not SUMMARY.match(line)]
+    # One batch a second and a line every 2.5 s at most: after batches 3 and 6 of each
+    # epoch (2.5 s after the epoch's start, then 2.5 s after the previous line).
+    losses = published.losses
+    assert [re.sub(r", val_.*$", "", line) for line in progress] == [
+        f"epoch 1/2: 3/8 batches (37%), 1 batches/s, loss={losses[2]:.4g}",
+        f"epoch 1/2: 6/8 batches (75%), 1 batches/s, loss={losses[4]:.4g}",
+        f"epoch 2/2: 3/8 batches (37%), 1 batches/s, loss={losses[10]:.4g}",
+        f"epoch 2/2: 6/8 batches (75%), 1 batches/s, loss={losses[12]:.4g}",
+    ], stream.getvalue()
+    # The loss is the one published last (the line at step 6 comes before step 6's
+    # publication), and from the first validation on, its values follow.
+    assert all(", val_loss=" in line for line in progress[2:])
+    assert sum(1 for line in lines if SUMMARY.match(line)) == 2
 
 
 CHILD = textwrap.dedent(
@@ -191,16 +215,60 @@ def test_terminal_without_logging_redirection_breaks_the_line() -> None:
     assert logged[0].split("\r")[-1].strip() != "LOG LINE FROM TRAINING"
 
 
-def test_redraws_are_throttled_by_time() -> None:
-    eager, throttled = FakeTerminal(), FakeTerminal()
-    eager_bar = ProgressBar(stream=eager, refresh_interval=0)
-    run([eager_bar, SlowBatches(0.02)], max_epochs=2, record=False)
-    run([ProgressBar(stream=throttled, refresh_interval=3600)], max_epochs=2, record=False)
-    # As often as the timer allows (every 5 ms) through 8 batches of 20 ms: many
-    # frames. Once an hour: the first and the last.
-    assert len(frames(eager.getvalue(), "epoch 1/2")) >= 8
-    assert len(frames(throttled.getvalue(), "epoch 1/2")) == 2
-    assert len(frames(throttled.getvalue(), "epoch 2/2")) == 2
+@pytest.mark.parametrize(
+    ("seconds_per_batch", "refresh_interval", "redraws"),
+    [
+        (0.25, 0.0, [1, 2, 3, 4, 5, 6, 7, 8]),  # every batch
+        (0.25, 1.0, [4, 8]),  # once a second
+        (0.25, 0.6, [3, 6]),  # a due redraw waits for the next batch's end
+        (1.0, 0.5, [1, 2, 3, 4, 5, 6, 7, 8]),  # never more than once a batch
+        (0.25, 3600.0, []),  # only the first frame and the epoch's last
+    ],
+)
+def test_the_training_bar_is_redrawn_at_most_once_per_interval(
+    monkeypatch: pytest.MonkeyPatch,
+    seconds_per_batch: float,
+    refresh_interval: float,
+    redraws: list[int],
+) -> None:
+    screen = FakeTerminal()
+    clock = FakeClock(monkeypatch, seconds_per_batch)
+    run(
+        [ProgressBar(stream=screen, refresh_interval=refresh_interval), clock],
+        max_epochs=2,
+        record=False,
+    )
+    for epoch in (1, 2):
+        drawn = frames(screen.getvalue(), f"epoch {epoch}/2")
+        counts = [int(re.search(r"\| (\d)/8 \[", frame).group(1)) for frame in drawn]
+        # The first frame as the bar opens, the redraws, and the last frame at the
+        # epoch's end when the last batch did not redraw already.
+        expected = [0, *redraws] + ([] if redraws[-1:] == [8] else [8])
+        assert counts == expected, drawn
+
+
+def test_totals_are_the_trainers_batch_counts() -> None:
+    screen = FakeTerminal()
+    train, val = make_data(n=128)  # 8 training batches, 2 validation batches
+    trainer = Trainer(
+        plugins=[ProgressBar(stream=screen, refresh_interval=0)],
+        max_epochs=1,
+        limit_train_batches=5,
+        device="cpu",
+    )
+    trainer.fit(
+        make_model(),
+        train,
+        [val, val],
+        loss_fn=F.cross_entropy,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
+    text = screen.getvalue()
+    trained = [re.search(r"\| (\d+/\d+) \[", f).group(1) for f in frames(text, "epoch 1/1")]
+    assert trained == ["0/5", "1/5", "2/5", "3/5", "4/5", "5/5"]
+    # Two loaders of two batches: one count across both.
+    validated = [re.search(r"\| (\d+/\d+) \[", f).group(1) for f in frames(text, "validate")]
+    assert validated == ["0/4", "1/4", "2/4", "3/4", "4/4"]
 
 
 @pytest.mark.parametrize("leave", [True, False])
@@ -299,20 +367,29 @@ def conversions(monkeypatch: pytest.MonkeyPatch, plugins: list[Any], tmp_path: P
     return counter.count
 
 
+class ReadsLossEveryStep:
+    """What the count must catch: a plugin reading the loss as a float every step."""
+
+    name = "reads_loss"
+
+    @hookimpl
+    def on_train_batch_end(self, outputs: Any) -> None:
+        float(outputs["loss"].detach())
+
+
 def test_bar_and_logger_add_no_device_sync(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    slow = SlowBatches(0.01)
-    baseline = conversions(monkeypatch, [slow], tmp_path)
+    baseline = conversions(monkeypatch, [], tmp_path)
     screen = FakeTerminal()
-    bar = ProgressBar(stream=screen, refresh_interval=0, stale_after=None)
-    with_plugins = conversions(
-        monkeypatch, [bar, slow, ("tensorboard", {"log_dir": tmp_path})], tmp_path
-    )
-    # Redrawn many times through 32 batches of 10 ms, the bar converts nothing itself.
-    assert len(frames(screen.getvalue(), "epoch 1/2")) >= 8
+    bar = ProgressBar(stream=screen, refresh_interval=0)
+    with_plugins = conversions(monkeypatch, [bar, ("tensorboard", {"log_dir": tmp_path})], tmp_path)
+    # Redrawn after each of the 16 batches of an epoch, showing published losses,
+    # the bar converts nothing itself.
+    drawn = frames(screen.getvalue(), "epoch 1/2")
+    assert len(drawn) == 17
+    assert "loss=" in drawn[-1]
     assert with_plugins == baseline
-    # A bar that reads the latest values at each redraw is caught by the same count.
-    eager = ProgressBar(stream=FakeTerminal(), refresh_interval=0, stale_after=0)
-    assert conversions(monkeypatch, [eager, slow], tmp_path) >= baseline + 8
+    # The count does see a per-step read.
+    assert conversions(monkeypatch, [ReadsLossEveryStep()], tmp_path) == baseline + 32
 
 
 def test_installed_under_its_entry_point_name() -> None:
@@ -331,20 +408,31 @@ def test_bad_options_are_refused() -> None:
         ProgressBar(metrics="loss")
 
 
-def test_the_training_bar_adds_no_hook_per_step() -> None:
-    # Any on_train_batch_end implementation would take the trainer off its lean loop.
-    trainer = Trainer(plugins=["tqdm"], device="cpu")
-    assert trainer.plugin_manager.hook.on_train_batch_end.get_hookimpls() == []
+class ThreadWatcher:
+    """Notes every thread alive at each batch's end, training and validation."""
+
+    name = "thread_watcher"
+
+    def __init__(self) -> None:
+        self.seen: set[threading.Thread] = set()
+
+    @hookimpl
+    def on_train_batch_end(self) -> None:
+        self.seen.update(threading.enumerate())
+
+    @hookimpl
+    def on_validation_batch_end(self) -> None:
+        self.seen.update(threading.enumerate())
 
 
-def test_the_bar_keeps_ticking_during_one_long_step() -> None:
-    screen = FakeTerminal()
-    run(
-        [ProgressBar(stream=screen, refresh_interval=0.02), SlowBatches(0.3)],
-        max_epochs=1,
-        limit_train_batches=1,
-        record=False,
+@pytest.mark.parametrize("terminal", [True, False])
+def test_no_thread_is_started(terminal: bool) -> None:
+    before = set(threading.enumerate())
+    watcher = ThreadWatcher()
+    bar = ProgressBar(
+        stream=FakeTerminal(), terminal=terminal, refresh_interval=0, plain_interval=1e-9
     )
-    # Redrawn by the timer through the 0.3 s of the only batch (about 15 times at
-    # 20 ms), where a per-batch redraw would draw the first and the last frame only.
-    assert len(frames(screen.getvalue(), "epoch 1/1")) >= 5, screen.getvalue()
+    run([bar, watcher], max_epochs=2, record=False)
+    # Neither a timer of the plugin's nor tqdm's monitor thread.
+    assert watcher.seen and watcher.seen <= before, watcher.seen - before
+    assert set(threading.enumerate()) <= before
