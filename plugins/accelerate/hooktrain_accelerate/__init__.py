@@ -24,8 +24,9 @@ What each hook does:
   distributed wrapper, so gradients are synchronised; inside a
   gradient-accumulation window the forward runs under ``accelerator.no_sync``.
 * ``backward``, ``clip_gradients``, ``optimizer_step``: the accelerator's versions.
-* ``all_reduce`` and ``gather_for_metrics``: metrics over every process, without
-  the samples duplicated to pad the last evaluation batch.
+* ``all_reduce``, ``all_gather_object`` and ``gather_for_metrics``: metrics over
+  every process (the processes first agree on the metric names), without the
+  samples duplicated to pad the last evaluation batch.
 """
 
 from __future__ import annotations
@@ -426,8 +427,22 @@ class Accelerate:
         return self.accelerator.reduce(tensor, reduction="sum")
 
     @hookimpl
-    def gather_for_metrics(self, outputs: Any, targets: Any) -> tuple[Any, Any] | None:
+    def all_gather_object(self, obj: Any) -> list[Any] | None:
         if self.accelerator.num_processes == 1:
+            return None
+        from accelerate.utils import gather_object
+
+        # gather_object concatenates the processes' lists: one element each.
+        return gather_object([obj])
+
+    @hookimpl
+    def gather_for_metrics(self, outputs: Any, targets: Any) -> tuple[Any, Any] | None:
+        if self.accelerator.num_processes == 1 or self._own_eval_step:
+            # A model's own evaluation step may return outputs and targets too, but
+            # its dataloaders give the processes different numbers of batches: a
+            # gather per batch would wait forever for a process that has none left.
+            # Each process's metrics then count its own samples, and the end-of-run
+            # reduction sums them.
             return None
         gathered = self.accelerator.gather_for_metrics((outputs, targets))
         return gathered[0], gathered[1]
