@@ -82,6 +82,20 @@ class LogOnOneRank:
             trainer.log(f"only_rank{self.rank}", float(self.rank + 4))
 
 
+class ScorePerProcess:
+    """Logs ``score`` at the end of each validation in fit: the epoch on rank 0
+    (rising), 0 elsewhere (flat). Logged outside the batches, it is each process's
+    own value."""
+
+    name = "score"
+
+    @hookimpl
+    def on_validation_end(self, trainer: Trainer) -> None:
+        if trainer.stage == "fit":
+            rising = trainer.is_global_zero
+            trainer.log("score", float(trainer.current_epoch) if rising else 0.0)
+
+
 class BatchCount:
     """Counts the validation batches this process evaluated, and the epochs it
     trained."""
@@ -170,6 +184,14 @@ def main() -> None:
     plugins.append(batches)
     if "log_on_rank" in config:
         plugins.append(LogOnOneRank(config["log_on_rank"]))
+    if config.get("score"):
+        plugins.append(ScorePerProcess())
+    stopper = None
+    if "early_stopping" in config:
+        from hooktrain_early_stopping import EarlyStopping
+
+        stopper = EarlyStopping(**config["early_stopping"])
+        plugins.append(stopper)
 
     trainer = Trainer(
         plugins=plugins,
@@ -212,6 +234,11 @@ def main() -> None:
         "epochs_trained": batches.epochs,
         "validate": validated,
     }
+    if stopper is not None:
+        report["early_stopping"] = {
+            "stopped_epoch": stopper.stopped_epoch,
+            "stop_reason": stopper.stop_reason,
+        }
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 

@@ -32,8 +32,10 @@ N_VAL = N_TRAIN // 4  # 20: the last evaluation batches are padded on 2 processe
 
 
 def launch(
-    config: dict[str, Any], out: Path, launcher: str = "torchrun"
+    config: dict[str, Any], out: Path, launcher: str = "torchrun", *, stderr_per_rank: bool = False
 ) -> subprocess.CompletedProcess:
+    """Run the worker on two processes. With ``stderr_per_rank`` (torchrun only), each
+    process's stderr goes to its own file, read with :func:`stderr_of`."""
     out.mkdir(parents=True, exist_ok=True)
     config = {"out": str(out), "batch_size": PER_RANK_BATCH, "n": N_TRAIN, **config}
     if torch.cuda.is_available() and "accelerate" not in config:
@@ -42,6 +44,8 @@ def launch(
         config["accelerate"] = {"cpu": True}
     if launcher == "torchrun":
         prefix = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        if stderr_per_rank:
+            prefix += ["--log-dir", str(out / "logs"), "--redirects", "2"]
     else:
         prefix = [
             "-m",
@@ -79,8 +83,18 @@ def launch(
     return subprocess.CompletedProcess(args, launcher_process.returncode, stdout, stderr)
 
 
+def stderr_of(out: Path, rank: int) -> str:
+    """What process ``rank`` wrote to stderr, in a run launched with ``stderr_per_rank``."""
+    (path,) = (out / "logs").glob(f"*/attempt_0/{rank}/stderr.log")
+    return path.read_text()
+
+
 def ranks(out: Path, proc: subprocess.CompletedProcess) -> list[dict[str, Any]]:
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if proc.returncode != 0 and (out / "logs").is_dir():
+        details = "\n".join(stderr_of(out, r)[-3000:] for r in (0, 1))
+    else:
+        details = proc.stderr[-4000:]
+    assert proc.returncode == 0, details
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -248,7 +262,7 @@ def test_a_launch_that_would_train_n_independent_copies_is_refused(tmp_path) -> 
 
 # ---------------------------------------------------------------------- collectives
 # Every collective must be entered by every process, whatever each saw: a process
-# with no batch, or with other metric names.
+# with no batch, or with other metric names, or that decided otherwise.
 
 
 def reference_val_metrics(report: dict[str, Any], n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,3 +324,33 @@ def test_a_training_value_logged_on_one_process_only_is_its_mean_on_every_proces
         # The names every process logged are reduced as before.
         assert report["metrics"]["loss"] == pytest.approx(reference.metrics["loss"], abs=1e-6)
 
+
+def test_early_stopping_decided_on_one_process_is_recorded_and_saved_on_all(tmp_path) -> None:
+    # The score is logged after validation, so each process keeps its own: rising
+    # on rank 0, flat on rank 1, which alone finds no improvement at epoch 1.
+    stopping = {"monitor": "val_score", "mode": "max", "patience": 0}
+    config = {
+        "max_epochs": 4,
+        "score": True,
+        "early_stopping": stopping,
+        "checkpoint": {"dirpath": "ckpt"},
+    }
+    reports = ranks(tmp_path, launch(config, tmp_path, stderr_per_rank=True))
+    for report in reports:
+        assert report["epochs_trained"] == 2
+        assert report["early_stopping"]["stopped_epoch"] == 1
+    assert "val_score did not improve" in reports[1]["early_stopping"]["stop_reason"]
+    assert "hooktrain: early stopping at epoch 1: decided on rank 1" in stderr_of(tmp_path, 0)
+    assert "early stopping" not in stderr_of(tmp_path, 1)  # only rank 0 prints
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["plugins"]["early_stopping"]["stopped_epoch"] == 1
+
+    # Resuming the stopped run trains no further, on either process.
+    resumed_out = tmp_path / "resumed"
+    resumed_out.mkdir()
+    (tmp_path / "ckpt").rename(resumed_out / "ckpt")
+    resumed = ranks(resumed_out, launch({**config, "ckpt_path": "last"}, resumed_out))
+    for before, after in zip(reports, resumed, strict=True):
+        assert after["epochs_trained"] == 0
+        assert after["global_step"] == before["global_step"]
+        assert after["early_stopping"]["stopped_epoch"] == 1

@@ -37,6 +37,8 @@ class EarlyStopping:
     validation, so validation metrics (``val_*``) always exist when it is read. A
     ``val_*`` metric is only judged at epochs where validation ran (with
     ``check_val_every_n_epoch=2``, every second epoch), never on a stale value.
+    On several processes the decision is agreed: a stop any process decides is
+    recorded by all of them, printed by rank 0 and saved in its checkpoints.
 
     :param monitor: the metric to watch, as named in ``trainer.metrics``.
     :param patience: checks without improvement tolerated; the run stops at the
@@ -46,6 +48,8 @@ class EarlyStopping:
         better (accuracy).
     :param check_finite: stop at once when the monitored value is NaN or infinite.
     :param verbose: print one line to stderr (on rank 0) when the run stops.
+    :raises ConfigurationError: here, for a bad option; at the first check, for a
+        metric that was not logged (on any process: all of them raise).
     """
 
     #: the registered name when the plugin is passed as an object
@@ -123,29 +127,28 @@ class EarlyStopping:
         # the saved state already includes this epoch's decision.
         validated, self._validated = self._validated, False
         if self.monitor.startswith("val_") and not validated:
-            return  # no validation this epoch: the value would be stale
-        if self.monitor not in trainer.metrics:
+            return  # no validation this epoch (on any process): the value would be stale
+        missing = self.monitor not in trainer.metrics
+        reason = None if missing else self._judge(trainer.metrics[self.monitor])
+        missing_on, stopping_on = self._agree(trainer, missing, reason is not None)
+        if missing_on:
             from hooktrain import ConfigurationError
 
+            where = ""
+            if len(missing_on) < trainer.world_size:
+                where = f" on rank {', '.join(map(str, missing_on))}"
             known = ", ".join(sorted(trainer.metrics)) or "none"
             raise ConfigurationError(
                 f"early_stopping monitors {self.monitor!r}, which was not logged by the end "
-                f"of epoch {trainer.current_epoch}; metrics available: {known}"
+                f"of epoch {trainer.current_epoch}{where}; metrics available: {known}"
             )
-        value = trainer.metrics[self.monitor]
-        if self.check_finite and not math.isfinite(value):
-            self._stop(trainer, f"{self.monitor} is {value}")
-        elif self.improved(value):
-            self.best = value
-            self.wait = 0
-        else:
-            self.wait += 1
-            if self.wait > self.patience:
-                self._stop(
-                    trainer,
-                    f"{self.monitor} did not improve on {self.best:.6g} for {self.wait} "
-                    f"checks (patience {self.patience})",
+        if stopping_on:
+            if reason is None:
+                reason = (
+                    f"decided on rank {', '.join(map(str, stopping_on))}, whose value of "
+                    f"{self.monitor} differs from rank {trainer.global_rank}'s"
                 )
+            self._stop(trainer, reason)
 
     @hookimpl
     def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
@@ -188,6 +191,46 @@ class EarlyStopping:
         self.wait = int(state.get("wait", 0))
         stopped = state.get("stopped_epoch")
         self.stopped_epoch = None if stopped is None else int(stopped)
+
+    def _judge(self, value: float) -> str | None:
+        """Fold this process's ``value`` into ``best`` and ``wait``; the reason to
+        stop, or ``None`` to go on."""
+        if self.check_finite and not math.isfinite(value):
+            return f"{self.monitor} is {value}"
+        if self.improved(value):
+            self.best = value
+            self.wait = 0
+            return None
+        self.wait += 1
+        if self.wait > self.patience:
+            return (
+                f"{self.monitor} did not improve on {self.best:.6g} for {self.wait} "
+                f"checks (patience {self.patience})"
+            )
+        return None
+
+    @staticmethod
+    def _agree(trainer: Trainer, missing: bool, stop: bool) -> tuple[list[int], list[int]]:
+        """The ranks where the monitored metric is missing, and those that would
+        stop: one ``trainer.all_reduce``, made at the same point on every process.
+
+        A value logged outside the batches (in an epoch-end hook) is each process's
+        own, so processes may judge differently. The core stops all of them if any
+        one sets ``should_stop``, but the others would not know that this plugin
+        stopped the run: rank 0, which prints and writes checkpoints, would save
+        ``stopped_epoch=None`` and a resume would train on. Likewise one process
+        raising alone would leave the others waiting in their next collective.
+        """
+        import torch
+
+        flags = torch.zeros(2, trainer.world_size, device=trainer.device)
+        flags[0, trainer.global_rank] = float(missing)
+        flags[1, trainer.global_rank] = float(stop)
+        missing_flags, stop_flags = trainer.all_reduce(flags).tolist()
+        return (
+            [rank for rank, flag in enumerate(missing_flags) if flag],
+            [rank for rank, flag in enumerate(stop_flags) if flag],
+        )
 
     def _stop(self, trainer: Trainer, reason: str) -> None:
         trainer.should_stop = True
