@@ -36,7 +36,8 @@ class EarlyStopping:
     The decision is taken at the end of each training epoch, after that epoch's
     validation, so validation metrics (``val_*``) always exist when it is read. A
     ``val_*`` metric is only judged at epochs where validation ran (with
-    ``check_val_every_n_epoch=2``, every second epoch), never on a stale value.
+    ``check_val_every_n_epoch=2``, every second epoch), never on a stale value; a
+    ``val_*`` metric in a fit that never validates is refused before the first epoch.
     On several processes the decision is agreed: a stop any process decides is
     recorded by all of them, printed by rank 0 and saved in its checkpoints.
 
@@ -48,7 +49,8 @@ class EarlyStopping:
         better (accuracy).
     :param check_finite: stop at once when the monitored value is NaN or infinite.
     :param verbose: print one line to stderr (on rank 0) when the run stops.
-    :raises ConfigurationError: here, for a bad option; at the first check, for a
+    :raises ConfigurationError: here, for a bad option; in ``on_fit_start``, for a
+        ``val_*`` monitor in a fit that never validates; at the first check, for a
         metric that was not logged (on any process: all of them raise).
     """
 
@@ -111,6 +113,7 @@ class EarlyStopping:
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
+        self._check_monitor_can_exist(trainer)
         # A run restored from a checkpoint taken after this plugin stopped it stays
         # stopped: resuming a finished run must not train more.
         if self.stopped_epoch is not None:
@@ -231,6 +234,32 @@ class EarlyStopping:
             [rank for rank, flag in enumerate(missing_flags) if flag],
             [rank for rank, flag in enumerate(stop_flags) if flag],
         )
+
+    def _check_monitor_can_exist(self, trainer: Trainer) -> None:
+        """Refuse, before the first epoch, a validation metric in a fit that never
+        validates: every epoch would pass unjudged, without a word."""
+        if not self.monitor.startswith("val_"):
+            return  # any other name may be logged by anyone; the first check tells
+        why = None
+        if not trainer.eval_dataloaders:
+            why = "fit() was given no val_dataloaders"
+        elif (
+            trainer.val_every_n_steps is None
+            and trainer.check_val_every_n_epoch > trainer.max_epochs
+        ):
+            why = (
+                f"validation never runs (check_val_every_n_epoch="
+                f"{trainer.check_val_every_n_epoch} exceeds max_epochs={trainer.max_epochs} "
+                f"and val_every_n_steps is not set)"
+            )
+        if why is not None:
+            from hooktrain import ConfigurationError
+
+            raise ConfigurationError(
+                f"early_stopping monitors {self.monitor!r}, a validation metric, but {why}: "
+                f"it would never be checked. Validate (pass val_dataloaders, validate more "
+                f"often), or monitor a training metric such as 'loss'"
+            )
 
     def _stop(self, trainer: Trainer, reason: str) -> None:
         trainer.should_stop = True
