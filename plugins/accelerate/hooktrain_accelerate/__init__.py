@@ -24,9 +24,8 @@ What each hook does:
   distributed wrapper, so gradients are synchronised; inside a
   gradient-accumulation window the forward runs under ``accelerator.no_sync``.
 * ``backward``, ``clip_gradients``, ``optimizer_step``: the accelerator's versions.
-* ``all_reduce``, ``all_gather_object`` and ``gather_for_metrics``: metrics over
-  every process (the processes first agree on the metric names), without the
-  samples duplicated to pad the last evaluation batch.
+* ``all_reduce``, ``all_gather_object`` (metric names) and ``gather_for_metrics``:
+  metrics over every process, without the samples padding the last evaluation batch.
 """
 
 from __future__ import annotations
@@ -438,11 +437,8 @@ class Accelerate:
     @hookimpl
     def gather_for_metrics(self, outputs: Any, targets: Any) -> tuple[Any, Any] | None:
         if self.accelerator.num_processes == 1 or self._own_eval_step:
-            # A model's own evaluation step may return outputs and targets too, but
-            # its dataloaders give the processes different numbers of batches: a
-            # gather per batch would wait forever for a process that has none left.
-            # Each process's metrics then count its own samples, and the end-of-run
-            # reduction sums them.
+            # An own evaluation step's loaders are uneven: a gather per batch would wait
+            # for a process with no batch left. The end-of-run reduction sums instead.
             return None
         gathered = self.accelerator.gather_for_metrics((outputs, targets))
         return gathered[0], gathered[1]
