@@ -93,12 +93,20 @@ class _RaiseAtEpochStart:
 
 
 class _TwoProcesses:
-    """Claims a world of two processes (sums stay the local ones: the default
-    all_reduce of one process), so that the loop calls ``all_reduce``."""
+    """Claims a world of two processes that saw the same batches, so that the loop
+    calls ``all_reduce`` and ``all_gather_object``."""
 
     @hookimpl
     def setup(self, trainer: Trainer) -> None:
         trainer.world_size = 2
+
+    @hookimpl
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor * 2
+
+    @hookimpl
+    def all_gather_object(self, obj: object) -> list[object]:
+        return [obj, obj]
 
 
 class _SaveAtFirstEpochEnd:

@@ -92,6 +92,10 @@ class _TwoProcesses:
         self.reduced.append(tensor.clone())
         return tensor * 2
 
+    @hookimpl
+    def all_gather_object(self, obj: object) -> list[object]:
+        return [obj, obj]
+
 
 def test_all_reduce_is_not_called_with_one_process() -> None:
     result = run(max_epochs=1)

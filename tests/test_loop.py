@@ -449,6 +449,10 @@ class OtherProcessStopsAfterEpoch:
             return tensor + (1.0 if self.partner_stopped else 0.0)
         return tensor * 2  # sums of equal partners
 
+    @hookimpl
+    def all_gather_object(self, obj):
+        return [obj, obj]  # the partner logged the same names
+
 
 def test_a_stop_decided_by_another_process_at_epoch_end_stops_this_one_too():
     partner = OtherProcessStopsAfterEpoch()

@@ -110,6 +110,11 @@ class CoreDefaults:
         return tensor
 
     @hookimpl(trylast=True)
+    def all_gather_object(self, trainer: Trainer, obj: Any) -> list[Any]:
+        # One process: the objects of every process are this one's.
+        return [obj]
+
+    @hookimpl(trylast=True)
     def load_checkpoint(self, trainer: Trainer, ckpt_path: str) -> Mapping[str, Any]:
         if ckpt_path == "last":
             raise ConfigurationError(

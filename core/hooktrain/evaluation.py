@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hooktrain.batches import batch_size, limited_length, step_batch_size
-from hooktrain.metrics import RunningMeans
+from hooktrain.metrics import RunningMeans, process_collectives
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -110,7 +110,8 @@ def evaluation_loop(
                             batch_idx=batch_idx,
                             dataloader_idx=loader_idx,
                         )
-            results = means.compute(trainer.all_reduce if trainer.world_size > 1 else None)
+            # Every process, whether it saw batches or not: the reduction is collective.
+            results = means.compute(process_collectives(trainer))
             trainer.metrics.update_raw(results)
             with trainer._logging_epoch_end() as logged:
                 if on_epoch_end is not None:

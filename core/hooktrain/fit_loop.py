@@ -23,6 +23,7 @@ from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError
 from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks
+from hooktrain.metrics import process_collectives
 from hooktrain.optimization import (
     configure_optimizers,
     make_optimizer_step,
@@ -245,9 +246,7 @@ def _open_epoch(
 def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     _check_finite(trainer)
     means = trainer._train_means
-    trainer.metrics.update_raw(
-        means.compute(trainer.all_reduce if trainer.world_size > 1 else None)
-    )
+    trainer.metrics.update_raw(means.compute(process_collectives(trainer)))
     computed = means.names()
     if (
         trainer.eval_dataloaders

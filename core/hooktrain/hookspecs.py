@@ -7,7 +7,8 @@ Two kinds of hook live here:
   are ignored.
 * **Compute hooks** (``prepare``, ``batch_iterator``, ``transfer_batch_to_device``,
   ``forward_step``, ``backward``, ``unscale_gradients``, ``clip_gradients``,
-  ``optimizer_step``, ``all_reduce``, ``gather_for_metrics``, ``load_checkpoint``)
+  ``optimizer_step``, ``all_reduce``, ``all_gather_object``, ``gather_for_metrics``,
+  ``load_checkpoint``)
   are how the loop computes. The core ships a plain default implementation of each
   (registered ``trylast``); a plugin replaces it by returning a value that is not
   ``None`` (``firstresult``), or surrounds it with a ``wrapper=True`` implementation
@@ -454,9 +455,31 @@ def optimizer_step(trainer: Trainer, optimizer: torch.optim.Optimizer) -> bool |
 @hookspec(firstresult=True)
 def all_reduce(trainer: Trainer, tensor: torch.Tensor) -> torch.Tensor | None:
     """Called to sum a tensor over all processes (metric sums at the end of an
-    epoch, the ``should_stop`` flag). Only called when ``trainer.world_size > 1``.
+    epoch or evaluation, the ``should_stop`` flag, a plugin's ``trainer.all_reduce``).
+    Only called when ``trainer.world_size > 1``, and then at the same point on every
+    process, whatever each one saw (a process without a single evaluation batch
+    still takes part).
 
     :return: the summed tensor, identical on every process; ``None`` defers.
+    """
+
+
+@hookspec(firstresult=True)
+def all_gather_object(trainer: Trainer, obj: Any) -> list[Any] | None:
+    """Called to collect a picklable Python object from every process: before the
+    metric sums are reduced at the end of an epoch or evaluation, the names each
+    process logged, so that the processes agree on which values they sum (a name
+    only some processes logged is reduced over those). Only called when
+    ``trainer.world_size > 1``, and then at the same point on every process.
+
+    The default returns ``[obj]``, the object of the only process; a plugin that
+    makes the run distributed must implement this hook with ``all_reduce``
+    (the loop raises a ``PluginError`` when the list does not hold one object per
+    process).
+
+    :param obj: a picklable object (for the metric names, a sorted list of strings).
+    :return: a list of ``trainer.world_size`` objects, rank ``r``'s at index ``r``,
+        identical on every process; ``None`` defers.
     """
 
 

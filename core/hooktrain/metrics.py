@@ -8,9 +8,15 @@ reads it, and :class:`RunningMeans` folds a batch's values into device-side sums
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from hooktrain.errors import PluginError
+
+if TYPE_CHECKING:
+    from hooktrain.trainer import Trainer
 
 MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -97,6 +103,44 @@ def _as_floats(values: Mapping[str, Any]) -> dict[str, float]:
         k: float(read[k] if k in read else v.item() if isinstance(v, torch.Tensor) else v)
         for k, v in values.items()
     }
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """The operations over every process that :meth:`RunningMeans.compute` needs.
+
+    :ivar all_reduce: the sum of a tensor over every process.
+    :ivar all_gather_object: a picklable object from every process, in rank order.
+    :ivar device: where the tensors handed to ``all_reduce`` must be.
+    """
+
+    all_reduce: Callable[[torch.Tensor], torch.Tensor]
+    all_gather_object: Callable[[Any], list[Any]]
+    device: torch.device
+
+
+def process_collectives(trainer: Trainer) -> Collectives | None:
+    """``trainer``'s collectives (its ``all_reduce`` and ``all_gather_object``
+    hooks), or ``None`` with one process, where there is nothing to reduce."""
+    world_size = trainer.world_size
+    if world_size == 1:
+        return None
+
+    def all_gather_object(obj: Any) -> list[Any]:
+        hooks = trainer._hooks if trainer._hooks is not None else trainer.plugin_manager.hook
+        gathered = hooks.all_gather_object(trainer=trainer, obj=obj)
+        if gathered is None or len(gathered) != world_size:
+            count = 0 if gathered is None else len(gathered)
+            # Going on with the local names would reduce different tensors on
+            # different processes: a hang, or sums of unrelated values.
+            raise PluginError(
+                f"all_gather_object returned {count} object(s) for world_size={world_size}: "
+                f"the plugin that makes the run distributed must implement the "
+                f"all_gather_object hook (hooktrain-accelerate does)"
+            )
+        return list(gathered)
+
+    return Collectives(trainer.all_reduce, all_gather_object, trainer.device)
 
 
 class RunningMeans:
@@ -191,29 +235,55 @@ class RunningMeans:
         for name in list(self._pending):
             self._fold(name)
 
-    def compute(
-        self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> dict[str, Any]:
-        """The weighted mean of every name. With ``all_reduce``, sums and weights of
-        names not gathered already are summed over processes in one collective."""
+    def compute(self, collectives: Collectives | None = None) -> dict[str, Any]:
+        """The weighted mean of every name, as 0-dim tensors (or floats for names
+        that only ever received numbers).
+
+        With ``collectives`` (several processes), this is a collective call: every
+        process must make it at the same point, whatever it logged, nothing
+        included. The processes first agree on the names (one
+        ``all_gather_object`` of the sorted names), then sum each name's weighted
+        sum and weight over the processes in one ``all_reduce`` of a float64
+        tensor of shape ``(2 * names,)``. A process that never logged a name adds
+        zero to both, so that name's mean is taken over the processes that logged
+        it, and every process returns every name. Names in ``global_names`` (already
+        gathered from every process) are not reduced again.
+
+        :raises PluginError: from ``collectives.all_gather_object`` when it does not
+            return one object per process.
+        """
         self.fold_all()
         means: dict[str, Any] = {}
-        local = [n for n in self._sums if n not in self.global_names]
-        if all_reduce is not None and local:
-            device = next(
-                (s.device for s in self._sums.values() if isinstance(s, torch.Tensor)),
-                torch.device("cpu"),
-            )
-            packed = torch.stack(
-                [torch.as_tensor(self._sums[n], dtype=torch.float64, device=device) for n in local]
-                + [
-                    torch.tensor(self._weights[n], dtype=torch.float64, device=device)
-                    for n in local
+        if collectives is not None:
+            local = sorted(n for n in self._sums if n not in self.global_names)
+            # Reducing by position is only right if every process packs the same
+            # names in the same order; a name seen by some processes only (an
+            # uneven split, a value logged conditionally) would shift the rest.
+            names = sorted(set().union(*collectives.all_gather_object(local)))
+            if names:
+                device = collectives.device
+                zero = torch.zeros((), dtype=torch.float64, device=device)
+                sums = [
+                    torch.as_tensor(self._sums[n], dtype=torch.float64, device=device)
+                    if n in self._sums and n not in self.global_names
+                    else zero
+                    for n in names
                 ]
-            )
-            reduced = all_reduce(packed)
-            for i, name in enumerate(local):
-                means[name] = reduced[i] / reduced[i + len(local)]
+                weights = [
+                    0.0 if n in self.global_names else self._weights.get(n, 0.0) for n in names
+                ]
+                packed = torch.cat(
+                    [
+                        torch.stack(sums),
+                        torch.tensor(weights, dtype=torch.float64, device=device),
+                    ]
+                )
+                reduced = collectives.all_reduce(packed)
+                totals, counts = reduced[: len(names)], reduced[len(names) :]
+                values = torch.where(counts > 0, totals / counts, totals)
+                for i, name in enumerate(names):
+                    if name not in self.global_names:
+                        means[name] = values[i]
         for name, total in self._sums.items():
             if name not in means:
                 means[name] = total / self._weights[name] if self._weights[name] else total

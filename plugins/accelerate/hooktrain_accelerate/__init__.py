@@ -24,8 +24,8 @@ What each hook does:
   distributed wrapper, so gradients are synchronised; inside a
   gradient-accumulation window the forward runs under ``accelerator.no_sync``.
 * ``backward``, ``clip_gradients``, ``optimizer_step``: the accelerator's versions.
-* ``all_reduce`` and ``gather_for_metrics``: metrics over every process, without
-  the samples duplicated to pad the last evaluation batch.
+* ``all_reduce``, ``all_gather_object`` (metric names) and ``gather_for_metrics``:
+  metrics over every process, without the samples padding the last evaluation batch.
 """
 
 from __future__ import annotations
@@ -426,8 +426,19 @@ class Accelerate:
         return self.accelerator.reduce(tensor, reduction="sum")
 
     @hookimpl
-    def gather_for_metrics(self, outputs: Any, targets: Any) -> tuple[Any, Any] | None:
+    def all_gather_object(self, obj: Any) -> list[Any] | None:
         if self.accelerator.num_processes == 1:
+            return None
+        from accelerate.utils import gather_object
+
+        # gather_object concatenates the processes' lists: one element each.
+        return gather_object([obj])
+
+    @hookimpl
+    def gather_for_metrics(self, outputs: Any, targets: Any) -> tuple[Any, Any] | None:
+        if self.accelerator.num_processes == 1 or self._own_eval_step:
+            # An own evaluation step's loaders are uneven: a gather per batch would wait
+            # for a process with no batch left. The end-of-run reduction sums instead.
             return None
         gathered = self.accelerator.gather_for_metrics((outputs, targets))
         return gathered[0], gathered[1]

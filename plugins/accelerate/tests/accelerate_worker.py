@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from hooktrain import Trainer, accuracy, hookimpl
 from hooktrain.testing import make_data, make_model
@@ -37,11 +38,88 @@ class StepModel(nn.Module):
         return F.cross_entropy(self(x), y)
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        x, y = batch
+        x, y = batch[0], batch[1]  # a third item, when there, is the sample's index
         return {"loss": F.cross_entropy(self(x), y)}
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class OutputsStepModel(StepModel):
+    """Its own validation step returns outputs and targets: the loop computes
+    ``loss_fn`` and the metrics on them."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"outputs": self(batch[0]), "targets": batch[1]}
+
+
+class ParityStepModel(StepModel):
+    """Its own validation step returns ``a`` (the sample's index) for samples of
+    even index and ``b`` for odd ones: with one sample a batch, processes that get
+    different samples return different names."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        index = batch[2]
+        name = "a" if int(index[0]) % 2 == 0 else "b"
+        return {name: index.float().mean()}
+
+
+MODELS = {"step": StepModel, "outputs": OutputsStepModel, "parity": ParityStepModel}
+
+
+class LogOnOneRank:
+    """Logs ``only_rank<r>`` = ``r + 4`` after every training batch, on rank ``r``
+    only (a value some processes never log)."""
+
+    name = "log-on-one-rank"
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        if trainer.global_rank == self.rank:
+            trainer.log(f"only_rank{self.rank}", float(self.rank + 4))
+
+
+class ScorePerProcess:
+    """Logs ``score`` at the end of each validation in fit: the epoch on rank 0
+    (rising), 0 elsewhere (flat). Logged outside the batches, it is each process's
+    own value."""
+
+    name = "score"
+
+    @hookimpl
+    def on_validation_end(self, trainer: Trainer) -> None:
+        if trainer.stage == "fit":
+            rising = trainer.is_global_zero
+            trainer.log("score", float(trainer.current_epoch) if rising else 0.0)
+
+
+class BatchCount:
+    """Counts the validation batches this process evaluated, and the epochs it
+    trained."""
+
+    name = "batch-count"
+
+    def __init__(self) -> None:
+        self.validation_batches = 0
+        self.epochs = 0
+
+    @hookimpl
+    def on_validation_batch_end(self) -> None:
+        self.validation_batches += 1
+
+    @hookimpl
+    def on_train_epoch_start(self) -> None:
+        self.epochs += 1
+
+
+def indexed_val_loader(n: int, batch_size: int) -> DataLoader:
+    """``n`` validation samples of the usual problem, each with its index."""
+    _, val = make_data(n=4 * n)
+    inputs, targets = val.dataset.tensors
+    return DataLoader(TensorDataset(inputs, targets, torch.arange(n)), batch_size=batch_size)
 
 
 class GatherCount:
@@ -102,6 +180,18 @@ def main() -> None:
     allreduces = AllReduceCount()
     if config.get("count_allreduce"):
         plugins.append(allreduces)
+    batches = BatchCount()
+    plugins.append(batches)
+    if "log_on_rank" in config:
+        plugins.append(LogOnOneRank(config["log_on_rank"]))
+    if config.get("score"):
+        plugins.append(ScorePerProcess())
+    stopper = None
+    if "early_stopping" in config:
+        from hooktrain_early_stopping import EarlyStopping
+
+        stopper = EarlyStopping(**config["early_stopping"])
+        plugins.append(stopper)
 
     trainer = Trainer(
         plugins=plugins,
@@ -113,9 +203,13 @@ def main() -> None:
         log_every_n_steps=1,
     )
     train, val = make_data(n=config.get("n", 80), batch_size=config.get("batch_size", 8))
+    if "val" in config:
+        val = indexed_val_loader(config["val"]["n"], config["val"]["batch_size"])
     fit_kwargs: dict[str, Any] = {"ckpt_path": config.get("ckpt_path")}
-    if config.get("model") == "step":
-        model: nn.Module = StepModel()
+    if config.get("model") in MODELS:
+        model: nn.Module = MODELS[config["model"]]()
+        if config["model"] == "outputs":
+            fit_kwargs.update(loss_fn=F.cross_entropy, metrics={"acc": accuracy})
     else:
         model = make_model()
         fit_kwargs.update(
@@ -124,6 +218,8 @@ def main() -> None:
             metrics={"acc": accuracy},
         )
     trainer.fit(model, train, val, **fit_kwargs)
+    fit_batches = batches.validation_batches
+    validated = trainer.validate(model, val) if config.get("validate") else None
 
     report = {
         "rank": trainer.global_rank,
@@ -134,7 +230,15 @@ def main() -> None:
         "gathered_eval_samples": counter.samples,
         "gradient_allreduces": allreduces.calls,
         "weights": {k: v.tolist() for k, v in trainer.module.state_dict().items()},
+        "validation_batches_in_fit": fit_batches,
+        "epochs_trained": batches.epochs,
+        "validate": validated,
     }
+    if stopper is not None:
+        report["early_stopping"] = {
+            "stopped_epoch": stopper.stopped_epoch,
+            "stop_reason": stopper.stop_reason,
+        }
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 

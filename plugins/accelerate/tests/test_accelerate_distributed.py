@@ -32,8 +32,10 @@ N_VAL = N_TRAIN // 4  # 20: the last evaluation batches are padded on 2 processe
 
 
 def launch(
-    config: dict[str, Any], out: Path, launcher: str = "torchrun"
+    config: dict[str, Any], out: Path, launcher: str = "torchrun", *, stderr_per_rank: bool = False
 ) -> subprocess.CompletedProcess:
+    """Run the worker on two processes. With ``stderr_per_rank`` (torchrun only), each
+    process's stderr goes to its own file, read with :func:`stderr_of`."""
     out.mkdir(parents=True, exist_ok=True)
     config = {"out": str(out), "batch_size": PER_RANK_BATCH, "n": N_TRAIN, **config}
     if torch.cuda.is_available() and "accelerate" not in config:
@@ -42,6 +44,8 @@ def launch(
         config["accelerate"] = {"cpu": True}
     if launcher == "torchrun":
         prefix = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        if stderr_per_rank:
+            prefix += ["--log-dir", str(out / "logs"), "--redirects", "2"]
     else:
         prefix = [
             "-m",
@@ -58,17 +62,39 @@ def launch(
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_CPU")
     }
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(
-        [sys.executable, *prefix, str(WORKER), json.dumps(config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,  # a guard against a hung collective, not a speed check
+    args = [sys.executable, *prefix, str(WORKER), json.dumps(config)]
+    launcher_process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
+    try:
+        # A guard against a hung collective, not a speed check.
+        stdout, stderr = launcher_process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        # The launcher stops its workers on SIGTERM (each runs in its own session,
+        # out of reach of a signal to the launcher's group); killed outright, it
+        # would leave them waiting in the collective.
+        launcher_process.terminate()
+        try:
+            launcher_process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            launcher_process.kill()
+            launcher_process.communicate()
+        raise
+    return subprocess.CompletedProcess(args, launcher_process.returncode, stdout, stderr)
+
+
+def stderr_of(out: Path, rank: int) -> str:
+    """What process ``rank`` wrote to stderr, in a run launched with ``stderr_per_rank``."""
+    (path,) = (out / "logs").glob(f"*/attempt_0/{rank}/stderr.log")
+    return path.read_text()
 
 
 def ranks(out: Path, proc: subprocess.CompletedProcess) -> list[dict[str, Any]]:
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    if proc.returncode != 0 and (out / "logs").is_dir():
+        details = "\n".join(stderr_of(out, r)[-3000:] for r in (0, 1))
+    else:
+        details = proc.stderr[-4000:]
+    assert proc.returncode == 0, details
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -232,3 +258,99 @@ def test_a_launch_that_would_train_n_independent_copies_is_refused(tmp_path) -> 
     assert proc.returncode != 0
     assert "launched as 2 processes but the Accelerator sees 1" in proc.stderr
     assert not (tmp_path / "rank0.json").exists()
+
+
+# ---------------------------------------------------------------------- collectives
+# Every collective must be entered by every process, whatever each saw: a process
+# with no batch, or with other metric names, or that decided otherwise.
+
+
+def reference_val_metrics(report: dict[str, Any], n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and accuracy of the run's final weights on the worker's ``n_val``
+    indexed validation samples, computed here in one piece."""
+    model = StepModel()
+    model.load_state_dict({k: torch.tensor(v) for k, v in report["weights"].items()})
+    inputs, targets = make_data(n=4 * n_val)[1].dataset.tensors
+    with torch.no_grad():
+        outputs = model(inputs)
+    return F.cross_entropy(outputs, targets), accuracy(outputs, targets)
+
+
+@pytest.mark.parametrize("model", ["step", "outputs"])
+def test_a_process_without_a_validation_batch_still_reduces_with_the_others(
+    tmp_path, model
+) -> None:
+    # 2 samples in one batch: with a model's own validation step the evaluation
+    # loaders are split unevenly, so rank 0 gets the batch and rank 1 none.
+    config = {"model": model, "max_epochs": 1, "val": {"n": 2, "batch_size": 2}, "validate": True}
+    reports = ranks(tmp_path, launch(config, tmp_path))
+    assert [r["validation_batches_in_fit"] for r in reports] == [1, 0]
+    assert reports[0]["weights"] == reports[1]["weights"]
+    loss, acc = reference_val_metrics(reports[0], n_val=2)
+    for report in reports:
+        # Both processes hold the one batch's loss, inside fit and from validate().
+        assert report["metrics"]["val_loss"] == pytest.approx(loss.item(), abs=1e-6)
+        assert report["validate"]["val_loss"] == pytest.approx(loss.item(), abs=1e-6)
+        if model == "outputs":
+            # Computed from outputs and targets: not gathered per batch (rank 1 has
+            # no batch to gather), reduced at the end like the loss.
+            assert report["metrics"]["val_acc"] == pytest.approx(acc.item(), abs=1e-6)
+
+
+def test_validation_metrics_named_differently_on_each_process_are_reduced_by_name(
+    tmp_path,
+) -> None:
+    # One validation sample a batch: rank 0 gets samples 0 and 2 and returns "a",
+    # rank 1 gets 1 and 3 and returns "b"; each value is the sample's index.
+    config = {"model": "parity", "max_epochs": 1, "val": {"n": 4, "batch_size": 1}}
+    reports = ranks(tmp_path, launch({**config, "validate": True}, tmp_path))
+    assert [r["validation_batches_in_fit"] for r in reports] == [2, 2]
+    for report in reports:
+        # The processes agreed on the names (all_gather_object) before summing, and
+        # each name is averaged over the processes that logged it.
+        val = {k: v for k, v in report["metrics"].items() if k.startswith("val_")}
+        assert val == pytest.approx({"val_a": 1.0, "val_b": 2.0})  # (0 + 2) / 2, (1 + 3) / 2
+        assert report["validate"] == pytest.approx({"val_a": 1.0, "val_b": 2.0})
+
+
+def test_a_training_value_logged_on_one_process_only_is_its_mean_on_every_process(
+    tmp_path,
+) -> None:
+    # Rank 1 alone logs only_rank1 = 5 after every training batch.
+    reports = ranks(tmp_path, launch({"max_epochs": 1, "log_on_rank": 1}, tmp_path))
+    reference = single_process(make_model(), max_epochs=1)
+    for report in reports:
+        assert report["metrics"]["only_rank1"] == pytest.approx(5.0)
+        # The names every process logged are reduced as before.
+        assert report["metrics"]["loss"] == pytest.approx(reference.metrics["loss"], abs=1e-6)
+
+
+def test_early_stopping_decided_on_one_process_is_recorded_and_saved_on_all(tmp_path) -> None:
+    # The score is logged after validation, so each process keeps its own: rising
+    # on rank 0, flat on rank 1, which alone finds no improvement at epoch 1.
+    stopping = {"monitor": "val_score", "mode": "max", "patience": 0}
+    config = {
+        "max_epochs": 4,
+        "score": True,
+        "early_stopping": stopping,
+        "checkpoint": {"dirpath": "ckpt"},
+    }
+    reports = ranks(tmp_path, launch(config, tmp_path, stderr_per_rank=True))
+    for report in reports:
+        assert report["epochs_trained"] == 2
+        assert report["early_stopping"]["stopped_epoch"] == 1
+    assert "val_score did not improve" in reports[1]["early_stopping"]["stop_reason"]
+    assert "hooktrain: early stopping at epoch 1: decided on rank 1" in stderr_of(tmp_path, 0)
+    assert "early stopping" not in stderr_of(tmp_path, 1)  # only rank 0 prints
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["plugins"]["early_stopping"]["stopped_epoch"] == 1
+
+    # Resuming the stopped run trains no further, on either process.
+    resumed_out = tmp_path / "resumed"
+    resumed_out.mkdir()
+    (tmp_path / "ckpt").rename(resumed_out / "ckpt")
+    resumed = ranks(resumed_out, launch({**config, "ckpt_path": "last"}, resumed_out))
+    for before, after in zip(reports, resumed, strict=True):
+        assert after["epochs_trained"] == 0
+        assert after["global_step"] == before["global_step"]
+        assert after["early_stopping"]["stopped_epoch"] == 1

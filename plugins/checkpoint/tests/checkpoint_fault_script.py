@@ -86,6 +86,14 @@ class Gloo:
         return tensor
 
     @hookimpl
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    @hookimpl
     def teardown(self) -> None:
         import torch.distributed as dist
 

@@ -496,6 +496,10 @@ class PretendTwoProcesses:
         self.reductions += 1
         return tensor
 
+    @hookimpl
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj, obj]  # the other process logged the same names
+
 
 class SigtermAfterEpochEnd:
     """Sends SIGTERM in its on_train_epoch_end of the first epoch (after the

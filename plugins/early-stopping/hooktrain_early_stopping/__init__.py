@@ -36,7 +36,10 @@ class EarlyStopping:
     The decision is taken at the end of each training epoch, after that epoch's
     validation, so validation metrics (``val_*``) always exist when it is read. A
     ``val_*`` metric is only judged at epochs where validation ran (with
-    ``check_val_every_n_epoch=2``, every second epoch), never on a stale value.
+    ``check_val_every_n_epoch=2``, every second epoch), never on a stale value; a
+    ``val_*`` metric in a fit that never validates is refused before the first epoch.
+    On several processes the decision is agreed: a stop any process decides is
+    recorded by all of them, printed by rank 0 and saved in its checkpoints.
 
     :param monitor: the metric to watch, as named in ``trainer.metrics``.
     :param patience: checks without improvement tolerated; the run stops at the
@@ -46,6 +49,9 @@ class EarlyStopping:
         better (accuracy).
     :param check_finite: stop at once when the monitored value is NaN or infinite.
     :param verbose: print one line to stderr (on rank 0) when the run stops.
+    :raises ConfigurationError: here, for a bad option; in ``on_fit_start``, for a
+        ``val_*`` monitor in a fit that never validates; at the first check, for a
+        metric that was not logged (on any process: all of them raise).
     """
 
     #: the registered name when the plugin is passed as an object
@@ -107,6 +113,7 @@ class EarlyStopping:
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
+        self._check_monitor_can_exist(trainer)
         # A run restored from a checkpoint taken after this plugin stopped it stays
         # stopped: resuming a finished run must not train more.
         if self.stopped_epoch is not None:
@@ -123,29 +130,28 @@ class EarlyStopping:
         # the saved state already includes this epoch's decision.
         validated, self._validated = self._validated, False
         if self.monitor.startswith("val_") and not validated:
-            return  # no validation this epoch: the value would be stale
-        if self.monitor not in trainer.metrics:
+            return  # no validation this epoch (on any process): the value would be stale
+        missing = self.monitor not in trainer.metrics
+        reason = None if missing else self._judge(trainer.metrics[self.monitor])
+        missing_on, stopping_on = self._agree(trainer, missing, reason is not None)
+        if missing_on:
             from hooktrain import ConfigurationError
 
+            where = ""
+            if len(missing_on) < trainer.world_size:
+                where = f" on rank {', '.join(map(str, missing_on))}"
             known = ", ".join(sorted(trainer.metrics)) or "none"
             raise ConfigurationError(
                 f"early_stopping monitors {self.monitor!r}, which was not logged by the end "
-                f"of epoch {trainer.current_epoch}; metrics available: {known}"
+                f"of epoch {trainer.current_epoch}{where}; metrics available: {known}"
             )
-        value = trainer.metrics[self.monitor]
-        if self.check_finite and not math.isfinite(value):
-            self._stop(trainer, f"{self.monitor} is {value}")
-        elif self.improved(value):
-            self.best = value
-            self.wait = 0
-        else:
-            self.wait += 1
-            if self.wait > self.patience:
-                self._stop(
-                    trainer,
-                    f"{self.monitor} did not improve on {self.best:.6g} for {self.wait} "
-                    f"checks (patience {self.patience})",
+        if stopping_on:
+            if reason is None:
+                reason = (
+                    f"decided on rank {', '.join(map(str, stopping_on))}, whose value of "
+                    f"{self.monitor} differs from rank {trainer.global_rank}'s"
                 )
+            self._stop(trainer, reason)
 
     @hookimpl
     def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
@@ -188,6 +194,72 @@ class EarlyStopping:
         self.wait = int(state.get("wait", 0))
         stopped = state.get("stopped_epoch")
         self.stopped_epoch = None if stopped is None else int(stopped)
+
+    def _judge(self, value: float) -> str | None:
+        """Fold this process's ``value`` into ``best`` and ``wait``; the reason to
+        stop, or ``None`` to go on."""
+        if self.check_finite and not math.isfinite(value):
+            return f"{self.monitor} is {value}"
+        if self.improved(value):
+            self.best = value
+            self.wait = 0
+            return None
+        self.wait += 1
+        if self.wait > self.patience:
+            return (
+                f"{self.monitor} did not improve on {self.best:.6g} for {self.wait} "
+                f"checks (patience {self.patience})"
+            )
+        return None
+
+    @staticmethod
+    def _agree(trainer: Trainer, missing: bool, stop: bool) -> tuple[list[int], list[int]]:
+        """The ranks where the monitored metric is missing, and those that would
+        stop: one ``trainer.all_reduce``, made at the same point on every process.
+
+        A value logged outside the batches (in an epoch-end hook) is each process's
+        own, so processes may judge differently. The core stops all of them if any
+        one sets ``should_stop``, but the others would not know that this plugin
+        stopped the run: rank 0, which prints and writes checkpoints, would save
+        ``stopped_epoch=None`` and a resume would train on. Likewise one process
+        raising alone would leave the others waiting in their next collective.
+        """
+        import torch
+
+        flags = torch.zeros(2, trainer.world_size, device=trainer.device)
+        flags[0, trainer.global_rank] = float(missing)
+        flags[1, trainer.global_rank] = float(stop)
+        missing_flags, stop_flags = trainer.all_reduce(flags).tolist()
+        return (
+            [rank for rank, flag in enumerate(missing_flags) if flag],
+            [rank for rank, flag in enumerate(stop_flags) if flag],
+        )
+
+    def _check_monitor_can_exist(self, trainer: Trainer) -> None:
+        """Refuse, before the first epoch, a validation metric in a fit that never
+        validates: every epoch would pass unjudged, without a word."""
+        if not self.monitor.startswith("val_"):
+            return  # any other name may be logged by anyone; the first check tells
+        why = None
+        if not trainer.eval_dataloaders:
+            why = "fit() was given no val_dataloaders"
+        elif (
+            trainer.val_every_n_steps is None
+            and trainer.check_val_every_n_epoch > trainer.max_epochs
+        ):
+            why = (
+                f"validation never runs (check_val_every_n_epoch="
+                f"{trainer.check_val_every_n_epoch} exceeds max_epochs={trainer.max_epochs} "
+                f"and val_every_n_steps is not set)"
+            )
+        if why is not None:
+            from hooktrain import ConfigurationError
+
+            raise ConfigurationError(
+                f"early_stopping monitors {self.monitor!r}, a validation metric, but {why}: "
+                f"it would never be checked. Validate (pass val_dataloaders, validate more "
+                f"often), or monitor a training metric such as 'loss'"
+            )
 
     def _stop(self, trainer: Trainer, reason: str) -> None:
         trainer.should_stop = True

@@ -11,7 +11,7 @@ import torch
 from hooktrain_early_stopping import EarlyStopping
 
 from hooktrain import ConfigurationError, HookError, Trainer, hookimpl
-from hooktrain.testing import make_data, make_model, run
+from hooktrain.testing import HookRecorder, make_data, make_model, run
 
 
 class ScriptedScore:
@@ -123,6 +123,44 @@ def test_a_missing_metric_names_the_plugin_and_the_metrics_available() -> None:
     message = str(info.value)
     assert "'early_stopping'" in message and "on_train_epoch_end" in message
     assert "val_acuracy" in message and "val_acc" in message
+
+
+@pytest.mark.parametrize(
+    ("trainer_kwargs", "has_val", "why"),
+    [
+        ({}, False, "fit() was given no val_dataloaders"),
+        (
+            {"check_val_every_n_epoch": 4},
+            True,
+            "validation never runs (check_val_every_n_epoch=4 exceeds max_epochs=3",
+        ),
+    ],
+)
+def test_a_validation_metric_in_a_fit_that_never_validates_is_refused_before_training(
+    trainer_kwargs: dict, has_val: bool, why: str
+) -> None:
+    recorder = HookRecorder(["on_train_epoch_start"])
+    train, val = make_data()
+    with pytest.raises(HookError) as info:
+        run(
+            [EarlyStopping(monitor="val_loss", patience=0), recorder],
+            record=False,
+            max_epochs=3,
+            data=(train, val if has_val else None),
+            **trainer_kwargs,
+        )
+    assert recorder.count("on_train_epoch_start") == 0  # refused before any training
+    assert info.value.hook == "on_fit_start"
+    assert isinstance(info.value.__cause__, ConfigurationError)
+    message = str(info.value)
+    assert "early_stopping monitors 'val_loss', a validation metric" in message
+    assert why in message
+
+
+def test_a_validation_metric_is_accepted_when_only_step_wise_validation_runs() -> None:
+    stopper = EarlyStopping(monitor="val_loss", mode="max", patience=0, verbose=False)
+    run([stopper], max_epochs=3, check_val_every_n_epoch=4, val_every_n_steps=4)
+    assert stopper.best is not None  # judged: step-wise validations count
 
 
 def test_a_non_finite_value_stops_at_once() -> None:
