@@ -397,11 +397,18 @@ def _agree_on_stop(trainer: Trainer) -> None:
 
 
 def _check_monitors(trainer: Trainer) -> None:
+    """Refuse, before training, a scheduler monitoring a validation metric that
+    this run's configuration never computes."""
+    validates = bool(trainer.eval_dataloaders) and (
+        trainer.val_every_n_steps is not None
+        or trainer.check_val_every_n_epoch <= trainer.max_epochs
+    )
     for entry in trainer._schedulers:
-        if entry.monitor and entry.monitor.startswith("val_") and not trainer.eval_dataloaders:
+        if entry.monitor and entry.monitor.startswith("val_") and not validates:
             raise ConfigurationError(
-                f"an LR scheduler monitors {entry.monitor!r}, a validation metric, but fit() "
-                f"was given no val_dataloaders: pass them, or monitor a training metric"
+                f"an LR scheduler monitors {entry.monitor!r}, a validation metric, but this "
+                f"fit never validates (no val_dataloaders, or check_val_every_n_epoch > "
+                f"max_epochs): pass them, or monitor a training metric"
             )
 
 
