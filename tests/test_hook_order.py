@@ -32,6 +32,7 @@ def train_batch(i: int) -> list[str]:
         "clip_gradients()",
         "optimizer_step()",
         "on_before_zero_grad()",
+        "compute_metrics(stage='train')",  # fit was given metrics=
         f"on_train_batch_end(batch_idx={i})",
     ]
 
@@ -44,6 +45,7 @@ VALIDATION = [
     "on_validation_batch_start(batch_idx=0)",
     "forward_step(batch_idx=0, stage='validate')",
     "gather_for_metrics()",
+    "compute_metrics(stage='validate')",
     "on_validation_batch_end(batch_idx=0)",
     "on_validation_epoch_end()",
     "on_validation_end()",
@@ -133,6 +135,7 @@ def test_validate_test_and_predict_sequences():
         "on_test_batch_start",
         "forward_step",
         "gather_for_metrics",
+        "compute_metrics",
         "on_test_batch_end",
         "on_test_epoch_end",
         "on_test_end",

@@ -105,6 +105,20 @@ class CoreDefaults:
         return True
 
     @hookimpl(trylast=True)
+    def compute_metrics(
+        self, trainer: Trainer, outputs: Any, targets: Any, stage: str
+    ) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        with torch.no_grad():
+            if stage != "train" and trainer.loss_fn is not None:
+                values["loss"] = trainer.loss_fn(outputs, targets)
+            if trainer.metric_fns:
+                predicted = outputs.detach() if isinstance(outputs, torch.Tensor) else outputs
+                for name, fn in trainer.metric_fns.items():
+                    values[name] = fn(predicted, targets)
+        return values
+
+    @hookimpl(trylast=True)
     def all_reduce(self, trainer: Trainer, tensor: torch.Tensor) -> torch.Tensor:
         # One process: the sum over processes is the tensor itself.
         return tensor

@@ -101,7 +101,7 @@ def evaluation_loop(
                     if stage == "predict":
                         predictions.append(outputs)
                     else:
-                        _accumulate(trainer, means, prefix, suffix, outputs, gather)
+                        _accumulate(trainer, stage, means, prefix, suffix, outputs, gather)
                     if on_batch_end is not None:
                         on_batch_end(
                             trainer=trainer,
@@ -133,7 +133,13 @@ def evaluation_loop(
 
 
 def _accumulate(
-    trainer: Trainer, means: RunningMeans, prefix: str, suffix: str, outputs: Any, gather: Any
+    trainer: Trainer,
+    stage: str,
+    means: RunningMeans,
+    prefix: str,
+    suffix: str,
+    outputs: Any,
+    gather: Any,
 ) -> None:
     """Add one evaluation batch's loss and metrics to the running means."""
     if isinstance(outputs, torch.Tensor):
@@ -150,14 +156,14 @@ def _accumulate(
                 predicted, targets = result
                 gathered = True
         size = batch_size(predicted)
-        if "loss" not in outputs and trainer.loss_fn is not None:
-            name = prefix + "loss" + suffix
-            means.add(name, trainer.loss_fn(predicted, targets).detach(), size)
-            if gathered:
-                means.global_names.add(name)
-        for metric, fn in trainer.metric_fns.items():
+        values = trainer._hooks.compute_metrics(
+            trainer=trainer, outputs=predicted, targets=targets, stage=stage
+        )
+        for metric, value in (values or {}).items():
+            if metric in outputs:
+                continue  # the step's own value of that name (its loss) wins
             name = prefix + metric + suffix
-            means.add(name, fn(predicted, targets), size)
+            means.add(name, value.detach() if isinstance(value, torch.Tensor) else value, size)
             if gathered:
                 means.global_names.add(name)
     for key, value in outputs.items():

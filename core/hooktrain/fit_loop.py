@@ -172,7 +172,7 @@ def _train_epoch(
         means.add("loss", detached, size)
         metrics.set("loss", detached)
         if metric_fns and type(outputs) is dict and "outputs" in outputs:
-            _add_metric_values(trainer, means, outputs["outputs"], outputs["targets"])
+            _add_metric_values(trainer, hooks, outputs["outputs"], outputs["targets"])
         batch_idx += 1
         trainer.epoch_batches_done = batch_idx
         if val_every is not None and sync and trainer.global_step % val_every == 0:
@@ -349,13 +349,12 @@ def _check_finite(trainer: Trainer) -> None:
         )
 
 
-def _add_metric_values(trainer: Trainer, means: Any, outputs: Any, targets: Any) -> None:
+def _add_metric_values(trainer: Trainer, hooks: ResolvedHooks, outputs: Any, targets: Any) -> None:
+    values = hooks.compute_metrics(trainer=trainer, outputs=outputs, targets=targets, stage="train")
     size = batch_size(outputs)
-    with torch.no_grad():
-        for name, fn in trainer.metric_fns.items():
-            value = fn(outputs.detach() if isinstance(outputs, torch.Tensor) else outputs, targets)
-            means.add(name, value, size)
-            trainer.metrics.set(name, value)
+    for name, value in (values or {}).items():
+        trainer._train_means.add(name, value, size)
+        trainer.metrics.set(name, value)
 
 
 def _start_progress(trainer: Trainer) -> None:

@@ -8,6 +8,7 @@ Two kinds of hook live here:
 * **Compute hooks** (``prepare``, ``batch_iterator``, ``transfer_batch_to_device``,
   ``forward_step``, ``backward``, ``unscale_gradients``, ``clip_gradients``,
   ``optimizer_step``, ``all_reduce``, ``all_gather_object``, ``gather_for_metrics``,
+  ``compute_metrics``,
   ``load_checkpoint``)
   are how the loop computes. The core ships a plain default implementation of each
   (registered ``trylast``); a plugin replaces it by returning a value that is not
@@ -43,6 +44,7 @@ asserts exactly this sequence, and ``docs/hook-order.md`` shows it):
       ``unscale_gradients``, ``on_before_optimizer_step``, ``clip_gradients``
       (only with ``gradient_clip_val``), ``optimizer_step``; then LR schedulers
       stepped per step, then for each optimizer ``on_before_zero_grad``
+    * ``compute_metrics(stage="train")`` (only when ``fit`` was given ``metrics=``)
     * validation, when ``val_every_n_steps`` makes it due (the sequence below)
     * ``on_train_batch_end``
     * ``log_metrics`` every ``log_every_n_steps`` optimizer steps
@@ -54,7 +56,7 @@ asserts exactly this sequence, and ``docs/hook-order.md`` shows it):
     * ``batch_iterator(stage="validate")``
     * for each batch: ``transfer_batch_to_device``, ``on_validation_batch_start``,
       ``forward_step(stage="validate")``, ``gather_for_metrics``,
-      ``on_validation_batch_end``
+      ``compute_metrics(stage="validate")``, ``on_validation_batch_end``
     * ``on_validation_epoch_end``
     * ``on_validation_end``
     * ``log_metrics``
@@ -493,6 +495,32 @@ def gather_for_metrics(trainer: Trainer, outputs: Any, targets: Any) -> tuple[An
 
     :return: ``(outputs, targets)`` gathered, or ``None`` to defer. With no
         implementation the loop uses the local values.
+    """
+
+
+@hookspec(firstresult=True)
+def compute_metrics(
+    trainer: Trainer, outputs: Any, targets: Any, stage: str
+) -> Mapping[str, Any] | None:
+    """Called for every batch whose step gave the model's outputs and targets (a
+    model without its own step, or a step returning ``"outputs"`` and
+    ``"targets"``): in evaluation after ``gather_for_metrics``, in training after
+    the optimizer step and only when ``fit`` was given ``metrics=``. It computes the
+    batch's metric values and, in evaluation, its loss.
+
+    The core's default computes ``loss_fn(outputs, targets)`` (evaluation stages,
+    when a ``loss_fn`` was given; a loss the step returned itself is kept instead)
+    and every function of ``metrics=``, without gradients. A precision plugin wraps
+    this hook (``wrapper=True``) so that these computations run under the same
+    autocast as the forward that produced ``outputs``, as the training loss does.
+
+    :param outputs: the model's outputs, gathered from every process when
+        ``gather_for_metrics`` did so; typically ``(batch, classes)`` scores.
+    :param targets: the matching targets, likewise.
+    :param stage: ``"train"``, ``"validate"`` or ``"test"``.
+    :return: metric name (without the ``val_``/``test_`` prefix) to a 0-dim tensor
+        or a number, each weighted by the batch's size in the epoch's mean;
+        ``None`` defers to the next implementation.
     """
 
 

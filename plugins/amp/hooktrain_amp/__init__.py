@@ -1,7 +1,8 @@
 """Mixed precision for hooktrain, through hooks only.
 
 Select it with ``Trainer(plugins=[("amp", {"precision": "bf16"})])``. The forward
-step (model and loss) of every stage runs under :func:`torch.autocast` on the
+step (model and loss) of every stage, and the evaluation loss and metrics the core
+computes after it (``compute_metrics``), run under :func:`torch.autocast` on the
 trainer's device type. With ``precision="fp16"`` a :class:`torch.amp.GradScaler`
 scales the loss before ``backward``, unscales the gradients once per optimizer
 step (before ``on_before_optimizer_step`` and clipping, so both see true values),
@@ -181,6 +182,16 @@ class MixedPrecision:
 
     @hookimpl(wrapper=True)
     def forward_step(self) -> Generator[None, Any, Any]:
+        import torch
+
+        with torch.autocast(self.device_type, dtype=self._dtype):
+            return (yield)
+
+    @hookimpl(wrapper=True)
+    def compute_metrics(self) -> Generator[None, Any, Any]:
+        # The evaluation loss and the metrics are computed from the outputs outside
+        # forward_step; under the same autocast, a bf16 logit's cross-entropy is
+        # computed in float32 as the training loss is.
         import torch
 
         with torch.autocast(self.device_type, dtype=self._dtype):

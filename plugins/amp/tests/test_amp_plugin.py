@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from hooktrain_amp import MixedPrecision
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from hooktrain import ConfigurationError, HookError, Trainer, hookimpl
+from hooktrain import ConfigurationError, HookError, Trainer, accuracy, hookimpl
 from hooktrain.plugins import installed_plugins
 from hooktrain.testing import make_data
 
@@ -288,3 +289,22 @@ def test_two_precision_owners_refuse_to_start() -> None:
 
     with pytest.raises(HookError, match="'amp' and 'other-precision' both control precision"):
         fit([("amp", {}), OtherPrecision()])
+
+
+def test_the_evaluation_loss_of_a_plain_model_is_computed_under_autocast():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    inputs, targets = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    loader = DataLoader(TensorDataset(inputs, targets), batch_size=8)
+    result = Trainer(plugins=[("amp", {"precision": "bf16"})], device="cpu").validate(
+        model, loader, loss_fn=F.cross_entropy, metrics={"acc": accuracy}
+    )
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = F.cross_entropy(model(inputs), targets).item()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(inputs)
+        outside = F.cross_entropy(logits, targets).item()  # bf16 arithmetic
+    assert under_autocast != outside  # the case tells the two apart
+    assert result["val_loss"] == pytest.approx(under_autocast, abs=1e-6)
+    assert "val_acc" in result
