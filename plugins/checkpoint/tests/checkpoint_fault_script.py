@@ -5,9 +5,10 @@ every crash. It trains a model with dropout on a shuffled DataLoader with Adam a
 a step LR scheduler, prints where it ended (``finished global_step=... should_stop=...``)
 and on success saves the final model and optimizer state to ``--out``.
 
-``--fault SIGNAL:MOMENT:STEP`` makes the process send itself ``SIGNAL`` (``SIGKILL``
-or ``SIGTERM``) once, at a named moment of global step ``STEP``, so that a test
-interrupts it at the same place on every machine, however loaded (see ``Fault``).
+``--fault SIGNAL:MOMENT:STEP`` makes the process get ``SIGNAL`` (``SIGKILL``,
+``SIGTERM``, or ``SIGXFSZ`` from the kernel) once, at a named moment of global step
+``STEP``, so that a test interrupts it at the same place on every machine, however
+loaded (see ``Fault``).
 
 With ``--world-size 2`` it joins a gloo process group (rank from ``--rank``) and
 implements ``all_reduce`` so that the trainer sees two processes.
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -35,10 +38,15 @@ from hooktrain.testing import make_data
 #: (before the optimizer step), at its end (after the optimizer step, before the
 #: checkpoint plugin's step-wise save of STEP, which runs last).
 TRAIN_MOMENTS = ("batch-start", "backward", "batch-end")
-#: Moments on the checkpoint writer's thread, in writing the checkpoint of STEP: before
-#: its complete temporary file is renamed to its ranked name, before ``last.ckpt`` is
+#: Moments on the checkpoint writer's thread, in writing the ranked checkpoint of STEP:
+#: partway through writing its bytes (SIGXFSZ only, see ``Fault``), before its
+#: complete temporary file is renamed to its ranked name, before ``last.ckpt`` is
 #: replaced by it, and before the checkpoint it evicts (top-k) is removed.
-WRITE_MOMENTS = ("rename", "last", "evict")
+WRITE_MOMENTS = ("write", "rename", "last", "evict")
+#: How many bytes of the checkpoint a process killed at the "write" moment has written.
+PARTIAL_BYTES = 1024
+#: The ranked checkpoints' names, so that the "write" moment can tell their step.
+FILENAME = "{epoch}-{step}"
 
 
 class Net(nn.Module):
@@ -64,8 +72,11 @@ class Fault:
     handler has run by the next line; SIGKILL ends every thread at once.
 
     The writer's moments are found with an audit hook (``sys.addaudithook``), which
-    Python calls on the writer thread just before each rename and removal, with the
-    real files in place: the checkpoint plugin is not changed or wrapped.
+    Python calls on the writer thread just before each open, rename and removal, with
+    the real files in place: the checkpoint plugin is not changed or wrapped. No hook
+    runs between the bytes of one write, so the "write" moment lowers the process's
+    file size limit (``RLIMIT_FSIZE``) as the checkpoint is opened: the kernel then
+    kills the process with SIGXFSZ when it writes past ``PARTIAL_BYTES``.
     """
 
     name = "fault"
@@ -76,12 +87,20 @@ class Fault:
         self.signum = signal.Signals[signame]
         if self.moment not in TRAIN_MOMENTS + WRITE_MOMENTS:
             raise ValueError(f"unknown moment {self.moment!r}")
-        if self.moment in WRITE_MOMENTS and self.signum != signal.SIGKILL:
+        expected = {"write": signal.SIGXFSZ}.get(self.moment, signal.SIGKILL)
+        if self.moment in WRITE_MOMENTS and self.signum != expected:
             # The main thread would handle a SIGTERM from the writer thread at
-            # whatever line it had reached: no exact moment. SIGKILL has one.
-            raise ValueError("only SIGKILL can be sent from the writer thread")
+            # whatever line it had reached: no exact moment.
+            raise ValueError(f"the {self.moment!r} moment takes {expected.name} only")
         self.fired = False
         self._writing: int | None = None  # global step of the checkpoint being written
+        if self.moment == "write":
+            # Python ignores SIGXFSZ (a write past the limit then fails with EFBIG);
+            # by default it ends the process, and would dump core.
+            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+            resource.setrlimit(
+                resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1])
+            )
         if self.moment in WRITE_MOMENTS:
             sys.addaudithook(self._audit)
 
@@ -89,7 +108,11 @@ class Fault:
         self.fired = True
         where = f"{self.moment} of step {self.step}"
         print(f"fault: {self.signame} at {where}", file=sys.stderr, flush=True)
-        os.kill(os.getpid(), self.signum)
+        if self.moment == "write":
+            hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+            resource.setrlimit(resource.RLIMIT_FSIZE, (PARTIAL_BYTES, hard))
+        else:
+            os.kill(os.getpid(), self.signum)
 
     def _at(self, moment: str, step: int) -> None:
         if not self.fired and moment == self.moment and step == self.step:
@@ -110,7 +133,13 @@ class Fault:
     def _audit(self, event: str, args: tuple[Any, ...]) -> None:
         if self.fired:
             return
-        if event == "os.rename":  # os.replace too
+        if event == "open" and isinstance(args[0], str | os.PathLike) and "w" in (args[1] or ""):
+            # A ranked checkpoint (or its temporary file) about to be written: its
+            # name carries its step.
+            found = re.search(r"-step=(\d+)\.ckpt", os.path.basename(os.fsdecode(args[0])))
+            if found:
+                self._at("write", int(found[1]))
+        elif event == "os.rename":  # os.replace too
             source, target = Path(os.fsdecode(args[0])), Path(os.fsdecode(args[1]))
             if target.suffix != ".ckpt":
                 return
@@ -175,7 +204,12 @@ def main() -> int:
     plugins: list[Any] = []
     if args.world_size > 1:
         plugins.append(Gloo(args.rank, args.world_size, args.init_file))
-    plugins.append(("checkpoint", {"dirpath": args.dir, "every_n_train_steps": args.every}))
+    checkpoint_options = {
+        "dirpath": args.dir,
+        "filename": FILENAME,
+        "every_n_train_steps": args.every,
+    }
+    plugins.append(("checkpoint", checkpoint_options))
     if args.fault:
         plugins.append(Fault(args.fault))
     trainer = Trainer(
