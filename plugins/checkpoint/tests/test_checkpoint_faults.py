@@ -119,7 +119,9 @@ def test_sigkill_at_random_moments_then_rerun_is_bit_identical(
     # one; the evicted file not yet removed) and on the training thread (mid-batch,
     # before a step's save, right after one was handed to the writer). The seed is
     # printed so a failure can be replayed: HOOKTRAIN_KILL_SEED=<seed> pytest ...
-    seed = int(os.environ.get("HOOKTRAIN_KILL_SEED") or random.randrange(1 << 30))
+    # Not drawn from the global generator: a Trainer made by an earlier test in
+    # this process seeds it, and every run would get the same schedule.
+    seed = int(os.environ.get("HOOKTRAIN_KILL_SEED") or random.SystemRandom().randrange(1 << 30))
     schedule = _kill_schedule(random.Random(seed))
     print(f"kill schedule (seed {seed}): {schedule}")
     command = _command(tmp_path, "killed")
