@@ -1,5 +1,9 @@
 """Real faults: a training process is SIGKILLed or SIGTERMed, rerun with
-``ckpt_path="last"``, and must end bit-identical to a run nobody disturbed."""
+``ckpt_path="last"``, and must end bit-identical to a run nobody disturbed.
+
+Each process brings the signal on itself at a moment the test chooses (``--fault``; see
+``Fault`` in the script), so a schedule interrupts the same places on any machine,
+however loaded, instead of wherever a polling test happened to catch it."""
 
 from __future__ import annotations
 
@@ -8,15 +12,22 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hooktrain_checkpoint import read_info
+from hooktrain_checkpoint.storage import verify
 
 SCRIPT = Path(__file__).with_name("checkpoint_fault_script.py")
 pytestmark = pytest.mark.slow
+
+# The script's moments (its TRAIN_MOMENTS and WRITE_MOMENTS).
+TRAIN_MOMENTS = ("batch-start", "backward", "batch-end")
+WRITE_MOMENTS = ("write", "rename", "last", "evict")
+STEPS = 36  # 3 epochs of 12 batches, one optimizer step each
+EVERY = 3  # the script's default every_n_train_steps
 
 
 def _command(tmp: Path, name: str, *extra: str) -> list[str]:
@@ -27,44 +38,19 @@ def _command(tmp: Path, name: str, *extra: str) -> list[str]:
         str(tmp / f"{name}-ckpt"),
         "--out",
         str(tmp / f"{name}.pt"),
-        "--progress",
-        str(tmp / f"{name}.progress"),
         *extra,
     ]
 
 
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    # The timeout only keeps a hung run from hanging the suite.
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
 def _run_to_end(command: list[str]) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    done = _run(command)
     assert done.returncode == 0, done.stderr
     return done
-
-
-def _step(progress: Path) -> int:
-    try:
-        return int(progress.read_text() or 0)
-    except (FileNotFoundError, ValueError):
-        return -1
-
-
-def _start_and_signal(
-    command: list[str], progress: Path, at_step: int, sig: int, extra_delay: float
-) -> subprocess.Popen[str]:
-    """Start the run, wait until it reports ``at_step``, wait ``extra_delay`` more
-    and send ``sig``. Returns the finished process."""
-    progress.unlink(missing_ok=True)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        while process.poll() is None and _step(progress) < at_step:
-            time.sleep(0.002)
-        time.sleep(extra_delay)
-        if process.poll() is None:
-            process.send_signal(sig)
-        process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    return process
 
 
 def _assert_same_state(reference: Path, resumed: Path) -> None:
@@ -95,6 +81,27 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
+def _kill_schedule(rng: random.Random) -> list[tuple[str, int]]:
+    """Three ``(moment, global step)`` kills at increasing steps, each at most 12
+    steps after the one before, in a random order: partway through writing a
+    checkpoint, at another moment of a save, and one on the training thread."""
+    moments = ["write", rng.choice(WRITE_MOMENTS[1:]), rng.choice(TRAIN_MOMENTS)]
+    rng.shuffle(moments)
+    schedule = []
+    after = 0
+    for moment in moments:
+        steps = [
+            step
+            for step in range(after + 1, min(after + 12, STEPS) + 1)
+            # Saves come every EVERY steps; the first evicts nothing.
+            if moment in TRAIN_MOMENTS
+            or (step % EVERY == 0 and (moment != "evict" or step > EVERY))
+        ]
+        after = rng.choice(steps)
+        schedule.append((moment, after))
+    return schedule
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The undisturbed run (checkpointing on, as in the disturbed ones)."""
@@ -106,51 +113,52 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sigkill_at_random_moments_then_rerun_is_bit_identical(
     reference: Path, tmp_path: Path
 ) -> None:
-    # 36 optimizer steps in all (3 epochs of 12 batches); a checkpoint every 3.
-    # Kills land mid-epoch, right after a save started (the write may be in
-    # flight) and between saves. The seed is printed so a failure can be replayed.
-    seed = random.randrange(1 << 30)
-    rng = random.Random(seed)
-    print(f"kill schedule seed: {seed}")
-    command = _command(tmp_path, "killed", "--delay", "0.01")
-    progress = tmp_path / "killed.progress"
-    reached = 0
-    kills = 0
-    for _ in range(3):
-        at_step = rng.randint(reached + 1, reached + 12)
-        process = _start_and_signal(
-            command, progress, at_step, signal.SIGKILL, rng.uniform(0.0, 0.015)
-        )
-        if process.returncode == 0:
-            break  # the run finished before the kill landed
-        assert process.returncode == -signal.SIGKILL
-        kills += 1
-        reached = max(reached, _step(progress))
-    assert kills >= 1
-    # No half-written file is visible under a checkpoint name.
-    for path in (tmp_path / "killed-ckpt").glob("*.ckpt"):
-        from hooktrain_checkpoint import read_info
-        from hooktrain_checkpoint.storage import verify
-
-        verify(read_info(path))
+    # A checkpoint every 3 steps. Kills land inside saves (partway through its
+    # bytes, which the kernel's file size limit ends with SIGXFSZ; a complete
+    # temporary file not yet renamed; a new ranked file with last.ckpt still the old
+    # one; the evicted file not yet removed) and on the training thread (mid-batch,
+    # before a step's save, right after one was handed to the writer). The seed is
+    # printed so a failure can be replayed: HOOKTRAIN_KILL_SEED=<seed> pytest ...
+    # Not drawn from the global generator: a Trainer made by an earlier test in
+    # this process seeds it, and every run would get the same schedule.
+    seed = int(os.environ.get("HOOKTRAIN_KILL_SEED") or random.SystemRandom().randrange(1 << 30))
+    schedule = _kill_schedule(random.Random(seed))
+    print(f"kill schedule (seed {seed}): {schedule}")
+    command = _command(tmp_path, "killed")
+    directory = tmp_path / "killed-ckpt"
+    for moment, step in schedule:
+        sig = signal.SIGXFSZ if moment == "write" else signal.SIGKILL
+        killed = _run([*command, "--fault", f"{sig.name}:{moment}:{step}"])
+        assert killed.returncode == -sig, killed.stderr
+        assert f"fault: {sig.name} at {moment} of step {step}" in killed.stderr
+        # No half-written file is ever visible under a checkpoint name.
+        for path in directory.glob("*.ckpt"):
+            verify(read_info(path))
     _run_to_end(command)
     _assert_same_state(reference, tmp_path / "killed.pt")
+    # The rerun removed the temporary files that killed writers left behind.
+    assert not list(directory.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize(
+    ("moment", "step"),
+    [("batch-end", 7), ("backward", 8)],
+    ids=["between-batches", "mid-batch"],
+)
 def test_sigterm_saves_at_the_next_batch_stops_cleanly_and_resumes_exactly(
-    reference: Path, tmp_path: Path
+    reference: Path, tmp_path: Path, moment: str, step: int
 ) -> None:
-    command = _command(tmp_path, "term", "--delay", "0.01", "--every", "1000")
-    progress = tmp_path / "term.progress"
-    process = _start_and_signal(command, progress, 7, signal.SIGTERM, 0.0)
-    assert process.returncode == 0
-    stopped_at = _step(progress)
-    assert 7 <= stopped_at < 36
-    from hooktrain_checkpoint import read_info
-
+    # Between batches the run stops at once; inside a batch (after its backward)
+    # it stops once that batch's optimizer step is done. Either way at `step`.
+    command = _command(tmp_path, "term", "--every", "1000")
+    stopped = _run([*command, "--fault", f"SIGTERM:{moment}:{step}"])
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"fault: SIGTERM at {moment} of step {step}" in stopped.stderr
+    assert f"finished global_step={step} should_stop=True" in stopped.stdout
     info = read_info(tmp_path / "term-ckpt" / "last.ckpt")
     # Saved at the boundary where it stopped: not later, and mid-epoch here.
-    assert info.record["global_step"] == stopped_at
+    assert info.record["global_step"] == step
+    assert not info.record["epoch_complete"]
     assert not (tmp_path / "term.pt").exists()
     rerun = _run_to_end(command)
     assert "resuming from" in rerun.stderr
@@ -161,11 +169,11 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_batch(tmp_path: 
     init_file = tmp_path / "rendezvous"
     processes = []
     for rank in range(2):
+        # Only rank 1 is told, at the end of global step 5.
+        fault = ["--fault", "SIGTERM:batch-end:5"] if rank == 1 else []
         command = _command(
             tmp_path,
             f"rank{rank}",
-            "--delay",
-            "0.01",
             "--every",
             "1000",
             "--rank",
@@ -174,15 +182,12 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_batch(tmp_path: 
             "2",
             "--init-file",
             str(init_file),
+            *fault,
         )
         processes.append(
             subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )
     try:
-        deadline = time.monotonic() + 120
-        while _step(tmp_path / "rank1.progress") < 5 and time.monotonic() < deadline:
-            time.sleep(0.002)
-        processes[1].send_signal(signal.SIGTERM)  # only rank 1 is told
         outputs = [p.communicate(timeout=120) for p in processes]
     finally:
         for process in processes:
@@ -191,13 +196,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_batch(tmp_path: 
                 process.wait()
     for process, (stdout, stderr) in zip(processes, outputs, strict=True):
         assert process.returncode == 0, stderr
-        assert "should_stop=True" in stdout
-    steps = [out.split("global_step=")[1].split()[0] for out, _ in outputs]
-    assert steps[0] == steps[1]
-    from hooktrain_checkpoint import read_info
-
+        assert "finished global_step=5 should_stop=True" in stdout
+    assert "fault: SIGTERM at batch-end of step 5" in outputs[1][1]
     # Rank 0 wrote the checkpoint at the agreed step; rank 1 wrote nothing.
-    assert read_info(tmp_path / "rank0-ckpt" / "last.ckpt").record["global_step"] == int(steps[0])
+    assert read_info(tmp_path / "rank0-ckpt" / "last.ckpt").record["global_step"] == 5
     assert not list((tmp_path / "rank1-ckpt").glob("*.ckpt"))
     assert "SIGTERM received" in outputs[0][1]
-    assert os.path.exists(tmp_path / "rank0-ckpt")
