@@ -89,20 +89,11 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 def fork_rng() -> Iterator[None]:
     """Run the block without changing any global generator: Python's, NumPy's,
     torch's CPU and CUDA ones are put back as they were when it ends."""
-    python = random.getstate()
-    numpy = sys.modules.get("numpy")
-    numpy_state = numpy.random.get_state() if numpy is not None else None
-    torch_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    saved = rng_state()
     try:
         yield
     finally:
-        random.setstate(python)
-        if numpy_state is not None:
-            numpy.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state_all(cuda_state)
+        set_rng_state(saved)
 
 
 def loader_generators(dataloader: Any) -> list[torch.Generator]:
