@@ -625,6 +625,51 @@ def report_hook_cost(calls: int) -> None:
         print(f"   {count} implementation(s): {best / calls * 1e6:6.2f} us per call")
 
 
+def report_calls_per_step(factory: Callable[[int, int], Workload], variants: list[Variant]) -> None:
+    """Function calls per training step that each variant makes beyond the raw loop.
+
+    Counted, not timed, so a busy machine cannot move it: ``sys.setprofile`` sees
+    every call into Python code and into C functions and methods (each torch
+    operator call from Python is one). Each variant runs twice, with a short and a
+    long epoch; the difference divided by the extra steps is its marginal count per
+    step, free of what ``fit`` does once (setup, plugin loading, checkpoints at the
+    epoch's end). The count says how much work is added, not what it costs: a call
+    into Python takes tens of nanoseconds, a torch operator microseconds.
+    """
+    short, long = 10, 40
+    print(f"\n## calls per training step, marginal ({short} vs {long} steps, sys.setprofile)")
+
+    def calls(variant: Variant, steps: int) -> int:
+        sized = factory(steps, 1)
+        model, data = sized.make_model(), sized.make_data()
+        workdir = tempfile.mkdtemp(prefix="hooktrain-bench-calls-")
+        seen = [0]
+
+        def profiler(frame: Any, event: str, arg: Any) -> None:
+            if event == "call" or event == "c_call":
+                seen[0] += 1
+
+        try:
+            with quiet():
+                sys.setprofile(profiler)
+                try:
+                    variant.run(sized, model, data, workdir)
+                finally:
+                    sys.setprofile(None)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return seen[0]
+
+    raw = None
+    for variant in variants:
+        if variant.run is None or variant.key not in "abc":
+            continue
+        calls(variant, short)  # imports and first-call caches out of the count
+        per_step = (calls(variant, long) - calls(variant, short)) / (long - short)
+        raw = per_step if raw is None else raw
+        print(f"   {variant.key}  {variant.label:<45} {per_step:7.1f}  ({per_step - raw:+.1f})")
+
+
 # --------------------------------------------------------------------------------
 
 
@@ -710,6 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         variants = make_variants(not options.no_lightning, options.lightning_every)
         time_workload(workload, variants, options.rounds)
         report_workload(workload, variants, options.rounds)
+        report_calls_per_step(factory, variants)
 
     if options.profile:
         report_profile(factories["mlp"][0](options.mlp_steps, options.epochs))

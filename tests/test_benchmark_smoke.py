@@ -27,6 +27,13 @@ def test_quick_benchmark_prints_every_section_and_ratio():
             rf"^ratio {workload} c/a = \d+\.\d{{3}}|c  hooktrain \+ .* skipped: ", out, re.MULTILINE
         ), out
     assert "skipped: --no-lightning" in out
+    # The counted (not timed) per-step work: one table per workload, the raw loop
+    # the zero it is measured from.
+    tables = re.findall(r"^## calls per training step.*\n((?:   [abc] .*\n)+)", out, re.MULTILINE)
+    assert len(tables) == 2, out
+    for table in tables:
+        assert re.search(r"^   a  raw PyTorch loop +\d+\.\d +\(\+0\.0\)$", table, re.MULTILINE)
+        assert re.search(r"^   b  hooktrain, no plugins +\d+\.\d +\([+-]\d+\.\d\)$", table, re.M)
     # The profile plugin's table for variant c, or why it is missing.
     assert "hooktrain profile: fit" in out or "profile of variant c: skipped" in out
     assert re.search(r"import hooktrain, after torch +\d+\.\d+ s", out)
