@@ -130,7 +130,8 @@ def prepare(trainer: Trainer, stage: str) -> None:
     may replace any of ``trainer.model``, ``trainer.optimizers``,
     ``trainer.lr_schedulers``, ``trainer.train_dataloader`` and
     ``trainer.eval_dataloaders`` with wrapped versions (distributed data parallel,
-    a sharded dataloader). ``trainer.module`` keeps the user's unwrapped model.
+    a sharded dataloader). ``trainer.module`` keeps the user's unwrapped model
+    (given ``torch.compile(module)``, the module inside it).
 
     :param trainer: the trainer.
     :param stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
