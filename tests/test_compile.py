@@ -1,4 +1,4 @@
-"""torch.compile: a model the user compiled.
+"""torch.compile: a model the user compiled, and the ``compile`` plugin.
 
 Compilation is observed through dynamo's own counters (frames converted, graphs
 made) and, where it matters *what* was compiled, through a backend that records
@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
 
-from hooktrain import Trainer, hookimpl
+from hooktrain import ConfigurationError, HookError, Trainer, hookimpl
+from hooktrain.state import load_model_state
 from hooktrain.testing import make_data
 
 BATCHES = 3  # limit_train_batches: the tests compile, they need few steps
@@ -168,3 +169,129 @@ def test_checkpoints_of_compiled_and_plain_models_resume_into_each_other(tmp_pat
     resumed_compiled = StepNet()
     fit(torch.compile(resumed_compiled, backend="eager"), epochs=2, ckpt_path=str(path))
     assert same_weights(resumed_compiled, uninterrupted)
+
+
+def test_a_checkpoint_with_the_wrappers_prefixed_keys_still_loads() -> None:
+    # What hooktrain wrote for a compiled model before it unwrapped them.
+    source = StepNet()
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(1.0)
+    prefixed = torch.compile(source, backend="eager").state_dict()
+    assert all(key.startswith("_orig_mod.") for key in prefixed)
+    target = StepNet()
+    load_model_state(target, prefixed)
+    assert same_weights(target, source)
+
+
+def test_with_accelerate_a_compiled_plain_model_keeps_its_compiled_forward() -> None:
+    pytest.importorskip("hooktrain_accelerate")
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    trainer = fit(
+        torch.compile(model, backend="eager"),
+        ["accelerate"],
+        loss_fn=F.cross_entropy,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
+    assert compiled_graphs() > 0
+    assert trainer.module is model
+
+
+# --------------------------------------------------------------------------------
+# The compile plugin
+# --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"backend": "no-such-backend"}, "unknown backend 'no-such-backend'"),
+        ({"backend": 3}, "backend must be a backend name or a callable"),
+        ({"mode": "fastest"}, "unknown mode 'fastest'"),
+        ({"backend": "eager", "mode": "max-autotune"}, "'inductor' backend only"),
+        ({"fullgraph": "yes"}, "fullgraph must be True or False"),
+        ({"dynamic": 1}, "dynamic must be None, True or False"),
+    ],
+)
+def test_bad_options_are_refused_when_the_trainer_is_built(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Trainer(plugins=[("compile", options)])
+
+
+def test_the_plugin_compiles_a_models_own_steps_and_keeps_the_users_module() -> None:
+    backend = RecordingBackend()
+    model = StepNet()
+    trainer = fit(model, [("compile", {"backend": backend})])
+    assert compiled_graphs() > 0
+    assert backend.compiled("cross_entropy") > 0  # training_step, loss included
+    assert backend.compiled("mse_loss") > 0  # validation_step
+    assert trainer.module is model
+    assert list(trainer.dump_checkpoint()["model"]) == list(StepNet().state_dict())
+
+
+def test_the_plugin_compiles_a_plain_models_forward() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    trainer = fit(
+        model,
+        [("compile", {"backend": "eager"})],
+        loss_fn=F.cross_entropy,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
+    assert compiled_graphs() > 0
+    assert counters["frames"]["ok"] > 0
+    assert trainer.module is model
+    assert list(trainer.dump_checkpoint()["model"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def test_compiled_training_with_the_eager_backend_matches_uncompiled_training() -> None:
+    # The eager backend runs the captured graph op by op: the same arithmetic as
+    # the uncompiled model, so the weights must come out identical.
+    plain, compiled = StepNet(), StepNet()
+    fit(plain, epochs=2)
+    fit(compiled, [("compile", {"backend": "eager"})], epochs=2)
+    assert compiled_graphs() > 0
+    assert same_weights(plain, compiled)
+
+
+def test_later_stages_reuse_the_compiled_code() -> None:
+    model = StepNet()
+    trainer = fit(model, [("compile", {"backend": "eager"})])
+    after_fit = compiled_graphs()
+    _, val = make_data(n=64, batch_size=16, seed=1)
+    trainer.validate(model, val)
+    # Validation already ran (compiled) inside fit: nothing new to compile.
+    assert compiled_graphs() == after_fit
+
+
+def test_the_plugin_refuses_a_model_the_user_compiled_already() -> None:
+    with pytest.raises(HookError, match="already compiled"):
+        fit(torch.compile(StepNet(), backend="eager"), [("compile", {"backend": "eager"})])
+
+
+def test_under_amp_the_compiled_step_runs_in_autocast() -> None:
+    pytest.importorskip("hooktrain_amp")
+    dtypes: list[torch.dtype] = []
+
+    class Recorded(StepNet):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            inputs, targets = batch
+            logits = self(inputs)
+            dtypes.append(logits.dtype)  # runs at trace time: what the graph computes in
+            return F.cross_entropy(logits, targets)
+
+    fit(Recorded(), [("amp", {"precision": "bf16"}), ("compile", {"backend": "eager"})])
+    assert compiled_graphs() > 0
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+
+
+def test_with_accelerate_the_prepared_model_is_compiled() -> None:
+    pytest.importorskip("hooktrain_accelerate")
+    backend = RecordingBackend()
+    model = StepNet()
+    # Listed first, compile still wraps what accelerate prepared (trylast).
+    trainer = fit(model, [("compile", {"backend": backend}), "accelerate"])
+    assert backend.compiled("cross_entropy") > 0
+    assert trainer.module is model
+    assert list(trainer.dump_checkpoint()["model"]) == list(StepNet().state_dict())
