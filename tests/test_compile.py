@@ -245,6 +245,26 @@ def test_the_plugin_compiles_a_plain_models_forward() -> None:
     assert list(trainer.dump_checkpoint()["model"]) == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
+class BreakingNet(StepNet):
+    """A training step with a graph break in the middle."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        logits = self(inputs)
+        torch._dynamo.graph_break()
+        return F.cross_entropy(logits, targets)
+
+
+def test_fullgraph_reaches_torch_compile() -> None:
+    # Without fullgraph the break splits the step into two graphs; with it, the
+    # break is an error at the first step.
+    fit(BreakingNet(), [("compile", {"backend": "eager"})], epochs=1)
+    assert counters["stats"]["unique_graphs"] >= 2
+    torch._dynamo.reset()  # else dynamo reuses the code it compiled for the same step
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        fit(BreakingNet(), [("compile", {"backend": "eager", "fullgraph": True})], epochs=1)
+
+
 def test_compiled_training_with_the_eager_backend_matches_uncompiled_training() -> None:
     # The eager backend runs the captured graph op by op: the same arithmetic as
     # the uncompiled model, so the weights must come out identical.
