@@ -197,6 +197,16 @@ def test_with_accelerate_a_compiled_plain_model_keeps_its_compiled_forward() -> 
     assert trainer.module is model
 
 
+def test_a_module_compiled_in_place_runs_its_forward_compiled_with_plain_keys() -> None:
+    backend = RecordingBackend()
+    model = StepNet()
+    model.compile(backend=backend)  # torch's in-place variant: __call__ is compiled
+    trainer = fit(model)
+    assert backend.compiled("linear") > 0
+    assert backend.compiled("cross_entropy") == 0  # the loss, outside forward, is not
+    assert list(trainer.dump_checkpoint()["model"]) == list(StepNet().state_dict())
+
+
 # --------------------------------------------------------------------------------
 # The compile plugin
 # --------------------------------------------------------------------------------
