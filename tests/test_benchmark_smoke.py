@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
@@ -42,3 +44,19 @@ def test_quick_benchmark_prints_every_section_and_ratio():
     assert "heavy modules imported: []" in out
     for count in (0, 1, 5):
         assert re.search(rf"{count} implementation\(s\): +\d+\.\d+ us per call", out)
+
+
+@pytest.mark.slow
+def test_the_compile_speedup_script_runs_without_a_gpu():
+    script = SCRIPT.parent / "compile_speedup.py"
+    options = ["--device", "cpu", "--backend", "eager", "--rounds", "1", "--epochs", "2"]
+    done = subprocess.run(
+        [sys.executable, str(script), *options, "--limit-batches", "3", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^speed-up plain/compiled = \d+\.\d{3}", done.stdout, re.MULTILINE), (
+        done.stdout
+    )

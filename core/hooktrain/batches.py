@@ -9,7 +9,9 @@ own step methods. None of these is a hook: the core's hook implementations
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+import sys
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ __all__ = [
     "batch_size",
     "check_loader",
     "check_model",
+    "compiled_step",
     "length",
     "limited_length",
     "loader_list",
@@ -29,6 +32,7 @@ __all__ = [
     "skips_by_index",
     "step_batch_size",
     "unpack_batch",
+    "unwrap_compiled",
     "user_method",
 ]
 
@@ -166,6 +170,50 @@ def user_method(module: Any, name: str) -> Any:
     ):
         return getattr(module, name)
     return None
+
+
+def _compiled_module_type() -> type | None:
+    """torch.compile's module wrapper class, ``None`` while dynamo is not imported
+    (then no model can be one, and the core does not pay for importing it)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(eval_frame, "OptimizedModule", None)
+
+
+def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside ``torch.compile(module)``'s wrapper (an
+    ``OptimizedModule``, which shares the module's parameters but prefixes every
+    state-dict key with ``_orig_mod.``), else ``model`` itself.
+
+    The trainer keeps it as ``trainer.module``: checkpoints hold its keys, and its
+    own step methods are found on it, as for a model that was never compiled.
+    """
+    compiled = _compiled_module_type()
+    while compiled is not None and isinstance(model, compiled):
+        model = model._orig_mod
+    return model
+
+
+def compiled_step(model: torch.nn.Module, step: Callable[..., Any]) -> Callable[..., Any]:
+    """``step``, a method of the user's module, run through ``model``'s compiler
+    when ``model`` is ``torch.compile``'s wrapper of that same module.
+
+    ``torch.compile(module)`` compiles only ``forward``; a loop that calls the
+    module's own ``training_step`` would never enter it. The wrapper's compiler
+    (its ``dynamo_ctx``: the backend, mode, fullgraph and dynamic it was made
+    with) is applied to the step instead, so the step runs compiled with the
+    user's settings and the forward it calls is traced inside it. Anything else
+    (no wrapper, a wrapper of something else, a step that is not a bound method)
+    is returned unchanged.
+    """
+    compiled = _compiled_module_type()
+    if (
+        compiled is None
+        or not isinstance(model, compiled)
+        or type(step) is not types.MethodType
+        or model._orig_mod is not step.__self__
+    ):
+        return step
+    return model.dynamo_ctx(step)
 
 
 class _SkipFirstBatches(Sampler[list[int]]):

@@ -9,12 +9,19 @@ loop calls it directly and pluggy is not involved.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import RandomSampler
 
-from hooktrain.batches import move_to_device, skip_first_batches, unpack_batch, user_method
+from hooktrain.batches import (
+    compiled_step,
+    move_to_device,
+    skip_first_batches,
+    unpack_batch,
+    user_method,
+)
 from hooktrain.errors import ConfigurationError
 from hooktrain.markers import hookimpl
 
@@ -33,6 +40,12 @@ class CoreDefaults:
     """Plain implementations of every compute hook."""
 
     name = "core"
+
+    def __init__(self) -> None:
+        # Per step name: ((model, method's function, its module), the step as run). A
+        # compiled step is made once, not every batch; the identities say when the
+        # model or the method changed (another stage, another fit).
+        self._compiled_steps: dict[str, tuple[tuple[Any, Any, Any], Any]] = {}
 
     @hookimpl(trylast=True)
     def batch_iterator(
@@ -71,8 +84,11 @@ class CoreDefaults:
 
     @hookimpl(trylast=True)
     def forward_step(self, trainer: Trainer, batch: Any, batch_idx: int, stage: str) -> Any:
-        step = user_method(trainer.module, _STEP_NAMES[stage])
+        name = _STEP_NAMES[stage]
+        step = user_method(trainer.module, name)
         if step is not None:
+            if trainer.model is not trainer.module:
+                step = self._through_model(trainer.model, name, step)
             return step(batch, batch_idx)
         if stage == "predict":
             inputs = batch[0] if isinstance(batch, tuple | list) else batch
@@ -86,6 +102,19 @@ class CoreDefaults:
                 "targets": targets,
             }
         return {"outputs": outputs, "targets": targets}
+
+    def _through_model(self, model: Any, name: str, step: Any) -> Any:
+        """``step`` as `hooktrain.batches.compiled_step` runs it through ``model``,
+        made once per model and method."""
+        if type(step) is not MethodType:
+            return step  # not the module's method: something a plugin put in its place
+        key = (model, step.__func__, step.__self__)
+        cached = self._compiled_steps.get(name)
+        if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
+            return cached[1]
+        result = compiled_step(model, step)
+        self._compiled_steps[name] = (key, result)
+        return result
 
     @hookimpl(trylast=True)
     def backward(self, trainer: Trainer, loss: torch.Tensor) -> bool:

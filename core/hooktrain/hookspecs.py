@@ -130,7 +130,8 @@ def prepare(trainer: Trainer, stage: str) -> None:
     may replace any of ``trainer.model``, ``trainer.optimizers``,
     ``trainer.lr_schedulers``, ``trainer.train_dataloader`` and
     ``trainer.eval_dataloaders`` with wrapped versions (distributed data parallel,
-    a sharded dataloader). ``trainer.module`` keeps the user's unwrapped model.
+    a sharded dataloader). ``trainer.module`` keeps the user's unwrapped model
+    (given ``torch.compile(module)``, the module inside it).
 
     :param trainer: the trainer.
     :param stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
@@ -399,7 +400,10 @@ def forward_step(trainer: Trainer, batch: Any, batch_idx: int, stage: str) -> An
 
     The default calls the model's own ``training_step`` / ``validation_step`` /
     ``test_step`` / ``predict_step`` when it defines one, and otherwise unpacks
-    ``(inputs, targets)``, calls the model and applies ``loss_fn``. A ``wrapper=True``
+    ``(inputs, targets)``, calls the model and applies ``loss_fn``. When
+    ``trainer.model`` is ``torch.compile``'s wrapper of ``trainer.module``, the
+    model's own step runs through that wrapper's compiler
+    (`hooktrain.batches.compiled_step`). A ``wrapper=True``
     implementation surrounds it, to run it under ``torch.autocast`` for instance.
 
     :param stage: ``"train"``, ``"validate"``, ``"test"`` or ``"predict"``.

@@ -24,6 +24,9 @@ __all__ = ["dump_checkpoint", "restore_checkpoint"]
 
 FORMAT = "hooktrain-checkpoint/1"
 
+# What torch.compile's module wrapper puts before every key of the module inside.
+_COMPILED_PREFIX = "_orig_mod."
+
 _INSTALLED_VERSIONS: dict[str, str] = {}
 
 
@@ -123,10 +126,20 @@ def load_model_state(module: nn.Module, state: Mapping[str, Any]) -> None:
     """``module.load_state_dict(state)``, after checking that every key and shape
     fits.
 
+    A state taken from ``torch.compile``'s wrapper instead of the module inside it
+    (every key prefixed with ``_orig_mod.``, as hooktrain wrote them before it
+    unwrapped compiled models) is loaded without the prefix.
+
     :raises ConfigurationError: listing missing keys, unexpected keys and shape
         mismatches together.
     """
     own = module.state_dict()
+    if (
+        state
+        and all(key.startswith(_COMPILED_PREFIX) for key in state)
+        and not any(key.startswith(_COMPILED_PREFIX) for key in own)
+    ):
+        state = {key[len(_COMPILED_PREFIX) :]: value for key, value in state.items()}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = [

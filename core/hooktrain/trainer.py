@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hooktrain import state
-from hooktrain.batches import check_loader, check_model, loader_list
+from hooktrain.batches import check_loader, check_model, loader_list, unwrap_compiled
 from hooktrain.defaults import CoreDefaults
 from hooktrain.errors import ConfigurationError
 from hooktrain.evaluation import concatenable, evaluation_loop
@@ -321,7 +321,9 @@ class Trainer:
         :param model: a plain ``nn.Module`` (with ``loss_fn`` and ``optimizer``) or
             one that defines ``training_step`` and optionally ``validation_step``
             and ``configure_optimizers``. It trains in the train/eval modes its
-            modules are in (a fresh module is in train mode).
+            modules are in (a fresh module is in train mode). A
+            ``torch.compile(module)`` runs compiled, its own steps included, and
+            ``trainer.module`` (and checkpoints) is the module inside it.
         :param train_dataloaders: an iterable of batches, usually a ``DataLoader``.
         :param val_dataloaders: one iterable or a list of them.
         :param loss_fn: ``loss_fn(outputs, targets)`` returning a scalar tensor.
@@ -398,7 +400,11 @@ class Trainer:
         loss_fn: Callable[..., torch.Tensor] | None,
         metrics: Mapping[str, MetricFn] | None,
     ) -> None:
-        self.module = self.model = model
+        self.model = model
+        # torch.compile(module) is a wrapper: the user's module is the one inside
+        # (checkpoints hold its keys, its steps are found on it), and the wrapper
+        # stays the model the loop runs.
+        self.module = unwrap_compiled(model)
         self.loss_fn = loss_fn
         self.metric_fns = dict(metrics or {})
         self.should_stop = False

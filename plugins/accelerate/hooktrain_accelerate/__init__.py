@@ -283,7 +283,9 @@ class Accelerate:
     def prepare(self, trainer: Trainer, stage: str) -> None:
         accelerator = self.accelerator
         module = trainer.module
-        self._router = _make_router(module)
+        # Around trainer.model, not the module: a model the user passed through
+        # torch.compile keeps its compiled forward inside the DDP wrapper.
+        self._router = _make_router(trainer.model)
         if stage == "fit":
             self._agree_on_data_seed(trainer)
             optimizers, schedulers = trainer.optimizers, trainer.lr_schedulers

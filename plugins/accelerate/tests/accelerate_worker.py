@@ -160,6 +160,12 @@ class AllReduceCount:
         trainer.model.register_comm_hook(None, counting_hook)
 
 
+def _compiled_graphs() -> int:
+    """Graphs torch.compile made in this process (0 when dynamo never loaded)."""
+    dynamo_utils = sys.modules.get("torch._dynamo.utils")
+    return 0 if dynamo_utils is None else dynamo_utils.counters["stats"]["unique_graphs"]
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
     out = Path(config["out"])
@@ -186,6 +192,8 @@ def main() -> None:
         plugins.append(LogOnOneRank(config["log_on_rank"]))
     if config.get("score"):
         plugins.append(ScorePerProcess())
+    if "compile" in config:
+        plugins.append(("compile", config["compile"]))
     stopper = None
     if "early_stopping" in config:
         from hooktrain_early_stopping import EarlyStopping
@@ -233,6 +241,7 @@ def main() -> None:
         "validation_batches_in_fit": fit_batches,
         "epochs_trained": batches.epochs,
         "validate": validated,
+        "compiled_graphs": _compiled_graphs(),
     }
     if stopper is not None:
         report["early_stopping"] = {

@@ -241,6 +241,27 @@ def test_own_training_step_with_accumulation_and_clipping_synchronises_once_per_
         assert report["metrics"] == pytest.approx(reference.metrics.floats(), abs=1e-6)
 
 
+def test_compiled_after_the_ddp_wrap_an_own_training_step_still_synchronises(tmp_path) -> None:
+    # The compile plugin wraps what accelerate prepared: torch.compile(DDP(...)).
+    # The routed training_step runs compiled and DDP still all-reduces once per step.
+    config = {
+        "model": "step",
+        "accumulate_grad_batches": 2,
+        "max_epochs": 1,
+        "count_allreduce": True,
+        "compile": {"backend": "eager"},
+    }
+    reports = ranks(tmp_path, launch(config, tmp_path))
+    reference_model = StepModel()
+    reference = single_process(reference_model, max_epochs=1, accumulate_grad_batches=2)
+    for report in reports:
+        assert report["compiled_graphs"] > 0
+        assert report["global_step"] == reference.global_step == 3
+        assert report["gradient_allreduces"] == 3
+        assert_weights_close(report, reference_model)
+    assert reports[0]["weights"] == reports[1]["weights"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only launch path")
 def test_accelerate_launch_on_the_cpu_trains_distributed_in_bf16(tmp_path) -> None:
     config = {"max_epochs": 1, "accelerate": {"mixed_precision": "bf16"}}
