@@ -11,11 +11,12 @@ from pathlib import Path
 import pandas
 import pytest
 import torch
+import torch.nn.functional as F
 from hooktrain_csv import CSVLogger, read_logged_steps
 
 from hooktrain import Trainer, hookimpl
 from hooktrain.plugins import installed_plugins
-from hooktrain.testing import make_model, run
+from hooktrain.testing import make_data, make_model, run
 
 # 128 samples in batches of 16: 8 optimizer steps per epoch.
 STEPS_PER_EPOCH = 8
@@ -178,3 +179,13 @@ def test_a_killed_then_resumed_run_writes_every_step_once(tmp_path: Path) -> Non
     # Exact resume: the same values as the undisturbed run's, none missing.
     assert written == cells(tmp_path / "reference-logs" / "default" / "version_0" / "metrics.csv")
     assert pandas.read_csv(path)["step"].is_monotonic_increasing
+
+
+def test_a_test_after_fit_writes_into_the_fits_file(tmp_path: Path) -> None:
+    result = run([("csv", {"log_dir": tmp_path})], max_epochs=1, record=False)
+    scores = result.trainer.test(result.model, make_data()[1], loss_fn=F.cross_entropy)
+    frame = pandas.read_csv(tmp_path / "default" / "version_0" / "metrics.csv")
+    assert [p.name for p in (tmp_path / "default").iterdir()] == ["version_0"]
+    last = frame.iloc[-1]
+    assert last["test_loss"] == pytest.approx(scores["test_loss"])
+    assert last["step"] == 8

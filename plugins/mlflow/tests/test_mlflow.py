@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hooktrain_mlflow import MLFlowLogger
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from hooktrain import HookError, Trainer, hookimpl
 from hooktrain.plugins import installed_plugins
-from hooktrain.testing import HookRecorder, make_model, run
+from hooktrain.testing import HookRecorder, make_data, make_model, run
 
 SCRIPT = Path(__file__).with_name("killed_run.py")
 
@@ -182,3 +183,13 @@ def test_a_killed_then_resumed_run_continues_with_every_step_once(
     assert artifacts == {"checkpoints/last.ckpt", "checkpoints/epoch=2-step=24.ckpt"}
     local = Path(client.download_artifacts(logged.info.run_id, "checkpoints/last.ckpt", tmp_path))
     assert torch.load(local, weights_only=True)["progress"]["global_step"] == 24
+
+
+def test_a_test_after_fit_logs_into_the_fits_run(mlflow_server: str) -> None:
+    experiment = f"test-{uuid.uuid4().hex}"
+    result = run([options(mlflow_server, experiment)], max_epochs=1, record=False)
+    scores = result.trainer.test(result.model, make_data()[1], loss_fn=F.cross_entropy)
+    client = MlflowClient(mlflow_server)
+    logged = the_run(client, experiment)
+    assert logged.info.status == "FINISHED"
+    assert history(client, logged.info.run_id, "test_loss") == [(8, scores["test_loss"])]
