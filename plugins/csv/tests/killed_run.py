@@ -28,18 +28,14 @@ class Kill:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--log-dir", required=True)
-    parser.add_argument("--ckpt-dir", required=True)
-    parser.add_argument("--kill-at", type=int, default=0)
-    args = parser.parse_args()
+def train(log_dir: str, ckpt_dir: str, kill_at: int = 0) -> None:
+    """The run; the test calls it in its own process for the undisturbed reference."""
     plugins: list[object] = [
-        ("checkpoint", {"dirpath": args.ckpt_dir, "every_n_train_steps": 3}),
-        ("csv", {"log_dir": args.log_dir, "max_queue": 1}),
+        ("checkpoint", {"dirpath": ckpt_dir, "every_n_train_steps": 3}),
+        ("csv", {"log_dir": log_dir, "max_queue": 1}),
     ]
-    if args.kill_at:
-        plugins.append(Kill(args.kill_at))
+    if kill_at:
+        plugins.append(Kill(kill_at))
     trainer = Trainer(plugins=plugins, max_epochs=3, seed=7, device="cpu", log_every_n_steps=1)
     train, val = make_data(n=128, batch_size=16, seed=3)
     trainer.fit(
@@ -53,4 +49,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--log-dir", required=True)
+    parser.add_argument("--ckpt-dir", required=True)
+    parser.add_argument("--kill-at", type=int, default=0)
+    args = parser.parse_args()
+    train(args.log_dir, args.ckpt_dir, args.kill_at)
