@@ -58,8 +58,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--workers",
         "1",
     ]
-    # Without its job runner (seven more processes for server-side jobs the tests
-    # never use), the server starts in about half the time on a 2-core machine.
+    # Without its job runner (seven more processes, for server-side jobs the tests
+    # never use) the server came up in 28 to 39 s on a busy 2-core machine, against
+    # 60 s with it, and stops at once instead of holding on to SIGTERM.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     log = (root / "server.log").open("wb")
     # A session of its own, so that stopping it reaches the workers it starts.
