@@ -129,3 +129,26 @@ def test_flush_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     for bad in ({"flush_secs": 0}, {"max_queue": 0}, {"max_queue": True}):
         with pytest.raises(ValueError):
             FlushSchedule(**bad)
+
+
+def test_checkpoint_files_of_plugins_that_keep_checkpoints(tmp_path: Path) -> None:
+    class Keeper:
+        def __init__(self, name: str, last: object, best: object) -> None:
+            self.name, self.last_model_path, self.best_model_path = name, last, best
+
+    class Unrelated:
+        name = "unrelated"
+        last_model_path = str(tmp_path / "other.ckpt")  # no best_model_path: not a keeper
+
+    for name in ("last.ckpt", "best.ckpt", "other.ckpt"):
+        (tmp_path / name).write_bytes(b"x")
+    plugins = [
+        Keeper("a", tmp_path / "last.ckpt", str(tmp_path / "best.ckpt")),
+        Keeper("b", str(tmp_path / "last.ckpt"), None),  # the same file again
+        Keeper("c", tmp_path / "missing.ckpt", tmp_path / "best.ckpt"),
+        Unrelated(),
+    ]
+    trainer = Trainer(plugins=plugins, device="cpu")
+    found = loggers.checkpoint_files(trainer)
+    assert sorted(found) == [tmp_path / "best.ckpt", tmp_path / "last.ckpt"]
+    assert loggers.checkpoint_files(Trainer(plugins=[], device="cpu")) == []

@@ -21,8 +21,12 @@ A logger plugin built on this module has the same shape as the first-party ones:
   crashed run wrote after the checkpoint it resumes from: resume is exact, so the
   values are the same);
 * **flush points** (`FlushSchedule`): values wait in memory and are written at an
-  epoch's end, every ``flush_secs``, when ``max_queue`` publications wait, on an
-  exception and at teardown, so the training loop does no I/O at every publication.
+  epoch's end, every ``flush_secs``, when ``max_queue`` publications wait, at each
+  checkpoint, on an exception and at teardown, so the training loop does no I/O at
+  every publication;
+* **checkpoints as artifacts** (`checkpoint_files`): the files of whichever selected
+  plugin keeps checkpoints, found by the attributes Lightning's ``ModelCheckpoint``
+  has, so that neither the core nor the logger names a checkpoint plugin.
 
 Nothing here imports torch or a logging library; ``docs/writing-a-plugin.md``
 walks through the mould.
@@ -44,6 +48,7 @@ __all__ = [
     "EPOCH_SUFFIX",
     "FlushSchedule",
     "LoggedSteps",
+    "checkpoint_files",
     "collect_hparams",
     "experiment_dir",
     "hparam_value",
@@ -214,6 +219,33 @@ class LoggedSteps:
             if step > last.get(key, -1):
                 last[key] = step
         return cls(last)
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_files(trainer: Trainer) -> list[Path]:
+    """The last and the best checkpoint file of every registered plugin that keeps
+    checkpoints: those that exist, each once, a plugin's last before its best.
+
+    A plugin keeps checkpoints, to this function, when it has the attributes
+    ``last_model_path`` and ``best_model_path`` (Lightning's ``ModelCheckpoint``
+    names, which the ``checkpoint`` plugin has), each a path, a string or ``None``. A
+    plugin that writes in the background may not have finished the files before its
+    own ``teardown``: call this after it (a ``tryfirst`` wrapper on ``teardown``
+    runs its second half after every other implementation).
+    """
+    found: list[Path] = []
+    for _, plugin in trainer.plugin_manager.list_name_plugin():
+        keeps = hasattr(plugin, "last_model_path") and hasattr(plugin, "best_model_path")
+        if plugin is None or not keeps:
+            continue
+        for value in (plugin.last_model_path, plugin.best_model_path):
+            if isinstance(value, str | os.PathLike):
+                path = Path(value)
+                if path.is_file() and path not in found:
+                    found.append(path)
+    return found
 
 
 # ---------------------------------------------------------------------- flushing

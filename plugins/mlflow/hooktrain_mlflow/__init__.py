@@ -31,7 +31,6 @@ import os
 import sys
 import time
 from collections.abc import Generator, Iterator, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
@@ -39,6 +38,7 @@ from hooktrain.errors import ConfigurationError
 from hooktrain.loggers import (
     FlushSchedule,
     LoggedSteps,
+    checkpoint_files,
     collect_hparams,
     hparam_value,
     load_state,
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from hooktrain.trainer import Trainer
 
-__all__ = ["MLFlowLogger", "checkpoint_files"]
+__all__ = ["MLFlowLogger"]
 __version__ = "0.1.0"
 
 #: MLflow's REST API takes at most this many metrics, and this many params, per
@@ -303,25 +303,6 @@ class MLFlowLogger:
                     self.run_id, metrics=metrics[start : start + _MAX_METRICS_PER_BATCH]
                 )
         self._schedule.done()
-
-
-def checkpoint_files(trainer: Trainer) -> list[Path]:
-    """The last and the best checkpoint file of every registered plugin that keeps
-    checkpoints, without duplicates, those that exist only.
-
-    A plugin keeps checkpoints, to this function, when it has the attributes
-    ``last_model_path`` and ``best_model_path`` (the names Lightning's
-    ``ModelCheckpoint`` uses, and the ``checkpoint`` plugin's), each a path or ``None``.
-    """
-    found: list[Path] = []
-    for plugin in trainer.plugin_manager.get_plugins():
-        for attribute in ("last_model_path", "best_model_path"):
-            value = getattr(plugin, attribute, None)
-            if isinstance(value, str | os.PathLike):
-                path = Path(value)
-                if path.is_file() and path not in found:
-                    found.append(path)
-    return found
 
 
 def _logged_steps(client: MlflowClient, run_id: str) -> LoggedSteps:
