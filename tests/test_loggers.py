@@ -126,6 +126,11 @@ def test_flush_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(loggers, "EPOCH_FLUSH_MIN_S", 3600.0)
     schedule.done()
     assert not schedule.due("epoch", 1)
+    # The publication right after a checkpoint is written at once, and only that one.
+    schedule.checkpointed()
+    assert schedule.due("step", 1)
+    schedule.done()
+    assert not schedule.due("step", 1)
     for bad in ({"flush_secs": 0}, {"max_queue": 0}, {"max_queue": True}):
         with pytest.raises(ValueError):
             FlushSchedule(**bad)

@@ -22,8 +22,9 @@ A logger plugin built on this module has the same shape as the first-party ones:
   values are the same);
 * **flush points** (`FlushSchedule`): values wait in memory and are written at an
   epoch's end, every ``flush_secs``, when ``max_queue`` publications wait, at each
-  checkpoint, on an exception and at teardown, so the training loop does no I/O at
-  every publication;
+  checkpoint and at the publication right after it, on an exception and at teardown,
+  so the training loop does no I/O at every publication, and a process killed
+  outright loses only values that a resume publishes again;
 * **checkpoints as artifacts** (`checkpoint_files`): the files of whichever selected
   plugin keeps checkpoints, found by the attributes Lightning's ``ModelCheckpoint``
   has, so that neither the core nor the logger names a checkpoint plugin.
@@ -276,18 +277,32 @@ class FlushSchedule:
         self.flush_secs = flush_secs
         self.max_queue = max_queue
         self._flushed_at = time.monotonic()
+        self._checkpointed = False
 
     def due(self, scope: str, waiting: int) -> bool:
         """Whether to write now, after a publication of ``scope``, with ``waiting``
         publications in memory: the last write is ``flush_secs`` old, or this is an
-        epoch's end and it is at least `EPOCH_FLUSH_MIN_S` old, or the queue is full."""
+        epoch's end and it is at least `EPOCH_FLUSH_MIN_S` old, or the queue is full,
+        or this is the first publication since a checkpoint (`checkpointed`)."""
         since = time.monotonic() - self._flushed_at
         return (
-            since >= self.flush_secs
+            self._checkpointed
+            or since >= self.flush_secs
             or (scope == "epoch" and since >= EPOCH_FLUSH_MIN_S)
             or waiting >= self.max_queue
         )
 
+    def checkpointed(self) -> None:
+        """Record that a checkpoint was just taken (call it in ``on_save_checkpoint``,
+        after writing what waits): the next publication is written at once.
+
+        The loop publishes a step's values after that step's checkpoint, and a run
+        resumed from it starts at the next step: values of the checkpoint's step
+        still waiting when the process died would never be published again.
+        """
+        self._checkpointed = True
+
     def done(self) -> None:
         """Record that everything waiting was just written."""
         self._flushed_at = time.monotonic()
+        self._checkpointed = False

@@ -128,8 +128,10 @@ class CSVLogger:
             return
         save_state(trainer, self, checkpoint, {"version": self.run_dir.name})
         # What was published before the checkpoint is in the file when the
-        # checkpoint is: a resumed run does not publish those steps again.
+        # checkpoint is, and the publication right after it (its own step's) goes at
+        # once: a resumed run publishes neither again.
         self._flush()
+        self._schedule.checkpointed()
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:

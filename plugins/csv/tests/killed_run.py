@@ -1,7 +1,8 @@
 """A run the resume test starts as a process: 3 epochs of 8 steps, publishing every
 step, a checkpoint every 3 steps, always ``ckpt_path="last"``; with ``--kill-at
-STEP`` it sends itself SIGKILL as the batch of that step starts (the steps before it
-published and written, since ``max_queue=1`` writes each row at once)."""
+STEP`` it sends itself SIGKILL as the batch of that step starts. ``--max-queue 1``
+writes each row as it is published; with the default rows wait for a flush point
+(no ``flush_secs`` comes due in such a short run)."""
 
 from __future__ import annotations
 
@@ -28,11 +29,11 @@ class Kill:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(log_dir: str, ckpt_dir: str, kill_at: int = 0) -> None:
+def train(log_dir: str, ckpt_dir: str, kill_at: int = 0, max_queue: int = 1000) -> None:
     """The run; the test calls it in its own process for the undisturbed reference."""
     plugins: list[object] = [
         ("checkpoint", {"dirpath": ckpt_dir, "every_n_train_steps": 3}),
-        ("csv", {"log_dir": log_dir, "max_queue": 1}),
+        ("csv", {"log_dir": log_dir, "max_queue": max_queue, "flush_secs": 3600}),
     ]
     if kill_at:
         plugins.append(Kill(kill_at))
@@ -53,5 +54,6 @@ if __name__ == "__main__":
     parser.add_argument("--log-dir", required=True)
     parser.add_argument("--ckpt-dir", required=True)
     parser.add_argument("--kill-at", type=int, default=0)
+    parser.add_argument("--max-queue", type=int, default=1000)
     args = parser.parse_args()
-    train(args.log_dir, args.ckpt_dir, args.kill_at)
+    train(args.log_dir, args.ckpt_dir, args.kill_at, args.max_queue)

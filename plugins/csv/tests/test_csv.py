@@ -160,21 +160,35 @@ def _script(tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProce
 
 
 @pytest.mark.slow
-def test_a_killed_then_resumed_run_writes_every_step_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("max_queue", "on_disk_at_kill"),
+    [
+        # Every row written as published: the killed run wrote steps 10 and 11, past
+        # its last checkpoint (step 9), which the resumed run must not write again.
+        (1, 11),
+        # Rows waiting: written at the checkpoint of step 9 and with the publication
+        # right after it (step 9's own); steps 10 and 11 die with the process and
+        # the resumed run writes them.
+        (1000, 9),
+    ],
+)
+def test_a_killed_then_resumed_run_writes_every_step_once(
+    tmp_path: Path, max_queue: int, on_disk_at_kill: int
+) -> None:
     # The undisturbed run, in this process (the same computation as in a child).
     spec = importlib.util.spec_from_file_location("csv_killed_run", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.train(str(tmp_path / "reference-logs"), str(tmp_path / "reference-ckpt"))
-    killed = _script(tmp_path, "run", "--kill-at", "12")
+    queue = ("--max-queue", str(max_queue))
+    killed = _script(tmp_path, "run", "--kill-at", "12", *queue)
     assert killed.returncode == -9, killed.stderr
     path = tmp_path / "run-logs" / "default" / "version_0" / "metrics.csv"
-    # The killed run wrote steps 10 and 11, past its last checkpoint (step 9).
     last_checkpoint = torch.load(tmp_path / "run-ckpt" / "last.ckpt", weights_only=True)
     assert last_checkpoint["progress"]["global_step"] == 9
-    assert read_logged_steps(path).last["loss"] == 11
+    assert read_logged_steps(path).last["loss"] == on_disk_at_kill
 
-    resumed = _script(tmp_path, "run")
+    resumed = _script(tmp_path, "run", *queue)
     assert resumed.returncode == 0, resumed.stderr
     assert sorted(p.name for p in path.parent.parent.iterdir()) == ["version_0"]
     written = cells(path)  # fails on a (column, step) written twice

@@ -152,8 +152,10 @@ class MLFlowLogger:
             return
         save_state(trainer, self, checkpoint, {"run_id": self.run_id})
         # What was published before the checkpoint is in the run when the checkpoint
-        # is: a resumed run does not publish those steps again.
+        # is, and the publication right after it (its own step's) goes at once: a
+        # resumed run publishes neither again.
         self._flush()
+        self._schedule.checkpointed()
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:

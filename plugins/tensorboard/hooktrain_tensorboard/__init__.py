@@ -174,8 +174,10 @@ class TensorBoardLogger:
             }
             save_state(trainer, self, checkpoint, state)
             # What was published before the checkpoint is in the file when the
-            # checkpoint is, as with the other loggers of the mould.
+            # checkpoint is, and the publication right after it goes at once, as
+            # with the other loggers of the mould.
             self._flush()
+            self._schedule.checkpointed()
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
