@@ -207,3 +207,11 @@ def test_a_test_after_fit_writes_into_the_fits_file(tmp_path: Path) -> None:
     last = frame.iloc[-1]
     assert last["test_loss"] == pytest.approx(scores["test_loss"])
     assert last["step"] == 8
+
+
+def test_a_fixed_version_starts_its_file_anew(tmp_path: Path) -> None:
+    for epochs in (2, 1):
+        run([("csv", {"log_dir": tmp_path, "version": 3})], max_epochs=epochs, record=False)
+    assert [p.name for p in (tmp_path / "default").iterdir()] == ["version_3"]
+    frame = pandas.read_csv(tmp_path / "default" / "version_3" / "metrics.csv")
+    assert frame["epoch"].max() == 0  # only the second fit's rows

@@ -197,3 +197,34 @@ def test_a_test_after_fit_logs_into_the_fits_run(mlflow_server: str) -> None:
     logged = the_run(client, experiment)
     assert logged.info.status == "FINISHED"
     assert history(client, logged.info.run_id, "test_loss") == [(8, scores["test_loss"])]
+
+
+class SaveAtFirstEpochEnd:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        if trainer.current_epoch == 0:
+            torch.save(trainer.dump_checkpoint(), self.path)
+
+
+def test_a_checkpoint_whose_run_is_gone_resumes_into_a_new_run(
+    mlflow_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    experiment = f"gone-{uuid.uuid4().hex}"
+    path = tmp_path / "epoch0.ckpt"
+    run([options(mlflow_server, experiment), SaveAtFirstEpochEnd(path)], record=False)
+    client = MlflowClient(mlflow_server)
+    first = the_run(client, experiment)
+    client.delete_run(first.info.run_id)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["plugins"]["mlflow"]["run_id"] == first.info.run_id
+
+    run([options(mlflow_server, experiment)], record=False, fit_kwargs={"ckpt_path": path})
+    assert f"run {first.info.run_id} from the checkpoint is not in" in capsys.readouterr().err
+    second = the_run(client, experiment)  # search_runs leaves deleted runs out
+    assert second.info.run_id != first.info.run_id
+    assert second.info.status == "FINISHED"
+    # The new run holds the resumed fit's steps: the second epoch's.
+    assert [step for step, _ in history(client, second.info.run_id, "loss_epoch")] == [16]
