@@ -32,7 +32,10 @@ class Kill:
 def train(log_dir: str, ckpt_dir: str, kill_at: int = 0, max_queue: int = 1000) -> None:
     """The run; the test calls it in its own process for the undisturbed reference."""
     plugins: list[object] = [
-        ("checkpoint", {"dirpath": ckpt_dir, "every_n_train_steps": 3}),
+        # Written before training goes on: the checkpoint of step 9 is complete when
+        # the kill at step 12 comes, however slow the disk (a background write of it
+        # may still be under way, and the run would resume from step 6).
+        ("checkpoint", {"dirpath": ckpt_dir, "every_n_train_steps": 3, "async_save": False}),
         ("csv", {"log_dir": log_dir, "max_queue": max_queue, "flush_secs": 3600}),
     ]
     if kill_at:

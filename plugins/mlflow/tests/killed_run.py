@@ -38,7 +38,10 @@ def train(uri: str, experiment: str, ckpt_dir: str, kill_at: int = 0) -> None:
         "log_checkpoints": True,
     }
     plugins: list[object] = [
-        ("checkpoint", {"dirpath": ckpt_dir, "every_n_train_steps": 3}),
+        # Written before training goes on: the checkpoint of step 9 is complete when
+        # the kill at step 12 comes, however slow the disk (a background write of it
+        # may still be under way, and the run would resume from step 6).
+        ("checkpoint", {"dirpath": ckpt_dir, "every_n_train_steps": 3, "async_save": False}),
         ("mlflow", logger),
     ]
     if kill_at:
