@@ -34,6 +34,7 @@ def first_party(tmp_path: Any) -> list[Any]:
         # Redraw on every batch.
         ("tqdm", {"stream": io.StringIO(), "terminal": True, "refresh_interval": 0.0}),
         ("tensorboard", {"log_dir": str(tmp_path / "tb")}),
+        ("csv", {"log_dir": str(tmp_path / "csv"), "max_queue": 1}),
         (
             "checkpoint",
             {"dirpath": str(tmp_path / "ckpt"), "every_n_epochs": 1, "monitor": "val_loss"},
@@ -101,7 +102,7 @@ def test_conversions_do_not_grow_with_steps(which, tmp_path, monkeypatch):
 def test_first_party_plugins_under_test_are_installed(tmp_path):
     names = [name for name, _ in first_party(tmp_path)]
     # The core's own package is always there; report which plugins were covered.
-    assert set(names) <= {"tqdm", "tensorboard", "checkpoint", "early_stopping", "amp"}
+    assert set(names) <= {"tqdm", "tensorboard", "csv", "checkpoint", "early_stopping", "amp"}
     if not names:
         pytest.skip("no first-party plugin is installed: only the core was checked")
 

@@ -21,10 +21,10 @@ and ``test/<name>``, ``lr/group_<g>`` and the run's hyperparameters; the tags ar
 listed in docs/plugins/tensorboard.md.
 
 ``SummaryWriter`` writes the files. The values the trainer publishes wait in a list
-until a flush point (an epoch's end, ``flush_secs``, ``max_queue``, an exception,
-teardown), where they are handed to the writer at once and the plugin waits until
-they are in the file: the writer's thread wakes once per flush point instead of at
-every publication.
+until a flush point (an epoch's end, ``flush_secs``, ``max_queue``, a checkpoint,
+an exception, teardown: `hooktrain.loggers.FlushSchedule`), where they are handed
+to the writer at once and the plugin waits until they are in the file: the
+writer's thread wakes once per flush point instead of at every publication.
 """
 
 from __future__ import annotations
@@ -38,6 +38,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
+from hooktrain.loggers import (
+    FlushSchedule,
+    collect_hparams,
+    experiment_dir,
+    hparam_value,
+    load_state,
+    save_state,
+    version_dir,
+)
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -47,9 +56,7 @@ if TYPE_CHECKING:
 __all__ = ["TensorBoardLogger"]
 __version__ = "0.1.0"
 
-_VERSION_DIR = re.compile(r"^version_(\d+)$")
 _EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
-_EPOCH_FLUSH_MIN_S = 1.0
 _SCOPE_TAG = {"step": "train", "epoch": "epoch", "validate": "val", "test": "test"}
 _SCOPE_PREFIX = {"validate": "val_", "test": "test_"}
 
@@ -71,12 +78,13 @@ class TensorBoardLogger:
     :param log_lr: write the learning rate of each optimizer parameter group.
     :param log_hparams: write the run's hyperparameters when a fit that does not
         resume starts.
-    :param hparams: more hyperparameters to record with the trainer's settings
-        (numbers, strings, booleans; anything else is recorded as its ``str``).
+    :param hparams: more hyperparameters to record with the trainer's settings and
+        the model's ``hparams`` (numbers, strings, booleans; anything else is
+        recorded as its ``str``).
     :param flush_secs: published values are written at least this often, in
         seconds (checked whenever values are published), at the end of each epoch
-        (at most once a second), when an exception is raised, and at teardown: a
-        process killed outright loses what was published since the last of these.
+        (at most once a second), at each checkpoint, when an exception is raised,
+        and at teardown: a process killed outright loses what was published since the last of these.
     :param max_queue: publications kept waiting before a write is forced.
     :raises ValueError: ``log_every_n_steps`` is not an integer >= 1, ``flush_secs``
         is not > 0 or ``max_queue`` is not an integer >= 1.
@@ -104,10 +112,7 @@ class TensorBoardLogger:
             raise ValueError(
                 f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}"
             )
-        if not flush_secs > 0:
-            raise ValueError(f"flush_secs must be > 0, got {flush_secs!r}")
-        if not _positive_int(max_queue):
-            raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+        self._schedule = FlushSchedule(flush_secs, max_queue)
         # Only looked up here: importing torch.utils.tensorboard takes 0.2 to 0.5 s,
         # paid when the first file is opened, and only on the process that writes.
         if importlib.util.find_spec("tensorboard") is None:
@@ -135,7 +140,6 @@ class TensorBoardLogger:
         # Set by on_load_checkpoint for the fit that follows: the version folder the
         # checkpoint's run wrote to (None when it does not say) and its restart step.
         self._resume: tuple[str | None, int] | None = None
-        self._flushed_at = 0.0
         self._lr_step = -1
         # The learning rates the current step trains with, read before it: by the
         # time the step's values are published a scheduler may have moved them.
@@ -153,8 +157,8 @@ class TensorBoardLogger:
 
     @hookimpl
     def on_load_checkpoint(self, trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
-        own = checkpoint.get("plugins", {}).get(self._registered_name(trainer))
-        version = str(own["version"]) if isinstance(own, Mapping) and own.get("version") else None
+        own = load_state(trainer, self, checkpoint)
+        version = str(own["version"]) if own and own.get("version") else None
         # Events the old run wrote after the checkpoint (before it crashed or was
         # stopped) are replaced by this run's: TensorBoard drops the steps >= this
         # one that precede the restart marker.
@@ -163,11 +167,17 @@ class TensorBoardLogger:
     @hookimpl
     def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
         if self.run_dir is not None:
-            checkpoint.setdefault("plugins", {})[self._registered_name(trainer)] = {
+            state = {
                 "version": self.run_dir.name,
                 "run_name": self.run_name,
                 "global_step": trainer.global_step,
             }
+            save_state(trainer, self, checkpoint, state)
+            # What was published before the checkpoint is in the file when the
+            # checkpoint is, and the publication right after it goes at once, as
+            # with the other loggers of the mould.
+            self._flush()
+            self._schedule.checkpointed()
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -184,7 +194,8 @@ class TensorBoardLogger:
             restart_step = trainer.global_step
         else:
             version, restart_step = resume
-            self.run_dir = self._experiment_dir() / version if version else None
+            root = experiment_dir(self.log_dir, self.run_name)
+            self.run_dir = root / version if version else None
         if self._open(trainer, restart_step) and self.log_hparams and resume is None:
             self._write_hparams(trainer)
 
@@ -205,14 +216,8 @@ class TensorBoardLogger:
             values.extend(_lr_tags(self._step_lrs))
         if values:
             self._pending.append((time.time(), step, values))
-        # Each flush wakes the writer thread and waits for it: at most one a second
-        # at epoch ends keeps a run of many tiny epochs from paying one per epoch.
-        since = time.monotonic() - self._flushed_at
-        if (
-            since >= self.flush_secs
-            or (scope == "epoch" and since >= _EPOCH_FLUSH_MIN_S)
-            or len(self._pending) >= self.max_queue
-        ):
+        # Each flush wakes the writer thread and waits for it.
+        if self._schedule.due(scope, len(self._pending)):
             self._flush()
 
     @hookimpl
@@ -237,7 +242,7 @@ class TensorBoardLogger:
         if not trainer.is_global_zero:
             return False
         if self.run_dir is None:
-            self.run_dir = self._new_run_dir()
+            self.run_dir = version_dir(experiment_dir(self.log_dir, self.run_name), self.version)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if restart_step is not None:
             _wait_for_a_later_file_name(self.run_dir)
@@ -249,7 +254,7 @@ class TensorBoardLogger:
             flush_secs=self.flush_secs,
             purge_step=restart_step,
         )
-        self._flushed_at = time.monotonic()
+        self._schedule.done()
         return True
 
     def _flush(self) -> None:
@@ -266,45 +271,17 @@ class TensorBoardLogger:
                 summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in summary])
             file_writer.add_summary(summary, step, wall_time)
         self._writer.flush()
-        self._flushed_at = time.monotonic()
-
-    def _experiment_dir(self) -> Path:
-        return self.log_dir / self.run_name if self.run_name else self.log_dir
-
-    def _new_run_dir(self) -> Path:
-        root = self._experiment_dir()
-        if self.version is not None:
-            folder = f"version_{self.version}" if isinstance(self.version, int) else self.version
-            return root / folder
-        root.mkdir(parents=True, exist_ok=True)
-        taken = [
-            int(match.group(1))
-            for entry in os.listdir(root)
-            if (match := _VERSION_DIR.match(entry)) and (root / entry).is_dir()
-        ]
-        number = max(taken, default=-1) + 1
-        while True:
-            # Claim the folder atomically: two runs started together get two versions.
-            candidate = root / f"version_{number}"
-            try:
-                candidate.mkdir()
-            except FileExistsError:
-                number += 1
-                continue
-            return candidate
-
-    def _registered_name(self, trainer: Trainer) -> str:
-        return trainer.plugin_manager.get_name(self) or self.name
+        self._schedule.done()
 
     def _write_hparams(self, trainer: Trainer) -> None:
         from torch.utils.tensorboard.summary import hparams
 
-        params = {**trainer.hparams, **self.extra_hparams}
+        params = collect_hparams(trainer, self.extra_hparams)
         # SummaryWriter.add_hparams would put them in a run of their own; written to
         # this run's file, the HPARAMS tab links them to this run's scalars. torch
         # records a boolean as a number (0 or 1).
         wall_time = time.time()
-        for summary in hparams({key: _hparam_value(value) for key, value in params.items()}, {}):
+        for summary in hparams({key: hparam_value(value) for key, value in params.items()}, {}):
             self._pending.append((wall_time, trainer.global_step, summary))
 
 
@@ -344,11 +321,3 @@ def _lr_tags(lrs: list[list[float]]) -> list[tuple[str, float]]:
         for g, lr in enumerate(groups)
         if lr is not None
     ]
-
-
-def _hparam_value(value: Any) -> bool | int | float | str:
-    if isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, list | tuple):
-        return ", ".join(str(item) for item in value)
-    return str(value)

@@ -33,13 +33,13 @@ def steps(accumulator: EventAccumulator, tag: str) -> list[int]:
 KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys, time
-    import hooktrain_tensorboard
+    import hooktrain.loggers
     from hooktrain import hookimpl
     from hooktrain.testing import run
 
     log_dir, flush_secs, max_queue, pause = sys.argv[1], *map(float, sys.argv[2:])
     # Epoch ends a few milliseconds apart still flush (not at most once a second).
-    hooktrain_tensorboard._EPOCH_FLUSH_MIN_S = 0.0
+    hooktrain.loggers.EPOCH_FLUSH_MIN_S = 0.0
 
     class Kill:
         name = "kill"

@@ -1,0 +1,230 @@
+"""Runs logged to a real MLflow server (see conftest.py), read back with MlflowClient."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hooktrain_mlflow import MLFlowLogger
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from hooktrain import HookError, Trainer, hookimpl
+from hooktrain.plugins import installed_plugins
+from hooktrain.testing import HookRecorder, make_data, make_model, run
+
+SCRIPT = Path(__file__).with_name("killed_run.py")
+
+
+def the_run(client: MlflowClient, experiment: str) -> Run:
+    """The only run of ``experiment``."""
+    found = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(found) == 1
+    return found[0]
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def every_history(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    keys = client.get_run(run_id).data.metrics
+    return {key: history(client, run_id, key) for key in keys}
+
+
+def options(uri: str, experiment: str, **more: Any) -> tuple[str, dict[str, Any]]:
+    return ("mlflow", {"tracking_uri": uri, "experiment_name": experiment, **more})
+
+
+def test_selected_by_entry_point_name() -> None:
+    assert installed_plugins()["mlflow"].value == "hooktrain_mlflow:MLFlowLogger"
+
+
+def test_params_metrics_and_status(mlflow_server: str) -> None:
+    experiment = f"fit-{uuid.uuid4().hex}"
+    model = make_model()
+    model.hparams = {"hidden": 16, "arch": [8, 16]}
+    result = run(
+        [options(mlflow_server, experiment, run_name="first", tags={"team": "a"})],
+        model=model,
+        max_epochs=2,
+        log_every_n_steps=4,
+    )
+    client = MlflowClient(mlflow_server)
+    logged = the_run(client, experiment)
+    assert logged.info.status == "FINISHED"
+    assert logged.info.run_name == "first"
+    assert logged.data.tags["team"] == "a"
+    params = logged.data.params
+    assert params["max_epochs"] == "2"
+    assert params["log_every_n_steps"] == "4"
+    assert params["plugins"] == "mlflow, recorder"
+    assert params["hidden"] == "16"
+    assert params["arch"] == "8, 16"
+
+    # Every published value under its key, at its step, once.
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for call in result.recorder.of("log_metrics"):
+        suffix = "_epoch" if call.kwargs["scope"] == "epoch" else ""
+        for name, value in call.kwargs["metrics"].items():
+            expected.setdefault(name + suffix, []).append((call.kwargs["step"], value))
+    histories = every_history(client, logged.info.run_id)
+    assert histories == expected
+    assert [step for step, _ in histories["loss"]] == [4, 8, 12, 16]
+    assert [step for step, _ in histories["loss_epoch"]] == [8, 16]
+    assert [step for step, _ in histories["val_loss"]] == [8, 16]
+    assert histories["loss_epoch"][-1][1] == pytest.approx(result.trainer.metrics["loss"])
+
+
+class RaiseInSecondEpoch:
+    @hookimpl
+    def on_train_epoch_start(self, trainer: Trainer) -> None:
+        if trainer.current_epoch == 1:
+            raise RuntimeError("stopped on purpose")
+
+
+def test_a_fit_that_raises_ends_failed_with_what_it_published(mlflow_server: str) -> None:
+    experiment = f"failed-{uuid.uuid4().hex}"
+    with pytest.raises(HookError, match="stopped on purpose"):
+        run([options(mlflow_server, experiment), RaiseInSecondEpoch()], max_epochs=3)
+    client = MlflowClient(mlflow_server)
+    logged = the_run(client, experiment)
+    assert logged.info.status == "FAILED"
+    assert [step for step, _ in history(client, logged.info.run_id, "loss_epoch")] == [8]
+
+
+def test_an_unreachable_server_fails_before_training(unused_uri: str) -> None:
+    uri = unused_uri
+    recorder = HookRecorder(["on_train_epoch_start"])
+    with pytest.raises(HookError, match="did not answer") as raised:
+        run([options(uri, "nowhere"), recorder], record=False)
+    assert uri in str(raised.value)
+    assert recorder.calls == []
+
+
+def test_only_the_global_zero_process_logs(mlflow_server: str) -> None:
+    class RankOne:
+        @hookimpl(tryfirst=True)
+        def setup(self, trainer: Trainer) -> None:
+            trainer.global_rank = 1
+
+    experiment = f"rank-{uuid.uuid4().hex}"
+    logger = MLFlowLogger(mlflow_server, experiment_name=experiment)
+    run([RankOne(), logger], record=False)
+    assert logger.run_id is None
+    assert MlflowClient(mlflow_server).get_experiment_by_name(experiment) is None
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="start_timeout"):
+        MLFlowLogger(start_timeout=0)
+    with pytest.raises(ValueError, match="max_queue"):
+        MLFlowLogger(max_queue=0)
+
+
+def _script(uri: str, experiment: str, ckpt: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--uri",
+        uri,
+        "--experiment",
+        experiment,
+        "--ckpt-dir",
+        str(ckpt),
+        *extra,
+    ]
+    # The timeout only keeps a hung run from hanging the suite.
+    return subprocess.run(command, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_a_killed_then_resumed_run_continues_with_every_step_once(
+    mlflow_server: str, tmp_path: Path
+) -> None:
+    client = MlflowClient(mlflow_server)
+    tag = uuid.uuid4().hex
+    # The undisturbed run, in this process (the same computation as in a child).
+    spec = importlib.util.spec_from_file_location("mlflow_killed_run", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.train(mlflow_server, f"reference-{tag}", str(tmp_path / "reference"))
+
+    experiment = f"killed-{tag}"
+    killed = _script(mlflow_server, experiment, tmp_path / "ckpt", "--kill-at", "12")
+    assert killed.returncode == -9, killed.stderr
+    interrupted = the_run(client, experiment)
+    assert interrupted.info.status == "RUNNING"
+    # The run holds steps 10 and 11, past the checkpoint it resumes from (step 9).
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["progress"]["global_step"] == 9
+    assert checkpoint["plugins"]["mlflow"]["run_id"] == interrupted.info.run_id
+    assert history(client, interrupted.info.run_id, "loss")[-1][0] == 11
+
+    resumed = _script(mlflow_server, experiment, tmp_path / "ckpt")
+    assert resumed.returncode == 0, resumed.stderr
+    logged = the_run(client, experiment)  # the same run, still the only one
+    assert logged.info.run_id == interrupted.info.run_id
+    assert logged.info.status == "FINISHED"
+    histories = every_history(client, logged.info.run_id)
+    for key, points in histories.items():
+        steps = [step for step, _ in points]
+        assert len(steps) == len(set(steps)), f"{key}: a step logged twice: {steps}"
+    assert [step for step, _ in histories["loss"]] == list(range(1, 25))
+    assert [step for step, _ in histories["loss_epoch"]] == [8, 16, 24]
+    # Exact resume: the undisturbed run logged the same values at the same steps.
+    expected = every_history(client, the_run(client, f"reference-{tag}").info.run_id)
+    assert histories == expected
+
+    artifacts = {item.path for item in client.list_artifacts(logged.info.run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/last.ckpt", "checkpoints/epoch=2-step=24.ckpt"}
+    local = Path(client.download_artifacts(logged.info.run_id, "checkpoints/last.ckpt", tmp_path))
+    assert torch.load(local, weights_only=True)["progress"]["global_step"] == 24
+
+
+def test_a_test_after_fit_logs_into_the_fits_run(mlflow_server: str) -> None:
+    experiment = f"test-{uuid.uuid4().hex}"
+    result = run([options(mlflow_server, experiment)], max_epochs=1, record=False)
+    scores = result.trainer.test(result.model, make_data()[1], loss_fn=F.cross_entropy)
+    client = MlflowClient(mlflow_server)
+    logged = the_run(client, experiment)
+    assert logged.info.status == "FINISHED"
+    assert history(client, logged.info.run_id, "test_loss") == [(8, scores["test_loss"])]
+
+
+class SaveAtFirstEpochEnd:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        if trainer.current_epoch == 0:
+            torch.save(trainer.dump_checkpoint(), self.path)
+
+
+def test_a_checkpoint_whose_run_is_gone_resumes_into_a_new_run(
+    mlflow_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    experiment = f"gone-{uuid.uuid4().hex}"
+    path = tmp_path / "epoch0.ckpt"
+    run([options(mlflow_server, experiment), SaveAtFirstEpochEnd(path)], record=False)
+    client = MlflowClient(mlflow_server)
+    first = the_run(client, experiment)
+    client.delete_run(first.info.run_id)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["plugins"]["mlflow"]["run_id"] == first.info.run_id
+
+    run([options(mlflow_server, experiment)], record=False, fit_kwargs={"ckpt_path": path})
+    assert f"run {first.info.run_id} from the checkpoint is not in" in capsys.readouterr().err
+    second = the_run(client, experiment)  # search_runs leaves deleted runs out
+    assert second.info.run_id != first.info.run_id
+    assert second.info.status == "FINISHED"
+    # The new run holds the resumed fit's steps: the second epoch's.
+    assert [step for step, _ in history(client, second.info.run_id, "loss_epoch")] == [16]
