@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hooktrain.errors import ConfigurationError
+from hooktrain.metrics import process_collectives
 from hooktrain.rng import rng_state
 
 if TYPE_CHECKING:
@@ -69,7 +70,9 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         # What decided the current epoch's data: a resume in its middle replays it.
         "epoch_start_state": trainer._epoch_start_state,
         "metrics": trainer.metrics.floats(),
-        "running_means": trainer._train_means.state_dict(),
+        # A collective with several processes: the sums of every process, so that a
+        # resume mid-epoch, on any number of processes, ends the epoch with its mean.
+        "running_means": trainer._train_means.state_dict(process_collectives(trainer)),
         "plugins": {},
     }
     trainer.plugin_manager.hook.on_save_checkpoint(trainer=trainer, checkpoint=checkpoint)
@@ -98,7 +101,9 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     else:
         trainer.current_epoch = int(progress["epoch"])
         trainer._resume_skip = int(progress["epoch_batches_done"])
-        trainer._train_means.load_state_dict(checkpoint.get("running_means", {}), trainer.device)
+        trainer._train_means.load_state_dict(
+            checkpoint.get("running_means", {}), trainer.device, rank=trainer.global_rank
+        )
         trainer._pending_epoch_data = checkpoint.get("epoch_start_state")
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
