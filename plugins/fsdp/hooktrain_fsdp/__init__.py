@@ -33,6 +33,7 @@ import atexit
 import datetime
 import os
 import sys
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -110,8 +111,10 @@ class FSDP:
         self.timeout = timeout
         #: The device mesh the model is sharded over, from the first ``setup``.
         self.mesh: Any = None
-        # The parameters before sharding, by name: a ready-made optimizer holds these.
-        self._unsharded: dict[Any, str] = {}
+        # The parameters before sharding (by id: a weak reference and the name): a
+        # ready-made optimizer holds these. Weak, so that the full tensors are freed
+        # once nothing else holds them: each process must keep only its shards.
+        self._unsharded: dict[int, tuple[Any, str]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -144,7 +147,7 @@ class FSDP:
 
         if isinstance(module, FSDPModule):
             return  # sharded by an earlier fit or evaluation of this script
-        self._unsharded = {p: name for name, p in module.named_parameters()}
+        self._unsharded = {id(p): (weakref.ref(p), name) for name, p in module.named_parameters()}
         options: dict[str, Any] = {
             "mesh": self.mesh,
             "reshard_after_forward": self.reshard_after_forward,
@@ -180,17 +183,22 @@ class FSDP:
 
     @hookimpl
     def prepare(self, trainer: Trainer, stage: str) -> None:
+        stale, self._unsharded = self._unsharded, {}
         if stage != "fit":
             return
         for optimizer in trainer.optimizers:
-            self._rebind(trainer.module, optimizer)
+            self._rebind(trainer.module, optimizer, stale)
         if trainer.world_size > 1:
             self._agree_on_data_seed(trainer)
             trainer.train_dataloader = _shard_loader(trainer, trainer.train_dataloader)
 
-    def _rebind(self, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def _rebind(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        stale: dict[int, tuple[Any, str]],
+    ) -> None:
         """Point an optimizer built before sharding at the sharded parameters."""
-        stale = self._unsharded
         if not stale:
             return
         current = dict(module.named_parameters())
@@ -202,7 +210,8 @@ class FSDP:
         for group in optimizer.param_groups:
             rebound = []
             for parameter in group["params"]:
-                if parameter not in stale:
+                ref, name = stale.get(id(parameter), (None, ""))
+                if ref is None or ref() is not parameter:
                     if any(parameter is p for p in current.values()):
                         rebound.append(parameter)  # built after sharding already
                         continue
@@ -213,10 +222,10 @@ class FSDP:
                 if optimizer.state.get(parameter):
                     raise ConfigurationError(
                         f"fsdp: the optimizer {type(optimizer).__name__} already has state "
-                        f"for {stale[parameter]!r} (it has stepped), which cannot be moved "
+                        f"for {name!r} (it has stepped), which cannot be moved "
                         f"to the sharded parameters; {hint}"
                     )
-                rebound.append(current[stale[parameter]])
+                rebound.append(current[name])
             group["params"] = rebound
         optimizer.state.clear()
 

@@ -6,6 +6,8 @@ gather weights afterwards), so every test here shares one.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -41,7 +43,11 @@ def full(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_one_process_shards_the_model_and_trains_like_the_core() -> None:
     model = make_model()
+    unsharded = [weakref.ref(p) for p in model.parameters()]
     trainer = fit(["fsdp"], model, gradient_clip_val=0.5)
+    gc.collect()
+    # Nothing keeps the full tensors from before sharding: only the shards remain.
+    assert all(ref() is None for ref in unsharded)
     reference = make_model()
     fit([], reference, gradient_clip_val=0.5)
     assert trainer.world_size == 1
