@@ -158,6 +158,22 @@ class CoreDefaults:
         return [obj]
 
     @hookimpl(trylast=True)
+    def get_state_dict(self, trainer: Trainer) -> tuple[dict[str, Any], list[Any]]:
+        return trainer.module.state_dict(), [opt.state_dict() for opt in trainer.optimizers]
+
+    @hookimpl(trylast=True)
+    def set_state_dict(
+        self,
+        trainer: Trainer,
+        model_state_dict: Mapping[str, Any],
+        optimizer_state_dicts: list[Any],
+    ) -> bool:
+        from hooktrain.state import load_model_and_optimizers
+
+        load_model_and_optimizers(trainer, model_state_dict, optimizer_state_dicts)
+        return True
+
+    @hookimpl(trylast=True)
     def load_checkpoint(self, trainer: Trainer, ckpt_path: str) -> Mapping[str, Any]:
         if ckpt_path == "last":
             raise ConfigurationError(

@@ -9,7 +9,7 @@ Two kinds of hook live here:
   ``forward_step``, ``backward``, ``unscale_gradients``, ``clip_gradients``,
   ``optimizer_step``, ``all_reduce``, ``all_gather_object``, ``gather_for_metrics``,
   ``compute_metrics``,
-  ``load_checkpoint``)
+  ``load_checkpoint``, ``get_state_dict``, ``set_state_dict``)
   are how the loop computes. The core ships a plain default implementation of each
   (registered ``trylast``); a plugin replaces it by returning a value that is not
   ``None`` (``firstresult``), or surrounds it with a ``wrapper=True`` implementation
@@ -26,7 +26,8 @@ asserts exactly this sequence, and ``docs/hook-order.md`` shows it):
 
 * ``setup(stage="fit")``
 * ``prepare(stage="fit")``
-* ``load_checkpoint`` and ``on_load_checkpoint`` (only with ``ckpt_path``)
+* ``load_checkpoint``, ``set_state_dict`` and ``on_load_checkpoint`` (only with
+  ``ckpt_path``)
 * ``on_fit_start``
 * for each epoch:
 
@@ -531,6 +532,44 @@ def compute_metrics(
 # --------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def get_state_dict(trainer: Trainer) -> tuple[dict[str, Any], list[Any]] | None:
+    """Called by `hooktrain.Trainer.dump_checkpoint` for the model's and the
+    optimizers' state, before ``on_save_checkpoint``.
+
+    The core's default returns ``trainer.module.state_dict()`` and each optimizer's
+    ``state_dict()``. A plugin that shards the model (``fsdp``) returns the form of
+    ``torch.distributed.checkpoint.state_dict``: ``DTensor`` values holding this
+    process's shards, and optimizer states keyed by parameter name. A checkpoint
+    plugin that finds ``DTensor`` values writes the checkpoint from every process
+    (through ``torch.distributed.checkpoint``) instead of from rank 0 alone.
+
+    :return: ``(model_state_dict, [optimizer_state_dict, ...])`` in
+        ``trainer.optimizers`` order, or ``None`` to defer.
+    """
+
+
+@hookspec(firstresult=True)
+def set_state_dict(
+    trainer: Trainer, model_state_dict: Mapping[str, Any], optimizer_state_dicts: list[Any]
+) -> bool | None:
+    """Called by `hooktrain.Trainer.restore_checkpoint` to load the model's and the
+    optimizers' state, before the rest of the checkpoint is restored and before
+    ``on_load_checkpoint``.
+
+    The states may come from a run of another form: full tensors from a
+    single-file checkpoint, or, from a sharded checkpoint, optimizer states keyed
+    by parameter name. The core's default loads full tensors into the model
+    (checking every key and shape) and optimizer states keyed either way; a
+    sharding plugin shards full tensors on load.
+
+    :param model_state_dict: the checkpoint's ``"model"``.
+    :param optimizer_state_dicts: the checkpoint's ``"optimizers"``, one per optimizer.
+    :return: ``True`` once loaded, or ``None`` to defer.
+    :raises ConfigurationError: when the states do not fit the model or optimizers.
+    """
 
 
 @hookspec

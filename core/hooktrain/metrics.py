@@ -300,18 +300,58 @@ class RunningMeans:
         self._unchecked.clear()
         self.global_names.clear()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Folded sums and weights: what a checkpoint taken mid-epoch needs."""
+    def state_dict(self, collectives: Collectives | None = None) -> dict[str, Any]:
+        """Folded sums and weights: what a checkpoint taken mid-epoch needs.
+
+        With ``collectives`` (several processes) this is a collective call, as
+        :meth:`compute` is: the sums and weights are those of every process added
+        together (agreed by name), marked ``"reduced"``, so that a checkpoint
+        written by rank 0 holds the whole epoch so far, not rank 0's share of it.
+        """
         self.fold_all()
-        return {
+        sums = dict(self._sums)
+        weights = dict(self._weights)
+        if collectives is not None:
+            local = sorted(n for n in self._sums if n not in self.global_names)
+            names = sorted(set().union(*collectives.all_gather_object(local)))
+            if names:
+                device = collectives.device
+                packed = torch.tensor(
+                    [float(self._sums.get(n, 0.0)) for n in names]
+                    + [self._weights.get(n, 0.0) for n in names],
+                    dtype=torch.float64,
+                    device=device,
+                )
+                reduced = collectives.all_reduce(packed)
+                for i, name in enumerate(names):
+                    sums[name] = reduced[i]
+                    weights[name] = float(reduced[len(names) + i])
+        state: dict[str, Any] = {
             "sums": {
                 n: (s.detach().cpu() if isinstance(s, torch.Tensor) else torch.tensor(s))
-                for n, s in self._sums.items()
+                for n, s in sums.items()
             },
-            "weights": dict(self._weights),
+            "weights": weights,
         }
+        if collectives is not None:
+            state["reduced"] = True
+            state["global_names"] = sorted(self.global_names)
+        return state
 
-    def load_state_dict(self, state: Mapping[str, Any], device: torch.device) -> None:
+    def load_state_dict(
+        self, state: Mapping[str, Any], device: torch.device, *, rank: int = 0
+    ) -> None:
+        """Put back what :meth:`state_dict` returned. A state ``"reduced"`` over
+        several processes goes to ``rank`` 0 alone (names already gathered from
+        every process excepted), so that the end-of-epoch reduction counts every
+        sample once, whatever the number of processes now."""
         self.reset()
-        self._sums = {n: s.to(device) for n, s in state.get("sums", {}).items()}
-        self._weights = {n: float(w) for n, w in state.get("weights", {}).items()}
+        shared = set(state.get("global_names", []))
+        keep = rank == 0 or not state.get("reduced")
+        self._sums = {
+            n: s.to(device) for n, s in state.get("sums", {}).items() if keep or n in shared
+        }
+        self._weights = {
+            n: float(w) for n, w in state.get("weights", {}).items() if keep or n in shared
+        }
+        self.global_names = shared & set(self._sums)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hooktrain.errors import ConfigurationError
+from hooktrain.metrics import process_collectives
 from hooktrain.rng import rng_state
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
     from hooktrain import __version__
 
     installed = _installed_versions()
+    model_state, optimizer_states = trainer.plugin_manager.hook.get_state_dict(trainer=trainer)
     checkpoint: dict[str, Any] = {
         "format": FORMAT,
         "hooktrain_version": __version__,
@@ -57,8 +59,8 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         "plugin_versions": {
             name: installed[name] for name in trainer.plugin_names if name in installed
         },
-        "model": trainer.module.state_dict(),
-        "optimizers": [optimizer.state_dict() for optimizer in trainer.optimizers],
+        "model": model_state,
+        "optimizers": optimizer_states,
         "lr_schedulers": [entry.scheduler.state_dict() for entry in trainer._schedulers],
         "progress": {
             "epoch": trainer.current_epoch,
@@ -71,7 +73,9 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         # What decided the current epoch's data: a resume in its middle replays it.
         "epoch_start_state": trainer._epoch_start_state,
         "metrics": trainer.metrics.floats(),
-        "running_means": trainer._train_means.state_dict(),
+        # A collective with several processes: the sums of every process, so that a
+        # resume mid-epoch, on any number of processes, ends the epoch with its mean.
+        "running_means": trainer._train_means.state_dict(process_collectives(trainer)),
         "plugins": {},
     }
     trainer.plugin_manager.hook.on_save_checkpoint(trainer=trainer, checkpoint=checkpoint)
@@ -82,8 +86,11 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     """See `hooktrain.Trainer.restore_checkpoint`."""
     if trainer.module is None:
         raise ConfigurationError("restore_checkpoint() needs a model: call it during fit")
-    load_model_state(trainer.module, checkpoint["model"])
-    _load_each("optimizer(s)", trainer.optimizers, checkpoint.get("optimizers", []))
+    trainer.plugin_manager.hook.set_state_dict(
+        trainer=trainer,
+        model_state_dict=checkpoint["model"],
+        optimizer_state_dicts=list(checkpoint.get("optimizers", [])),
+    )
     _load_each(
         "LR scheduler(s)",
         [entry.scheduler for entry in trainer._schedulers],
@@ -97,7 +104,9 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     else:
         trainer.current_epoch = int(progress["epoch"])
         trainer._resume_skip = int(progress["epoch_batches_done"])
-        trainer._train_means.load_state_dict(checkpoint.get("running_means", {}), trainer.device)
+        trainer._train_means.load_state_dict(
+            checkpoint.get("running_means", {}), trainer.device, rank=trainer.global_rank
+        )
         trainer._pending_epoch_data = checkpoint.get("epoch_start_state")
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
@@ -114,12 +123,40 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
 
 
 def _load_each(what: str, objects: list[Any], states: list[Any]) -> None:
+    check_count(what, objects, states)
+    for obj, state in zip(objects, states, strict=True):
+        obj.load_state_dict(state)
+
+
+def check_count(what: str, objects: list[Any], states: list[Any]) -> None:
+    """:raises ConfigurationError: when the checkpoint holds another number of ``what``."""
     if len(states) != len(objects):
         raise ConfigurationError(
             f"the checkpoint holds {len(states)} {what}, the run has {len(objects)}"
         )
-    for obj, state in zip(objects, states, strict=True):
-        obj.load_state_dict(state)
+
+
+def load_model_and_optimizers(
+    trainer: Trainer, model_state: Mapping[str, Any], optimizer_states: list[Any]
+) -> None:
+    """The core's ``set_state_dict``: `load_model_state`, then each optimizer's state.
+
+    An optimizer state keyed by parameter name (the form of
+    ``torch.distributed.checkpoint.state_dict``, which sharded checkpoints hold) is
+    loaded with ``set_optimizer_state_dict``; one keyed by position with the
+    optimizer's own ``load_state_dict``.
+    """
+    load_model_state(trainer.module, model_state)
+    check_count("optimizer(s)", trainer.optimizers, optimizer_states)
+    for optimizer, saved in zip(trainer.optimizers, optimizer_states, strict=True):
+        if any(isinstance(key, str) for key in saved.get("state", {})) or any(
+            isinstance(p, str) for group in saved.get("param_groups", []) for p in group["params"]
+        ):
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            set_optimizer_state_dict(trainer.module, optimizer, saved)
+        else:
+            optimizer.load_state_dict(saved)
 
 
 def load_model_state(module: nn.Module, state: Mapping[str, Any]) -> None:

@@ -287,7 +287,9 @@ class Trainer:
         at the start of the current epoch's data), metrics, versions and the plugin
         list; then ``on_save_checkpoint`` lets each plugin add its own state under
         ``checkpoint["plugins"][name]``. Tensors are the live ones: copy them
-        before writing from another thread.
+        before writing from another thread. With several processes this is a
+        collective call (the running epoch sums of every process are added
+        together): every process must call it at the same point.
 
         :raises ConfigurationError: outside a stage (no model yet).
         """

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hooktrain_checkpoint import storage
+from hooktrain_checkpoint import sharded, storage
 from hooktrain_checkpoint.discovery import list_checkpoints
 
 __all__ = ["describe", "main"]
@@ -32,6 +33,8 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     path = Path(path)
     result: dict[str, Any] = {"path": os.fspath(path)}
+    if path.is_dir():
+        return _describe_sharded(path, result)
     try:
         result["size"] = path.stat().st_size
         checkpoint, info = storage.load_file(path)
@@ -41,9 +44,40 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         return {**result, "status": "damaged", "error": str(exc)}
     except Exception as exc:
         return {**result, "status": "damaged", "error": f"{type(exc).__name__}: {exc}"}
-    progress = checkpoint.get("progress", {})
     model = checkpoint.get("model", {})
     tensors = [v for v in model.values() if hasattr(v, "numel")]
+    parameters = {"tensors": len(tensors), "elements": sum(int(t.numel()) for t in tensors)}
+    _fill(result, checkpoint, info, parameters)
+    return result
+
+
+def _describe_sharded(path: Path, result: dict[str, Any]) -> dict[str, Any]:
+    """`describe` for a sharded checkpoint's directory: every file verified, the
+    model's size read from DCP's metadata (no tensor is loaded)."""
+    try:
+        result["size"] = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+        checkpoint, info = sharded.verify(path)
+        shapes = sharded.tensor_shapes(path)
+    except storage.UnsafeCheckpointError as exc:
+        return {**result, "status": "unsafe", "error": str(exc)}
+    except storage.DamagedCheckpointError as exc:
+        return {**result, "status": "damaged", "error": str(exc)}
+    except Exception as exc:
+        return {**result, "status": "damaged", "error": f"{type(exc).__name__}: {exc}"}
+    model = [shape for name, shape in shapes.items() if name.startswith("model.")]
+    parameters = {"tensors": len(model), "elements": sum(math.prod(s) for s in model)}
+    _fill(result, checkpoint, info, parameters)
+    result.update(sharded=True, world_size=int(info.record.get("world_size", 0)))
+    return result
+
+
+def _fill(
+    result: dict[str, Any],
+    checkpoint: dict[str, Any],
+    info: storage.CheckpointInfo | None,
+    parameters: dict[str, int],
+) -> None:
+    progress = checkpoint.get("progress", {})
     result.update(
         status="ok" if info is not None else "unverified",
         epoch=int(progress.get("epoch", 0)),
@@ -57,10 +91,9 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         hooktrain_version=checkpoint.get("hooktrain_version"),
         optimizers=len(checkpoint.get("optimizers", [])),
         lr_schedulers=len(checkpoint.get("lr_schedulers", [])),
-        parameters={"tensors": len(tensors), "elements": sum(int(t.numel()) for t in tensors)},
+        parameters=parameters,
         saved_at=info.record.get("saved_at") if info is not None else None,
     )
-    return result
 
 
 def _print_one(entry: dict[str, Any]) -> None:
@@ -79,6 +112,8 @@ def _print_one(entry: dict[str, Any]) -> None:
     if entry.get("saved_at"):
         print(f"  saved at:    {entry['saved_at']}")
     print(f"  size:        {entry['size']:,} bytes")
+    if entry.get("sharded"):
+        print(f"  sharded:     written by {entry['world_size']} processes (DCP)")
     params = entry["parameters"]
     print(f"  model:       {params['tensors']} tensors, {params['elements']:,} elements")
     print(f"  optimizers:  {entry['optimizers']}, LR schedulers: {entry['lr_schedulers']}")
@@ -119,6 +154,11 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("path", help="a .ckpt file or a checkpoint directory")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument(
+        "--consolidate",
+        metavar="OUT",
+        help="write the sharded checkpoint PATH as the single-file checkpoint OUT",
+    )
     try:
         options = parser.parse_args(list(argv))
     except SystemExit as exit_:
@@ -127,7 +167,10 @@ def main(argv: Sequence[str]) -> int:
     if not path.exists():
         print(f"error: {path} does not exist", file=sys.stderr)
         return 2
-    if path.is_dir():
+    one_sharded = (path / storage.STATE_FILE).is_file()
+    if options.consolidate:
+        return _consolidate(path, Path(options.consolidate), one_sharded)
+    if path.is_dir() and not one_sharded:
         damaged: list[str] = []
         files = [info.path for info in list_checkpoints(path, report=damaged.append)]
         # Files without a record are shown too: the user asked about this directory.
@@ -143,12 +186,11 @@ def main(argv: Sequence[str]) -> int:
         entries = [describe(path)]
         resume = None
     if options.json:
-        payload: Any = (
-            entries[0] if not path.is_dir() else {"checkpoints": entries, "resumes_from": resume}
-        )
+        listing = path.is_dir() and not one_sharded
+        payload: Any = {"checkpoints": entries, "resumes_from": resume} if listing else entries[0]
         print(json.dumps(payload, indent=2))
     else:
-        if path.is_dir():
+        if path.is_dir() and not one_sharded:
             if not entries:
                 print(f"{path}: no checkpoints")
             else:
@@ -157,3 +199,18 @@ def main(argv: Sequence[str]) -> int:
             _print_one(entry)
     bad = any(e["status"] in ("damaged", "unsafe") for e in entries)
     return 1 if bad or not entries else 0
+
+
+def _consolidate(path: Path, out: Path, one_sharded: bool) -> int:
+    if not one_sharded:
+        print(
+            f"error: {path} is not a sharded checkpoint (no {storage.STATE_FILE})", file=sys.stderr
+        )
+        return 2
+    try:
+        size = sharded.consolidate(path, out)
+    except (storage.DamagedCheckpointError, storage.UnsafeCheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({size:,} bytes) from {path}")
+    return 0

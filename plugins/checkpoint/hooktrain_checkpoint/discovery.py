@@ -17,7 +17,8 @@ def list_checkpoints(
 ) -> list[storage.CheckpointInfo]:
     """Every checkpoint with a readable record in ``directory``, newest first.
 
-    Files whose record is missing or unreadable are passed to ``report`` by name.
+    Sharded checkpoints (directories) are read from their ``state.ckpt``. Files
+    whose record is missing or unreadable are passed to ``report`` by name.
     Records are read, data is not verified.
     """
     found = []
@@ -42,9 +43,13 @@ def list_checkpoints(
 
 
 def newest_checkpoint(
-    directory: str | os.PathLike[str], report: Callable[[str], None] | None = None
+    directory: str | os.PathLike[str],
+    report: Callable[[str], None] | None = None,
+    load_sharded: Callable[[Path], tuple[dict[str, Any], storage.CheckpointInfo]] | None = None,
 ) -> tuple[dict[str, Any], storage.CheckpointInfo] | None:
-    """Load the newest complete, intact checkpoint of ``directory``.
+    """Load the newest complete, intact checkpoint of ``directory``, of either kind:
+    a single file, or a sharded checkpoint's directory, read with ``load_sharded``
+    (without it, sharded checkpoints are passed over).
 
     A damaged file (truncated, or its digest does not match) is passed to
     ``report`` by name and the next newest is tried. A file that safe loading
@@ -55,7 +60,12 @@ def newest_checkpoint(
     """
     for info in list_checkpoints(directory, report):
         try:
-            checkpoint, _ = storage.load_file(info.path, require_record=True)
+            if info.path.is_dir():
+                if load_sharded is None:
+                    continue
+                checkpoint, _ = load_sharded(info.path)
+            else:
+                checkpoint, _ = storage.load_file(info.path, require_record=True)
         except storage.DamagedCheckpointError as exc:
             if report is not None:
                 report(f"hooktrain-checkpoint: skipping {exc}; trying an older one")

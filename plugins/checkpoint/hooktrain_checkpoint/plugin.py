@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
 from hooktrain.errors import ConfigurationError
-from hooktrain_checkpoint import resume, storage, topk
+from hooktrain_checkpoint import resume, sharded, storage, topk
 from hooktrain_checkpoint.sigterm import SigtermWatch
+from hooktrain_checkpoint.steps import StepSaver
 from hooktrain_checkpoint.storage import LAST_NAME
 from hooktrain_checkpoint.writer import BackgroundWriter, snapshot
 
@@ -345,8 +346,6 @@ class ModelCheckpoint:
             return
         target = self.dirpath / ranked_name if ranked_name else self.last_path
         self.last_model_path = self.last_path if self.save_last else target
-        if not trainer.is_global_zero:
-            return
         progress = checkpoint["progress"]
         record = {
             "epoch": int(progress["epoch"]),
@@ -357,6 +356,19 @@ class ModelCheckpoint:
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "hooktrain_version": checkpoint.get("hooktrain_version"),
         }
+        if sharded.is_sharded(checkpoint):
+            # Every process writes its shards, now (a collective, not in the background).
+            linked = self.last_path if ranked_name and self.save_last else None
+            sharded.save(trainer, checkpoint, target, record, also=linked)
+            if trainer.is_global_zero:
+                for name in evicted:
+                    if name != ranked_name:
+                        sharded.remove(self.dirpath / name)
+            self.save_costs.append(time.perf_counter() - started)
+            self.wait_costs.append(waited)
+            return
+        if not trainer.is_global_zero:
+            return
         paths = [str(target)] + ([str(self.last_path)] if ranked_name and self.save_last else [])
         if self.async_save and self._encodes_inline(trainer):
             # A small state is encoded here, on the training thread (well under a
@@ -380,10 +392,11 @@ class ModelCheckpoint:
                 storage.write_file(state, target, record, sync_directory=not linking)
             if linking:
                 storage.link_or_copy(target, self.last_path)
-            # Evicted files go only once their replacement is complete.
+            # Evicted files go only once their replacement is complete (either kind:
+            # a resumed run may rank against a sharded run's directories).
             for name in evicted:
                 if name != ranked_name:
-                    (self.dirpath / name).unlink(missing_ok=True)
+                    sharded.remove(self.dirpath / name)
             self.write_costs.append(time.perf_counter() - begun)
             if self.verbose:
                 print(f"hooktrain-checkpoint: saved {' and '.join(paths)}", file=sys.stderr)
@@ -433,7 +446,7 @@ class ModelCheckpoint:
                 self.best_k_models = {
                     name: float(score)
                     for name, score in state.get("best_k_models", {}).items()
-                    if (self.dirpath / name).is_file()
+                    if (self.dirpath / name).exists()
                 }
                 # Absent from checkpoints saved before it was kept: then none is replaced.
                 self._kept_steps = {
@@ -457,34 +470,8 @@ class ModelCheckpoint:
 
     @hookimpl
     def load_checkpoint(self, trainer: Trainer, ckpt_path: str) -> Mapping[str, Any] | None:
-        found = resume.load(ckpt_path, self.dirpath, say=trainer.is_global_zero)
+        found = resume.load(ckpt_path, self.dirpath, say=trainer.is_global_zero, trainer=trainer)
         if found is None:
             return {}  # nothing to resume from: not None, which would ask the core
         checkpoint, self._loaded_from = found
         return checkpoint
-
-
-class StepSaver:
-    """The step-wise saving of a :class:`ModelCheckpoint` with ``every_n_train_steps``:
-    a plugin of its own, registered as ``<name>.steps`` by the checkpoint's ``setup``
-    for one fit and unregistered by its ``teardown``.
-
-    Any ``on_train_batch_end`` implementation costs a call on every batch, so the
-    checkpoint plugin does not implement it itself: saving per epoch adds none.
-    """
-
-    def __init__(self, checkpoint: ModelCheckpoint) -> None:
-        self.checkpoint = checkpoint
-
-    # trylast: registered during setup, the saver cannot take the checkpoint's place
-    # in the plugin list, and a save should hold what every other plugin did at the
-    # end of the step (metrics logged, state updated), whatever the list order.
-    @hookimpl(trylast=True)
-    def on_train_batch_end(self, trainer: Trainer) -> None:
-        # Gradients of a half-accumulated window are not in a checkpoint, so only
-        # a batch that completed an optimizer step is a consistent place to save.
-        every = self.checkpoint.every_n_train_steps
-        if every is None or not trainer.sync_gradients:
-            return
-        if trainer.global_step % every == 0 and trainer.global_step > 0:
-            self.checkpoint._save(trainer, ranked=True)

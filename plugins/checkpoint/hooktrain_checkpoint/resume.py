@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hooktrain_checkpoint import storage
+from hooktrain_checkpoint import sharded, storage
 from hooktrain_checkpoint.discovery import newest_checkpoint
 
 if TYPE_CHECKING:
@@ -17,21 +17,35 @@ if TYPE_CHECKING:
 __all__ = ["load", "report_differences"]
 
 
-def load(ckpt_path: str, dirpath: Path, *, say: bool) -> tuple[Mapping[str, Any], str] | None:
+def load(
+    ckpt_path: str, dirpath: Path, *, say: bool, trainer: Trainer
+) -> tuple[Mapping[str, Any], str] | None:
     """The checkpoint that ``ckpt_path`` names, and the file it came from.
 
     ``"last"`` means the newest intact checkpoint of ``dirpath``, a directory its
-    newest intact one (damaged files are reported and stepped over); anything else
-    is a file, loaded as it is. With ``say``, what happens is printed to stderr.
+    newest intact one (damaged files are reported and stepped over), a sharded
+    checkpoint's directory that checkpoint; anything else is a file, loaded as it
+    is. Sharded checkpoints are read into the form of ``trainer``'s model and
+    optimizers (every process must call this). With ``say``, what happens is
+    printed to stderr.
 
     :return: ``None`` when a directory holds no intact checkpoint.
     :raises storage.DamagedCheckpointError: when the file named is damaged.
     :raises storage.UnsafeCheckpointError: when safe loading refuses a file.
     """
     path = Path(ckpt_path)
-    if ckpt_path == storage.LAST_NAME or path.is_dir():
+
+    def load_sharded(where: Path) -> tuple[dict[str, Any], storage.CheckpointInfo]:
+        return sharded.load(trainer, where)
+
+    if ckpt_path != storage.LAST_NAME and (path / sharded.STATE_FILE).is_file():
+        checkpoint, _ = load_sharded(path)
+        loaded_from = os.fspath(path)
+    elif ckpt_path == storage.LAST_NAME or path.is_dir():
         directory = dirpath if ckpt_path == storage.LAST_NAME else path
-        found = newest_checkpoint(directory, report=_stderr if say else None)
+        found = newest_checkpoint(
+            directory, report=_stderr if say else None, load_sharded=load_sharded
+        )
         if found is None:
             if say:
                 print(

@@ -52,6 +52,8 @@ FORMAT = "hooktrain-checkpoint/1"
 SUFFIX = ".ckpt"
 #: The stem of the file that always holds the newest state (``last.ckpt``).
 LAST_NAME = "last"
+#: The file of a sharded checkpoint's directory that holds all but the tensors.
+STATE_FILE = "state" + SUFFIX
 
 _EOCD_SIGNATURE = b"PK\x05\x06"
 _EOCD_SIZE = 22  # the end-of-central-directory record without its comment
@@ -208,7 +210,10 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> None:
         pid = int(parts[2])
         if pid == os.getpid() or _process_alive(pid):
             continue
-        temp.unlink(missing_ok=True)
+        if temp.is_dir():  # a sharded checkpoint's directory, never committed
+            shutil.rmtree(temp, ignore_errors=True)
+        else:
+            temp.unlink(missing_ok=True)
 
 
 def _process_alive(pid: int) -> bool:
@@ -219,6 +224,27 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, under another user
     return True
+
+
+def replace(source: Path, target: Path) -> None:
+    """``os.replace(source, target)``, also where ``target`` is a directory (a sharded
+    checkpoint of the same name): that is first renamed to ``<stem>.replaced.ckpt``,
+    a name that resuming still reads should the process die between the two
+    renames, and removed once ``source`` has taken its place."""
+    aside = None
+    if target.is_dir() and not target.is_symlink():
+        aside = target.with_name(f"{target.stem}.replaced{SUFFIX}")
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        else:
+            aside.unlink(missing_ok=True)
+        os.replace(target, aside)
+    os.replace(source, target)
+    if aside is not None:
+        if aside.is_dir():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink(missing_ok=True)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -260,7 +286,7 @@ def _write_atomically(path: str | os.PathLike[str], fill: Any, *, sync_directory
             size = fill(file)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temp, target)
+        replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -311,7 +337,7 @@ def link_or_copy(source: str | os.PathLike[str], destination: str | os.PathLike[
             shutil.copyfile(source, temp)
             with open(temp, "rb+") as file:
                 os.fsync(file.fileno())
-        os.replace(temp, destination)
+        replace(temp, destination)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -319,13 +345,21 @@ def link_or_copy(source: str | os.PathLike[str], destination: str | os.PathLike[
 
 
 def read_info(path: str | os.PathLike[str]) -> CheckpointInfo:
-    """Read the record of a checkpoint file without loading or verifying its data.
+    """Read the record of a checkpoint without loading or verifying its data: a
+    file, or a sharded checkpoint's directory (the record of its ``state.ckpt``).
 
     :raises DamagedCheckpointError: no record (a truncated file, or one this package
         did not write) or a record that cannot be parsed.
     :raises FileNotFoundError: the file does not exist.
     """
     path = Path(path)
+    if path.is_dir():
+        if not (path / STATE_FILE).is_file():
+            raise DamagedCheckpointError(path, f"a directory without {STATE_FILE}")
+        inner = read_info(path / STATE_FILE)
+        if not inner.record.get("sharded"):
+            raise DamagedCheckpointError(path, "its record does not describe a sharded one")
+        return CheckpointInfo(path, inner.record, inner.covered_bytes)
     with open(path, "rb") as file:
         size = file.seek(0, os.SEEK_END)
         window = min(size, _EOCD_SIZE + _MAX_COMMENT)

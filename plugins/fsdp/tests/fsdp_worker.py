@@ -1,0 +1,144 @@
+"""One training run, started by the tests under ``torchrun`` (or as a plain
+process). Each process writes what it saw to ``<out>/rank<N>.json``.
+
+Usage: ``python fsdp_worker.py '<json config>'``; the keys are read in ``main``.
+Kept an ordinary user script: the distributed plugin is chosen by the config
+(``"fsdp"`` or ``"accelerate"``), nothing else changes between them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hooktrain import Trainer, accuracy, hookimpl
+from hooktrain.testing import make_data, make_model
+
+
+class StepModel(nn.Module):
+    """A model with its own steps, calling its submodule directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.scale = nn.Parameter(torch.ones(2))  # a parameter of the root itself
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x) * self.scale, y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"loss": F.cross_entropy(self.net(x) * self.scale, y)}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class Fault:
+    """Sends this process a real signal once, on rank ``rank``, at global step
+    ``step``: at the end of that step's batch (``"batch-end"``), or while this
+    process writes its shard of that step's checkpoint (``"shard-write"``: Python's
+    audit hook sees the file being opened, in the middle of the collective save)."""
+
+    name = "fault"
+
+    def __init__(self, rank: int, step: int, signal_name: str, moment: str) -> None:
+        self.rank = rank
+        self.step = step
+        self.signal = getattr(signal, signal_name)
+        self.moment = moment
+        self.trainer: Trainer | None = None
+
+    @hookimpl
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        if self.moment == "shard-write" and trainer.global_rank == self.rank:
+            sys.addaudithook(self._audit)
+
+    def _audit(self, event: str, args: tuple[Any, ...]) -> None:
+        if event != "open" or self.trainer is None or self.trainer.global_step != self.step:
+            return
+        path, mode = str(args[0]), str(args[1])
+        if path.endswith(f"__{self.rank}_0.distcp") and "w" in mode:
+            os.kill(os.getpid(), self.signal)
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        hit = trainer.global_rank == self.rank and trainer.global_step == self.step
+        if self.moment == "batch-end" and hit:
+            os.kill(os.getpid(), self.signal)
+
+
+def full_weights(module: nn.Module) -> dict[str, list[Any]]:
+    """Every entry of the model's state as a full tensor (a collective for sharded
+    ones: every process calls it)."""
+    weights = {}
+    for name, value in module.state_dict().items():
+        full_tensor = getattr(value, "full_tensor", None)
+        weights[name] = (full_tensor() if full_tensor is not None else value).tolist()
+    return weights
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    out = Path(config["out"])
+    rank = int(os.environ.get("RANK", "0"))
+    plugin = config.get("plugin", "fsdp")
+    plugins: list[Any] = [(plugin, config.get("options", {}))]
+    if "checkpoint" in config:
+        checkpoint = dict(config["checkpoint"])
+        checkpoint["dirpath"] = str(out / checkpoint["dirpath"])
+        plugins.append(("checkpoint", checkpoint))
+    if "fault" in config:
+        fault = config["fault"]
+        plugins.append(Fault(fault["rank"], fault["step"], fault["signal"], fault["moment"]))
+
+    trainer = Trainer(
+        plugins=plugins,
+        seed=0,
+        max_epochs=config.get("max_epochs", 2),
+        max_steps=config.get("max_steps"),
+        gradient_clip_val=config.get("gradient_clip_val"),
+        log_every_n_steps=1,
+    )
+    train, val = make_data(n=config.get("n", 80), batch_size=config.get("batch_size", 8))
+    fit_kwargs: dict[str, Any] = {"ckpt_path": config.get("ckpt_path")}
+    if config.get("model") == "step":
+        model: nn.Module = StepModel()
+    else:
+        model = make_model()
+        if config.get("optimizer") == "instance":
+            optimizer: Any = torch.optim.Adam(model.parameters(), lr=0.01)
+        else:
+            optimizer = lambda params: torch.optim.Adam(params, lr=0.01)  # noqa: E731
+        fit_kwargs.update(loss_fn=F.cross_entropy, optimizer=optimizer, metrics={"acc": accuracy})
+    trainer.fit(model, train, val, **fit_kwargs)
+
+    from hooktrain_fsdp import local_numel
+
+    report = {
+        "rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "global_step": trainer.global_step,
+        "metrics": trainer.metrics.floats(),
+        "weights": full_weights(trainer.module),
+        "local_numel": local_numel(trainer.module),
+        "numel": sum(p.numel() for p in trainer.module.parameters()),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""``get_state_dict`` and ``set_state_dict``: how a checkpoint's model and optimizer
+states are taken and loaded, which a sharding plugin replaces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from hooktrain import Trainer, hookimpl
+from hooktrain.testing import make_data, make_model, run
+
+
+class SaveAt:
+    """Saves ``trainer.dump_checkpoint()`` after ``step`` optimizer steps."""
+
+    def __init__(self, path: Path, step: int) -> None:
+        self.path = path
+        self.step = step
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        if trainer.global_step == self.step:
+            torch.save(trainer.dump_checkpoint(), self.path)
+
+
+class NamedOptimizerState:
+    """Returns the optimizer state keyed by parameter name, as DCP's
+    ``get_optimizer_state_dict`` does, instead of the core's positional form."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def get_state_dict(self, trainer: Trainer) -> tuple[dict[str, Any], list[Any]]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        self.calls.append("get_state_dict")
+        module = trainer.module
+        return module.state_dict(), [
+            get_optimizer_state_dict(module, o) for o in trainer.optimizers
+        ]
+
+    @hookimpl(wrapper=True)
+    def set_state_dict(self, optimizer_state_dicts: list[Any]) -> Any:
+        self.calls.append(f"set_state_dict:{type(next(iter(optimizer_state_dicts[0]['state'])))}")
+        return (yield)
+
+
+def fit(tmp: Path, plugins: list[Any], **kwargs: Any) -> torch.nn.Module:
+    model = make_model()
+    trainer = Trainer(plugins=plugins, seed=0, device="cpu", max_epochs=2)
+    train, val = make_data(n=64, batch_size=16)
+    optimizer = lambda params: torch.optim.Adam(params, lr=0.01)  # noqa: E731
+    trainer.fit(
+        model, train, val, loss_fn=torch.nn.functional.cross_entropy, optimizer=optimizer, **kwargs
+    )
+    return model
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["positional", "by-name"])
+def test_a_resume_loads_the_optimizer_state_of_either_form(tmp_path, named) -> None:
+    uninterrupted = fit(tmp_path, [])
+    path = tmp_path / "ckpt.pt"
+    hooks = NamedOptimizerState()
+    fit(tmp_path, [SaveAt(path, 3)] + ([hooks] if named else []))
+    saved = torch.load(path, weights_only=True)
+    keys = set(saved["optimizers"][0]["state"])
+    assert keys == ({"0.weight", "0.bias", "2.weight", "2.bias"} if named else {0, 1, 2, 3})
+    # The core's default set_state_dict loads either form into a plain run.
+    resumed_hooks = NamedOptimizerState()
+    resumed = fit(tmp_path, [resumed_hooks], ckpt_path=path)
+    expected = "<class 'str'>" if named else "<class 'int'>"
+    assert resumed_hooks.calls[0] == f"set_state_dict:{expected}"
+    for name, value in uninterrupted.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0)
+
+
+def test_the_loop_calls_both_hooks_around_a_checkpoint(tmp_path) -> None:
+    path = tmp_path / "ckpt.pt"
+    saving = run([SaveAt(path, 2)], limit_train_batches=2)
+    assert saving.recorder.count("get_state_dict") == 1
+    assert saving.recorder.count("on_save_checkpoint") == 1
+    resumed = run(max_epochs=3, fit_kwargs={"ckpt_path": path}, limit_train_batches=2)
+    names = resumed.recorder.names()
+    assert names.index("load_checkpoint") < names.index("set_state_dict")
+    assert names.index("set_state_dict") < names.index("on_load_checkpoint")
