@@ -64,7 +64,9 @@ class ConversionCounter:
 
         return counted
 
-    def count_run(self, plugins: list[Any], steps: int) -> Counter[str]:
+    def count_run(
+        self, plugins: list[Any], steps: int, metrics: dict[str, Any] | None = None
+    ) -> Counter[str]:
         self.counts = Counter()
         self.active = True
         try:
@@ -73,6 +75,7 @@ class ConversionCounter:
                 record=False,
                 max_epochs=2,
                 data=make_data(n=steps * BATCH, batch_size=BATCH),
+                fit_kwargs={"metrics": metrics} if metrics is not None else None,
                 # Longer than any run here: step metrics are never published.
                 log_every_n_steps=10 * steps,
             )
@@ -96,6 +99,26 @@ def test_conversions_do_not_grow_with_steps(which, tmp_path, monkeypatch):
         f"tensor-to-host conversions grew with the number of steps: {dict(short)} over "
         f"{2 * STEPS} steps, {dict(long)} over {4 * STEPS} steps"
     )
+
+
+def test_torchmetrics_metrics_add_no_conversion_per_step(monkeypatch):
+    torchmetrics = pytest.importorskip("torchmetrics")
+
+    def metrics() -> dict[str, Any]:
+        # validate_args=False: torchmetrics' own input checks read the device at
+        # every update (documented in docs/metrics.md); the loop itself must not.
+        # (Its AUROC is left out: on the CPU only, where reading a tensor waits for
+        # nothing, it tests whether the scores are probabilities with a bool().)
+        options = {"num_classes": 2, "validate_args": False}
+        return {
+            "f1": torchmetrics.F1Score("multiclass", average="macro", **options),
+            "precision": torchmetrics.Precision("multiclass", average="macro", **options),
+        }
+
+    counter = ConversionCounter(monkeypatch)
+    short = counter.count_run([], STEPS, metrics())
+    long = counter.count_run([], 2 * STEPS, metrics())
+    assert short == long, f"{dict(short)} over {2 * STEPS} steps, {dict(long)} over {4 * STEPS}"
 
 
 def test_first_party_plugins_under_test_are_installed(tmp_path):

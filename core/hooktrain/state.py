@@ -8,6 +8,7 @@ format is described in ``docs/checkpointing.md``.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from hooktrain.errors import ConfigurationError
+from hooktrain.metrics import process_collectives
 from hooktrain.rng import rng_state
 
 if TYPE_CHECKING:
@@ -72,6 +74,7 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         "epoch_start_state": trainer._epoch_start_state,
         "metrics": trainer.metrics.floats(),
         "running_means": trainer._train_means.state_dict(),
+        "epoch_metrics": _epoch_metric_states(trainer),
         "plugins": {},
     }
     trainer.plugin_manager.hook.on_save_checkpoint(trainer=trainer, checkpoint=checkpoint)
@@ -98,6 +101,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         trainer.current_epoch = int(progress["epoch"])
         trainer._resume_skip = int(progress["epoch_batches_done"])
         trainer._train_means.load_state_dict(checkpoint.get("running_means", {}), trainer.device)
+        _load_epoch_metric_states(trainer, checkpoint.get("epoch_metrics", []))
         trainer._pending_epoch_data = checkpoint.get("epoch_start_state")
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
@@ -111,6 +115,34 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
             f"restored: {', '.join(not_restored)}",
             file=sys.stderr,
         )
+
+
+def _epoch_metric_states(trainer: Trainer) -> list[Any]:
+    """The training epoch's stateful metrics, one entry per process (rank order):
+    each process updated its own copy with its own batches. With several
+    processes this gathers them, so every process must build the checkpoint at
+    the same point (the checkpoint plugin does)."""
+    metrics = trainer._train_metrics
+    if not metrics:
+        return []
+    own = metrics.state_dict()
+    collectives = process_collectives(trainer)
+    return [own] if collectives is None else collectives.all_gather_object(own)
+
+
+def _load_epoch_metric_states(trainer: Trainer, states: list[Any]) -> None:
+    metrics = trainer._train_metrics
+    if not metrics or not states:
+        return
+    if len(states) != trainer.world_size:
+        warnings.warn(
+            f"hooktrain: the checkpoint holds the epoch's metric states of {len(states)} "
+            f"process(es), the run has {trainer.world_size}: the resumed epoch's stateful "
+            f"metrics cover only the batches after the resume",
+            stacklevel=3,
+        )
+        return
+    metrics.load_state_dict(states[trainer.global_rank])
 
 
 def _load_each(what: str, objects: list[Any], states: list[Any]) -> None:
