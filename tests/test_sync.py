@@ -40,6 +40,8 @@ def first_party(tmp_path: Any) -> list[Any]:
         ),
         ("early_stopping", {"monitor": "val_loss", "verbose": False}),
         ("amp", {"precision": "bf16"}),
+        # Its values are computed at publish points only, which these runs never reach.
+        ("monitor", {}),
     ]
     installed = installed_plugins()
     return [item for item in wanted if item[0] in installed]
@@ -65,7 +67,11 @@ class ConversionCounter:
         return counted
 
     def count_run(
-        self, plugins: list[Any], steps: int, metrics: dict[str, Any] | None = None
+        self,
+        plugins: list[Any],
+        steps: int,
+        metrics: dict[str, Any] | None = None,
+        log_every_n_steps: int | None = None,
     ) -> Counter[str]:
         self.counts = Counter()
         self.active = True
@@ -76,8 +82,8 @@ class ConversionCounter:
                 max_epochs=2,
                 data=make_data(n=steps * BATCH, batch_size=BATCH),
                 fit_kwargs={"metrics": metrics} if metrics is not None else None,
-                # Longer than any run here: step metrics are never published.
-                log_every_n_steps=10 * steps,
+                # By default longer than any run here: step metrics are never published.
+                log_every_n_steps=log_every_n_steps or 10 * steps,
             )
         finally:
             self.active = False
@@ -121,10 +127,31 @@ def test_torchmetrics_metrics_add_no_conversion_per_step(monkeypatch):
     assert short == long, f"{dict(short)} over {2 * STEPS} steps, {dict(long)} over {4 * STEPS}"
 
 
+class Listens:
+    """A logger that does nothing: publications happen only when someone listens."""
+
+    name = "listens"
+
+    @hookimpl
+    def log_metrics(self, metrics):
+        pass
+
+
+def test_the_monitor_adds_no_read_to_a_publication(monkeypatch):
+    pytest.importorskip("hooktrain_monitor")
+    counter = ConversionCounter(monkeypatch)
+    # A publication every 2 steps: the monitor's values (the gradient norm a device
+    # tensor, the rest Python numbers) join the loss in the trainer's one transfer.
+    without = counter.count_run([Listens()], STEPS, log_every_n_steps=2)
+    monitored = counter.count_run([("monitor", {}), Listens()], STEPS, log_every_n_steps=2)
+    # (One tensor is read with item(), several with one tolist(): count reads.)
+    assert sum(monitored.values()) == sum(without.values()), (dict(monitored), dict(without))
+
+
 def test_first_party_plugins_under_test_are_installed(tmp_path):
     names = [name for name, _ in first_party(tmp_path)]
     # The core's own package is always there; report which plugins were covered.
-    assert set(names) <= {"tqdm", "tensorboard", "checkpoint", "early_stopping", "amp"}
+    assert set(names) <= {"tqdm", "tensorboard", "checkpoint", "early_stopping", "amp", "monitor"}
     if not names:
         pytest.skip("no first-party plugin is installed: only the core was checked")
 
