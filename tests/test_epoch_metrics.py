@@ -225,6 +225,7 @@ def test_a_mid_epoch_checkpoint_holds_the_metric_states_and_resumes_exactly(tmp_
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["progress"]["epoch_batches_done"] == 14
     (states,) = saved["epoch_metrics"]  # one process
+    assert len(saved["running_means"]) == 1
     assert states["updates"] == 14
     assert set(states["metrics"]) == {"f1", "precision", "recall", "auroc"}
     resumed = run(ckpt_path="last")

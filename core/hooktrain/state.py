@@ -73,8 +73,12 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         # What decided the current epoch's data: a resume in its middle replays it.
         "epoch_start_state": trainer._epoch_start_state,
         "metrics": trainer.metrics.floats(),
-        "running_means": trainer._train_means.state_dict(),
-        "epoch_metrics": _epoch_metric_states(trainer),
+        "running_means": _per_process(trainer, trainer._train_means.state_dict()),
+        "epoch_metrics": (
+            _per_process(trainer, trainer._train_metrics.state_dict())
+            if trainer._train_metrics
+            else []
+        ),
         "plugins": {},
     }
     trainer.plugin_manager.hook.on_save_checkpoint(trainer=trainer, checkpoint=checkpoint)
@@ -100,8 +104,11 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     else:
         trainer.current_epoch = int(progress["epoch"])
         trainer._resume_skip = int(progress["epoch_batches_done"])
-        trainer._train_means.load_state_dict(checkpoint.get("running_means", {}), trainer.device)
-        _load_epoch_metric_states(trainer, checkpoint.get("epoch_metrics", []))
+        means = _own_state(trainer, checkpoint.get("running_means", []), "running means")
+        trainer._train_means.load_state_dict(means or {}, trainer.device)
+        metric_states = _own_state(trainer, checkpoint.get("epoch_metrics", []), "metric states")
+        if trainer._train_metrics and metric_states is not None:
+            trainer._train_metrics.load_state_dict(metric_states)
         trainer._pending_epoch_data = checkpoint.get("epoch_start_state")
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
@@ -117,32 +124,31 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         )
 
 
-def _epoch_metric_states(trainer: Trainer) -> list[Any]:
-    """The training epoch's stateful metrics, one entry per process (rank order):
-    each process updated its own copy with its own batches. With several
-    processes this gathers them, so every process must build the checkpoint at
-    the same point (the checkpoint plugin does)."""
-    metrics = trainer._train_metrics
-    if not metrics:
-        return []
-    own = metrics.state_dict()
+def _per_process(trainer: Trainer, state: Any) -> list[Any]:
+    """``state`` of every process, in rank order. The running means and stateful
+    metrics of an epoch in progress are each process's own (its batches); with
+    several processes this gathers them, so every process must build the checkpoint
+    at the same point (the checkpoint plugin does)."""
     collectives = process_collectives(trainer)
-    return [own] if collectives is None else collectives.all_gather_object(own)
+    return [state] if collectives is None else collectives.all_gather_object(state)
 
 
-def _load_epoch_metric_states(trainer: Trainer, states: list[Any]) -> None:
-    metrics = trainer._train_metrics
-    if not metrics or not states:
-        return
+def _own_state(trainer: Trainer, states: Any, what: str) -> Any:
+    """This process's entry of a per-process list (``None`` when there is none to
+    load). A single mapping is an older checkpoint's: every process loads it."""
+    if isinstance(states, Mapping):
+        return states
+    if not states:
+        return None
     if len(states) != trainer.world_size:
         warnings.warn(
-            f"hooktrain: the checkpoint holds the epoch's metric states of {len(states)} "
-            f"process(es), the run has {trainer.world_size}: the resumed epoch's stateful "
-            f"metrics cover only the batches after the resume",
-            stacklevel=3,
+            f"hooktrain: the checkpoint holds the epoch's {what} of {len(states)} "
+            f"process(es), the run has {trainer.world_size}: the resumed epoch's values "
+            f"cover only the batches after the resume",
+            stacklevel=4,
         )
-        return
-    metrics.load_state_dict(states[trainer.global_rank])
+        return None
+    return states[trainer.global_rank]
 
 
 def _load_each(what: str, objects: list[Any], states: list[Any]) -> None:

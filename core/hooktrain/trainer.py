@@ -292,9 +292,9 @@ class Trainer:
         at the start of the current epoch's data), metrics, versions and the plugin
         list; then ``on_save_checkpoint`` lets each plugin add its own state under
         ``checkpoint["plugins"][name]``. Tensors are the live ones: copy them
-        before writing from another thread. With several processes it gathers the
-        training epoch's stateful metrics, so every process calls it at the same
-        point.
+        before writing from another thread. With several processes it gathers each
+        process's running means and stateful metrics of the epoch in progress, so
+        every process calls it at the same point.
 
         :raises ConfigurationError: outside a stage (no model yet).
         """

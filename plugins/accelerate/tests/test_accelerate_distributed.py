@@ -424,9 +424,10 @@ def test_whole_epoch_metrics_in_two_processes_equal_one_process_and_resume_exact
             assert metrics[name] == pytest.approx(value, abs=1e-5), name
         assert report["gathered_eval_samples"] == 2 * N_VAL
         # Stopped 2 steps into the second epoch; every process restored its own
-        # training metric state, so the resumed epoch's values are the whole epoch's.
+        # running means and metric states, so the resumed epoch's values are the
+        # whole epoch's (with rank 0's loaded on both, the loss mean was not).
         assert report["stopped_step"] == 7
-        for name in ("f1", "auroc", "val_f1", "val_auroc"):
+        for name in ("loss", "acc", "f1", "auroc", "val_f1", "val_auroc"):
             assert report["resumed_metrics"][name] == metrics[name], name
     # Every process reads the same values.
     assert reports[0]["metrics"] == reports[1]["metrics"]
