@@ -41,6 +41,8 @@ def first_party(tmp_path: Any) -> list[Any]:
         ),
         ("early_stopping", {"monitor": "val_loss", "verbose": False}),
         ("amp", {"precision": "bf16"}),
+        # Its values are computed at publish points only, which these runs never reach.
+        ("monitor", {}),
     ]
     installed = installed_plugins()
     return [item for item in wanted if item[0] in installed]
@@ -65,7 +67,13 @@ class ConversionCounter:
 
         return counted
 
-    def count_run(self, plugins: list[Any], steps: int) -> Counter[str]:
+    def count_run(
+        self,
+        plugins: list[Any],
+        steps: int,
+        metrics: dict[str, Any] | None = None,
+        log_every_n_steps: int | None = None,
+    ) -> Counter[str]:
         self.counts = Counter()
         self.active = True
         try:
@@ -74,8 +82,9 @@ class ConversionCounter:
                 record=False,
                 max_epochs=2,
                 data=make_data(n=steps * BATCH, batch_size=BATCH),
-                # Longer than any run here: step metrics are never published.
-                log_every_n_steps=10 * steps,
+                fit_kwargs={"metrics": metrics} if metrics is not None else None,
+                # By default longer than any run here: step metrics are never published.
+                log_every_n_steps=log_every_n_steps or 10 * steps,
             )
         finally:
             self.active = False
@@ -99,10 +108,59 @@ def test_conversions_do_not_grow_with_steps(which, tmp_path, monkeypatch):
     )
 
 
+def test_torchmetrics_metrics_add_no_conversion_per_step(monkeypatch):
+    torchmetrics = pytest.importorskip("torchmetrics")
+
+    def metrics() -> dict[str, Any]:
+        # validate_args=False: torchmetrics' own input checks read the device at
+        # every update (documented in docs/metrics.md); the loop itself must not.
+        # (Its AUROC is left out: on the CPU only, where reading a tensor waits for
+        # nothing, it tests whether the scores are probabilities with a bool().)
+        options = {"num_classes": 2, "validate_args": False}
+        return {
+            "f1": torchmetrics.F1Score("multiclass", average="macro", **options),
+            "precision": torchmetrics.Precision("multiclass", average="macro", **options),
+        }
+
+    counter = ConversionCounter(monkeypatch)
+    short = counter.count_run([], STEPS, metrics())
+    long = counter.count_run([], 2 * STEPS, metrics())
+    assert short == long, f"{dict(short)} over {2 * STEPS} steps, {dict(long)} over {4 * STEPS}"
+
+
+class Listens:
+    """A logger that does nothing: publications happen only when someone listens."""
+
+    name = "listens"
+
+    @hookimpl
+    def log_metrics(self, metrics):
+        pass
+
+
+def test_the_monitor_adds_no_read_to_a_publication(monkeypatch):
+    pytest.importorskip("hooktrain_monitor")
+    counter = ConversionCounter(monkeypatch)
+    # A publication every 2 steps: the monitor's values (the gradient norm a device
+    # tensor, the rest Python numbers) join the loss in the trainer's one transfer.
+    without = counter.count_run([Listens()], STEPS, log_every_n_steps=2)
+    monitored = counter.count_run([("monitor", {}), Listens()], STEPS, log_every_n_steps=2)
+    # (One tensor is read with item(), several with one tolist(): count reads.)
+    assert sum(monitored.values()) == sum(without.values()), (dict(monitored), dict(without))
+
+
 def test_first_party_plugins_under_test_are_installed(tmp_path):
     names = [name for name, _ in first_party(tmp_path)]
     # The core's own package is always there; report which plugins were covered.
-    assert set(names) <= {"tqdm", "tensorboard", "csv", "checkpoint", "early_stopping", "amp"}
+    assert set(names) <= {
+        "tqdm",
+        "tensorboard",
+        "csv",
+        "checkpoint",
+        "early_stopping",
+        "amp",
+        "monitor",
+    }
     if not names:
         pytest.skip("no first-party plugin is installed: only the core was checked")
 

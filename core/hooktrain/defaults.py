@@ -22,6 +22,7 @@ from hooktrain.batches import (
     unpack_batch,
     user_method,
 )
+from hooktrain.epoch_metrics import is_epoch_metric
 from hooktrain.errors import ConfigurationError
 from hooktrain.markers import hookimpl
 
@@ -144,7 +145,12 @@ class CoreDefaults:
             if trainer.metric_fns:
                 predicted = outputs.detach() if isinstance(outputs, torch.Tensor) else outputs
                 for name, fn in trainer.metric_fns.items():
-                    values[name] = fn(predicted, targets)
+                    if not is_epoch_metric(fn):
+                        values[name] = fn(predicted, targets)
+                stateful = trainer._epoch_metrics
+                if stateful:
+                    # Updated only: their values are computed at the epoch's end.
+                    stateful.update(predicted, targets)
         return values
 
     @hookimpl(trylast=True)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hooktrain.batches import batch_size, limited_length, step_batch_size
+from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.metrics import RunningMeans, process_collectives
 
 if TYPE_CHECKING:
@@ -66,10 +67,13 @@ def evaluation_loop(
     limit = trainer.limits[stage]
     trainer.num_eval_batches = [limited_length(loader, limit) for loader in loaders]
     means = RunningMeans()
+    # Stateful metrics: a copy per dataloader, so that their values stay apart.
+    templates = trainer.metric_fns if stage != "predict" else {}
+    stateful = [EpochMetrics(templates, trainer.device, trainer.world_size) for _ in loaders]
     predictions: list[Any] = []
     modes = [(module, module.training) for module in trainer.model.modules()]
     trainer.model.eval()
-    outer = trainer._active_means, trainer._log_prefix
+    outer = trainer._active_means, trainer._log_prefix, trainer._epoch_metrics
     trainer._active_means, trainer._log_prefix = means, prefix
     try:
         with torch.no_grad():
@@ -79,6 +83,7 @@ def evaluation_loop(
                 on_epoch_start(trainer=trainer)
             for loader_idx, loader in enumerate(loaders):
                 suffix = f"/dataloader_idx_{loader_idx}" if len(loaders) > 1 else ""
+                trainer._epoch_metrics = stateful[loader_idx]
                 iterable = hooks.batch_iterator(
                     trainer=trainer, dataloader=loader, stage=stage, skip_batches=0
                 )
@@ -111,7 +116,12 @@ def evaluation_loop(
                             dataloader_idx=loader_idx,
                         )
             # Every process, whether it saw batches or not: the reduction is collective.
-            results = means.compute(process_collectives(trainer))
+            collectives = process_collectives(trainer)
+            results = means.compute(collectives)
+            for loader_idx, metrics in enumerate(stateful):
+                suffix = f"/dataloader_idx_{loader_idx}" if len(loaders) > 1 else ""
+                for name, value in metrics.compute(collectives).items():
+                    results.setdefault(prefix + name + suffix, value)
             trainer.metrics.update_raw(results)
             with trainer._logging_epoch_end() as logged:
                 if on_epoch_end is not None:
@@ -123,7 +133,7 @@ def evaluation_loop(
                     on_end(trainer=trainer)
             results.update({name: trainer.metrics.raw(name) for name in logged})
     finally:
-        trainer._active_means, trainer._log_prefix = outer
+        trainer._active_means, trainer._log_prefix, trainer._epoch_metrics = outer
         for module, training in modes:
             module.training = training
     if stage == "predict":
@@ -155,6 +165,8 @@ def _accumulate(
             if result is not None:
                 predicted, targets = result
                 gathered = True
+                if trainer._epoch_metrics is not None:
+                    trainer._epoch_metrics.gathered = True
         size = batch_size(predicted)
         values = trainer._hooks.compute_metrics(
             trainer=trainer, outputs=predicted, targets=targets, stage=stage

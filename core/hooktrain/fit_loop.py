@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hooktrain.batches import batch_size, limited_length, step_batch_size
+from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError
 from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks
@@ -152,6 +153,7 @@ def _train_epoch(
     metrics = trainer.metrics
     distributed = trainer.world_size > 1
     trainer._active_means = means
+    trainer._epoch_metrics = trainer._train_metrics
     window = 0  # micro-batches in the open accumulation window
     batch_idx = skip
     stopped = False
@@ -189,7 +191,7 @@ def _train_epoch(
             if _should_stop(trainer):
                 stopped = True
                 break
-    trainer._active_means = None
+    trainer._active_means = trainer._epoch_metrics = None
 
     if batch_idx == skip and skip == 0:
         raise ConfigurationError(
@@ -228,6 +230,7 @@ def _open_epoch(
     trainer._resume_skip = 0
     if skip == 0:
         trainer._train_means.reset()
+        trainer._train_metrics.reset()
         _apply_pending_rng(trainer)
     trainer.epoch_batches_done = skip
     trainer.epoch_complete = False
@@ -246,8 +249,11 @@ def _open_epoch(
 def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     _check_finite(trainer)
     means = trainer._train_means
-    trainer.metrics.update_raw(means.compute(process_collectives(trainer)))
-    computed = means.names()
+    collectives = process_collectives(trainer)
+    trainer.metrics.update_raw(means.compute(collectives))
+    epoch_values = trainer._train_metrics.compute(collectives)
+    trainer.metrics.update_raw(epoch_values)
+    computed = means.names() | set(epoch_values)
     if (
         trainer.eval_dataloaders
         and (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0
@@ -265,7 +271,7 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     with trainer._logging_epoch_end() as logged:
         if hooks.on_train_epoch_end is not None:
             hooks.on_train_epoch_end(trainer=trainer)
-    trainer._publish(means.names() | logged, "epoch")
+    trainer._publish(means.names() | set(epoch_values) | logged, "epoch")
 
 
 def _validate(trainer: Trainer) -> set[str]:
@@ -370,6 +376,7 @@ def _start_progress(trainer: Trainer) -> None:
     trainer._validated_at_step = -1
     trainer._warned_length = False
     trainer._train_means.reset()
+    trainer._train_metrics = EpochMetrics(trainer.metric_fns, trainer.device, trainer.world_size)
     trainer._checked_steps_from = 1
     trainer.data_seed = (
         trainer.seed if trainer.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())

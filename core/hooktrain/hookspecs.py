@@ -515,7 +515,9 @@ def compute_metrics(
 
     The core's default computes ``loss_fn(outputs, targets)`` (evaluation stages,
     when a ``loss_fn`` was given; a loss the step returned itself is kept instead)
-    and every function of ``metrics=``, without gradients. A precision plugin wraps
+    and every function of ``metrics=``, without gradients, and updates the stage's
+    copies of its stateful metrics (``torchmetrics.Metric``), whose values the loop
+    computes at the epoch's end (they are not in the returned mapping). A precision plugin wraps
     this hook (``wrapper=True``) so that these computations run under the same
     autocast as the forward that produced ``outputs``, as the training loss does.
 

@@ -2,7 +2,8 @@
 
 Converting a tensor to a Python number waits for the device. The loop therefore
 only stores tensors; :class:`Metrics` converts a value the first time someone
-reads it, and :class:`RunningMeans` folds a batch's values into device-side sums.
+reads it, and :class:`RunningMeans` folds a batch's values into device-side sums
+(stateful metrics, ``torchmetrics.Metric``, live in `hooktrain.epoch_metrics`).
 """
 
 from __future__ import annotations
@@ -112,11 +113,13 @@ class Collectives:
     :ivar all_reduce: the sum of a tensor over every process.
     :ivar all_gather_object: a picklable object from every process, in rank order.
     :ivar device: where the tensors handed to ``all_reduce`` must be.
+    :ivar rank: this process's rank (``trainer.global_rank``).
     """
 
     all_reduce: Callable[[torch.Tensor], torch.Tensor]
     all_gather_object: Callable[[Any], list[Any]]
     device: torch.device
+    rank: int = 0
 
 
 def process_collectives(trainer: Trainer) -> Collectives | None:
@@ -140,7 +143,7 @@ def process_collectives(trainer: Trainer) -> Collectives | None:
             )
         return list(gathered)
 
-    return Collectives(trainer.all_reduce, all_gather_object, trainer.device)
+    return Collectives(trainer.all_reduce, all_gather_object, trainer.device, trainer.global_rank)
 
 
 class RunningMeans:

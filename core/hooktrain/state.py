@@ -51,6 +51,7 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
     from hooktrain import __version__
 
     installed = _installed_versions()
+    collectives = process_collectives(trainer)
     model_state, optimizer_states = trainer.plugin_manager.hook.get_state_dict(trainer=trainer)
     checkpoint: dict[str, Any] = {
         "format": FORMAT,
@@ -73,9 +74,15 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         # What decided the current epoch's data: a resume in its middle replays it.
         "epoch_start_state": trainer._epoch_start_state,
         "metrics": trainer.metrics.floats(),
-        # A collective with several processes: the sums of every process, so that a
-        # resume mid-epoch, on any number of processes, ends the epoch with its mean.
-        "running_means": trainer._train_means.state_dict(process_collectives(trainer)),
+        # Collectives with several processes: the sums and metric states of every
+        # process combined, so that a resume mid-epoch, on any number of processes,
+        # ends the epoch with its whole-epoch values.
+        "running_means": trainer._train_means.state_dict(collectives),
+        "epoch_metrics": (
+            trainer._train_metrics.state_dict(collectives)
+            if trainer._train_metrics is not None
+            else {}
+        ),
         "plugins": {},
     }
     trainer.plugin_manager.hook.on_save_checkpoint(trainer=trainer, checkpoint=checkpoint)
@@ -104,9 +111,13 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     else:
         trainer.current_epoch = int(progress["epoch"])
         trainer._resume_skip = int(progress["epoch_batches_done"])
+        rank = trainer.global_rank
         trainer._train_means.load_state_dict(
-            checkpoint.get("running_means", {}), trainer.device, rank=trainer.global_rank
+            checkpoint.get("running_means", {}), trainer.device, rank=rank
         )
+        if trainer._train_metrics is not None:
+            metric_states = checkpoint.get("epoch_metrics", {})
+            trainer._train_metrics.load_state_dict(metric_states, rank=rank)
         trainer._pending_epoch_data = checkpoint.get("epoch_start_state")
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))

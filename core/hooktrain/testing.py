@@ -194,7 +194,8 @@ def run(
     :param record: register a `HookRecorder` (after your plugins).
     :param model: default `make_model`.
     :param data: ``(train_loader, val_loader)``; default `make_data`.
-    :param fit_kwargs: extra keyword arguments for ``fit`` (``ckpt_path``...).
+    :param fit_kwargs: extra keyword arguments for ``fit`` (``ckpt_path``...);
+        ``metrics`` replaces the default ``{"acc": hooktrain.accuracy}``, in every stage.
     :param trainer_kwargs: passed to ``Trainer`` (``device="cpu"`` unless given).
     """
     import torch
@@ -209,7 +210,9 @@ def run(
     trainer = Trainer(plugins=selected, max_epochs=max_epochs, **trainer_kwargs)
     model = model if model is not None else make_model()
     train, val = data if data is not None else make_data()
-    metrics = {"acc": accuracy}
+    # fit_kwargs may replace the metrics; validate and test use the same ones.
+    fit_kwargs = {"metrics": {"acc": accuracy}, **(fit_kwargs or {})}
+    metrics = fit_kwargs["metrics"]
     result: Any = None
     if stage == "fit":
         trainer.fit(
@@ -218,8 +221,7 @@ def run(
             val,
             loss_fn=F.cross_entropy,
             optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
-            metrics=metrics,
-            **(fit_kwargs or {}),
+            **fit_kwargs,
         )
     elif stage == "validate":
         result = trainer.validate(model, val, loss_fn=F.cross_entropy, metrics=metrics)

@@ -18,6 +18,7 @@ from torch import nn
 from hooktrain import state
 from hooktrain.batches import check_loader, check_model, loader_list, unwrap_compiled
 from hooktrain.defaults import CoreDefaults
+from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError
 from hooktrain.evaluation import concatenable, evaluation_loop
 from hooktrain.fit_loop import run_fit
@@ -180,6 +181,10 @@ class Trainer:
         self._log_prefix = ""
         self._active_means: RunningMeans | None = None
         self._train_means = RunningMeans()
+        # Stateful metrics (torchmetrics) of the training epoch, and of the stage or
+        # dataloader whose batches are running now (what compute_metrics updates).
+        self._train_metrics: EpochMetrics | None = None
+        self._epoch_metrics: EpochMetrics | None = None
         self._logged_since_publish: set[str] = set()
         # Names logged in a stage's epoch-end hooks: they belong to that epoch's
         # publication, not to the next step's.
@@ -288,8 +293,8 @@ class Trainer:
         list; then ``on_save_checkpoint`` lets each plugin add its own state under
         ``checkpoint["plugins"][name]``. Tensors are the live ones: copy them
         before writing from another thread. With several processes this is a
-        collective call (the running epoch sums of every process are added
-        together): every process must call it at the same point.
+        collective call (the running epoch sums and stateful metrics of every
+        process are combined): every process must call it at the same point.
 
         :raises ConfigurationError: outside a stage (no model yet).
         """
@@ -331,7 +336,10 @@ class Trainer:
         :param loss_fn: ``loss_fn(outputs, targets)`` returning a scalar tensor.
         :param optimizer: an optimizer, or a callable taking the parameters.
         :param metrics: name to ``fn(outputs, targets)``, computed on training and
-            validation batches (``hooktrain.accuracy`` for example).
+            validation batches (``hooktrain.accuracy`` for example) and averaged over
+            the epoch, or to a ``torchmetrics.Metric`` (any object with ``update``,
+            ``compute`` and ``reset``), updated every batch and computed over the
+            whole epoch (see docs/metrics.md).
         :param ckpt_path: a checkpoint to resume from (``"last"`` with a plugin that
             keeps checkpoints).
         :raises ConfigurationError: before any training, for a model, loader, loss

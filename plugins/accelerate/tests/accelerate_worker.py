@@ -166,10 +166,68 @@ def _compiled_graphs() -> int:
     return 0 if dynamo_utils is None else dynamo_utils.counters["stats"]["unique_graphs"]
 
 
+def epoch_metrics() -> dict[str, Any]:
+    """Whole-epoch torchmetrics metrics, and a batch mean for comparison."""
+    from torchmetrics.classification import MulticlassAUROC, MulticlassF1Score
+
+    return {
+        "f1": MulticlassF1Score(num_classes=2, average="macro"),
+        "auroc": MulticlassAUROC(num_classes=2),
+        "acc": accuracy,
+    }
+
+
+def fit_with_epoch_metrics(config: dict[str, Any], out: Path, rank: int) -> None:
+    """Three fits in this one launch: an uninterrupted one, one stopped in the middle
+    of its second epoch with a checkpoint, and one resumed from that checkpoint."""
+
+    def fit(**kwargs: Any) -> Trainer:
+        counter = GatherCount()
+        plugins: list[Any] = [("accelerate", dict(config.get("accelerate", {}))), counter]
+        if "checkpoint" in kwargs:
+            plugins.append(("checkpoint", {"dirpath": str(out / kwargs.pop("checkpoint"))}))
+        trainer = Trainer(
+            plugins=plugins,
+            seed=0,
+            max_epochs=2,
+            log_every_n_steps=1,
+            max_steps=kwargs.pop("max_steps", None),
+        )
+        train, val = make_data(n=config["n"], batch_size=config["batch_size"])
+        trainer.fit(
+            make_model(),
+            train,
+            val,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+            metrics=epoch_metrics(),
+            **kwargs,
+        )
+        trainer.gathered_eval_samples = counter.samples  # type: ignore[attr-defined]
+        return trainer
+
+    whole = fit()
+    stopped = fit(max_steps=7, checkpoint="ckpt")  # 5 steps an epoch: 2 into the second
+    resumed = fit(checkpoint="ckpt", ckpt_path="last")
+    report = {
+        "rank": whole.global_rank,
+        "world_size": whole.world_size,
+        "metrics": whole.metrics.floats(),
+        "gathered_eval_samples": whole.gathered_eval_samples,  # type: ignore[attr-defined]
+        "weights": {k: v.tolist() for k, v in whole.module.state_dict().items()},
+        "stopped_step": stopped.global_step,
+        "resumed_metrics": resumed.metrics.floats(),
+    }
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
     out = Path(config["out"])
     rank = int(os.environ.get("RANK", "0"))
+    if config.get("epoch_metrics"):
+        fit_with_epoch_metrics(config, out, rank)
+        return
     options = dict(config.get("accelerate", {}))
     plugins: list[Any] = [("accelerate", options)]
     if config.get("tqdm"):

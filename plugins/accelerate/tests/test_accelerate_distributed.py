@@ -375,3 +375,59 @@ def test_early_stopping_decided_on_one_process_is_recorded_and_saved_on_all(tmp_
         assert after["epochs_trained"] == 0
         assert after["global_step"] == before["global_step"]
         assert after["early_stopping"]["stopped_epoch"] == 1
+
+
+# ---------------------------------------------------------------------- epoch metrics
+
+
+def test_whole_epoch_metrics_in_two_processes_equal_one_process_and_resume_exactly(
+    tmp_path,
+) -> None:
+    pytest.importorskip("torchmetrics")
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    from torchmetrics.classification import MulticlassAUROC, MulticlassF1Score
+
+    # One launch, three fits per process: whole, stopped mid-epoch, resumed.
+    reports = ranks(tmp_path, launch({"epoch_metrics": True}, tmp_path))
+    reference_model = make_model()
+    reference = Trainer(plugins=[], seed=0, device="cpu", max_epochs=2)
+    train, val = make_data(n=N_TRAIN, batch_size=2 * PER_RANK_BATCH)
+    reference.fit(
+        reference_model,
+        train,
+        val,
+        loss_fn=F.cross_entropy,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        metrics={
+            "f1": MulticlassF1Score(num_classes=2, average="macro"),
+            "auroc": MulticlassAUROC(num_classes=2),
+            "acc": accuracy,
+        },
+    )
+    inputs, targets = val.dataset.tensors
+    with torch.no_grad():
+        outputs = reference_model(inputs)
+    expected = {
+        "val_f1": sklearn_metrics.f1_score(targets, outputs.argmax(dim=1), average="macro"),
+        "val_auroc": sklearn_metrics.roc_auc_score(targets, outputs.softmax(dim=1)[:, 1]),
+    }
+    for report in reports:
+        assert report["world_size"] == 2
+        assert_weights_close(report, reference_model)
+        metrics = report["metrics"]
+        # Training: each process's state merged with the other's at the epoch's end.
+        # Validation: gathered outputs, the samples padding the last batch dropped
+        # (20 samples per validation reached the metrics, not 24).
+        for name in ("f1", "auroc", "val_f1", "val_auroc"):
+            assert metrics[name] == pytest.approx(reference.metrics[name], abs=1e-5), name
+        for name, value in expected.items():
+            assert metrics[name] == pytest.approx(value, abs=1e-5), name
+        assert report["gathered_eval_samples"] == 2 * N_VAL
+        # Stopped 2 steps into the second epoch; every process restored its own
+        # running means and metric states, so the resumed epoch's values are the
+        # whole epoch's (with rank 0's loaded on both, the loss mean was not).
+        assert report["stopped_step"] == 7
+        for name in ("loss", "acc", "f1", "auroc", "val_f1", "val_auroc"):
+            assert report["resumed_metrics"][name] == metrics[name], name
+    # Every process reads the same values.
+    assert reports[0]["metrics"] == reports[1]["metrics"]

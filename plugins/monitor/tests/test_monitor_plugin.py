@@ -1,0 +1,226 @@
+"""The monitor plugin, through real runs of the trainer (hooktrain.testing)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hooktrain_monitor import Monitor
+from torch import nn
+
+from hooktrain import Trainer, hookimpl
+from hooktrain.errors import ConfigurationError
+from hooktrain.testing import HookRecorder, make_data, make_model
+
+# make_data(n=128, batch_size=16): 8 training batches an epoch, 2 validation batches.
+BATCH = 16
+
+
+class ManualClock:
+    """A clock the test advances itself: one second per training batch, 100 per
+    validation batch, so that throughput is a function of counts only."""
+
+    name = "manual-clock"
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    @hookimpl
+    def on_train_batch_start(self) -> None:
+        self.now += 1.0
+
+    @hookimpl
+    def on_validation_batch_start(self) -> None:
+        self.now += 100.0
+
+
+class GradNormAfterStep:
+    """The reference: the gradients' total norm read in ``on_before_zero_grad`` (the
+    optimizer step leaves ``.grad`` as it was), at every step."""
+
+    name = "grad-norm-reference"
+
+    def __init__(self) -> None:
+        self.norms: dict[int, float] = {}
+
+    @hookimpl
+    def on_before_zero_grad(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad.flatten() for g in optimizer.param_groups for p in g["params"]]
+        self.norms[trainer.global_step + 1] = torch.cat(grads).norm().item()
+
+
+def published(recorder: HookRecorder, scope: str = "step") -> list[tuple[int, dict[str, float]]]:
+    return [
+        (call.kwargs["step"], dict(call.kwargs["metrics"]))
+        for call in recorder.of("log_metrics")
+        if call.kwargs["scope"] == scope
+    ]
+
+
+def test_every_publication_holds_lr_grad_norm_and_throughput_as_floats(hooktrain_run) -> None:
+    clock = ManualClock()
+    reference = GradNormAfterStep()
+    result = hooktrain_run(
+        [clock, reference, Monitor(clock=clock)],
+        max_epochs=2,
+        log_every_n_steps=2,
+    )
+    steps = published(result.recorder)
+    assert [step for step, _ in steps] == [2, 4, 6, 8, 10, 12, 14, 16]
+    for step, metrics in steps:
+        for name in ("lr", "grad_norm", "samples_per_sec", "steps_per_sec"):
+            assert type(metrics[name]) is float, name
+        assert metrics["lr"] == 0.1  # hooktrain.testing.run's SGD
+        assert metrics["grad_norm"] == pytest.approx(reference.norms[step], rel=1e-6)
+        # Two batches of 16 in two (manual) seconds; the 200 seconds of validation
+        # between steps 8 and 10 are not training time.
+        assert metrics["samples_per_sec"] == 2 * BATCH / 2.0
+        assert metrics["steps_per_sec"] == 1.0
+        assert "max_memory_allocated" not in metrics  # the CPU
+    # Logged inside batches, the values also join the epoch's means: at the end,
+    # trainer.metrics holds the mean of the last epoch's publications.
+    last_epoch = [reference.norms[step] for step in (10, 12, 14, 16)]
+    mean = sum(last_epoch) / len(last_epoch)
+    assert result.trainer.metrics["grad_norm"] == pytest.approx(mean, rel=1e-6)
+    (_, epoch_end) = published(result.recorder, "epoch")[-1]
+    assert epoch_end["grad_norm"] == pytest.approx(mean, rel=1e-6)
+
+
+def test_the_gradient_norm_is_taken_before_clipping_and_over_a_whole_window(
+    hooktrain_run,
+) -> None:
+    reference = GradNormAfterStep()
+    result = hooktrain_run(
+        [Monitor()],
+        max_epochs=1,
+        log_every_n_steps=2,
+        accumulate_grad_batches=2,  # 8 batches: 4 steps, windows of 2
+        gradient_clip_val=1e-4,
+    )
+    steps = published(result.recorder)
+    assert [step for step, _ in steps] == [2, 4]
+    for _, metrics in steps:
+        # Clipped gradients would have a norm of at most 1e-4.
+        assert metrics["grad_norm"] > 1e-2
+        assert metrics["samples_per_sec"] > 0 and metrics["steps_per_sec"] > 0
+    # Without clipping, the window's accumulated gradients are the reference's.
+    unclipped = hooktrain_run(
+        [reference, Monitor()], max_epochs=1, log_every_n_steps=2, accumulate_grad_batches=2
+    )
+    for step, metrics in published(unclipped.recorder):
+        assert metrics["grad_norm"] == pytest.approx(reference.norms[step], rel=1e-6)
+
+
+def test_the_gradient_norm_is_computed_only_at_published_steps(hooktrain_run, monkeypatch) -> None:
+    calls = []
+    original = torch.nn.utils.get_total_norm
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "get_total_norm", counted)
+    hooktrain_run([Monitor()], max_epochs=2, log_every_n_steps=4)
+    assert len(calls) == 4  # steps 4, 8, 12 and 16 of 16
+
+
+class TwoOptimizers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = make_model()
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        first, second = self.body[0], self.body[2]
+        return [
+            torch.optim.SGD(
+                [{"params": first.parameters(), "lr": 0.1}, {"params": second.parameters()}],
+                lr=0.05,
+            ),
+            torch.optim.Adam(self.head.parameters(), lr=0.001),
+        ]
+
+
+def test_several_optimizers_and_groups_are_each_published() -> None:
+    recorder = HookRecorder(hooks=["log_metrics"])
+    trainer = Trainer(plugins=[Monitor(), recorder], device="cpu", log_every_n_steps=4)
+    train, _ = make_data()
+    trainer.fit(TwoOptimizers(), train)
+    _, metrics = published(recorder)[-1]
+    assert metrics["lr"] == 0.1
+    assert metrics["lr/0/0"] == 0.1
+    assert metrics["lr/0/1"] == 0.05
+    assert metrics["lr/1/0"] == 0.001
+    # One total norm over both optimizers' parameters.
+    assert metrics["grad_norm"] > 0
+
+
+def test_a_scheduled_learning_rate_is_published_as_it_is_at_each_step(hooktrain_run) -> None:
+    model = make_model()
+
+    def optimizer(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=1.0)
+
+    recorder = HookRecorder(hooks=["log_metrics"])
+    trainer = Trainer(plugins=[Monitor(), recorder], device="cpu", log_every_n_steps=1)
+    train, _ = make_data(n=64)  # 4 steps
+
+    class Scheduled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> dict[str, Any]:
+            opt = optimizer(self.parameters())
+            scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    trainer.fit(Scheduled(), train)
+    # Published after each step's scheduler step: 0.5, 0.25, ...
+    assert [m["lr"] for _, m in published(recorder)] == [0.5, 0.25, 0.125, 0.0625]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": "yes"}, "monitor: lr must be True or False"),
+        ({"clock": 3.0}, "monitor: clock must be callable"),
+    ],
+)
+def test_bad_options_are_refused_when_the_trainer_is_built(options, message) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Trainer(plugins=[("monitor", options)])
+
+
+def test_selected_by_name_it_reaches_every_logger(hooktrain_run) -> None:
+    result = hooktrain_run(["monitor"], max_epochs=1, log_every_n_steps=4)
+    (_, first), (_, second) = published(result.recorder)
+    assert {"lr", "grad_norm", "samples_per_sec", "steps_per_sec"} <= set(first) & set(second)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="peak memory is published on CUDA only")
+def test_peak_memory_is_published_in_bytes_on_cuda(hooktrain_run) -> None:
+    result = hooktrain_run(["monitor"], max_epochs=1, log_every_n_steps=4, device="cuda")
+    for _, metrics in published(result.recorder):
+        assert metrics["max_memory_allocated"] == float(int(metrics["max_memory_allocated"]))
+        # At least the model's parameters are allocated on the device.
+        parameters = sum(p.numel() * p.element_size() for p in result.model.parameters())
+        assert metrics["max_memory_allocated"] >= parameters

@@ -1,0 +1,239 @@
+"""Stateful metrics in ``metrics=`` (torchmetrics): whole-epoch values, checked
+against scikit-learn on the same outputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hooktrain import Trainer, accuracy, hookimpl
+from hooktrain.epoch_metrics import EpochMetrics
+from hooktrain.errors import ConfigurationError
+from hooktrain.testing import make_data, make_model
+
+torchmetrics = pytest.importorskip("torchmetrics")
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+CLASSES = 5
+# 412 training samples in batches of 16 (the last one holds 12); 103 validation
+# samples (the last batch holds 7).
+N_TRAIN = 412
+BATCH = 16
+
+
+def classification_metrics() -> dict[str, Any]:
+    from torchmetrics.classification import (
+        MulticlassAUROC,
+        MulticlassF1Score,
+        MulticlassPrecision,
+        MulticlassRecall,
+    )
+
+    return {
+        "f1": MulticlassF1Score(num_classes=CLASSES, average="macro"),
+        "precision": MulticlassPrecision(num_classes=CLASSES, average="macro"),
+        "recall": MulticlassRecall(num_classes=CLASSES, average="macro"),
+        "auroc": MulticlassAUROC(num_classes=CLASSES, average="macro"),
+        "acc": accuracy,  # a plain function next to them: still a batch mean
+    }
+
+
+def sklearn_values(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    predicted = outputs.argmax(dim=1).numpy()
+    y = targets.numpy()
+    return {
+        "f1": sklearn_metrics.f1_score(y, predicted, average="macro"),
+        "precision": sklearn_metrics.precision_score(y, predicted, average="macro"),
+        "recall": sklearn_metrics.recall_score(y, predicted, average="macro"),
+        "auroc": sklearn_metrics.roc_auc_score(
+            y, outputs.softmax(dim=1).numpy(), multi_class="ovr", average="macro"
+        ),
+    }
+
+
+class TrainOutputs:
+    """Keeps every training batch's outputs and targets, by epoch."""
+
+    name = "train-outputs"
+
+    def __init__(self) -> None:
+        self.epochs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer, outputs: Any) -> None:
+        batches = self.epochs.setdefault(trainer.current_epoch, [])
+        batches.append((outputs["outputs"].detach().clone(), outputs["targets"].clone()))
+
+    def of(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs, targets = zip(*self.epochs[epoch], strict=True)
+        return torch.cat(outputs), torch.cat(targets)
+
+
+def evaluate(model: torch.nn.Module, loader: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = loader.dataset.tensors
+    with torch.no_grad():
+        return model(inputs), targets
+
+
+def fit(metrics: dict[str, Any], plugins: list[Any], val: Any = None, **kwargs: Any) -> Trainer:
+    train, default_val = make_data(n=N_TRAIN, classes=CLASSES, batch_size=BATCH)
+    trainer = Trainer(plugins=plugins, device="cpu", seed=0, **kwargs)
+    model = make_model(classes=CLASSES)
+    trainer.fit(
+        model,
+        train,
+        default_val if val is None else val,
+        loss_fn=F.cross_entropy,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
+        metrics=metrics,
+    )
+    return trainer
+
+
+def test_whole_epoch_values_equal_scikit_learns_with_uneven_last_batches() -> None:
+    metrics = classification_metrics()
+    recorded = TrainOutputs()
+    trainer = fit(metrics, [recorded], max_epochs=2)
+    _, val = make_data(n=N_TRAIN, classes=CLASSES, batch_size=BATCH)
+    assert len(val.dataset) == 103
+
+    val_expected = sklearn_values(*evaluate(trainer.module, val))
+    train_expected = sklearn_values(*recorded.of(1))  # the last epoch alone: reset between
+    for name in ("f1", "precision", "recall", "auroc"):
+        assert trainer.metrics[f"val_{name}"] == pytest.approx(val_expected[name], abs=1e-5)
+        assert trainer.metrics[name] == pytest.approx(train_expected[name], abs=1e-5)
+        # The user's objects were copied, never updated.
+        assert metrics[name].update_count == 0
+    # The batch mean of a mean-decomposable metric is still its whole-set value.
+    outputs, targets = evaluate(trainer.module, val)
+    assert trainer.metrics["val_acc"] == pytest.approx(accuracy(outputs, targets).item(), abs=1e-6)
+    # A batch mean would not have matched: the last batches are uneven and F1 is not
+    # a mean over samples.
+    first_epoch = sklearn_values(*recorded.of(0))["f1"]
+    assert first_epoch != pytest.approx(train_expected["f1"], abs=1e-5)
+
+
+def test_two_validation_loaders_keep_their_own_state() -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    _, val = make_data(n=N_TRAIN, classes=CLASSES, batch_size=BATCH)
+    inputs, targets = val.dataset.tensors
+    # Two halves of different size; the second one's labels shifted, so that its F1
+    # is far from the first's.
+    first = DataLoader(TensorDataset(inputs[:60], targets[:60]), batch_size=BATCH)
+    second = DataLoader(TensorDataset(inputs[60:], (targets[60:] + 1) % CLASSES), batch_size=BATCH)
+    trainer = fit(
+        {"f1": torchmetrics.F1Score("multiclass", num_classes=CLASSES, average="macro")},
+        [],
+        val=[first, second],
+    )
+    for idx, loader in enumerate((first, second)):
+        expected = sklearn_values(*evaluate(trainer.module, loader))["f1"]
+        assert trainer.metrics[f"val_f1/dataloader_idx_{idx}"] == pytest.approx(expected, abs=1e-5)
+    assert "val_f1" not in trainer.metrics
+
+
+class MeanAbsoluteError:
+    """Not a torchmetrics Metric: only update, compute and reset."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.total = self.total + (outputs.argmax(dim=1) - targets).abs().sum()
+        self.count += len(targets)
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
+
+    def reset(self) -> None:
+        self.total = torch.zeros(())
+        self.count = 0
+
+
+def test_any_object_with_update_compute_and_reset_is_a_whole_epoch_metric() -> None:
+    trainer = fit({"mae": MeanAbsoluteError()}, [])
+    _, val = make_data(n=N_TRAIN, classes=CLASSES, batch_size=BATCH)
+    outputs, targets = evaluate(trainer.module, val)
+    expected = (outputs.argmax(dim=1) - targets).abs().float().mean()
+    assert trainer.metrics["val_mae"] == pytest.approx(expected.item(), abs=1e-6)
+    # validate() alone computes it the same way, from a fresh copy.
+    assert trainer.validate(trainer.module, val)["val_mae"] == pytest.approx(expected.item())
+
+
+def test_a_value_that_is_not_one_number_is_refused_naming_the_metric() -> None:
+    per_class = torchmetrics.F1Score("multiclass", num_classes=CLASSES, average=None)
+    with pytest.raises(ConfigurationError, match=r"metric 'f1' computed a tensor of shape \(5,\)"):
+        fit({"f1": per_class}, [])
+
+
+def test_a_metric_that_cannot_merge_is_refused_for_several_processes() -> None:
+    class FullState(torchmetrics.Metric):
+        full_state_update = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("n", torch.zeros(()), dist_reduce_fx="sum")
+
+        def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+            self.n += len(targets)
+
+        def compute(self) -> torch.Tensor:
+            return self.n
+
+    # One process never merges; two must.
+    assert EpochMetrics({"n": FullState()}, torch.device("cpu"), world_size=1)
+    with pytest.raises(ConfigurationError, match=r"metrics=\{'n': \.\.\.\} cannot be combined"):
+        EpochMetrics({"n": FullState()}, torch.device("cpu"), world_size=2)
+    with pytest.raises(ConfigurationError, match="no merge_state method"):
+        EpochMetrics({"mae": MeanAbsoluteError()}, torch.device("cpu"), world_size=2)
+
+
+def test_a_mid_epoch_checkpoint_holds_the_metric_states_and_resumes_exactly(tmp_path) -> None:
+    pytest.importorskip("hooktrain_checkpoint")
+    checkpoint = ("checkpoint", {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 5})
+
+    def run(**kwargs: Any) -> Trainer:
+        train, val = make_data(n=N_TRAIN, classes=CLASSES, batch_size=BATCH)
+        trainer = Trainer(
+            plugins=[checkpoint],
+            device="cpu",
+            seed=0,
+            max_epochs=2,
+            max_steps=kwargs.pop("max_steps", None),
+        )
+        trainer.fit(
+            make_model(classes=CLASSES),
+            train,
+            val,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
+            metrics=classification_metrics(),
+            **kwargs,
+        )
+        return trainer
+
+    uninterrupted = run()
+    (tmp_path / "ckpt").rename(tmp_path / "first")
+    # Stop in the middle of the second epoch (26 steps an epoch).
+    run(max_steps=40)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["progress"]["epoch_batches_done"] == 14
+    states = saved["epoch_metrics"]
+    assert not states["reduced"]  # one process: nothing combined
+    assert states["updates"] == 14
+    assert set(states["metrics"]) == {"f1", "precision", "recall", "auroc"}
+    resumed = run(ckpt_path="last")
+    for name in ("f1", "precision", "recall", "auroc", "val_f1", "val_auroc"):
+        assert resumed.metrics[name] == uninterrupted.metrics[name], name
+
+
+def test_importing_hooktrain_does_not_import_torchmetrics() -> None:
+    code = "import sys, hooktrain, hooktrain.trainer; print('torchmetrics' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
