@@ -76,6 +76,10 @@ class ProgressBar:
 
     #: Registered under this name when passed as an object.
     name = "tqdm"
+    # Two bars redrawing one terminal line garble each other (Lightning refuses a
+    # second progress bar for the same reason): a second progress-bar plugin is
+    # refused when the Trainer is built.
+    exclusive_roles = ("progress-bar",)
 
     def __init__(
         self,
