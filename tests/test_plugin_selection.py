@@ -48,7 +48,9 @@ for name in trainer.plugin_names:
 @pytest.fixture
 def project(tmp_path: Path, fake_dists, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A project folder with a ``tagger`` plugin installed and no hooktrain variables."""
-    fake_dists.add("tagger-dist", {"tagger": "selection_tagmod:Tagger"}, {"selection_tagmod": TAGGER})
+    fake_dists.add(
+        "tagger-dist", {"tagger": "selection_tagmod:Tagger"}, {"selection_tagmod": TAGGER}
+    )
     for variable in ("HOOKTRAIN_PLUGINS", "HOOKTRAIN_DISABLE_PLUGINS"):
         monkeypatch.delenv(variable, raising=False)
     root = tmp_path / "project"
