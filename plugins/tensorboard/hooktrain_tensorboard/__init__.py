@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
+from hooktrain.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
@@ -78,8 +79,8 @@ class TensorBoardLogger:
         (at most once a second), when an exception is raised, and at teardown: a
         process killed outright loses what was published since the last of these.
     :param max_queue: publications kept waiting before a write is forced.
-    :raises ValueError: ``log_every_n_steps`` is not an integer >= 1, ``flush_secs``
-        is not > 0 or ``max_queue`` is not an integer >= 1.
+    :raises ConfigurationError: (a ``ValueError``) ``log_every_n_steps`` is not an
+        integer >= 1, ``flush_secs`` is not > 0 or ``max_queue`` is not an integer >= 1.
     :raises ImportError: the ``tensorboard`` package is not installed.
     """
 
@@ -101,13 +102,15 @@ class TensorBoardLogger:
         max_queue: int = 1000,
     ) -> None:
         if log_every_n_steps is not None and not _positive_int(log_every_n_steps):
-            raise ValueError(
-                f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}"
+            raise ConfigurationError(
+                f"tensorboard: log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}"
             )
         if not flush_secs > 0:
-            raise ValueError(f"flush_secs must be > 0, got {flush_secs!r}")
+            raise ConfigurationError(f"tensorboard: flush_secs must be > 0, got {flush_secs!r}")
         if not _positive_int(max_queue):
-            raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+            raise ConfigurationError(
+                f"tensorboard: max_queue must be an integer >= 1, got {max_queue!r}"
+            )
         # Only looked up here: importing torch.utils.tensorboard takes 0.2 to 0.5 s,
         # paid when the first file is opened, and only on the process that writes.
         if importlib.util.find_spec("tensorboard") is None:
