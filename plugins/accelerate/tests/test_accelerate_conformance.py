@@ -14,7 +14,8 @@ class TestAccelerateConformance(PluginConformance):
     skip_checks = {
         "resume": "fails today, found by this check: resumed mid-epoch, a model with "
         "dropout trains other weights than uninterrupted (at an epoch boundary, or "
-        "without dropout, it is exact); the likely cause is accelerate's DataLoaderShard "
-        "creating its DataLoader iterator lazily, so its base-seed draw from torch's "
-        "global generator comes after the core restored that generator's state",
+        "without dropout, or with a DataLoader generator of its own, it is exact): "
+        "accelerate's DataLoaderShard creates its DataLoader iterator lazily, so the "
+        "iterator's base-seed draw from torch's global generator comes after the core "
+        "restored that generator's state, shifting dropout's random numbers",
     }
