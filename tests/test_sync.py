@@ -4,25 +4,23 @@ Reading a tensor as a Python value (``.item()``, ``float()``, ``bool()``...) mak
 the host wait for the device. The core and the first-party plugins may do that at
 log intervals, epoch ends and checkpoints, never per step. Every such conversion is
 counted over runs of N and 2N steps with a log interval longer than either: the
-count must not grow with the number of steps.
+count must not grow with the number of steps. The counter is the conformance
+suite's (`hooktrain.conformance_support.HostSyncCounter`), which every plugin's own
+suite runs as well.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 from collections import Counter
 from typing import Any
 
 import pytest
-import torch
 
 from hooktrain import hookimpl
+from hooktrain.conformance_support import HostSyncCounter
 from hooktrain.plugins import installed_plugins
 from hooktrain.testing import make_data, run
-
-# Every way a tensor becomes a host value.
-CONVERSIONS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
 
 STEPS = 12
 BATCH = 8
@@ -49,23 +47,11 @@ def first_party(tmp_path: Any) -> list[Any]:
 
 
 class ConversionCounter:
-    """Counts, by method name, every tensor-to-host conversion while active."""
+    """`HostSyncCounter` (the conformance suite's counter: every conversion, by where
+    it came from) over one run of ``steps`` steps per epoch."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.counts: Counter[str] = Counter()
-        self.active = False
-        for name in CONVERSIONS:
-            original = getattr(torch.Tensor, name)
-            monkeypatch.setattr(torch.Tensor, name, self._counting(name, original))
-
-    def _counting(self, name: str, original: Any) -> Any:
-        @functools.wraps(original)
-        def counted(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-            if self.active:
-                self.counts[name] += 1
-            return original(tensor, *args, **kwargs)
-
-        return counted
+        self.counter = HostSyncCounter(monkeypatch)
 
     def count_run(
         self,
@@ -74,10 +60,8 @@ class ConversionCounter:
         metrics: dict[str, Any] | None = None,
         log_every_n_steps: int | None = None,
     ) -> Counter[str]:
-        self.counts = Counter()
-        self.active = True
-        try:
-            run(
+        return self.counter.count(
+            lambda: run(
                 plugins,
                 record=False,
                 max_epochs=2,
@@ -86,9 +70,7 @@ class ConversionCounter:
                 # By default longer than any run here: step metrics are never published.
                 log_every_n_steps=log_every_n_steps or 10 * steps,
             )
-        finally:
-            self.active = False
-        return self.counts
+        )
 
 
 def _plugin_sets(tmp_path: Any) -> dict[str, list[Any]]:

@@ -54,9 +54,21 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def _disabled_here() -> set[str]:
+    """Names disabled by the environment or by the project's ``[tool.hooktrain]``."""
+    from hooktrain.errors import ConfigurationError
+    from hooktrain.selection import disabled_names, find_project_config
+
+    try:
+        return set(disabled_names(find_project_config()))
+    except ConfigurationError as exc:
+        print(f"warning: {exc}", file=sys.stderr)
+        return disabled_plugin_names()
+
+
 def _list_plugins(detail: bool) -> int:
     installed = installed_plugins()
-    disabled = disabled_plugin_names()
+    disabled = _disabled_here()
     if not installed:
         print(f"no plugins installed (entry-point group {ENTRY_POINT_GROUP!r})")
         return 0
@@ -80,17 +92,88 @@ def _list_plugins(detail: bool) -> int:
     return 0
 
 
-def _show_order(selection: Sequence[str]) -> int:
-    """Print, for each hook, the implementations in the order they will be called."""
+def _show_selected() -> int:
+    """Print what ``HOOKTRAIN_PLUGINS`` and the project's ``[tool.hooktrain]`` add to a
+    run started here, where each comes from, and what is disabled. Imports nothing.
+
+    :return: 1 when a name is not installed (a run would fail), else 0.
+    """
+    import os
+
+    from hooktrain.errors import ConfigurationError
+    from hooktrain.selection import disabled_names, find_project_config, plan_selection
+
+    try:
+        config = find_project_config()
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    disabled = disabled_names(config)
+    installed = installed_plugins()
+    print(f"run from {os.getcwd()}")
+    print(f"project config: {config.origin if config.path else 'none found'}")
+    print(
+        "the script's own plugins=[...] come first; this command cannot see them. Added after them:"
+    )
+    rows = []
+    missing = False
+    for planned in plan_selection([], [], config):
+        item = planned.item
+        name, options = item if isinstance(item, tuple) else (item, {})
+        if name in disabled:
+            status = f"disabled by {disabled[name]}"
+        elif name in installed:
+            status = f"{installed[name].distribution} {installed[name].version}"
+        elif ":" in name or "." in name:
+            status = "import path"
+        else:
+            status = "NOT INSTALLED: a run fails"
+            missing = True
+        shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        rows.append([name, planned.origin, status, shown])
+    if rows:
+        print(_table(rows, ["name", "origin", "status", "options"]))
+    else:
+        print("  nothing")
+    others = sorted(set(disabled) - {row[0] for row in rows})
+    if others:
+        print("disabled wherever selected: " + ", ".join(f"{n} ({disabled[n]})" for n in others))
+    selected = {row[0] for row in rows}
+    for name, options in config.plugin_options.items():
+        if name not in selected:
+            shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
+            print(f"options for {name!r} when the script selects it by name: {shown}")
+    return 1 if missing else 0
+
+
+def _show_order(selection: Sequence[str], check: bool = False) -> int:
+    """Print, for each hook, the implementations in the order they will be called.
+
+    The plugins are loaded and constructed with their default options, and the
+    trainer is built on the CPU: no model, no data, no accelerator is touched.
+    With ``check``, a set that cannot be built (two plugins taking one exclusive
+    role, an unknown name, bad options) exits 1 with the trainer's message.
+    """
     from hooktrain.errors import HooktrainError
+    from hooktrain.plugins import exclusive_roles
     from hooktrain.trainer import Trainer
 
     try:
         trainer = Trainer(plugins=list(selection), device="cpu")
     except HooktrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if check else 2
     manager = trainer.plugin_manager
+    added = {n: o for n, o in trainer.plugin_origins.items() if o != "script"}
+    if added:
+        print("added outside the list: " + ", ".join(f"{n} ({o})" for n, o in added.items()))
+    if check:
+        taken = [
+            f"{role} ({name})"
+            for name, plugin in manager.list_name_plugin()
+            for role in exclusive_roles(name, plugin)
+        ]
+        print(f"compatible: exclusive roles taken: {', '.join(sorted(taken)) or 'none'}")
     print(f"call order for plugins={list(selection)!r} (wrappers surround the rest):")
     for hook_name in _hook_names():
         impls = getattr(manager.hook, hook_name).get_hookimpls()
@@ -163,14 +246,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--detail", action="store_true", help="import each plugin: show its hooks or its load error"
     )
     plugins.add_argument("--hooks", action="store_true", help="list every hook of hooktrain")
+    plugins.add_argument(
+        "--check",
+        action="store_true",
+        help="check that the PLUGIN list can run together (no two take one exclusive role): "
+        "exit 1 with the reason if not, else print the call order; builds no model",
+    )
+    plugins.add_argument(
+        "--selected",
+        action="store_true",
+        help="show what HOOKTRAIN_PLUGINS and pyproject.toml's [tool.hooktrain] add to a run "
+        "started here, and where each comes from",
+    )
     options = parser.parse_args(args)
     if options.command != "plugins":
         parser.print_help()
         return 0 if options.command is None and not args else 2
     if options.hooks:
         return _list_hooks()
+    if options.selected:
+        return _show_selected()
+    if options.check and not options.selection:
+        parser.error("--check needs the plugin names to check")
     if options.selection:
-        return _show_order(options.selection)
+        return _show_order(options.selection, check=options.check)
     return _list_plugins(options.detail)
 
 

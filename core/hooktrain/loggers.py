@@ -42,6 +42,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hooktrain.errors import ConfigurationError
+
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
@@ -265,15 +267,19 @@ class FlushSchedule:
     :param flush_secs: write when the last write is at least this old, in seconds
         (checked at each publication).
     :param max_queue: write when this many publications wait.
-    :raises ValueError: ``flush_secs`` is not > 0 or ``max_queue`` is not an
-        integer >= 1.
+    :param owner: the plugin's name, which starts the error messages.
+    :raises ConfigurationError: (a ``ValueError``) ``flush_secs`` is not > 0 or
+        ``max_queue`` is not an integer >= 1.
     """
 
-    def __init__(self, flush_secs: float = 5.0, max_queue: int = 1000) -> None:
+    def __init__(self, flush_secs: float = 5.0, max_queue: int = 1000, owner: str = "") -> None:
+        prefix = f"{owner}: " if owner else ""
         if not (isinstance(flush_secs, int | float) and flush_secs > 0):
-            raise ValueError(f"flush_secs must be > 0, got {flush_secs!r}")
+            raise ConfigurationError(f"{prefix}flush_secs must be > 0, got {flush_secs!r}")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
-            raise ValueError(f"max_queue must be an integer >= 1, got {max_queue!r}")
+            raise ConfigurationError(
+                f"{prefix}max_queue must be an integer >= 1, got {max_queue!r}"
+            )
         self.flush_secs = flush_secs
         self.max_queue = max_queue
         self._flushed_at = time.monotonic()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
-import os
 import sys
 import types
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,16 +29,28 @@ from typing import Any
 import pluggy
 
 from hooktrain import hookspecs
-from hooktrain.errors import PluginError
+from hooktrain.errors import ConfigurationError, PluginError
 from hooktrain.markers import PROJECT_NAME
+from hooktrain.selection import (
+    DISABLE_ENV,
+    SCRIPT,
+    disabled_names,
+    env_names,
+    find_project_config,
+    plan_selection,
+)
 
 ENTRY_POINT_GROUP = "hooktrain"
 #: Entry points that add subcommands to the ``hooktrain`` command line.
 COMMAND_ENTRY_POINT_GROUP = "hooktrain.commands"
-#: Comma-separated plugin names that are skipped (and never imported) even when selected.
-DISABLE_ENV = "HOOKTRAIN_DISABLE_PLUGINS"
 #: The plugins ``Trainer(plugins=None)`` selects, each only when installed.
 DEFAULT_PLUGINS: tuple[str, ...] = ("tqdm",)
+
+#: The class attribute in which a plugin declares the exclusive roles it takes.
+ROLES_ATTRIBUTE = "exclusive_roles"
+#: Optional class attribute: role -> a sentence telling the user how to resolve a
+#: conflict over that role in this plugin's favour (or without it).
+ROLE_HINTS_ATTRIBUTE = "exclusive_role_hints"
 
 PluginSelection = str | object | tuple[Any, Mapping[str, Any]]
 
@@ -89,8 +100,7 @@ def installed_plugins() -> dict[str, InstalledPlugin]:
 
 def disabled_plugin_names() -> set[str]:
     """Names listed in ``HOOKTRAIN_DISABLE_PLUGINS``."""
-    raw = os.environ.get(DISABLE_ENV, "")
-    return {name.strip() for name in raw.split(",") if name.strip()}
+    return set(env_names(DISABLE_ENV))
 
 
 def _closest(name: str, candidates: Iterable[str]) -> str | None:
@@ -148,64 +158,94 @@ def _object_name(obj: Any) -> str:
 def resolve_plugins(selection: Sequence[PluginSelection] | None) -> list[tuple[str, Any]]:
     """Load every selected plugin and return ``(name, plugin object)`` in list order.
 
+    The list is the script's ``selection`` followed by what ``HOOKTRAIN_PLUGINS`` and
+    the project's ``[tool.hooktrain]`` table add (see `hooktrain.selection`).
+
     :raises PluginError: for an unknown name (listing what is installed and the
         closest match), a plugin that fails to import (naming its distribution),
-        bad options, or a malformed entry.
+        bad options, or a malformed entry; each says where the entry was selected.
+    :raises ConfigurationError: for a ``[tool.hooktrain]`` table that cannot be read.
     """
+    return [(name, obj) for name, obj, _ in resolve_with_origins(selection)]
+
+
+def resolve_with_origins(
+    selection: Sequence[PluginSelection] | None,
+) -> list[tuple[str, Any, str]]:
+    """`resolve_plugins`, each entry with where it was selected (``"script"``, the
+    environment, or the ``pyproject.toml``)."""
     installed: dict[str, InstalledPlugin] | None = None
-    disabled = disabled_plugin_names()
+    config = find_project_config()
+    disabled = disabled_names(config)
+    defaults: list[str] = []
     if selection is None:
         installed = installed_plugins()
-        selection = [name for name in DEFAULT_PLUGINS if name in installed]
+        defaults = [name for name in DEFAULT_PLUGINS if name in installed]
 
     loaded: list[tuple[str, Any]] = []
-    for item in selection:
-        options: Mapping[str, Any] | None = None
-        target = item
-        if isinstance(item, tuple):
-            if len(item) != 2 or not isinstance(item[1], Mapping):
-                raise PluginError(
-                    f"plugin entry {item!r} must be a pair (name or object, {{options}})"
-                )
-            target, options = item
-        if isinstance(target, str):
-            name = target
-            if name in disabled:
-                print(
-                    f"hooktrain: plugin {name!r} is disabled by {DISABLE_ENV}; running without it",
-                    file=sys.stderr,
-                )
-                continue
-            if ":" in name:
+    origins: list[str] = []
+    for planned in plan_selection(selection, defaults, config):
+        try:
+            entry = _load_entry(planned.item, disabled, installed)
+        except PluginError as exc:
+            if planned.origin == SCRIPT:
+                raise
+            raise PluginError(f"{exc} (selected by {planned.origin})") from exc
+        if entry is None:
+            continue
+        if installed is None and entry[2]:
+            installed = entry[2]
+        loaded.append(entry[:2])
+        origins.append(planned.origin)
+    named = _unique_names(loaded)
+    return [(name, obj, origin) for (name, obj), origin in zip(named, origins, strict=True)]
+
+
+def _load_entry(
+    item: Any, disabled: Mapping[str, str], installed: dict[str, InstalledPlugin] | None
+) -> tuple[str, Any, dict[str, InstalledPlugin] | None] | None:
+    """Load one list entry: ``(name, plugin object, the installed plugins when they
+    were read)``, or ``None`` when it is disabled."""
+    options: Mapping[str, Any] | None = None
+    target = item
+    if isinstance(item, tuple):
+        if len(item) != 2 or not isinstance(item[1], Mapping):
+            raise PluginError(f"plugin entry {item!r} must be a pair (name or object, {{options}})")
+        target, options = item
+    if isinstance(target, str):
+        name = target
+        if name in disabled:
+            _say_disabled(name, disabled[name])
+            return None
+        if ":" in name:
+            obj = _import_path(name)
+        else:
+            if installed is None:
+                installed = installed_plugins()
+            if name in installed:
+                obj = installed[name].load()
+            elif "." in name:
                 obj = _import_path(name)
             else:
-                if installed is None:
-                    installed = installed_plugins()
-                if name in installed:
-                    obj = installed[name].load()
-                elif "." in name:
-                    obj = _import_path(name)
-                else:
-                    closest = _closest(name, installed)
-                    hint = f" Did you mean {closest!r}?" if closest else ""
-                    known = ", ".join(sorted(installed)) or "none"
-                    raise PluginError(
-                        f"unknown plugin {name!r}.{hint} Installed plugins: {known}. "
-                        f"Install a distribution that registers it under the entry-point "
-                        f"group {ENTRY_POINT_GROUP!r}, or pass an import path 'module:attribute'."
-                    )
-            loaded.append((name, _instantiate(name, obj, options)))
-        else:
-            name = target.__name__ if inspect.isclass(target) else _object_name(target)
-            if name in disabled:
-                print(
-                    f"hooktrain: plugin {name!r} is disabled by {DISABLE_ENV}; running without it",
-                    file=sys.stderr,
+                closest = _closest(name, installed)
+                hint = f" Did you mean {closest!r}?" if closest else ""
+                known = ", ".join(sorted(installed)) or "none"
+                raise PluginError(
+                    f"unknown plugin {name!r}.{hint} Installed plugins: {known}. "
+                    f"Install a distribution that registers it under the entry-point "
+                    f"group {ENTRY_POINT_GROUP!r}, or pass an import path 'module:attribute'."
                 )
-                continue
-            obj = _instantiate(name, target, options)
-            loaded.append((_object_name(obj) if inspect.isclass(target) else name, obj))
-    return _unique_names(loaded)
+        return name, _instantiate(name, obj, options), installed
+    name = target.__name__ if inspect.isclass(target) else _object_name(target)
+    if name in disabled:
+        _say_disabled(name, disabled[name])
+        return None
+    obj = _instantiate(name, target, options)
+    return (_object_name(obj) if inspect.isclass(target) else name), obj, installed
+
+
+def _say_disabled(name: str, where: str) -> None:
+    print(f"hooktrain: plugin {name!r} is disabled by {where}; running without it", file=sys.stderr)
 
 
 def _unique_names(loaded: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
@@ -218,13 +258,70 @@ def _unique_names(loaded: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return result
 
 
+def exclusive_roles(name: str, plugin: Any) -> tuple[str, ...]:
+    """The exclusive roles ``plugin`` declares in its ``exclusive_roles`` attribute.
+
+    :raises PluginError: when the attribute is not a tuple (or list) of non-empty
+        strings; a bare string is refused rather than read as its letters.
+    """
+    declared = getattr(plugin, ROLES_ATTRIBUTE, ())
+    if declared is None:
+        return ()
+    if isinstance(declared, str) or not isinstance(declared, tuple | list | frozenset | set):
+        raise PluginError(
+            f"plugin {name!r}: {ROLES_ATTRIBUTE} must be a tuple of role names, got "
+            f"{declared!r} (write {ROLES_ATTRIBUTE} = ({str(declared)!r},) for one role)"
+        )
+    roles = tuple(declared)
+    if not all(isinstance(role, str) and role.strip() for role in roles):
+        raise PluginError(
+            f"plugin {name!r}: every entry of {ROLES_ATTRIBUTE} must be a non-empty string, "
+            f"got {declared!r}"
+        )
+    return roles
+
+
+def role_conflict(role: str, first: tuple[str, Any], second: tuple[str, Any]) -> ConfigurationError:
+    """The error for two plugins that both take ``role``: names both, the role, and
+    each plugin's hint for that role (``exclusive_role_hints``) when it gives one."""
+    message = (
+        f"plugins {first[0]!r} and {second[0]!r} both take the exclusive role {role!r} "
+        f"(their {ROLES_ATTRIBUTE}); only one selected plugin may hold a role, so select "
+        f"one of them."
+    )
+    for name, plugin in (first, second):
+        hints = getattr(plugin, ROLE_HINTS_ATTRIBUTE, None) or {}
+        hint = hints.get(role) if isinstance(hints, Mapping) else None
+        if hint:
+            message += f" {name}: {hint}"
+    return ConfigurationError(message)
+
+
+def check_exclusive_roles(loaded: Iterable[tuple[str, Any]]) -> dict[str, str]:
+    """Refuse two plugins of ``loaded`` (``(name, plugin)`` in list order) that take
+    the same exclusive role.
+
+    :return: each role taken, with the name of the plugin that holds it.
+    :raises ConfigurationError: naming both plugins and the role, at the first clash.
+    :raises PluginError: for a malformed ``exclusive_roles`` attribute.
+    """
+    holders: dict[str, tuple[str, Any]] = {}
+    for name, plugin in loaded:
+        for role in exclusive_roles(name, plugin):
+            if role in holders and holders[role][1] is not plugin:
+                raise role_conflict(role, holders[role], (name, plugin))
+            holders[role] = (name, plugin)
+    return {role: holder[0] for role, holder in holders.items()}
+
+
 class PluginManager(pluggy.PluginManager):
     """pluggy's manager for the project ``hooktrain``, stricter on registration.
 
     A hook implementation whose name matches no hookspec is refused at once
     (pluggy would accept it silently until ``check_pending``), naming the plugin,
     the bad name and the closest hook; an argument a hook does not offer is refused
-    the same way.
+    the same way. A plugin taking an exclusive role that a registered plugin holds
+    is refused too (`check_exclusive_roles`), also when registered during a run.
     """
 
     def __init__(self) -> None:
@@ -233,20 +330,26 @@ class PluginManager(pluggy.PluginManager):
 
     def register(self, plugin: Any, name: str | None = None) -> str | None:
         name = name or _object_name(plugin)
+        roles = exclusive_roles(name, plugin)
+        if roles:
+            check_exclusive_roles([*self.list_name_plugin(), (name, plugin)])
         spec_names = [n for n in dir(self.hook) if not n.startswith("_")]
         for attr in dir(plugin):
             if attr.startswith("__"):
                 continue
-            if self.parse_hookimpl_opts(plugin, attr) is None:
+            opts = self.parse_hookimpl_opts(plugin, attr)
+            if opts is None:
                 continue
-            if not hasattr(self.hook, attr):
-                closest = _closest(attr, spec_names)
+            # pluggy's specname lets an attribute of another name implement a hook.
+            hook_name = opts.get("specname") or attr
+            if not hasattr(self.hook, hook_name):
+                closest = _closest(hook_name, spec_names)
                 hint = f"; did you mean {closest!r}?" if closest else ""
                 raise PluginError(
-                    f"plugin {name!r} implements {attr!r}, which is not a hooktrain hook{hint} "
-                    f"(see 'hooktrain plugins --hooks' for the list)"
+                    f"plugin {name!r} implements {hook_name!r}, which is not a hooktrain "
+                    f"hook{hint} (see 'hooktrain plugins --hooks' for the list)"
                 )
-            offered = list(inspect.signature(getattr(hookspecs, attr)).parameters)
+            offered = list(inspect.signature(getattr(hookspecs, hook_name)).parameters)
             try:
                 wanted = [
                     p.name
@@ -259,8 +362,8 @@ class PluginManager(pluggy.PluginManager):
             unknown = [arg for arg in wanted if arg not in offered]
             if unknown:
                 raise PluginError(
-                    f"plugin {name!r}: its {attr} takes {', '.join(unknown)}, which the hook "
-                    f"does not offer; {attr} offers ({', '.join(offered)})"
+                    f"plugin {name!r}: its {hook_name} takes {', '.join(unknown)}, which the hook "
+                    f"does not offer; {hook_name} offers ({', '.join(offered)})"
                 )
         try:
             return super().register(plugin, name)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HookCall",
     "HookRecorder",
+    "PluginConformance",
     "RunResult",
     "make_data",
     "make_model",
@@ -254,3 +255,6 @@ if pytest is not None:
     def hook_recorder() -> HookRecorder:
         """A fresh `HookRecorder` to put in a plugin list."""
         return HookRecorder()
+
+    # The conformance suite a plugin's tests subclass (see docs/testing-a-plugin.md).
+    from hooktrain.conformance import PluginConformance

@@ -26,7 +26,12 @@ from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.instrument import TRACE_ENV, instrument, stderr_tracer
 from hooktrain.metrics import MetricFn, Metrics, RunningMeans
 from hooktrain.optimization import Scheduler
-from hooktrain.plugins import PluginManager, PluginSelection, resolve_plugins
+from hooktrain.plugins import (
+    PluginManager,
+    PluginSelection,
+    check_exclusive_roles,
+    resolve_with_origins,
+)
 from hooktrain.rng import seed_everything
 from hooktrain.stages import run_stage
 
@@ -40,6 +45,8 @@ class Trainer:
         entry-point names (``"tqdm"``), import paths (``"pkg.mod:Plugin"``), plugin
         objects, or pairs ``(name, {options})``. ``None`` selects the default set
         (``hooktrain.plugins.DEFAULT_PLUGINS``, those installed); ``[]`` selects none.
+        Two plugins that take the same exclusive role (their ``exclusive_roles``) raise
+        ``ConfigurationError`` here, before anything runs.
     :param max_epochs: epochs to train (at least 1).
     :param max_steps: stop after this many optimizer steps, even mid-epoch.
     :param seed: seeds Python, NumPy and torch when each stage starts, and the
@@ -121,13 +128,20 @@ class Trainer:
         self.plugin_manager = PluginManager()
         self._defaults = CoreDefaults()
         self.plugin_manager.register(self._defaults, name="core")
-        loaded = resolve_plugins(plugins)
+        resolved = resolve_with_origins(plugins)
+        loaded = [(name, plugin) for name, plugin, _ in resolved]
+        # Checked on the whole list first, so that the message names the two plugins
+        # in the order the user listed them.
+        check_exclusive_roles(loaded)
         # pluggy calls the last registered implementation first; registering in
         # reverse makes the list order the call order.
         for name, plugin in reversed(loaded):
             self.plugin_manager.register(plugin, name=name)
         #: Registered names of the selected plugins, in list order.
         self.plugin_names: list[str] = [name for name, _ in loaded]
+        #: Registered name to where it was selected: ``"script"``, the default set,
+        #: ``HOOKTRAIN_PLUGINS``, or a ``pyproject.toml`` (`hooktrain.selection`).
+        self.plugin_origins: dict[str, str] = {name: origin for name, _, origin in resolved}
         if os.environ.get(TRACE_ENV, "") not in ("", "0"):
             instrument(self.plugin_manager, stderr_tracer)
 

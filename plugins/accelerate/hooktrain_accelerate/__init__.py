@@ -122,9 +122,14 @@ class Accelerate:
     """
 
     name = "accelerate"
-    # Precision belongs to the accelerator (its autocast, its scaler): no second
-    # plugin may add its own (see hooktrain_amp.PRECISION_OWNER_ATTRIBUTE).
-    hooktrain_precision_owner = "accelerate"
+    # The process group and the model's wrapper are the accelerator's, and so are
+    # precision (its autocast, its scaler): a second plugin doing either is refused
+    # when the Trainer is built.
+    exclusive_roles = ("distributed", "precision")
+    exclusive_role_hints = {
+        "precision": "drop the other precision plugin and pass mixed_precision='bf16' or "
+        "'fp16' to 'accelerate' instead.",
+    }
 
     def __init__(
         self,
@@ -182,14 +187,6 @@ class Accelerate:
 
     @hookimpl
     def setup(self, trainer: Trainer) -> None:
-        mine = trainer.plugin_manager.get_name(self)
-        for name, plugin in trainer.plugin_manager.list_name_plugin():
-            if plugin is not self and getattr(plugin, "hooktrain_precision_owner", None):
-                raise ConfigurationError(
-                    f"plugins {mine!r} and {name!r} both control precision (autocast and loss "
-                    f"scaling); select only one. Drop {name!r} and pass mixed_precision='bf16' "
-                    f"or 'fp16' to {mine!r}."
-                )
         self._reconcile_accumulation(trainer)
         if self.accelerator is None:
             self.accelerator = self._create_accelerator()

@@ -123,8 +123,13 @@ def test_fp16_on_the_cpu_is_refused_rather_than_run_in_float32() -> None:
 )
 def test_amp_and_accelerate_together_refuse_to_start(plugins: list[Any]) -> None:
     pytest.importorskip("hooktrain_amp")
-    with pytest.raises(HookError, match=r"'(amp|accelerate)' and '(amp|accelerate)' both control"):
-        fit(plugins, DtypeProbe())
+    # Refused when the Trainer is built, before any model or data is touched.
+    with pytest.raises(ConfigurationError, match=r"exclusive role 'precision'") as info:
+        Trainer(plugins=plugins, device="cpu")
+    message = str(info.value)
+    assert "'amp'" in message and "'accelerate'" in message
+    # accelerate's own hint for the role: how to get mixed precision without amp.
+    assert "mixed_precision='bf16'" in message
 
 
 def test_gradient_accumulation_option_becomes_the_trainers_without_double_division(

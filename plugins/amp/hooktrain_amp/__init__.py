@@ -28,13 +28,8 @@ if TYPE_CHECKING:
 
     from hooktrain import Trainer
 
-__all__ = ["PRECISION_OWNER_ATTRIBUTE", "MixedPrecision"]
+__all__ = ["MixedPrecision"]
 __version__ = "0.1.0"
-
-#: A plugin that decides the precision (autocast, loss scaling) sets this class
-#: attribute to its own name; two such plugins in one trainer refuse to start, so
-#: that the forward never runs under two autocasts nor the loss under two scalers.
-PRECISION_OWNER_ATTRIBUTE = "hooktrain_precision_owner"
 
 _PRECISIONS = {
     "bf16": "bfloat16",
@@ -44,15 +39,6 @@ _PRECISIONS = {
     "16-mixed": "float16",
     "float16": "float16",
 }
-
-
-def _other_precision_owners(trainer: Trainer, me: object) -> list[str]:
-    """Registered names of the other plugins that claim to own precision."""
-    return [
-        name
-        for name, plugin in trainer.plugin_manager.list_name_plugin()
-        if plugin is not me and getattr(plugin, PRECISION_OWNER_ATTRIBUTE, None)
-    ]
 
 
 class MixedPrecision:
@@ -69,7 +55,10 @@ class MixedPrecision:
     """
 
     name = "amp"
-    hooktrain_precision_owner = "amp"
+    # The forward must never run under two autocasts, nor the loss under two
+    # scalers: a second plugin deciding precision (accelerate) is refused when the
+    # Trainer is built.
+    exclusive_roles = ("precision",)
 
     def __init__(
         self,
@@ -99,17 +88,6 @@ class MixedPrecision:
         return f"MixedPrecision(precision={self.precision!r}, scaler={self._use_scaler})"
 
     # ------------------------------------------------------------------ setup
-
-    @hookimpl
-    def setup(self, trainer: Trainer) -> None:
-        others = _other_precision_owners(trainer, self)
-        if others:
-            mine = trainer.plugin_manager.get_name(self)
-            raise ConfigurationError(
-                f"plugins {mine!r} and {others[0]!r} both control precision (autocast and loss "
-                f"scaling); select only one. With 'accelerate', drop {mine!r} and pass "
-                f"mixed_precision='bf16' or 'fp16' to it instead."
-            )
 
     @hookimpl
     def prepare(self, trainer: Trainer, stage: str) -> None:

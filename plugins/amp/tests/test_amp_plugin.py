@@ -277,18 +277,21 @@ def test_an_unknown_precision_is_refused_at_construction() -> None:
         MixedPrecision(precision="fp8")
 
 
-def test_two_precision_owners_refuse_to_start() -> None:
+def test_a_second_precision_plugin_is_refused_when_the_trainer_is_built() -> None:
     class OtherPrecision:
         name = "other-precision"
-        hooktrain_precision_owner = "other-precision"
+        exclusive_roles = ("precision",)
 
         @hookimpl
         def backward(self, loss: torch.Tensor) -> bool:
             loss.backward()
             return True
 
-    with pytest.raises(HookError, match="'amp' and 'other-precision' both control precision"):
-        fit([("amp", {}), OtherPrecision()])
+    with pytest.raises(
+        ConfigurationError,
+        match="plugins 'amp' and 'other-precision' both take the exclusive role 'precision'",
+    ):
+        Trainer(plugins=[("amp", {}), OtherPrecision()], device="cpu")
 
 
 def test_the_evaluation_loss_of_a_plain_model_is_computed_under_autocast():

@@ -59,6 +59,11 @@ class ModelCheckpoint:
     """
 
     name = "checkpoint"
+    # It answers load_checkpoint (what ckpt_path="last" means, and where it is) and
+    # owns the process's SIGTERM handler. A second such plugin would resolve "last"
+    # in another directory, and only one of the two would hear the signal; it is
+    # refused when the Trainer is built.
+    exclusive_roles = ("checkpoint-io",)
 
     def __init__(
         self,

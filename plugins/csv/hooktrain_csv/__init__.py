@@ -91,7 +91,7 @@ class CSVLogger:
         flush_secs: float = 5.0,
         max_queue: int = 1000,
     ) -> None:
-        self._schedule = FlushSchedule(flush_secs, max_queue)
+        self._schedule = FlushSchedule(flush_secs, max_queue, owner="csv")
         self.log_dir = Path(log_dir)
         self.run_name = name
         self.version = version

@@ -106,7 +106,7 @@ class MLFlowLogger:
         max_queue: int = 1000,
         start_timeout: int = 5,
     ) -> None:
-        self._schedule = FlushSchedule(flush_secs, max_queue)
+        self._schedule = FlushSchedule(flush_secs, max_queue, owner="mlflow")
         if type(start_timeout) is not int or start_timeout < 1:
             # MLflow reads its request timeout as a whole number of seconds.
             raise ValueError(f"start_timeout must be an integer >= 1, got {start_timeout!r}")

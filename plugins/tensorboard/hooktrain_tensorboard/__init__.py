@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
+from hooktrain.errors import ConfigurationError
 from hooktrain.loggers import (
     FlushSchedule,
     collect_hparams,
@@ -86,8 +87,8 @@ class TensorBoardLogger:
         (at most once a second), at each checkpoint, when an exception is raised,
         and at teardown: a process killed outright loses what was published since the last of these.
     :param max_queue: publications kept waiting before a write is forced.
-    :raises ValueError: ``log_every_n_steps`` is not an integer >= 1, ``flush_secs``
-        is not > 0 or ``max_queue`` is not an integer >= 1.
+    :raises ConfigurationError: (a ``ValueError``) ``log_every_n_steps`` is not an
+        integer >= 1, ``flush_secs`` is not > 0 or ``max_queue`` is not an integer >= 1.
     :raises ImportError: the ``tensorboard`` package is not installed.
     """
 
@@ -109,10 +110,10 @@ class TensorBoardLogger:
         max_queue: int = 1000,
     ) -> None:
         if log_every_n_steps is not None and not _positive_int(log_every_n_steps):
-            raise ValueError(
-                f"log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}"
+            raise ConfigurationError(
+                f"tensorboard: log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}"
             )
-        self._schedule = FlushSchedule(flush_secs, max_queue)
+        self._schedule = FlushSchedule(flush_secs, max_queue, owner="tensorboard")
         # Only looked up here: importing torch.utils.tensorboard takes 0.2 to 0.5 s,
         # paid when the first file is opened, and only on the process that writes.
         if importlib.util.find_spec("tensorboard") is None:

@@ -33,6 +33,7 @@ from contextlib import ExitStack
 from typing import IO, TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
+from hooktrain.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from tqdm import tqdm as Tqdm
@@ -54,7 +55,7 @@ class ProgressBar:
 
     :param refresh_interval: a bar is redrawn at a batch's end when at least this
         many seconds passed since its previous redraw; ``0`` redraws after every
-        batch. Raises ``ValueError`` when negative.
+        batch. Raises ``ConfigurationError`` (a ``ValueError``) when negative.
     :param leave: keep each epoch's bar on screen when the epoch ends (the summary
         line is printed either way). The validation bar is always removed.
     :param stream: where to draw; default ``sys.stderr`` as it is when the stage
@@ -62,10 +63,10 @@ class ProgressBar:
     :param plain_interval: where ``stream`` is not a terminal, print a plain progress
         line at a batch's end when at least this many seconds passed since the
         previous one (or the epoch's start); ``None`` prints only the summary line per
-        epoch. Raises ``ValueError`` unless positive or ``None``.
+        epoch. Raises ``ConfigurationError`` (a ``ValueError``) unless positive or ``None``.
     :param metrics: names to show in the postfix and the summary, in this order;
-        default every published value, ``loss`` first. Raises ``ValueError`` for a
-        single string.
+        default every published value, ``loss`` first. Raises ``ConfigurationError``
+        (a ``ValueError``) for a single string.
     :param terminal: force the terminal (``True``) or plain (``False``) behaviour
         instead of asking ``stream.isatty()``.
     :param show_validation: draw a bar during validation, test and predict.
@@ -76,6 +77,10 @@ class ProgressBar:
 
     #: Registered under this name when passed as an object.
     name = "tqdm"
+    # Two bars redrawing one terminal line garble each other (Lightning refuses a
+    # second progress bar for the same reason): a second progress-bar plugin is
+    # refused when the Trainer is built.
+    exclusive_roles = ("progress-bar",)
 
     def __init__(
         self,
@@ -90,11 +95,17 @@ class ProgressBar:
         redirect_logging: bool = True,
     ) -> None:
         if not refresh_interval >= 0:
-            raise ValueError(f"refresh_interval must be >= 0 seconds, got {refresh_interval!r}")
+            raise ConfigurationError(
+                f"tqdm: refresh_interval must be >= 0 seconds, got {refresh_interval!r}"
+            )
         if plain_interval is not None and not plain_interval > 0:
-            raise ValueError(f"plain_interval must be > 0 seconds or None, got {plain_interval!r}")
+            raise ConfigurationError(
+                f"tqdm: plain_interval must be > 0 seconds or None, got {plain_interval!r}"
+            )
         if isinstance(metrics, str):
-            raise ValueError(f"metrics must be a list of names, got the string {metrics!r}")
+            raise ConfigurationError(
+                f"tqdm: metrics must be a list of names, got the string {metrics!r}"
+            )
         self.refresh_interval = float(refresh_interval)
         self.leave = leave
         self.stream = stream

@@ -1,0 +1,443 @@
+"""`PluginConformance`: ready-made tests every plugin's test suite inherits.
+
+A plugin's test module subclasses it with one attribute::
+
+    from hooktrain.testing import PluginConformance
+
+    class TestMyPlugin(PluginConformance):
+        plugin = ("myplugin", {"every": 2})  # anything plugins=[...] accepts
+
+and pytest collects the checks below, each a small real training job on the CPU
+(``docs/testing-a-plugin.md`` explains each one and how to meet it):
+
+* ``test_exact_resume_after_sigterm``: killed mid-epoch, resumed, bit-identical;
+* ``test_no_host_sync_per_step``: no tensor read to the host per training step;
+* ``test_order_independence``: first or last in the list trains the same weights;
+* ``test_hook_exceptions_name_the_plugin``: an error raised in its hooks names it;
+* ``test_documented_errors_are_clear``: its documented bad options are refused;
+* ``test_two_processes_end_with_equal_weights`` (``slow``): 2 processes, accelerate.
+
+``skip_checks = {"order": "why"}`` skips a check, with the reason shown by pytest.
+Run as ``python -m hooktrain.conformance MODULE_PATH CLASS OUT_DIR`` it is the worker
+of the two-process check.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hooktrain.conformance_support import (
+    HostSyncCounter,
+    Neighbour,
+    TrainingJob,
+    UnhandledSigterm,
+    implemented_hooks,
+    raise_on_entry,
+    sigterm_guard,
+    weight_differences,
+)
+
+__all__ = ["CHECKS", "PluginConformance"]
+
+#: The checks' names, as ``skip_checks`` keys.
+CHECKS = ("resume", "host_sync", "order", "hook_errors", "documented_errors", "multiprocess")
+#: The global step at which the resume check sends SIGTERM: mid-way through epoch 2.
+KILL_STEP = 9
+_GUIDE = "see docs/testing-a-plugin.md"
+
+
+def _raw_plugin(cls: type) -> Any:
+    # getattr_static: a plain function given as a factory must not become a method.
+    value = inspect.getattr_static(cls, "plugin", None)
+    if isinstance(value, staticmethod | classmethod):
+        value = value.__func__
+    if value is None:
+        pytest.fail(
+            f"{cls.__name__}: set the class attribute plugin = ... to what plugins=[...] "
+            f"accepts (a name, (name, {{options}}), an import path, a class or an object)"
+        )
+    return value
+
+
+def fresh_selection(value: Any) -> Any:
+    """A copy of a plugin selection that shares no state with ``value``: every run of
+    a check gets its plugin as new, as a fresh process would."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping):
+        try:
+            options = copy.deepcopy(dict(value[1]))
+        except Exception:  # a stream, a lock: options are inputs, sharing them is fine
+            options = dict(value[1])
+        return (fresh_selection(value[0]), options)
+    if (
+        isinstance(value, str | types.ModuleType)
+        or inspect.isclass(value)
+        or inspect.isroutine(value)
+    ):
+        return value  # constructed anew by each Trainer, or nothing to copy
+    try:
+        return copy.deepcopy(value)
+    except Exception as exc:
+        pytest.fail(
+            f"the plugin object {value!r} cannot be copied ({exc}), so each run of a check "
+            f"cannot get a fresh one; set plugin = its class, or (its class, {{options}})"
+        )
+
+
+class PluginConformance:
+    """Subclass it in a plugin's tests, setting ``plugin``; pytest runs the checks.
+
+    :cvar plugin: the plugin, as ``Trainer(plugins=[...])`` takes it.
+    :cvar skip_checks: check name (one of `CHECKS`) to the reason it does not apply.
+    :cvar documented_errors: ``(options, regex)`` pairs: options the plugin documents
+        as refused, and a regular expression its message must match. Needs ``plugin``
+        given as a name, an import path or a class (options are applied to it).
+    """
+
+    plugin: Any = None
+    skip_checks: Mapping[str, str] = {}
+    documented_errors: Sequence[tuple[Mapping[str, Any], str]] = ()
+
+    @pytest.fixture(autouse=True)
+    def _conformance_isolation(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> Iterator[None]:
+        # A check runs what it lists, nothing the environment or a project adds.
+        for variable in ("HOOKTRAIN_PLUGINS", "HOOKTRAIN_DISABLE_PLUGINS", "HOOKTRAIN_TRACE"):
+            monkeypatch.delenv(variable, raising=False)
+        monkeypatch.chdir(tmp_path)
+        unknown = sorted(set(self.skip_checks) - set(CHECKS))
+        if unknown:
+            pytest.fail(f"skip_checks names unknown checks {unknown}; the checks are {CHECKS}")
+        self._tmp = tmp_path
+        self._monkeypatch = monkeypatch
+        yield
+
+    # ------------------------------------------------------------------ helpers
+
+    def _skip_if_asked(self, check: str) -> None:
+        reason = self.skip_checks.get(check)
+        if reason:
+            pytest.skip(f"{check} skipped by skip_checks: {reason}")
+
+    def _fresh(self) -> Any:
+        return fresh_selection(_raw_plugin(type(self)))
+
+    def _loaded(self) -> tuple[str, Any]:
+        from hooktrain.plugins import resolve_plugins
+
+        ((name, obj),) = resolve_plugins([self._fresh()])
+        return name, obj
+
+    def _job(self, folder: str) -> TrainingJob:
+        workdir = self._tmp / folder
+        workdir.mkdir(exist_ok=True)
+        self._monkeypatch.chdir(workdir)
+        return TrainingJob()
+
+    # ------------------------------------------------------------------ (a) resume
+
+    def test_exact_resume_after_sigterm(self) -> None:
+        """Killed (SIGTERM, from the ``faults`` plugin) at global step 9 of 12, mid-epoch,
+        then resumed with ``ckpt_path="last"``: the weights must be bit-identical to
+        those of the same run never interrupted."""
+        from hooktrain.plugins import exclusive_roles, installed_plugins
+
+        self._skip_if_asked("resume")
+        name, obj = self._loaded()
+        companions: list[Any] = []
+        if "checkpoint-io" not in exclusive_roles(name, obj):
+            if "checkpoint" not in installed_plugins():
+                pytest.skip(
+                    "exact resume needs the checkpoint plugin to save and reload the run, "
+                    "and hooktrain-checkpoint is not installed (pip install hooktrain-checkpoint)"
+                )
+            companions = [("checkpoint", {"dirpath": "conformance-ckpt", "async_save": False})]
+        reference = self._job("uninterrupted").fit([self._fresh(), *companions])
+        fault = ("faults", {"hook": "on_train_batch_end", "step": KILL_STEP, "fault": "sigterm"})
+        job = self._job("interrupted")
+        with sigterm_guard():
+            try:
+                stopped = job.fit([self._fresh(), *companions, fault])
+            except UnhandledSigterm:
+                pytest.fail(
+                    f"exact resume: SIGTERM at global step {KILL_STEP} reached no handler. "
+                    f"The checkpoint-io plugin must save and stop on SIGTERM; a plugin must "
+                    f"not replace or remove the process's SIGTERM handler. {_GUIDE}"
+                )
+        if job.trainer.global_step != KILL_STEP:
+            pytest.fail(
+                f"exact resume: after SIGTERM at global step {KILL_STEP} the run went on to "
+                f"step {job.trainer.global_step} instead of saving and stopping there. A plugin "
+                f"must not clear trainer.should_stop, nor keep the loop going. {_GUIDE}"
+            )
+        del stopped
+        resumed = job.fit([self._fresh(), *companions], ckpt_path="last")
+        differences = weight_differences(reference, resumed)
+        if differences:
+            hooks = implemented_hooks(obj)
+            saved = {"on_save_checkpoint", "on_load_checkpoint"} & set(hooks)
+            note = (
+                f"{name!r} implements {' and '.join(sorted(saved))}"
+                if saved
+                else f"{name!r} implements neither on_save_checkpoint nor on_load_checkpoint"
+            )
+            pytest.fail(
+                f"exact resume: a run stopped by SIGTERM at global step {KILL_STEP} (mid-epoch) "
+                f"and resumed with ckpt_path='last' ends with other weights than the same run "
+                f"uninterrupted ({differences}). Every piece of the plugin's state that changes "
+                f"training (counters, schedules, random generators, running values) must be "
+                f"written in on_save_checkpoint under checkpoint['plugins'][name] and read back "
+                f"in on_load_checkpoint; {note}. {_GUIDE}"
+            )
+
+    # ------------------------------------------------------------------ (b) host sync
+
+    def test_no_host_sync_per_step(self) -> None:
+        """Tensor-to-host reads (``.item()``, ``float()``, ``bool()``...) counted over
+        runs of 8 and 16 training steps (same validation, no log interval reached)
+        must not grow with the number of steps."""
+        self._skip_if_asked("host_sync")
+        counter = HostSyncCounter(self._monkeypatch)
+        # No log interval inside either run: publishing step metrics reads them.
+        quiet = {"log_every_n_steps": 1000}
+        short = counter.count(lambda: self._job("short").fit([self._fresh()], steps=4, **quiet))
+        long = counter.count(lambda: self._job("long").fit([self._fresh()], steps=8, **quiet))
+        grown = {
+            where: (short.get(where, 0), n) for where, n in long.items() if n > short.get(where, 0)
+        }
+        if grown:
+            listed = "; ".join(
+                f"{where}: {a} reads over 8 steps, {b} over 16" for where, (a, b) in grown.items()
+            )
+            pytest.fail(
+                f"host sync per step: reads of a tensor to the host grew with the number of "
+                f"training steps ({listed}). Each one makes the CPU wait for the device every "
+                f"step. Keep values as tensors (trainer.log(name, tensor) stores them unread) "
+                f"and read them at log intervals (log_metrics), epoch ends or checkpoints. "
+                f"{_GUIDE}"
+            )
+
+    # ------------------------------------------------------------------ (c) order
+
+    def test_order_independence(self) -> None:
+        """Listed before and after a neighbour plugin that halves gradients in
+        ``on_before_optimizer_step`` and draws from torch's global generator in
+        ``on_train_batch_start``, the plugin must train the same weights."""
+        self._skip_if_asked("order")
+        first = self._job("first").fit([self._fresh(), Neighbour()])
+        last = self._job("last").fit([Neighbour(), self._fresh()])
+        differences = weight_differences(first, last)
+        if differences:
+            pytest.fail(
+                f"order independence: listed first and listed last among other plugins, the "
+                f"plugin trains different weights ({differences}). Its hooks depend on what "
+                f"another plugin's implementation of the same hook did before them (gradients "
+                f"changed, random numbers drawn from torch's global generator). Mark the "
+                f"implementations whose place matters @hookimpl(tryfirst=True) or "
+                f"(trylast=True), use a generator of your own, or, if it must be listed at one "
+                f"end, say so in skip_checks = {{'order': 'why'}} and in its docs. {_GUIDE}"
+            )
+
+    # ------------------------------------------------------------------ (e) failures
+
+    def test_hook_exceptions_name_the_plugin(self) -> None:
+        """An exception raised inside each of its hooks (injected as the hook is
+        entered) must reach the caller as a ``HookError`` naming the plugin and hook."""
+        from hooktrain.errors import HookError
+
+        self._skip_if_asked("hook_errors")
+        called = self._called_hooks()
+        if not called:
+            pytest.skip("none of the plugin's hooks is called in a fit")
+        for hook, code, name in called:
+            job = self._job(f"raise-in-{hook}")
+            error: BaseException | None = None
+            with raise_on_entry(code):
+                try:
+                    job.fit([self._fresh()], steps=2, epochs=1)
+                except BaseException as exc:
+                    error = exc
+            if not (isinstance(error, HookError) and (error.plugin, error.hook) == (name, hook)):
+                got = "no error at all" if error is None else f"{type(error).__name__}: {error}"
+                pytest.fail(
+                    f"hook errors: an exception raised inside {name!r}'s {hook} must reach the "
+                    f"user as a HookError naming {name!r} and {hook!r}; got {got}. Do not catch "
+                    f"and hide exceptions in a hook or in a wrapper around other hooks, and do "
+                    f"not end the process (sys.exit, os._exit) from on_exception: report and "
+                    f"return, the core re-raises. {_GUIDE}"
+                )
+
+    def _called_hooks(self) -> list[tuple[str, Any, str]]:
+        """(hook, code object, registered name) of each implementation of the plugin
+        that a short fit calls (one run, recording)."""
+        from hooktrain.hookcalls import HOOK_NAMES
+        from hooktrain.instrument import implementation_code
+
+        job = self._job("hooks-called")
+        job.fit([self._fresh()], steps=2, epochs=1, record=True)
+        manager = job.trainer.plugin_manager
+        name = job.trainer.plugin_names[0]
+        plugin = manager.get_plugin(name)
+        called = set(job.recorder.names())
+        found = []
+        for hook in HOOK_NAMES:
+            # on_exception runs after an error already happened; its own errors are
+            # reported on stderr, not raised.
+            if hook not in called or hook == "on_exception":
+                continue
+            for impl in getattr(manager.hook, hook).get_hookimpls():
+                if impl.plugin is plugin:
+                    # pluggy registers only functions and methods: each has code.
+                    code = implementation_code(impl.function)
+                    found.append((hook, code, name))
+        return found
+
+    def test_documented_errors_are_clear(self) -> None:
+        """Each ``documented_errors`` entry must be refused before any training step,
+        with a message matching its pattern and naming the plugin."""
+        import re
+
+        from hooktrain.errors import HookError, HooktrainError
+
+        self._skip_if_asked("documented_errors")
+        if not self.documented_errors:
+            pytest.skip(
+                "no documented_errors declared: list ({bad options}, 'message regex') pairs "
+                "to check that the errors your plugin documents are raised, and clearly"
+            )
+        raw = _raw_plugin(type(self))
+        target = raw[0] if isinstance(raw, tuple) else raw
+        if not (isinstance(target, str) or inspect.isclass(target) or inspect.isroutine(target)):
+            pytest.fail(
+                "documented_errors needs plugin = a name, an import path or a class, to "
+                "construct it with the bad options"
+            )
+        name, _ = self._loaded()
+        for options, pattern in self.documented_errors:
+            job = self._job("documented-error")
+            try:
+                job.fit([(target, dict(options))], steps=2, epochs=1)
+            except HooktrainError as exc:
+                text = str(exc) + "".join(f"\n{n}" for n in getattr(exc, "__notes__", []))
+                cause = exc.__cause__ if isinstance(exc, HookError) else None
+                text += f"\n{cause}" if cause is not None else ""
+                steps = job.trainer.global_step if job.trainer is not None else 0
+                if steps == 0 and re.search(pattern, text) and name in text:
+                    continue
+                pytest.fail(
+                    f"documented errors: options {dict(options)} were refused after "
+                    f"{steps} training steps with {type(exc).__name__}: {text!r}; it must "
+                    f"happen before the first step (in the constructor, setup or prepare), "
+                    f"match {pattern!r} and name the plugin ({name!r}). {_GUIDE}"
+                )
+            pytest.fail(
+                f"documented errors: options {dict(options)} were accepted and trained; the "
+                f"plugin documents them as refused (matching {pattern!r}). Raise "
+                f"ConfigurationError naming the plugin before training. {_GUIDE}"
+            )
+
+    # ------------------------------------------------------------------ (d) processes
+
+    @pytest.mark.slow
+    def test_two_processes_end_with_equal_weights(self) -> None:
+        """The same job on 2 real processes (torchrun, gloo on the CPU) with the
+        accelerate plugin: both ranks must end with equal weights."""
+        from hooktrain.plugins import exclusive_roles, installed_plugins
+
+        self._skip_if_asked("multiprocess")
+        if "accelerate" not in installed_plugins():
+            pytest.skip("needs hooktrain-accelerate (pip install hooktrain-accelerate)")
+        name, obj = self._loaded()
+        roles = set(exclusive_roles(name, obj))
+        if "distributed" not in roles:
+            accelerate = installed_plugins()["accelerate"].load()
+            shared = sorted(roles & set(exclusive_roles("accelerate", accelerate)))
+            if shared:
+                pytest.skip(
+                    f"{name!r} takes the exclusive role(s) {shared}, which accelerate takes "
+                    f"too: the two cannot run together, and accelerate does that job itself"
+                )
+        module = sys.modules[type(self).__module__]
+        out = self._tmp / "ranks"
+        out.mkdir()
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK") and not k.startswith("HOOKTRAIN_")
+        }
+        env["OMP_NUM_THREADS"] = "1"
+        command = [
+            sys.executable,
+            *("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
+            *("-m", "hooktrain.conformance", str(module.__file__), type(self).__name__, str(out)),
+        ]
+        # The timeout only keeps a hung collective from hanging the suite.
+        done = subprocess.run(
+            command, capture_output=True, text=True, env=env, timeout=600, cwd=self._tmp
+        )
+        if done.returncode != 0:
+            pytest.fail(
+                f"two processes: the job failed on 2 processes with accelerate "
+                f"(exit {done.returncode}). A plugin must run on every process (files and "
+                f"output on trainer.is_global_zero only) and enter every collective on all "
+                f"of them. {_GUIDE}\n{done.stderr[-4000:]}"
+            )
+        import torch
+
+        ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        assert [r["world_size"] for r in ranks] == [2, 2], "the job did not run on 2 processes"
+        differences = weight_differences(ranks[0]["weights"], ranks[1]["weights"])
+        if differences:
+            pytest.fail(
+                f"two processes: rank 0 and rank 1 end with different weights "
+                f"({differences}). Whatever the plugin changes in training must be the same on "
+                f"every process: change gradients only before they are reduced, and the same "
+                f"way on all ranks. {_GUIDE}"
+            )
+
+
+def _worker(argv: list[str]) -> int:
+    """One process of the two-process check: import the test class from its file,
+    train with accelerate (unless the plugin takes the role ``distributed`` itself)
+    and save this rank's weights."""
+    import torch
+
+    from hooktrain.plugins import exclusive_roles, resolve_plugins
+
+    path, class_name, out = argv
+    sys.path.insert(0, str(Path(path).parent))
+    spec = importlib.util.spec_from_file_location(f"_conformance_{class_name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    raw = _raw_plugin(getattr(module, class_name))
+    ((name, obj),) = resolve_plugins([fresh_selection(raw)])
+    plugins = [fresh_selection(raw)]
+    if "distributed" not in exclusive_roles(name, obj):
+        # A GPU machine may have fewer GPUs than processes: the check is about the
+        # plugin, so it runs on the CPU there too.
+        options = {"cpu": True} if torch.cuda.is_available() else {}
+        plugins.insert(0, ("accelerate", options))
+    job = TrainingJob()
+    weights = job.fit(plugins)
+    trainer = job.trainer
+    torch.save(
+        {"world_size": trainer.world_size, "weights": weights},
+        Path(out) / f"rank{trainer.global_rank}.pt",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

@@ -1,0 +1,253 @@
+"""The parts `hooktrain.conformance` checks are built from: the training job they all
+run, the host-sync counter, the neighbour plugin of the order check, and weight
+comparison. Importing this module does not import torch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hooktrain.markers import hookimpl
+
+if TYPE_CHECKING:
+    import pytest
+    import torch
+
+    from hooktrain.testing import HookRecorder
+    from hooktrain.trainer import Trainer
+
+__all__ = [
+    "CONVERSIONS",
+    "HostSyncCounter",
+    "InjectedHookError",
+    "Neighbour",
+    "TrainingJob",
+    "UnhandledSigterm",
+    "implemented_hooks",
+    "raise_on_entry",
+    "sigterm_guard",
+    "weight_differences",
+]
+
+#: Every way a tensor becomes a host value (each makes the CPU wait for the device).
+CONVERSIONS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
+#: Samples per batch of every check's job.
+BATCH = 8
+
+
+class TrainingJob:
+    """The small real job every check runs: a two-layer perceptron with dropout on
+    ``make_data``, SGD with momentum, cross-entropy and an ``acc`` metric, seeded, on
+    the CPU (a plugin may move it), validating after every epoch.
+
+    After `fit`, ``trainer`` is the trainer it built (``None`` if building failed)
+    and ``recorder`` the `HookRecorder` when ``record=True``.
+    """
+
+    def __init__(self) -> None:
+        self.trainer: Trainer | None = None
+        self.recorder: HookRecorder | None = None
+
+    def fit(
+        self,
+        plugins: Iterable[Any],
+        *,
+        steps: int = 6,
+        epochs: int = 2,
+        ckpt_path: str | None = None,
+        record: bool = False,
+        log_every_n_steps: int = 2,
+    ) -> dict[str, torch.Tensor]:
+        """Train ``epochs`` epochs of ``steps`` optimizer steps each.
+
+        :return: the final weights, copied to the CPU (``state_dict`` order).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        from hooktrain.metrics import accuracy
+        from hooktrain.testing import HookRecorder, make_data, make_model
+        from hooktrain.trainer import Trainer
+
+        selected = list(plugins)
+        if record:
+            self.recorder = HookRecorder()
+            selected.append(self.recorder)
+        self.trainer = Trainer(
+            plugins=selected,
+            max_epochs=epochs,
+            seed=0,
+            device="cpu",
+            log_every_n_steps=log_every_n_steps,
+        )
+        model = make_model(dropout=0.1)
+        train, _ = make_data(n=steps * BATCH, batch_size=BATCH)
+        # The same validation set whatever the number of steps.
+        _, val = make_data(n=64, batch_size=BATCH)
+        self.trainer.fit(
+            model,
+            train,
+            val,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+            metrics={"acc": accuracy},
+            ckpt_path=ckpt_path,
+        )
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def weight_differences(
+    expected: Mapping[str, torch.Tensor], actual: Mapping[str, torch.Tensor]
+) -> str:
+    """An empty string when both hold the same names and bit-identical tensors, else
+    what differs (at most three names, with the largest absolute difference)."""
+    import torch
+
+    if expected.keys() != actual.keys():
+        return f"different parameter names: {sorted(expected)} and {sorted(actual)}"
+    differing = []
+    for name, value in expected.items():
+        other = actual[name]
+        if not torch.equal(value, other):
+            gap = (value.double() - other.double()).abs().max().item()
+            differing.append(f"{name}: largest difference {gap:.3g}")
+    if len(differing) > 3:
+        differing = [*differing[:3], f"and {len(differing) - 3} more"]
+    return "; ".join(differing)
+
+
+class Neighbour:
+    """Another plugin of the order check, doing what ordinary plugins do at two
+    common places: it draws a number from torch's global generator at every
+    batch's start, and halves the gradients before every optimizer step (a power of
+    two, so it commutes exactly with any other scaling)."""
+
+    name = "conformance_neighbour"
+
+    @hookimpl
+    def on_train_batch_start(self) -> None:
+        import torch
+
+        torch.rand(())
+
+    @hookimpl
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is not None:
+                    parameter.grad.mul_(0.5)
+
+
+def _package_dir(module_name: str) -> str:
+    module = sys.modules.get(module_name)
+    if module is None or not module.__file__:
+        return "\0"
+    return str(Path(module.__file__).parent) + os.sep
+
+
+class HostSyncCounter:
+    """Counts every tensor-to-host conversion (`CONVERSIONS`) while `count` runs, by
+    where it came from: the first frame outside torch, hooktrain and pluggy (the
+    plugin's or the user's code) when there is one before the loop, else the
+    innermost reader. Counts the way ``tests/test_sync.py`` does: by patching the
+    conversion methods of ``torch.Tensor`` for the test (``monkeypatch``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import torch
+
+        self.counts: Counter[str] = Counter()
+        self.active = False
+        self._library_dirs = tuple(_package_dir(m) for m in ("torch", "hooktrain", "pluggy"))
+        for name in CONVERSIONS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(name, original))
+
+    def _counting(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.active:
+                self.counts[f"Tensor.{name} from {self._where(sys._getframe(1))}"] += 1
+            return original(tensor, *args, **kwargs)
+
+        return counted
+
+    def _where(self, frame: Any) -> str:
+        reader = None
+        while frame is not None:
+            filename = frame.f_code.co_filename
+            inside = filename.startswith(self._library_dirs)
+            if not inside:
+                return f"{filename}:{frame.f_lineno} ({frame.f_code.co_name})"
+            if reader is None and not filename.startswith(self._library_dirs[0]):
+                reader = f"{filename}:{frame.f_lineno} ({frame.f_code.co_name})"
+            if filename.endswith(("fit_loop.py", "evaluation.py", "stages.py")):
+                break  # the loop itself: no plugin above it
+            frame = frame.f_back
+        return reader or "torch"
+
+    def count(self, body: Callable[[], Any]) -> Counter[str]:
+        """Run ``body`` and return the conversions it made, by origin."""
+        self.counts = Counter()
+        self.active = True
+        try:
+            body()
+        finally:
+            self.active = False
+        return Counter(self.counts)
+
+
+class UnhandledSigterm(Exception):
+    """A SIGTERM reached no plugin's handler while `sigterm_guard` was active."""
+
+
+def implemented_hooks(obj: Any) -> list[str]:
+    from hooktrain.hookcalls import HOOK_NAMES
+
+    return [hook for hook in HOOK_NAMES if callable(getattr(obj, hook, None))]
+
+
+@contextmanager
+def sigterm_guard() -> Iterator[None]:
+    """While the block runs, a SIGTERM that no plugin handles raises instead of ending
+    the test process."""
+
+    def unhandled(signum: int, frame: Any) -> None:
+        raise UnhandledSigterm()
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class InjectedHookError(RuntimeError):
+    """Raised as a plugin's hook is entered by the hook-errors check."""
+
+
+@contextmanager
+def raise_on_entry(code: Any) -> Iterator[None]:
+    """Raise `InjectedHookError` the first time a function with ``code`` is entered.
+
+    A trace function that raises on a ``call`` event raises inside the frame being
+    entered, so the exception's traceback holds the plugin's own frame, exactly as if
+    its first line had raised; the plugin's code is neither changed nor wrapped.
+    """
+    previous = sys.gettrace()
+
+    def trace(frame: Any, event: str, arg: Any) -> Callable[..., Any] | None:
+        if event == "call" and frame.f_code is code:
+            sys.settrace(previous)
+            raise InjectedHookError(f"injected by the conformance check into {code.co_name}")
+        return None
+
+    sys.settrace(trace)
+    try:
+        yield
+    finally:
+        sys.settrace(previous)

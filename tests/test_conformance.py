@@ -1,0 +1,220 @@
+"""`PluginConformance` run by pytest (through ``pytester``) against plugins it was
+never written for: a correct outside plugin passes unmodified; plugins breaking a
+contract fail the check for it, with a message saying what to do."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from hooktrain.testing import PluginConformance
+
+pytest_plugins = ["pytester"]
+
+# An outside author's plugin, written without the suite in mind: it logs the global
+# gradient norm as a tensor (read only when a logger asks).
+GRAD_NORM = """
+import torch
+from hooktrain import hookimpl
+from hooktrain.testing import PluginConformance
+
+
+class GradNorm:
+    name = "grad_norm"
+
+    @hookimpl
+    def on_before_optimizer_step(self, trainer, optimizer):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"]
+                 if p.grad is not None]
+        trainer.log("grad_norm", torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads])))
+
+
+class TestGradNorm(PluginConformance):
+    plugin = GradNorm
+"""
+
+READS_LOSS = """
+from hooktrain import hookimpl
+from hooktrain.testing import PluginConformance
+
+
+class LossPrinter:
+    name = "loss_printer"
+
+    def __init__(self):
+        self.losses = []
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        self.losses.append(float(trainer.metrics["loss"]))  # reads the device every step
+
+
+class TestLossPrinter(PluginConformance):
+    plugin = LossPrinter()
+"""
+
+UNSAVED_COUNTER = """
+from hooktrain import hookimpl
+from hooktrain.testing import PluginConformance
+
+
+class Warmup:
+    name = "warmup"
+
+    def __init__(self, steps=20):
+        self.steps = steps
+        self.done = 0  # never saved in checkpoints
+
+    @hookimpl
+    def on_before_optimizer_step(self, optimizer):
+        self.done += 1
+        for group in optimizer.param_groups:
+            group["lr"] = 0.1 * min(1.0, self.done / self.steps)
+
+
+class TestWarmup(PluginConformance):
+    plugin = ("test_warmup:Warmup", {"steps": 20})
+"""
+
+ORDER = """
+import torch
+from hooktrain import hookimpl
+from hooktrain.testing import PluginConformance
+
+
+class Clip:
+    @hookimpl
+    def on_before_optimizer_step(self, optimizer):
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, 0.05)
+
+
+class ClipLast:
+    @hookimpl(trylast=True)
+    def on_before_optimizer_step(self, optimizer):
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, 0.05)
+
+
+class TestClip(PluginConformance):
+    plugin = Clip
+
+
+class TestClipLast(PluginConformance):
+    plugin = ClipLast
+"""
+
+HIDES_ERRORS = """
+from hooktrain import hookimpl
+from hooktrain.testing import PluginConformance
+
+
+class ExitOnError:
+    name = "exit_on_error"
+
+    def __init__(self, strict=False):
+        self.strict = strict  # documented as a bool, never checked
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer):
+        pass
+
+    @hookimpl
+    def on_exception(self, exception):
+        raise SystemExit(1)  # "exit cleanly": the user never sees what failed, nor where
+
+
+class TestExitOnError(PluginConformance):
+    plugin = ExitOnError
+    documented_errors = [({"strict": "yes"}, "strict must be True or False")]
+"""
+
+NOT_SLOW = ("-m", "not slow", "-p", "no:cacheprovider")
+
+
+def outcomes(result: pytest.RunResult) -> dict[str, int]:
+    return {k: v for k, v in result.parseoutcomes().items() if k in ("passed", "failed")}
+
+
+def test_a_correct_outside_plugin_passes_unmodified(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_grad_norm=GRAD_NORM)
+    result = pytester.runpytest_subprocess(*NOT_SLOW, "-rs")
+    assert outcomes(result) == {"passed": 4}, result.stdout.str()
+    # No documented_errors declared: skipped, saying how to declare them.
+    result.stdout.fnmatch_lines(["*no documented_errors declared*"])
+
+
+def test_plugins_breaking_a_contract_fail_the_check_for_it(pytester: pytest.Pytester) -> None:
+    # One pytest process for the four plugins: each file's class runs the checks
+    # its plugin breaks (and the order check its trylast twin passes).
+    pytester.makepyfile(
+        test_loss_printer=READS_LOSS,
+        test_warmup=UNSAVED_COUNTER,
+        test_clip=ORDER,
+        test_exit=HIDES_ERRORS,
+    )
+    selected = (
+        "(LossPrinter and host_sync) or (Warmup and resume) or (Clip and order) "
+        "or (ExitOnError and (exceptions or documented))"
+    )
+    result = pytester.runpytest_subprocess(*NOT_SLOW, "-k", selected)
+    text = result.stdout.str()
+    assert outcomes(result) == {"passed": 1, "failed": 5}, text
+    for failed in (
+        "test_loss_printer.py::TestLossPrinter::test_no_host_sync_per_step",
+        "test_warmup.py::TestWarmup::test_exact_resume_after_sigterm",
+        "test_clip.py::TestClip::test_order_independence",
+        "test_exit.py::TestExitOnError::test_hook_exceptions_name_the_plugin",
+        "test_exit.py::TestExitOnError::test_documented_errors_are_clear",
+    ):
+        assert f"FAILED {failed}" in text
+    # (b) points at the plugin's own line and says what to do instead.
+    assert "test_loss_printer.py:13 (on_train_batch_end): 8 reads over 8 steps, 16" in text
+    assert "trainer.log(name, tensor)" in text
+    # (a) says the plugin saves nothing.
+    assert "'test_warmup:Warmup' implements neither on_save_checkpoint nor" in text
+    # (c) tells how to say where it must run; its trylast twin passed.
+    assert "@hookimpl(tryfirst=True)" in text
+    assert "FAILED test_clip.py::TestClipLast" not in text
+    # (e) the error hidden by an exit, and a documented bad option accepted.
+    assert "must reach the user as a HookError naming 'exit_on_error'" in text
+    assert "got SystemExit: 1" in text
+    assert "documented errors: options {'strict': 'yes'} were accepted and trained" in text
+
+
+RANK_DEPENDENT = """
+from hooktrain import hookimpl
+from hooktrain.testing import PluginConformance
+
+
+class RankZeroBoost:
+    # After the gradients were averaged: the ranks' weights drift apart.
+    @hookimpl
+    def on_before_optimizer_step(self, trainer, optimizer):
+        if trainer.global_rank == 0:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad.mul_(2.0)
+
+
+class TestRankZeroBoost(PluginConformance):
+    plugin = RankZeroBoost
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_catch_a_plugin_that_differs_by_rank(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("hooktrain_accelerate")
+    pytester.makepyfile(test_rank=textwrap.dedent(RANK_DEPENDENT))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "two_processes")
+    text = result.stdout.str()
+    assert outcomes(result) == {"failed": 1}, text
+    assert "rank 0 and rank 1 end with different weights" in text
+
+
+class TestProfileConformance(PluginConformance):
+    """The core's own plugin passes the suite too."""
+
+    plugin = "profile"
