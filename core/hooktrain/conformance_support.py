@@ -99,7 +99,15 @@ class TrainingJob:
             metrics={"acc": accuracy},
             ckpt_path=ckpt_path,
         )
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return {k: _whole(v).detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _whole(tensor: Any) -> Any:
+    """The whole tensor of a sharded one (torch's ``DTensor``, as a sharding plugin's
+    model holds: each process has a part, gathered here on every process), else
+    ``tensor`` itself."""
+    full = getattr(tensor, "full_tensor", None)
+    return full() if callable(full) else tensor
 
 
 def weight_differences(

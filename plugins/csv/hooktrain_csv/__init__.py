@@ -73,8 +73,8 @@ class CSVLogger:
         once a second), every checkpoint, exception and teardown.
     :param max_queue: publications kept waiting before a write is forced; ``1``
         writes each row as it is published.
-    :raises ValueError: ``flush_secs`` is not > 0 or ``max_queue`` is not an
-        integer >= 1.
+    :raises ConfigurationError: (a ``ValueError``) ``flush_secs`` is not > 0 or
+        ``max_queue`` is not an integer >= 1.
     """
 
     #: Registered under this name when passed as an object.

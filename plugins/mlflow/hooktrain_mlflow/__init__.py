@@ -84,7 +84,8 @@ class MLFlowLogger:
     :param start_timeout: seconds a tracking server has to answer when a fit starts,
         tried once, before MLflow's own retries (several minutes by default) apply
         to the requests that follow.
-    :raises ValueError: ``flush_secs`` is not > 0, ``max_queue`` or ``start_timeout``
+    :raises ConfigurationError: (a ``ValueError``) ``flush_secs`` is not > 0,
+        ``max_queue`` or ``start_timeout``
         is not an integer >= 1.
     :raises ImportError: the ``mlflow`` package is not installed.
     """
@@ -109,7 +110,9 @@ class MLFlowLogger:
         self._schedule = FlushSchedule(flush_secs, max_queue, owner="mlflow")
         if type(start_timeout) is not int or start_timeout < 1:
             # MLflow reads its request timeout as a whole number of seconds.
-            raise ValueError(f"start_timeout must be an integer >= 1, got {start_timeout!r}")
+            raise ConfigurationError(
+                f"mlflow: start_timeout must be an integer >= 1, got {start_timeout!r}"
+            )
         # Only looked up here: importing mlflow takes seconds, paid when a fit starts
         # on the process that logs.
         if importlib.util.find_spec("mlflow") is None:

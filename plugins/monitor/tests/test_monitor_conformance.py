@@ -1,0 +1,11 @@
+"""hooktrain's conformance suite for the monitor plugin (docs/testing-a-plugin.md)."""
+
+from hooktrain.testing import PluginConformance
+
+
+class TestMonitorConformance(PluginConformance):
+    plugin = "monitor"
+    documented_errors = [
+        ({"lr": "yes"}, "monitor: lr must be True or False"),
+        ({"clock": 3}, "monitor: clock must be callable"),
+    ]
