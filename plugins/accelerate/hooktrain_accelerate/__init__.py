@@ -33,6 +33,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import itertools
 import os
 import sys
 from collections.abc import Generator, Iterable, Mapping
@@ -345,11 +346,11 @@ class Accelerate:
         _seed_sampler(dataloader, trainer.data_seed)
         dataloader.set_epoch(epoch)
         if skip_batches <= 0:
-            return dataloader
+            return _started(dataloader)
         skipping = self.accelerator.skip_first_batches(dataloader, skip_batches)
         # The new loader must draw the same epoch's permutation as the original.
         skipping.set_epoch(epoch)
-        return skipping
+        return _started(skipping)
 
     # ------------------------------------------------------------------ compute
 
@@ -448,6 +449,22 @@ class Accelerate:
 
 
 _MISSING = object()
+
+
+def _started(loader: Iterable[Any]) -> Iterable[Any]:
+    """``loader``'s iterator with its first batch already drawn.
+
+    accelerate's loaders create the torch DataLoader iterator only at the first
+    ``next``, and that is when it draws its base seed from torch's global
+    generator. The core expects the draw when the epoch's iterator is made: a
+    run resuming mid-epoch puts back the epoch's starting random state, makes the
+    iterator, and then puts back the state of the moment it was saved. A draw
+    after that would shift every later random number (dropout's), so the
+    resumed run would not be the uninterrupted one.
+    """
+    iterator = iter(loader)
+    first = next(iterator, _MISSING)
+    return iterator if first is _MISSING else itertools.chain((first,), iterator)
 _NULL = contextlib.nullcontext()
 
 
