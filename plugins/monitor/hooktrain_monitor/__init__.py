@@ -108,7 +108,13 @@ class Monitor:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return
-        squared = torch.nn.utils.get_total_norm(grads, norm_type=2.0) ** 2
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        full_tensor = getattr(norm, "full_tensor", None)
+        if callable(full_tensor):
+            # Sharded gradients (torch's DTensor, as under fsdp) give a norm in parts:
+            # the whole one is a collective, made by every process at the same steps.
+            norm = full_tensor()
+        squared = norm**2
         if self._norm_step != step or self._squared_norm is None:
             # The first optimizer of this step: a fresh sum over the optimizers.
             self._norm_step, self._squared_norm = step, squared

@@ -224,3 +224,16 @@ def test_peak_memory_is_published_in_bytes_on_cuda(hooktrain_run) -> None:
         # At least the model's parameters are allocated on the device.
         parameters = sum(p.numel() * p.element_size() for p in result.model.parameters())
         assert metrics["max_memory_allocated"] >= parameters
+
+
+def test_sharded_gradients_give_the_whole_norm(hooktrain_run) -> None:
+    # Under fsdp the gradients are DTensors, and a norm over them comes in parts; the
+    # monitor must publish the whole norm, the number a plain run publishes.
+    pytest.importorskip("hooktrain_fsdp")
+    options = {"max_epochs": 1, "log_every_n_steps": 2, "seed": 0}  # the same batches
+    plain = published(hooktrain_run([Monitor()], **options).recorder)
+    sharded = published(hooktrain_run([Monitor(), "fsdp"], **options).recorder)
+    assert [step for step, _ in sharded] == [step for step, _ in plain] == [2, 4, 6, 8]
+    for (_, whole), (_, parts) in zip(plain, sharded, strict=True):
+        assert type(parts["grad_norm"]) is float
+        assert parts["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
