@@ -148,6 +148,39 @@ def test_an_unknown_name_fails_before_training_saying_where_it_came_from(
     assert message.endswith(origin)
 
 
+def test_bad_options_from_the_file_say_where_they_came_from(project: Path) -> None:
+    config = write_config(
+        project,
+        """
+        [tool.hooktrain.plugin-options.faults]
+        fault = "meltdown"
+        """,
+    )
+    where = f"(options from {config} [tool.hooktrain])"
+    # Selected by the script, options from the file.
+    with pytest.raises(ConfigurationError) as info:
+        hooktrain.Trainer(plugins=[("faults", {"hook": "forward_step", "step": 1})], device="cpu")
+    assert str(info.value).startswith("faults: fault must be one of")
+    assert str(info.value).endswith(where)
+    # Selected and configured by the file.
+    write_config(
+        project,
+        """
+        [tool.hooktrain]
+        plugins = ["faults"]
+        [tool.hooktrain.plugin-options.faults]
+        hook = "forward_step"
+        step = 1
+        fault = "meltdown"
+        """,
+    )
+    with pytest.raises(ConfigurationError) as info:
+        hooktrain.Trainer(plugins=[], device="cpu")
+    assert str(info.value).endswith(
+        f"(selected by {config} [tool.hooktrain]; options from {config} [tool.hooktrain])"
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "error"),
     [

@@ -187,10 +187,15 @@ def resolve_with_origins(
     for planned in plan_selection(selection, defaults, config):
         try:
             entry = _load_entry(planned.item, disabled, installed)
-        except PluginError as exc:
-            if planned.origin == SCRIPT:
+        except (PluginError, ConfigurationError) as exc:
+            # A name or options written outside the script: say where, or the
+            # user searches the script for them.
+            notes = [] if planned.origin == SCRIPT else [f"selected by {planned.origin}"]
+            if planned.options_origin is not None:
+                notes.append(f"options from {planned.options_origin}")
+            if not notes:
                 raise
-            raise PluginError(f"{exc} (selected by {planned.origin})") from exc
+            raise type(exc)(f"{exc} ({'; '.join(notes)})") from exc
         if entry is None:
             continue
         if installed is None and entry[2]:

@@ -73,6 +73,8 @@ class Planned:
     item: Any
     #: ``"script"``, the default set, the environment, or the ``pyproject.toml``.
     origin: str
+    #: The ``pyproject.toml`` that gave some of its options, else ``None``.
+    options_origin: str | None = None
 
 
 def env_names(variable: str) -> list[str]:
@@ -178,5 +180,5 @@ def _with_file_options(planned: Planned, config: ProjectConfig) -> Planned:
     item = planned.item
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Mapping):
         # The script's options win, key by key.
-        return Planned((name, {**from_file, **item[1]}), planned.origin)
-    return Planned((name, from_file), planned.origin)
+        return Planned((name, {**from_file, **item[1]}), planned.origin, config.origin)
+    return Planned((name, from_file), planned.origin, config.origin)
