@@ -75,13 +75,16 @@ def load(
 
 
 def report_differences(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
-    """Print to stderr the plugins selected now that the checkpoint has no state for,
-    and the versions (hooktrain's, plugins') that changed since it was saved."""
+    """Print to stderr the plugins selected now that the checkpoint has no state for
+    (those that would load some: they implement ``on_load_checkpoint``), and the
+    versions (hooktrain's, plugins') that changed since it was saved."""
     saved_plugins = list(checkpoint.get("plugin_list", []))
     fresh = [
         name
         for name in trainer.plugin_names
-        if name not in saved_plugins and name not in checkpoint.get("plugins", {})
+        if name not in saved_plugins
+        and name not in checkpoint.get("plugins", {})
+        and hasattr(trainer.plugin_manager.get_plugin(name), "on_load_checkpoint")
     ]
     if fresh:
         print(
