@@ -465,6 +465,8 @@ def _started(loader: Iterable[Any]) -> Iterable[Any]:
     iterator = iter(loader)
     first = next(iterator, _MISSING)
     return iterator if first is _MISSING else itertools.chain((first,), iterator)
+
+
 _NULL = contextlib.nullcontext()
 
 
