@@ -3,7 +3,9 @@ thread that takes one write at a time and keeps its error for the training threa
 
 from __future__ import annotations
 
+import atexit
 import queue
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -52,9 +54,12 @@ class BackgroundWriter:
 
     One thread lives for the whole fit and takes jobs from a queue: starting a
     thread per save cost about half a millisecond of the training thread's time.
-    The thread is not a daemon, so an interpreter that is shutting down waits for
-    a write in flight instead of abandoning it; ``close`` (called in ``teardown``)
-    ends it.
+    ``close`` (called in ``teardown``) ends it. When teardown never ran (it raised
+    earlier, or the fit was abandoned), an ``atexit`` handler waits for the write
+    in flight and ends the thread, so the interpreter neither abandons a
+    half-written checkpoint nor waits forever for a thread nobody ends. (A
+    non-daemon thread would do the first but not the second: the interpreter
+    joins those before any ``atexit`` handler runs.)
     """
 
     def __init__(self) -> None:
@@ -77,9 +82,10 @@ class BackgroundWriter:
         self._what = what
         if self._thread is None:
             self._thread = threading.Thread(
-                target=self._serve, name="hooktrain-checkpoint-writer", daemon=False
+                target=self._serve, name="hooktrain-checkpoint-writer", daemon=True
             )
             self._thread.start()
+            atexit.register(self._end_at_exit)
         self._idle.clear()
         self._jobs.put(job)
 
@@ -117,5 +123,13 @@ class BackgroundWriter:
             self.wait()
         finally:
             if thread is not None:
+                atexit.unregister(self._end_at_exit)
                 self._jobs.put(None)
                 thread.join()
+
+    def _end_at_exit(self) -> None:
+        try:
+            self.close()
+        except CheckpointWriteError as exc:
+            # Nobody is left to raise it to: say it, rather than exit silently.
+            print(f"hooktrain-checkpoint: {exc}", file=sys.stderr)
