@@ -38,17 +38,23 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         result["size"] = path.stat().st_size
         checkpoint, info = storage.load_file(path)
-    except storage.UnsafeCheckpointError as exc:
-        return {**result, "status": "unsafe", "error": str(exc)}
-    except storage.DamagedCheckpointError as exc:
-        return {**result, "status": "damaged", "error": str(exc)}
     except Exception as exc:
-        return {**result, "status": "damaged", "error": f"{type(exc).__name__}: {exc}"}
+        return {**result, **_unreadable(exc)}
     model = checkpoint.get("model", {})
     tensors = [v for v in model.values() if hasattr(v, "numel")]
     parameters = {"tensors": len(tensors), "elements": sum(int(t.numel()) for t in tensors)}
     _fill(result, checkpoint, info, parameters)
     return result
+
+
+def _unreadable(exc: Exception) -> dict[str, str]:
+    """The status and error of a checkpoint that could not be read: ``unsafe`` when
+    loading it would run code, else ``damaged``."""
+    if isinstance(exc, storage.UnsafeCheckpointError):
+        return {"status": "unsafe", "error": str(exc)}
+    if isinstance(exc, storage.DamagedCheckpointError):
+        return {"status": "damaged", "error": str(exc)}
+    return {"status": "damaged", "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _describe_sharded(path: Path, result: dict[str, Any]) -> dict[str, Any]:
@@ -58,12 +64,8 @@ def _describe_sharded(path: Path, result: dict[str, Any]) -> dict[str, Any]:
         result["size"] = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
         checkpoint, info = sharded.verify(path)
         shapes = sharded.tensor_shapes(path)
-    except storage.UnsafeCheckpointError as exc:
-        return {**result, "status": "unsafe", "error": str(exc)}
-    except storage.DamagedCheckpointError as exc:
-        return {**result, "status": "damaged", "error": str(exc)}
     except Exception as exc:
-        return {**result, "status": "damaged", "error": f"{type(exc).__name__}: {exc}"}
+        return {**result, **_unreadable(exc)}
     model = [shape for name, shape in shapes.items() if name.startswith("model.")]
     parameters = {"tensors": len(model), "elements": sum(math.prod(s) for s in model)}
     _fill(result, checkpoint, info, parameters)
