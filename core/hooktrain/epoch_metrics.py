@@ -112,7 +112,7 @@ class EpochMetrics:
             return {}
         metrics = self._metrics
         if collectives is not None:
-            metrics = self._combined(collectives)
+            metrics, _ = self._combined(collectives)
         elif not self.updates:
             return {}
         if metrics is None:
@@ -131,14 +131,17 @@ class EpochMetrics:
             values[name] = value
         return values
 
-    def _combined(self, collectives: Collectives) -> dict[str, Any] | None:
+    def _combined(self, collectives: Collectives) -> tuple[dict[str, Any] | None, int]:
+        """Every process's metrics merged (``None`` when no process updated them),
+        and the number of updates of every process added together."""
         own = None if self.gathered else {n: _on_cpu(m) for n, m in self._metrics.items()}
         everyone = collectives.all_gather_object((self.gathered, self.updates, own))
-        if not any(updates for _, updates, _ in everyone):
-            return None
+        total = sum(updates for _, updates, _ in everyone)
+        if not total:
+            return None, 0
         gathered = {flag for flag, updates, _ in everyone if updates}
         if gathered == {True}:
-            return self._metrics
+            return self._metrics, total
         if len(gathered) > 1:
             raise PluginError(
                 "some processes updated their metrics with outputs gathered from every "
@@ -147,13 +150,13 @@ class EpochMetrics:
             )
         combined = {}
         for name, metric in self._metrics.items():
-            total = copy.deepcopy(metric)
+            merged = copy.deepcopy(metric)
             for rank, (_, updates, states) in enumerate(everyone):
                 if rank != collectives.rank and updates:
                     other = states[name]
-                    total.merge_state(other.to(self._device) if hasattr(other, "to") else other)
-            combined[name] = total
-        return combined
+                    merged.merge_state(other.to(self._device) if hasattr(other, "to") else other)
+            combined[name] = merged
+        return combined, total
 
     def reset(self) -> None:
         for metric in self._metrics.values():
@@ -175,8 +178,7 @@ class EpochMetrics:
         metrics: Mapping[str, Any] | None = self._metrics
         updates = self.updates
         if collectives is not None and self._metrics:
-            metrics = self._combined(collectives)
-            updates = sum(collectives.all_gather_object(updates))
+            metrics, updates = self._combined(collectives)
         states: dict[str, Any] = {
             name: _cpu_tensors(metric.state_dict())
             for name, metric in (metrics or {}).items()
