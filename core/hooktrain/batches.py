@@ -73,7 +73,9 @@ def unpack_batch(batch: Any) -> tuple[Any, Any]:
 
     :raises ConfigurationError: for any other batch, saying what was received.
     """
-    if isinstance(batch, tuple | list) and len(batch) == 2:
+    # A tuple of types, not ``tuple | list``: a union is checked more slowly, and
+    # this runs every step.
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     if isinstance(batch, Mapping) and "inputs" in batch and "targets" in batch:
         return batch["inputs"], batch["targets"]
@@ -110,15 +112,15 @@ def batch_size(batch: Any) -> int:
     return 1
 
 
-def step_batch_size(outputs: Any, batch_guess: int) -> int:
+def step_batch_size(outputs: Any, batch: Any) -> int:
     """How much one batch weighs in the epoch's means, once its step has run.
 
     A step's dict may say it (``"batch_size"``): that wins, for batches no rule can
     read (packed sequences, a dict of ragged lists). Otherwise, for a plain model
     (the core's step returns ``"outputs"``) it is the first dimension of the
     model's outputs, in training as in evaluation: for time-major inputs of shape
-    ``(T, B, F)`` that is ``B``, not ``T``. Otherwise ``batch_guess``, the
-    first dimension of the first tensor in the batch (`batch_size`).
+    ``(T, B, F)`` that is ``B``, not ``T``. Otherwise `batch_size` of ``batch``,
+    the first dimension of its first tensor.
     """
     if type(outputs) is dict:
         given = outputs.get("batch_size")
@@ -127,7 +129,7 @@ def step_batch_size(outputs: Any, batch_guess: int) -> int:
         predicted = outputs.get("outputs")
         if isinstance(predicted, torch.Tensor) and predicted.ndim:
             return predicted.shape[0]
-    return batch_guess
+    return batch_size(batch)
 
 
 def length(loader: Any) -> int | None:

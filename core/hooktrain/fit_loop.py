@@ -102,11 +102,9 @@ def make_train_step(trainer: Trainer, hooks: ResolvedHooks) -> TrainStep:
 
     def train_step(batch: Any, batch_idx: int) -> tuple[Any, torch.Tensor]:
         outputs = forward(trainer=trainer, batch=batch, batch_idx=batch_idx, stage="train")
-        if type(outputs) is tensor:
-            loss = outputs
-        elif type(outputs) is dict and type(outputs.get("loss")) is tensor:
-            loss = outputs["loss"]  # the usual dict, without the Mapping ABC check
-        else:
+        # The usual tensor or dict settled without the Mapping ABC's check.
+        loss = outputs.get("loss") if type(outputs) is dict else outputs
+        if type(loss) is not tensor:
             loss = _loss_of(outputs)
         if loss.ndim != 0 or not loss.requires_grad:
             _raise_bad_loss(loss)
@@ -164,9 +162,9 @@ def _train_epoch(
         window += 1
         sync = window == accumulate or batch_idx + 1 == total
         trainer.sync_gradients = sync
-        trainer._batch_size = batch_size(batch)  # for values logged inside the step
+        trainer._batch, trainer._batch_size = batch, None  # sized when a value is logged
         outputs, loss = train_step(batch, batch_idx)
-        trainer._batch_size = size = step_batch_size(outputs, trainer._batch_size)
+        trainer._batch_size = size = step_batch_size(outputs, batch)
         if sync:
             optimizer_step(window)
             window = 0
@@ -419,6 +417,8 @@ def _check_monitors(trainer: Trainer) -> None:
 
 
 def _loss_of(outputs: Any) -> torch.Tensor:
+    if isinstance(outputs, torch.Tensor):  # a subclass of Tensor
+        return outputs
     if isinstance(outputs, Mapping) and "loss" in outputs:
         loss = outputs["loss"]
         if isinstance(loss, torch.Tensor):
