@@ -47,6 +47,14 @@ class CoreDefaults:
         # compiled step is made once, not every batch; the identities say when the
         # model or the method changed (another stage, another fit).
         self._compiled_steps: dict[str, tuple[tuple[Any, Any, Any], Any]] = {}
+        # Per stage: (trainer.model, the model's own step as run, or None). Looked
+        # up at a stage's first batch, not at every one; `prepare` starts afresh, as
+        # the model may have been wrapped or given another step since.
+        self._user_steps: dict[str, tuple[Any, Any]] = {}
+
+    @hookimpl(trylast=True)
+    def prepare(self) -> None:
+        self._user_steps.clear()
 
     @hookimpl(trylast=True)
     def batch_iterator(
@@ -85,17 +93,18 @@ class CoreDefaults:
 
     @hookimpl(trylast=True)
     def forward_step(self, trainer: Trainer, batch: Any, batch_idx: int, stage: str) -> Any:
-        name = _STEP_NAMES[stage]
-        step = user_method(trainer.module, name)
+        model = trainer.model
+        cached = self._user_steps.get(stage)
+        if cached is None or cached[0] is not model:
+            cached = self._user_steps[stage] = (model, self._user_step(trainer, stage))
+        step = cached[1]
         if step is not None:
-            if trainer.model is not trainer.module:
-                step = self._through_model(trainer.model, name, step)
             return step(batch, batch_idx)
         if stage == "predict":
             inputs = batch[0] if isinstance(batch, tuple | list) else batch
-            return trainer.model(inputs)
+            return model(inputs)
         inputs, targets = unpack_batch(batch)
-        outputs = trainer.model(inputs)
+        outputs = model(inputs)
         if stage == "train":
             return {
                 "loss": trainer.loss_fn(outputs, targets),
@@ -103,6 +112,15 @@ class CoreDefaults:
                 "targets": targets,
             }
         return {"outputs": outputs, "targets": targets}
+
+    def _user_step(self, trainer: Trainer, stage: str) -> Any:
+        """The module's own step for ``stage`` (``training_step``...), run through
+        ``trainer.model`` when a plugin wrapped the module; ``None`` when it has none."""
+        name = _STEP_NAMES[stage]
+        step = user_method(trainer.module, name)
+        if step is not None and trainer.model is not trainer.module:
+            step = self._through_model(trainer.model, name, step)
+        return step
 
     def _through_model(self, model: Any, name: str, step: Any) -> Any:
         """``step`` as `hooktrain.batches.compiled_step` runs it through ``model``,
