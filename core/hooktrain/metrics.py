@@ -207,15 +207,17 @@ class RunningMeans:
         values, weights = self._pending.pop(name)
         if not values:
             return
-        if all(isinstance(v, torch.Tensor) for v in values):
-            # Folding runs at every log interval, so its operations are counted: each
-            # costs microseconds on a CPU, against a step of a few hundred.
-            try:
-                # 0-dim values (the loss) stack as they are; looking at each one's
-                # shape first would cost more than the stack itself.
-                stacked = torch.stack(values)
-            except RuntimeError:  # mixed shapes of one element each
-                stacked = torch.stack([v.reshape(()) for v in values])
+        # Folding runs at every log interval, so its operations are counted: each
+        # costs microseconds on a CPU, against a step of a few hundred. 0-dim values
+        # (the loss) stack as they are; looking at each one's type or shape first
+        # would cost more than the stack itself.
+        try:
+            stacked: torch.Tensor | None = torch.stack(values)
+        except TypeError:  # numbers among them
+            stacked = None
+        except RuntimeError:  # mixed shapes of one element each
+            stacked = torch.stack([v.reshape(()) for v in values])
+        if stacked is not None:
             if stacked.ndim != 1:
                 stacked = stacked.reshape(-1)
             first = weights[0]
