@@ -307,9 +307,10 @@ class Trainer:
         """Everything needed to resume this run exactly, as a mapping of tensors,
         numbers, strings, lists and dicts (loadable with ``weights_only=True``).
 
-        Holds the model, optimizers, LR schedulers, progress, RNG states (now, and
-        at the start of the current epoch's data), metrics, versions and the plugin
-        list; then ``on_save_checkpoint`` lets each plugin add its own state under
+        Holds the model, optimizers, LR schedulers, progress, RNG states, metrics,
+        versions and the plugin list, and in the middle of an epoch (``epoch_complete``
+        false) what resuming there needs: the RNG states the epoch's data came from
+        and the epoch's running sums and metric states; then ``on_save_checkpoint`` lets each plugin add its own state under
         ``checkpoint["plugins"][name]``. Tensors are the live ones: copy them
         before writing from another thread. With several processes this is a
         collective call (the running epoch sums and stateful metrics of every
