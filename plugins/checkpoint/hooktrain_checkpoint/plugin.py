@@ -387,21 +387,29 @@ class ModelCheckpoint:
             encoded = None
             state = snapshot(checkpoint)
 
+        # Resolved now, on the training thread: a relative folder must mean the same
+        # when the writer gets to it, whatever the working directory is by then.
+        folder, written, last = (
+            self.dirpath.absolute(),
+            target.absolute(),
+            self.last_path.absolute(),
+        )
+
         def job() -> None:
             begun = time.perf_counter()
             linking = ranked_name is not None and self.save_last
             # With a link to follow, one directory fsync after both renames covers both.
             if encoded is not None:
-                storage.write_encoded(encoded, target, sync_directory=not linking)
+                storage.write_encoded(encoded, written, sync_directory=not linking)
             else:
-                storage.write_file(state, target, record, sync_directory=not linking)
+                storage.write_file(state, written, record, sync_directory=not linking)
             if linking:
-                storage.link_or_copy(target, self.last_path)
+                storage.link_or_copy(written, last)
             # Evicted files go only once their replacement is complete (either kind:
             # a resumed run may rank against a sharded run's directories).
             for name in evicted:
                 if name != ranked_name:
-                    sharded.remove(self.dirpath / name)
+                    sharded.remove(folder / name)
             self.write_costs.append(time.perf_counter() - begun)
             if self.verbose:
                 print(f"hooktrain-checkpoint: saved {' and '.join(paths)}", file=sys.stderr)
