@@ -26,6 +26,7 @@ from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.instrument import TRACE_ENV, instrument, stderr_tracer
 from hooktrain.metrics import MetricFn, Metrics, RunningMeans
 from hooktrain.optimization import Scheduler
+from hooktrain.options import check_options, default_device, trainer_hparams
 from hooktrain.plugins import (
     PluginManager,
     PluginSelection,
@@ -84,29 +85,23 @@ class Trainer:
         log_every_n_steps: int = 50,
         check_finite_every_step: bool = False,
     ) -> None:
-        _require_int("max_epochs", max_epochs, minimum=1)
-        _require_int("max_steps", max_steps, minimum=1, optional=True)
-        _require_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
-        _require_int("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
-        _require_int("val_every_n_steps", val_every_n_steps, minimum=1, optional=True)
-        _require_int("log_every_n_steps", log_every_n_steps, minimum=1)
-        for name, value in (
-            ("limit_train_batches", limit_train_batches),
-            ("limit_val_batches", limit_val_batches),
-            ("limit_test_batches", limit_test_batches),
-            ("limit_predict_batches", limit_predict_batches),
-        ):
-            _require_int(name, value, minimum=0, optional=True)
-        if gradient_clip_val is not None and not gradient_clip_val > 0:
-            raise ConfigurationError(f"gradient_clip_val must be > 0, got {gradient_clip_val!r}")
-        if plugins is not None and (
-            isinstance(plugins, str | bytes) or not isinstance(plugins, Sequence)
-        ):
-            raise ConfigurationError(
-                f"plugins must be a list (of names, objects or (name, options) pairs), "
-                f"got {plugins!r}"
-            )
-
+        limits = {
+            "train": limit_train_batches,
+            "validate": limit_val_batches,
+            "test": limit_test_batches,
+            "predict": limit_predict_batches,
+        }
+        check_options(
+            plugins=plugins,
+            max_epochs=max_epochs,
+            max_steps=max_steps,
+            accumulate_grad_batches=accumulate_grad_batches,
+            gradient_clip_val=gradient_clip_val,
+            check_val_every_n_epoch=check_val_every_n_epoch,
+            val_every_n_steps=val_every_n_steps,
+            limits=limits,
+            log_every_n_steps=log_every_n_steps,
+        )
         self.max_epochs = max_epochs
         self.max_steps = max_steps
         self.seed = seed
@@ -114,15 +109,10 @@ class Trainer:
         self.gradient_clip_val = gradient_clip_val
         self.check_val_every_n_epoch = check_val_every_n_epoch
         self.val_every_n_steps = val_every_n_steps
-        self.limits = {
-            "train": limit_train_batches,
-            "validate": limit_val_batches,
-            "test": limit_test_batches,
-            "predict": limit_predict_batches,
-        }
+        self.limits = limits
         self.log_every_n_steps = log_every_n_steps
         self.check_finite_every_step = check_finite_every_step
-        self.device = torch.device(device) if device is not None else _default_device()
+        self.device = torch.device(device) if device is not None else default_device()
 
         #: pluggy's manager; ``plugin_manager.hook.<name>(trainer=..., ...)`` calls a hook.
         self.plugin_manager = PluginManager()
@@ -219,21 +209,7 @@ class Trainer:
     @property
     def hparams(self) -> dict[str, Any]:
         """The trainer's settings and plugin list, for loggers to record."""
-        return {
-            "max_epochs": self.max_epochs,
-            "max_steps": self.max_steps,
-            "seed": self.seed,
-            "accumulate_grad_batches": self.accumulate_grad_batches,
-            "gradient_clip_val": self.gradient_clip_val,
-            "check_val_every_n_epoch": self.check_val_every_n_epoch,
-            "val_every_n_steps": self.val_every_n_steps,
-            "log_every_n_steps": self.log_every_n_steps,
-            "limit_train_batches": self.limits["train"],
-            "limit_val_batches": self.limits["validate"],
-            "device": str(self.device),
-            "world_size": self.world_size,
-            "plugins": list(self.plugin_names),
-        }
+        return trainer_hparams(self)
 
     # ------------------------------------------------------------------ logging
 
@@ -310,11 +286,12 @@ class Trainer:
         Holds the model, optimizers, LR schedulers, progress, RNG states, metrics,
         versions and the plugin list, and in the middle of an epoch (``epoch_complete``
         false) what resuming there needs: the RNG states the epoch's data came from
-        and the epoch's running sums and metric states; then ``on_save_checkpoint`` lets each plugin add its own state under
-        ``checkpoint["plugins"][name]``. Tensors are the live ones: copy them
-        before writing from another thread. With several processes this is a
-        collective call (the running epoch sums and stateful metrics of every
-        process are combined): every process must call it at the same point.
+        and the epoch's running sums and metric states. Then ``on_save_checkpoint``
+        lets each plugin add its own state under ``checkpoint["plugins"][name]``.
+        Tensors are the live ones: copy them before writing from another thread.
+        With several processes this is a collective call (the running epoch sums and
+        stateful metrics of every process are combined): every process must call it
+        at the same point.
 
         :raises ConfigurationError: outside a stage (no model yet).
         """
@@ -475,14 +452,3 @@ class Trainer:
             return self.metrics.floats(results)
 
         return run_stage(self, stage, body)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _require_int(name: str, value: Any, *, minimum: int, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
