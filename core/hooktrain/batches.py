@@ -43,14 +43,12 @@ def move_to_device(obj: Any, device: torch.device) -> Any:
     Returns ``obj`` itself when nothing had to move, so the common case allocates
     nothing.
     """
-    if isinstance(obj, torch.Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=True)
     cls = type(obj)
     if cls is tuple or cls is list:
         # The usual batch, a pair of tensors already in place (pre-batched data, the
-        # CPU), is settled in one pass without a call per item.
+        # CPU), is settled first, in one pass without a call per item.
         for item in obj:
-            if not isinstance(item, torch.Tensor) or item.device != device:
+            if type(item) is not torch.Tensor or item.device != device:
                 break
         else:
             return obj
@@ -58,6 +56,8 @@ def move_to_device(obj: Any, device: torch.device) -> Any:
         if all(a is b for a, b in zip(moved, obj, strict=True)):
             return obj
         return cls(moved)
+    if isinstance(obj, torch.Tensor):
+        return obj if obj.device == device else obj.to(device, non_blocking=True)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
         return cls(*(move_to_device(item, device) for item in obj))
     if isinstance(obj, Mapping):
