@@ -159,10 +159,24 @@ def test_batch_that_cannot_be_unpacked():
         fit(loader=triples)
 
 
+def test_a_dict_of_validation_loaders_is_refused_before_training():
+    # Lightning takes a dict; read as one loader it used to fail with "cannot unpack
+    # the batch" after a whole training epoch.
+    train, val = make_data()
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    with pytest.raises(
+        ConfigurationError, match=r"dict of dataloaders \('digits', 'noise'\).*list"
+    ):
+        fit(loader=train, trainer=trainer, val_dataloaders={"digits": val, "noise": val})
+    assert trainer.global_step == 0
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
         ("max_epochs", 0),
+        ("limit_val_batches", -1),
+        ("limit_predict_batches", 0.5),
         ("max_epochs", 1.5),
         ("max_steps", 0),
         ("accumulate_grad_batches", 0),

@@ -311,9 +311,21 @@ def check_loader(what: str, loader: Any) -> None:
 def loader_list(what: str, loaders: Any) -> list[Iterable[Any]]:
     """``loaders`` as a list of dataloaders: ``None`` gives none, one loader gives
     a list of one, a list or tuple of loaders is copied; each is checked with
-    `check_loader`."""
+    `check_loader`.
+
+    :raises ConfigurationError: for a dict of dataloaders (Lightning accepts one;
+        here the names would be lost), or anything `check_loader` refuses.
+    """
     if loaders is None:
         return []
+    if isinstance(loaders, Mapping) and any(
+        isinstance(v, Iterable) and not isinstance(v, torch.Tensor) for v in loaders.values()
+    ):
+        raise ConfigurationError(
+            f"{what} got a dict of dataloaders ({', '.join(map(repr, loaders))}); pass a "
+            f"list instead: metrics of loader i are logged with the suffix "
+            f"'/dataloader_idx_i'"
+        )
     if (
         isinstance(loaders, list | tuple)
         and loaders
