@@ -462,3 +462,27 @@ def test_a_stop_decided_by_another_process_at_epoch_end_stops_this_one_too():
     assert result.trainer.should_stop
     assert result.trainer.current_epoch == 0
     assert result.trainer.global_step == 4
+
+
+def test_a_step_method_given_between_stages_is_the_one_that_runs():
+    # The core's forward_step looks the model's own step up once per stage; a new
+    # stage (its prepare) must look again, not reuse the previous stage's method.
+    calls: list[str] = []
+    model = make_model()
+    train, _ = make_data()
+    trainer = hooktrain.Trainer(plugins=[], device="cpu", limit_train_batches=2)
+
+    def first(batch, batch_idx):
+        calls.append("first")
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    def second(batch, batch_idx):
+        calls.append("second")
+        return F.cross_entropy(model(batch[0]), batch[1])
+
+    optimizer = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+    model.training_step = first
+    trainer.fit(model, train, optimizer=optimizer)
+    model.training_step = second
+    trainer.fit(model, train, optimizer=optimizer)
+    assert calls == ["first", "first", "second", "second"]
