@@ -36,12 +36,16 @@ def check_options(
     limits: Mapping[str, Any],
     log_every_n_steps: Any,
 ) -> None:
-    """:raises ConfigurationError: for a count that is not an integer in its range
-    (``max_epochs``, ``accumulate_grad_batches``, ``check_val_every_n_epoch`` and
-    ``log_every_n_steps`` >= 1; ``max_steps`` and ``val_every_n_steps`` >= 1 or
-    ``None``; ``limits``, by stage, the ``limit_*_batches`` options: >= 0 or
-    ``None``), a
-    ``gradient_clip_val`` not > 0, or ``plugins`` that is not a list."""
+    """Refuse options that cannot run, before anything else happens.
+
+    :param limits: the ``limit_*_batches`` options, by stage (``"train"``,
+        ``"validate"``, ``"test"``, ``"predict"``).
+    :raises ConfigurationError: for a count that is not an integer in its range
+        (``max_epochs``, ``accumulate_grad_batches``, ``check_val_every_n_epoch`` and
+        ``log_every_n_steps`` >= 1; ``max_steps`` and ``val_every_n_steps`` >= 1 or
+        ``None``; each limit >= 0 or ``None``), a ``gradient_clip_val`` not > 0, or
+        ``plugins`` that is not a list.
+    """
     _require_int("max_epochs", max_epochs, minimum=1)
     _require_int("max_steps", max_steps, minimum=1, optional=True)
     _require_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
