@@ -246,8 +246,10 @@ class Trainer:
         else:
             self._logged_since_publish.add(name)
         if self._active_means is not None:
-            if batch_size is None and (batch_size := self._batch_size) is None:
-                batch_size = self._batch_size = batches.batch_size(self._batch)
+            if batch_size is None:
+                if self._batch_size is None:  # inside a step: its batch is sized now
+                    self._batch_size = batches.batch_size(self._batch)
+                batch_size = self._batch_size
             self._active_means.add(name, value, batch_size)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
