@@ -159,3 +159,34 @@ def test_a_step_can_say_its_batch_size():
     assert trainer.metrics["loss"] == pytest.approx(4.0)
     assert trainer.metrics["val_loss"] == pytest.approx(4.0)
     assert "val_batch_size" not in trainer.metrics
+
+
+def test_a_step_that_takes_its_batch_apart_keeps_the_batch_weight() -> None:
+    # The batch is sized as it arrives: a step that pops its inputs out of a dict
+    # batch must still weigh 4, 4 and 2 in the epoch's means, not 1 each.
+    torch.manual_seed(0)
+    sizes = (4, 4, 2)
+    batches = [{"x": torch.randn(n, 3), "y": torch.randint(0, 2, (n,))} for n in sizes]
+    seen: list[float] = []
+
+    class Consuming(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch.pop("x"), batch.pop("y")
+            loss = F.cross_entropy(self.layer(x), y)
+            trainer.log("inside", loss)
+            seen.append(loss.item())
+            return loss
+
+    trainer = Trainer(plugins=[], device="cpu")
+    trainer.fit(
+        Consuming(),
+        [dict(batch) for batch in batches],
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.0),
+    )
+    weighted = sum(loss * n for loss, n in zip(seen, sizes, strict=True)) / sum(sizes)
+    assert trainer.metrics["loss"] == pytest.approx(weighted, rel=1e-6)
+    assert trainer.metrics["inside"] == pytest.approx(weighted, rel=1e-6)

@@ -112,15 +112,15 @@ def batch_size(batch: Any) -> int:
     return 1
 
 
-def step_batch_size(outputs: Any, batch: Any) -> int:
+def step_batch_size(outputs: Any, batch_guess: int) -> int:
     """How much one batch weighs in the epoch's means, once its step has run.
 
     A step's dict may say it (``"batch_size"``): that wins, for batches no rule can
     read (packed sequences, a dict of ragged lists). Otherwise, for a plain model
     (the core's step returns ``"outputs"``) it is the first dimension of the
     model's outputs, in training as in evaluation: for time-major inputs of shape
-    ``(T, B, F)`` that is ``B``, not ``T``. Otherwise `batch_size` of ``batch``,
-    the first dimension of its first tensor.
+    ``(T, B, F)`` that is ``B``, not ``T``. Otherwise ``batch_guess``: `batch_size`
+    of the batch as it arrived, before the step could take it apart.
     """
     if type(outputs) is dict:
         given = outputs.get("batch_size")
@@ -129,7 +129,7 @@ def step_batch_size(outputs: Any, batch: Any) -> int:
         predicted = outputs.get("outputs")
         if isinstance(predicted, torch.Tensor) and predicted.ndim:
             return predicted.shape[0]
-    return batch_size(batch)
+    return batch_guess
 
 
 def length(loader: Any) -> int | None:

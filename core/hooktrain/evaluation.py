@@ -98,11 +98,11 @@ def evaluation_loop(
                             batch_idx=batch_idx,
                             dataloader_idx=loader_idx,
                         )
-                    trainer._batch, trainer._batch_size = batch, None
+                    trainer._batch_size = batch_size(batch)
                     outputs = forward(
                         trainer=trainer, batch=batch, batch_idx=batch_idx, stage=stage
                     )
-                    trainer._batch_size = step_batch_size(outputs, batch)
+                    trainer._batch_size = step_batch_size(outputs, trainer._batch_size)
                     if stage == "predict":
                         predictions.append(outputs)
                     else:

@@ -162,9 +162,10 @@ def _train_epoch(
         window += 1
         sync = window == accumulate or batch_idx + 1 == total
         trainer.sync_gradients = sync
-        trainer._batch, trainer._batch_size = batch, None  # sized when a value is logged
+        # Sized before the step, which may take its batch apart (values it logs use it).
+        trainer._batch_size = batch_size(batch)
         outputs, loss = train_step(batch, batch_idx)
-        trainer._batch_size = size = step_batch_size(outputs, batch)
+        trainer._batch_size = size = step_batch_size(outputs, trainer._batch_size)
         if sync:
             optimizer_step(window)
             window = 0

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hooktrain import batches, state
+from hooktrain import state
 from hooktrain.batches import check_loader, check_model, loader_list, unwrap_compiled
 from hooktrain.defaults import CoreDefaults
 from hooktrain.epoch_metrics import EpochMetrics
@@ -194,10 +194,7 @@ class Trainer:
         # publication, not to the next step's.
         self._epoch_end_logs: set[str] | None = None
         self._checked_steps_from = 1
-        # The batch in progress, and its weight in the epoch's means: None until a
-        # value logged inside the step needs it, then the step's (`step_batch_size`).
-        self._batch: Any = None
-        self._batch_size: int | None = 1
+        self._batch_size = 1
 
     # ------------------------------------------------------------------ properties
 
@@ -246,11 +243,7 @@ class Trainer:
         else:
             self._logged_since_publish.add(name)
         if self._active_means is not None:
-            if batch_size is None:
-                if self._batch_size is None:  # inside a step: its batch is sized now
-                    self._batch_size = batches.batch_size(self._batch)
-                batch_size = self._batch_size
-            self._active_means.add(name, value, batch_size)
+            self._active_means.add(name, value, batch_size or self._batch_size)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of ``tensor`` over all processes (the tensor itself with one)."""
