@@ -404,8 +404,13 @@ def forward_step(trainer: Trainer, batch: Any, batch_idx: int, stage: str) -> An
     ``(inputs, targets)``, calls the model and applies ``loss_fn``. When
     ``trainer.model`` is ``torch.compile``'s wrapper of ``trainer.module``, the
     model's own step runs through that wrapper's compiler
-    (`hooktrain.batches.compiled_step`). A ``wrapper=True``
-    implementation surrounds it, to run it under ``torch.autocast`` for instance.
+    (`hooktrain.batches.compiled_step`). The default looks the model's own step up
+    at a stage's first batch (again whenever ``trainer.model`` changes), not at
+    every batch, as Keras builds its ``train_function`` once a fit: a step method
+    assigned to the model in the middle of a stage runs from the next stage on (a
+    plugin that switches steps mid-stage implements this hook instead). A
+    ``wrapper=True`` implementation surrounds it, to run it under ``torch.autocast``
+    for instance.
 
     :param stage: ``"train"``, ``"validate"``, ``"test"`` or ``"predict"``.
     :return: for ``"train"``, the loss tensor or a mapping holding ``"loss"``; for
