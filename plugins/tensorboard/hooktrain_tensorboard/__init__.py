@@ -142,9 +142,9 @@ class TensorBoardLogger:
         # checkpoint's run wrote to (None when it does not say) and its restart step.
         self._resume: tuple[str | None, int] | None = None
         self._lr_step = -1
-        # The learning rates the current step trains with, read before it: by the
-        # time the step's values are published a scheduler may have moved them.
-        self._step_lrs: list[list[float]] = []
+        # The learning rates a step trains with, read before it (by the time its values
+        # are published a scheduler may have moved them), and that step's number.
+        self._step_lrs: tuple[int, list[list[float]]] = (-1, [])
 
     # ------------------------------------------------------------------ hooks
 
@@ -158,10 +158,7 @@ class TensorBoardLogger:
         total = trainer.num_training_batches
         last = total is None or batch_idx + 1 >= total
         if last or (trainer.global_step + 1) % trainer.log_every_n_steps == 0:
-            self._step_lrs = [
-                [group["lr"] for group in optimizer.param_groups]
-                for optimizer in trainer.optimizers
-            ]
+            self._step_lrs = (trainer.global_step + 1, _current_lrs(trainer))
 
     @hookimpl
     def on_load_checkpoint(self, trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
@@ -192,6 +189,7 @@ class TensorBoardLogger:
         resume, self._resume = self._resume, None
         # Each fit counts steps from 0 again: the previous fit's last one says nothing.
         self._lr_step = -1
+        self._step_lrs = (-1, [])
         if resume is None:
             # A new version even for a later fit of the same trainer: in the same
             # folder, this fit's restart marker would drop the earlier fit's steps.
@@ -221,7 +219,12 @@ class TensorBoardLogger:
         values = [(_tag(scope, name), float(value)) for name, value in metrics.items()]
         if self.log_lr and scope in ("step", "epoch") and step != self._lr_step:
             self._lr_step = step
-            values.extend(_lr_tags(self._step_lrs))
+            read_for, lrs = self._step_lrs
+            if read_for != step:
+                # Not read before this step: a loader that yielded fewer batches than
+                # its len said. Now is the closest (a scheduler may have moved on).
+                lrs = _current_lrs(trainer)
+            values.extend(_lr_tags(lrs))
         if values:
             self._pending.append((time.time(), step, values))
         # Each flush wakes the writer thread and waits for it.
@@ -318,6 +321,10 @@ def _tag(scope: str, name: str) -> str:
     if prefix and name.startswith(prefix):
         name = name[len(prefix) :]
     return f"{_SCOPE_TAG.get(scope, scope)}/{name}"
+
+
+def _current_lrs(trainer: Trainer) -> list[list[float]]:
+    return [[group["lr"] for group in optimizer.param_groups] for optimizer in trainer.optimizers]
 
 
 def _lr_tags(lrs: list[list[float]]) -> list[tuple[str, float]]:

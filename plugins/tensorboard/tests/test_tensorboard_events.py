@@ -270,6 +270,40 @@ def test_the_learning_rate_written_for_a_step_is_the_one_it_trained_with(
     assert written == pytest.approx(expected)
 
 
+class _ShorterThanItsLen:
+    """Yields the batches of ``loader`` but says it has one more."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader) + 1
+
+
+def test_the_epoch_learning_rate_is_written_when_the_loader_ends_early(tmp_path: Path) -> None:
+    # The rates are read before a step that publishes or an epoch's last batch by
+    # its len; a loader that ends before that batch still gets its epoch's rate.
+    train, _ = make_data(n=48, batch_size=16)
+    trainer = Trainer(
+        plugins=[("tensorboard", {"log_dir": tmp_path, "name": ""})],
+        max_epochs=1,
+        log_every_n_steps=50,
+        device="cpu",
+    )
+    with pytest.warns(UserWarning, match="said it has 4 batches"):
+        trainer.fit(
+            make_model(),
+            _ShorterThanItsLen(train),
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.25),
+        )
+    events = read(tmp_path / "version_0")
+    assert {e.step: e.value for e in events.Scalars("lr/group_0")} == {3: 0.25}
+
+
 def test_standalone_validate_and_test_write_to_the_fit_run(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path)
     result = run([logger], max_epochs=1)
