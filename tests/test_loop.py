@@ -486,3 +486,21 @@ def test_a_step_method_given_between_stages_is_the_one_that_runs():
     model.training_step = second
     trainer.fit(model, train, optimizer=optimizer)
     assert calls == ["first", "first", "second", "second"]
+
+
+def test_a_loss_of_a_tensor_subclass_trains():
+    class Tagged(torch.Tensor):
+        pass
+
+    model = make_model()
+    train, _ = make_data()
+
+    def training_step(batch, batch_idx):
+        return F.cross_entropy(model(batch[0]), batch[1]).as_subclass(Tagged)
+
+    model.training_step = training_step
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = hooktrain.Trainer(plugins=[], device="cpu", limit_train_batches=2)
+    trainer.fit(model, train, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    assert trainer.global_step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
