@@ -9,7 +9,6 @@ loop calls it directly and pluggy is not involved.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from types import MethodType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,13 +42,10 @@ class CoreDefaults:
     name = "core"
 
     def __init__(self) -> None:
-        # Per step name: ((model, method's function, its module), the step as run). A
-        # compiled step is made once, not every batch; the identities say when the
-        # model or the method changed (another stage, another fit).
-        self._compiled_steps: dict[str, tuple[tuple[Any, Any, Any], Any]] = {}
         # Per stage: (trainer.model, the model's own step as run, or None). Looked
-        # up at a stage's first batch, not at every one; `prepare` starts afresh, as
-        # the model may have been wrapped or given another step since.
+        # up, and a compiled step made, at a stage's first batch, not at every one;
+        # `prepare` starts afresh, as the model may have been wrapped or given
+        # another step since.
         self._user_steps: dict[str, tuple[Any, Any]] = {}
 
     @hookimpl(trylast=True)
@@ -115,25 +111,13 @@ class CoreDefaults:
 
     def _user_step(self, trainer: Trainer, stage: str) -> Any:
         """The module's own step for ``stage`` (``training_step``...), run through
-        ``trainer.model`` when a plugin wrapped the module; ``None`` when it has none."""
+        ``trainer.model`` when that is ``torch.compile``'s wrapper of the module
+        (`hooktrain.batches.compiled_step`); ``None`` when it has none."""
         name = _STEP_NAMES[stage]
         step = user_method(trainer.module, name)
         if step is not None and trainer.model is not trainer.module:
-            step = self._through_model(trainer.model, name, step)
+            step = compiled_step(trainer.model, step)
         return step
-
-    def _through_model(self, model: Any, name: str, step: Any) -> Any:
-        """``step`` as `hooktrain.batches.compiled_step` runs it through ``model``,
-        made once per model and method."""
-        if type(step) is not MethodType:
-            return step  # not the module's method: something a plugin put in its place
-        key = (model, step.__func__, step.__self__)
-        cached = self._compiled_steps.get(name)
-        if cached is not None and all(a is b for a, b in zip(cached[0], key, strict=True)):
-            return cached[1]
-        result = compiled_step(model, step)
-        self._compiled_steps[name] = (key, result)
-        return result
 
     @hookimpl(trylast=True)
     def backward(self, trainer: Trainer, loss: torch.Tensor) -> bool:
