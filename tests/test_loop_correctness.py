@@ -14,9 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
-from hooktrain import ConfigurationError, Trainer, hookimpl
+from hooktrain import ConfigurationError, ResumeWarning, Trainer, hookimpl
+from hooktrain.rng import mark_epoch_seeded
 from hooktrain.testing import HookRecorder, make_data, make_model
 
 
@@ -405,6 +406,78 @@ def test_a_resumed_epoch_replays_the_interrupted_epochs_data(kind, tmp_path):
     assert before.samples[: 6 * 2] + after.samples == whole.samples
     for key, value in uninterrupted.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+class ReseedsLazily(Sampler):
+    """Like accelerate's seedable sampler: makes its generator at its first epoch and
+    reseeds it from (seed, epoch) every epoch; ``mark`` says so to hooktrain."""
+
+    def __init__(self, n: int, mark: bool) -> None:
+        self.n, self.mark, self.epoch, self.generator = n, mark, 0, None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if self.generator is None:
+            self.generator = torch.Generator()
+            if self.mark:
+                mark_epoch_seeded(self)
+        self.generator.manual_seed(100 + self.epoch)
+        yield from torch.randperm(self.n, generator=self.generator).tolist()
+
+
+def _crash_then_resume(tmp_path, loader, resumed_loader):
+    """Fit 3 epochs of 4 steps saving at global step 6 (mid epoch 1) and crashing at
+    7; resume from that checkpoint: (uninterrupted model, resumed model)."""
+
+    def fit(data, plugins, ckpt_path=None):
+        model = make_model(features=2, dropout=0.2)
+        trainer = Trainer(plugins=plugins, max_epochs=3, seed=3, device="cpu")
+        trainer.fit(model, data(), loss_fn=F.cross_entropy, optimizer=sgd(), ckpt_path=ckpt_path)
+        return model
+
+    uninterrupted = fit(loader, [])
+    path = tmp_path / "mid.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(loader, [CrashesAfter(path, save_at=6, crash_at=7)])
+    return uninterrupted, fit(resumed_loader, [], ckpt_path=path)
+
+
+@pytest.mark.parametrize("mark", [True, False])
+def test_a_sampler_made_generator_is_left_out_of_checkpoints_once_marked(mark, tmp_path):
+    # Epoch 0 starts with no generator, epoch 1 with one; a resume in a fresh
+    # process starts epoch 1 with none again.
+    def loader():
+        return DataLoader(Indexed(8, noise=False), batch_size=2, sampler=ReseedsLazily(8, mark))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        uninterrupted, resumed = _crash_then_resume(tmp_path, loader, loader)
+    doubts = [str(w.message) for w in caught if issubclass(w.category, ResumeWarning)]
+    if mark:
+        assert doubts == []
+        for key, value in uninterrupted.state_dict().items():
+            assert torch.equal(value, resumed.state_dict()[key]), key
+    else:
+        assert len(doubts) == 1
+        assert "0 random generator(s) now and 1 in the checkpoint" in doubts[0]
+
+
+def test_a_resume_with_another_loader_warns_that_its_order_may_differ(tmp_path):
+    def plain():
+        return DataLoader(Indexed(8, noise=False), batch_size=2, shuffle=True)
+
+    with pytest.warns(ResumeWarning, match=r"1 random generator\(s\) now and 0 in"):
+        _crash_then_resume(tmp_path, plain, lambda: _loader("own generator"))
+
+
+def test_only_a_torch_generator_can_be_marked_as_reseeded_every_epoch():
+    with pytest.raises(ValueError, match=r"whose \.generator is a torch\.Generator"):
+        mark_epoch_seeded(ReseedsLazily(4, mark=False))  # no generator before its first epoch
 
 
 # ---------------------------------------------------------------- 10. wrong len()

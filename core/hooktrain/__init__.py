@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         HooktrainError,
         NonFiniteLossError,
         PluginError,
+        ResumeWarning,
     )
     from hooktrain.metrics import accuracy
     from hooktrain.rng import seed_everything
@@ -33,6 +34,7 @@ _LAZY = {
     "HookError": "hooktrain.errors",
     "PluginError": "hooktrain.errors",
     "NonFiniteLossError": "hooktrain.errors",
+    "ResumeWarning": "hooktrain.errors",
 }
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "HooktrainError",
     "NonFiniteLossError",
     "PluginError",
+    "ResumeWarning",
     "Trainer",
     "__version__",
     "accuracy",

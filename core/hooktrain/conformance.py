@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from hooktrain.conformance_support import (
     sigterm_guard,
     weight_differences,
 )
+from hooktrain.errors import ResumeWarning
 
 __all__ = ["CHECKS", "PluginConformance"]
 
@@ -182,7 +184,19 @@ class PluginConformance:
                 f"must not clear trainer.should_stop, nor keep the loop going. {_GUIDE}"
             )
         del stopped
-        resumed = job.fit([self._fresh(), *companions], ckpt_path="last")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ResumeWarning)
+            try:
+                resumed = job.fit([self._fresh(), *companions], ckpt_path="last")
+            except ResumeWarning as doubt:
+                pytest.fail(
+                    f"exact resume: the run resumed from global step {KILL_STEP} warned "
+                    f"that it may not replay the interrupted one: {str(doubt).rstrip('.')}. "
+                    f"A plugin that replaces the training dataloader or its sampler must "
+                    f"keep the same random generators in every epoch and process, or mark "
+                    f"those it reseeds every epoch with hooktrain.rng.mark_epoch_seeded. "
+                    f"{_GUIDE}"
+                )
         differences = weight_differences(reference, resumed)
         if differences:
             hooks = implemented_hooks(obj)

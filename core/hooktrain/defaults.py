@@ -24,6 +24,7 @@ from hooktrain.batches import (
 from hooktrain.epoch_metrics import is_epoch_metric
 from hooktrain.errors import ConfigurationError
 from hooktrain.markers import hookimpl
+from hooktrain.rng import epoch_seeded_generator, mark_epoch_seeded
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -75,12 +76,11 @@ class CoreDefaults:
         if isinstance(sampler, RandomSampler):
             # The generator is marked on the sampler itself, so that another trainer
             # reusing the same DataLoader recognises it as hooktrain's, not the user's.
-            owned = getattr(sampler, "_hooktrain_generator", None)
+            owned = epoch_seeded_generator(sampler)
             if sampler.generator is None or sampler.generator is owned:
                 if owned is None:
-                    owned = torch.Generator()
-                    sampler._hooktrain_generator = owned  # type: ignore[attr-defined]
-                    sampler.generator = owned
+                    owned = sampler.generator = torch.Generator()
+                    mark_epoch_seeded(sampler)
                 owned.manual_seed(trainer.data_seed + epoch)
 
     @hookimpl(trylast=True)

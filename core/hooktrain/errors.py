@@ -1,4 +1,5 @@
-"""The exceptions hooktrain raises itself. Each message says what to do next."""
+"""The exceptions hooktrain raises itself, and its one warning category. Each
+message says what to do next."""
 
 from __future__ import annotations
 
@@ -30,3 +31,14 @@ class HookError(HooktrainError):
 
 class NonFiniteLossError(HooktrainError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class ResumeWarning(UserWarning):
+    """A run resumed in the middle of an epoch may not replay the interrupted one
+    exactly: its data order or its random numbers may differ (the dataloader is not
+    the one checkpointed, it cannot be replayed, or the checkpoint is older).
+
+    Make it an error where a resume must be exact::
+
+        warnings.simplefilter("error", hooktrain.ResumeWarning)
+    """

@@ -21,7 +21,7 @@ import torch
 
 from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
-from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError
+from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, ResumeWarning
 from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.metrics import process_collectives
@@ -306,18 +306,21 @@ def _epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: in
                 f"hooktrain: the training dataloader ({type(loader).__name__}) has "
                 f"{len(generators)} random generator(s) now and {len(states)} in the "
                 f"checkpoint: the resumed epoch's order may differ from the interrupted one",
+                ResumeWarning,
                 stacklevel=3,
             )
     elif skip:
         warnings.warn(
             "hooktrain: the checkpoint does not hold the epoch's starting random state "
             "(an older checkpoint); the resumed epoch's data may differ",
+            ResumeWarning,
             stacklevel=3,
         )
     if skip and isinstance(loader, Iterator):
         warnings.warn(
             f"hooktrain: the training data is an iterator ({type(loader).__name__}), which "
             f"cannot be replayed: the resumed epoch continues from wherever it is now",
+            ResumeWarning,
             stacklevel=3,
         )
     trainer._epoch_start_state = {

@@ -18,7 +18,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["fork_rng", "rng_state", "seed_everything", "set_rng_state"]
+__all__ = [
+    "epoch_seeded_generator",
+    "fork_rng",
+    "loader_generators",
+    "mark_epoch_seeded",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+]
+
+#: The attribute `mark_epoch_seeded` sets on a generator's owner.
+_EPOCH_SEEDED = "_hooktrain_generator"
 
 
 def seed_everything(seed: int) -> None:
@@ -100,17 +111,43 @@ def loader_generators(dataloader: Any) -> list[torch.Generator]:
     """The ``torch.Generator`` objects that decide a dataloader's epoch: its own
     (worker seeds) and its sampler's (the order), in that order, each once.
 
-    A generator the core attached to a sampler (``_hooktrain_generator``, reseeded
-    from the run's data seed and the epoch before every epoch) is left out: its
-    state at an epoch's start follows from the epoch alone.
+    A generator marked with `mark_epoch_seeded` (the one the core attaches to a
+    ``RandomSampler``, or a plugin's) is left out: it is reseeded from the run's
+    data seed and the epoch before every epoch, so its state at an epoch's start
+    follows from the epoch alone, and a checkpoint need not hold it.
     """
     found: list[torch.Generator] = []
     sampler = getattr(dataloader, "sampler", None)
     batch_sampler = getattr(dataloader, "batch_sampler", None)
     for owner in (dataloader, sampler, getattr(batch_sampler, "sampler", None)):
         generator = getattr(owner, "generator", None)
-        if generator is getattr(owner, "_hooktrain_generator", None):
+        if generator is getattr(owner, _EPOCH_SEEDED, None):
             continue
         if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
             found.append(generator)
     return found
+
+
+def mark_epoch_seeded(owner: Any) -> None:
+    """Say that ``owner.generator`` (a sampler's ``torch.Generator``) is reseeded from
+    the run's seed and the epoch before every epoch, so that `loader_generators`
+    leaves it out of the epoch's starting state.
+
+    Without the mark, a sampler that creates its generator lazily (at its first
+    epoch) has none in a checkpoint of epoch 0 and one afterwards, and a run resumed
+    in a fresh process warns (`hooktrain.ResumeWarning`) that the counts differ.
+
+    :raises ValueError: when ``owner.generator`` is not a ``torch.Generator``.
+    """
+    generator = getattr(owner, "generator", None)
+    if not isinstance(generator, torch.Generator):
+        raise ValueError(
+            f"mark_epoch_seeded needs an object whose .generator is a torch.Generator, "
+            f"got {type(generator).__name__} on {type(owner).__name__}"
+        )
+    setattr(owner, _EPOCH_SEEDED, generator)
+
+
+def epoch_seeded_generator(owner: Any) -> torch.Generator | None:
+    """The generator `mark_epoch_seeded` marked on ``owner``, or ``None``."""
+    return getattr(owner, _EPOCH_SEEDED, None)

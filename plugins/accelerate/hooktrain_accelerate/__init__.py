@@ -476,12 +476,24 @@ def _no_unscale(optimizer: Any = None) -> None:
 
 def _seed_sampler(dataloader: Any, seed: int) -> None:
     """Point accelerate's seedable sampler at the run's data seed (restored from a
-    checkpoint on resume), so that an epoch's order depends on (seed, epoch) only."""
+    checkpoint on resume), so that an epoch's order depends on (seed, epoch) only.
+
+    The sampler makes its generator at its first epoch and reseeds it every epoch;
+    it is made here and marked as reseeded (`hooktrain.rng.mark_epoch_seeded`), or
+    checkpoints of epoch 0 would hold no generator and later ones one, and a resume
+    in a fresh process would warn that the counts differ."""
+    import torch
+
+    from hooktrain.rng import mark_epoch_seeded
+
     batch_sampler = getattr(dataloader, "batch_sampler", None)
     for holder in (batch_sampler, getattr(batch_sampler, "batch_sampler", None)):
         sampler = getattr(holder, "sampler", None)
         if sampler is not None and hasattr(sampler, "initial_seed"):
             sampler.initial_seed = seed
+            if getattr(sampler, "generator", None) is None:
+                sampler.generator = torch.Generator()
+            mark_epoch_seeded(sampler)
 
 
 _exit_cleanup_registered = False
