@@ -32,7 +32,10 @@ class ModelCheckpoint:
 
     Options carry the names Lightning users know.
 
-    :param dirpath: the directory the checkpoints go to (created when needed).
+    :param dirpath: the directory the checkpoints go to (created when needed). A
+        relative path (or one starting with ``~``) is resolved when the plugin is
+        built, as Lightning's ``ModelCheckpoint`` does: a script that changes its
+        working directory later still saves, and resumes, where it said.
     :param filename: the name pattern of top-k checkpoints, without ``.ckpt``;
         ``{epoch}``, ``{step}`` and any metric name, with an optional format
         (``"{epoch}-{val_loss:.3f}"`` gives ``epoch=2-val_loss=0.123.ckpt``). A
@@ -97,7 +100,7 @@ class ModelCheckpoint:
                 )
         if every_n_train_steps is None and every_n_epochs is None:
             every_n_epochs = 1
-        self.dirpath = Path(dirpath)
+        self.dirpath = Path(dirpath).expanduser().absolute()
         self.filename = filename or "{epoch}-{step}"
         if not self.filename or "/" in self.filename or os.sep in self.filename:
             raise ConfigurationError(
@@ -387,29 +390,21 @@ class ModelCheckpoint:
             encoded = None
             state = snapshot(checkpoint)
 
-        # Resolved now, on the training thread: a relative folder must mean the same
-        # when the writer gets to it, whatever the working directory is by then.
-        folder, written, last = (
-            self.dirpath.absolute(),
-            target.absolute(),
-            self.last_path.absolute(),
-        )
-
         def job() -> None:
             begun = time.perf_counter()
             linking = ranked_name is not None and self.save_last
             # With a link to follow, one directory fsync after both renames covers both.
             if encoded is not None:
-                storage.write_encoded(encoded, written, sync_directory=not linking)
+                storage.write_encoded(encoded, target, sync_directory=not linking)
             else:
-                storage.write_file(state, written, record, sync_directory=not linking)
+                storage.write_file(state, target, record, sync_directory=not linking)
             if linking:
-                storage.link_or_copy(written, last)
+                storage.link_or_copy(target, self.last_path)
             # Evicted files go only once their replacement is complete (either kind:
             # a resumed run may rank against a sharded run's directories).
             for name in evicted:
                 if name != ranked_name:
-                    sharded.remove(folder / name)
+                    sharded.remove(self.dirpath / name)
             self.write_costs.append(time.perf_counter() - begun)
             if self.verbose:
                 print(f"hooktrain-checkpoint: saved {' and '.join(paths)}", file=sys.stderr)

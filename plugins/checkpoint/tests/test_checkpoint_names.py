@@ -3,6 +3,7 @@ another save that resolves to the same name; the newcomer gets ``-v1``, ``-v2``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +203,40 @@ def test_after_a_resume_the_epoch_end_save_replaces_the_same_steps_file(tmp_path
     assert checkpoint.best_k_models["epoch=1-step=4.ckpt"] == 2.0
     assert read_info(tmp_path / "epoch=1-step=4.ckpt").record["epoch_complete"] is True
     assert not list(tmp_path.glob("*-v1.ckpt"))
+
+
+class ChangesDirectory:
+    """Moves the process to ``elsewhere`` at the first epoch's end, before the save."""
+
+    name = "changes_directory"
+
+    def __init__(self, elsewhere: Path) -> None:
+        self.elsewhere = elsewhere
+
+    @hookimpl(tryfirst=True)
+    def on_train_epoch_end(self) -> None:
+        os.chdir(self.elsewhere)
+
+
+def test_a_relative_dirpath_is_where_the_working_directory_was_when_it_was_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started, elsewhere = tmp_path / "started", tmp_path / "elsewhere"
+    started.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(started)
+    checkpoint = fit(Path("ckpts"), [0.5, 0.4], None, ChangesDirectory(elsewhere))
+    assert checkpoint.dirpath == started / "ckpts"
+    kept = sorted(p.name for p in (started / "ckpts").iterdir())
+    assert kept == ["epoch=1-step=4.ckpt", "last.ckpt"]  # the best of the two, and last
+    assert not (elsewhere / "ckpts").exists()
+    # Resumed from anywhere, "last" is the same file.
+    resumed = fit(started / "ckpts", [0.5, 0.4, 0.3], "last")
+    assert read_info(resumed.last_path).record["global_step"] == 6
+
+
+def test_a_dirpath_under_the_home_directory_is_expanded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ModelCheckpoint(dirpath="~/ckpts").dirpath == tmp_path / "ckpts"
