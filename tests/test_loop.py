@@ -275,6 +275,22 @@ def test_predict_returns_concatenated_outputs():
     torch.testing.assert_close(predictions, expected)
 
 
+@pytest.mark.parametrize("form", ["pair", "inputs only", "dict", "dict without targets"])
+def test_predict_takes_every_batch_form_that_training_takes(form):
+    model = make_model()
+    inputs, targets = torch.randn(12, 8), torch.randint(0, 2, (12,))
+    samples = {
+        "pair": list(zip(inputs, targets, strict=True)),
+        "inputs only": list(inputs),
+        "dict": [{"inputs": x, "targets": y} for x, y in zip(inputs, targets, strict=True)],
+        "dict without targets": [{"inputs": x} for x in inputs],
+    }[form]
+    batches = DataLoader(samples, batch_size=6)  # collated into that form
+    predictions = hooktrain.Trainer(plugins=[], device="cpu").predict(model, batches)
+    with torch.no_grad():
+        torch.testing.assert_close(predictions, model(inputs))
+
+
 class Checkpointer:
     """Dumps the trainer's checkpoint at one global step, then stops the run: a
     preemption, as far as the loop can tell."""

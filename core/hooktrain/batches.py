@@ -28,6 +28,7 @@ __all__ = [
     "limited_length",
     "loader_list",
     "move_to_device",
+    "predict_inputs",
     "skip_first_batches",
     "skips_by_index",
     "step_batch_size",
@@ -90,6 +91,18 @@ def unpack_batch(batch: Any) -> tuple[Any, Any]:
         f"or a dict with 'inputs' and 'targets'; otherwise define training_step(batch, "
         f"batch_idx) on the model."
     )
+
+
+def predict_inputs(batch: Any) -> Any:
+    """What a plain model is given in ``predict``: the first item of a tuple or list
+    (targets may follow, or not), the ``"inputs"`` of a dict that has them (as in
+    training), and otherwise the batch itself (a tensor, or a dict the model takes
+    whole)."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    if isinstance(batch, Mapping) and "inputs" in batch:
+        return batch["inputs"]
+    return batch
 
 
 def batch_size(batch: Any) -> int:

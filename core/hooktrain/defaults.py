@@ -17,6 +17,7 @@ from torch.utils.data import RandomSampler
 from hooktrain.batches import (
     compiled_step,
     move_to_device,
+    predict_inputs,
     skip_first_batches,
     unpack_batch,
     user_method,
@@ -97,8 +98,7 @@ class CoreDefaults:
         if step is not None:
             return step(batch, batch_idx)
         if stage == "predict":
-            inputs = batch[0] if isinstance(batch, tuple | list) else batch
-            return model(inputs)
+            return model(predict_inputs(batch))
         inputs, targets = unpack_batch(batch)
         outputs = model(inputs)
         if stage == "train":
