@@ -199,6 +199,65 @@ def test_missing_loss_fn_and_optimizer():
         fit(optimizer="adam")
 
 
+def test_an_optimizer_over_another_models_parameters_is_refused_before_training():
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    other = torch.optim.SGD(make_model().parameters(), lr=0.5)
+    with pytest.raises(ConfigurationError, match="holds none of the model's parameters"):
+        fit(model, optimizer=other)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    # A subset of the model's parameters, or extra tensors beside them, are fine.
+    fit(model, optimizer=torch.optim.SGD(model[0].parameters(), lr=0.1))
+    extra = torch.zeros(3, requires_grad=True)
+    fit(model, optimizer=torch.optim.SGD([*model.parameters(), extra], lr=0.1))
+
+
+class ConfiguresItself(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 2)
+        self.config = config
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, 0.5)
+        return self.config(optimizer, scheduler)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            lambda o, s: {"optimizer": o, "scheduler": s},
+            r"dict has the key 'scheduler', which hooktrain does not read\. "
+            r"Did you mean 'lr_scheduler'\?",
+        ),
+        (lambda o, s: {"opt": o}, r"dict has the key 'opt'"),
+        (lambda o, s: {"lr_scheduler": s}, r"needs the key 'optimizer'"),
+        (
+            lambda o, s: {"optimizer": o, "lr_scheduler": {"sched": s}},
+            r"an lr_scheduler dict has the key 'sched'.*Did you mean 'scheduler'",
+        ),
+        (
+            lambda o, s: {"optimizer": o, "lr_scheduler": {"interval": "step"}},
+            r"an lr_scheduler dict needs the key 'scheduler'",
+        ),
+    ],
+)
+def test_a_configure_optimizers_dict_with_a_key_nobody_reads_is_refused(config, message):
+    with pytest.raises(ConfigurationError, match=message):
+        fit(ConfiguresItself(config), optimizer=None)
+
+
+def test_lightnings_scheduler_name_is_accepted():
+    config = lambda o, s: {"optimizer": o, "lr_scheduler": {"scheduler": s, "name": "lr"}}  # noqa: E731
+    trainer = fit(ConfiguresItself(config), optimizer=None)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.5  # stepped after the epoch
+
+
 def test_not_a_module():
     with pytest.raises(ConfigurationError, match=r"torch\.nn\.Module"):
         fit(model=lambda x: x)

@@ -8,6 +8,7 @@ window is complete.
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
@@ -51,8 +52,10 @@ def configure_optimizers(module: torch.nn.Module, optimizer: Any) -> tuple[list[
 
     :param optimizer: an optimizer, a callable taking the parameters, or ``None``
         to ask ``module.configure_optimizers()``.
-    :raises ConfigurationError: when there is no optimizer, or something else was
-        given where an optimizer belongs.
+    :raises ConfigurationError: when there is no optimizer, something else was
+        given where an optimizer belongs, or an optimizer holds none of the
+        module's parameters (built over another model: training would change
+        nothing).
     """
     schedulers: list[Scheduler] = []
     if optimizer is not None:
@@ -72,9 +75,19 @@ def configure_optimizers(module: torch.nn.Module, optimizer: Any) -> tuple[list[
             "fit() needs optimizer=... (an optimizer or a callable taking the parameters), "
             "or a configure_optimizers() method on the model"
         )
+    own = {id(p) for p in module.parameters()}
     for opt in optimizers:
         if not isinstance(opt, torch.optim.Optimizer):
             raise ConfigurationError(f"expected an optimizer, got {type(opt).__name__}")
+        held = [p for group in opt.param_groups for p in group["params"]]
+        if held and not any(id(p) in own for p in held):
+            # It would step other tensors while the model never changes.
+            raise ConfigurationError(
+                f"the optimizer ({type(opt).__name__}) holds none of the model's "
+                f"parameters: it was built over another model, or a copy of this one. "
+                f"Build it over model.parameters(), or pass a callable taking them "
+                f"(optimizer=lambda params: torch.optim.SGD(params, lr=0.1))"
+            )
     return optimizers, schedulers
 
 
@@ -82,14 +95,20 @@ def parse_optimizer_config(config: Any) -> tuple[list[Any], list[Scheduler]]:
     """Read what ``configure_optimizers`` returned: an optimizer, a list of them, a
     pair ``([optimizers], [schedulers])``, or a dict (or list of dicts) with
     ``"optimizer"`` and ``"lr_scheduler"`` (a scheduler, or a dict with
-    ``"scheduler"``, ``"interval"``, ``"frequency"`` and ``"monitor"``).
+    ``"scheduler"``, ``"interval"``, ``"frequency"`` and ``"monitor"``; Lightning's
+    ``"name"`` is accepted and not used).
 
     A ``ReduceLROnPlateau`` (or a subclass) given without a monitor monitors
     ``val_loss``, as in Lightning.
+
+    :raises ConfigurationError: for a dict key hooktrain does not read (a misspelt
+        ``"lr_scheduler"`` would leave its scheduler never stepped), a dict without
+        ``"optimizer"`` (or ``"scheduler"``), or a value of another form.
     """
 
     def scheduler_entry(item: Any) -> Scheduler:
         if isinstance(item, Mapping):
+            _check_keys(item, _SCHEDULER_KEYS, "an lr_scheduler dict", required="scheduler")
             return Scheduler(
                 item["scheduler"],
                 item.get("interval", "epoch"),
@@ -113,6 +132,7 @@ def parse_optimizer_config(config: Any) -> tuple[list[Any], list[Scheduler]]:
         optimizers, schedulers = [], []
         for item in config:
             if isinstance(item, Mapping):
+                _check_keys(item, _CONFIG_KEYS, "a configure_optimizers() dict", "optimizer")
                 optimizers.append(item["optimizer"])
                 if item.get("lr_scheduler") is not None:
                     entry = scheduler_entry(item["lr_scheduler"])
@@ -126,6 +146,26 @@ def parse_optimizer_config(config: Any) -> tuple[list[Any], list[Scheduler]]:
         f"configure_optimizers() returned {type(config).__name__}; return an optimizer, a "
         f"list of them, ([optimizers], [schedulers]) or a dict with 'optimizer'"
     )
+
+
+_CONFIG_KEYS = ("optimizer", "lr_scheduler", "monitor")
+_SCHEDULER_KEYS = ("scheduler", "interval", "frequency", "monitor", "name")
+
+
+def _check_keys(item: Mapping[str, Any], known: tuple[str, ...], what: str, required: str) -> None:
+    """:raises ConfigurationError: for a key not in ``known`` (a misspelt
+    ``"lr_scheduler"`` would leave the scheduler never stepped), or a missing
+    ``required`` one."""
+    for key in item:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigurationError(
+                f"{what} has the key {key!r}, which hooktrain does not read.{hint} "
+                f"Its keys are {', '.join(map(repr, known))}"
+            )
+    if required not in item:
+        raise ConfigurationError(f"{what} needs the key {required!r}; it has {sorted(item)}")
 
 
 def _default_monitor(scheduler: Any) -> str | None:
