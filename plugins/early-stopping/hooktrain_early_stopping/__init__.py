@@ -42,8 +42,9 @@ class EarlyStopping:
     recorded by all of them, printed by rank 0 and saved in its checkpoints.
 
     :param monitor: the metric to watch, as named in ``trainer.metrics``.
-    :param patience: checks without improvement tolerated; the run stops at the
-        ``patience + 1``-th (``0`` stops at the first check that does not improve).
+    :param patience: checks in a row without improvement after which the run stops,
+        as Lightning's and Keras's ``patience``: with 3, the third check that does
+        not improve on the best stops it (``0`` and ``1`` both stop at the first).
     :param min_delta: the smallest change that counts as an improvement.
     :param mode: ``"min"`` when lower is better (losses), ``"max"`` when higher is
         better (accuracy).
@@ -205,7 +206,7 @@ class EarlyStopping:
             self.wait = 0
             return None
         self.wait += 1
-        if self.wait > self.patience:
+        if self.wait >= self.patience:
             return (
                 f"{self.monitor} did not improve on {self.best:.6g} for {self.wait} "
                 f"checks (patience {self.patience})"

@@ -53,10 +53,10 @@ def epochs_trained(result) -> int:
 
 
 def test_stops_after_patience_checks_without_improvement() -> None:
-    stopper = EarlyStopping(monitor="val_score", patience=2, verbose=False)
+    stopper = EarlyStopping(monitor="val_score", patience=3, verbose=False)
     result = run([ScriptedScore(SCORES), stopper], max_epochs=10)
     # Epoch 3 is the best; the checks at epochs 4, 5 and 6 do not improve, and the
-    # third of them exceeds patience 2.
+    # third of them reaches patience 3 (Lightning's and Keras's count).
     assert stopper.stopped_epoch == 6
     assert epochs_trained(result) == 7
     assert stopper.best == pytest.approx(0.4)
@@ -75,13 +75,13 @@ def test_mode_max_and_min_delta() -> None:
     scores = [0.5, 0.6, 0.605, 0.61, 0.7, 0.7, 0.7]
     # With min_delta 0.02, 0.605 and 0.61 do not count as improving on 0.6.
     stopper = EarlyStopping(
-        monitor="val_score", mode="max", patience=1, min_delta=0.02, verbose=False
+        monitor="val_score", mode="max", patience=2, min_delta=0.02, verbose=False
     )
     run([ScriptedScore(scores), stopper], max_epochs=len(scores))
     assert stopper.stopped_epoch == 3
     assert stopper.best == pytest.approx(0.6)
     # Without min_delta every small gain counts: it stops only once 0.7 repeats.
-    stopper = EarlyStopping(monitor="val_score", mode="max", patience=1, verbose=False)
+    stopper = EarlyStopping(monitor="val_score", mode="max", patience=2, verbose=False)
     run([ScriptedScore(scores), stopper], max_epochs=len(scores))
     assert stopper.stopped_epoch == 6
 
@@ -89,7 +89,7 @@ def test_mode_max_and_min_delta() -> None:
 def test_real_validation_loss_in_max_mode_stops_when_it_keeps_falling() -> None:
     # The tiny problem's val_loss falls every epoch, so in mode "max" nothing ever
     # improves on epoch 0: a real metric, read after validation, stops the run.
-    stopper = EarlyStopping(monitor="val_loss", mode="max", patience=1, verbose=False)
+    stopper = EarlyStopping(monitor="val_loss", mode="max", patience=2, verbose=False)
     result = run([stopper], max_epochs=20)
     assert stopper.stopped_epoch == 2
     assert epochs_trained(result) == 3
@@ -171,11 +171,11 @@ def test_a_non_finite_value_stops_at_once() -> None:
 
 
 def test_verbose_prints_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    run([ScriptedScore(SCORES), EarlyStopping(monitor="val_score", patience=2)], max_epochs=10)
+    run([ScriptedScore(SCORES), EarlyStopping(monitor="val_score", patience=3)], max_epochs=10)
     lines = [line for line in capsys.readouterr().err.splitlines() if "early stopping" in line]
     assert lines == [
         "hooktrain: early stopping at epoch 6: val_score did not improve on 0.4 for 3 checks "
-        "(patience 2)"
+        "(patience 3)"
     ]
 
 
@@ -197,7 +197,7 @@ def test_selected_by_entry_point_name_with_options() -> None:
     result = run(
         [
             ScriptedScore(SCORES),
-            ("early_stopping", {"monitor": "val_score", "patience": 2, "verbose": False}),
+            ("early_stopping", {"monitor": "val_score", "patience": 3, "verbose": False}),
         ],
         max_epochs=10,
     )
@@ -230,7 +230,7 @@ def test_a_second_fit_starts_afresh() -> None:
 
 
 def stop_epoch_of_uninterrupted_run() -> int:
-    stopper = EarlyStopping(monitor="val_score", patience=2, verbose=False)
+    stopper = EarlyStopping(monitor="val_score", patience=3, verbose=False)
     run([ScriptedScore(SCORES), stopper], max_epochs=10, seed=3)
     assert stopper.stopped_epoch is not None
     return stopper.stopped_epoch
@@ -238,7 +238,7 @@ def stop_epoch_of_uninterrupted_run() -> int:
 
 def test_state_survives_a_resume_through_the_core_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "epoch4.pt"
-    first = EarlyStopping(monitor="val_score", patience=2, verbose=False)
+    first = EarlyStopping(monitor="val_score", patience=3, verbose=False)
     run([ScriptedScore(SCORES), first, SaveAndStopAt(4, path)], max_epochs=10, seed=3)
     assert first.wait == 1 and first.stopped_epoch is None  # interrupted, not stopped
 
@@ -251,7 +251,7 @@ def test_state_survives_a_resume_through_the_core_checkpoint(tmp_path: Path) -> 
         "stopped_epoch": None,
     }
 
-    resumed = EarlyStopping(monitor="val_score", patience=2, verbose=False)
+    resumed = EarlyStopping(monitor="val_score", patience=3, verbose=False)
     result = run(
         [ScriptedScore(SCORES), resumed], max_epochs=10, seed=3, fit_kwargs={"ckpt_path": path}
     )
@@ -273,14 +273,14 @@ def test_resuming_a_run_that_stopped_trains_no_more(tmp_path: Path) -> None:
     run(
         [
             ScriptedScore(SCORES),
-            EarlyStopping(monitor="val_score", patience=2, verbose=False),
+            EarlyStopping(monitor="val_score", patience=3, verbose=False),
             SaveAtStop(),
         ],
         max_epochs=10,
     )
     assert torch.load(path, weights_only=True)["plugins"]["early_stopping"]["stopped_epoch"] == 6
     result = run(
-        [ScriptedScore(SCORES), EarlyStopping(monitor="val_score", patience=2)],
+        [ScriptedScore(SCORES), EarlyStopping(monitor="val_score", patience=3)],
         max_epochs=10,
         fit_kwargs={"ckpt_path": path},
     )
@@ -295,7 +295,7 @@ def test_state_for_another_metric_is_not_restored(
     run(
         [
             ScriptedScore(SCORES),
-            EarlyStopping(monitor="val_score", patience=2, verbose=False),
+            EarlyStopping(monitor="val_score", patience=3, verbose=False),
             SaveAndStopAt(4, path),
         ],
         max_epochs=10,
@@ -312,7 +312,7 @@ def test_state_for_another_metric_is_not_restored(
 )
 def test_state_survives_a_resume_through_the_checkpoint_plugin(tmp_path: Path) -> None:
     options = {"dirpath": str(tmp_path / "ckpts")}
-    first = EarlyStopping(monitor="val_score", patience=2, verbose=False)
+    first = EarlyStopping(monitor="val_score", patience=3, verbose=False)
 
     class StopAfter:
         @hookimpl(trylast=True)
@@ -321,7 +321,7 @@ def test_state_survives_a_resume_through_the_checkpoint_plugin(tmp_path: Path) -
                 trainer.should_stop = True
 
     run([ScriptedScore(SCORES), first, ("checkpoint", options), StopAfter()], max_epochs=10)
-    resumed = EarlyStopping(monitor="val_score", patience=2, verbose=False)
+    resumed = EarlyStopping(monitor="val_score", patience=3, verbose=False)
     run(
         [ScriptedScore(SCORES), resumed, ("checkpoint", options)],
         max_epochs=10,
