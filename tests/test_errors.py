@@ -307,3 +307,15 @@ def test_missing_checkpoint_file(tmp_path):
         fit(ckpt_path=tmp_path / "nope.pt")
     with pytest.raises(ConfigurationError, match="'last' needs a plugin"):
         fit(ckpt_path="last")
+
+
+@pytest.mark.parametrize("content", ["state_dict", "lightning-like"])
+def test_a_file_that_is_not_a_hooktrain_checkpoint_is_refused_before_training(tmp_path, content):
+    model = make_model()
+    path = tmp_path / "weights.pt"
+    state = model.state_dict()
+    torch.save(state if content == "state_dict" else {"state_dict": state}, path)
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    with pytest.raises(ConfigurationError, match=r"is not a hooktrain checkpoint.*load_state_dict"):
+        fit(model, trainer=trainer, ckpt_path=path)
+    assert trainer.global_step == 0

@@ -189,7 +189,7 @@ class CoreDefaults:
                 "'checkpoint'); the core alone only reads a file path"
             )
         try:
-            return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            loaded = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise ConfigurationError(f"checkpoint {ckpt_path!r} does not exist") from None
         except Exception as exc:
@@ -197,3 +197,12 @@ class CoreDefaults:
                 f"checkpoint {ckpt_path!r} could not be loaded safely "
                 f"(torch.load with weights_only=True): {exc}"
             ) from exc
+        if not isinstance(loaded, Mapping) or "model" not in loaded or "progress" not in loaded:
+            # A bare state_dict, or another trainer's file: read as a checkpoint it
+            # would fail on its first missing key.
+            raise ConfigurationError(
+                f"{ckpt_path!r} is not a hooktrain checkpoint (expected a mapping with "
+                f"'model' and 'progress', got {type(loaded).__name__}); load a model's "
+                f"weights with model.load_state_dict(torch.load(path)) before fit instead"
+            )
+        return loaded
