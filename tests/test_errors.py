@@ -159,6 +159,24 @@ def test_batch_that_cannot_be_unpacked():
         fit(loader=triples)
 
 
+def test_a_validation_batch_that_cannot_be_unpacked_names_validation_step():
+    train, _ = make_data()
+    triples = DataLoader(
+        TensorDataset(torch.randn(8, 8), torch.zeros(8).long(), torch.zeros(8)), batch_size=4
+    )
+    with pytest.raises(ConfigurationError, match=r"length 3.*define validation_step\(batch"):
+        fit(loader=train, val_dataloaders=triples)
+
+
+@pytest.mark.parametrize("where", ["train_dataloaders", "val_dataloaders"])
+def test_a_string_is_not_taken_for_a_loader(where):
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    loaders = {"train_dataloaders": make_data()[0], "val_dataloaders": None, where: "data.pt"}
+    with pytest.raises(ConfigurationError, match=rf"{where} must be an iterable.*got str"):
+        trainer.fit(make_model(), **loaders, loss_fn=F.cross_entropy, optimizer=torch.optim.SGD)
+    assert trainer.global_step == 0
+
+
 def test_a_dict_of_validation_loaders_is_refused_before_training():
     # Lightning takes a dict; read as one loader it used to fail with "cannot unpack
     # the batch" after a whole training epoch.

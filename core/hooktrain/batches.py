@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from hooktrain.errors import ConfigurationError
 
 __all__ = [
+    "STEP_NAMES",
     "batch_size",
     "check_loader",
     "check_model",
@@ -68,11 +69,21 @@ def move_to_device(obj: Any, device: torch.device) -> Any:
     return obj
 
 
-def unpack_batch(batch: Any) -> tuple[Any, Any]:
+#: The model's own step method of each stage.
+STEP_NAMES = {
+    "train": "training_step",
+    "validate": "validation_step",
+    "test": "test_step",
+    "predict": "predict_step",
+}
+
+
+def unpack_batch(batch: Any, stage: str = "train") -> tuple[Any, Any]:
     """``(inputs, targets)`` of a batch: a pair, or a dict with ``"inputs"`` and
     ``"targets"``.
 
-    :raises ConfigurationError: for any other batch, saying what was received.
+    :raises ConfigurationError: for any other batch, saying what was received and
+        which of the model's step methods (``stage``'s) would take it as it is.
     """
     # A tuple of types, not ``tuple | list``: a union is checked more slowly, and
     # this runs every step.
@@ -85,10 +96,11 @@ def unpack_batch(batch: Any) -> tuple[Any, Any]:
         if isinstance(batch, tuple | list)
         else f"a {type(batch).__name__}"
     )
+    step = STEP_NAMES.get(stage, "training_step")
     raise ConfigurationError(
         f"cannot unpack the batch into (inputs, targets): got {described}. A model "
-        f"without its own training_step needs batches of two items (inputs, targets) "
-        f"or a dict with 'inputs' and 'targets'; otherwise define training_step(batch, "
+        f"without its own {step} needs batches of two items (inputs, targets) "
+        f"or a dict with 'inputs' and 'targets'; otherwise define {step}(batch, "
         f"batch_idx) on the model."
     )
 
@@ -310,7 +322,7 @@ def check_model(model: Any, *, training: bool) -> None:
 def check_loader(what: str, loader: Any) -> None:
     """:raises ConfigurationError: when ``loader`` is not iterable, or its length
     says it yields nothing."""
-    if loader is None or not isinstance(loader, Iterable):
+    if loader is None or not isinstance(loader, Iterable) or isinstance(loader, str | bytes):
         raise ConfigurationError(
             f"{what} must be an iterable of batches (a DataLoader), got {type(loader).__name__}"
         )

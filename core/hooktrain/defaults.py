@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import RandomSampler
 
 from hooktrain.batches import (
+    STEP_NAMES,
     compiled_step,
     move_to_device,
     predict_inputs,
@@ -29,13 +30,6 @@ from hooktrain.rng import epoch_seeded_generator, mark_epoch_seeded
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
-
-_STEP_NAMES = {
-    "train": "training_step",
-    "validate": "validation_step",
-    "test": "test_step",
-    "predict": "predict_step",
-}
 
 
 class CoreDefaults:
@@ -99,7 +93,7 @@ class CoreDefaults:
             return step(batch, batch_idx)
         if stage == "predict":
             return model(predict_inputs(batch))
-        inputs, targets = unpack_batch(batch)
+        inputs, targets = unpack_batch(batch, stage)
         outputs = model(inputs)
         if stage == "train":
             return {
@@ -113,7 +107,7 @@ class CoreDefaults:
         """The module's own step for ``stage`` (``training_step``...), run through
         ``trainer.model`` when that is ``torch.compile``'s wrapper of the module
         (`hooktrain.batches.compiled_step`); ``None`` when it has none."""
-        name = _STEP_NAMES[stage]
+        name = STEP_NAMES[stage]
         step = user_method(trainer.module, name)
         if step is not None and trainer.model is not trainer.module:
             step = compiled_step(trainer.model, step)

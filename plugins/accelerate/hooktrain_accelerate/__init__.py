@@ -40,6 +40,7 @@ from collections.abc import Generator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
+from hooktrain.batches import STEP_NAMES
 from hooktrain.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -51,12 +52,6 @@ if TYPE_CHECKING:
 __all__ = ["Accelerate"]
 __version__ = "0.1.0"
 
-_STEP_NAMES = {
-    "train": "training_step",
-    "validate": "validation_step",
-    "test": "test_step",
-    "predict": "predict_step",
-}
 _MIXED_PRECISION = ("no", "bf16", "fp16")
 _LAUNCH_HINT = (
     "launch with 'torchrun --standalone --nproc_per_node N script.py' or "
@@ -296,7 +291,7 @@ class Accelerate:
             trainer.train_dataloader = prepared[-1]
         else:
             trainer.model = accelerator.prepare(self._router)
-        eval_step = _STEP_NAMES["validate" if stage == "fit" else stage]
+        eval_step = STEP_NAMES["validate" if stage == "fit" else stage]
         self._own_eval_step = callable(getattr(module, eval_step, None))
         trainer.eval_dataloaders = self._prepare_eval_loaders(trainer.eval_dataloaders)
 
