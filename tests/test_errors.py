@@ -6,6 +6,7 @@ import math
 import os
 import signal
 import threading
+import warnings
 
 import pytest
 import torch
@@ -201,11 +202,78 @@ def test_a_dict_of_validation_loaders_is_refused_before_training():
         ("log_every_n_steps", 0),
         ("gradient_clip_val", -1.0),
         ("limit_train_batches", -1),
+        ("limit_train_batches", 0),
     ],
 )
 def test_bad_trainer_options(option, value):
     with pytest.raises(ConfigurationError, match=option):
         hooktrain.Trainer(plugins=[], **{option: value})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_a_cuda_device_torch_cannot_see_is_refused_when_the_trainer_is_built(device):
+    with pytest.raises(ConfigurationError, match=r"this torch sees 0 CUDA device\(s\)"):
+        hooktrain.Trainer(plugins=[], device=device)
+
+
+def test_a_device_name_torch_does_not_know_is_refused():
+    with pytest.raises(ConfigurationError, match="'gpu0' is not a torch device"):
+        hooktrain.Trainer(plugins=[], device="gpu0")
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ([hooktrain.accuracy], r"metrics must be a dict of names to metrics .*got list"),
+        ({"acc": "accuracy"}, r"metrics\['acc'\] must be a function .*got str"),
+    ],
+)
+def test_metrics_that_cannot_be_computed_are_refused_before_training(metrics, message):
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    with pytest.raises(ConfigurationError, match=message):
+        fit(trainer=trainer, metrics=metrics)
+    assert trainer.global_step == 0
+
+
+class ReturnsOnlyItsLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+def test_metrics_a_models_own_steps_give_nothing_to_are_warned_about_per_stage():
+    train, val = make_data()
+    with pytest.warns(UserWarning) as caught:
+        trainer = fit(
+            ReturnsOnlyItsLoss(),
+            train,
+            loss_fn=None,
+            val_dataloaders=val,
+            metrics={"acc": hooktrain.accuracy},
+        )
+    messages = [str(w.message) for w in caught if "computed nothing" in str(w.message)]
+    assert len(messages) == 2
+    assert "in train: the model's training_step returned no 'outputs'" in messages[0]
+    assert "in validate: the model's validation_step returned no 'outputs'" in messages[1]
+    assert set(trainer.metrics) == {"loss", "val_loss"}
+
+
+def test_metrics_computed_by_the_core_step_are_not_warned_about():
+    train, val = make_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = fit(loader=train, val_dataloaders=val, metrics={"acc": hooktrain.accuracy})
+    assert {"acc", "val_acc"} <= set(trainer.metrics)
 
 
 def test_missing_loss_fn_and_optimizer():

@@ -16,7 +16,7 @@ import torch
 
 from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
-from hooktrain.metrics import RunningMeans, process_collectives
+from hooktrain.metrics import RunningMeans, process_collectives, warn_if_metrics_unused
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -138,6 +138,7 @@ def evaluation_loop(
             module.training = training
     if stage == "predict":
         return {"predictions": predictions}
+    warn_if_metrics_unused(trainer, results, prefix, stage)
     trainer._publish(results, stage)
     return results
 

@@ -24,7 +24,7 @@ from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, ResumeWarning
 from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks
-from hooktrain.metrics import process_collectives
+from hooktrain.metrics import process_collectives, warn_if_metrics_unused
 from hooktrain.optimization import (
     configure_optimizers,
     make_optimizer_step,
@@ -253,6 +253,7 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     epoch_values = trainer._train_metrics.compute(collectives)
     trainer.metrics.update_raw(epoch_values)
     computed = means.names() | set(epoch_values)
+    warn_if_metrics_unused(trainer, computed, "", "train")
     if (
         trainer.eval_dataloaders
         and (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0

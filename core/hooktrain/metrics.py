@@ -8,12 +8,14 @@ reads it, and :class:`RunningMeans` folds a batch's values into device-side sums
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hooktrain.batches import STEP_NAMES
 from hooktrain.errors import PluginError
 
 if TYPE_CHECKING:
@@ -360,3 +362,25 @@ class RunningMeans:
             n: float(w) for n, w in state.get("weights", {}).items() if keep or n in shared
         }
         self.global_names = shared & set(self._sums)
+
+
+def warn_if_metrics_unused(
+    trainer: Trainer, computed: Iterable[str], prefix: str, stage: str
+) -> None:
+    """Warn when ``metrics=`` were given but a stage's epoch computed none of them.
+
+    A model's own step that returns only its loss gives the metrics nothing to
+    compute on, and an epoch without them looks like a run that has none. Warned
+    once per place in the code (Python's default warning filter).
+    """
+    wanted = {prefix + name for name in trainer.metric_fns}
+    if not wanted or any(name.split("/dataloader_idx_")[0] in wanted for name in computed):
+        return
+    step = STEP_NAMES[stage]
+    warnings.warn(
+        f"hooktrain: metrics= ({', '.join(trainer.metric_fns)}) computed nothing in "
+        f"{stage}: the model's {step} returned no 'outputs' and 'targets' for them. Return "
+        f"{{'loss': loss, 'outputs': outputs, 'targets': targets}} from {step}, or log "
+        f"the values yourself with trainer.log",
+        stacklevel=4,
+    )

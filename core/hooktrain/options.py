@@ -8,12 +8,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hooktrain.epoch_metrics import is_epoch_metric
 from hooktrain.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["check_options", "default_device", "trainer_hparams"]
+__all__ = [
+    "check_metrics",
+    "check_options",
+    "default_device",
+    "resolve_device",
+    "trainer_hparams",
+]
 
 # The option that sets each stage's ``trainer.limits`` entry.
 _LIMIT_OPTIONS = {
@@ -42,9 +49,9 @@ def check_options(
         ``"validate"``, ``"test"``, ``"predict"``).
     :raises ConfigurationError: for a count that is not an integer in its range
         (``max_epochs``, ``accumulate_grad_batches``, ``check_val_every_n_epoch`` and
-        ``log_every_n_steps`` >= 1; ``max_steps`` and ``val_every_n_steps`` >= 1 or
-        ``None``; each limit >= 0 or ``None``), a ``gradient_clip_val`` not > 0, or
-        ``plugins`` that is not a list.
+        ``log_every_n_steps`` >= 1; ``max_steps``, ``val_every_n_steps`` and
+        ``limit_train_batches`` >= 1 or ``None``; the other limits >= 0 or ``None``), a
+        ``gradient_clip_val`` not > 0, or ``plugins`` that is not a list.
     """
     _require_int("max_epochs", max_epochs, minimum=1)
     _require_int("max_steps", max_steps, minimum=1, optional=True)
@@ -53,7 +60,9 @@ def check_options(
     _require_int("val_every_n_steps", val_every_n_steps, minimum=1, optional=True)
     _require_int("log_every_n_steps", log_every_n_steps, minimum=1)
     for stage, value in limits.items():
-        _require_int(_LIMIT_OPTIONS[stage], value, minimum=0, optional=True)
+        # No training batch at all would end the first epoch with "yielded no batches".
+        minimum = 1 if stage == "train" else 0
+        _require_int(_LIMIT_OPTIONS[stage], value, minimum=minimum, optional=True)
     if gradient_clip_val is not None and not gradient_clip_val > 0:
         raise ConfigurationError(f"gradient_clip_val must be > 0, got {gradient_clip_val!r}")
     if plugins is not None and (
@@ -67,6 +76,52 @@ def check_options(
 def default_device() -> torch.device:
     """CUDA when torch sees a GPU, else the CPU."""
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a ``torch.device``; `default_device` when ``None``.
+
+    :raises ConfigurationError: for a name torch does not know, or a CUDA or MPS
+        device this torch cannot use (a CPU-only build, no GPU, an index past the
+        last GPU), here rather than at the first tensor moved.
+    """
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigurationError(f"device {device!r} is not a torch device: {exc}") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (resolved.index is not None and resolved.index >= count):
+            raise ConfigurationError(
+                f"device {device!r}, but this torch sees {count} CUDA device(s) "
+                f"(torch {torch.__version__}); pass device='cpu', or leave device unset "
+                f"to use a GPU when there is one"
+            )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigurationError(f"device {device!r}, but MPS is not available here")
+    return resolved
+
+
+def check_metrics(metrics: Any) -> None:
+    """:raises ConfigurationError: when ``metrics`` is not ``None`` nor a mapping of
+    names to callables (``fn(outputs, targets)``) or epoch metrics (a
+    ``torchmetrics.Metric``, any object with ``update``, ``compute`` and ``reset``)."""
+    if metrics is None:
+        return
+    example = "metrics={'acc': hooktrain.accuracy}"
+    if not isinstance(metrics, Mapping):
+        raise ConfigurationError(
+            f"metrics must be a dict of names to metrics ({example}), got {type(metrics).__name__}"
+        )
+    for name, fn in metrics.items():
+        if not isinstance(name, str) or not (callable(fn) or is_epoch_metric(fn)):
+            raise ConfigurationError(
+                f"metrics[{name!r}] must be a function of (outputs, targets) or a "
+                f"torchmetrics Metric under a string name ({example}), got "
+                f"{type(fn).__name__}"
+            )
 
 
 def trainer_hparams(trainer: Trainer) -> dict[str, Any]:

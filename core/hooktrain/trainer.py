@@ -26,7 +26,7 @@ from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.instrument import TRACE_ENV, instrument, stderr_tracer
 from hooktrain.metrics import MetricFn, Metrics, RunningMeans
 from hooktrain.optimization import Scheduler
-from hooktrain.options import check_options, default_device, trainer_hparams
+from hooktrain.options import check_metrics, check_options, resolve_device, trainer_hparams
 from hooktrain.plugins import (
     PluginManager,
     PluginSelection,
@@ -53,7 +53,8 @@ class Trainer:
     :param seed: seeds Python, NumPy and torch when each stage starts, and the
         per-epoch shuffling order of the training data.
     :param device: where the core puts the model and batches; default CUDA when
-        available, else the CPU. A plugin may change it in ``setup``.
+        available, else the CPU; one this torch cannot use raises
+        ``ConfigurationError`` here. A plugin may change it in ``setup``.
     :param accumulate_grad_batches: micro-batches per optimizer step.
     :param gradient_clip_val: clip the gradient norm to this value before each step.
     :param check_val_every_n_epoch: validate after every N-th epoch.
@@ -112,7 +113,7 @@ class Trainer:
         self.limits = limits
         self.log_every_n_steps = log_every_n_steps
         self.check_finite_every_step = check_finite_every_step
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
 
         #: pluggy's manager; ``plugin_manager.hook.<name>(trainer=..., ...)`` calls a hook.
         self.plugin_manager = PluginManager()
@@ -334,8 +335,8 @@ class Trainer:
             whole epoch (see docs/metrics.md).
         :param ckpt_path: a checkpoint to resume from (``"last"`` with a plugin that
             keeps checkpoints).
-        :raises ConfigurationError: before any training, for a model, loader, loss
-            or optimizer that cannot be used.
+        :raises ConfigurationError: before any training, for a model, loader, loss,
+            optimizer or metrics that cannot be used.
         """
         check_model(model, training=True)
         check_loader("train_dataloaders", train_dataloaders)
@@ -402,6 +403,7 @@ class Trainer:
         loss_fn: Callable[..., torch.Tensor] | None,
         metrics: Mapping[str, MetricFn] | None,
     ) -> None:
+        check_metrics(metrics)
         self.model = model
         # torch.compile(module) is a wrapper: the user's module is the one inside
         # (checkpoints hold its keys, its steps are found on it), and the wrapper
