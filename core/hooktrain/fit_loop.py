@@ -61,20 +61,12 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
         hooks.on_fit_start(trainer=trainer)
     train_step = make_train_step(trainer, hooks)
     optimizer_step = make_optimizer_step(trainer, hooks)
-    # current_epoch stays on the last epoch trained once the loop ends.
-    while trainer.current_epoch < trainer.max_epochs and not _should_stop(trainer):
+    while _next_epoch(trainer):
         _train_epoch(trainer, hooks, train_step, optimizer_step)
         if trainer.world_size > 1:
             # should_stop set at an epoch's end (early stopping, a signal) must stop
             # every process here, or those going on wait in the next collective.
             _agree_on_stop(trainer)
-        if (
-            _should_stop(trainer)
-            or not trainer.epoch_complete
-            or trainer.current_epoch + 1 >= trainer.max_epochs
-        ):
-            break
-        trainer.current_epoch += 1
     if hooks.on_fit_end is not None:
         hooks.on_fit_end(trainer=trainer)
 
@@ -390,6 +382,19 @@ def _apply_pending_rng(trainer: Trainer) -> None:
     if trainer._pending_rng is not None:
         set_rng_state(trainer._pending_rng)
         trainer._pending_rng = None
+
+
+def _next_epoch(trainer: Trainer) -> bool:
+    """Whether an epoch is to be trained, moving ``current_epoch`` on when the one it
+    holds is complete. Once the loop ends ``current_epoch`` stays on the last epoch
+    trained, or restored: rerunning a finished run changes no progress."""
+    if _should_stop(trainer):
+        return False
+    if trainer.epoch_complete:
+        if trainer.current_epoch + 1 >= trainer.max_epochs:
+            return False
+        trainer.current_epoch += 1
+    return trainer.current_epoch < trainer.max_epochs
 
 
 def _should_stop(trainer: Trainer) -> bool:

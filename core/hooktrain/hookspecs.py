@@ -167,7 +167,8 @@ def on_fit_start(trainer: Trainer) -> None:
     restored, right before the first epoch.
 
     ``trainer.current_epoch`` and ``trainer.global_step`` already hold the values the
-    run resumes from.
+    run resumes from: after a checkpoint taken at an epoch's end, that epoch, with
+    ``trainer.epoch_complete`` true (the next one starts with the loop).
     """
 
 

@@ -109,11 +109,14 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     )
     progress = checkpoint["progress"]
     trainer.global_step = int(progress["global_step"])
+    trainer.current_epoch = int(progress["epoch"])
     if progress["epoch_complete"]:
-        trainer.current_epoch = int(progress["epoch"]) + 1
+        # Where the checkpoint was, at the epoch's end: the loop goes on with the next
+        # epoch, if there is one, and a fit with none left leaves progress as it is.
+        trainer.epoch_complete = True
+        trainer.epoch_batches_done = int(progress["epoch_batches_done"])
         trainer._resume_skip = 0
     else:
-        trainer.current_epoch = int(progress["epoch"])
         trainer._resume_skip = int(progress["epoch_batches_done"])
         rank = trainer.global_rank
         trainer._train_means.load_state_dict(

@@ -225,6 +225,11 @@ def test_rerunning_a_finished_run_trains_nothing(tmp_path: Path) -> None:
     again = fit(tmp_path, recorder, ckpt_path="last", epochs=2, every_n_train_steps=5)
     assert recorder.count("on_train_batch_start") == 0
     assert_identical(first, again)
+    # Progress is where the finished run left it, and last.ckpt is not rewritten.
+    assert again[0].current_epoch == first[0].current_epoch == 1
+    assert again[0].epoch_complete
+    assert again[2].write_costs == []
+    assert read_info(tmp_path / "last.ckpt").record["epoch"] == 1
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
