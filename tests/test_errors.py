@@ -276,6 +276,20 @@ def test_metrics_computed_by_the_core_step_are_not_warned_about():
     assert {"acc", "val_acc"} <= set(trainer.metrics)
 
 
+def test_max_steps_that_max_epochs_cuts_short_is_warned_about():
+    trainer = hooktrain.Trainer(plugins=[], device="cpu", max_steps=20)  # max_epochs=1
+    with pytest.warns(
+        UserWarning,
+        match=r"max_steps=20 will not be reached: max_epochs=1 ends "
+        r"the fit after 8 optimizer steps",
+    ):
+        fit(trainer=trainer)  # 8 batches an epoch
+    assert trainer.global_step == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit(trainer=hooktrain.Trainer(plugins=[], device="cpu", max_steps=20, max_epochs=3))
+
+
 def test_missing_loss_fn_and_optimizer():
     with pytest.raises(ConfigurationError, match="loss_fn"):
         fit(loss_fn=None)

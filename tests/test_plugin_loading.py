@@ -47,6 +47,22 @@ def test_entry_point_class_gets_options(fake_dists):
     assert result.trainer.plugin_names == ["tagger"]
 
 
+def test_a_misspelt_option_is_refused_listing_the_options_and_the_closest(fake_dists):
+    fake_dists.add("tagger-dist", {"tagger": "tagmod:Tagger"}, {"tagmod": RECORDING_PLUGIN})
+    with pytest.raises(PluginError) as info:
+        hooktrain.Trainer(plugins=[("tagger", {"tags": "hello"})])
+    message = str(info.value)
+    assert "unexpected keyword argument 'tags'" in message
+    assert "Its options: tag, log (did you mean 'tags' -> 'tag'?)" in message
+
+
+def test_a_factory_taking_any_option_gets_no_list_of_options(fake_dists):
+    # factory(**options) passes them on: only the class it calls knows them.
+    fake_dists.add("tagger-dist", {"tagger": "tagmod:factory"}, {"tagmod": RECORDING_PLUGIN})
+    with pytest.raises(PluginError, match=r"unexpected keyword argument 'tags'$"):
+        hooktrain.Trainer(plugins=[("tagger", {"tags": "hello"})])
+
+
 def test_entry_point_factory_and_module(fake_dists):
     fake_dists.add(
         "two-dist",
@@ -123,6 +139,23 @@ def test_typo_in_hook_name_is_refused_with_closest_hook():
     message = str(excinfo.value)
     assert "'Typo'" in message and "'on_train_epoch_ned'" in message
     assert "did you mean 'on_train_epoch_end'?" in message
+
+
+def test_a_method_named_like_a_hook_without_hookimpl_is_warned_about():
+    class Forgot:
+        name = "forgot"
+
+        def on_train_epoch_end(self, trainer):  # no @hookimpl: pluggy ignores it
+            raise AssertionError("never called")
+
+        @hookimpl
+        def on_fit_end(self, trainer):
+            pass
+
+    with pytest.warns(
+        UserWarning, match=r"'forgot' has a on_train_epoch_end\(\) without @hookimpl"
+    ):
+        hooktrain.Trainer(plugins=[Forgot()])
 
 
 def test_unknown_argument_is_refused():

@@ -46,6 +46,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     trainer.optimizers, trainer._schedulers = configure_optimizers(trainer.module, optimizer)
     trainer.lr_schedulers = [entry.scheduler for entry in trainer._schedulers]
     _check_monitors(trainer)
+    _warn_if_max_steps_unreachable(trainer)
     _start_progress(trainer)
     trainer.plugin_manager.hook.prepare(trainer=trainer, stage="fit")
     if len(trainer.lr_schedulers) != len(trainer._schedulers):
@@ -424,6 +425,23 @@ def _check_monitors(trainer: Trainer) -> None:
                 f"fit never validates (no val_dataloaders, or check_val_every_n_epoch > "
                 f"max_epochs): pass them, or monitor a training metric"
             )
+
+
+def _warn_if_max_steps_unreachable(trainer: Trainer) -> None:
+    """Warn when ``max_epochs`` ends the fit before ``max_steps`` optimizer steps, as
+    ``Trainer(max_steps=N)`` alone does with the default ``max_epochs=1`` (Lightning,
+    whose default is 1000 epochs, trains the N steps)."""
+    batches = limited_length(trainer.train_dataloader, trainer.limits["train"])
+    if trainer.max_steps is None or batches is None:
+        return
+    steps = trainer.max_epochs * -(-batches // trainer.accumulate_grad_batches)
+    if steps < trainer.max_steps:
+        warnings.warn(
+            f"hooktrain: max_steps={trainer.max_steps} will not be reached: "
+            f"max_epochs={trainer.max_epochs} ends the fit after {steps} optimizer steps "
+            f"({batches} batches an epoch); raise max_epochs to train {trainer.max_steps}",
+            stacklevel=4,
+        )
 
 
 def _loss_of(outputs: Any) -> torch.Tensor:

@@ -21,6 +21,7 @@ import importlib
 import inspect
 import sys
 import types
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -131,7 +132,8 @@ def _instantiate(name: str, target: Any, options: Mapping[str, Any] | None) -> A
             return target(**(options or {}))
         except TypeError as exc:
             raise PluginError(
-                f"plugin {name!r}: cannot be constructed with options {dict(options or {})}: {exc}"
+                f"plugin {name!r}: cannot be constructed with options {dict(options or {})}: "
+                f"{exc}{_options_hint(target, options or {})}"
             ) from exc
     if options:
         kind = "a module" if isinstance(target, types.ModuleType) else "an object"
@@ -140,6 +142,27 @@ def _instantiate(name: str, target: Any, options: Mapping[str, Any] | None) -> A
             f"(got {sorted(options)})"
         )
     return target
+
+
+def _options_hint(factory: Any, options: Mapping[str, Any]) -> str:
+    """The options ``factory`` takes, and the closest to each given one it does not:
+    a misspelt option is the usual cause of the error this is appended to."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature
+        return ""
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return ""
+    known = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    guesses = [
+        f"{given!r} -> {close[0]!r}"
+        for given in options
+        if given not in known
+        for close in [difflib.get_close_matches(str(given), known, n=1)]
+        if close
+    ]
+    hint = f". Its options: {', '.join(known) or 'none'}"
+    return hint + (f" (did you mean {'; '.join(guesses)}?)" if guesses else "")
 
 
 def _has_hookimpls(obj: Any) -> bool:
@@ -325,8 +348,10 @@ class PluginManager(pluggy.PluginManager):
     A hook implementation whose name matches no hookspec is refused at once
     (pluggy would accept it silently until ``check_pending``), naming the plugin,
     the bad name and the closest hook; an argument a hook does not offer is refused
-    the same way. A plugin taking an exclusive role that a registered plugin holds
-    is refused too (`check_exclusive_roles`), also when registered during a run.
+    the same way. A method named like a hook but not marked ``@hookimpl`` (which
+    pluggy ignores) is warned about. A plugin taking an exclusive role that a
+    registered plugin holds is refused too (`check_exclusive_roles`), also when
+    registered during a run.
     """
 
     def __init__(self) -> None:
@@ -344,6 +369,13 @@ class PluginManager(pluggy.PluginManager):
                 continue
             opts = self.parse_hookimpl_opts(plugin, attr)
             if opts is None:
+                if attr in spec_names and callable(getattr(plugin, attr, None)):
+                    # pluggy registers marked functions only: this one would sit unused.
+                    warnings.warn(
+                        f"hooktrain: plugin {name!r} has a {attr}() without @hookimpl, so "
+                        f"hooktrain never calls it; mark it with @hooktrain.hookimpl",
+                        stacklevel=2,
+                    )
                 continue
             # pluggy's specname lets an attribute of another name implement a hook.
             hook_name = opts.get("specname") or attr
