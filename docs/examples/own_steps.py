@@ -23,8 +23,10 @@ class Classifier(nn.Module):
 
     def validation_step(self, batch, batch_idx):
         inputs, targets = batch
-        # outputs and targets let the trainer compute val_loss and metrics itself
-        return {"loss": F.cross_entropy(self(inputs), targets)}
+        logits = self(inputs)
+        # "loss" becomes val_loss (as would any other number, as val_<key>); with
+        # "outputs" and "targets" the trainer also computes metrics= on them.
+        return {"loss": F.cross_entropy(logits, targets), "outputs": logits, "targets": targets}
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
