@@ -89,7 +89,8 @@ def test_hooks_listing_names_every_hook():
     from hooktrain import hookspecs
 
     result = hooktrain_cli("plugins", "--hooks")
-    listed = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+    # Continuation lines of a description are indented; a hook name starts each entry.
+    listed = {line.split()[0] for line in result.stdout.splitlines() if line[:1].strip()}
     expected = {n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "hooktrain_spec")}
     assert listed == expected
 
@@ -115,6 +116,34 @@ def test_console_script_is_installed():
     assert executable is not None
     result = subprocess.run([executable, "plugins"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "profile" in result.stdout
+
+
+def test_a_reader_that_stops_early_gets_no_traceback():
+    # As `hooktrain plugins --hooks | head -1`, made certain: the pipe's reading end
+    # is closed before the command writes anything.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "hooktrain", "plugins", "--hooks"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+
+
+def test_hooks_are_listed_with_their_first_sentence_whole():
+    result = hooktrain_cli("plugins", "--hooks")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("all_gather_object "))
+    described = " ".join(line[29:].strip() for line in lines[start : start + 4])
+    assert "before the metric sums are reduced at the end of an epoch" in described
 
 
 def test_unknown_command_exits_2():

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from importlib import metadata
 from typing import Any
@@ -204,7 +206,13 @@ def _list_hooks() -> int:
 
     for name in _hook_names():
         doc = inspect.getdoc(getattr(hookspecs, name)) or ""
-        print(f"{name:<28} {doc.splitlines()[0] if doc else ''}")
+        # The first sentence, which a docstring's first line may cut in two.
+        paragraph = " ".join(doc.split("\n\n")[0].split())
+        sentence = paragraph.split(". ")[0].rstrip(".") + "."
+        lines = textwrap.wrap(sentence, width=70) or [""]
+        print(f"{name:<28} {lines[0]}")
+        for line in lines[1:]:
+            print(f"{'':<28} {line}")
     return 0
 
 
@@ -217,6 +225,16 @@ def _commands() -> dict[str, metadata.EntryPoint]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hooktrain`` and ``python -m hooktrain``."""
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # The reader stopped early (``| head``): no traceback for that. stdout goes to
+        # devnull so that the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     commands = _commands()
     if args and args[0] in commands:
