@@ -128,6 +128,16 @@ def test_disable_env_skips_plugin_before_import(fake_dists, monkeypatch, capsys)
     assert "disabled by HOOKTRAIN_DISABLE_PLUGINS" in capsys.readouterr().err
 
 
+def test_a_misspelt_disabled_name_is_reported_with_the_closest(fake_dists, monkeypatch, capsys):
+    fake_dists.add("tagger-dist", {"tagger": "tagmod:Tagger"}, {"tagmod": RECORDING_PLUGIN})
+    monkeypatch.setenv("HOOKTRAIN_DISABLE_PLUGINS", "taggr")
+    trainer = hooktrain.Trainer(plugins=["tagger"])
+    assert trainer.plugin_names == ["tagger"]  # still runs: nothing was disabled
+    err = capsys.readouterr().err
+    assert "HOOKTRAIN_DISABLE_PLUGINS disables 'taggr', which is no installed plugin" in err
+    assert "did you mean 'tagger'?" in err
+
+
 def test_typo_in_hook_name_is_refused_with_closest_hook():
     class Typo:
         @hookimpl

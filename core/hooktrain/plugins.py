@@ -226,7 +226,28 @@ def resolve_with_origins(
         loaded.append(entry[:2])
         origins.append(planned.origin)
     named = _unique_names(loaded)
+    if disabled:
+        _say_unknown_disabled(disabled, installed, [name for name, _ in named])
     return [(name, obj, origin) for (name, obj), origin in zip(named, origins, strict=True)]
+
+
+def _say_unknown_disabled(
+    disabled: Mapping[str, str],
+    installed: dict[str, InstalledPlugin] | None,
+    selected: list[str],
+) -> None:
+    """A disabled name that is no installed plugin disables nothing: most likely a
+    misspelling, which would otherwise leave the plugin running without a word."""
+    known = {*(installed if installed is not None else installed_plugins()), *selected}
+    for name, where in disabled.items():
+        if name not in known:
+            closest = _closest(name, sorted(known))
+            hint = f"; did you mean {closest!r}?" if closest else ""
+            print(
+                f"hooktrain: {where} disables {name!r}, which is no installed plugin, so it "
+                f"disables nothing{hint}",
+                file=sys.stderr,
+            )
 
 
 def _load_entry(
