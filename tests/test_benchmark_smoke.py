@@ -60,3 +60,17 @@ def test_the_compile_speedup_script_runs_without_a_gpu():
     assert re.search(r"^speed-up plain/compiled = \d+\.\d{3}", done.stdout, re.MULTILINE), (
         done.stdout
     )
+
+
+@pytest.mark.parametrize("variant", ["a", "b"])
+def test_the_instruction_counters_measured_process_trains(variant):
+    # The part valgrind runs (valgrind itself is too slow for the suite): it must
+    # train the variant, or the counts would be of a process that failed early.
+    script = SCRIPT.parent / "count_instructions.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--inner", variant, "6"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
