@@ -26,6 +26,7 @@ from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.metrics import process_collectives, warn_if_metrics_unused
 from hooktrain.optimization import (
+    check_optimizers_hold_the_model,
     configure_optimizers,
     make_optimizer_step,
     step_scheduler,
@@ -53,6 +54,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
         raise PluginError("a prepare implementation changed the number of LR schedulers")
     for entry, scheduler in zip(trainer._schedulers, trainer.lr_schedulers, strict=True):
         entry.scheduler = scheduler  # a plugin may have wrapped it
+    check_optimizers_hold_the_model(trainer.module, trainer.optimizers)
     hooks = trainer._hooks = ResolvedHooks(trainer.plugin_manager, trainer._defaults)
     if ckpt_path is not None:
         checkpoint = hooks.load_checkpoint(trainer=trainer, ckpt_path=os.fspath(ckpt_path))

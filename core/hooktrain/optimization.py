@@ -22,7 +22,13 @@ if TYPE_CHECKING:
     from hooktrain.hookcalls import ResolvedHooks
     from hooktrain.trainer import Trainer
 
-__all__ = ["Scheduler", "configure_optimizers", "make_optimizer_step", "parse_optimizer_config"]
+__all__ = [
+    "Scheduler",
+    "check_optimizers_hold_the_model",
+    "configure_optimizers",
+    "make_optimizer_step",
+    "parse_optimizer_config",
+]
 
 
 class Scheduler:
@@ -52,10 +58,8 @@ def configure_optimizers(module: torch.nn.Module, optimizer: Any) -> tuple[list[
 
     :param optimizer: an optimizer, a callable taking the parameters, or ``None``
         to ask ``module.configure_optimizers()``.
-    :raises ConfigurationError: when there is no optimizer, something else was
-        given where an optimizer belongs, or an optimizer holds none of the
-        module's parameters (built over another model: training would change
-        nothing).
+    :raises ConfigurationError: when there is no optimizer, or something else was
+        given where an optimizer belongs.
     """
     schedulers: list[Scheduler] = []
     if optimizer is not None:
@@ -75,20 +79,30 @@ def configure_optimizers(module: torch.nn.Module, optimizer: Any) -> tuple[list[
             "fit() needs optimizer=... (an optimizer or a callable taking the parameters), "
             "or a configure_optimizers() method on the model"
         )
-    own = {id(p) for p in module.parameters()}
     for opt in optimizers:
         if not isinstance(opt, torch.optim.Optimizer):
             raise ConfigurationError(f"expected an optimizer, got {type(opt).__name__}")
+    return optimizers, schedulers
+
+
+def check_optimizers_hold_the_model(module: torch.nn.Module, optimizers: list[Any]) -> None:
+    """Refuse an optimizer that would step other tensors while the model never
+    changes. Called after ``prepare``, where a plugin may have rebound a ready-made
+    optimizer to parameters it replaced (fsdp's sharded ones).
+
+    :raises ConfigurationError: when an optimizer holds none of ``module``'s
+        parameters (built over another model, or a copy of this one).
+    """
+    own = {id(p) for p in module.parameters()}
+    for opt in optimizers:
         held = [p for group in opt.param_groups for p in group["params"]]
         if held and not any(id(p) in own for p in held):
-            # It would step other tensors while the model never changes.
             raise ConfigurationError(
                 f"the optimizer ({type(opt).__name__}) holds none of the model's "
                 f"parameters: it was built over another model, or a copy of this one. "
                 f"Build it over model.parameters(), or pass a callable taking them "
                 f"(optimizer=lambda params: torch.optim.SGD(params, lr=0.1))"
             )
-    return optimizers, schedulers
 
 
 def parse_optimizer_config(config: Any) -> tuple[list[Any], list[Scheduler]]:
