@@ -31,6 +31,7 @@ from hooktrain.optimization import (
     make_optimizer_step,
     step_scheduler,
 )
+from hooktrain.options import check_monitors, warn_if_max_steps_unreachable
 from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -46,8 +47,8 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     """The body of ``fit``, between ``setup`` and ``teardown``."""
     trainer.optimizers, trainer._schedulers = configure_optimizers(trainer.module, optimizer)
     trainer.lr_schedulers = [entry.scheduler for entry in trainer._schedulers]
-    _check_monitors(trainer)
-    _warn_if_max_steps_unreachable(trainer)
+    check_monitors(trainer)
+    warn_if_max_steps_unreachable(trainer)
     _start_progress(trainer)
     trainer.plugin_manager.hook.prepare(trainer=trainer, stage="fit")
     if len(trainer.lr_schedulers) != len(trainer._schedulers):
@@ -411,39 +412,6 @@ def _agree_on_stop(trainer: Trainer) -> None:
     # them at the same batch, or the others wait forever in the next collective.
     flag = torch.tensor([1.0 if trainer.should_stop else 0.0], device=trainer.device)
     trainer.should_stop = bool(trainer.all_reduce(flag).item() > 0)
-
-
-def _check_monitors(trainer: Trainer) -> None:
-    """Refuse, before training, a scheduler monitoring a validation metric that
-    this run's configuration never computes."""
-    validates = bool(trainer.eval_dataloaders) and (
-        trainer.val_every_n_steps is not None
-        or trainer.check_val_every_n_epoch <= trainer.max_epochs
-    )
-    for entry in trainer._schedulers:
-        if entry.monitor and entry.monitor.startswith("val_") and not validates:
-            raise ConfigurationError(
-                f"an LR scheduler monitors {entry.monitor!r}, a validation metric, but this "
-                f"fit never validates (no val_dataloaders, or check_val_every_n_epoch > "
-                f"max_epochs): pass them, or monitor a training metric"
-            )
-
-
-def _warn_if_max_steps_unreachable(trainer: Trainer) -> None:
-    """Warn when ``max_epochs`` ends the fit before ``max_steps`` optimizer steps, as
-    ``Trainer(max_steps=N)`` alone does with the default ``max_epochs=1`` (Lightning,
-    whose default is 1000 epochs, trains the N steps)."""
-    batches = limited_length(trainer.train_dataloader, trainer.limits["train"])
-    if trainer.max_steps is None or batches is None:
-        return
-    steps = trainer.max_epochs * -(-batches // trainer.accumulate_grad_batches)
-    if steps < trainer.max_steps:
-        warnings.warn(
-            f"hooktrain: max_steps={trainer.max_steps} will not be reached: "
-            f"max_epochs={trainer.max_epochs} ends the fit after {steps} optimizer steps "
-            f"({batches} batches an epoch); raise max_epochs to train {trainer.max_steps}",
-            stacklevel=4,
-        )
 
 
 def _loss_of(outputs: Any) -> torch.Tensor:

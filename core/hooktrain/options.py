@@ -1,13 +1,16 @@
-"""The `Trainer`'s options: checked when it is built, before any work is done, and
-recorded as the run's hyperparameters for loggers."""
+"""The `Trainer`'s options: checked when it is built (and, for what depends on the
+data, when ``fit`` starts), before any work is done, and recorded as the run's
+hyperparameters for loggers."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hooktrain.batches import limited_length
 from hooktrain.epoch_metrics import is_epoch_metric
 from hooktrain.errors import ConfigurationError
 
@@ -16,10 +19,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "check_metrics",
+    "check_monitors",
     "check_options",
     "default_device",
     "resolve_device",
     "trainer_hparams",
+    "warn_if_max_steps_unreachable",
 ]
 
 # The option that sets each stage's ``trainer.limits`` entry.
@@ -122,6 +127,39 @@ def check_metrics(metrics: Any) -> None:
                 f"torchmetrics Metric under a string name ({example}), got "
                 f"{type(fn).__name__}"
             )
+
+
+def check_monitors(trainer: Trainer) -> None:
+    """Refuse, before training, a scheduler monitoring a validation metric that
+    this run's configuration never computes."""
+    validates = bool(trainer.eval_dataloaders) and (
+        trainer.val_every_n_steps is not None
+        or trainer.check_val_every_n_epoch <= trainer.max_epochs
+    )
+    for entry in trainer._schedulers:
+        if entry.monitor and entry.monitor.startswith("val_") and not validates:
+            raise ConfigurationError(
+                f"an LR scheduler monitors {entry.monitor!r}, a validation metric, but this "
+                f"fit never validates (no val_dataloaders, or check_val_every_n_epoch > "
+                f"max_epochs): pass them, or monitor a training metric"
+            )
+
+
+def warn_if_max_steps_unreachable(trainer: Trainer) -> None:
+    """Warn when ``max_epochs`` ends the fit before ``max_steps`` optimizer steps, as
+    ``Trainer(max_steps=N)`` alone does with the default ``max_epochs=1`` (Lightning,
+    whose default is 1000 epochs, trains the N steps)."""
+    batches = limited_length(trainer.train_dataloader, trainer.limits["train"])
+    if trainer.max_steps is None or batches is None:
+        return
+    steps = trainer.max_epochs * -(-batches // trainer.accumulate_grad_batches)
+    if steps < trainer.max_steps:
+        warnings.warn(
+            f"hooktrain: max_steps={trainer.max_steps} will not be reached: "
+            f"max_epochs={trainer.max_epochs} ends the fit after {steps} optimizer steps "
+            f"({batches} batches an epoch); raise max_epochs to train {trainer.max_steps}",
+            stacklevel=4,
+        )
 
 
 def trainer_hparams(trainer: Trainer) -> dict[str, Any]:
