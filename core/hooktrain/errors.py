@@ -1,7 +1,10 @@
 """The exceptions hooktrain raises itself, and its one warning category. Each
-message says what to do next."""
+message says what to do next, most with the closest name to a misspelt one."""
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class HooktrainError(Exception):
@@ -42,3 +45,10 @@ class ResumeWarning(UserWarning):
 
         warnings.simplefilter("error", hooktrain.ResumeWarning)
     """
+
+
+def closest_name(given: object, known: Iterable[str]) -> str | None:
+    """The name of ``known`` closest to ``given`` (difflib's ratio of at least 0.5),
+    for the "did you mean" of a message; ``None`` when none is close."""
+    matches = difflib.get_close_matches(str(given), list(known), n=1, cutoff=0.5)
+    return matches[0] if matches else None

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, closest_name
 from hooktrain.hookcalls import HOOK_NAMES
 from hooktrain.markers import hookimpl
 
@@ -68,10 +68,8 @@ class Faults:
 
     def __init__(self, hook: str, step: int, fault: str, rank: int = 0) -> None:
         if hook not in HOOK_NAMES:
-            import difflib
-
-            close = difflib.get_close_matches(str(hook), HOOK_NAMES, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            close = closest_name(hook, HOOK_NAMES)
+            hint = f"; did you mean {close!r}?" if close else ""
             raise ConfigurationError(
                 f"faults: hook {hook!r} is not a hooktrain hook{hint} "
                 f"('hooktrain plugins --hooks' lists them)"

@@ -8,7 +8,6 @@ window is complete.
 
 from __future__ import annotations
 
-import difflib
 import warnings
 from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, closest_name
 
 if TYPE_CHECKING:
     from hooktrain.hookcalls import ResolvedHooks
@@ -172,8 +171,8 @@ def _check_keys(item: Mapping[str, Any], known: tuple[str, ...], what: str, requ
     ``required`` one."""
     for key in item:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            close = closest_name(key, known)
+            hint = f" Did you mean {close!r}?" if close else ""
             raise ConfigurationError(
                 f"{what} has the key {key!r}, which hooktrain does not read.{hint} "
                 f"Its keys are {', '.join(map(repr, known))}"

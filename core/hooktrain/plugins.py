@@ -16,7 +16,6 @@ plugins.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import sys
@@ -30,7 +29,7 @@ from typing import Any
 import pluggy
 
 from hooktrain import hookspecs
-from hooktrain.errors import ConfigurationError, PluginError
+from hooktrain.errors import ConfigurationError, PluginError, closest_name
 from hooktrain.markers import PROJECT_NAME
 from hooktrain.selection import (
     DISABLE_ENV,
@@ -104,11 +103,6 @@ def disabled_plugin_names() -> set[str]:
     return set(env_names(DISABLE_ENV))
 
 
-def _closest(name: str, candidates: Iterable[str]) -> str | None:
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
-    return matches[0] if matches else None
-
-
 def _import_path(path: str) -> Any:
     module_name, _, attribute = path.partition(":")
     try:
@@ -155,11 +149,9 @@ def _options_hint(factory: Any, options: Mapping[str, Any]) -> str:
         return ""
     known = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     guesses = [
-        f"{given!r} -> {close[0]!r}"
+        f"{given!r} -> {close!r}"
         for given in options
-        if given not in known
-        for close in [difflib.get_close_matches(str(given), known, n=1)]
-        if close
+        if given not in known and (close := closest_name(given, known)) is not None
     ]
     hint = f". Its options: {', '.join(known) or 'none'}"
     return hint + (f" (did you mean {'; '.join(guesses)}?)" if guesses else "")
@@ -241,7 +233,7 @@ def _say_unknown_disabled(
     known = {*(installed if installed is not None else installed_plugins()), *selected}
     for name, where in disabled.items():
         if name not in known:
-            closest = _closest(name, sorted(known))
+            closest = closest_name(name, sorted(known))
             hint = f"; did you mean {closest!r}?" if closest else ""
             print(
                 f"hooktrain: {where} disables {name!r}, which is no installed plugin, so it "
@@ -276,7 +268,7 @@ def _load_entry(
             elif "." in name:
                 obj = _import_path(name)
             else:
-                closest = _closest(name, installed)
+                closest = closest_name(name, installed)
                 hint = f" Did you mean {closest!r}?" if closest else ""
                 known = ", ".join(sorted(installed)) or "none"
                 raise PluginError(
@@ -401,7 +393,7 @@ class PluginManager(pluggy.PluginManager):
             # pluggy's specname lets an attribute of another name implement a hook.
             hook_name = opts.get("specname") or attr
             if not hasattr(self.hook, hook_name):
-                closest = _closest(hook_name, spec_names)
+                closest = closest_name(hook_name, spec_names)
                 hint = f"; did you mean {closest!r}?" if closest else ""
                 raise PluginError(
                     f"plugin {name!r} implements {hook_name!r}, which is not a hooktrain "
