@@ -191,12 +191,7 @@ class CoreDefaults:
                 f"checkpoint {ckpt_path!r} could not be loaded safely "
                 f"(torch.load with weights_only=True): {exc}"
             ) from exc
-        if not isinstance(loaded, Mapping) or "model" not in loaded or "progress" not in loaded:
-            # A bare state_dict, or another trainer's file: read as a checkpoint it
-            # would fail on its first missing key.
-            raise ConfigurationError(
-                f"{ckpt_path!r} is not a hooktrain checkpoint (expected a mapping with "
-                f"'model' and 'progress', got {type(loaded).__name__}); load a model's "
-                f"weights with model.load_state_dict(torch.load(path)) before fit instead"
-            )
+        from hooktrain.state import require_checkpoint
+
+        require_checkpoint(loaded, ckpt_path)
         return loaded

@@ -21,7 +21,7 @@ from hooktrain.rng import rng_state
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["dump_checkpoint", "restore_checkpoint"]
+__all__ = ["dump_checkpoint", "require_checkpoint", "restore_checkpoint"]
 
 FORMAT = "hooktrain-checkpoint/1"
 
@@ -91,6 +91,22 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
     }
     trainer.plugin_manager.hook.on_save_checkpoint(trainer=trainer, checkpoint=checkpoint)
     return checkpoint
+
+
+def require_checkpoint(loaded: Any, source: str) -> None:
+    """Refuse what was loaded from ``source`` unless it is a checkpoint `dump_checkpoint`
+    could have written: a bare ``state_dict``, or another trainer's file, would
+    otherwise fail on its first missing key.
+
+    :raises ConfigurationError: when ``loaded`` is not a mapping holding ``"model"``
+        and ``"progress"``.
+    """
+    if not isinstance(loaded, Mapping) or "model" not in loaded or "progress" not in loaded:
+        raise ConfigurationError(
+            f"{source!r} is not a hooktrain checkpoint (expected a mapping with "
+            f"'model' and 'progress', got {type(loaded).__name__}); load a model's "
+            f"weights with model.load_state_dict(torch.load(path)) before fit instead"
+        )
 
 
 def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:

@@ -451,9 +451,7 @@ def load_file(
         raise DamagedCheckpointError(
             path, f"torch.load failed: {type(exc).__name__}: {exc}"
         ) from exc
-    if not isinstance(loaded, dict) or "model" not in loaded or "progress" not in loaded:
-        raise ConfigurationError(
-            f"{os.fspath(path)!r} is not a hooktrain checkpoint (expected a mapping with "
-            f"'model' and 'progress', got {type(loaded).__name__})"
-        )
+    from hooktrain.state import require_checkpoint
+
+    require_checkpoint(loaded, os.fspath(path))
     return loaded, info
