@@ -16,7 +16,12 @@ import torch
 
 from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
-from hooktrain.metrics import RunningMeans, process_collectives, warn_if_metrics_unused
+from hooktrain.metrics import (
+    RunningMeans,
+    loader_suffix,
+    process_collectives,
+    warn_if_metrics_unused,
+)
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -82,7 +87,7 @@ def evaluation_loop(
             if on_epoch_start is not None:
                 on_epoch_start(trainer=trainer)
             for loader_idx, loader in enumerate(loaders):
-                suffix = f"/dataloader_idx_{loader_idx}" if len(loaders) > 1 else ""
+                suffix = loader_suffix(loader_idx, len(loaders))
                 trainer._epoch_metrics = stateful[loader_idx]
                 iterable = hooks.batch_iterator(
                     trainer=trainer, dataloader=loader, stage=stage, skip_batches=0
@@ -119,7 +124,7 @@ def evaluation_loop(
             collectives = process_collectives(trainer)
             results = means.compute(collectives)
             for loader_idx, metrics in enumerate(stateful):
-                suffix = f"/dataloader_idx_{loader_idx}" if len(loaders) > 1 else ""
+                suffix = loader_suffix(loader_idx, len(loaders))
                 for name, value in metrics.compute(collectives).items():
                     results.setdefault(prefix + name + suffix, value)
             trainer.metrics.update_raw(results)

@@ -364,6 +364,17 @@ class RunningMeans:
         self.global_names = shared & set(self._sums)
 
 
+#: What a metric's name gets when a stage has several dataloaders (``val_acc`` of the
+#: second is ``val_acc/dataloader_idx_1``).
+LOADER_SUFFIX = "/dataloader_idx_"
+
+
+def loader_suffix(index: int, count: int) -> str:
+    """The suffix of the names of dataloader ``index``'s metrics among ``count``
+    loaders: none for a single loader."""
+    return f"{LOADER_SUFFIX}{index}" if count > 1 else ""
+
+
 def warn_if_metrics_unused(
     trainer: Trainer, computed: Iterable[str], prefix: str, stage: str
 ) -> None:
@@ -374,7 +385,7 @@ def warn_if_metrics_unused(
     once per place in the code (Python's default warning filter).
     """
     wanted = {prefix + name for name in trainer.metric_fns}
-    if not wanted or any(name.split("/dataloader_idx_")[0] in wanted for name in computed):
+    if not wanted or any(name.split(LOADER_SUFFIX)[0] in wanted for name in computed):
         return
     step = STEP_NAMES[stage]
     warnings.warn(
