@@ -118,3 +118,29 @@ def test_an_error_in_a_directly_called_hook_names_the_plugin() -> None:
 
     with pytest.raises(HookError, match=r"plugin 'Breaks' raised in hook 'on_train_batch_end'"):
         run([Breaks()], max_epochs=1, limit_train_batches=2, record=False)
+
+
+@pytest.mark.parametrize("returns", [None, "seen"])
+def test_a_single_implementation_is_called_as_pluggy_calls_it(returns: Any) -> None:
+    # One implementation gets a caller of its own, without the loop over several.
+    seen: list[int] = []
+
+    class One:
+        @hookimpl
+        def on_train_batch_end(self, batch_idx: int) -> Any:
+            seen.append(batch_idx)
+            return returns
+
+    result = run([One()], max_epochs=1, limit_train_batches=2, record=False)
+    trainer = result.trainer
+    pluggy_caller = trainer.plugin_manager.hook.on_train_batch_end
+    direct = trainer._hooks.on_train_batch_end
+    assert direct is not pluggy_caller
+    kwargs = {"trainer": trainer, "outputs": {}, "batch": None, "batch_idx": 7}
+    expected = [] if returns is None else [returns]
+    assert direct(**kwargs) == pluggy_caller(**kwargs) == expected
+    assert seen == [0, 1, 7, 7]
+
+    # A first-result hook with one implementation returns its result itself.
+    (impl,) = [i for i in pluggy_caller.get_hookimpls() if isinstance(i.plugin, One)]
+    assert _direct_caller([impl], firstresult=True)(**kwargs) == returns

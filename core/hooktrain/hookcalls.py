@@ -65,18 +65,34 @@ def direct_caller(impls: Sequence[Any], firstresult: bool) -> Callable[..., Any]
     names, returning the first non-``None`` result for a ``firstresult`` hook and the
     list of non-``None`` results otherwise."""
     calls = tuple((impl.function, tuple(impl.argnames)) for impl in reversed(impls))
+    # ``map`` picks the named arguments without a Python frame of its own, which a
+    # list comprehension has before Python 3.12: on the benchmark's MLP, calling one
+    # plugin's per-step hook cost about 3 us a step, half of it in this glue.
+    if len(calls) == 1:
+        ((function, names),) = calls
+
+        def call_one_first(**kwargs: Any) -> Any:
+            return function(*map(kwargs.__getitem__, names))
+
+        def call_one(**kwargs: Any) -> list[Any]:
+            result = function(*map(kwargs.__getitem__, names))
+            return [] if result is None else [result]
+
+        return call_one_first if firstresult else call_one
 
     def call_first(**kwargs: Any) -> Any:
+        pick = kwargs.__getitem__
         for function, names in calls:
-            result = function(*[kwargs[name] for name in names])
+            result = function(*map(pick, names))
             if result is not None:
                 return result
         return None
 
     def call_each(**kwargs: Any) -> list[Any]:
+        pick = kwargs.__getitem__
         results = []
         for function, names in calls:
-            result = function(*[kwargs[name] for name in names])
+            result = function(*map(pick, names))
             if result is not None:
                 results.append(result)
         return results
