@@ -74,3 +74,20 @@ def test_the_instruction_counters_measured_process_trains(variant):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_the_plugin_cost_script_prints_a_line_per_plugin():
+    pytest.importorskip("hooktrain_checkpoint")
+    pytest.importorskip("hooktrain_tensorboard")
+    pytest.importorskip("hooktrain_tqdm")
+    script = SCRIPT.parent / "plugin_costs.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--rounds", "2", "--steps", "1", "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^   b +\d+\.\d\d ms a fit", done.stdout, re.MULTILINE), done.stdout
+    for key in ("tqdm", "tensorboard", "checkpoint", "c"):
+        assert re.search(rf"^   {key} +[+-]\d+\.\d\d ms ", done.stdout, re.MULTILINE), done.stdout
