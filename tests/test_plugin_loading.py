@@ -163,9 +163,13 @@ def test_a_method_named_like_a_hook_without_hookimpl_is_warned_about():
             pass
 
     with pytest.warns(
-        UserWarning, match=r"'forgot' has a on_train_epoch_end\(\) without @hookimpl"
-    ):
+        UserWarning, match=r"'forgot' defines on_train_epoch_end\(\) without @hookimpl"
+    ) as caught:
         hooktrain.Trainer(plugins=[Forgot()])
+    # The warning points at the method the author wrote, not at hooktrain's code.
+    (warning,) = [w for w in caught if "without @hookimpl" in str(w.message)]
+    assert warning.filename == __file__
+    assert warning.lineno == Forgot.on_train_epoch_end.__code__.co_firstlineno
 
 
 def test_unknown_argument_is_refused():
@@ -176,6 +180,27 @@ def test_unknown_argument_is_refused():
 
     with pytest.raises(PluginError, match=r"BadArgs.*loss"):
         hooktrain.Trainer(plugins=[BadArgs()])
+
+
+def test_an_argument_with_a_default_is_refused_since_no_hook_would_pass_it():
+    class LightningStyle:
+        @hookimpl
+        def on_validation_batch_end(self, trainer, batch_idx, dataloader_idx=0):
+            pass
+
+    with pytest.raises(PluginError) as excinfo:
+        hooktrain.Trainer(plugins=[LightningStyle()])
+    message = str(excinfo.value)
+    assert "'LightningStyle'" in message and "gives dataloader_idx a default value" in message
+    assert "Remove the default" in message and "dataloader_idx)" in message
+
+    class Misspelt:
+        @hookimpl
+        def on_train_batch_end(self, trainer, batch_index=-1):
+            pass
+
+    with pytest.raises(PluginError, match=r"'Misspelt'.*gives batch_index a default value"):
+        hooktrain.Trainer(plugins=[Misspelt()])
 
 
 def test_options_for_a_plain_object_are_refused():

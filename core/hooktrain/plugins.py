@@ -361,7 +361,8 @@ class PluginManager(pluggy.PluginManager):
     A hook implementation whose name matches no hookspec is refused at once
     (pluggy would accept it silently until ``check_pending``), naming the plugin,
     the bad name and the closest hook; an argument a hook does not offer is refused
-    the same way. A method named like a hook but not marked ``@hookimpl`` (which
+    the same way, and so is an argument with a default value (pluggy never passes
+    one: it would keep its default). A method named like a hook but not marked ``@hookimpl`` (which
     pluggy ignores) is warned about. A plugin taking an exclusive role that a
     registered plugin holds is refused too (`check_exclusive_roles`), also when
     registered during a run.
@@ -384,10 +385,10 @@ class PluginManager(pluggy.PluginManager):
             if opts is None:
                 if attr in spec_names and callable(getattr(plugin, attr, None)):
                     # pluggy registers marked functions only: this one would sit unused.
-                    warnings.warn(
-                        f"hooktrain: plugin {name!r} has a {attr}() without @hookimpl, so "
-                        f"hooktrain never calls it; mark it with @hooktrain.hookimpl",
-                        stacklevel=2,
+                    _warn_at_definition(
+                        getattr(plugin, attr),
+                        f"hooktrain: plugin {name!r} defines {attr}() without @hookimpl, "
+                        f"so hooktrain never calls it; mark it with @hooktrain.hookimpl",
                     )
                 continue
             # pluggy's specname lets an attribute of another name implement a hook.
@@ -401,15 +402,24 @@ class PluginManager(pluggy.PluginManager):
                 )
             offered = list(inspect.signature(getattr(hookspecs, hook_name)).parameters)
             try:
-                wanted = [
-                    p.name
+                parameters = [
+                    p
                     for p in inspect.signature(getattr(plugin, attr)).parameters.values()
-                    if p.default is inspect.Parameter.empty
-                    and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                    if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
                 ]
             except (TypeError, ValueError):
                 continue
-            unknown = [arg for arg in wanted if arg not in offered]
+            defaulted = [p.name for p in parameters if p.default is not p.empty]
+            if defaulted:
+                # pluggy passes only the arguments taken without a default: one with a
+                # default (Lightning's ``dataloader_idx=0``) would silently keep it.
+                raise PluginError(
+                    f"plugin {name!r}: its {hook_name} gives {', '.join(defaulted)} a default "
+                    f"value; a hook passes only the arguments an implementation takes "
+                    f"without one, so the default would be used on every call. Remove "
+                    f"the default; {hook_name} offers ({', '.join(offered)})"
+                )
+            unknown = [p.name for p in parameters if p.name not in offered]
             if unknown:
                 raise PluginError(
                     f"plugin {name!r}: its {hook_name} takes {', '.join(unknown)}, which the hook "
@@ -421,3 +431,13 @@ class PluginManager(pluggy.PluginManager):
             raise PluginError(f"plugin {name!r} cannot be registered: {exc}") from exc
         except ValueError as exc:
             raise PluginError(f"plugin {name!r} cannot be registered: {exc}") from exc
+
+
+def _warn_at_definition(function: Any, message: str) -> None:
+    """Warn with the location where ``function`` is defined (the plugin author's
+    line), not the line of hooktrain that registers it; fall back to the caller's."""
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    if code is None:
+        warnings.warn(message, stacklevel=3)
+        return
+    warnings.warn_explicit(message, UserWarning, code.co_filename, code.co_firstlineno)
