@@ -184,6 +184,57 @@ def test_plugins_breaking_a_contract_fail_the_check_for_it(pytester: pytest.Pyte
     assert "documented errors: options {'strict': 'yes'} were accepted and trained" in text
 
 
+UNSAVED_LOGGED_VALUE = """
+import time
+from hooktrain import hookimpl
+from hooktrain.testing import PluginConformance
+
+
+class StepCounter:
+    name = "step_counter"
+
+    def __init__(self):
+        self.steps = 0  # never saved: a resumed run counts from 0 again
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        self.steps += 1
+        trainer.log("counted_steps", float(self.steps))
+
+
+class Stopwatch:
+    name = "stopwatch"
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer):
+        trainer.log("epoch_wall_time", time.perf_counter())
+
+
+class TestStepCounter(PluginConformance):
+    plugin = StepCounter
+
+
+class TestStopwatch(PluginConformance):
+    plugin = Stopwatch
+    wall_clock_metrics = ("*_wall_time",)
+"""
+
+
+def test_a_logged_value_lost_on_resume_fails_though_the_weights_match(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_logged=UNSAVED_LOGGED_VALUE)
+    result = pytester.runpytest_subprocess(*NOT_SLOW, "-k", "resume")
+    text = result.stdout.str()
+    assert outcomes(result) == {"passed": 1, "failed": 1}, text
+    assert "FAILED test_logged.py::TestStepCounter::test_exact_resume_after_sigterm" in text
+    # The value published is epoch 2's mean: steps 7 to 12 counted 7 to 12 (9.5); the
+    # resumed run restored 7, 8, 9 with the trainer's means, then counted 1, 2, 3 (5.0).
+    assert "counted_steps: 9.5 uninterrupted, 5.0 resumed" in text
+    # A value that measures time is left out when the class lists it.
+    assert "FAILED test_logged.py::TestStopwatch" not in text
+
+
 RANK_DEPENDENT = """
 from hooktrain import hookimpl
 from hooktrain.testing import PluginConformance

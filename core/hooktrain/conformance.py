@@ -10,7 +10,8 @@ A plugin's test module subclasses it with one attribute::
 and pytest collects the checks below, each a small real training job on the CPU
 (``docs/testing-a-plugin.md`` explains each one and how to meet it):
 
-* ``test_exact_resume_after_sigterm``: killed mid-epoch, resumed, bit-identical;
+* ``test_exact_resume_after_sigterm``: killed mid-epoch, resumed: the same weights
+  and published values;
 * ``test_no_host_sync_per_step``: no tensor read to the host per training step;
 * ``test_order_independence``: first or last in the list trains the same weights;
 * ``test_hook_exceptions_name_the_plugin``: an error raised in its hooks names it;
@@ -44,6 +45,7 @@ from hooktrain.conformance_support import (
     TrainingJob,
     UnhandledSigterm,
     implemented_hooks,
+    metric_differences,
     raise_on_entry,
     sigterm_guard,
     weight_differences,
@@ -104,11 +106,15 @@ class PluginConformance:
     :cvar documented_errors: ``(options, regex)`` pairs: options the plugin documents
         as refused, and a regular expression its message must match. Needs ``plugin``
         given as a name, an import path or a class (options are applied to it).
+    :cvar wall_clock_metrics: names (``fnmatch`` patterns) of values the plugin
+        publishes that measure time (``samples_per_sec``): the resume check does not
+        compare them.
     """
 
     plugin: Any = None
     skip_checks: Mapping[str, str] = {}
     documented_errors: Sequence[tuple[Mapping[str, Any], str]] = ()
+    wall_clock_metrics: Sequence[str] = ()
 
     @pytest.fixture(autouse=True)
     def _conformance_isolation(
@@ -152,7 +158,8 @@ class PluginConformance:
     def test_exact_resume_after_sigterm(self) -> None:
         """Killed (SIGTERM, from the ``faults`` plugin) at global step 9 of 12, mid-epoch,
         then resumed with ``ckpt_path="last"``: the weights must be bit-identical to
-        those of the same run never interrupted."""
+        those of the same run never interrupted, and the values published at the end
+        (``trainer.metrics``: losses, metrics, whatever a plugin logs) equal."""
         from hooktrain.plugins import exclusive_roles, installed_plugins
 
         self._skip_if_asked("resume")
@@ -165,7 +172,9 @@ class PluginConformance:
                     "and hooktrain-checkpoint is not installed (pip install hooktrain-checkpoint)"
                 )
             companions = [("checkpoint", {"dirpath": "conformance-ckpt", "async_save": False})]
-        reference = self._job("uninterrupted").fit([self._fresh(), *companions])
+        reference_job = self._job("uninterrupted")
+        reference = reference_job.fit([self._fresh(), *companions])
+        reference_values = reference_job.trainer.metrics.floats()
         fault = ("faults", {"hook": "on_train_batch_end", "step": KILL_STEP, "fault": "sigterm"})
         job = self._job("interrupted")
         with sigterm_guard():
@@ -213,6 +222,20 @@ class PluginConformance:
                 f"training (counters, schedules, random generators, running values) must be "
                 f"written in on_save_checkpoint under checkpoint['plugins'][name] and read back "
                 f"in on_load_checkpoint; {note}. {_GUIDE}"
+            )
+        differences = metric_differences(
+            reference_values, job.trainer.metrics.floats(), self.wall_clock_metrics
+        )
+        if differences:
+            pytest.fail(
+                f"exact resume: a run stopped by SIGTERM at global step {KILL_STEP} (mid-epoch) "
+                f"and resumed with ckpt_path='last' ends with the same weights but other "
+                f"published values than the same run uninterrupted ({differences}). State "
+                f"behind a value the plugin logs or changes (a counter, a running average, "
+                f"weights it keeps aside) must be written in on_save_checkpoint under "
+                f"checkpoint['plugins'][name] and read back in on_load_checkpoint. Values "
+                f"that measure time are left out by listing them in wall_clock_metrics. "
+                f"{_GUIDE}"
             )
 
     # ------------------------------------------------------------------ (b) host sync

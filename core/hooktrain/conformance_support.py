@@ -130,6 +130,42 @@ def weight_differences(
     return "; ".join(differing)
 
 
+def metric_differences(
+    expected: Mapping[str, float], actual: Mapping[str, float], ignored: Iterable[str] = ()
+) -> str:
+    """An empty string when both hold the same published values, else what differs
+    (at most three names). Names matching an ``ignored`` pattern (``fnmatch``) are
+    left out.
+
+    Values are equal within a relative 1e-6: an epoch's mean resumed mid-epoch is
+    summed in two parts (before the checkpoint and after it) instead of one, which
+    may change its last bits, while a value the plugin failed to restore is off by
+    far more.
+    """
+    import fnmatch
+    import math
+
+    def kept(values: Mapping[str, float]) -> dict[str, float]:
+        return {
+            name: value
+            for name, value in values.items()
+            if not any(fnmatch.fnmatchcase(name, pattern) for pattern in ignored)
+        }
+
+    expected, actual = kept(expected), kept(actual)
+    if expected.keys() != actual.keys():
+        return f"different names: {sorted(expected)} and {sorted(actual)}"
+    differing = [
+        f"{name}: {value!r} uninterrupted, {actual[name]!r} resumed"
+        for name, value in expected.items()
+        if not math.isclose(value, actual[name], rel_tol=1e-6, abs_tol=1e-12)
+        and not (math.isnan(value) and math.isnan(actual[name]))
+    ]
+    if len(differing) > 3:
+        differing = [*differing[:3], f"and {len(differing) - 3} more"]
+    return "; ".join(differing)
+
+
 class Neighbour:
     """Another plugin of the order check, doing what ordinary plugins do at two
     common places: it draws a number from torch's global generator at every
