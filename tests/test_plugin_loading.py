@@ -327,3 +327,31 @@ def test_plugins_command_shows_call_order(fake_dists):
     assert "tagger" in line
     line = next(ln for ln in out.splitlines() if ln.strip().startswith("optimizer_step"))
     assert "core (default)" in line
+
+
+def test_a_compute_hook_returning_another_value_than_its_spec_allows_is_refused():
+    # ``return loss`` from backward would end the hook: the core's loss.backward()
+    # never ran and the weights never moved, while the loss was still reported.
+    class ReturnsTheLoss:
+        name = "returns_the_loss"
+
+        @hookimpl
+        def backward(self, loss):
+            return loss
+
+    with pytest.raises(PluginError) as excinfo:
+        run([ReturnsTheLoss()], max_epochs=1, limit_train_batches=2, record=False)
+    message = str(excinfo.value)
+    assert "the backward hook returned Tensor" in message and "which is not True" in message
+    assert "implemented by 'returns_the_loss'" in message
+
+    class ReturnsANumber:
+        name = "returns_a_number"
+
+        @hookimpl
+        def optimizer_step(self, optimizer):
+            optimizer.step()
+            return 1
+
+    with pytest.raises(PluginError, match=r"optimizer_step hook returned int 1, which is not True"):
+        run([ReturnsANumber()], max_epochs=1, limit_train_batches=2, record=False)

@@ -23,7 +23,7 @@ from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, ResumeWarning
 from hooktrain.evaluation import evaluation_loop
-from hooktrain.hookcalls import ResolvedHooks
+from hooktrain.hookcalls import ResolvedHooks, unexpected_result
 from hooktrain.metrics import process_collectives, warn_if_metrics_unused
 from hooktrain.optimization import (
     check_optimizers_hold_the_model,
@@ -113,7 +113,9 @@ def make_train_step(trainer: Trainer, hooks: ResolvedHooks) -> TrainStep:
         scaled = loss / accumulate if accumulate > 1 else loss
         if on_before_backward is not None:
             on_before_backward(trainer=trainer, loss=scaled)
-        backward(trainer=trainer, loss=scaled)
+        done = backward(trainer=trainer, loss=scaled)
+        if done is not True:
+            raise unexpected_result(trainer.plugin_manager, "backward", done, "True")
         if on_after_backward is not None:
             on_after_backward(trainer=trainer)
         return outputs, loss

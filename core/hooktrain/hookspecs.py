@@ -429,7 +429,8 @@ def backward(trainer: Trainer, loss: torch.Tensor) -> bool | None:
     The default calls ``loss.backward()``. A plugin that scales the loss or owns
     backward (a gradient scaler, an accelerator) does the work itself.
 
-    :return: ``True`` once the backward pass is done; ``None`` to defer.
+    :return: ``True`` once the backward pass is done; ``None`` to defer. Any other
+        value raises ``PluginError`` (``return loss`` would skip the pass silently).
     """
 
 
@@ -461,7 +462,7 @@ def optimizer_step(trainer: Trainer, optimizer: torch.optim.Optimizer) -> bool |
     :return: ``True`` when the parameters were updated, ``False`` when the step was
         skipped (a gradient scaler found inf/NaN gradients): the core then does not
         step LR schedulers, and sets ``trainer.last_step_skipped``. ``None`` defers
-        to the next implementation.
+        to the next implementation. Any other value raises ``PluginError``.
     """
 
 

@@ -16,6 +16,7 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from hooktrain.errors import ConfigurationError, closest_name
+from hooktrain.hookcalls import unexpected_result
 
 if TYPE_CHECKING:
     from hooktrain.hookcalls import ResolvedHooks
@@ -222,7 +223,12 @@ def make_optimizer_step(trainer: Trainer, hooks: ResolvedHooks) -> Callable[[int
                 norm = clip_gradients(trainer=trainer, optimizer=optimizer, max_norm=clip)
                 if norm is not None:
                     trainer.log("grad_norm", norm)
-            if step(trainer=trainer, optimizer=optimizer) is False:
+            stepped = step(trainer=trainer, optimizer=optimizer)
+            if stepped is not True:
+                if stepped is not False:
+                    raise unexpected_result(
+                        trainer.plugin_manager, "optimizer_step", stepped, "True or False"
+                    )
                 stepped_all = False
         trainer.last_step_skipped = not stepped_all
         if stepped_all:
