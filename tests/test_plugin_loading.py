@@ -355,3 +355,50 @@ def test_a_compute_hook_returning_another_value_than_its_spec_allows_is_refused(
 
     with pytest.raises(PluginError, match=r"optimizer_step hook returned int 1, which is not True"):
         run([ReturnsANumber()], max_epochs=1, limit_train_batches=2, record=False)
+
+
+def test_a_taken_name_or_an_object_registered_twice_is_refused_clearly():
+    class Core:
+        name = "core"
+
+        @hookimpl
+        def on_fit_end(self):
+            pass
+
+    with pytest.raises(
+        PluginError,
+        match=r"'core' cannot be registered: the name is taken by "
+        r"hooktrain's own hook implementations; give the plugin another name",
+    ):
+        hooktrain.Trainer(plugins=[Core()])
+
+    trainer = hooktrain.Trainer(plugins=[])
+    once = Core()
+    trainer.plugin_manager.register(once, "watcher")
+    with pytest.raises(PluginError, match=r"'again' is registered already, as 'watcher'"):
+        trainer.plugin_manager.register(once, "again")
+    with pytest.raises(
+        PluginError,
+        match=r"'watcher' cannot be registered: the name is taken "
+        r"by another plugin \(Core\)",
+    ):
+        trainer.plugin_manager.register(Core(), "watcher")
+
+
+def test_one_plugin_selected_twice_is_registered_under_numbered_names():
+    calls = []
+
+    class Watcher:
+        name = "watcher"
+
+        def __init__(self, tag):
+            self.tag = tag
+
+        @hookimpl
+        def on_fit_end(self):
+            calls.append(self.tag)
+
+    result = run([Watcher("a"), Watcher("b")], max_epochs=1, limit_train_batches=1, record=False)
+    assert result.trainer.plugin_names == ["watcher", "watcher-2"]
+    assert calls == ["a", "b"]
+    assert result.trainer.plugin_manager.get_plugin("watcher-2").tag == "b"
