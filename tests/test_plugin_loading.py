@@ -402,3 +402,31 @@ def test_one_plugin_selected_twice_is_registered_under_numbered_names():
     assert result.trainer.plugin_names == ["watcher", "watcher-2"]
     assert calls == ["a", "b"]
     assert result.trainer.plugin_manager.get_plugin("watcher-2").tag == "b"
+
+
+def test_a_name_two_distributions_claim_is_noted_and_warned_about(tmp_path, monkeypatch, capsys):
+    # A second, real distribution (its metadata on sys.path) claiming 'profile', an
+    # entry point of hooktrain itself, found after it.
+    info = tmp_path / "other_profiler-2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: other-profiler\nVersion: 2.0\n")
+    (info / "entry_points.txt").write_text("[hooktrain]\nprofile = other_profiler:Plugin\n")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    from hooktrain.plugins import installed_plugins
+
+    profile = installed_plugins()["profile"]
+    assert profile.distribution == "hooktrain"
+    assert profile.shadowed == ("other-profiler 2.0",)
+    with pytest.warns(
+        UserWarning,
+        match=r"'profile' is provided by hooktrain .*, which is "
+        r"used, and also by other-profiler 2\.0, ignored",
+    ):
+        trainer = hooktrain.Trainer(plugins=["profile"])
+    assert type(trainer.plugin_manager.get_plugin("profile")).__module__ == "hooktrain.profiling"
+
+    from hooktrain.cli import main
+
+    main(["plugins"])
+    out = capsys.readouterr().out
+    assert "note: 'profile' is also provided by other-profiler 2.0, which is ignored" in out

@@ -215,3 +215,14 @@ def test_round_trip_scaffold_install_list_train_and_test(tmp_path: Path) -> None
         [python, "-c", "import hooktrain_step_counter as m; print(m.__file__)"], tmp_path, env
     )
     assert str(site) in imported.stdout
+
+
+def test_the_name_of_an_installed_plugin_is_refused_unless_forced(tmp_path: Path, capsys) -> None:
+    # 'profile' is an entry point of hooktrain itself: a new distribution of that name
+    # would take it over.
+    assert main(["profile", "-d", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "a plugin named 'profile' is installed already (hooktrain " in err
+    assert "pass --force to create it anyway" in err
+    assert not (tmp_path / "hooktrain-profile").exists()
+    assert create_plugin("profile", tmp_path, force=True).is_dir()

@@ -91,6 +91,12 @@ def _list_plugins(detail: bool) -> int:
             row.append("")
         rows.append(row)
     print(_table(rows, ["name", "distribution", "version", "hooks" if detail else "status"]))
+    for name in sorted(installed):
+        if installed[name].shadowed:
+            print(
+                f"note: {name!r} is also provided by {', '.join(installed[name].shadowed)}, "
+                f"which is ignored"
+            )
     return 0
 
 

@@ -16,6 +16,7 @@ plugins.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import sys
@@ -63,6 +64,8 @@ class InstalledPlugin:
     value: str
     distribution: str
     version: str
+    #: Other distributions that claim the same name (``"dist version"``), ignored.
+    shadowed: tuple[str, ...] = ()
 
     def load(self) -> Any:
         module_name, _, attribute = self.value.partition(":")
@@ -82,18 +85,25 @@ def installed_plugins() -> dict[str, InstalledPlugin]:
     """Every plugin installed in this environment, by entry-point name.
 
     Reads metadata only: nothing is imported. When two distributions claim one
-    name, the first found wins, as ``importlib.metadata`` orders them.
+    name, the first found wins, as ``importlib.metadata`` orders them; the others
+    are kept in its ``shadowed``, and selecting the name warns.
     """
     found: dict[str, InstalledPlugin] = {}
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if entry_point.name in found:
-            continue
         dist = entry_point.dist
+        distribution = dist.name if dist is not None else "?"
+        version = dist.version if dist is not None else "?"
+        first = found.get(entry_point.name)
+        if first is not None:
+            if (distribution, entry_point.value) != (first.distribution, first.value):
+                shadowed = (*first.shadowed, f"{distribution} {version}")
+                found[entry_point.name] = dataclasses.replace(first, shadowed=shadowed)
+            continue
         found[entry_point.name] = InstalledPlugin(
             name=entry_point.name,
             value=entry_point.value,
-            distribution=dist.name if dist is not None else "?",
-            version=dist.version if dist is not None else "?",
+            distribution=distribution,
+            version=version,
         )
     return found
 
@@ -264,7 +274,16 @@ def _load_entry(
             if installed is None:
                 installed = installed_plugins()
             if name in installed:
-                obj = installed[name].load()
+                chosen = installed[name]
+                if chosen.shadowed:
+                    warnings.warn(
+                        f"hooktrain: plugin {name!r} is provided by {chosen.distribution} "
+                        f"{chosen.version}, which is used, and also by "
+                        f"{', '.join(chosen.shadowed)}, ignored; uninstall the one you do "
+                        f"not want",
+                        stacklevel=5,
+                    )
+                obj = chosen.load()
             elif "." in name:
                 obj = _import_path(name)
             else:

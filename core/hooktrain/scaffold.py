@@ -90,12 +90,25 @@ def create_plugin(
     :param name: the plugin's name (``batch-counter`` or ``batch_counter``).
     :param directory: where the distribution folder is created.
     :param description: one sentence for the package metadata and README.
-    :param force: write into an existing folder (overwriting the generated files).
+    :param force: write into an existing folder (overwriting the generated files),
+        and use the name of an installed plugin.
     :return: the distribution folder.
-    :raises ValueError: for an unusable name.
+    :raises ValueError: for an unusable name, or the name of an installed plugin
+        (installing the new one would take that name, or replace its distribution)
+        unless ``force``.
     :raises FileExistsError: when the folder exists and ``force`` is false.
     """
     names = PluginNames.from_name(name)
+    if not force:
+        from hooktrain.plugins import installed_plugins
+
+        taken = installed_plugins().get(names.name)
+        if taken is not None:
+            raise ValueError(
+                f"a plugin named {names.name!r} is installed already ({taken.distribution} "
+                f"{taken.version}): installing {names.dist} would take its name, or replace "
+                f"it; choose another name, or pass --force to create it anyway"
+            )
     if description is None:
         description = f"A hooktrain plugin: {names.name.replace('_', ' ')}."
     description = " ".join(description.split()).replace('"', "'")
@@ -121,7 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("name", help="the plugin's name, e.g. batch-counter")
     parser.add_argument("-d", "--directory", default=".", help="where to create it (default: .)")
     parser.add_argument("--description", help="one sentence for the metadata and README")
-    parser.add_argument("--force", action="store_true", help="overwrite an existing folder")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing folder; allow the name of an installed plugin",
+    )
     options = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         root = create_plugin(
