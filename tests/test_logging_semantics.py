@@ -190,3 +190,12 @@ def test_a_step_that_takes_its_batch_apart_keeps_the_batch_weight() -> None:
     weighted = sum(loss * n for loss, n in zip(seen, sizes, strict=True)) / sum(sizes)
     assert trainer.metrics["loss"] == pytest.approx(weighted, rel=1e-6)
     assert trainer.metrics["inside"] == pytest.approx(weighted, rel=1e-6)
+
+
+def test_writing_into_trainer_metrics_points_to_trainer_log():
+    from hooktrain.metrics import Metrics
+
+    metrics = Metrics()
+    with pytest.raises(TypeError, match=r"read-only: log 'val_loss' with trainer\.log\('val_loss'"):
+        metrics["val_loss"] = 0.0
+    assert "val_loss" not in metrics

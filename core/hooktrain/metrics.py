@@ -67,6 +67,14 @@ class Metrics(Mapping[str, float]):
     def __repr__(self) -> str:
         return f"Metrics({ {k: self[k] for k in self._values} })"
 
+    def __setitem__(self, name: str, value: Any) -> None:
+        # A Lightning user writes callback_metrics[name] = value; here a value goes
+        # through trainer.log, which weighs it into the epoch's mean and publishes it.
+        raise TypeError(
+            f"trainer.metrics is read-only: log {name!r} with trainer.log({name!r}, value) "
+            f"instead, which also averages it over the epoch and hands it to the loggers"
+        )
+
     def set(self, name: str, value: Any) -> None:
         """Store a value (a number or a tensor) without converting it."""
         self._values[name] = value
