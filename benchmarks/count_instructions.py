@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -53,9 +55,19 @@ def count(variant: str, steps: int) -> int:
     """Instructions of one process training ``variant`` for ``steps`` steps."""
     with tempfile.TemporaryDirectory() as folder:
         out = os.path.join(folder, "cachegrind.out")
-        # One thread everywhere: an idle BLAS thread spinning would be counted.
-        env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        # One thread everywhere: an idle BLAS thread spinning would be counted. A fixed
+        # hash seed and, where setarch can, no address randomisation: otherwise dicts
+        # lay out and buffers align differently in each process, and a count moved by
+        # about 1% from one run of the same code to the next.
+        env = {
+            **os.environ,
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONHASHSEED": "0",
+        }
+        fixed_layout = ["setarch", platform.machine(), "-R"] if shutil.which("setarch") else []
         command = [
+            *fixed_layout,
             "valgrind",
             "--tool=cachegrind",
             "--cache-sim=no",
