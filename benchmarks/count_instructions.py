@@ -16,9 +16,13 @@ prints them and their ratio to the raw loop's (a).
 What it does not see: instructions are not time. A Python bytecode runs at fewer
 instructions per cycle than torch's kernels, and each step's torch work evicts the
 interpreter's caches, so a trainer's extra Python costs more time than its share of
-instructions says. Variant c redraws its progress bar on a clock; under valgrind
-(about 50 times slower) it redraws far more often per step, so c's count is an upper
-bound.
+instructions says. Variant c's progress bar writes to no terminal and prints a line
+every 30 seconds of wall time, a few times a run under valgrind (about 50 times
+slower), so c's count is a slight upper bound.
+
+Each interpreter runs with a fixed hash seed and, where ``setarch`` exists, without
+address randomisation, so that two counts of the same code agree to about a hundred
+instructions a step.
 """
 
 from __future__ import annotations
