@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -421,8 +422,11 @@ def test_a_name_two_distributions_claim_is_noted_and_warned_about(tmp_path, monk
         UserWarning,
         match=r"'profile' is provided by hooktrain .*, which is "
         r"used, and also by other-profiler 2\.0, ignored",
-    ):
-        trainer = hooktrain.Trainer(plugins=["profile"])
+    ) as caught:
+        trainer = hooktrain.Trainer(plugins=["profile"])  # the warning points here
+    (warning,) = [w for w in caught if "other-profiler" in str(w.message)]
+    assert warning.filename == __file__
+    assert "the warning points here" in Path(__file__).read_text().splitlines()[warning.lineno - 1]
     assert type(trainer.plugin_manager.get_plugin("profile")).__module__ == "hooktrain.profiling"
 
     from hooktrain.cli import main

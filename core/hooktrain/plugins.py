@@ -281,7 +281,7 @@ def _load_entry(
                         f"{chosen.version}, which is used, and also by "
                         f"{', '.join(chosen.shadowed)}, ignored; uninstall the one you do "
                         f"not want",
-                        stacklevel=5,
+                        stacklevel=4,  # the Trainer(...) line
                     )
                 obj = chosen.load()
             elif "." in name:
@@ -381,8 +381,8 @@ class PluginManager(pluggy.PluginManager):
     (pluggy would accept it silently until ``check_pending``), naming the plugin,
     the bad name and the closest hook; an argument a hook does not offer is refused
     the same way, and so is an argument with a default value (pluggy never passes
-    one: it would keep its default). A method named like a hook but not marked ``@hookimpl`` (which
-    pluggy ignores) is warned about. A plugin taking an exclusive role that a
+    one: it would keep its default). A method named like a hook but not marked
+    ``@hookimpl`` (which pluggy ignores) is warned about. A plugin taking an exclusive role that a
     registered plugin holds is refused too (`check_exclusive_roles`), also when
     registered during a run.
     """
