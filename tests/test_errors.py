@@ -100,8 +100,14 @@ def test_keyboard_interrupt_runs_on_exception_and_teardown():
 
     assert threading.current_thread() is threading.main_thread()
     witness = Witness()
-    with pytest.raises(KeyboardInterrupt):
-        run([CtrlC(), witness], max_epochs=2, record=False)
+    # A shell that starts a job in the background has it ignore SIGINT, and Python then
+    # leaves SIGINT ignored: install Python's own Ctrl-C handler for this test.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run([CtrlC(), witness], max_epochs=2, record=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert witness.events == ["on_exception", "teardown"]
     assert isinstance(witness.exception, KeyboardInterrupt)
 
