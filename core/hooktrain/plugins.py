@@ -444,29 +444,34 @@ class PluginManager(pluggy.PluginManager):
                     f"plugin {name!r}: its {hook_name} takes {', '.join(unknown)}, which the hook "
                     f"does not offer; {hook_name} offers ({', '.join(offered)})"
                 )
-        if self.is_registered(plugin):
-            raise PluginError(
-                f"plugin {name!r} is registered already, as {self.get_name(plugin)!r}; "
-                f"one object can be registered once (list it once, or make a second instance)"
-            )
-        taken = self.get_plugin(name)
-        if taken is not None:
-            holder = (
-                "hooktrain's own hook implementations"
-                if name == "core"
-                else f"another plugin ({type(taken).__name__})"
-            )
-            raise PluginError(
-                f"plugin {name!r} cannot be registered: the name is taken by {holder}; "
-                f"give the plugin another name (its class attribute name, or the name "
-                f"passed to register)"
-            )
         try:
             return super().register(plugin, name)
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"plugin {name!r} cannot be registered: {exc}") from exc
         except ValueError as exc:
-            raise PluginError(f"plugin {name!r} cannot be registered: {exc}") from exc
+            # pluggy's refusal of a taken name or of an object registered twice dumps
+            # its whole registry: say which it is, and what to do.
+            raise PluginError(self._conflict(plugin, name, exc)) from exc
+
+    def _conflict(self, plugin: Any, name: str, refusal: ValueError) -> str:
+        taken = self.get_plugin(name)
+        if taken is not None and taken is not plugin:
+            holder = (
+                "hooktrain's own hook implementations"
+                if name == "core"
+                else f"another plugin ({type(taken).__name__})"
+            )
+            return (
+                f"plugin {name!r} cannot be registered: the name is taken by {holder}; "
+                f"give the plugin another name (its class attribute name, or the name "
+                f"passed to register)"
+            )
+        if self.is_registered(plugin):
+            return (
+                f"plugin {name!r} is registered already, as {self.get_name(plugin)!r}; "
+                f"one object can be registered once (list it once, or make a second instance)"
+            )
+        return f"plugin {name!r} cannot be registered: {refusal}"
 
 
 def _warn_at_definition(function: Any, message: str) -> None:
