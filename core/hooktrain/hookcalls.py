@@ -112,11 +112,8 @@ def unexpected_result(
     from hooktrain.errors import PluginError
 
     caller = getattr(plugin_manager.hook, hook_name)
-    names = [
-        repr(plugin_manager.get_name(impl.plugin))
-        for impl in caller.get_hookimpls()
-        if plugin_manager.get_name(impl.plugin) != "core"
-    ]
+    implementers = [plugin_manager.get_name(impl.plugin) for impl in caller.get_hookimpls()]
+    names = [repr(name) for name in implementers if name != "core"]
     return PluginError(
         f"the {hook_name} hook returned {type(result).__name__} {result!r:.60}, which "
         f"is not {expected}; implemented by {', '.join(names) or 'no plugin'}. An "

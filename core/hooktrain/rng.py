@@ -121,7 +121,7 @@ def loader_generators(dataloader: Any) -> list[torch.Generator]:
     batch_sampler = getattr(dataloader, "batch_sampler", None)
     for owner in (dataloader, sampler, getattr(batch_sampler, "sampler", None)):
         generator = getattr(owner, "generator", None)
-        if generator is getattr(owner, _EPOCH_SEEDED, None):
+        if generator is epoch_seeded_generator(owner):
             continue
         if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
             found.append(generator)
