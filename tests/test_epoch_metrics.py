@@ -237,3 +237,21 @@ def test_importing_hooktrain_does_not_import_torchmetrics() -> None:
     code = "import sys, hooktrain, hooktrain.trainer; print('torchmetrics' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_accuracy_of_one_unit_binary_logits_is_the_thresholded_accuracy() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 1, generator=generator)  # a one-unit binary classifier
+    labels = (torch.rand(200, generator=generator) < 0.5).float()
+    expected = sklearn_metrics.accuracy_score(labels.numpy(), (logits.squeeze(1) > 0).float().numpy())
+    assert 0.3 < expected < 0.7  # an untrained model: far from 1.0
+    # (batch, 1) targets, as binary_cross_entropy_with_logits takes them, and (batch,).
+    assert accuracy(logits, labels.unsqueeze(1)).item() == pytest.approx(expected)
+    assert accuracy(logits, labels).item() == pytest.approx(expected)
+    assert accuracy(logits.squeeze(1), labels.long()).item() == pytest.approx(expected)
+    # Two or more columns are still scores of classes, picked by argmax.
+    scores = torch.randn(200, 3, generator=generator)
+    classes = torch.randint(0, 3, (200,), generator=generator)
+    expected = sklearn_metrics.accuracy_score(classes.numpy(), scores.argmax(1).numpy())
+    assert accuracy(scores, classes).item() == pytest.approx(expected)
+    assert accuracy(scores, F.one_hot(classes, 3).float()).item() == pytest.approx(expected)

@@ -25,17 +25,32 @@ MetricFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows whose highest-scoring class equals the target class.
+    """Fraction of rows whose predicted class equals the target class.
 
-    :param outputs: scores of shape ``(batch, classes)`` (or ``(batch,)`` of
-        logits for a binary problem, thresholded at 0).
-    :param targets: class indices of shape ``(batch,)``, or one-hot / probability
-        rows of the same shape as ``outputs``.
-    :return: a 0-dim float tensor on the outputs' device.
+    :param outputs: scores of shape ``(batch, classes)``, the class being the
+        highest-scoring one; or, for a binary problem, logits of shape ``(batch,)``
+        or ``(batch, 1)`` (a one-unit output trained with
+        ``binary_cross_entropy_with_logits``), the class being 1 where the logit is
+        above 0. Probabilities (after a sigmoid) are not logits: use a threshold of
+        0.5 yourself, or torchmetrics' ``BinaryAccuracy``.
+    :param targets: class indices of shape ``(batch,)`` (any integer or float
+        dtype holding 0, 1, ...), of shape ``(batch, 1)`` for binary logits, or
+        one-hot / probability rows of the same shape as ``(batch, classes)``
+        scores.
+    :return: a 0-dim float32 tensor on the outputs' device.
     """
-    predicted = (outputs > 0).long() if outputs.ndim == 1 else outputs.argmax(dim=-1)
-    if targets.ndim == outputs.ndim and outputs.ndim > 1:
-        targets = targets.argmax(dim=-1)
+    if outputs.ndim == 1 or outputs.shape[-1] == 1:
+        # An argmax over a single column is always 0: every row would count as
+        # class 0, and (batch, 1) targets as class 0 too, an accuracy of 1.0.
+        predicted = (outputs > 0).long()
+        if outputs.ndim > 1:
+            predicted = predicted.squeeze(-1)
+            if targets.ndim == outputs.ndim:
+                targets = targets.squeeze(-1)
+    else:
+        predicted = outputs.argmax(dim=-1)
+        if targets.ndim == outputs.ndim:
+            targets = targets.argmax(dim=-1)
     return (predicted == targets).float().mean()
 
 
