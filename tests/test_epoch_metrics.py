@@ -243,7 +243,9 @@ def test_accuracy_of_one_unit_binary_logits_is_the_thresholded_accuracy() -> Non
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(200, 1, generator=generator)  # a one-unit binary classifier
     labels = (torch.rand(200, generator=generator) < 0.5).float()
-    expected = sklearn_metrics.accuracy_score(labels.numpy(), (logits.squeeze(1) > 0).float().numpy())
+    expected = sklearn_metrics.accuracy_score(
+        labels.numpy(), (logits.squeeze(1) > 0).float().numpy()
+    )
     assert 0.3 < expected < 0.7  # an untrained model: far from 1.0
     # (batch, 1) targets, as binary_cross_entropy_with_logits takes them, and (batch,).
     assert accuracy(logits, labels.unsqueeze(1)).item() == pytest.approx(expected)

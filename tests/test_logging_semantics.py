@@ -199,3 +199,38 @@ def test_writing_into_trainer_metrics_points_to_trainer_log():
     with pytest.raises(TypeError, match=r"read-only: log 'val_loss' with trainer\.log\('val_loss'"):
         metrics["val_loss"] = 0.0
     assert "val_loss" not in metrics
+
+
+class LogsBatchIndex:
+    name = "logs_batch_index"
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    @hookimpl
+    def on_train_batch_end(self, trainer, batch, batch_idx):
+        self.sizes.append(len(batch[1]))
+        trainer.log("index", float(batch_idx))
+
+
+@pytest.mark.parametrize("val_every_n_steps", [None, 1])
+def test_a_value_logged_after_a_step_wise_validation_weighs_by_the_training_batch(
+    val_every_n_steps,
+):
+    # 40 training samples in batches of 16: sizes 16, 16, 8. The validation set (10
+    # samples, one batch of 10) ran inside each step with val_every_n_steps=1, and
+    # the training batch's size must survive it.
+    train, val = make_data(n=40, batch_size=16, shuffle=False)
+    logger = LogsBatchIndex()
+    trainer = Trainer(
+        plugins=[logger], max_epochs=1, val_every_n_steps=val_every_n_steps, device="cpu"
+    )
+    trainer.fit(
+        make_model(),
+        train,
+        val,
+        loss_fn=F.cross_entropy,
+        optimizer=lambda p: torch.optim.SGD(p, 0.1),
+    )
+    assert logger.sizes == [16, 16, 8]
+    assert trainer.metrics["index"] == pytest.approx((0 * 16 + 1 * 16 + 2 * 8) / 40)

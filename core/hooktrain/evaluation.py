@@ -78,7 +78,14 @@ def evaluation_loop(
     predictions: list[Any] = []
     modes = [(module, module.training) for module in trainer.model.modules()]
     trainer.model.eval()
-    outer = trainer._active_means, trainer._log_prefix, trainer._epoch_metrics
+    # A step-wise validation runs inside a training step: what values logged after
+    # it (``on_train_batch_end``) go into, and weigh by, is the training batch's.
+    outer = (
+        trainer._active_means,
+        trainer._log_prefix,
+        trainer._epoch_metrics,
+        trainer._batch_size,
+    )
     trainer._active_means, trainer._log_prefix = means, prefix
     try:
         with torch.no_grad():
@@ -138,7 +145,12 @@ def evaluation_loop(
                     on_end(trainer=trainer)
             results.update({name: trainer.metrics.raw(name) for name in logged})
     finally:
-        trainer._active_means, trainer._log_prefix, trainer._epoch_metrics = outer
+        (
+            trainer._active_means,
+            trainer._log_prefix,
+            trainer._epoch_metrics,
+            trainer._batch_size,
+        ) = outer
         for module, training in modes:
             module.training = training
     if stage == "predict":
