@@ -257,11 +257,23 @@ class ReturnsOnlyItsLoss(nn.Module):
         return F.cross_entropy(self(batch[0]), batch[1])
 
 
-def test_metrics_a_models_own_steps_give_nothing_to_are_warned_about_per_stage():
+class ReturnsOutputsWithoutTargets(ReturnsOnlyItsLoss):
+    def training_step(self, batch, batch_idx):
+        outputs = self(batch[0])
+        return {"loss": F.cross_entropy(outputs, batch[1]), "outputs": outputs}
+
+    def validation_step(self, batch, batch_idx):
+        outputs = self(batch[0])
+        return {"loss": F.cross_entropy(outputs, batch[1]), "outputs": outputs}
+
+
+# Outputs without targets raised a bare KeyError in training, after the first step.
+@pytest.mark.parametrize("model", [ReturnsOnlyItsLoss, ReturnsOutputsWithoutTargets])
+def test_metrics_a_models_own_steps_give_nothing_to_are_warned_about_per_stage(model):
     train, val = make_data()
     with pytest.warns(UserWarning) as caught:
         trainer = fit(
-            ReturnsOnlyItsLoss(),
+            model(),
             train,
             loss_fn=None,
             val_dataloaders=val,

@@ -170,7 +170,7 @@ def _train_epoch(
         detached = loss.detach()
         means.add("loss", detached, size)
         metrics.set("loss", detached)
-        if metric_fns and type(outputs) is dict and "outputs" in outputs:
+        if metric_fns and type(outputs) is dict and "outputs" in outputs and "targets" in outputs:
             _add_metric_values(trainer, hooks, outputs["outputs"], outputs["targets"])
         batch_idx += 1
         trainer.epoch_batches_done = batch_idx
