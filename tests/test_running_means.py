@@ -29,6 +29,19 @@ def test_means_of_half_precision_values_are_summed_in_float32() -> None:
     assert mean.dtype == torch.float32 and float(mean) == 1.0
 
 
+@pytest.mark.parametrize("sizes", [[3, 3, 3], [3, 5, 7]])
+def test_means_of_float64_values_keep_float64(sizes: list[int]) -> None:
+    # A float64 model's loss: a float32 sum was off by about 1e-7 from the mean.
+    values = [1 / 3, 2 / 7, 1e-9 + 0.1]
+    means = RunningMeans()
+    for value, size in zip(values, sizes, strict=True):
+        means.add("loss", torch.tensor(value, dtype=torch.float64), size)
+    mean = means.compute()["loss"]
+    expected = sum(v * s for v, s in zip(values, sizes, strict=True)) / sum(sizes)
+    assert mean.dtype == torch.float64
+    assert float(mean) == pytest.approx(expected, rel=1e-15)
+
+
 def test_fold_finite_reports_each_new_stretch_once() -> None:
     means = RunningMeans()
     assert means.fold_finite("loss") is None  # nothing folded yet

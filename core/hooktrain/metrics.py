@@ -246,14 +246,17 @@ class RunningMeans:
             if stacked.ndim != 1:
                 stacked = stacked.reshape(-1)
             first = weights[0]
+            # Half-precision losses (amp) are summed in float32; float64 ones (a
+            # float64 model) keep their precision.
+            dtype = torch.promote_types(stacked.dtype, torch.float32)
             total: torch.Tensor | float
             if weights.count(first) == len(weights):  # one batch size throughout
-                total = stacked.sum(dtype=torch.float32)
+                total = stacked.sum(dtype=dtype)
                 if first != 1:
                     total = total * first
             else:
-                stacked = stacked.float()
-                total = stacked @ torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+                stacked = stacked.to(dtype)
+                total = stacked @ torch.tensor(weights, dtype=dtype, device=stacked.device)
             self._unchecked.add(name)
         else:
             total = sum(float(v) * w for v, w in zip(values, weights, strict=True))
