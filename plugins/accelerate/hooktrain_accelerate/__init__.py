@@ -24,24 +24,25 @@ What each hook does:
   distributed wrapper, so gradients are synchronised; inside a
   gradient-accumulation window the forward runs under ``accelerator.no_sync``.
 * ``backward``, ``clip_gradients``, ``optimizer_step``: the accelerator's versions.
+* ``unscale_gradients``: also closes a window that ended only with the data (an
+  iterable without a length): its gradients, gathered under ``no_sync``, are
+  averaged over the processes, so that the optimizer steps.
 * ``all_reduce``, ``all_gather_object`` (metric names) and ``gather_for_metrics``:
   metrics over every process, without the samples padding the last evaluation batch.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import datetime
-import itertools
 import os
-import sys
 from collections.abc import Generator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
 from hooktrain.batches import STEP_NAMES
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, PluginError
+from hooktrain_accelerate.data import seed_sampler, started
+from hooktrain_accelerate.processes import destroy_process_group_at_exit
 
 if TYPE_CHECKING:
     import torch
@@ -247,7 +248,7 @@ class Accelerate:
             **kwargs,
         )
         if accelerator.num_processes > 1:
-            _destroy_process_group_at_exit()
+            destroy_process_group_at_exit()
         if accelerator.num_processes != launched:
             raise ConfigurationError(
                 f"accelerate: the script was launched as {launched} processes but the "
@@ -338,14 +339,14 @@ class Accelerate:
         if stage != "train" or not isinstance(dataloader, DataLoaderShard | DataLoaderDispatcher):
             return None  # the core's default handles evaluation and foreign iterables
         epoch = trainer.current_epoch
-        _seed_sampler(dataloader, trainer.data_seed)
+        seed_sampler(dataloader, trainer.data_seed)
         dataloader.set_epoch(epoch)
         if skip_batches <= 0:
-            return _started(dataloader)
+            return started(dataloader)
         skipping = self.accelerator.skip_first_batches(dataloader, skip_batches)
         # The new loader must draw the same epoch's permutation as the original.
         skipping.set_epoch(epoch)
-        return _started(skipping)
+        return started(skipping)
 
     # ------------------------------------------------------------------ compute
 
@@ -394,9 +395,43 @@ class Accelerate:
         return True
 
     @hookimpl
-    def unscale_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+    def unscale_gradients(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        if trainer.sync_gradients and not self.accelerator.sync_gradients:
+            self._synchronise_late_window(trainer)
         # A no-op unless accelerate scales the loss (fp16 on a GPU).
         self.accelerator.unscale_gradients(optimizer=optimizer)
+
+    def _synchronise_late_window(self, trainer: Trainer) -> None:
+        """Average the gradients of a window that ended when the data ran out.
+
+        With training data of unknown length, the core learns that a window is the
+        epoch's last only when the iterator ends, after its backward passes ran
+        under ``no_sync``; accelerate, told the window was still open, would skip
+        the optimizer step and the ``zero_grad``, and the gradients would leak into
+        the next epoch. So the gradients are all-reduced here, as DDP would have
+        done in the last backward, and accelerate is told the window is closed.
+
+        :raises PluginError: with several processes and a wrapper other than DDP
+            (FSDP on GPUs), whose gradients cannot be averaged this way.
+        """
+        import torch
+
+        accelerator = self.accelerator
+        if accelerator.num_processes > 1:
+            if not isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel):
+                raise PluginError(
+                    f"accelerate: a gradient-accumulation window ended with the training "
+                    f"data, whose length is unknown, and {type(trainer.model).__name__} "
+                    f"did not synchronise its gradients; give the training dataloader a "
+                    f"length, or use accumulate_grad_batches=1"
+                )
+            for parameter in trainer.model.parameters():
+                if parameter.grad is not None:
+                    torch.distributed.all_reduce(parameter.grad)
+                    parameter.grad.div_(accelerator.num_processes)
+        set_sync = getattr(accelerator.gradient_state, "_set_sync_gradients", None)
+        if set_sync is not None:
+            set_sync(True)
 
     @hookimpl
     def clip_gradients(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
@@ -446,81 +481,8 @@ class Accelerate:
 _MISSING = object()
 
 
-def _started(loader: Iterable[Any]) -> Iterable[Any]:
-    """``loader``'s iterator with its first batch already drawn.
-
-    accelerate's loaders create the torch DataLoader iterator only at the first
-    ``next``, and that is when it draws its base seed from torch's global
-    generator. The core expects the draw when the epoch's iterator is made: a
-    run resuming mid-epoch puts back the epoch's starting random state, makes the
-    iterator, and then puts back the state of the moment it was saved. A draw
-    after that would shift every later random number (dropout's), so the
-    resumed run would not be the uninterrupted one.
-    """
-    iterator = iter(loader)
-    first = next(iterator, _MISSING)
-    return iterator if first is _MISSING else itertools.chain((first,), iterator)
-
-
 _NULL = contextlib.nullcontext()
 
 
 def _no_unscale(optimizer: Any = None) -> None:
     return None
-
-
-def _seed_sampler(dataloader: Any, seed: int) -> None:
-    """Point accelerate's seedable sampler at the run's data seed (restored from a
-    checkpoint on resume), so that an epoch's order depends on (seed, epoch) only.
-
-    The sampler makes its generator at its first epoch and reseeds it every epoch;
-    it is made here and marked as reseeded (`hooktrain.rng.mark_epoch_seeded`), or
-    checkpoints of epoch 0 would hold no generator and later ones one, and a resume
-    in a fresh process would warn that the counts differ."""
-    import torch
-
-    from hooktrain.rng import mark_epoch_seeded
-
-    batch_sampler = getattr(dataloader, "batch_sampler", None)
-    for holder in (batch_sampler, getattr(batch_sampler, "batch_sampler", None)):
-        sampler = getattr(holder, "sampler", None)
-        if sampler is not None and hasattr(sampler, "initial_seed"):
-            sampler.initial_seed = seed
-            if getattr(sampler, "generator", None) is None:
-                sampler.generator = torch.Generator()
-            mark_epoch_seeded(sampler)
-
-
-_exit_cleanup_registered = False
-
-
-def _destroy_process_group_at_exit() -> None:
-    """Wait for every process, then destroy the process group, when the interpreter
-    exits.
-
-    A gloo process whose peer exits while its own background work is still in
-    flight aborts ("terminate called without an active exception", exit code -6):
-    that happened in about a third of finished two-process runs here, turning a
-    finished training into a failed job. A barrier first lets every process reach
-    the end; destroying the group alone was not enough. The group must outlive every
-    fit of the script, so this runs at exit, not in ``teardown``.
-    """
-    global _exit_cleanup_registered
-    if _exit_cleanup_registered:
-        return
-    _exit_cleanup_registered = True
-
-    def destroy() -> None:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        try:
-            if dist.get_backend() == "gloo":
-                # Bounded: a peer that crashed must not keep this process forever.
-                dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
-        except Exception as exc:  # a peer died; exit anyway, saying why
-            print(f"hooktrain-accelerate: processes did not meet at exit: {exc}", file=sys.stderr)
-        dist.destroy_process_group()
-
-    atexit.register(destroy)

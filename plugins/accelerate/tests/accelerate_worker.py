@@ -221,12 +221,57 @@ def fit_with_epoch_metrics(config: dict[str, Any], out: Path, rank: int) -> None
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """Ten batches of 16 from a seeded generator, and no length: the trainer learns
+    that the epoch (and its accumulation window) ended only when the data ends."""
+
+    def __iter__(self) -> Any:
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(10):
+            yield (
+                torch.randn(16, 8, generator=generator),
+                torch.randint(0, 2, (16,), generator=generator),
+            )
+
+
+class SizedStream(Stream):
+    def __len__(self) -> int:
+        return 10
+
+
+def fit_unsized_and_sized(config: dict[str, Any], out: Path, rank: int) -> None:
+    """The same fit on the same batches, with and without the data's length."""
+    report: dict[str, Any] = {"rank": rank}
+    for name, dataset in (("unsized", Stream()), ("sized", SizedStream())):
+        trainer = Trainer(
+            plugins=[("accelerate", dict(config.get("accelerate", {})))],
+            seed=0,
+            max_epochs=2,
+            accumulate_grad_batches=3,
+        )
+        trainer.fit(
+            make_model(),
+            DataLoader(dataset, batch_size=None),
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.5),
+        )
+        report[name] = {
+            "global_step": trainer.global_step,
+            "weights": {k: v.tolist() for k, v in trainer.module.state_dict().items()},
+            "grads_left": [p.grad is not None for p in trainer.module.parameters()],
+        }
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
     out = Path(config["out"])
     rank = int(os.environ.get("RANK", "0"))
     if config.get("epoch_metrics"):
         fit_with_epoch_metrics(config, out, rank)
+        return
+    if config.get("unsized"):
+        fit_unsized_and_sized(config, out, rank)
         return
     options = dict(config.get("accelerate", {}))
     plugins: list[Any] = [("accelerate", options)]

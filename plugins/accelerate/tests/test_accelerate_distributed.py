@@ -431,3 +431,25 @@ def test_whole_epoch_metrics_in_two_processes_equal_one_process_and_resume_exact
             assert report["resumed_metrics"][name] == metrics[name], name
     # Every process reads the same values.
     assert reports[0]["metrics"] == reports[1]["metrics"]
+
+
+def test_a_window_ended_by_data_of_unknown_length_is_synchronised_and_stepped(tmp_path) -> None:
+    # Each process gets five of the ten batches an epoch: windows of 3 and 2. Without
+    # a length, the core learns that the second window is complete only when the
+    # data ends, after its backward ran under no_sync: accelerate then skipped the
+    # step and the zero_grad, and the gradients leaked into the next epoch.
+    reports = ranks(tmp_path, launch({"unsized": True}, tmp_path))
+    for report in reports:
+        assert report["unsized"]["global_step"] == report["sized"]["global_step"] == 4
+        # Equal to float rounding: the late window averages after DDP's all-reduce,
+        # DDP itself before it.
+        for name, value in report["sized"]["weights"].items():
+            torch.testing.assert_close(
+                torch.tensor(report["unsized"]["weights"][name]),
+                torch.tensor(value),
+                rtol=0,
+                atol=1e-6,
+                msg=name,
+            )
+        assert not any(report["unsized"]["grads_left"])
+    assert reports[0]["unsized"]["weights"] == reports[1]["unsized"]["weights"]

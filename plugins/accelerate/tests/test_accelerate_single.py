@@ -132,6 +132,34 @@ def test_amp_and_accelerate_together_refuse_to_start(plugins: list[Any]) -> None
     assert "mixed_precision='bf16'" in message
 
 
+class Unsized:
+    """The batches of a loader, without its length."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.loader)
+
+
+def test_a_window_ended_by_data_of_unknown_length_is_stepped_like_the_core_alone() -> None:
+    # Four batches an epoch in windows of 3 and 1: the core learns that the second
+    # window is complete only when the data ends, after accelerate was told the
+    # window was open; its optimizer then skipped the step and the zero_grad.
+    models = make_model(), make_model()
+    for plugins, model in zip((["accelerate"], []), models, strict=True):
+        trainer = Trainer(plugins=plugins, seed=0, max_epochs=2, accumulate_grad_batches=3)
+        train, _ = make_data(n=64, batch_size=16)
+        trainer.fit(
+            model,
+            Unsized(train),
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        )
+        assert trainer.global_step == 4
+    assert_same_weights(*models)
+
+
 def test_gradient_accumulation_option_becomes_the_trainers_without_double_division(
     hook_recorder,
 ) -> None:
