@@ -173,12 +173,16 @@ def test_a_plateau_scheduler_steps_only_after_validated_epochs(scheduler_class):
     assert model.scheduler.last_epoch == 2
 
 
-@pytest.mark.parametrize("validation", ["no loader", "never due"])
+@pytest.mark.parametrize("validation", ["no loader", "never due", "no batches"])
 def test_a_plateau_scheduler_without_validation_fails_before_training(validation):
     train, val = make_data(n=32, batch_size=16)
     model = PlateauModel(torch.optim.lr_scheduler.ReduceLROnPlateau)
     before = [p.clone() for p in model.parameters()]
-    trainer = Trainer(plugins=[], max_epochs=2, check_val_every_n_epoch=3, device="cpu")
+    options = {"limit_val_batches": 0} if validation == "no batches" else {}
+    every = 1 if validation == "no batches" else 3
+    trainer = Trainer(
+        plugins=[], max_epochs=2, check_val_every_n_epoch=every, device="cpu", **options
+    )
     with pytest.raises(ConfigurationError, match="monitors 'val_loss', a validation metric"):
         trainer.fit(model, train, None if validation == "no loader" else val)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

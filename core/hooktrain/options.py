@@ -132,16 +132,21 @@ def check_metrics(metrics: Any) -> None:
 def check_monitors(trainer: Trainer) -> None:
     """Refuse, before training, a scheduler monitoring a validation metric that
     this run's configuration never computes."""
-    validates = bool(trainer.eval_dataloaders) and (
-        trainer.val_every_n_steps is not None
-        or trainer.check_val_every_n_epoch <= trainer.max_epochs
+    validates = (
+        bool(trainer.eval_dataloaders)
+        and trainer.limits["validate"] != 0
+        and (
+            trainer.val_every_n_steps is not None
+            or trainer.check_val_every_n_epoch <= trainer.max_epochs
+        )
     )
     for entry in trainer._schedulers:
         if entry.monitor and entry.monitor.startswith("val_") and not validates:
             raise ConfigurationError(
                 f"an LR scheduler monitors {entry.monitor!r}, a validation metric, but this "
-                f"fit never validates (no val_dataloaders, or check_val_every_n_epoch > "
-                f"max_epochs): pass them, or monitor a training metric"
+                f"fit never validates (no val_dataloaders, limit_val_batches=0, or "
+                f"check_val_every_n_epoch > max_epochs): pass them, or monitor a training "
+                f"metric"
             )
 
 

@@ -244,6 +244,8 @@ class EarlyStopping:
         why = None
         if not trainer.eval_dataloaders:
             why = "fit() was given no val_dataloaders"
+        elif trainer.limits["validate"] == 0:
+            why = "limit_val_batches=0 leaves every validation empty"
         elif (
             trainer.val_every_n_steps is None
             and trainer.check_val_every_n_epoch > trainer.max_epochs

@@ -129,6 +129,7 @@ def test_a_missing_metric_names_the_plugin_and_the_metrics_available() -> None:
     ("trainer_kwargs", "has_val", "why"),
     [
         ({}, False, "fit() was given no val_dataloaders"),
+        ({"limit_val_batches": 0}, True, "limit_val_batches=0 leaves every validation empty"),
         (
             {"check_val_every_n_epoch": 4},
             True,
