@@ -29,6 +29,10 @@ asserts exactly this sequence, and ``docs/hook-order.md`` shows it):
 * ``load_checkpoint``, ``set_state_dict`` and ``on_load_checkpoint`` (only with
   ``ckpt_path``)
 * ``on_fit_start``
+* the sanity check, with validation dataloaders: ``batch_iterator(stage="validate")``,
+  then for each of the first ``num_sanity_val_steps`` batches
+  ``transfer_batch_to_device``, ``forward_step(stage="validate")``,
+  ``gather_for_metrics`` and ``compute_metrics``; no observer hook, nothing kept
 * for each epoch:
 
   * ``on_train_epoch_start``
