@@ -35,6 +35,18 @@ class BrokenValidationStep(nn.Module):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def fit_plain(trainer: Trainer, model: nn.Module, train, val, **options) -> None:
+    """fit with cross-entropy and SGD, as a plain model trains."""
+    trainer.fit(
+        model,
+        train,
+        val,
+        loss_fn=F.cross_entropy,
+        optimizer=lambda p: torch.optim.SGD(p, 0.1),
+        **options,
+    )
+
+
 def _epochs_started(**trainer_options) -> tuple[HookRecorder, Trainer]:
     recorder = HookRecorder(["on_train_epoch_start", "log_metrics"])
     trainer = Trainer(plugins=[recorder], max_epochs=2, device="cpu", **trainer_options)
@@ -67,13 +79,7 @@ def test_a_validation_batch_that_does_not_unpack_is_refused_before_training() ->
     triples = [(x, y, torch.arange(len(y))) for x, y in train]
     recorder, trainer = _epochs_started()
     with pytest.raises(ConfigurationError, match="validation_step"):
-        trainer.fit(
-            make_model(),
-            train,
-            triples,
-            loss_fn=F.cross_entropy,
-            optimizer=lambda p: torch.optim.SGD(p, 0.1),
-        )
+        fit_plain(trainer, make_model(), train, triples)
     assert recorder.count("on_train_epoch_start") == 0
 
 
@@ -99,14 +105,7 @@ def _fit(num_sanity_val_steps: int) -> tuple[nn.Module, Trainer, HookRecorder]:
         log_every_n_steps=1,
         num_sanity_val_steps=num_sanity_val_steps,
     )
-    trainer.fit(
-        model,
-        train,
-        val,
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.SGD(p, 0.1),
-        metrics={"acc": accuracy},
-    )
+    fit_plain(trainer, model, train, val, metrics={"acc": accuracy})
     return model, trainer, recorder
 
 
@@ -148,13 +147,7 @@ def test_how_many_batches_the_check_runs(steps: int, limit: int | None, expected
         num_sanity_val_steps=steps,
         device="cpu",
     )
-    trainer.fit(
-        make_model(),
-        train,
-        val,
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.SGD(p, 0.1),
-    )
+    fit_plain(trainer, make_model(), train, val)
     forwards = [c.kwargs["stage"] for c in recorder.calls]
     # The check's validation forwards, then one training batch, then the epoch's validation.
     assert forwards[: expected + 1] == ["validate"] * expected + ["train"]
@@ -182,13 +175,7 @@ def test_compute_hooks_can_tell_the_check_from_validation() -> None:
     train, val = make_data(n=32, batch_size=16)  # 2 training batches, 1 validation batch
     plugin = SeesSanityChecking()
     trainer = Trainer(plugins=[plugin], max_epochs=1, device="cpu")
-    trainer.fit(
-        make_model(),
-        train,
-        val,
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.SGD(p, 0.1),
-    )
+    fit_plain(trainer, make_model(), train, val)
     assert plugin.seen == [
         ("validate", True),
         ("train", False),
