@@ -183,3 +183,17 @@ def test_compute_hooks_can_tell_the_check_from_validation() -> None:
         ("validate", False),
     ]
     assert trainer.sanity_checking is False
+
+
+def test_an_iterator_of_validation_batches_is_left_to_the_validation() -> None:
+    # A generator's batches are used up when read: checking two of them took them
+    # from the only validation, which then computed nothing.
+    train, val = make_data(n=64, batch_size=16)  # one validation batch of 16
+    results = []
+    for steps in (0, 2):
+        trainer = Trainer(
+            plugins=[], max_epochs=1, seed=0, device="cpu", num_sanity_val_steps=steps
+        )
+        fit_plain(trainer, make_model(), train, iter(list(val)))
+        results.append(trainer.metrics["val_loss"])
+    assert results[0] == results[1]

@@ -126,11 +126,14 @@ def sanity_check(trainer: Trainer, batches: int | None) -> None:
     ``gather_for_metrics`` and ``compute_metrics`` (stateful metrics are updated
     too), on every process alike. No observer hook runs, and the values, whatever
     a step logged included, are thrown away: no epoch mean, no metric, no
-    publication. Global random states are put back afterwards, so the check does
+    publication. A dataloader that is an iterator (a generator) is left out: its
+    batches would be gone. Global random states are put back afterwards, so the check does
     not change training. ``trainer.sanity_checking`` is true meanwhile, for a
     compute hook that keeps statistics of its own.
     """
-    loaders = trainer.eval_dataloaders
+    # An iterator is used up by what it yields: checking its first batches would take
+    # them from the validation they belong to.
+    loaders = [loader for loader in trainer.eval_dataloaders if not isinstance(loader, Iterator)]
     templates = trainer.metric_fns
     stateful = [EpochMetrics(templates, trainer.device, trainer.world_size) for _ in loaders]
     means = RunningMeans()
