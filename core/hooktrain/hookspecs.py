@@ -418,6 +418,8 @@ def forward_step(trainer: Trainer, batch: Any, batch_idx: int, stage: str) -> An
     for instance.
 
     :param stage: ``"train"``, ``"validate"``, ``"test"`` or ``"predict"``.
+        ``"validate"`` also before ``fit``'s first epoch, on the sanity check's
+        batches, with ``trainer.sanity_checking`` true.
     :return: for ``"train"``, the loss tensor or a mapping holding ``"loss"``; for
         evaluation, a loss tensor or a mapping: ``"outputs"`` and ``"targets"``
         (the loop then computes ``loss_fn`` and the metrics on them) and any other
