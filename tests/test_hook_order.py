@@ -63,21 +63,10 @@ EPOCH = [
     "log_metrics(scope='epoch')",
 ]
 
-# num_sanity_val_steps (2, within limit_val_batches=1): validation's compute hooks
-# alone, before training; no observer sees it.
-SANITY_CHECK = [
-    "batch_iterator(stage='validate')",
-    "transfer_batch_to_device()",
-    "forward_step(batch_idx=0, stage='validate')",
-    "gather_for_metrics()",
-    "compute_metrics(stage='validate')",
-]
-
 FIT = [
     "setup(stage='fit')",
     "prepare(stage='fit')",
     "on_fit_start()",
-    *SANITY_CHECK,
     *EPOCH,
     *EPOCH,
     "on_fit_end()",

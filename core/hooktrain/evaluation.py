@@ -8,9 +8,8 @@ processes once at its end.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,12 +22,11 @@ from hooktrain.metrics import (
     process_collectives,
     warn_if_metrics_unused,
 )
-from hooktrain.rng import fork_rng
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["STAGE_HOOKS", "concatenable", "evaluation_loop", "sanity_check"]
+__all__ = ["STAGE_HOOKS", "concatenable", "evaluation_loop"]
 
 #: The hooks each evaluation stage calls, and the prefix of its metric names.
 STAGE_HOOKS: dict[str, dict[str, str]] = {
@@ -64,8 +62,13 @@ def evaluation_loop(
     prefix = names["prefix"]
     on_start = getattr(hooks, names["start"])
     on_epoch_start = getattr(hooks, names["epoch_start"])
+    on_batch_start = getattr(hooks, names["batch_start"])
+    on_batch_end = getattr(hooks, names["batch_end"])
     on_epoch_end = getattr(hooks, names["epoch_end"])
     on_end = getattr(hooks, names["end"])
+    transfer = hooks.transfer_batch_to_device
+    forward = hooks.forward_step
+    gather = hooks.gather_for_metrics
     limit = trainer.limits[stage]
     trainer.num_eval_batches = [limited_length(loader, limit) for loader in loaders]
     means = RunningMeans()
@@ -73,88 +76,6 @@ def evaluation_loop(
     templates = trainer.metric_fns if stage != "predict" else {}
     stateful = [EpochMetrics(templates, trainer.device, trainer.world_size) for _ in loaders]
     predictions: list[Any] = []
-    with _evaluating(trainer, means, prefix):
-        if on_start is not None:
-            on_start(trainer=trainer)
-        if on_epoch_start is not None:
-            on_epoch_start(trainer=trainer)
-        _run_batches(
-            trainer,
-            stage,
-            loaders,
-            limit,
-            means,
-            stateful,
-            predictions,
-            getattr(hooks, names["batch_start"]),
-            getattr(hooks, names["batch_end"]),
-        )
-        # Every process, whether it saw batches or not: the reduction is collective.
-        collectives = process_collectives(trainer)
-        results = means.compute(collectives)
-        for loader_idx, metrics in enumerate(stateful):
-            suffix = loader_suffix(loader_idx, len(loaders))
-            for name, value in metrics.compute(collectives).items():
-                results.setdefault(prefix + name + suffix, value)
-        trainer.metrics.update_raw(results)
-        with trainer._logging_epoch_end() as logged:
-            if on_epoch_end is not None:
-                if stage == "predict":
-                    on_epoch_end(trainer=trainer, predictions=predictions)
-                else:
-                    on_epoch_end(trainer=trainer)
-            if on_end is not None:
-                on_end(trainer=trainer)
-        results.update({name: trainer.metrics.raw(name) for name in logged})
-    if stage == "predict":
-        return {"predictions": predictions}
-    warn_if_metrics_unused(trainer, results, prefix, stage)
-    trainer._publish(results, stage)
-    return results
-
-
-def sanity_check(trainer: Trainer, batches: int | None) -> None:
-    """Run the first ``batches`` batches (``None``: all) of every validation
-    dataloader through the compute hooks, and keep nothing.
-
-    A mistake that only validation meets (a batch that does not unpack, a
-    ``validation_step`` that fails, a metric given the wrong dtype) would
-    otherwise raise after the first training epoch, and a checkpoint written at
-    the epoch's end would not be written: this raises it before training, as
-    Lightning's ``num_sanity_val_steps`` does. Each batch goes through
-    ``transfer_batch_to_device``, ``forward_step(stage="validate")``,
-    ``gather_for_metrics`` and ``compute_metrics`` (stateful metrics are updated
-    too), on every process alike. No observer hook runs, and the values, whatever
-    a step logged included, are thrown away: no epoch mean, no metric, no
-    publication. A dataloader that is an iterator (a generator) is left out: its
-    batches would be gone. Global random states are put back afterwards, so the check does
-    not change training. ``trainer.sanity_checking`` is true meanwhile, for a
-    compute hook that keeps statistics of its own.
-    """
-    # An iterator is used up by what it yields: checking its first batches would take
-    # them from the validation they belong to.
-    loaders = [loader for loader in trainer.eval_dataloaders if not isinstance(loader, Iterator)]
-    templates = trainer.metric_fns
-    stateful = [EpochMetrics(templates, trainer.device, trainer.world_size) for _ in loaders]
-    means = RunningMeans()
-    # trainer.log stores and marks for publication too: what it did is undone.
-    values = {name: trainer.metrics.raw(name) for name in trainer.metrics}
-    logged = set(trainer._logged_since_publish)
-    trainer.sanity_checking = True
-    try:
-        with fork_rng(), _evaluating(trainer, means, STAGE_HOOKS["validate"]["prefix"]):
-            _run_batches(trainer, "validate", loaders, batches, means, stateful, [], None, None)
-    finally:
-        trainer.sanity_checking = False
-        trainer.metrics.clear()
-        trainer.metrics.update_raw(values)
-        trainer._logged_since_publish.intersection_update(logged)
-
-
-@contextlib.contextmanager
-def _evaluating(trainer: Trainer, means: RunningMeans, prefix: str) -> Iterator[None]:
-    """No gradients, every module in eval mode, and values logged going into
-    ``means``; the modes, and what the trainer logged into, are put back after."""
     modes = [(module, module.training) for module in trainer.model.modules()]
     trainer.model.eval()
     # A step-wise validation runs inside a training step: what values logged after
@@ -168,7 +89,61 @@ def _evaluating(trainer: Trainer, means: RunningMeans, prefix: str) -> Iterator[
     trainer._active_means, trainer._log_prefix = means, prefix
     try:
         with torch.no_grad():
-            yield
+            if on_start is not None:
+                on_start(trainer=trainer)
+            if on_epoch_start is not None:
+                on_epoch_start(trainer=trainer)
+            for loader_idx, loader in enumerate(loaders):
+                suffix = loader_suffix(loader_idx, len(loaders))
+                trainer._epoch_metrics = stateful[loader_idx]
+                iterable = hooks.batch_iterator(
+                    trainer=trainer, dataloader=loader, stage=stage, skip_batches=0
+                )
+                if limit is not None:
+                    iterable = itertools.islice(iterable, limit)
+                for batch_idx, batch in enumerate(iterable):
+                    batch = transfer(trainer=trainer, batch=batch, device=trainer.device)
+                    if on_batch_start is not None:
+                        on_batch_start(
+                            trainer=trainer,
+                            batch=batch,
+                            batch_idx=batch_idx,
+                            dataloader_idx=loader_idx,
+                        )
+                    trainer._batch_size = batch_size(batch)
+                    outputs = forward(
+                        trainer=trainer, batch=batch, batch_idx=batch_idx, stage=stage
+                    )
+                    trainer._batch_size = step_batch_size(outputs, trainer._batch_size)
+                    if stage == "predict":
+                        predictions.append(outputs)
+                    else:
+                        _accumulate(trainer, stage, means, prefix, suffix, outputs, gather)
+                    if on_batch_end is not None:
+                        on_batch_end(
+                            trainer=trainer,
+                            outputs=outputs,
+                            batch=batch,
+                            batch_idx=batch_idx,
+                            dataloader_idx=loader_idx,
+                        )
+            # Every process, whether it saw batches or not: the reduction is collective.
+            collectives = process_collectives(trainer)
+            results = means.compute(collectives)
+            for loader_idx, metrics in enumerate(stateful):
+                suffix = loader_suffix(loader_idx, len(loaders))
+                for name, value in metrics.compute(collectives).items():
+                    results.setdefault(prefix + name + suffix, value)
+            trainer.metrics.update_raw(results)
+            with trainer._logging_epoch_end() as logged:
+                if on_epoch_end is not None:
+                    if stage == "predict":
+                        on_epoch_end(trainer=trainer, predictions=predictions)
+                    else:
+                        on_epoch_end(trainer=trainer)
+                if on_end is not None:
+                    on_end(trainer=trainer)
+            results.update({name: trainer.metrics.raw(name) for name in logged})
     finally:
         (
             trainer._active_means,
@@ -178,55 +153,11 @@ def _evaluating(trainer: Trainer, means: RunningMeans, prefix: str) -> Iterator[
         ) = outer
         for module, training in modes:
             module.training = training
-
-
-def _run_batches(
-    trainer: Trainer,
-    stage: str,
-    loaders: Sequence[Iterable[Any]],
-    limit: int | None,
-    means: RunningMeans,
-    stateful: list[EpochMetrics],
-    predictions: list[Any],
-    on_batch_start: Any,
-    on_batch_end: Any,
-) -> None:
-    """Every batch of ``loaders`` (at most ``limit`` of each), through the compute
-    hooks and the given batch observers (``None``: none)."""
-    hooks = trainer._hooks
-    transfer = hooks.transfer_batch_to_device
-    forward = hooks.forward_step
-    gather = hooks.gather_for_metrics
-    prefix = STAGE_HOOKS[stage]["prefix"]
-    for loader_idx, loader in enumerate(loaders):
-        suffix = loader_suffix(loader_idx, len(loaders))
-        trainer._epoch_metrics = stateful[loader_idx]
-        iterable = hooks.batch_iterator(
-            trainer=trainer, dataloader=loader, stage=stage, skip_batches=0
-        )
-        if limit is not None:
-            iterable = itertools.islice(iterable, limit)
-        for batch_idx, batch in enumerate(iterable):
-            batch = transfer(trainer=trainer, batch=batch, device=trainer.device)
-            if on_batch_start is not None:
-                on_batch_start(
-                    trainer=trainer, batch=batch, batch_idx=batch_idx, dataloader_idx=loader_idx
-                )
-            trainer._batch_size = batch_size(batch)
-            outputs = forward(trainer=trainer, batch=batch, batch_idx=batch_idx, stage=stage)
-            trainer._batch_size = step_batch_size(outputs, trainer._batch_size)
-            if stage == "predict":
-                predictions.append(outputs)
-            else:
-                _accumulate(trainer, stage, means, prefix, suffix, outputs, gather)
-            if on_batch_end is not None:
-                on_batch_end(
-                    trainer=trainer,
-                    outputs=outputs,
-                    batch=batch,
-                    batch_idx=batch_idx,
-                    dataloader_idx=loader_idx,
-                )
+    if stage == "predict":
+        return {"predictions": predictions}
+    warn_if_metrics_unused(trainer, results, prefix, stage)
+    trainer._publish(results, stage)
+    return results
 
 
 def _accumulate(

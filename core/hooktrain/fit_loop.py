@@ -22,7 +22,7 @@ import torch
 from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, ResumeWarning
-from hooktrain.evaluation import evaluation_loop, sanity_check
+from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks, unexpected_result
 from hooktrain.metrics import process_collectives, warn_if_metrics_unused
 from hooktrain.optimization import (
@@ -63,7 +63,6 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
             trainer.restore_checkpoint(checkpoint)
     if hooks.on_fit_start is not None:
         hooks.on_fit_start(trainer=trainer)
-    _sanity_check(trainer)
     train_step = make_train_step(trainer, hooks)
     optimizer_step = make_optimizer_step(trainer, hooks)
     while _next_epoch(trainer):
@@ -271,19 +270,6 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
         if hooks.on_train_epoch_end is not None:
             hooks.on_train_epoch_end(trainer=trainer)
     trainer._publish(means.names() | set(epoch_values) | logged, "epoch")
-
-
-def _sanity_check(trainer: Trainer) -> None:
-    """``num_sanity_val_steps`` batches of each validation dataloader, within
-    ``limit_val_batches``, before training (`hooktrain.evaluation.sanity_check`)."""
-    limit = trainer.limits["validate"]
-    batches = trainer.num_sanity_val_steps
-    if batches == 0 or limit == 0 or not trainer.eval_dataloaders:
-        return
-    if batches == -1:
-        sanity_check(trainer, limit)
-    else:
-        sanity_check(trainer, batches if limit is None else min(batches, limit))
 
 
 def _validate(trainer: Trainer) -> set[str]:

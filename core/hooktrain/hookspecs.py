@@ -29,10 +29,6 @@ asserts exactly this sequence, and ``docs/hook-order.md`` shows it):
 * ``load_checkpoint``, ``set_state_dict`` and ``on_load_checkpoint`` (only with
   ``ckpt_path``)
 * ``on_fit_start``
-* the sanity check, with validation dataloaders: ``batch_iterator(stage="validate")``,
-  then for each of the first ``num_sanity_val_steps`` batches
-  ``transfer_batch_to_device``, ``forward_step(stage="validate")``,
-  ``gather_for_metrics`` and ``compute_metrics``; no observer hook, nothing kept
 * for each epoch:
 
   * ``on_train_epoch_start``
@@ -418,8 +414,6 @@ def forward_step(trainer: Trainer, batch: Any, batch_idx: int, stage: str) -> An
     for instance.
 
     :param stage: ``"train"``, ``"validate"``, ``"test"`` or ``"predict"``.
-        ``"validate"`` also before ``fit``'s first epoch, on the sanity check's
-        batches, with ``trainer.sanity_checking`` true.
     :return: for ``"train"``, the loss tensor or a mapping holding ``"loss"``; for
         evaluation, a loss tensor or a mapping: ``"outputs"`` and ``"targets"``
         (the loop then computes ``loss_fn`` and the metrics on them) and any other

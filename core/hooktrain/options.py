@@ -47,7 +47,6 @@ def check_options(
     val_every_n_steps: Any,
     limits: Mapping[str, Any],
     log_every_n_steps: Any,
-    num_sanity_val_steps: Any,
 ) -> None:
     """Refuse options that cannot run, before anything else happens.
 
@@ -57,8 +56,7 @@ def check_options(
         (``max_epochs``, ``accumulate_grad_batches``, ``check_val_every_n_epoch`` and
         ``log_every_n_steps`` >= 1; ``max_steps``, ``val_every_n_steps`` and
         ``limit_train_batches`` >= 1 or ``None``; the other limits >= 0 or ``None``), a
-        ``gradient_clip_val`` not > 0, a ``num_sanity_val_steps`` below -1, or
-        ``plugins`` that is not a list.
+        ``gradient_clip_val`` not > 0, or ``plugins`` that is not a list.
     """
     _require_int("max_epochs", max_epochs, minimum=1)
     _require_int("max_steps", max_steps, minimum=1, optional=True)
@@ -66,7 +64,6 @@ def check_options(
     _require_int("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
     _require_int("val_every_n_steps", val_every_n_steps, minimum=1, optional=True)
     _require_int("log_every_n_steps", log_every_n_steps, minimum=1)
-    _require_int("num_sanity_val_steps", num_sanity_val_steps, minimum=-1)
     for stage, value in limits.items():
         # No training batch at all would end the first epoch with "yielded no batches".
         minimum = 1 if stage == "train" else 0

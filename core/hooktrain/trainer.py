@@ -65,10 +65,6 @@ class Trainer:
         every N optimizer steps.
     :param check_finite_every_step: check the loss every step (one device sync per
         step) instead of every ``log_every_n_steps``.
-    :param num_sanity_val_steps: validation batches of each dataloader that ``fit``
-        runs through the compute hooks before training, keeping nothing, so that a
-        mistake only validation meets raises before the first epoch (as Lightning's
-        option of that name); ``-1``: every batch; ``0``: no check.
     """
 
     def __init__(
@@ -89,7 +85,6 @@ class Trainer:
         limit_predict_batches: int | None = None,
         log_every_n_steps: int = 50,
         check_finite_every_step: bool = False,
-        num_sanity_val_steps: int = 2,
     ) -> None:
         limits = {
             "train": limit_train_batches,
@@ -107,7 +102,6 @@ class Trainer:
             val_every_n_steps=val_every_n_steps,
             limits=limits,
             log_every_n_steps=log_every_n_steps,
-            num_sanity_val_steps=num_sanity_val_steps,
         )
         self.max_epochs = max_epochs
         self.max_steps = max_steps
@@ -119,7 +113,6 @@ class Trainer:
         self.limits = limits
         self.log_every_n_steps = log_every_n_steps
         self.check_finite_every_step = check_finite_every_step
-        self.num_sanity_val_steps = num_sanity_val_steps
         self.device = resolve_device(device)
 
         #: pluggy's manager; ``plugin_manager.hook.<name>(trainer=..., ...)`` calls a hook.
@@ -172,8 +165,6 @@ class Trainer:
         #: Whether the current micro-batch completes a gradient-accumulation window.
         self.sync_gradients = True
         self.last_step_skipped = False
-        #: True while ``fit``'s sanity check runs validation's compute hooks.
-        self.sanity_checking = False
         self.global_rank = 0
         self.world_size = 1
         self.stage: str | None = None

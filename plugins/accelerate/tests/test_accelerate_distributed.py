@@ -152,9 +152,8 @@ def test_two_processes_train_like_one_with_the_global_batch(plain_run) -> None:
         assert_weights_close(report, reference_model)
         # Metrics are the global ones: equal on both ranks and to one process's.
         assert report["metrics"] == pytest.approx(reference.metrics.floats(), abs=1e-6)
-        # 20 validation samples per run, twice, and in the sanity check before training
-        # (its two batches a process hold the whole set): the padding was dropped.
-        assert report["gathered_eval_samples"] == 3 * N_VAL
+        # 20 validation samples per run, twice: the padding was dropped.
+        assert report["gathered_eval_samples"] == 2 * N_VAL
     assert [r["rank"] for r in reports] == [0, 1]
     assert reports[0]["weights"] == reports[1]["weights"]
 
@@ -423,8 +422,7 @@ def test_whole_epoch_metrics_in_two_processes_equal_one_process_and_resume_exact
             assert metrics[name] == pytest.approx(reference.metrics[name], abs=1e-5), name
         for name, value in expected.items():
             assert metrics[name] == pytest.approx(value, abs=1e-5), name
-        # Two validations and the sanity check (two batches a process: the whole set).
-        assert report["gathered_eval_samples"] == 3 * N_VAL
+        assert report["gathered_eval_samples"] == 2 * N_VAL
         # Stopped 2 steps into the second epoch; every process restored its own
         # running means and metric states, so the resumed epoch's values are the
         # whole epoch's (with rank 0's loaded on both, the loss mean was not).

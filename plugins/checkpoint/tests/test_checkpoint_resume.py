@@ -454,14 +454,13 @@ def test_sigterm_handler_is_restored_after_fit(tmp_path: Path) -> None:
 
 def sigterm_at_step(step: int) -> Any:
     """A loss function that sends this process SIGTERM while computing the loss of
-    the ``step``-th training batch: a signal in the middle of a step, with no plugin
-    hook per step (the core's own batch loop stays in use). Validation's calls (the
-    sanity check's before training, without gradients) are not counted."""
+    the ``step``-th batch: a signal in the middle of a step, with no plugin hook per
+    step (the core's own batch loop stays in use)."""
     calls = 0
 
     def loss_fn(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         nonlocal calls
-        calls += torch.is_grad_enabled()
+        calls += 1
         if calls == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return F.cross_entropy(predicted, targets)
