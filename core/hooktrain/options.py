@@ -25,6 +25,7 @@ __all__ = [
     "resolve_device",
     "trainer_hparams",
     "warn_if_max_steps_unreachable",
+    "why_fit_never_validates",
 ]
 
 # The option that sets each stage's ``trainer.limits`` entry.
@@ -129,24 +130,36 @@ def check_metrics(metrics: Any) -> None:
             )
 
 
+def why_fit_never_validates(trainer: Trainer) -> str | None:
+    """Why this fit's configuration never computes a validation metric, in words
+    that end a sentence ("... but <why>"); ``None`` when it validates. For a check
+    that refuses, before training, a monitor of a ``val_*`` metric (the core's LR
+    schedulers, the ``early_stopping`` plugin)."""
+    if not trainer.eval_dataloaders:
+        return "fit() was given no val_dataloaders"
+    if trainer.limits["validate"] == 0:
+        return "limit_val_batches=0 leaves every validation empty"
+    if trainer.val_every_n_steps is None and trainer.check_val_every_n_epoch > trainer.max_epochs:
+        return (
+            f"validation never runs (check_val_every_n_epoch="
+            f"{trainer.check_val_every_n_epoch} exceeds max_epochs={trainer.max_epochs} "
+            f"and val_every_n_steps is not set)"
+        )
+    return None
+
+
 def check_monitors(trainer: Trainer) -> None:
     """Refuse, before training, a scheduler monitoring a validation metric that
     this run's configuration never computes."""
-    validates = (
-        bool(trainer.eval_dataloaders)
-        and trainer.limits["validate"] != 0
-        and (
-            trainer.val_every_n_steps is not None
-            or trainer.check_val_every_n_epoch <= trainer.max_epochs
-        )
-    )
+    why = why_fit_never_validates(trainer)
+    if why is None:
+        return
     for entry in trainer._schedulers:
-        if entry.monitor and entry.monitor.startswith("val_") and not validates:
+        if entry.monitor and entry.monitor.startswith("val_"):
             raise ConfigurationError(
-                f"an LR scheduler monitors {entry.monitor!r}, a validation metric, but this "
-                f"fit never validates (no val_dataloaders, limit_val_batches=0, or "
-                f"check_val_every_n_epoch > max_epochs): pass them, or monitor a training "
-                f"metric"
+                f"an LR scheduler monitors {entry.monitor!r}, a validation metric, but {why}: "
+                f"it would never step. Validate (pass val_dataloaders, validate more often), "
+                f"or monitor a training metric"
             )
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
+from hooktrain.options import why_fit_never_validates
 
 if TYPE_CHECKING:
     from hooktrain import Trainer
@@ -241,20 +242,7 @@ class EarlyStopping:
         validates: every epoch would pass unjudged, without a word."""
         if not self.monitor.startswith("val_"):
             return  # any other name may be logged by anyone; the first check tells
-        why = None
-        if not trainer.eval_dataloaders:
-            why = "fit() was given no val_dataloaders"
-        elif trainer.limits["validate"] == 0:
-            why = "limit_val_batches=0 leaves every validation empty"
-        elif (
-            trainer.val_every_n_steps is None
-            and trainer.check_val_every_n_epoch > trainer.max_epochs
-        ):
-            why = (
-                f"validation never runs (check_val_every_n_epoch="
-                f"{trainer.check_val_every_n_epoch} exceeds max_epochs={trainer.max_epochs} "
-                f"and val_every_n_steps is not set)"
-            )
+        why = why_fit_never_validates(trainer)
         if why is not None:
             from hooktrain import ConfigurationError
 
