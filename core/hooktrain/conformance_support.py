@@ -125,9 +125,7 @@ def weight_differences(
         if not torch.equal(value, other):
             gap = (value.double() - other.double()).abs().max().item()
             differing.append(f"{name}: largest difference {gap:.3g}")
-    if len(differing) > 3:
-        differing = [*differing[:3], f"and {len(differing) - 3} more"]
-    return "; ".join(differing)
+    return _first_three(differing)
 
 
 def metric_differences(
@@ -161,6 +159,11 @@ def metric_differences(
         if not math.isclose(value, actual[name], rel_tol=1e-6, abs_tol=1e-12)
         and not (math.isnan(value) and math.isnan(actual[name]))
     ]
+    return _first_three(differing)
+
+
+def _first_three(differing: list[str]) -> str:
+    """The first three differences, and how many more there are."""
     if len(differing) > 3:
         differing = [*differing[:3], f"and {len(differing) - 3} more"]
     return "; ".join(differing)
