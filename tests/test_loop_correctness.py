@@ -188,6 +188,47 @@ def test_a_plateau_scheduler_without_validation_fails_before_training(validation
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+class StepPlateauModel(nn.Module):
+    """A plateau scheduler stepped every optimizer step on the training loss; it
+    records what it was given, and the model records each step's loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 2)
+        self.losses: list[float] = []
+        self.given: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        loss = F.cross_entropy(self.layer(inputs), targets)
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        given = self.given
+
+        class Recorded(torch.optim.lr_scheduler.ReduceLROnPlateau):
+            def step(self, metrics, *args, **kwargs):
+                given.append(float(metrics))
+                return super().step(metrics, *args, **kwargs)
+
+        scheduler = {"scheduler": Recorded(optimizer), "interval": "step", "monitor": "loss"}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def test_a_step_wise_scheduler_monitoring_the_loss_gets_that_steps_loss():
+    # The loss was set after the optimizer step: the first step failed ("never
+    # logged"), and on a trainer that had fitted before, each step got the last one's.
+    train, _ = make_data(n=48, batch_size=16)
+    trainer = Trainer(plugins=[], max_epochs=2, device="cpu")
+    trainer.fit(make_model(), train, loss_fn=F.cross_entropy, optimizer=sgd())
+    model = StepPlateauModel()
+    trainer.fit(model, train)
+    assert len(model.given) == 6
+    assert model.given == pytest.approx(model.losses)
+
+
 # ---------------------------------------------------------------- 5. predictions
 
 

@@ -164,12 +164,14 @@ def _train_epoch(
         trainer._batch_size = batch_size(batch)
         outputs, loss = train_step(batch, batch_idx)
         trainer._batch_size = size = step_batch_size(outputs, trainer._batch_size)
-        if sync:
-            optimizer_step(window)
-            window = 0
+        # Before the optimizer step: a step-wise scheduler monitoring "loss" is
+        # stepped there, with this step's loss.
         detached = loss.detach()
         means.add("loss", detached, size)
         metrics.set("loss", detached)
+        if sync:
+            optimizer_step(window)
+            window = 0
         if metric_fns and type(outputs) is dict and "outputs" in outputs and "targets" in outputs:
             _add_metric_values(trainer, hooks, outputs["outputs"], outputs["targets"])
         batch_idx += 1
