@@ -234,3 +234,82 @@ def test_a_value_logged_after_a_step_wise_validation_weighs_by_the_training_batc
     )
     assert logger.sizes == [16, 16, 8]
     assert trainer.metrics["index"] == pytest.approx((0 * 16 + 1 * 16 + 2 * 8) / 40)
+
+
+class LogsInValidationBatches:
+    """Logs the mean of each validation batch's inputs, as a model's
+    ``validation_step`` calling ``trainer.log`` would."""
+
+    name = "logs_in_validation_batches"
+
+    @hookimpl
+    def on_validation_batch_end(self, trainer, batch):
+        trainer.log("mean_input", batch[0].mean())
+
+
+def test_a_value_logged_in_validation_is_never_published_as_a_training_step():
+    # It was added to the names the next training log point publishes: loggers
+    # got val_mean_input as a "step" value at a step where no validation ran, and
+    # a validate() before fit leaked it into the fit's first step.
+    publications = Publications()
+    train, val = make_data(n=48, batch_size=16)
+    trainer = Trainer(
+        plugins=[LogsInValidationBatches(), publications],
+        max_epochs=2,
+        log_every_n_steps=1,
+        device="cpu",
+    )
+    trainer.validate(make_model(), val, loss_fn=F.cross_entropy)
+    trainer.fit(
+        make_model(),
+        train,
+        val,
+        loss_fn=F.cross_entropy,
+        optimizer=lambda p: torch.optim.SGD(p, 0.1),
+    )
+    validations = [step for step, scope, m in publications.seen if "val_mean_input" in m]
+    assert validations == [0, 3, 6]
+    assert [scope for _, scope, m in publications.seen if "val_mean_input" in m] == ["validate"] * 3
+    steps = [step for step, scope, _ in publications.seen if scope == "step"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_value_logged_in_validation_is_kept_per_dataloader():
+    # With two loaders it was pooled into one val_mean_input, where the values a
+    # step returns are kept apart with /dataloader_idx_<i>.
+    zeros = [(torch.zeros(5, 8), torch.zeros(5, dtype=torch.long))] * 2
+    ones = [(torch.ones(5, 8), torch.zeros(5, dtype=torch.long))] * 6
+    result = Trainer(plugins=[LogsInValidationBatches()], device="cpu").validate(
+        make_model(), [zeros, ones], loss_fn=F.cross_entropy
+    )
+    assert result["val_mean_input/dataloader_idx_0"] == 0.0
+    assert result["val_mean_input/dataloader_idx_1"] == 1.0
+    assert "val_mean_input" not in result
+
+
+class LogsUntilTurnedOff:
+    name = "logs_until_turned_off"
+    on = True
+
+    @hookimpl
+    def on_train_batch_end(self, trainer, batch_idx):
+        if self.on:
+            trainer.log("index", float(batch_idx))
+
+
+def test_a_value_logged_after_a_fits_last_log_point_does_not_reach_the_next_fit():
+    # Logged at step 3 of 3 with a log point every 2 steps, it waited for a
+    # publication; the next fit on the same trainer published its stale value.
+    publications = Publications()
+    logs = LogsUntilTurnedOff()
+    train, _ = make_data(n=48, batch_size=16)
+    trainer = Trainer(plugins=[logs, publications], log_every_n_steps=2, device="cpu")
+    fit = {"loss_fn": F.cross_entropy, "optimizer": lambda p: torch.optim.SGD(p, 0.1)}
+    trainer.fit(make_model(), train, **fit)
+    logs.on = False
+    del publications.seen[:]
+    trainer.fit(make_model(), train, **fit)
+    assert [(step, scope, sorted(m)) for step, scope, m in publications.seen] == [
+        (2, "step", ["loss"]),
+        (3, "epoch", ["loss"]),
+    ]

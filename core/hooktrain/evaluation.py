@@ -80,13 +80,17 @@ def evaluation_loop(
     trainer.model.eval()
     # A step-wise validation runs inside a training step: what values logged after
     # it (``on_train_batch_end``) go into, and weigh by, is the training batch's.
+    # Values logged here belong to this stage's results, never to the training
+    # step's next publication: they get a set of their own.
     outer = (
         trainer._active_means,
         trainer._log_prefix,
         trainer._epoch_metrics,
         trainer._batch_size,
+        trainer._logged_since_publish,
     )
     trainer._active_means, trainer._log_prefix = means, prefix
+    trainer._logged_since_publish = set()
     try:
         with torch.no_grad():
             if on_start is not None:
@@ -94,7 +98,7 @@ def evaluation_loop(
             if on_epoch_start is not None:
                 on_epoch_start(trainer=trainer)
             for loader_idx, loader in enumerate(loaders):
-                suffix = loader_suffix(loader_idx, len(loaders))
+                suffix = trainer._log_suffix = loader_suffix(loader_idx, len(loaders))
                 trainer._epoch_metrics = stateful[loader_idx]
                 iterable = hooks.batch_iterator(
                     trainer=trainer, dataloader=loader, stage=stage, skip_batches=0
@@ -127,6 +131,7 @@ def evaluation_loop(
                             batch_idx=batch_idx,
                             dataloader_idx=loader_idx,
                         )
+            trainer._log_suffix = ""  # the epoch-end hooks log for every loader at once
             # Every process, whether it saw batches or not: the reduction is collective.
             collectives = process_collectives(trainer)
             results = means.compute(collectives)
@@ -150,7 +155,9 @@ def evaluation_loop(
             trainer._log_prefix,
             trainer._epoch_metrics,
             trainer._batch_size,
+            trainer._logged_since_publish,
         ) = outer
+        trainer._log_suffix = ""
         for module, training in modes:
             module.training = training
     if stage == "predict":

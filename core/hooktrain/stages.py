@@ -60,6 +60,8 @@ def run_stage(trainer: Trainer, stage: str, body: Callable[[], Any]) -> Any:
             print(f"hooktrain: teardown raised after an error: {exc!r}", file=sys.stderr)
         trainer._active_means = None
         trainer._log_prefix = ""
+        # Names logged after the stage's last publication have no later one to go to.
+        trainer._logged_since_publish.clear()
 
 
 def explain(trainer: Trainer, exc: BaseException) -> BaseException:

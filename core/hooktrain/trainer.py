@@ -184,6 +184,9 @@ class Trainer:
         self._last_validation: set[str] = set()
         self._warned_length = False
         self._log_prefix = ""
+        # An evaluation's per-dataloader suffix ("/dataloader_idx_1") while its
+        # batches run, so that values logged there stay apart like returned ones.
+        self._log_suffix = ""
         self._active_means: RunningMeans | None = None
         self._train_means = RunningMeans()
         # Stateful metrics (torchmetrics) of the training epoch, and of the stage or
@@ -216,7 +219,11 @@ class Trainer:
 
         Inside a batch the value also joins the epoch's batch-size-weighted mean;
         inside validation or test the name gets the ``val_`` / ``test_`` prefix
-        unless it already has it. ``trainer.metrics[name]`` returns the latest value.
+        unless it already has it, and, with several dataloaders, a value logged
+        during dataloader ``i``'s batches gets the suffix ``/dataloader_idx_i``, as
+        the step's returned values do. ``trainer.metrics[name]`` returns the latest
+        value. A value logged in validation or test is published with that stage's
+        results, not with the next training step's.
         A value logged in a stage's epoch-end hooks (``on_train_epoch_end``,
         ``on_validation_epoch_end``, ``on_validation_end``...) belongs to that epoch:
         it is published with it and returned by ``validate``/``test``.
@@ -235,9 +242,11 @@ class Trainer:
             raise ConfigurationError(
                 f"trainer.log({name!r}, ...) needs a number or a tensor, got {type(value).__name__}"
             )
-        prefix = self._log_prefix
+        prefix, suffix = self._log_prefix, self._log_suffix
         if prefix and not name.startswith(prefix):
             name = prefix + name
+        if suffix and not name.endswith(suffix):
+            name += suffix
         self.metrics.set(name, value)
         if self._epoch_end_logs is not None:
             self._epoch_end_logs.add(name)
