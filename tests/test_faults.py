@@ -78,9 +78,35 @@ def test_a_rank_the_run_does_not_have_is_refused_when_the_stage_starts() -> None
         run([fault, TwoProcesses()], max_epochs=1, record=False)
 
 
-def test_another_ranks_fault_does_not_fire_here() -> None:
+def test_a_rank_the_run_does_not_have_is_refused_on_one_process_too() -> None:
+    # It was checked only with several processes: alone, the fault never fired and
+    # nothing said so (the "never fired" notice is printed by the fault's rank).
     fault = ("faults", {"hook": "on_train_batch_end", "step": 1, "fault": "exception", "rank": 1})
-    assert run([fault], max_epochs=1, record=False).trainer.global_step == 8
+    with pytest.raises(HookError, match="rank=1, but the run has 1 processes"):
+        run([fault], max_epochs=1, record=False)
+
+
+def test_another_ranks_fault_does_not_fire_here() -> None:
+    from hooktrain import hookimpl
+
+    class FirstOfTwo:
+        # This process as rank 0 of two, whose twin (rank 1) sees exactly what it
+        # sees: no second process is needed to see that rank 1's fault leaves this
+        # one alone.
+        @hookimpl
+        def setup(self, trainer):
+            trainer.world_size = 2
+
+        @hookimpl
+        def all_reduce(self, tensor):
+            return tensor * 2
+
+        @hookimpl
+        def all_gather_object(self, obj):
+            return [obj, obj]
+
+    fault = ("faults", {"hook": "on_train_batch_end", "step": 1, "fault": "exception", "rank": 1})
+    assert run([fault, FirstOfTwo()], max_epochs=1, record=False).trainer.global_step == 8
 
 
 # A user's training script, unchanged between the runs: the fault comes from outside

@@ -151,7 +151,7 @@ class Faults:
     @hookimpl(trylast=True)
     def setup(self, trainer: Trainer) -> None:
         # trylast: after every plugin that sets the world size (accelerate) has.
-        if trainer.world_size > 1 and self.rank >= trainer.world_size:
+        if self.rank >= trainer.world_size:
             raise ConfigurationError(
                 f"faults: rank={self.rank}, but the run has {trainer.world_size} processes"
             )
