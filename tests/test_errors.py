@@ -131,6 +131,15 @@ def test_empty_dataloader():
         fit(loader=empty)
 
 
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+@pytest.mark.parametrize("loaders", [None, [], ()])
+def test_an_evaluation_without_dataloaders_asks_for_one(stage, loaders):
+    # An empty list was taken for one loader and blamed as an empty dataset.
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    with pytest.raises(ConfigurationError, match=rf"^{stage}\(\) needs at least one dataloader$"):
+        getattr(trainer, stage)(make_model(), loaders)
+
+
 def test_unsized_iterable_that_yields_nothing():
     class Nothing(IterableDataset):
         def __iter__(self):

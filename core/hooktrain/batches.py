@@ -334,14 +334,14 @@ def check_loader(what: str, loader: Any) -> None:
 
 
 def loader_list(what: str, loaders: Any) -> list[Iterable[Any]]:
-    """``loaders`` as a list of dataloaders: ``None`` gives none, one loader gives
-    a list of one, a list or tuple of loaders is copied; each is checked with
-    `check_loader`.
+    """``loaders`` as a list of dataloaders: ``None`` or an empty list or tuple gives
+    none, one loader gives a list of one, a list or tuple of loaders is copied; each
+    is checked with `check_loader`.
 
     :raises ConfigurationError: for a dict of dataloaders (Lightning accepts one;
         here the names would be lost), or anything `check_loader` refuses.
     """
-    if loaders is None:
+    if loaders is None or (isinstance(loaders, list | tuple) and not loaders):
         return []
     if isinstance(loaders, Mapping) and any(
         isinstance(v, Iterable) and not isinstance(v, torch.Tensor) for v in loaders.values()
