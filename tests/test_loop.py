@@ -93,6 +93,40 @@ def test_gradient_clipping_logs_the_norm_and_clips():
     assert max(seen) <= 0.01 * 1.0001
 
 
+class TwoHalves(nn.Module):
+    """A model trained by two optimizers, one per layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_model()
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.net[i].parameters(), lr=0.1) for i in (0, 2)]
+
+
+def test_with_several_optimizers_grad_norm_is_one_value_a_step_over_every_parameter():
+    # Each optimizer's norm was logged under the one name: the step's value was the
+    # last optimizer's and the epoch's mean mixed the optimizers' norms.
+    norms = []
+
+    class Unclipped:
+        @hookimpl
+        def on_before_optimizer_step(self, trainer, optimizer):
+            if optimizer is trainer.optimizers[0]:
+                norms.append([])
+            norms[-1].extend(p.grad for g in optimizer.param_groups for p in g["params"])
+
+    train, _ = make_data(n=64)  # 4 batches of 16
+    trainer = hooktrain.Trainer(plugins=[Unclipped()], gradient_clip_val=1e9, device="cpu")
+    trainer.fit(TwoHalves(), train)
+    totals = [torch.nn.utils.get_total_norm(grads).item() for grads in norms]
+    assert [len(grads) for grads in norms] == [4] * 4  # both layers' weights and biases
+    assert trainer.metrics["grad_norm"] == pytest.approx(sum(totals) / 4, rel=1e-6)
+
+
 class LightningStyle(nn.Module):
     def __init__(self, scheduler="step"):
         super().__init__()

@@ -449,7 +449,8 @@ def clip_gradients(
 
     The default clips the optimizer's parameters' gradients to ``max_norm`` with
     ``torch.nn.utils.clip_grad_norm_`` and returns the total norm, which the core
-    logs as ``grad_norm``.
+    logs as ``grad_norm`` once a step (with several optimizers, the 2-norm of their
+    norms: the norm over every parameter, each group clipped on its own).
 
     :return: the gradient norm before clipping (a tensor), or ``None`` to defer.
     """

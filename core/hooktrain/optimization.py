@@ -214,6 +214,7 @@ def make_optimizer_step(trainer: Trainer, hooks: ResolvedHooks) -> Callable[[int
         if micro_batches != accumulate:
             _scale_gradients(optimizers, accumulate / micro_batches)
         stepped_all = True
+        norms = []
         for optimizer in optimizers:
             if unscale is not None:
                 unscale(trainer=trainer, optimizer=optimizer)
@@ -222,7 +223,7 @@ def make_optimizer_step(trainer: Trainer, hooks: ResolvedHooks) -> Callable[[int
             if clip is not None:
                 norm = clip_gradients(trainer=trainer, optimizer=optimizer, max_norm=clip)
                 if norm is not None:
-                    trainer.log("grad_norm", norm)
+                    norms.append(norm)
             stepped = step(trainer=trainer, optimizer=optimizer)
             if stepped is not True:
                 if stepped is not False:
@@ -230,6 +231,10 @@ def make_optimizer_step(trainer: Trainer, hooks: ResolvedHooks) -> Callable[[int
                         trainer.plugin_manager, "optimizer_step", stepped, "True or False"
                     )
                 stepped_all = False
+        if norms:
+            # One value a step, over every optimizer's parameters, as with one.
+            total = norms[0] if len(norms) == 1 else sum(n**2 for n in norms) ** 0.5
+            trainer.log("grad_norm", total)
         trainer.last_step_skipped = not stepped_all
         if stepped_all:
             for entry in step_schedulers:
