@@ -10,11 +10,16 @@ At every optimizer step where the trainer publishes (``global_step`` a multiple 
 ``log_every_n_steps``) it logs, with ``trainer.log``:
 
 * ``lr``: the first optimizer's first parameter group; with more optimizers or
-  groups, also ``lr/<optimizer index>/<group index>`` for each;
+  groups, also ``lr/<optimizer index>/<group index>`` for each. Read in
+  ``on_before_optimizer_step``: the rate the step trained with, before a
+  step-wise LR scheduler changes it for the next step;
 * ``grad_norm``: the total 2-norm of the gradients of every optimizer's
   parameters, read in ``on_before_optimizer_step`` (after a precision plugin
   unscaled them, before ``gradient_clip_val`` clips them; with gradient
-  accumulation, the whole window's gradients), and computed only at those steps;
+  accumulation, the whole window's gradients), and computed only at those steps.
+  With ``gradient_clip_val`` the trainer itself logs this same norm at every
+  step, so the monitor leaves it to the trainer: logging it twice at a publish
+  step would count that step twice in the epoch's mean ``grad_norm``;
 * ``samples_per_sec`` and ``steps_per_sec``: training samples (over every process)
   and optimizer steps per second since the previous publish point, validation
   inside ``fit`` excluded;
@@ -89,6 +94,8 @@ class Monitor:
         self._steps = 0
         self._norm_step = -1
         self._squared_norm: torch.Tensor | None = None
+        self._rates_step = -1
+        self._rates: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return (
@@ -103,8 +110,16 @@ class Monitor:
     @hookimpl
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step + 1  # the step this optimizer is about to take
-        if not self.grad_norm or step % trainer.log_every_n_steps:
+        if step % trainer.log_every_n_steps:
             return
+        if self.lr and self._rates_step != step:
+            # Before any optimizer of this step has stepped: schedulers step after
+            # them all, so every group still holds the rate this step uses.
+            self._rates_step, self._rates = step, _learning_rates(trainer.optimizers)
+        if self.grad_norm and trainer.gradient_clip_val is None:
+            self._add_norm(optimizer, step)
+
+    def _add_norm(self, optimizer: torch.optim.Optimizer, step: int) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return
@@ -144,9 +159,10 @@ class Monitor:
     def _log(self, trainer: Trainer) -> None:
         # trainer.log puts each value into trainer.metrics and into this step's
         # publication, so every logger receives it.
-        if self.lr:
-            for name, value in _learning_rates(trainer.optimizers).items():
+        if self._rates_step == trainer.global_step:
+            for name, value in self._rates.items():
                 trainer.log(name, value)
+        self._rates = {}
         if self._squared_norm is not None and self._norm_step == trainer.global_step:
             trainer.log("grad_norm", self._squared_norm.sqrt())
         self._squared_norm = None
@@ -177,6 +193,8 @@ def _learning_rates(optimizers: list[torch.optim.Optimizer]) -> dict[str, Any]:
     ]
     if not groups:
         return {}
+    # A tensor rate is copied: a scheduler updates it in place.
+    groups = [(i, j, lr.clone() if isinstance(lr, torch.Tensor) else lr) for i, j, lr in groups]
     rates = {"lr": groups[0][2]}
     if len(groups) > 1:
         rates.update({f"lr/{i}/{j}": lr for i, j, lr in groups})

@@ -194,8 +194,44 @@ def test_a_scheduled_learning_rate_is_published_as_it_is_at_each_step(hooktrain_
             return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     trainer.fit(Scheduled(), train)
-    # Published after each step's scheduler step: 0.5, 0.25, ...
-    assert [m["lr"] for _, m in published(recorder)] == [0.5, 0.25, 0.125, 0.0625]
+    # The rate each step trained with, as Lightning's LearningRateMonitor and the
+    # TensorBoard plugin's lr/group_0 give it; read at the step's end, it was the
+    # next step's rate (0.5, 0.25, ...).
+    assert [m["lr"] for _, m in published(recorder)] == [1.0, 0.5, 0.25, 0.125]
+
+
+class GradNormEveryStep:
+    """The reference for an epoch's mean: every step's norm before clipping, and
+    its batch's size."""
+
+    name = "grad-norm-every-step"
+
+    def __init__(self) -> None:
+        self.norms: list[tuple[float, int]] = []
+
+    @hookimpl
+    def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad.flatten() for g in optimizer.param_groups for p in g["params"]]
+        self.norms.append((torch.cat(grads).norm().item(), trainer._batch_size))
+
+
+def test_with_clipping_the_epoch_mean_gradient_norm_counts_each_step_once(hooktrain_run) -> None:
+    # The core logs the clipping norm at every step; the monitor logged the same
+    # norm again at publish steps, which the epoch's mean then counted twice.
+    reference = GradNormEveryStep()
+    train, val = make_data(n=120)  # batches of 16, the last of 8
+    result = hooktrain_run(
+        [reference, Monitor()],
+        max_epochs=1,
+        log_every_n_steps=2,
+        gradient_clip_val=1e9,
+        data=(train, val),
+    )
+    assert [size for _, size in reference.norms] == [16] * 7 + [8]
+    mean = sum(n * size for n, size in reference.norms) / 120
+    assert result.trainer.metrics["grad_norm"] == pytest.approx(mean, rel=1e-6)
+    for step, metrics in published(result.recorder):
+        assert metrics["grad_norm"] == pytest.approx(reference.norms[step - 1][0], rel=1e-6)
 
 
 @pytest.mark.parametrize(
