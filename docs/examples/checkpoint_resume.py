@@ -16,7 +16,8 @@ from hooktrain.testing import make_data
 def train(max_epochs: int) -> tuple[hooktrain.Trainer, ModelCheckpoint]:
     checkpoint = ModelCheckpoint(
         dirpath="checkpoints",
-        every_n_train_steps=5,  # mid-epoch too; resumes at the exact batch
+        every_n_train_steps=5,  # last.ckpt mid-epoch too; resumes at the exact batch
+        every_n_epochs=1,  # and after each epoch's validation, ranked by it
         monitor="val_loss",
         mode="min",
         save_top_k=2,  # the two best by val_loss, plus last.ckpt

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,10 +23,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ModelCheckpoint", "StepSaver"]
 
-#: A checkpoint whose model, with three times its parameters' bytes, stays under this
-#: many bytes is encoded on the training thread and only written in the background.
-INLINE_ENCODE_LIMIT = 4 << 20
-
 
 class ModelCheckpoint:
     """Saves checkpoints atomically and resumes from them exactly.
@@ -42,7 +39,8 @@ class ModelCheckpoint:
         name that a kept checkpoint has already gets ``-v1``, ``-v2``...: a kept
         checkpoint is overwritten only by a save of its own global step (at the
         epoch's end, after a step-wise save of its last batch).
-    :param monitor: the metric that ranks checkpoints; ``None`` ranks by recency.
+    :param monitor: the metric that ranks checkpoints; ``None`` ranks by recency. A
+        ``val_*`` metric ranks only saves of the weights it was computed on.
     :param mode: ``"min"`` or ``"max"``: which values of ``monitor`` are better.
     :param save_top_k: how many ranked checkpoints to keep; ``-1`` keeps every
         one, ``0`` none (only ``last``).
@@ -138,6 +136,9 @@ class ModelCheckpoint:
         # The global step of each file in best_k_models: a second ranked save of one
         # step (at the epoch's end after its last batch) replaces its own file.
         self._kept_steps: dict[str, int] = {}
+        # The global step whose weights the last validation inside fit saw: a
+        # val_* score ranks only a checkpoint of those weights.
+        self._validated_step = -1
         self._saved_progress: tuple[Any, ...] | None = None
         self._warned_monitor = False
         self._loaded_from: str | None = None
@@ -183,6 +184,15 @@ class ModelCheckpoint:
             self._step_saver = saver  # only once registered: teardown unregisters it
         result = yield
         if stage == "fit":
+            # Steps count from 0 again in a new fit: its step N holds other weights
+            # than an earlier fit's (a resumed fit gets its own back when loading).
+            self._kept_steps = {}
+            self._validated_step = -1
+            never = topk.never_ranked_message(
+                self.monitor, self.every_n_epochs, trainer.val_every_n_steps
+            )
+            if never is not None and self.save_top_k != 0 and trainer.is_global_zero:
+                warnings.warn(never, stacklevel=2)
             self._inline = None
             self.interrupted = False
             self._sigterm = SigtermWatch()
@@ -239,6 +249,11 @@ class ModelCheckpoint:
         every = self.every_n_epochs
         if every is not None and (trainer.current_epoch + 1) % every == 0:
             self._save(trainer, ranked=True)
+
+    @hookimpl
+    def on_validation_end(self, trainer: Trainer) -> None:
+        if trainer.stage == "fit":
+            self._validated_step = trainer.global_step
 
     @hookimpl
     def on_fit_end(self, trainer: Trainer) -> None:
@@ -303,6 +318,10 @@ class ModelCheckpoint:
     def _score(self, trainer: Trainer) -> float | None:
         if self.monitor is None:
             return float(trainer.global_step)
+        if self.monitor.startswith("val_") and self._validated_step != trainer.global_step:
+            # These weights were not validated (an epoch that skips validation, a
+            # step between validations): the value is older weights'.
+            return None
         metrics = trainer.metrics
         if self.monitor in metrics:
             return float(metrics[self.monitor])
@@ -422,12 +441,8 @@ class ModelCheckpoint:
         }
 
     def _encodes_inline(self, trainer: Trainer) -> bool:
-        """Whether this fit's checkpoints are small enough to encode on the training
-        thread: judged once per fit from the model's size (optimizer state is about
-        the same again, or twice for Adam)."""
-        if self._inline is None:
-            parameter_bytes = sum(p.nbytes for p in trainer.module.parameters())
-            self._inline = 3 * parameter_bytes <= INLINE_ENCODE_LIMIT
+        if self._inline is None:  # judged once per fit
+            self._inline = storage.small_enough_to_encode_inline(trainer.module)
         return self._inline
 
     # ------------------------------------------------------------------ hooks: state

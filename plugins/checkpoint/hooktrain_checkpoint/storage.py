@@ -34,6 +34,7 @@ from hooktrain.errors import ConfigurationError
 
 __all__ = [
     "FORMAT",
+    "INLINE_ENCODE_LIMIT",
     "CheckpointInfo",
     "DamagedCheckpointError",
     "UnsafeCheckpointError",
@@ -42,6 +43,7 @@ __all__ = [
     "load_file",
     "read_info",
     "remove_stale_temporaries",
+    "small_enough_to_encode_inline",
     "verify",
     "write_encoded",
     "write_file",
@@ -264,6 +266,19 @@ def _save_into(file: Any, state: Any, record: Mapping[str, Any]) -> int:
     torch.save(state, writer)
     writer.finish({"format": FORMAT, **record})
     return writer.size
+
+
+#: A checkpoint whose model, with three times its parameters' bytes, stays under this
+#: many bytes is encoded on the training thread and only written in the background.
+INLINE_ENCODE_LIMIT = 4 << 20
+
+
+def small_enough_to_encode_inline(module: Any) -> bool:
+    """Whether checkpoints of ``module`` are small enough to encode on the training
+    thread (`INLINE_ENCODE_LIMIT`), judged from its parameters' bytes: optimizer
+    state is about the same again, or twice for Adam."""
+    parameter_bytes = sum(p.nbytes for p in module.parameters())
+    return 3 * parameter_bytes <= INLINE_ENCODE_LIMIT
 
 
 def encode(state: Any, record: Mapping[str, Any]) -> bytes:

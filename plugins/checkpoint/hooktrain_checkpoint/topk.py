@@ -10,7 +10,14 @@ from typing import Any
 
 from hooktrain_checkpoint.storage import LAST_NAME, SUFFIX
 
-__all__ = ["better", "enter", "missing_monitor_message", "ranked", "render_name"]
+__all__ = [
+    "better",
+    "enter",
+    "missing_monitor_message",
+    "never_ranked_message",
+    "ranked",
+    "render_name",
+]
 
 _FIELD = re.compile(r"\{([^{}:]+)(?::([^{}]*))?\}")
 
@@ -57,6 +64,24 @@ def missing_monitor_message(monitor: str, metrics: Mapping[str, Any], where: str
     )
 
 
+def never_ranked_message(
+    monitor: str | None, every_n_epochs: int | None, val_every_n_steps: int | None
+) -> str | None:
+    """What to say when no save of a fit can be ranked: a validation metric ranks
+    only validated weights, and step-wise saves alone are validated only with
+    ``val_every_n_steps``. ``None`` when some can be."""
+    if monitor is None or not monitor.startswith("val_") or every_n_epochs is not None:
+        return None
+    if val_every_n_steps is not None:
+        return None
+    return (
+        f"hooktrain-checkpoint: monitor={monitor!r} ranks only weights that were validated, "
+        f"and the step-wise saves come between validations: no checkpoint of this fit will "
+        f"be ranked (last.ckpt is still saved). Add every_n_epochs=1 to rank each epoch "
+        f"after its validation, or validate with val_every_n_steps"
+    )
+
+
 def better(a: float, b: float, mode: str) -> bool:
     """Whether score ``a`` is better than ``b`` (``mode`` ``"min"`` or ``"max"``).
     NaN is never better than anything: a diverged run must not evict good files."""
@@ -96,34 +121,34 @@ def enter(
     by the save of another step, least of all a better one by a worse one. A name
     that only an evicted checkpoint held is free: the new file replaces it.
 
-    :param same_step: the kept checkpoints of the same global step as this one. One
-        named ``name`` or a version of it holds the same weights (saved again at the
-        epoch's end, after a step-wise save of its last batch): the new save is
-        ranked in its place, rescored, and takes its file.
+    :param same_step: the kept checkpoints of the same global step as this one,
+        which hold the same weights (saved again at the epoch's end, after a
+        step-wise save of its last batch). The new save is ranked in their place,
+        rescored: it takes the file when ``name`` (or a version of it) is its name,
+        and otherwise evicts it, since a name with a metric in it would show the
+        old score.
     :return: ``(file name, evicted names)``, or ``(None, [])`` when it does not
         belong (``scores`` is then unchanged).
     """
     if keep == 0:
         return None, []
     stem = name.removesuffix(SUFFIX)
-    replaced = next(
-        (kept for kept in same_step if kept in scores and _version_of(kept, stem)), None
-    )
-    withdrawn = scores.pop(replaced) if replaced is not None else None
+    previous = next((kept for kept in same_step if kept in scores), None)
+    others = {kept: value for kept, value in scores.items() if kept != previous}
     evicted: list[str] = []
-    if keep != -1 and len(scores) >= keep:
-        order = ranked(scores, mode)
-        if not better(score, scores[order[-1]], mode):
-            if replaced is not None and withdrawn is not None:
-                scores[replaced] = withdrawn
+    if keep != -1 and len(others) >= keep:
+        order = ranked(others, mode)
+        if not better(score, others[order[-1]], mode):
             return None, []
         # The worst go, so that the best ``keep`` remain, the new one among them
         # (more than one when a resumed run keeps fewer than the saved ranking).
         evicted = order[keep - 1 :]
-    if replaced is not None:
-        name = replaced
+    if previous is not None:
+        evicted.append(previous)  # its file is taken over below, or removed
+    if previous is not None and _version_of(previous, stem):
+        name = previous
     else:
-        taken = set(scores) - set(evicted)
+        taken = set(others) - set(evicted)
         version = 0
         while name in taken:
             version += 1

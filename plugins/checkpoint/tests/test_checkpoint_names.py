@@ -4,6 +4,7 @@ another save that resolves to the same name; the newcomer gets ``-v1``, ``-v2``.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,12 @@ def fit(
     values: list[float],
     ckpt_path: str | None = None,
     *extra: Any,
+    val_every_n_steps: int | None = None,
     **options: Any,
 ) -> ModelCheckpoint:
     """One epoch of two batches per value, each epoch ending with a ranked save."""
-    checkpoint = ModelCheckpoint(dirpath=directory, monitor="val_loss", **options)
+    options.setdefault("monitor", "val_loss")
+    checkpoint = ModelCheckpoint(dirpath=directory, **options)
     trainer = Trainer(
         plugins=[ValLosses(values), checkpoint, *extra],
         max_epochs=len(values),
@@ -47,6 +50,7 @@ def fit(
         device="cpu",
         limit_train_batches=2,
         limit_val_batches=1,
+        val_every_n_steps=val_every_n_steps,
     )
     train, val = make_data(n=64, batch_size=16)
     with torch.random.fork_rng():
@@ -133,13 +137,61 @@ def test_a_resumed_run_keeps_the_better_checkpoint_of_the_same_name(tmp_path: Pa
 def test_step_wise_saves_with_a_repeating_name_keep_the_first_of_equal_scores(
     tmp_path: Path,
 ) -> None:
-    # Both saves of an epoch (steps 3 and 4, then 5 and 6) read the val_loss of the
-    # epoch before: the name repeats and the score ties, and a tie is not better.
+    # Validated at every step, both saves of an epoch (steps 3 and 4 the second)
+    # score that epoch's val_loss: the name repeats and the score ties, and a tie
+    # is not better.
     checkpoint = fit(
-        tmp_path, [2.0, 1.0, 3.0], save_top_k=1, every_n_train_steps=1, filename="{val_loss:.1f}"
+        tmp_path,
+        [2.0, 1.0, 3.0],
+        save_top_k=1,
+        every_n_train_steps=1,
+        filename="{val_loss:.1f}",
+        val_every_n_steps=1,
     )
     assert checkpoint.best_k_models == {"val_loss=1.0.ckpt": 1.0}
-    assert read_info(tmp_path / "val_loss=1.0.ckpt").record["global_step"] == 5
+    assert read_info(tmp_path / "val_loss=1.0.ckpt").record["global_step"] == 3
+
+
+def test_weights_that_were_not_validated_are_not_ranked_by_a_validation_metric(
+    tmp_path: Path,
+) -> None:
+    # Step-wise saves between validations (steps 1 and 3, and the last batches'
+    # saves before their epoch's validation) were ranked with the previous
+    # validation's val_loss, a score their weights never had; with the name
+    # showing it, epoch 1's save (2.0) kept the "1.00" of epoch 0 and ousted
+    # epoch 2 (1.5) from the top 2.
+    checkpoint = fit(
+        tmp_path,
+        [1.0, 2.0, 1.5],
+        save_top_k=2,
+        every_n_train_steps=1,
+        every_n_epochs=1,
+        filename="{epoch}-{step}-{val_loss:.2f}",
+    )
+    expected = {
+        "epoch=0-step=2-val_loss=1.00.ckpt": (0, 1.0),
+        "epoch=2-step=6-val_loss=1.50.ckpt": (2, 1.5),
+    }
+    assert held(tmp_path) == {**expected, "last.ckpt": (2, 1.5)}
+    assert checkpoint.best_k_models == {name: loss for name, (_, loss) in expected.items()}
+
+
+def test_an_epoch_that_skips_validation_is_not_ranked_by_a_validation_metric(
+    tmp_path: Path,
+) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1)
+    trainer = Trainer(
+        plugins=[ValLosses([1.0, 9.0, 2.0, 9.0]), checkpoint],
+        max_epochs=4,
+        check_val_every_n_epoch=2,
+        device="cpu",
+        limit_train_batches=2,
+        limit_val_batches=1,
+    )
+    train, val = make_data(n=64, batch_size=16)
+    trainer.fit(nn.Linear(8, 2), train, val, loss_fn=F.cross_entropy, optimizer=torch.optim.SGD)
+    # Epochs 1 and 3 validated; 0 and 2 kept the value of the validation before.
+    assert checkpoint.best_k_models == {"epoch=1-step=4.ckpt": 9.0, "epoch=3-step=8.ckpt": 9.0}
 
 
 class Crash(Exception):
@@ -162,24 +214,35 @@ class CrashBeforeValidation:
 
 
 @pytest.mark.parametrize(
-    ("filename", "expected", "step_4"),
+    ("filename", "expected"),
     [
         (
             None,
-            {"epoch=0-step=2.ckpt": (0, 1.0), "epoch=1-step=3.ckpt": (1, 1.0)},
-            "epoch=1-step=4.ckpt",
+            {
+                "epoch=0-step=1.ckpt": (0, 1.0),
+                "epoch=0-step=2.ckpt": (0, 1.0),
+                "epoch=1-step=3.ckpt": (1, 2.0),
+                "epoch=1-step=4.ckpt": (1, 2.0),
+            },
         ),
-        # Step 4 was saved as best-v2; its second save formats as "best".
-        ("best", {"best.ckpt": (0, 1.0), "best-v1.ckpt": (1, 1.0)}, "best-v2.ckpt"),
+        # The epoch end's save formats as "best" too, a version of the name kept.
+        (
+            "best",
+            {
+                "best.ckpt": (0, 1.0),
+                "best-v1.ckpt": (0, 1.0),
+                "best-v2.ckpt": (1, 2.0),
+                "best-v3.ckpt": (1, 2.0),
+            },
+        ),
     ],
 )
 def test_a_step_saved_again_at_the_epoch_end_replaces_its_own_file(
-    tmp_path: Path, filename: str | None, expected: dict[str, tuple[int, float]], step_4: str
+    tmp_path: Path, filename: str | None, expected: dict[str, tuple[int, float]]
 ) -> None:
-    # Step 4 ends epoch 1: saved by the step-wise trigger, ranked with epoch 0's
-    # val_loss, then by the epoch-wise one, after epoch 1's validation. The same
-    # weights, so the second takes the first's place with the fresh score, even a
-    # worse one, instead of a second file.
+    # Validated at every step, an epoch's last step is saved by the step-wise
+    # trigger and again, with the epoch's end done, by the epoch-wise one: the same
+    # weights, so the second save takes the first's file instead of a second one.
     checkpoint = fit(
         tmp_path,
         [1.0, 2.0],
@@ -187,21 +250,65 @@ def test_a_step_saved_again_at_the_epoch_end_replaces_its_own_file(
         every_n_train_steps=1,
         every_n_epochs=1,
         filename=filename,
+        val_every_n_steps=1,
     )
-    expected = {**expected, step_4: (1, 2.0)}
     assert held(tmp_path) == {**expected, "last.ckpt": (1, 2.0)}
     assert checkpoint.best_k_models == {name: loss for name, (_, loss) in expected.items()}
+    step_4 = max(expected, key=lambda name: read_info(tmp_path / name).record["global_step"])
     assert read_info(tmp_path / step_4).record["epoch_complete"] is True
 
 
+def test_a_step_saved_again_under_another_name_leaves_one_file(tmp_path: Path) -> None:
+    # Ranked by the training loss, an epoch's last step scores its own loss when
+    # saved step-wise and the epoch's mean at the epoch's end. The name shows the
+    # score, so the two names differ: both were kept, the same weights twice, one
+    # of them under a score the ranking no longer gave it.
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path,
+        monitor="loss",
+        save_top_k=-1,
+        every_n_train_steps=2,
+        every_n_epochs=1,
+        filename="{step}-{loss:.6f}",
+    )
+    epoch_means = []
+
+    class EpochMeans:
+        @hookimpl
+        def on_train_epoch_end(self, trainer: Trainer) -> None:
+            epoch_means.append(trainer.metrics["loss"])
+
+    trainer = Trainer(
+        plugins=[checkpoint, EpochMeans()], max_epochs=2, device="cpu", limit_train_batches=2
+    )
+    train, _ = make_data(n=64, batch_size=16)
+    trainer.fit(nn.Linear(8, 2), train, loss_fn=F.cross_entropy, optimizer=torch.optim.SGD)
+    names = [
+        f"step={step}-loss={mean:.6f}.ckpt" for step, mean in zip((2, 4), epoch_means, strict=True)
+    ]
+    assert sorted(checkpoint.best_k_models) == names
+    assert sorted(path.name for path in tmp_path.glob("step=*.ckpt")) == names
+
+
 def test_after_a_resume_the_epoch_end_save_replaces_the_same_steps_file(tmp_path: Path) -> None:
-    options: dict[str, Any] = {"save_top_k": -1, "every_n_train_steps": 1, "every_n_epochs": 1}
+    # Ranked by the training loss, step 4 (epoch 1's last) is saved step-wise with
+    # its own loss; the run dies before the epoch's end, and the resumed run saves
+    # step 4 again at that end, with the epoch's mean loss.
+    options: dict[str, Any] = {
+        "monitor": "loss",
+        "save_top_k": -1,
+        "every_n_train_steps": 1,
+        "every_n_epochs": 1,
+    }
     with pytest.raises(HookError, match="Crash"):
         fit(tmp_path, [1.0, 2.0], None, CrashBeforeValidation(1), **options)
     assert read_info(tmp_path / "epoch=1-step=4.ckpt").record["epoch_complete"] is False
     checkpoint = fit(tmp_path, [1.0, 2.0], "last", **options)
-    assert checkpoint.best_k_models["epoch=1-step=4.ckpt"] == 2.0
-    assert read_info(tmp_path / "epoch=1-step=4.ckpt").record["epoch_complete"] is True
+    state, info = load_file(tmp_path / "epoch=1-step=4.ckpt")
+    assert info is not None and info.record["epoch_complete"] is True
+    assert checkpoint.best_k_models["epoch=1-step=4.ckpt"] == pytest.approx(
+        state["metrics"]["loss"]
+    )
     assert not list(tmp_path.glob("*-v1.ckpt"))
 
 
@@ -240,3 +347,27 @@ def test_a_dirpath_under_the_home_directory_is_expanded(
 ) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     assert ModelCheckpoint(dirpath="~/ckpts").dirpath == tmp_path / "ckpts"
+
+
+@pytest.mark.parametrize(
+    ("options", "val_every_n_steps", "warned"),
+    [
+        ({"every_n_train_steps": 2}, None, True),
+        ({"every_n_train_steps": 2, "every_n_epochs": 1}, None, False),
+        ({"every_n_train_steps": 2}, 2, False),
+        ({"every_n_train_steps": 2, "monitor": "loss"}, None, False),
+    ],
+)
+def test_a_fit_whose_saves_can_never_be_ranked_is_warned_when_it_starts(
+    tmp_path: Path, options: dict[str, Any], val_every_n_steps: int | None, warned: bool
+) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint = fit(tmp_path, [1.0, 2.0], val_every_n_steps=val_every_n_steps, **options)
+    messages = [str(w.message) for w in caught if "hooktrain-checkpoint" in str(w.message)]
+    assert bool(messages) is warned
+    if warned:
+        assert "no checkpoint of this fit will be ranked" in messages[0]
+        assert checkpoint.best_k_models == {}
+    else:
+        assert checkpoint.best_k_models

@@ -138,10 +138,10 @@ def test_a_large_state_written_from_a_snapshot_resumes_bit_identically(
 ) -> None:
     # Small states are encoded on the training thread; above the limit the writer
     # thread encodes a snapshot. Both must resume the same run.
-    from hooktrain_checkpoint import plugin, storage
+    from hooktrain_checkpoint import storage
 
     expected = reference(tmp_path_factory, 1)
-    monkeypatch.setattr(plugin, "INLINE_ENCODE_LIMIT", 0)
+    monkeypatch.setattr(storage, "INLINE_ENCODE_LIMIT", 0)
     encoded_here: list[int] = []
     real_encode = storage.encode
     monkeypatch.setattr(storage, "encode", lambda *a: encoded_here.append(1) or real_encode(*a))
