@@ -11,8 +11,10 @@ Each fit writes to ``<log_dir>/<name>/version_<n>``:
   later fit of the same trainer (which counts its steps from 0 again);
 * a fit resumed from a checkpoint goes on writing in the version the checkpoint
   records, and marks a restart at the checkpoint's step + 1: TensorBoard then drops
-  what that version holds past the checkpoint (steps trained before a crash), so no
-  step appears twice;
+  what that version holds past the checkpoint (steps trained before a crash). What
+  the files hold at the checkpoint's step itself (an epoch's end that ran after a
+  step-wise checkpoint of its last batch, and runs again when resumed) is read
+  back and not written again, so no step appears twice;
 * ``validate`` and ``test`` write into the latest fit's version.
 
 Against ``trainer.global_step`` it writes ``train/<name>`` (what the trainer
@@ -41,6 +43,7 @@ from hooktrain import hookimpl
 from hooktrain.errors import ConfigurationError
 from hooktrain.loggers import (
     FlushSchedule,
+    LoggedSteps,
     collect_hparams,
     experiment_dir,
     hparam_value,
@@ -141,6 +144,9 @@ class TensorBoardLogger:
         # Set by on_load_checkpoint for the fit that follows: the version folder the
         # checkpoint's run wrote to (None when it does not say) and its restart step.
         self._resume: tuple[str | None, int] | None = None
+        # In a resumed fit, the last step each tag already holds in the version's
+        # files (up to the checkpoint's step); None otherwise.
+        self._logged: LoggedSteps | None = None
         self._lr_step = -1
         # The learning rates a step trains with, read before it (by the time its values
         # are published a scheduler may have moved them), and that step's number.
@@ -202,6 +208,9 @@ class TensorBoardLogger:
             version, restart_step = resume
             root = experiment_dir(self.log_dir, self.run_name)
             self.run_dir = root / version if version else None
+        self._logged = None
+        if resume is not None and self.run_dir is not None and trainer.is_global_zero:
+            self._logged = _logged_steps(self.run_dir, before=restart_step)
         if self._open(trainer, restart_step) and self.log_hparams and resume is None:
             self._write_hparams(trainer)
 
@@ -225,6 +234,8 @@ class TensorBoardLogger:
                 # its len said. Now is the closest (a scheduler may have moved on).
                 lrs = _current_lrs(trainer)
             values.extend(_lr_tags(lrs))
+        if self._logged is not None and trainer.stage == "fit":
+            values = list(self._logged.fresh(dict(values), step).items())
         if values:
             self._pending.append((time.time(), step, values))
         # Each flush wakes the writer thread and waits for it.
@@ -294,6 +305,22 @@ class TensorBoardLogger:
         wall_time = time.time()
         for summary in hparams({key: hparam_value(value) for key, value in params.items()}, {}):
             self._pending.append((wall_time, trainer.global_step, summary))
+
+
+def _logged_steps(run_dir: Path, before: int) -> LoggedSteps:
+    """The last step below ``before`` that each tag holds in ``run_dir``'s event
+    files. Steps from ``before`` on are hidden by the resumed run's restart marker
+    and written anew, so they do not count."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    records = [
+        (value.tag, event.step)
+        for path in sorted(run_dir.glob("events.out.tfevents.*"))
+        for event in EventFileLoader(str(path)).Load()
+        if event.step < before
+        for value in event.summary.value
+    ]
+    return LoggedSteps.from_records(records)
 
 
 def _wait_for_a_later_file_name(run_dir: Path) -> None:
