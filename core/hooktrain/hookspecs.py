@@ -611,8 +611,9 @@ def log_metrics(trainer: Trainer, metrics: Mapping[str, float], step: int, scope
     """Called whenever the loop publishes metrics. Loggers implement this; the core
     never knows which loggers exist.
 
-    :param metrics: name to Python float, named as in ``trainer.metrics``. Reading
-        them cost one device sync, done once for all loggers.
+    :param metrics: name to Python float, named as in ``trainer.metrics``, in name
+        order (the same in every run). Reading them cost one device sync, done once
+        for all loggers.
     :param step: ``trainer.global_step`` at the time of publishing.
     :param scope: what the values are:
 

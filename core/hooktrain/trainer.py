@@ -263,12 +263,14 @@ class Trainer:
         return tensor if reduced is None else reduced
 
     def _publish(self, names: Iterable[str], scope: str) -> None:
-        """Call ``log_metrics`` with ``names`` as floats; nothing is read from the
-        device when no plugin listens."""
+        """Call ``log_metrics`` with ``names`` as floats, in name order; nothing is
+        read from the device when no plugin listens."""
         log_metrics = self._hooks.log_metrics if self._hooks else None
         if log_metrics is None:
             return
-        values = self.metrics.floats(names)
+        # Sorted: ``names`` is often a set, whose order changes with PYTHONHASHSEED,
+        # and a logger's columns follow the order it first sees names in.
+        values = self.metrics.floats(sorted(names))
         if values:
             log_metrics(trainer=self, metrics=values, step=self.global_step, scope=scope)
 

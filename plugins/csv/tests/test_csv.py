@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -215,3 +216,32 @@ def test_a_fixed_version_starts_its_file_anew(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "default").iterdir()] == ["version_3"]
     frame = pandas.read_csv(tmp_path / "default" / "version_3" / "metrics.csv")
     assert frame["epoch"].max() == 0  # only the second fit's rows
+
+
+IDENTICAL_RUN = """
+import sys
+import torch
+import torch.nn.functional as F
+import hooktrain
+from hooktrain.testing import make_data, make_model
+
+train, val = make_data()
+trainer = hooktrain.Trainer(plugins=[("csv", {"log_dir": sys.argv[1]})], max_epochs=1, seed=0)
+trainer.fit(make_model(), train, val, loss_fn=F.cross_entropy,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1), metrics={"acc": hooktrain.accuracy})
+"""
+
+
+def test_identical_runs_write_identical_files(tmp_path: Path) -> None:
+    # The epoch's names came from a set, so the columns' order followed the
+    # interpreter's string hashing, which differs from one process to the next.
+    files = []
+    for seed in ("1", "2", "3"):
+        log_dir = tmp_path / seed
+        subprocess.run(
+            [sys.executable, "-c", IDENTICAL_RUN, str(log_dir)],
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        files.append((log_dir / "default" / "version_0" / "metrics.csv").read_text())
+    assert files[0] == files[1] == files[2]

@@ -65,7 +65,8 @@ class ProgressBar:
         previous one (or the epoch's start); ``None`` prints only the summary line per
         epoch. Raises ``ConfigurationError`` (a ``ValueError``) unless positive or ``None``.
     :param metrics: names to show in the postfix and the summary, in this order;
-        default every published value, ``loss`` first. Raises ``ConfigurationError``
+        default every published value, training's before validation's, each
+        stage's loss first. Raises ``ConfigurationError``
         (a ``ValueError``) for a single string.
     :param terminal: force the terminal (``True``) or plain (``False``) behaviour
         instead of asking ``stream.isatty()``.
@@ -283,9 +284,9 @@ class ProgressBar:
     def _select(self, values: Mapping[str, float]) -> dict[str, float]:
         if self.metrics is not None:
             return {name: values[name] for name in self.metrics if name in values}
-        ordered = {"loss": values["loss"]} if "loss" in values else {}
-        ordered.update(values)
-        return ordered
+        # Values arrive in name order (val_acc before val_loss): shown training's
+        # first, then validation's, each stage's loss ahead of its metrics.
+        return dict(sorted(values.items(), key=lambda item: _display_rank(item[0])))
 
     def _print(self, line: str) -> None:
         if self._interactive and self._tqdm is not None:
@@ -407,6 +408,11 @@ def _has_console_handler() -> bool:
 
 def _epoch_label(trainer: Trainer) -> str:
     return f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+
+
+def _display_rank(name: str) -> tuple[int, bool]:
+    stage = 1 if name.startswith("val_") else 2 if name.startswith("test_") else 0
+    return stage, name.removeprefix("val_").removeprefix("test_") != "loss"
 
 
 def _format_values(values: Mapping[str, float]) -> str:
