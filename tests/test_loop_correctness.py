@@ -520,6 +520,25 @@ def test_a_resume_with_another_loader_warns_that_its_order_may_differ(tmp_path):
         _crash_then_resume(tmp_path, plain, lambda: _loader("own generator"))
 
 
+def test_a_resume_with_persistent_workers_warns_that_worker_randomness_differs(tmp_path):
+    # The workers' random streams run on across epochs and a resume starts new
+    # ones: a dataset that augments in its workers trained on other noise, silently.
+    def plain():
+        return DataLoader(Indexed(8, noise=False), batch_size=2, shuffle=True)
+
+    def persistent():
+        return DataLoader(
+            Indexed(8, noise=False),
+            batch_size=2,
+            shuffle=True,
+            num_workers=1,
+            persistent_workers=True,
+        )
+
+    with pytest.warns(ResumeWarning, match=r"persistent_workers=True.*not in the checkpoint"):
+        _crash_then_resume(tmp_path, plain, persistent)
+
+
 def test_only_a_torch_generator_can_be_marked_as_reseeded_every_epoch():
     with pytest.raises(ValueError, match=r"whose \.generator is a torch\.Generator"):
         mark_epoch_seeded(ReseedsLazily(4, mark=False))  # no generator before its first epoch

@@ -8,13 +8,14 @@ format is described in ``docs/checkpointing.md``.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, ResumeWarning
 from hooktrain.metrics import process_collectives
 from hooktrain.rng import rng_state
 
@@ -146,6 +147,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
     trainer._checked_steps_from = trainer.global_step + 1
     trainer._pending_rng = checkpoint.get("rng")
+    _warn_if_workers_persist(trainer.train_dataloader)
     trainer.plugin_manager.hook.on_load_checkpoint(trainer=trainer, checkpoint=checkpoint)
     not_restored = sorted(set(checkpoint.get("plugins", {})) - set(trainer.plugin_names))
     if not_restored:
@@ -153,6 +155,22 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
             f"hooktrain: the checkpoint holds state of plugins not selected now, not "
             f"restored: {', '.join(not_restored)}",
             file=sys.stderr,
+        )
+
+
+def _warn_if_workers_persist(loader: Any) -> None:
+    """Persistent workers seed their random streams once, when the first epoch
+    starts them, and carry them from epoch to epoch; a resumed run starts fresh
+    workers, which no checkpoint can put back where the old ones were."""
+    if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0:
+        warnings.warn(
+            f"hooktrain: the training dataloader ({type(loader).__name__}) keeps its "
+            f"workers between epochs (persistent_workers=True), and their random streams "
+            f"are not in the checkpoint: randomness drawn in the workers (augmentation) "
+            f"differs from the uninterrupted run's. Use persistent_workers=False for an "
+            f"exact resume",
+            ResumeWarning,
+            stacklevel=4,
         )
 
 
