@@ -136,6 +136,7 @@ class ModelCheckpoint:
         # The global step of each file in best_k_models: a second ranked save of one
         # step (at the epoch's end after its last batch) replaces its own file.
         self._kept_steps: dict[str, int] = {}
+        self._evicting: list[str] = []  # by the save being made, once it is written
         # The global step whose weights the last validation inside fit saw: a
         # val_* score ranks only a checkpoint of those weights.
         self._validated_step = -1
@@ -366,6 +367,7 @@ class ModelCheckpoint:
                     self._forget_steps_of_evicted()
         self._sequence += 1
         self._saved_progress = self._progress(trainer)
+        self._evicting = [name for name in evicted if name != ranked_name]
         # Every process builds the checkpoint, whatever it decided about ranking:
         # plugins' on_save_checkpoint may run collectives. Only rank 0 writes.
         checkpoint = trainer.dump_checkpoint()
@@ -455,6 +457,7 @@ class ModelCheckpoint:
             "mode": self.mode,
             "best_k_models": dict(self.best_k_models),
             "kept_steps": dict(self._kept_steps),
+            "evicting": self._evicting,
             "sequence": self._sequence,
         }
 
@@ -464,18 +467,11 @@ class ModelCheckpoint:
         if state:
             self._sequence = int(state.get("sequence", 0))
             same_ranking = state.get("monitor") == self.monitor and state.get("mode") == self.mode
+            ranking = resume.restore_ranking(
+                state, self.dirpath, same_ranking=same_ranking, remove=trainer.is_global_zero
+            )
             if same_ranking:
-                # Files removed since (by hand, or by a later run) are forgotten.
-                self.best_k_models = {
-                    name: float(score)
-                    for name, score in state.get("best_k_models", {}).items()
-                    if (self.dirpath / name).exists()
-                }
-                # Absent from checkpoints saved before it was kept: then none is replaced.
-                self._kept_steps = {
-                    name: int(step) for name, step in state.get("kept_steps", {}).items()
-                }
-                self._forget_steps_of_evicted()
+                self.best_k_models, self._kept_steps = ranking
         progress = checkpoint["progress"]
         self._saved_progress = (
             int(progress["epoch"]),

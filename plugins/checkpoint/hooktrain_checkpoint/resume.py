@@ -14,7 +14,7 @@ from hooktrain_checkpoint.discovery import newest_checkpoint
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["load", "report_differences"]
+__all__ = ["load", "report_differences", "restore_ranking"]
 
 
 def load(
@@ -113,3 +113,32 @@ def report_differences(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def restore_ranking(
+    state: Mapping[str, Any], dirpath: Path, *, same_ranking: bool, remove: bool
+) -> tuple[dict[str, float], dict[str, int]]:
+    """The ranking that a checkpoint's plugin ``state`` holds: the kept files still
+    in ``dirpath`` (files removed since, by hand or by a later run, are forgotten)
+    with their scores, and their global steps (``({}, {})`` unless
+    ``same_ranking``: another ``monitor`` or ``mode``).
+
+    A save evicts files only once its own files are complete, after the checkpoint
+    that no longer lists them was written; a run killed in between left them for
+    good. With ``remove`` (the process that writes) they are deleted now, when
+    ``dirpath`` is where that run saved.
+    """
+    best: dict[str, float] = {}
+    if same_ranking:
+        best = {
+            name: float(score)
+            for name, score in state.get("best_k_models", {}).items()
+            if (dirpath / name).exists()
+        }
+    # Absent from checkpoints saved before it was kept: then none is replaced.
+    steps = {name: int(step) for name, step in state.get("kept_steps", {}).items() if name in best}
+    if remove and state.get("dirpath") == str(dirpath):
+        for name in state.get("evicting", []):
+            if name not in best:
+                sharded.remove(dirpath / name)
+    return best, steps

@@ -371,3 +371,24 @@ def test_a_fit_whose_saves_can_never_be_ranked_is_warned_when_it_starts(
         assert checkpoint.best_k_models == {}
     else:
         assert checkpoint.best_k_models
+
+
+def test_a_file_whose_eviction_a_crash_cut_short_is_removed_when_the_run_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Epoch 1 (1.0) evicts epoch 0 (2.0) once its own files are written; the run
+    # dies just then. The checkpoint no longer lists epoch 0's file, so nothing
+    # ever removed it: three ranked files stayed with save_top_k=1.
+    from hooktrain_checkpoint import sharded
+
+    def dies(path: Path) -> None:
+        raise Crash(f"killed before removing {path.name}")
+
+    monkeypatch.setattr(sharded, "remove", dies)
+    with pytest.raises(HookError, match=r"killed before removing epoch=0-step=2\.ckpt"):
+        fit(tmp_path, [2.0, 1.0, 0.5], save_top_k=1, async_save=False)
+    assert (tmp_path / "epoch=0-step=2.ckpt").exists()
+    monkeypatch.undo()
+    checkpoint = fit(tmp_path, [2.0, 1.0, 0.5], "last", save_top_k=1, async_save=False)
+    assert checkpoint.best_k_models == {"epoch=2-step=6.ckpt": 0.5}
+    assert held(tmp_path) == {"epoch=2-step=6.ckpt": (2, 0.5), "last.ckpt": (2, 0.5)}
