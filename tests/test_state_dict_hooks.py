@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from hooktrain import Trainer, hookimpl
+from hooktrain import ConfigurationError, Trainer, hookimpl
 from hooktrain.testing import make_data, make_model, run
 
 
@@ -87,3 +87,23 @@ def test_the_loop_calls_both_hooks_around_a_checkpoint(tmp_path) -> None:
     names = resumed.recorder.names()
     assert names.index("load_checkpoint") < names.index("set_state_dict")
     assert names.index("set_state_dict") < names.index("on_load_checkpoint")
+
+
+def test_a_checkpoint_of_another_optimizer_class_is_refused_before_training(tmp_path) -> None:
+    # torch loaded Adam's state into SGD without a word; the first step then failed
+    # inside SGD with KeyError: 'momentum', naming neither the checkpoint nor Adam.
+    path = tmp_path / "adam.pt"
+    fit(tmp_path, [SaveAt(path, 3)])
+    model = make_model()
+    before = [p.clone() for p in model.parameters()]
+    trainer = Trainer(plugins=[], seed=0, device="cpu", max_epochs=2)
+    train, _ = make_data(n=64, batch_size=16)
+    with pytest.raises(ConfigurationError, match=r"optimizer 0 .* this run's SGD.*betas.*momentum"):
+        trainer.fit(
+            model,
+            train,
+            loss_fn=torch.nn.functional.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+            ckpt_path=path,
+        )
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -197,9 +197,16 @@ def load_model_and_optimizers(
     ``torch.distributed.checkpoint.state_dict``, which sharded checkpoints hold) is
     loaded with ``set_optimizer_state_dict``; one keyed by position with the
     optimizer's own ``load_state_dict``.
+
+    :raises ConfigurationError: from `load_model_state`, for another number of
+        optimizers, or for an optimizer state saved by another optimizer class.
     """
-    load_model_state(trainer.module, model_state)
     check_count("optimizer(s)", trainer.optimizers, optimizer_states)
+    for index, (optimizer, saved) in enumerate(
+        zip(trainer.optimizers, optimizer_states, strict=True)
+    ):
+        _check_optimizer_kind(index, optimizer, saved)
+    load_model_state(trainer.module, model_state)
     for optimizer, saved in zip(trainer.optimizers, optimizer_states, strict=True):
         if any(isinstance(key, str) for key in saved.get("state", {})) or any(
             isinstance(p, str) for group in saved.get("param_groups", []) for p in group["params"]
@@ -209,6 +216,24 @@ def load_model_and_optimizers(
             set_optimizer_state_dict(trainer.module, optimizer, saved)
         else:
             optimizer.load_state_dict(saved)
+
+
+def _check_optimizer_kind(index: int, optimizer: Any, saved: Mapping[str, Any]) -> None:
+    """Refuse a state whose settings are another optimizer class's. torch loads it
+    without a word, keeping the saved settings, and the first step then fails
+    inside the optimizer (SGD after Adam: ``KeyError: 'momentum'``). A setting
+    torch added or removed between versions only goes one way, so only settings
+    missing on both sides are taken for another class."""
+    saved_groups, own_groups = saved.get("param_groups") or [{}], optimizer.param_groups
+    saved_keys, own_keys = set(saved_groups[0]) - {"params"}, set(own_groups[0]) - {"params"}
+    unknown, missing = sorted(saved_keys - own_keys), sorted(own_keys - saved_keys)
+    if unknown and missing:
+        kind = type(optimizer).__name__
+        raise ConfigurationError(
+            f"the checkpoint's optimizer {index} was saved by another kind of optimizer than "
+            f"this run's {kind}: its settings include {', '.join(unknown)}, which {kind} has "
+            f"not, and lack {', '.join(missing)}. Resume with the optimizer it was saved with"
+        )
 
 
 def load_model_state(module: nn.Module, state: Mapping[str, Any]) -> None:
