@@ -539,6 +539,23 @@ def test_a_resume_with_persistent_workers_warns_that_worker_randomness_differs(t
         _crash_then_resume(tmp_path, plain, persistent)
 
 
+def test_a_mid_epoch_resume_with_another_epoch_length_warns(tmp_path):
+    # Another batch size resumed silently: skipping the batches already trained,
+    # counted in the old split, trained some samples twice and others never.
+    def loader(batch_size):
+        return lambda: DataLoader(Indexed(8, noise=False), batch_size=batch_size, shuffle=True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _crash_then_resume(tmp_path, loader(2), loader(4))
+    messages = [str(w.message) for w in caught]
+    resumes = [m for m in messages if "an epoch of 4 batches" in m]
+    assert len(resumes) == 1
+    assert "after batch 2 of an epoch of 4 batches" in resumes[0]
+    assert "now gives 2 an epoch" in resumes[0]
+    assert not any("but yielded" in m for m in messages)
+
+
 def test_only_a_torch_generator_can_be_marked_as_reseeded_every_epoch():
     with pytest.raises(ValueError, match=r"whose \.generator is a torch\.Generator"):
         mark_epoch_seeded(ReseedsLazily(4, mark=False))  # no generator before its first epoch

@@ -206,7 +206,14 @@ def _train_epoch(
     # length ends it too. Any other stop leaves the epoch open: no epoch end runs,
     # and a resume continues it.
     exhausted = not stopped or (total is not None and batch_idx >= total)
-    if not stopped and total is not None and batch_idx != total and not trainer._warned_length:
+    # (A resume past a now shorter epoch's end yields nothing; it was warned above.)
+    if (
+        not stopped
+        and total is not None
+        and batch_idx != total
+        and skip < total
+        and not trainer._warned_length
+    ):
         trainer._warned_length = True
         warnings.warn(
             f"hooktrain: the training dataloader ({type(trainer.train_dataloader).__name__}) "
@@ -236,6 +243,16 @@ def _open_epoch(
     loader = trainer.train_dataloader
     limit = trainer.limits["train"]
     total = trainer.num_training_batches = limited_length(loader, limit)
+    saved_total, trainer._resume_epoch_batches = trainer._resume_epoch_batches, None
+    if skip and None not in (total, saved_total) and total != saved_total:
+        warnings.warn(
+            f"hooktrain: the checkpoint was taken after batch {skip} of an epoch of "
+            f"{saved_total} batches, and the training dataloader now gives {total} an epoch "
+            f"(another batch size, dataset or limit_train_batches): skipping {skip} batches "
+            f"of another split trains some samples twice and others not at all",
+            ResumeWarning,
+            stacklevel=4,
+        )
     if hooks.on_train_epoch_start is not None:
         hooks.on_train_epoch_start(trainer=trainer)
     batches = _epoch_batches(trainer, hooks, loader, skip)

@@ -73,6 +73,9 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
             "global_step": trainer.global_step,
             "epoch_batches_done": trainer.epoch_batches_done,
             "epoch_complete": trainer.epoch_complete,
+            # How many batches the epoch had: a resume in its middle skips the first
+            # epoch_batches_done, which only fits a loader that splits alike.
+            "epoch_batches": trainer.num_training_batches,
         },
         "data_seed": trainer.data_seed,
         "rng": rng_state(),
@@ -143,6 +146,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
             metric_states = checkpoint.get("epoch_metrics", {})
             trainer._train_metrics.load_state_dict(metric_states, rank=rank)
         trainer._pending_epoch_data = checkpoint.get("epoch_start_state")
+        trainer._resume_epoch_batches = progress.get("epoch_batches")
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
     trainer._checked_steps_from = trainer.global_step + 1

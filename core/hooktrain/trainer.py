@@ -178,6 +178,7 @@ class Trainer:
         self._epoch_start_state: dict[str, Any] | None = None
         self._pending_epoch_data: Mapping[str, Any] | None = None
         self._resume_skip = 0
+        self._resume_epoch_batches: int | None = None  # the interrupted epoch's length
         # The global step of the last validation inside fit, and what it computed:
         # an epoch's end does not validate the same weights again.
         self._validated_at_step = -1
