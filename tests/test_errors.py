@@ -434,6 +434,9 @@ def test_missing_checkpoint_file(tmp_path):
         fit(ckpt_path=tmp_path / "nope.pt")
     with pytest.raises(ConfigurationError, match="'last' needs a plugin"):
         fit(ckpt_path="last")
+    # A directory was reported as torch.load's "[Errno 21] Is a directory".
+    with pytest.raises(ConfigurationError, match=r"is a directory; the core alone reads a file"):
+        fit(ckpt_path=tmp_path)
 
 
 @pytest.mark.parametrize("content", ["state_dict", "lightning-like"])

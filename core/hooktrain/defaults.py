@@ -186,6 +186,12 @@ class CoreDefaults:
             loaded = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise ConfigurationError(f"checkpoint {ckpt_path!r} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigurationError(
+                f"checkpoint {ckpt_path!r} is a directory; the core alone reads a file. "
+                f"Select a plugin that keeps checkpoints ('checkpoint') to resume from a "
+                f"directory's newest one"
+            ) from None
         except Exception as exc:
             raise ConfigurationError(
                 f"checkpoint {ckpt_path!r} could not be loaded safely "
