@@ -309,18 +309,31 @@ class TensorBoardLogger:
 
 def _logged_steps(run_dir: Path, before: int) -> LoggedSteps:
     """The last step below ``before`` that each tag holds in ``run_dir``'s event
-    files. Steps from ``before`` on are hidden by the resumed run's restart marker
-    and written anew, so they do not count."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    files, as TensorBoard shows them: a restart marker (an earlier resume's) hides
+    the steps from its own on that the files read before it hold. Steps from
+    ``before`` on are hidden by this resume's marker and written anew."""
+    # The raw records, parsed here: EventFileLoader's conversions of each event took
+    # 2.6 s of CPU for 20,000 events of 5 scalars, against 0.45 s this way.
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-    records = [
-        (value.tag, event.step)
-        for path in sorted(run_dir.glob("events.out.tfevents.*"))
-        for event in EventFileLoader(str(path)).Load()
-        if event.step < before
-        for value in event.summary.value
-    ]
-    return LoggedSteps.from_records(records)
+    # Each tag's steps in the order written; a run writes its steps in increasing
+    # order, so a marker drops a tail of each list.
+    steps: dict[str, list[int]] = {}
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        if not path.is_file():
+            continue
+        for record in RawEventFileLoader(str(path)).Load():
+            event = Event.FromString(record)
+            if event.session_log.status == SessionLog.START:
+                for written in steps.values():
+                    while written and written[-1] >= event.step:
+                        written.pop()
+            for value in event.summary.value:
+                steps.setdefault(value.tag, []).append(event.step)
+    return LoggedSteps.from_records(
+        (tag, step) for tag, written in steps.items() for step in written if step < before
+    )
 
 
 def _wait_for_a_later_file_name(run_dir: Path) -> None:

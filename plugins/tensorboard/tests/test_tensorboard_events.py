@@ -418,6 +418,53 @@ def test_an_epoch_end_written_after_the_checkpoint_is_not_written_again(tmp_path
     assert steps(events, "train/loss") == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
+class SaveEveryLastBatch:
+    """Saves ``<global step>.ckpt`` at the end of every epoch's last batch."""
+
+    name = "save_every_last_batch"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        if trainer.epoch_batches_done == STEPS_PER_EPOCH:
+            torch.save(trainer.dump_checkpoint(), self.directory / f"{trainer.global_step}.ckpt")
+
+
+class CrashBeforeValidationAt:
+    name = "crash_before_validation"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def on_validation_start(self, trainer: Trainer) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def test_values_an_earlier_restart_marker_hides_are_written_again(tmp_path: Path) -> None:
+    # Run A writes epochs ending at 8, 16 and 24. Run B resumes from step 8 (its
+    # marker at 9 hides A's later steps) and dies at 16 before that epoch's end;
+    # run C resumes from 16. The read-back counted A's hidden step-16 values as
+    # written, and C left them out: epoch/loss showed 8 and 24 only.
+    options = {"log_dir": tmp_path / "runs", "flush_secs": 3600}
+    common = {"max_epochs": 3, "log_every_n_steps": 1, "seed": 0, "record": False}
+    run([("tensorboard", options), SaveEveryLastBatch(tmp_path)], **common)
+    with pytest.raises(Exception, match="simulated crash"):
+        run(
+            [("tensorboard", options), SaveEveryLastBatch(tmp_path), CrashBeforeValidationAt(16)],
+            fit_kwargs={"ckpt_path": tmp_path / "8.ckpt"},
+            **common,
+        )
+    run([("tensorboard", options)], fit_kwargs={"ckpt_path": tmp_path / "16.ckpt"}, **common)
+    events = read(tmp_path / "runs" / "default" / "version_0")
+    assert steps(events, "epoch/loss") == [8, 16, 24]
+    assert steps(events, "val/loss") == [8, 16, 24]
+    assert steps(events, "train/loss") == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+
+
 def test_resumed_file_sorts_after_the_old_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
