@@ -107,3 +107,33 @@ def test_a_checkpoint_of_another_optimizer_class_is_refused_before_training(tmp_
             ckpt_path=path,
         )
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_settings_an_lr_scheduler_adds_do_not_make_another_optimizer_kind() -> None:
+    from hooktrain.state import check_optimizer_kind
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    saved_sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    torch.optim.lr_scheduler.OneCycleLR(saved_sgd, max_lr=0.1, total_steps=10)
+    sgd = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+    torch.optim.swa_utils.SWALR(sgd, swa_lr=0.05)
+    # OneCycleLR's max_lr and momentum bounds on one side, SWALR's swa_lr on the
+    # other: another scheduler, the same optimizer class.
+    check_optimizer_kind(0, sgd, saved_sgd.state_dict())
+    with pytest.raises(ConfigurationError, match=r"this run's SGD: .*betas.*lack.*momentum"):
+        check_optimizer_kind(0, sgd, torch.optim.Adam(params).state_dict())
+
+
+def test_a_wrapped_optimizer_is_named_by_the_class_it_wraps() -> None:
+    from hooktrain.state import check_optimizer_kind
+
+    class Wrapper:
+        def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+            self.optimizer = optimizer
+            self.param_groups = optimizer.param_groups
+            self.defaults = optimizer.defaults
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    wrapped = Wrapper(torch.optim.SGD(params, lr=0.1))
+    with pytest.raises(ConfigurationError, match=r"this run's SGD: its settings include"):
+        check_optimizer_kind(0, wrapped, torch.optim.Adam(params).state_dict())

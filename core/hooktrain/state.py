@@ -22,7 +22,13 @@ from hooktrain.rng import rng_state
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["dump_checkpoint", "require_checkpoint", "restore_checkpoint"]
+__all__ = [
+    "check_count",
+    "check_optimizer_kind",
+    "dump_checkpoint",
+    "require_checkpoint",
+    "restore_checkpoint",
+]
 
 FORMAT = "hooktrain-checkpoint/1"
 
@@ -209,7 +215,7 @@ def load_model_and_optimizers(
     for index, (optimizer, saved) in enumerate(
         zip(trainer.optimizers, optimizer_states, strict=True)
     ):
-        _check_optimizer_kind(index, optimizer, saved)
+        check_optimizer_kind(index, optimizer, saved)
     load_model_state(trainer.module, model_state)
     for optimizer, saved in zip(trainer.optimizers, optimizer_states, strict=True):
         if any(isinstance(key, str) for key in saved.get("state", {})) or any(
@@ -222,17 +228,28 @@ def load_model_and_optimizers(
             optimizer.load_state_dict(saved)
 
 
-def _check_optimizer_kind(index: int, optimizer: Any, saved: Mapping[str, Any]) -> None:
-    """Refuse a state whose settings are another optimizer class's. torch loads it
-    without a word, keeping the saved settings, and the first step then fails
-    inside the optimizer (SGD after Adam: ``KeyError: 'momentum'``). A setting
-    torch added or removed between versions only goes one way, so only settings
-    missing on both sides are taken for another class."""
+def check_optimizer_kind(index: int, optimizer: Any, saved: Mapping[str, Any]) -> None:
+    """Refuse an optimizer state (``saved``, a ``state_dict`` of either form) saved
+    by another optimizer class than ``optimizer``, the run's ``index``-th.
+
+    torch loads one without a word, keeping the saved settings, and the first step
+    then fails inside the optimizer (SGD after Adam: ``KeyError: 'momentum'``). The
+    test: the saved parameter group lacks some of ``optimizer.defaults`` (the
+    class's own settings) and holds settings the run's group has not. Both sides
+    count, because settings that torch adds between versions, or that an LR
+    scheduler adds to the groups (``initial_lr``, OneCycleLR's ``max_lr``), differ
+    one way only. Adam and AdamW share their settings: torch loads one into the
+    other, keeping the saved ``decoupled_weight_decay``.
+
+    :raises ConfigurationError: naming the settings on each side.
+    """
     saved_groups, own_groups = saved.get("param_groups") or [{}], optimizer.param_groups
     saved_keys, own_keys = set(saved_groups[0]) - {"params"}, set(own_groups[0]) - {"params"}
-    unknown, missing = sorted(saved_keys - own_keys), sorted(own_keys - saved_keys)
+    unknown = sorted(saved_keys - own_keys)
+    missing = sorted(set(getattr(optimizer, "defaults", own_keys)) - saved_keys)
     if unknown and missing:
-        kind = type(optimizer).__name__
+        # A wrapper (accelerate's AcceleratedOptimizer) holds the user's as .optimizer.
+        kind = type(getattr(optimizer, "optimizer", optimizer)).__name__
         raise ConfigurationError(
             f"the checkpoint's optimizer {index} was saved by another kind of optimizer than "
             f"this run's {kind}: its settings include {', '.join(unknown)}, which {kind} has "

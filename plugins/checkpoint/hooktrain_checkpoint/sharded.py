@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hooktrain.state import check_count, check_optimizer_kind
 from hooktrain_checkpoint import storage
 
 if TYPE_CHECKING:
@@ -215,18 +216,17 @@ def load(trainer: Trainer, path: Path) -> tuple[dict[str, Any], storage.Checkpoi
     # Read once here so that a refusal reaches the caller as itself (inside DCP's
     # load it would come back wrapped in a CheckpointException).
     SafeReader(path).read_metadata()
+    # Before DCP reads into this run's layout: a state of another optimizer class
+    # would fail there on a missing key, in a CheckpointException.
+    saved_rests = list(state.get("optimizers", []))
+    check_count("optimizer(s)", trainer.optimizers, saved_rests)
+    for index, (optimizer, rest) in enumerate(zip(trainer.optimizers, saved_rests, strict=True)):
+        check_optimizer_kind(index, optimizer, rest)
     module = trainer.module
     model = get_model_state_dict(module)
     optimizers = [get_optimizer_state_dict(module, opt) for opt in trainer.optimizers]
     tensors, _ = _tensor_state(model, optimizers)
     dcp.load(tensors, checkpoint_id=path, storage_reader=SafeReader(path))
-    saved_rests = list(state.get("optimizers", []))
-    if len(saved_rests) != len(optimizers):
-        from hooktrain.errors import ConfigurationError
-
-        raise ConfigurationError(
-            f"the checkpoint holds {len(saved_rests)} optimizer(s), the run has {len(optimizers)}"
-        )
     state["model"] = tensors[_MODEL]
     state["optimizers"] = [
         _merge(tensors[_OPTIMIZER.format(i)], rest) for i, rest in enumerate(saved_rests)

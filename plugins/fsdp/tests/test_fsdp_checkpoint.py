@@ -149,3 +149,22 @@ def test_a_damaged_shard_is_skipped_and_a_planted_metadata_pickle_never_runs(tmp
     assert isinstance(caught.value.__cause__, UnsafeCheckpointError)
     assert caught.value.hook == "load_checkpoint"
     assert not marker.exists()
+
+
+def test_a_sharded_checkpoint_of_another_optimizer_class_is_refused_before_reading(
+    tmp_path,
+) -> None:
+    # DCP read the shards into this run's SGD layout and failed on a missing
+    # momentum buffer, in a CheckpointException (a BaseException, past every
+    # `except Exception`), naming neither optimizer.
+    fit(["fsdp"], tmp_path)
+    trainer = Trainer(plugins=["fsdp", ("checkpoint", {"dirpath": tmp_path})], device="cpu")
+    train, _ = make_data(n=64, batch_size=16)
+    with pytest.raises(HookError, match=r"another kind of optimizer than this run's SGD"):
+        trainer.fit(
+            make_model(),
+            train,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+            ckpt_path="last",
+        )
