@@ -217,6 +217,30 @@ class StepPlateauModel(nn.Module):
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
+def test_a_resume_keeps_a_step_wise_validation_for_its_epochs_end(tmp_path):
+    # Validated at every epoch's last step (val_every_n_steps), saved there and
+    # killed before the epoch's end: the resumed end did not know the weights had
+    # been validated, and, with check_val_every_n_epoch=2, neither validated them
+    # nor stepped the plateau scheduler, which the uninterrupted run did.
+    train, val = make_data(n=32, batch_size=16)  # 2 steps an epoch
+    options = {"max_epochs": 4, "check_val_every_n_epoch": 2, "val_every_n_steps": 2}
+
+    def fit(plugins, ckpt_path=None):
+        model = PlateauModel(torch.optim.lr_scheduler.ReduceLROnPlateau)
+        trainer = Trainer(plugins=plugins, seed=0, device="cpu", **options)
+        trainer.fit(model, train, val, ckpt_path=ckpt_path)
+        return model
+
+    uninterrupted = fit([])
+    path = tmp_path / "last-batch.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit([CrashesAfter(path, save_at=2, crash_at=2)])
+    recorder = HookRecorder(hooks=["on_validation_start"])
+    resumed = fit([recorder], ckpt_path=path)
+    assert uninterrupted.scheduler.last_epoch == resumed.scheduler.last_epoch == 4
+    assert recorder.count("on_validation_start") == 3  # steps 4, 6 and 8: not 2 again
+
+
 def test_a_step_wise_scheduler_monitoring_the_loss_gets_that_steps_loss():
     # The loss was set after the optimizer step: the first step failed ("never
     # logged"), and on a trainer that had fitted before, each step got the last one's.

@@ -82,6 +82,10 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
             # How many batches the epoch had: a resume in its middle skips the first
             # epoch_batches_done, which only fits a loader that splits alike.
             "epoch_batches": trainer.num_training_batches,
+            # A validation inside this step (val_every_n_steps) saw the weights saved:
+            # the epoch's end, when a resume runs it, does not validate them again.
+            "validated_at_step": trainer._validated_at_step,
+            "last_validation": sorted(trainer._last_validation),
         },
         "data_seed": trainer.data_seed,
         "rng": rng_state(),
@@ -153,6 +157,8 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
             trainer._train_metrics.load_state_dict(metric_states, rank=rank)
         trainer._pending_epoch_data = checkpoint.get("epoch_start_state")
         trainer._resume_epoch_batches = progress.get("epoch_batches")
+        trainer._validated_at_step = int(progress.get("validated_at_step", -1))
+        trainer._last_validation = set(progress.get("last_validation", ()))
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
     trainer._checked_steps_from = trainer.global_step + 1

@@ -458,6 +458,7 @@ class ModelCheckpoint:
             "best_k_models": dict(self.best_k_models),
             "kept_steps": dict(self._kept_steps),
             "evicting": self._evicting,
+            "validated_step": self._validated_step,
             "sequence": self._sequence,
         }
 
@@ -466,6 +467,8 @@ class ModelCheckpoint:
         state = checkpoint.get("plugins", {}).get(self._own_name(trainer))
         if state:
             self._sequence = int(state.get("sequence", 0))
+            # A resume does not validate again the weights a validation saw.
+            self._validated_step = int(state.get("validated_step", -1))
             same_ranking = state.get("monitor") == self.monitor and state.get("mode") == self.mode
             ranking = resume.restore_ranking(
                 state, self.dirpath, same_ranking=same_ranking, remove=trainer.is_global_zero

@@ -392,3 +392,37 @@ def test_a_file_whose_eviction_a_crash_cut_short_is_removed_when_the_run_resumes
     checkpoint = fit(tmp_path, [2.0, 1.0, 0.5], "last", save_top_k=1, async_save=False)
     assert checkpoint.best_k_models == {"epoch=2-step=6.ckpt": 0.5}
     assert held(tmp_path) == {"epoch=2-step=6.ckpt": (2, 0.5), "last.ckpt": (2, 0.5)}
+
+
+class CrashAtEpochEnd:
+    """Raises when epoch 0 ends, before any plugin's save at that end."""
+
+    name = "crash_at_epoch_end"
+
+    @hookimpl(tryfirst=True)
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        if trainer.current_epoch == 0:
+            raise Crash
+
+
+def test_a_resume_ranks_a_save_of_weights_validated_before_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # Step 2 is validated (val_every_n_steps) and saved step-wise; the run dies
+    # before the epoch's end. Resumed, that end does not validate the same weights
+    # again, and the plugin, having forgotten they were validated, left the
+    # epoch-end save of step 2 unranked.
+    options: dict[str, Any] = {
+        "save_top_k": -1,
+        "every_n_train_steps": 2,
+        "every_n_epochs": 1,
+        "val_every_n_steps": 2,
+        "filename": "{epoch}-{step}-{loss:.4f}",  # the epoch's mean at its end
+    }
+    whole = fit(tmp_path / "whole", [1.0, 2.0], **options).best_k_models
+    assert sorted(whole.values()) == [1.0, 2.0]
+    with pytest.raises(HookError, match="Crash"):
+        fit(tmp_path / "cut", [1.0, 2.0], None, CrashAtEpochEnd(), **options)
+    assert fit(tmp_path / "cut", [1.0, 2.0], "last", **options).best_k_models == whole
+    for name in whole:  # each saved again, ranked, with its epoch's end done
+        assert read_info(tmp_path / "cut" / name).record["epoch_complete"] is True

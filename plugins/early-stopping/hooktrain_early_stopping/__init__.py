@@ -178,11 +178,14 @@ class EarlyStopping:
             "best": self.best,
             "wait": self.wait,
             "stopped_epoch": self.stopped_epoch,
+            # Saved in the middle of an epoch that has validated (val_every_n_steps):
+            # a resume does not run that validation again, and its end must judge.
+            "validated": self._validated,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned. State saved for another metric
-        or mode is ignored (with a warning): its best value means nothing now."""
+        or mode is ignored (with a note on stderr): its best value means nothing now."""
         if state.get("monitor") != self.monitor or state.get("mode") != self.mode:
             print(
                 f"hooktrain: early_stopping state in the checkpoint watched "
@@ -196,6 +199,7 @@ class EarlyStopping:
         self.wait = int(state.get("wait", 0))
         stopped = state.get("stopped_epoch")
         self.stopped_epoch = None if stopped is None else int(stopped)
+        self._validated = bool(state.get("validated", False))
 
     def _judge(self, value: float) -> str | None:
         """Fold this process's ``value`` into ``best`` and ``wait``; the reason to

@@ -250,6 +250,7 @@ def test_state_survives_a_resume_through_the_core_checkpoint(tmp_path: Path) -> 
         "best": pytest.approx(0.4),
         "wait": 1,
         "stopped_epoch": None,
+        "validated": False,  # judged already: saved at the epoch's end
     }
 
     resumed = EarlyStopping(monitor="val_score", patience=3, verbose=False)
@@ -329,3 +330,45 @@ def test_state_survives_a_resume_through_the_checkpoint_plugin(tmp_path: Path) -
         fit_kwargs={"ckpt_path": "last"},
     )
     assert resumed.stopped_epoch == 6
+
+
+class SaveAndDieAtLastBatch:
+    """Saves at the end of epoch ``epoch``'s last batch (after a step-wise
+    validation there) and dies before that epoch's end, as a killed job would."""
+
+    def __init__(self, epoch: int, batches: int, path: Path) -> None:
+        self.epoch, self.batches, self.path = epoch, batches, path
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        if trainer.current_epoch == self.epoch and trainer.epoch_batches_done == self.batches:
+            torch.save(trainer.dump_checkpoint(), self.path)
+            raise KeyboardInterrupt("killed")
+
+
+def test_a_resume_judges_an_epoch_whose_step_wise_validation_came_before_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # Validated at each epoch's last step (val_every_n_steps), saved there, killed
+    # before the epoch's end: the resumed run does not validate those weights again,
+    # and its early stopping skipped judging the epoch, stopping one epoch late.
+    train, val = make_data(n=128, batch_size=16)  # 8 steps an epoch
+    options = {"max_epochs": 10, "val_every_n_steps": 8, "check_val_every_n_epoch": 2}
+
+    def fit(plugins, ckpt_path=None) -> EarlyStopping:
+        stopper = EarlyStopping(monitor="val_score", patience=3, verbose=False)
+        trainer = Trainer(plugins=[ScriptedScore(SCORES), stopper, *plugins], **options)
+        trainer.fit(
+            make_model(),
+            train,
+            val,
+            loss_fn=torch.nn.functional.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+            ckpt_path=ckpt_path,
+        )
+        return stopper
+
+    path = tmp_path / "epoch4.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit([SaveAndDieAtLastBatch(4, 8, path)])
+    assert fit([]).stopped_epoch == fit([], ckpt_path=path).stopped_epoch == 6
