@@ -31,7 +31,11 @@ def destroy_process_group_at_exit() -> None:
         if not (dist.is_available() and dist.is_initialized()):
             return
         try:
-            if dist.get_backend() == "gloo":
+            # A process dying of an uncaught exception (sys.last_value is set then)
+            # does not wait: a peer blocked in a collective it will never join keeps
+            # even this barrier from returning on gloo, timeout or not, and the
+            # launcher ends the job only once this process has exited.
+            if getattr(sys, "last_value", None) is None and dist.get_backend() == "gloo":
                 # Bounded: a peer that crashed must not keep this process forever.
                 dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
         except Exception as exc:  # a peer died; exit anyway, saying why

@@ -295,6 +295,8 @@ def main() -> None:
         plugins.append(LogOnOneRank(config["log_on_rank"]))
     if config.get("score"):
         plugins.append(ScorePerProcess())
+    if "faults" in config:
+        plugins.append(("faults", config["faults"]))
     if "compile" in config:
         plugins.append(("compile", config["compile"]))
     stopper = None

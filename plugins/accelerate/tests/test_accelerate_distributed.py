@@ -453,3 +453,13 @@ def test_a_window_ended_by_data_of_unknown_length_is_synchronised_and_stepped(tm
             )
         assert not any(report["unsized"]["grads_left"])
     assert reports[0]["unsized"]["weights"] == reports[1]["unsized"]["weights"]
+
+
+def test_an_exception_on_one_process_ends_the_job(tmp_path) -> None:
+    # Rank 1 raised, and, exiting, waited at the exit barrier for rank 0, which was
+    # blocked in the next step's collective: the job hung until killed. (launch's
+    # timeout is the guard against a hang.)
+    fault = {"hook": "on_train_batch_end", "step": 2, "fault": "exception", "rank": 1}
+    proc = launch({"faults": fault}, tmp_path)
+    assert proc.returncode != 0
+    assert "injected fault at hook on_train_batch_end, global step 2, rank 1" in proc.stderr

@@ -425,7 +425,10 @@ def _destroy_process_group_at_exit() -> None:
         if not dist.is_initialized():
             return
         try:
-            if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+            # Not after an uncaught exception (sys.last_value set): see
+            # hooktrain_accelerate.processes, whose barrier this is too.
+            dying = getattr(sys, "last_value", None) is not None
+            if not dying and dist.get_world_size() > 1 and dist.get_backend() == "gloo":
                 dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
         except Exception as exc:
             print(f"hooktrain-fsdp: processes did not meet at exit: {exc}", file=sys.stderr)

@@ -104,6 +104,8 @@ def main() -> None:
     if "fault" in config:
         fault = config["fault"]
         plugins.append(Fault(fault["rank"], fault["step"], fault["signal"], fault["moment"]))
+    if "faults" in config:
+        plugins.append(("faults", config["faults"]))
 
     trainer = Trainer(
         plugins=plugins,

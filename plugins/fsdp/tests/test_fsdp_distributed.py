@@ -268,3 +268,13 @@ def test_two_nodes_train_as_one_job(tmp_path, plugin, options) -> None:
         torch.testing.assert_close(
             torch.tensor(ranks[0]["weights"][name]), value, rtol=0, atol=1e-5, msg=name
         )
+
+
+def test_an_exception_on_one_process_ends_the_job(tmp_path) -> None:
+    # Rank 1 raised, and, exiting, waited at the exit barrier for rank 0, which was
+    # blocked in the next step's collective: the job hung until killed. (launch's
+    # timeout is the guard against a hang.)
+    fault = {"hook": "on_train_batch_end", "step": 2, "fault": "exception", "rank": 1}
+    proc = launch({"faults": fault}, tmp_path)
+    assert proc.returncode != 0
+    assert "injected fault at hook on_train_batch_end, global step 2, rank 1" in proc.stderr
