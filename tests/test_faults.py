@@ -82,7 +82,7 @@ def test_a_rank_the_run_does_not_have_is_refused_on_one_process_too() -> None:
     # It was checked only with several processes: alone, the fault never fired and
     # nothing said so (the "never fired" notice is printed by the fault's rank).
     fault = ("faults", {"hook": "on_train_batch_end", "step": 1, "fault": "exception", "rank": 1})
-    with pytest.raises(HookError, match="rank=1, but the run has 1 processes"):
+    with pytest.raises(HookError, match=r"rank=1, but the run has 1 process$"):
         run([fault], max_epochs=1, record=False)
 
 

@@ -580,6 +580,63 @@ def test_a_mid_epoch_resume_with_another_epoch_length_warns(tmp_path):
     assert not any("but yielded" in m for m in messages)
 
 
+class SavesAtEpochEnd:
+    name = "saves_at_epoch_end"
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer):
+        torch.save(trainer.dump_checkpoint(), self.path)
+
+
+@pytest.mark.parametrize(("max_epochs", "warned"), [(1, False), (2, True)])
+def test_persistent_workers_are_warned_about_only_when_something_is_left_to_train(
+    tmp_path, max_epochs, warned
+):
+    path = tmp_path / "end.ckpt"
+    plain = DataLoader(Indexed(8, noise=False), batch_size=2)
+    trainer = Trainer(plugins=[SavesAtEpochEnd(path)], max_epochs=1, device="cpu")
+    trainer.fit(make_model(features=2), plain, loss_fn=F.cross_entropy, optimizer=sgd())
+    persistent = DataLoader(
+        Indexed(8, noise=False), batch_size=2, num_workers=1, persistent_workers=True
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(plugins=[], max_epochs=max_epochs, device="cpu").fit(
+            make_model(features=2),
+            persistent,
+            loss_fn=F.cross_entropy,
+            optimizer=sgd(),
+            ckpt_path=path,
+        )
+    assert any("persistent_workers" in str(w.message) for w in caught) is warned
+
+
+def test_a_checkpoint_at_an_epochs_last_batch_resumes_with_another_length_unwarned(tmp_path):
+    # The whole epoch is skipped, whatever its split: no sample is trained twice.
+    def loader(batch_size):
+        return lambda: DataLoader(Indexed(8, noise=False), batch_size=batch_size, shuffle=True)
+
+    path = tmp_path / "last-batch.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        model = make_model(features=2)
+        Trainer(plugins=[CrashesAfter(path, save_at=4, crash_at=4)], device="cpu").fit(
+            model, loader(2)(), loss_fn=F.cross_entropy, optimizer=sgd()
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(plugins=[], max_epochs=2, device="cpu").fit(
+            make_model(features=2),
+            loader(4)(),
+            loss_fn=F.cross_entropy,
+            optimizer=sgd(),
+            ckpt_path=path,
+        )
+    assert not [w for w in caught if issubclass(w.category, ResumeWarning)]
+
+
 def test_only_a_torch_generator_can_be_marked_as_reseeded_every_epoch():
     with pytest.raises(ValueError, match=r"whose \.generator is a torch\.Generator"):
         mark_epoch_seeded(ReseedsLazily(4, mark=False))  # no generator before its first epoch

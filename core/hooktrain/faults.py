@@ -153,7 +153,8 @@ class Faults:
         # trylast: after every plugin that sets the world size (accelerate) has.
         if self.rank >= trainer.world_size:
             raise ConfigurationError(
-                f"faults: rank={self.rank}, but the run has {trainer.world_size} processes"
+                f"faults: rank={self.rank}, but the run has {trainer.world_size} "
+                f"process{'es' if trainer.world_size > 1 else ''}"
             )
 
     @hookimpl(trylast=True)

@@ -244,7 +244,8 @@ def _open_epoch(
     limit = trainer.limits["train"]
     total = trainer.num_training_batches = limited_length(loader, limit)
     saved_total, trainer._resume_epoch_batches = trainer._resume_epoch_batches, None
-    if skip and None not in (total, saved_total) and total != saved_total:
+    # (A checkpoint at an epoch's last batch skips the whole epoch, whatever its split.)
+    if skip and None not in (total, saved_total) and total != saved_total and skip < saved_total:
         warnings.warn(
             f"hooktrain: the checkpoint was taken after batch {skip} of an epoch of "
             f"{saved_total} batches, and the training dataloader now gives {total} an epoch "

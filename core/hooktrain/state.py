@@ -163,7 +163,8 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
     trainer._checked_steps_from = trainer.global_step + 1
     trainer._pending_rng = checkpoint.get("rng")
-    _warn_if_workers_persist(trainer.train_dataloader)
+    if not _finished(trainer):
+        _warn_if_workers_persist(trainer.train_dataloader)
     trainer.plugin_manager.hook.on_load_checkpoint(trainer=trainer, checkpoint=checkpoint)
     not_restored = sorted(set(checkpoint.get("plugins", {})) - set(trainer.plugin_names))
     if not_restored:
@@ -172,6 +173,14 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
             f"restored: {', '.join(not_restored)}",
             file=sys.stderr,
         )
+
+
+def _finished(trainer: Trainer) -> bool:
+    """Whether the restored run has nothing left to train."""
+    if not trainer.epoch_complete:
+        return False
+    steps_done = trainer.max_steps is not None and trainer.global_step >= trainer.max_steps
+    return steps_done or trainer.current_epoch + 1 >= trainer.max_epochs
 
 
 def _warn_if_workers_persist(loader: Any) -> None:

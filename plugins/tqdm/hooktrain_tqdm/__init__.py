@@ -412,7 +412,8 @@ def _epoch_label(trainer: Trainer) -> str:
 
 def _display_rank(name: str) -> tuple[int, bool]:
     stage = 1 if name.startswith("val_") else 2 if name.startswith("test_") else 0
-    return stage, name.removeprefix("val_").removeprefix("test_") != "loss"
+    metric = name.split("/")[0].removeprefix("val_").removeprefix("test_")  # per loader too
+    return stage, metric != "loss"
 
 
 def _format_values(values: Mapping[str, float]) -> str:

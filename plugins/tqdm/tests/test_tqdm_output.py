@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from hooktrain_tqdm import ProgressBar
 
-from hooktrain import Trainer, hookimpl
+from hooktrain import Trainer, accuracy, hookimpl
 from hooktrain.plugins import installed_plugins
 from hooktrain.testing import make_data, make_model, run
 
@@ -436,3 +436,28 @@ def test_no_thread_is_started(terminal: bool) -> None:
     # Neither a timer of the plugin's nor tqdm's monitor thread.
     assert watcher.seen and watcher.seen <= before, watcher.seen - before
     assert set(threading.enumerate()) <= before
+
+
+def test_the_summary_shows_each_stage_and_loaders_loss_first() -> None:
+    # Values arrive in name order; with two validation loaders the losses came
+    # after the accuracies (val_acc/dataloader_idx_0 ... val_loss/dataloader_idx_0).
+    stream = io.StringIO()
+    train, val = make_data()
+    trainer = Trainer(plugins=[("tqdm", {"stream": stream, "plain_interval": None})], device="cpu")
+    trainer.fit(
+        make_model(),
+        train,
+        [val, val],
+        loss_fn=torch.nn.functional.cross_entropy,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        metrics={"acc": accuracy},
+    )
+    names = re.findall(r"([\w/]+)=", stream.getvalue().splitlines()[-1])
+    assert names == [
+        "loss",
+        "acc",
+        "val_loss/dataloader_idx_0",
+        "val_loss/dataloader_idx_1",
+        "val_acc/dataloader_idx_0",
+        "val_acc/dataloader_idx_1",
+    ]
