@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from hooktrain import ConfigurationError, Trainer, accuracy, hookimpl
 from hooktrain.testing import make_data, make_model
 
+#: What every fit here trains with.
+SGD_FIT = {"loss_fn": F.cross_entropy, "optimizer": lambda p: torch.optim.SGD(p, 0.1)}
+
 
 class Publications:
     name = "publications"
@@ -45,13 +48,7 @@ def test_a_value_logged_at_an_epoch_end_belongs_to_that_epoch():
     trainer = Trainer(
         plugins=[LogsAtEpochEnds(), publications], max_epochs=2, log_every_n_steps=1, device="cpu"
     )
-    trainer.fit(
-        make_model(),
-        train,
-        val,
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.SGD(p, 0.1),
-    )
+    trainer.fit(make_model(), train, val, **SGD_FIT)
     validations = [(step, m) for step, scope, m in publications.seen if scope == "validate"]
     epochs = [(step, m) for step, scope, m in publications.seen if scope == "epoch"]
     steps = [m for _, scope, m in publications.seen if scope == "step"]
@@ -225,13 +222,7 @@ def test_a_value_logged_after_a_step_wise_validation_weighs_by_the_training_batc
     trainer = Trainer(
         plugins=[logger], max_epochs=1, val_every_n_steps=val_every_n_steps, device="cpu"
     )
-    trainer.fit(
-        make_model(),
-        train,
-        val,
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.SGD(p, 0.1),
-    )
+    trainer.fit(make_model(), train, val, **SGD_FIT)
     assert logger.sizes == [16, 16, 8]
     assert trainer.metrics["index"] == pytest.approx((0 * 16 + 1 * 16 + 2 * 8) / 40)
 
@@ -260,13 +251,7 @@ def test_a_value_logged_in_validation_is_never_published_as_a_training_step():
         device="cpu",
     )
     trainer.validate(make_model(), val, loss_fn=F.cross_entropy)
-    trainer.fit(
-        make_model(),
-        train,
-        val,
-        loss_fn=F.cross_entropy,
-        optimizer=lambda p: torch.optim.SGD(p, 0.1),
-    )
+    trainer.fit(make_model(), train, val, **SGD_FIT)
     validations = [step for step, scope, m in publications.seen if "val_mean_input" in m]
     assert validations == [0, 3, 6]
     assert [scope for _, scope, m in publications.seen if "val_mean_input" in m] == ["validate"] * 3
@@ -304,11 +289,10 @@ def test_a_value_logged_after_a_fits_last_log_point_does_not_reach_the_next_fit(
     logs = LogsUntilTurnedOff()
     train, _ = make_data(n=48, batch_size=16)
     trainer = Trainer(plugins=[logs, publications], log_every_n_steps=2, device="cpu")
-    fit = {"loss_fn": F.cross_entropy, "optimizer": lambda p: torch.optim.SGD(p, 0.1)}
-    trainer.fit(make_model(), train, **fit)
+    trainer.fit(make_model(), train, **SGD_FIT)
     logs.on = False
     del publications.seen[:]
-    trainer.fit(make_model(), train, **fit)
+    trainer.fit(make_model(), train, **SGD_FIT)
     assert [(step, scope, sorted(m)) for step, scope, m in publications.seen] == [
         (2, "step", ["loss"]),
         (3, "epoch", ["loss"]),

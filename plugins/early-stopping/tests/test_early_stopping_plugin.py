@@ -352,20 +352,12 @@ def test_a_resume_judges_an_epoch_whose_step_wise_validation_came_before_the_che
     # Validated at each epoch's last step (val_every_n_steps), saved there, killed
     # before the epoch's end: the resumed run does not validate those weights again,
     # and its early stopping skipped judging the epoch, stopping one epoch late.
-    train, val = make_data(n=128, batch_size=16)  # 8 steps an epoch
     options = {"max_epochs": 10, "val_every_n_steps": 8, "check_val_every_n_epoch": 2}
 
     def fit(plugins, ckpt_path=None) -> EarlyStopping:
         stopper = EarlyStopping(monitor="val_score", patience=3, verbose=False)
-        trainer = Trainer(plugins=[ScriptedScore(SCORES), stopper, *plugins], **options)
-        trainer.fit(
-            make_model(),
-            train,
-            val,
-            loss_fn=torch.nn.functional.cross_entropy,
-            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
-            ckpt_path=ckpt_path,
-        )
+        fit_kwargs = {"ckpt_path": ckpt_path}  # 8 steps an epoch, of make_data()'s 128
+        run([ScriptedScore(SCORES), stopper, *plugins], fit_kwargs=fit_kwargs, **options)
         return stopper
 
     path = tmp_path / "epoch4.ckpt"

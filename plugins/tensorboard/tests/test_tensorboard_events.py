@@ -380,44 +380,6 @@ def test_resume_keeps_the_version_and_writes_no_step_twice(tmp_path: Path) -> No
     assert len(events.PluginTagToContent("hparams")) == 3
 
 
-class SaveAtLastBatch:
-    """Saves a checkpoint at the end of the given epoch's last batch: before that
-    epoch's end (validation, epoch means) runs, as a step-wise checkpoint does."""
-
-    name = "save_at_last_batch"
-
-    def __init__(self, path: Path, epoch: int) -> None:
-        self.path, self.epoch = path, epoch
-
-    @hookimpl
-    def on_train_batch_end(self, trainer: Trainer) -> None:
-        if trainer.current_epoch == self.epoch and trainer.epoch_batches_done == STEPS_PER_EPOCH:
-            torch.save(trainer.dump_checkpoint(), self.path)
-
-
-def test_an_epoch_end_written_after_the_checkpoint_is_not_written_again(tmp_path: Path) -> None:
-    # The checkpoint holds step 8 before epoch 0's end; the crashed run wrote that
-    # end (epoch/*, val/*, lr at step 8), and the resumed run runs it again. The
-    # restart marker hides only steps after 8, so step 8 was in the file twice.
-    ckpt = tmp_path / "last-batch.ckpt"
-    options = {"log_dir": tmp_path / "runs", "flush_secs": 3600}
-    with pytest.raises(Exception, match="simulated crash"):
-        run(
-            [("tensorboard", options), SaveAtLastBatch(ckpt, 0), CrashAt(1, 2)],
-            max_epochs=2,
-            log_every_n_steps=1,
-            seed=0,
-            record=False,
-        )
-    logger = TensorBoardLogger(tmp_path / "runs", flush_secs=3600)
-    run([logger], max_epochs=2, log_every_n_steps=1, seed=0, fit_kwargs={"ckpt_path": ckpt})
-    events = read(tmp_path / "runs" / "default" / "version_0")
-    assert steps(events, "epoch/loss") == [8, 16]
-    assert steps(events, "val/loss") == [8, 16]
-    assert steps(events, "lr/group_0") == list(range(1, 2 * STEPS_PER_EPOCH + 1))
-    assert steps(events, "train/loss") == list(range(1, 2 * STEPS_PER_EPOCH + 1))
-
-
 class SaveEveryLastBatch:
     """Saves ``<global step>.ckpt`` at the end of every epoch's last batch."""
 
@@ -430,6 +392,29 @@ class SaveEveryLastBatch:
     def on_train_batch_end(self, trainer: Trainer) -> None:
         if trainer.epoch_batches_done == STEPS_PER_EPOCH:
             torch.save(trainer.dump_checkpoint(), self.directory / f"{trainer.global_step}.ckpt")
+
+
+def test_an_epoch_end_written_after_the_checkpoint_is_not_written_again(tmp_path: Path) -> None:
+    # The checkpoint holds step 8 before epoch 0's end; the crashed run wrote that
+    # end (epoch/*, val/*, lr at step 8), and the resumed run runs it again. The
+    # restart marker hides only steps after 8, so step 8 was in the file twice.
+    ckpt = tmp_path / "8.ckpt"
+    options = {"log_dir": tmp_path / "runs", "flush_secs": 3600}
+    with pytest.raises(Exception, match="simulated crash"):
+        run(
+            [("tensorboard", options), SaveEveryLastBatch(tmp_path), CrashAt(1, 2)],
+            max_epochs=2,
+            log_every_n_steps=1,
+            seed=0,
+            record=False,
+        )
+    logger = TensorBoardLogger(tmp_path / "runs", flush_secs=3600)
+    run([logger], max_epochs=2, log_every_n_steps=1, seed=0, fit_kwargs={"ckpt_path": ckpt})
+    events = read(tmp_path / "runs" / "default" / "version_0")
+    assert steps(events, "epoch/loss") == [8, 16]
+    assert steps(events, "val/loss") == [8, 16]
+    assert steps(events, "lr/group_0") == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert steps(events, "train/loss") == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
 class CrashBeforeValidationAt:
