@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hooktrain.errors import ConfigurationError
-from hooktrain.state import check_count
+from hooktrain.state import check_count, check_optimizer_kind
 
 if TYPE_CHECKING:
     import torch
@@ -54,14 +54,20 @@ def load_into_sharded(
             f"checkpoint: {', '.join(missing) or 'none'}; not in the model: "
             f"{', '.join(unexpected) or 'none'}"
         )
+    check_count("optimizer(s)", trainer.optimizers, list(optimizer_states))
+    for index, (optimizer, saved) in enumerate(
+        zip(trainer.optimizers, optimizer_states, strict=True)
+    ):
+        check_optimizer_kind(index, optimizer, saved)
     full = not any(_is_sharded(v) for v in model_state.values())
     options = StateDictOptions(full_state_dict=full, strict=True)
     set_model_state_dict(module, dict(model_state), options=options)
-    check_count("optimizer(s)", trainer.optimizers, list(optimizer_states))
     for optimizer, saved in zip(trainer.optimizers, optimizer_states, strict=True):
         keyed = _keyed_by_name(module, optimizer, saved)
         tensors = [v for s in keyed["state"].values() for v in s.values() if hasattr(v, "shape")]
-        sharded = any(_is_sharded(t) for t in tensors)
+        # An optimizer without tensor state (SGD without momentum) has nothing to
+        # shard; loaded as a full state, DCP wanted a device to broadcast from.
+        sharded = not tensors or any(_is_sharded(t) for t in tensors)
         set_optimizer_state_dict(
             module, optimizer, keyed, options=StateDictOptions(full_state_dict=not sharded)
         )

@@ -151,13 +151,14 @@ def test_a_damaged_shard_is_skipped_and_a_planted_metadata_pickle_never_runs(tmp
     assert not marker.exists()
 
 
-def test_a_sharded_checkpoint_of_another_optimizer_class_is_refused_before_reading(
-    tmp_path,
+@pytest.mark.parametrize("saved_by", [["fsdp"], []], ids=["sharded", "single-file"])
+def test_a_checkpoint_of_another_optimizer_class_is_refused_before_reading(
+    tmp_path, saved_by
 ) -> None:
     # DCP read the shards into this run's SGD layout and failed on a missing
     # momentum buffer, in a CheckpointException (a BaseException, past every
     # `except Exception`), naming neither optimizer.
-    fit(["fsdp"], tmp_path)
+    fit(saved_by, tmp_path)
     trainer = Trainer(plugins=["fsdp", ("checkpoint", {"dirpath": tmp_path})], device="cpu")
     train, _ = make_data(n=64, batch_size=16)
     with pytest.raises(HookError, match=r"another kind of optimizer than this run's SGD"):
@@ -168,3 +169,26 @@ def test_a_sharded_checkpoint_of_another_optimizer_class_is_refused_before_readi
             optimizer=lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
             ckpt_path="last",
         )
+
+
+@pytest.mark.parametrize("saved_by", [["fsdp"], []], ids=["sharded", "single-file"])
+def test_an_optimizer_without_tensor_state_resumes(tmp_path, saved_by) -> None:
+    # Plain SGD keeps no tensors; its empty state was loaded as a full one, and DCP
+    # failed with "AssertionError: Expected device to be set": no resume at all.
+    def fit_sgd(max_epochs: int, directory: Path | None, plugins=("fsdp",)) -> nn.Module:
+        plugins = list(plugins)
+        if directory is not None:
+            plugins.append(("checkpoint", {"dirpath": directory}))
+        model = make_model()
+        trainer = Trainer(plugins=plugins, seed=0, device="cpu", max_epochs=max_epochs)
+        trainer.fit(
+            model,
+            make_data(n=64, batch_size=16)[0],
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+            ckpt_path="last" if directory is not None else None,
+        )
+        return model
+
+    fit_sgd(1, tmp_path, saved_by)
+    assert_same(fit_sgd(2, tmp_path), fit_sgd(2, None))
