@@ -137,3 +137,65 @@ def test_a_wrapped_optimizer_is_named_by_the_class_it_wraps() -> None:
     wrapped = Wrapper(torch.optim.SGD(params, lr=0.1))
     with pytest.raises(ConfigurationError, match=r"this run's SGD: its settings include"):
         check_optimizer_kind(0, wrapped, torch.optim.Adam(params).state_dict())
+
+
+class Scheduled(torch.nn.Module):
+    """``make_model()`` with its own optimizer and an LR scheduler of ``kind``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        return torch.nn.functional.cross_entropy(self(inputs), targets)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        schedulers = {
+            "step": lambda: torch.optim.lr_scheduler.StepLR(optimizer, step_size=1),
+            "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4),
+            "cyclic": lambda: torch.optim.lr_scheduler.CyclicLR(optimizer, 0.01, 0.1),
+        }
+        return {"optimizer": optimizer, "lr_scheduler": schedulers[self.kind]()}
+
+
+@pytest.mark.parametrize("resumed_kind", ["cosine", "cyclic"])
+def test_a_checkpoint_of_another_scheduler_class_is_refused_before_anything_loads(
+    tmp_path, resumed_kind
+) -> None:
+    # torch loaded StepLR's state into CosineAnnealingLR without a word (mixing the
+    # two), and into CyclicLR with a bare KeyError: '_scale_fn_custom'.
+    path = tmp_path / "step.pt"
+    train, _ = make_data(n=64, batch_size=16)
+    Trainer(plugins=[SaveAt(path, 3)], seed=0, device="cpu", max_epochs=1).fit(
+        Scheduled("step"), train
+    )
+    model = Scheduled(resumed_kind)
+    before = [p.clone() for p in model.parameters()]
+    trainer = Trainer(plugins=[], seed=0, device="cpu", max_epochs=2)
+    name = {"cosine": "CosineAnnealingLR", "cyclic": "CyclicLR"}[resumed_kind]
+    with pytest.raises(
+        ConfigurationError, match=rf"LR scheduler 0 .* this run's {name}: .*step_size.*lacks"
+    ):
+        trainer.fit(model, train, ckpt_path=path)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_a_scheduler_state_from_another_torch_version_still_loads() -> None:
+    from hooktrain.state import check_scheduler_kind
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    # Attributes a newer or older torch adds differ one way only.
+    older = {k: v for k, v in scheduler.state_dict().items() if k != "_is_initial"}
+    newer = {**scheduler.state_dict(), "_added_later": 1}
+    check_scheduler_kind(0, scheduler, older)
+    check_scheduler_kind(0, scheduler, newer)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    with pytest.raises(ConfigurationError, match=r"this run's StepLR: .*T_max.*lacks .*step_size"):
+        check_scheduler_kind(0, scheduler, cosine.state_dict())

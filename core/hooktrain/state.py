@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "check_count",
     "check_optimizer_kind",
+    "check_scheduler_kind",
     "dump_checkpoint",
     "require_checkpoint",
     "restore_checkpoint",
@@ -127,16 +128,18 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     """See `hooktrain.Trainer.restore_checkpoint`."""
     if trainer.module is None:
         raise ConfigurationError("restore_checkpoint() needs a model: call it during fit")
+    schedulers = [entry.scheduler for entry in trainer._schedulers]
+    scheduler_states = list(checkpoint.get("lr_schedulers", []))
+    check_count("LR scheduler(s)", schedulers, scheduler_states)
+    for index, (scheduler, saved) in enumerate(zip(schedulers, scheduler_states, strict=True)):
+        check_scheduler_kind(index, scheduler, saved)
     trainer.plugin_manager.hook.set_state_dict(
         trainer=trainer,
         model_state_dict=checkpoint["model"],
         optimizer_state_dicts=list(checkpoint.get("optimizers", [])),
     )
-    _load_each(
-        "LR scheduler(s)",
-        [entry.scheduler for entry in trainer._schedulers],
-        checkpoint.get("lr_schedulers", []),
-    )
+    for scheduler, saved in zip(schedulers, scheduler_states, strict=True):
+        scheduler.load_state_dict(saved)
     progress = checkpoint["progress"]
     trainer.global_step = int(progress["global_step"])
     trainer.current_epoch = int(progress["epoch"])
@@ -197,12 +200,6 @@ def _warn_if_workers_persist(loader: Any) -> None:
             ResumeWarning,
             stacklevel=4,
         )
-
-
-def _load_each(what: str, objects: list[Any], states: list[Any]) -> None:
-    check_count(what, objects, states)
-    for obj, state in zip(objects, states, strict=True):
-        obj.load_state_dict(state)
 
 
 def check_count(what: str, objects: list[Any], states: list[Any]) -> None:
@@ -269,6 +266,35 @@ def check_optimizer_kind(index: int, optimizer: Any, saved: Mapping[str, Any]) -
             f"the checkpoint's optimizer {index} was saved by another kind of optimizer than "
             f"this run's {kind}: its settings include {', '.join(unknown)}, which {kind} has "
             f"not, and lack {', '.join(missing)}. Resume with the optimizer it was saved with"
+        )
+
+
+def check_scheduler_kind(index: int, scheduler: Any, saved: Mapping[str, Any]) -> None:
+    """Refuse an LR scheduler state (``saved``) saved by another scheduler class than
+    ``scheduler``, the run's ``index``-th.
+
+    torch's ``load_state_dict`` copies the saved attributes over the scheduler's
+    own: a StepLR's state in a CosineAnnealingLR loads without a word and mixes
+    the two; some classes fail later with a bare ``KeyError`` (CyclicLR:
+    ``'_scale_fn_custom'``). The test, as for optimizers (`check_optimizer_kind`):
+    the saved state holds attributes the run's scheduler has not, and lacks some
+    it has. Either alone is what another torch version gives (it adds attributes
+    such as ``_is_initial``). Classes whose state is a subset of another's
+    (ExponentialLR's of StepLR's) are not told apart.
+
+    :raises ConfigurationError: naming the attributes on each side.
+    """
+    own = set(scheduler.state_dict())
+    unknown = sorted(set(saved) - own)
+    missing = sorted(own - set(saved))
+    if unknown and missing:
+        # A wrapper (accelerate's AcceleratedScheduler) holds the user's as .scheduler.
+        kind = type(getattr(scheduler, "scheduler", scheduler)).__name__
+        raise ConfigurationError(
+            f"the checkpoint's LR scheduler {index} was saved by another kind of scheduler "
+            f"than this run's {kind}: its state includes {', '.join(unknown)}, which {kind} "
+            f"has not, and lacks {', '.join(missing)}. Resume with the scheduler it was "
+            f"saved with"
         )
 
 
