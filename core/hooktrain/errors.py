@@ -49,6 +49,14 @@ class ResumeWarning(UserWarning):
 
 def closest_name(given: object, known: Iterable[str]) -> str | None:
     """The name of ``known`` closest to ``given`` (difflib's ratio of at least 0.5),
-    for the "did you mean" of a message; ``None`` when none is close."""
+    for the "did you mean" of a message; ``None`` when none is close.
+
+    With several validation dataloaders a metric is logged once per loader
+    (``val_loss/dataloader_idx_0``...): the first of those is the closest to the
+    bare name, which difflib would rank below a shorter near miss (``loss``).
+    """
+    per_loader = [name for name in known if name.startswith(f"{given}/dataloader_idx_")]
+    if per_loader:
+        return min(per_loader)
     matches = difflib.get_close_matches(str(given), list(known), n=1, cutoff=0.5)
     return matches[0] if matches else None

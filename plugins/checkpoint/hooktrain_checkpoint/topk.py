@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from hooktrain.errors import closest_name
 from hooktrain_checkpoint.storage import LAST_NAME, SUFFIX
 
 __all__ = [
@@ -55,8 +55,8 @@ def missing_monitor_message(monitor: str, metrics: Mapping[str, Any], where: str
     prefix = "val_" if monitor.startswith("val_") else ""
     if not any(name.startswith(prefix) for name in metrics):
         return None
-    close = difflib.get_close_matches(monitor, list(metrics), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = closest_name(monitor, metrics)
+    hint = f" Did you mean {close!r}?" if close else ""
     return (
         f"hooktrain-checkpoint: monitored metric {monitor!r} does not exist at {where}; "
         f"checkpoints are not ranked until it does (last is still saved).{hint} Known "

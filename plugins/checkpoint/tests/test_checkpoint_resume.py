@@ -421,6 +421,16 @@ def test_a_missing_monitor_warns_once_naming_a_close_metric(
     assert names(tmp_path) == {"last.ckpt"}
 
 
+def test_a_missing_monitor_suggests_the_per_loader_name_with_several_val_loaders(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")
+    trainer = Trainer(plugins=[checkpoint], max_epochs=1, device="cpu", limit_train_batches=2)
+    train, val = make_data(n=64, batch_size=16)
+    trainer.fit(Net(), train, [val, val], loss_fn=F.cross_entropy)
+    assert "Did you mean 'val_loss/dataloader_idx_0'?" in capsys.readouterr().err
+
+
 def test_a_failed_background_write_surfaces(tmp_path: Path) -> None:
     class BreakDirectory:
         """Replaces the checkpoint directory by a file right after the first save."""

@@ -138,14 +138,17 @@ class EarlyStopping:
         missing_on, stopping_on = self._agree(trainer, missing, reason is not None)
         if missing_on:
             from hooktrain import ConfigurationError
+            from hooktrain.errors import closest_name
 
             where = ""
             if len(missing_on) < trainer.world_size:
                 where = f" on rank {', '.join(map(str, missing_on))}"
             known = ", ".join(sorted(trainer.metrics)) or "none"
+            close = closest_name(self.monitor, trainer.metrics)
+            hint = f" Did you mean {close!r}?" if close else ""
             raise ConfigurationError(
                 f"early_stopping monitors {self.monitor!r}, which was not logged by the end "
-                f"of epoch {trainer.current_epoch}{where}; metrics available: {known}"
+                f"of epoch {trainer.current_epoch}{where}.{hint} Metrics available: {known}"
             )
         if stopping_on:
             if reason is None:

@@ -364,3 +364,18 @@ def test_a_resume_judges_an_epoch_whose_step_wise_validation_came_before_the_che
     with pytest.raises(KeyboardInterrupt):
         fit([SaveAndDieAtLastBatch(4, 8, path)])
     assert fit([]).stopped_epoch == fit([], ckpt_path=path).stopped_epoch == 6
+
+
+def test_an_unsuffixed_name_with_several_validation_loaders_suggests_the_per_loader_one() -> None:
+    # With two validation loaders every validation metric is logged per loader; the
+    # bare name's closest match by spelling alone was 'loss'.
+    train, val = make_data()
+    with pytest.raises(HookError) as info:
+        run(
+            [EarlyStopping(monitor="val_loss")],
+            record=False,
+            max_epochs=2,
+            data=(train, [val, val]),
+        )
+    assert isinstance(info.value.__cause__, ConfigurationError)
+    assert "Did you mean 'val_loss/dataloader_idx_0'? Metrics available: acc, loss, " in str(info.value)
