@@ -469,11 +469,14 @@ class ModelCheckpoint:
             self._sequence = int(state.get("sequence", 0))
             # A resume does not validate again the weights a validation saw.
             self._validated_step = int(state.get("validated_step", -1))
-            same_ranking = state.get("monitor") == self.monitor and state.get("mode") == self.mode
             ranking = resume.restore_ranking(
-                state, self.dirpath, same_ranking=same_ranking, remove=trainer.is_global_zero
+                state,
+                self.dirpath,
+                monitor=self.monitor,
+                mode=self.mode,
+                remove=trainer.is_global_zero,
             )
-            if same_ranking:
+            if ranking is not None:
                 self.best_k_models, self._kept_steps = ranking
         progress = checkpoint["progress"]
         self._saved_progress = (

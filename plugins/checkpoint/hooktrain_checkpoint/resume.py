@@ -116,29 +116,37 @@ def _stderr(message: str) -> None:
 
 
 def restore_ranking(
-    state: Mapping[str, Any], dirpath: Path, *, same_ranking: bool, remove: bool
-) -> tuple[dict[str, float], dict[str, int]]:
+    state: Mapping[str, Any], dirpath: Path, *, monitor: str | None, mode: str, remove: bool
+) -> tuple[dict[str, float], dict[str, int]] | None:
     """The ranking that a checkpoint's plugin ``state`` holds: the kept files still
     in ``dirpath`` (files removed since, by hand or by a later run, are forgotten)
-    with their scores, and their global steps (``({}, {})`` unless
-    ``same_ranking``: another ``monitor`` or ``mode``).
+    with their scores, and their global steps; ``None`` when the state was ranked
+    by another ``monitor`` or ``mode`` than this run's.
 
     A save evicts files only once its own files are complete, after the checkpoint
     that no longer lists them was written; a run killed in between left them for
     good. With ``remove`` (the process that writes) they are deleted now, when
-    ``dirpath`` is where that run saved.
+    ``dirpath`` is where that run saved; that process also says on stderr when a
+    changed ranking leaves the checkpoint's kept files unranked.
     """
     best: dict[str, float] = {}
+    kept = state.get("best_k_models", {})
+    same_ranking = state.get("monitor") == monitor and state.get("mode") == mode
     if same_ranking:
-        best = {
-            name: float(score)
-            for name, score in state.get("best_k_models", {}).items()
-            if (dirpath / name).exists()
-        }
+        best = {name: float(score) for name, score in kept.items() if (dirpath / name).exists()}
+    elif kept and remove:
+        # They stay on disk: their scores are of another metric, or another order.
+        print(
+            f"hooktrain-checkpoint: the checkpoint ranked by {state.get('monitor')!r} "
+            f"({state.get('mode')}), this run by {monitor!r} ({mode}): the {len(kept)} "
+            f"file(s) it kept ({', '.join(sorted(kept))}) stay on disk, unranked; this "
+            f"run never removes them",
+            file=sys.stderr,
+        )
     # Absent from checkpoints saved before it was kept: then none is replaced.
     steps = {name: int(step) for name, step in state.get("kept_steps", {}).items() if name in best}
     if remove and state.get("dirpath") == str(dirpath):
         for name in state.get("evicting", []):
             if name not in best:
                 sharded.remove(dirpath / name)
-    return best, steps
+    return (best, steps) if same_ranking else None

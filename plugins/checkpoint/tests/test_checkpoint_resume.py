@@ -394,6 +394,27 @@ def test_top_k_bookkeeping_survives_a_resume(tmp_path: Path) -> None:
     }
 
 
+def test_a_resume_ranking_by_another_mode_says_so_and_keeps_the_old_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fit_scores(tmp_path, [5, 3, 4, 1, 2], 3, save_top_k=2)
+    old = {"epoch=1-score=3.0.ckpt", "epoch=2-score=4.0.ckpt"}
+    capsys.readouterr()
+    checkpoint = fit_scores(
+        tmp_path, [5, 3, 4, 1, 2], 5, ckpt_path="last", save_top_k=2, mode="max"
+    )
+    err = capsys.readouterr().err
+    assert "the checkpoint ranked by 'score' (min), this run by 'score' (max)" in err
+    assert "the 2 file(s) it kept (epoch=1-score=3.0.ckpt, epoch=2-score=4.0.ckpt)" in err
+    # Scores of another order are not compared with this run's: the old files stay,
+    # and only this run's saves (epochs 3 and 4) are ranked.
+    assert checkpoint.best_k_models == {
+        "epoch=3-score=1.0.ckpt": 1.0,
+        "epoch=4-score=2.0.ckpt": 2.0,
+    }
+    assert names(tmp_path) == old | set(checkpoint.best_k_models) | {"last.ckpt"}
+
+
 def test_save_top_k_zero_keeps_only_last_and_save_last_false_keeps_no_last(
     tmp_path: Path,
 ) -> None:

@@ -378,4 +378,6 @@ def test_an_unsuffixed_name_with_several_validation_loaders_suggests_the_per_loa
             data=(train, [val, val]),
         )
     assert isinstance(info.value.__cause__, ConfigurationError)
-    assert "Did you mean 'val_loss/dataloader_idx_0'? Metrics available: acc, loss, " in str(info.value)
+    assert "Did you mean 'val_loss/dataloader_idx_0'? Metrics available: acc, loss, " in str(
+        info.value
+    )
