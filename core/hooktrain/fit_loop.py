@@ -249,8 +249,9 @@ def _open_epoch(
         warnings.warn(
             f"hooktrain: the checkpoint was taken after batch {skip} of an epoch of "
             f"{saved_total} batches, and the training dataloader now gives {total} an epoch "
-            f"(another batch size, dataset or limit_train_batches): skipping {skip} batches "
-            f"of another split trains some samples twice and others not at all",
+            f"(another batch size, dataset, limit_train_batches or number of processes): "
+            f"skipping {skip} batches of another split trains some samples twice and others "
+            f"not at all",
             ResumeWarning,
             stacklevel=4,
         )
