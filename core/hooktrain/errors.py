@@ -4,6 +4,8 @@ message says what to do next, most with the closest name to a misspelt one."""
 from __future__ import annotations
 
 import difflib
+import sys
+import warnings
 from collections.abc import Iterable
 
 
@@ -60,3 +62,23 @@ def closest_name(given: object, known: Iterable[str]) -> str | None:
         return min(per_loader)
     matches = difflib.get_close_matches(str(given), list(known), n=1, cutoff=0.5)
     return matches[0] if matches else None
+
+
+def _internal(module: str) -> bool:
+    return module.partition(".")[0] in ("hooktrain", "pluggy") or module.startswith("hooktrain_")
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn(message, category)`` shown at the first line outside hooktrain,
+    its first-party plugins (modules ``hooktrain_*``) and pluggy: the user's
+    ``fit(...)`` or ``Trainer(...)`` line, however deep in the loop or in a hook the
+    cause was found. (Python 3.12's ``skip_file_prefixes`` does this by path; it is
+    not in 3.11.) A fixed ``stacklevel`` pointed into the loop or into pluggy
+    whenever the call depth changed.
+    """
+    frame = sys._getframe(1)
+    level = 2  # warnings.warn's count: 1 is this function, 2 its caller
+    while frame.f_back is not None and _internal(frame.f_globals.get("__name__", "")):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)

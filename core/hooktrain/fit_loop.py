@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,12 @@ import torch
 
 from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
-from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, ResumeWarning
+from hooktrain.errors import (
+    ConfigurationError,
+    NonFiniteLossError,
+    PluginError,
+    warn_user,
+)
 from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks, unexpected_result
 from hooktrain.metrics import process_collectives, warn_if_metrics_unused
@@ -33,6 +37,7 @@ from hooktrain.optimization import (
 )
 from hooktrain.options import check_monitors, warn_if_max_steps_unreachable
 from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
+from hooktrain.state import replay_epoch_start, warn_if_epoch_length_changed
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -61,6 +66,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
         checkpoint = hooks.load_checkpoint(trainer=trainer, ckpt_path=os.fspath(ckpt_path))
         if checkpoint:
             trainer.restore_checkpoint(checkpoint)
+    trainer._fit_start_step = trainer.global_step
     if hooks.on_fit_start is not None:
         hooks.on_fit_start(trainer=trainer)
     train_step = make_train_step(trainer, hooks)
@@ -215,12 +221,11 @@ def _train_epoch(
         and not trainer._warned_length
     ):
         trainer._warned_length = True
-        warnings.warn(
+        warn_user(
             f"hooktrain: the training dataloader ({type(trainer.train_dataloader).__name__}) "
             f"said it has "
             f"{total} batches (len) but yielded {batch_idx}; its end was taken as the "
             f"epoch's end",
-            stacklevel=4,
         )
     if not exhausted:
         return
@@ -243,18 +248,8 @@ def _open_epoch(
     loader = trainer.train_dataloader
     limit = trainer.limits["train"]
     total = trainer.num_training_batches = limited_length(loader, limit)
-    saved_total, trainer._resume_epoch_batches = trainer._resume_epoch_batches, None
-    # (A checkpoint at an epoch's last batch skips the whole epoch, whatever its split.)
-    if skip and None not in (total, saved_total) and total != saved_total and skip < saved_total:
-        warnings.warn(
-            f"hooktrain: the checkpoint was taken after batch {skip} of an epoch of "
-            f"{saved_total} batches, and the training dataloader now gives {total} an epoch "
-            f"(another batch size, dataset, limit_train_batches or number of processes): "
-            f"skipping {skip} batches of another split trains some samples twice and others "
-            f"not at all",
-            ResumeWarning,
-            stacklevel=4,
-        )
+    if skip:
+        warn_if_epoch_length_changed(trainer, skip, total)
     if hooks.on_train_epoch_start is not None:
         hooks.on_train_epoch_start(trainer=trainer)
     batches = _epoch_batches(trainer, hooks, loader, skip)
@@ -282,9 +277,10 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
         computed |= _validate(trainer)
     elif trainer._validated_at_step == trainer.global_step:
         computed |= trainer._last_validation
+    validated = trainer._validated_at_step == trainer.global_step
     for entry in trainer._schedulers:
         if entry.interval == "epoch" and (trainer.current_epoch + 1) % entry.frequency == 0:
-            step_scheduler(trainer, entry, computed)
+            step_scheduler(trainer, entry, computed, validated)
     # From here a checkpoint resumes at the next epoch.
     trainer.epoch_complete = True
     with trainer._logging_epoch_end() as logged:
@@ -299,6 +295,16 @@ def _validate(trainer: Trainer) -> set[str]:
     dataloaders draw seeds, its datasets may draw numbers)."""
     with fork_rng():
         results = evaluation_loop(trainer, "validate", trainer.eval_dataloaders)
+    if not results and trainer.limits["validate"] != 0 and not trainer._warned_empty_validation:
+        # validate() raises for this; in fit it would go unseen until something
+        # that monitors a validation metric finds nothing to read.
+        trainer._warned_empty_validation = True
+        warn_user(
+            "hooktrain: validation in fit computed no metric: the model's validation_step "
+            "returned nothing and nothing was logged with trainer.log (or, for a plain "
+            "model, fit had no loss_fn and no metrics). Return the loss, or a dict of "
+            "values, from validation_step"
+        )
     trainer._validated_at_step = trainer.global_step
     trainer._last_validation = set(results)
     return set(results)
@@ -313,36 +319,8 @@ def _epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: in
     so the iterator it creates replays the interrupted epoch exactly.
     """
     generators = loader_generators(loader)
-    saved = trainer._pending_epoch_data
-    trainer._pending_epoch_data = None
-    if skip and saved is not None:
-        set_rng_state(saved["rng"])
-        states = saved.get("generators", [])
-        if len(states) == len(generators):
-            for generator, state in zip(generators, states, strict=True):
-                generator.set_state(state)
-        else:
-            warnings.warn(
-                f"hooktrain: the training dataloader ({type(loader).__name__}) has "
-                f"{len(generators)} random generator(s) now and {len(states)} in the "
-                f"checkpoint: the resumed epoch's order may differ from the interrupted one",
-                ResumeWarning,
-                stacklevel=3,
-            )
-    elif skip:
-        warnings.warn(
-            "hooktrain: the checkpoint does not hold the epoch's starting random state "
-            "(an older checkpoint); the resumed epoch's data may differ",
-            ResumeWarning,
-            stacklevel=3,
-        )
-    if skip and isinstance(loader, Iterator):
-        warnings.warn(
-            f"hooktrain: the training data is an iterator ({type(loader).__name__}), which "
-            f"cannot be replayed: the resumed epoch continues from wherever it is now",
-            ResumeWarning,
-            stacklevel=3,
-        )
+    if skip:
+        replay_epoch_start(trainer, loader, generators)
     trainer._epoch_start_state = {
         "rng": rng_state(),
         "generators": [generator.get_state() for generator in generators],
@@ -397,6 +375,7 @@ def _start_progress(trainer: Trainer) -> None:
     trainer._epoch_start_state = None
     trainer._validated_at_step = -1
     trainer._warned_length = False
+    trainer._warned_empty_validation = False
     trainer._train_means.reset()
     trainer._train_metrics = EpochMetrics(trainer.metric_fns, trainer.device, trainer.world_size)
     trainer._checked_steps_from = 1

@@ -8,7 +8,6 @@ reads it, and :class:`RunningMeans` folds a batch's values into device-side sums
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hooktrain.batches import STEP_NAMES
-from hooktrain.errors import PluginError
+from hooktrain.errors import PluginError, warn_user
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -414,10 +413,9 @@ def warn_if_metrics_unused(
     if not wanted or any(name.split(LOADER_SUFFIX)[0] in wanted for name in computed):
         return
     step = STEP_NAMES[stage]
-    warnings.warn(
+    warn_user(
         f"hooktrain: metrics= ({', '.join(trainer.metric_fns)}) computed nothing in "
         f"{stage}: the model's {step} returned no 'outputs' and 'targets' for them. Return "
         f"{{'loss': loss, 'outputs': outputs, 'targets': targets}} from {step}, or log "
         f"the values yourself with trainer.log",
-        stacklevel=4,
     )

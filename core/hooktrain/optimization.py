@@ -261,35 +261,51 @@ def _scale_gradients(optimizers: list[torch.optim.Optimizer], factor: float) -> 
         torch._foreach_mul_(grads, factor)
 
 
-def step_scheduler(trainer: Trainer, entry: Scheduler, computed: Collection[str] | None) -> None:
+def step_scheduler(
+    trainer: Trainer, entry: Scheduler, computed: Collection[str] | None, validated: bool = False
+) -> None:
     """Step one scheduler; a monitoring one is given its metric's value.
 
     :param computed: the metric names computed since the scheduler last had the
         chance to step (an epoch's training and validation metrics), or ``None``
         for a step-wise scheduler. A monitoring scheduler whose metric is not among
-        them does not step: a plateau is judged only on fresh values, and epochs
-        that skip validation (``check_val_every_n_epoch``) have none.
-    :raises ConfigurationError: when the monitored metric is missing although the
-        epoch computed validation metrics (a misspelt name), naming those known.
+        them does not step when validation did not run for these weights: a
+        plateau is judged only on fresh values, and epochs that skip validation
+        (``check_val_every_n_epoch``) have none.
+    :param validated: whether validation ran for the weights of this epoch's end.
+    :raises ConfigurationError: when the monitored metric is missing although
+        validation ran (a misspelt name, a ``validation_step`` that returns
+        nothing), naming those computed.
     """
     monitor = entry.monitor
     if monitor is not None and computed is not None and monitor not in computed:
-        if not any(name.startswith("val_") for name in computed):
-            return  # validation did not run this epoch
+        if not validated:
+            return
+        if monitor.startswith("val_") and not any(n.startswith("val_") for n in computed):
+            hint = (
+                ". Validation ran and computed no metric: return the loss (or a dict of "
+                "values) from validation_step, or log values with trainer.log"
+            )
+        else:
+            close = closest_name(monitor, computed)
+            hint = f". Did you mean {close!r}?" if close else ""
         raise ConfigurationError(
             f"the LR scheduler monitors {monitor!r}, which this epoch did not compute; "
-            f"computed: {', '.join(sorted(computed)) or 'none'}"
+            f"computed: {', '.join(sorted(computed)) or 'none'}{hint}"
         )
     if monitor is not None and monitor not in trainer.metrics:
         raise ConfigurationError(
             f"the LR scheduler monitors {monitor!r}, which was never logged; "
             f"known metrics: {', '.join(sorted(trainer.metrics)) or 'none'}"
         )
+    args = () if monitor is None else (trainer.metrics[monitor],)
+    if trainer.global_step != trainer._fit_start_step:
+        entry.scheduler.step(*args)
+        return
+    # A run resumed at an epoch's last batch steps the epoch's schedulers before this
+    # process stepped an optimizer: the order is right, and torch warns that it is
+    # not. The filter is set only here: entering catch_warnings makes Python show
+    # every once-only warning again.
     with warnings.catch_warnings():
-        # A run resumed at an epoch's last batch steps the scheduler before this
-        # process stepped the optimizer; the order is right, torch warns.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
-        if monitor is None:
-            entry.scheduler.step()
-        else:
-            entry.scheduler.step(trainer.metrics[monitor])
+        entry.scheduler.step(*args)

@@ -4,7 +4,6 @@ hyperparameters for loggers."""
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +11,7 @@ import torch
 
 from hooktrain.batches import limited_length
 from hooktrain.epoch_metrics import is_epoch_metric
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, warn_user
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -172,11 +171,10 @@ def warn_if_max_steps_unreachable(trainer: Trainer) -> None:
         return
     steps = trainer.max_epochs * -(-batches // trainer.accumulate_grad_batches)
     if steps < trainer.max_steps:
-        warnings.warn(
+        warn_user(
             f"hooktrain: max_steps={trainer.max_steps} will not be reached: "
             f"max_epochs={trainer.max_epochs} ends the fit after {steps} optimizer steps "
             f"({batches} batches an epoch); raise max_epochs to train {trainer.max_steps}",
-            stacklevel=4,
         )
 
 

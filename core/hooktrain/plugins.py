@@ -30,7 +30,7 @@ from typing import Any
 import pluggy
 
 from hooktrain import hookspecs
-from hooktrain.errors import ConfigurationError, PluginError, closest_name
+from hooktrain.errors import ConfigurationError, PluginError, closest_name, warn_user
 from hooktrain.markers import PROJECT_NAME
 from hooktrain.selection import (
     DISABLE_ENV,
@@ -276,12 +276,11 @@ def _load_entry(
             if name in installed:
                 chosen = installed[name]
                 if chosen.shadowed:
-                    warnings.warn(
+                    warn_user(
                         f"hooktrain: plugin {name!r} is provided by {chosen.distribution} "
                         f"{chosen.version}, which is used, and also by "
                         f"{', '.join(chosen.shadowed)}, ignored; uninstall the one you do "
                         f"not want",
-                        stacklevel=4,  # the Trainer(...) line
                     )
                 obj = chosen.load()
             elif "." in name:
@@ -479,6 +478,6 @@ def _warn_at_definition(function: Any, message: str) -> None:
     line), not the line of hooktrain that registers it; fall back to the caller's."""
     code = getattr(getattr(function, "__func__", function), "__code__", None)
     if code is None:
-        warnings.warn(message, stacklevel=3)
+        warn_user(message)
         return
     warnings.warn_explicit(message, UserWarning, code.co_filename, code.co_firstlineno)

@@ -8,16 +8,15 @@ format is described in ``docs/checkpointing.md``.
 from __future__ import annotations
 
 import sys
-import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from hooktrain.errors import ConfigurationError, ResumeWarning
+from hooktrain.errors import ConfigurationError, ResumeWarning, warn_user
 from hooktrain.metrics import process_collectives
-from hooktrain.rng import rng_state
+from hooktrain.rng import rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -27,8 +26,10 @@ __all__ = [
     "check_optimizer_kind",
     "check_scheduler_kind",
     "dump_checkpoint",
+    "replay_epoch_start",
     "require_checkpoint",
     "restore_checkpoint",
+    "warn_if_epoch_length_changed",
 ]
 
 FORMAT = "hooktrain-checkpoint/1"
@@ -191,14 +192,62 @@ def _warn_if_workers_persist(loader: Any) -> None:
     starts them, and carry them from epoch to epoch; a resumed run starts fresh
     workers, which no checkpoint can put back where the old ones were."""
     if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0:
-        warnings.warn(
+        warn_user(
             f"hooktrain: the training dataloader ({type(loader).__name__}) keeps its "
             f"workers between epochs (persistent_workers=True), and their random streams "
             f"are not in the checkpoint: randomness drawn in the workers (augmentation) "
             f"differs from the uninterrupted run's. Use persistent_workers=False for an "
             f"exact resume",
             ResumeWarning,
-            stacklevel=4,
+        )
+
+
+def warn_if_epoch_length_changed(trainer: Trainer, skip: int, total: int | None) -> None:
+    """At a mid-epoch resume after ``skip`` batches: warn when the epoch now has
+    another number of batches (``total``) than the interrupted one had."""
+    saved_total, trainer._resume_epoch_batches = trainer._resume_epoch_batches, None
+    # (A checkpoint at an epoch's last batch skips the whole epoch, whatever its split.)
+    if None not in (total, saved_total) and total != saved_total and skip < saved_total:
+        warn_user(
+            f"hooktrain: the checkpoint was taken after batch {skip} of an epoch of "
+            f"{saved_total} batches, and the training dataloader now gives {total} an epoch "
+            f"(another batch size, dataset, limit_train_batches or number of processes): "
+            f"skipping {skip} batches of another split trains some samples twice and others "
+            f"not at all",
+            ResumeWarning,
+        )
+
+
+def replay_epoch_start(trainer: Trainer, loader: Any, generators: list[torch.Generator]) -> None:
+    """At a mid-epoch resume, before the epoch's iterator is created: put back the
+    random state the interrupted epoch started from (every global generator, and
+    ``generators``, the loader's own), so that the iterator replays its order."""
+    saved = trainer._pending_epoch_data
+    trainer._pending_epoch_data = None
+    if saved is not None:
+        set_rng_state(saved["rng"])
+        states = saved.get("generators", [])
+        if len(states) == len(generators):
+            for generator, state in zip(generators, states, strict=True):
+                generator.set_state(state)
+        else:
+            warn_user(
+                f"hooktrain: the training dataloader ({type(loader).__name__}) has "
+                f"{len(generators)} random generator(s) now and {len(states)} in the "
+                f"checkpoint: the resumed epoch's order may differ from the interrupted one",
+                ResumeWarning,
+            )
+    else:
+        warn_user(
+            "hooktrain: the checkpoint does not hold the epoch's starting random state "
+            "(an older checkpoint); the resumed epoch's data may differ",
+            ResumeWarning,
+        )
+    if isinstance(loader, Iterator):
+        warn_user(
+            f"hooktrain: the training data is an iterator ({type(loader).__name__}), which "
+            f"cannot be replayed: the resumed epoch continues from wherever it is now",
+            ResumeWarning,
         )
 
 

@@ -184,6 +184,8 @@ class Trainer:
         self._validated_at_step = -1
         self._last_validation: set[str] = set()
         self._warned_length = False
+        self._warned_empty_validation = False
+        self._fit_start_step = 0  # global_step when the fit started or resumed
         self._log_prefix = ""
         # An evaluation's per-dataloader suffix ("/dataloader_idx_1") while its
         # batches run, so that values logged there stay apart like returned ones.

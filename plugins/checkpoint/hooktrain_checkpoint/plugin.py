@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-import warnings
 from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain_checkpoint import resume, sharded, storage, topk
 from hooktrain_checkpoint.sigterm import SigtermWatch
 from hooktrain_checkpoint.steps import StepSaver
@@ -193,7 +192,7 @@ class ModelCheckpoint:
                 self.monitor, self.every_n_epochs, trainer.val_every_n_steps
             )
             if never is not None and self.save_top_k != 0 and trainer.is_global_zero:
-                warnings.warn(never, stacklevel=2)
+                warn_user(never)
             self._inline = None
             self.interrupted = False
             self._sigterm = SigtermWatch()

@@ -1,0 +1,136 @@
+"""hooktrain's warnings: shown at the user's line, once where Python's default filter
+says once, and given where a fit would otherwise go wrong without a word."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hooktrain import ConfigurationError, Trainer
+from hooktrain.errors import warn_user
+from hooktrain.testing import make_data, make_model
+
+
+def sgd(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1)
+
+
+class OwnSteps(nn.Module):
+    """A Lightning-style model: its own steps, optimizer and epoch-wise scheduler."""
+
+    def __init__(self, validation_returns: bool = True, scheduler: str = "step") -> None:
+        super().__init__()
+        self.net = make_model()
+        self.validation_returns = validation_returns
+        self.scheduler = scheduler
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        return F.cross_entropy(self(inputs), targets)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        inputs, targets = batch
+        loss = F.cross_entropy(self(inputs), targets)
+        return loss if self.validation_returns else None  # a Lightning habit: log, return None
+
+    def configure_optimizers(self) -> Any:
+        optimizer = sgd(self.parameters())
+        if self.scheduler == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=0)
+            return {"optimizer": optimizer, "lr_scheduler": plateau}
+        return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)]
+
+
+def test_warn_user_skips_hooktrains_own_frames() -> None:
+    line = inspect.currentframe().f_lineno + 2  # type: ignore[union-attr]
+    with pytest.warns(UserWarning, match="shown here") as record:
+        warn_user("shown here")
+    assert (record[0].filename, record[0].lineno) == (__file__, line)
+
+
+def test_a_warning_found_deep_in_the_loop_points_at_the_fit_line() -> None:
+    train, _ = make_data(n=64, batch_size=16)
+    trainer = Trainer(plugins=[], device="cpu", max_steps=10)
+    line = inspect.currentframe().f_lineno + 2  # type: ignore[union-attr]
+    with pytest.warns(UserWarning, match="max_steps=10 will not be reached") as record:
+        trainer.fit(make_model(), train, loss_fn=F.cross_entropy, optimizer=sgd)
+    # It was shown from stages.py, inside the stage runner, before.
+    assert (record[0].filename, record[0].lineno) == (__file__, line)
+
+
+def test_a_plugins_warning_from_inside_a_hook_points_at_the_fit_line(tmp_path) -> None:
+    train, val = make_data(n=64, batch_size=16)
+    options = {"dirpath": str(tmp_path), "every_n_train_steps": 2, "monitor": "val_loss"}
+    trainer = Trainer(plugins=[("checkpoint", options)], device="cpu")
+    line = inspect.currentframe().f_lineno + 2  # type: ignore[union-attr]
+    with pytest.warns(UserWarning, match="no checkpoint of this fit will be ranked") as record:
+        trainer.fit(make_model(), train, val, loss_fn=F.cross_entropy, optimizer=sgd)
+    # It was shown from pluggy's _execution.py before.
+    assert (record[0].filename, record[0].lineno) == (__file__, line)
+
+
+def test_an_epoch_wise_scheduler_does_not_make_once_only_warnings_repeat() -> None:
+    # Stepping the scheduler inside warnings.catch_warnings() at every epoch's end
+    # reset Python's record of warnings already shown: this one came once an epoch.
+    train, _ = make_data(n=64, batch_size=16)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("default")
+        Trainer(plugins=[], device="cpu", max_epochs=4).fit(
+            OwnSteps(), train, metrics={"acc": lambda outputs, targets: outputs.sum()}
+        )
+    shown = [w for w in record if "computed nothing in train" in str(w.message)]
+    assert len(shown) == 1
+
+
+def test_a_validation_that_computes_nothing_is_warned_about_once() -> None:
+    train, val = make_data(n=64, batch_size=16)
+    trainer = Trainer(plugins=[], device="cpu", max_epochs=3)
+    with pytest.warns(UserWarning, match="validation in fit computed no metric") as record:
+        trainer.fit(OwnSteps(validation_returns=False), train, val)
+    assert len([w for w in record if "computed no metric" in str(w.message)]) == 1
+    assert sorted(trainer.metrics) == ["loss"]
+
+
+def test_a_validation_that_computes_something_or_nothing_by_request_is_not_warned_about() -> None:
+    train, val = make_data(n=64, batch_size=16)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        Trainer(plugins=[], device="cpu", max_epochs=2).fit(OwnSteps(), train, val)
+        Trainer(plugins=[], device="cpu", max_epochs=2, limit_val_batches=0).fit(
+            OwnSteps(validation_returns=False), train, val
+        )
+    assert not [w for w in record if "computed no metric" in str(w.message)]
+
+
+def test_a_plateau_scheduler_whose_validation_computes_nothing_is_an_error() -> None:
+    # It was skipped at every epoch as if validation had not run: the learning rate
+    # never changed, without a word.
+    train, val = make_data(n=64, batch_size=16)
+    trainer = Trainer(plugins=[], device="cpu", max_epochs=3)
+    with (
+        pytest.warns(UserWarning, match="computed no metric"),
+        pytest.raises(
+            ConfigurationError, match=r"monitors 'val_loss', which this epoch did not"
+        ) as info,
+    ):
+        trainer.fit(OwnSteps(validation_returns=False, scheduler="plateau"), train, val)
+    assert "Validation ran and computed no metric: return the loss" in str(info.value)
+    assert trainer.current_epoch == 0  # at the first epoch's end
+
+
+def test_a_plateau_scheduler_skips_epochs_without_validation() -> None:
+    train, val = make_data(n=64, batch_size=16)
+    model = OwnSteps(scheduler="plateau")
+    trainer = Trainer(plugins=[], device="cpu", max_epochs=4, check_val_every_n_epoch=2)
+    trainer.fit(model, train, val)
+    # Stepped after epochs 1 and 3 only, the ones that validated.
+    assert trainer.lr_schedulers[0].last_epoch == 2
