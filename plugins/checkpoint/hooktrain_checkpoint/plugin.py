@@ -327,10 +327,8 @@ class ModelCheckpoint:
             return float(metrics[self.monitor])
         if not self._warned_monitor and trainer.is_global_zero:
             where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
-            message = topk.missing_monitor_message(self.monitor, metrics, where)
-            if message is not None:
-                self._warned_monitor = True
-                print(message, file=sys.stderr)
+            self._warned_monitor = True
+            print(topk.missing_monitor_message(self.monitor, metrics, where), file=sys.stderr)
         return None
 
     def _effective_mode(self) -> str:

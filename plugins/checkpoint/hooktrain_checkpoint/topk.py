@@ -47,16 +47,14 @@ def render_name(pattern: str, values: Mapping[str, Any], metrics: Mapping[str, A
     return name + SUFFIX
 
 
-def missing_monitor_message(monitor: str, metrics: Mapping[str, Any], where: str) -> str | None:
-    """What to say when ``monitor`` is not among ``metrics`` (at ``where``), or
-    ``None`` when its absence is expected."""
-    # A validation metric is absent until validation first runs; only when others
-    # of its kind exist is its absence worth a word (a typo, mostly).
-    prefix = "val_" if monitor.startswith("val_") else ""
-    if not any(name.startswith(prefix) for name in metrics):
-        return None
+def missing_monitor_message(monitor: str, metrics: Mapping[str, Any], where: str) -> str:
+    """What to say when ``monitor`` is not among ``metrics`` at a save (at ``where``).
+    Called only where its value was due: a validation metric after a validation of
+    the weights being saved."""
     close = closest_name(monitor, metrics)
     hint = f" Did you mean {close!r}?" if close else ""
+    if monitor.startswith("val_") and not any(name.startswith("val_") for name in metrics):
+        hint = " Validation ran and computed no metric (a validation_step returning None?)."
     return (
         f"hooktrain-checkpoint: monitored metric {monitor!r} does not exist at {where}; "
         f"checkpoints are not ranked until it does (last is still saved).{hint} Known "

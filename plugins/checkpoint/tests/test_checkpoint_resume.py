@@ -442,6 +442,25 @@ def test_a_missing_monitor_warns_once_naming_a_close_metric(
     assert names(tmp_path) == {"last.ckpt"}
 
 
+def test_a_monitor_that_a_silent_validation_never_computes_is_reported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class LogsNothing(Net):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self(batch[0])  # Lightning's habit: self.log, and return nothing
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")
+    trainer = Trainer(plugins=[checkpoint], max_epochs=2, device="cpu", limit_train_batches=2)
+    train, val = make_data(n=64, batch_size=16)
+    with pytest.warns(UserWarning, match="validation in fit computed no metric"):
+        trainer.fit(LogsNothing(), train, val, loss_fn=F.cross_entropy)
+    err = capsys.readouterr().err
+    # Not a word before: no val_ metric existed, which read as "not validated yet".
+    assert err.count("monitored metric 'val_loss' does not exist at epoch 0") == 1
+    assert "Validation ran and computed no metric" in err
+    assert checkpoint.best_model_path is None
+
+
 def test_a_missing_monitor_suggests_the_per_loader_name_with_several_val_loaders(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
