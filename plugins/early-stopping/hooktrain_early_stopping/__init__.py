@@ -181,6 +181,7 @@ class EarlyStopping:
             "best": self.best,
             "wait": self.wait,
             "stopped_epoch": self.stopped_epoch,
+            "stop_reason": self.stop_reason,
             # Saved in the middle of an epoch that has validated (val_every_n_steps):
             # a resume does not run that validation again, and its end must judge.
             "validated": self._validated,
@@ -202,6 +203,8 @@ class EarlyStopping:
         self.wait = int(state.get("wait", 0))
         stopped = state.get("stopped_epoch")
         self.stopped_epoch = None if stopped is None else int(stopped)
+        reason = state.get("stop_reason")
+        self.stop_reason = None if reason is None else str(reason)
         self._validated = bool(state.get("validated", False))
 
     def _judge(self, value: float) -> str | None:

@@ -250,6 +250,7 @@ def test_state_survives_a_resume_through_the_core_checkpoint(tmp_path: Path) -> 
         "best": pytest.approx(0.4),
         "wait": 1,
         "stopped_epoch": None,
+        "stop_reason": None,
         "validated": False,  # judged already: saved at the epoch's end
     }
 
@@ -330,6 +331,16 @@ def test_state_survives_a_resume_through_the_checkpoint_plugin(tmp_path: Path) -
         fit_kwargs={"ckpt_path": "last"},
     )
     assert resumed.stopped_epoch == 6
+    reason = resumed.stop_reason
+    assert reason is not None and reason.startswith("val_score did not improve")
+    # Rerun once finished: nothing left to train, and the stop is still explained.
+    again = EarlyStopping(monitor="val_score", patience=3, verbose=False)
+    run(
+        [ScriptedScore(SCORES), again, ("checkpoint", options)],
+        max_epochs=10,
+        fit_kwargs={"ckpt_path": "last"},
+    )
+    assert (again.stopped_epoch, again.stop_reason) == (6, reason)
 
 
 class SaveAndDieAtLastBatch:
