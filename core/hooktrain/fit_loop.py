@@ -20,12 +20,7 @@ import torch
 
 from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
-from hooktrain.errors import (
-    ConfigurationError,
-    NonFiniteLossError,
-    PluginError,
-    warn_user,
-)
+from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, warn_user
 from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks, unexpected_result
 from hooktrain.metrics import process_collectives, warn_if_metrics_unused

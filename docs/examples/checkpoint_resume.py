@@ -44,7 +44,7 @@ def train(max_epochs: int) -> tuple[hooktrain.Trainer, ModelCheckpoint]:
 # --8<-- [start:run]
 trainer, checkpoint = train(max_epochs=2)  # "no complete checkpoint ...; starting fresh"
 print("best:", checkpoint.best_model_path.name, "last:", checkpoint.last_path.name)
-trainer, checkpoint = train(max_epochs=3)  # resumes after epoch 1 (epochs count from 0), trains epoch 2
+trainer, checkpoint = train(max_epochs=3)  # resumes after epoch 1 (counted from 0): trains epoch 2
 # --8<-- [end:run]
 
 # --8<-- [start:sigterm]
