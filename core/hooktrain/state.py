@@ -306,16 +306,10 @@ def check_optimizer_kind(index: int, optimizer: Any, saved: Mapping[str, Any]) -
     """
     saved_groups, own_groups = saved.get("param_groups") or [{}], optimizer.param_groups
     saved_keys, own_keys = set(saved_groups[0]) - {"params"}, set(own_groups[0]) - {"params"}
-    unknown = sorted(saved_keys - own_keys)
-    missing = sorted(set(getattr(optimizer, "defaults", own_keys)) - saved_keys)
-    if unknown and missing:
-        # A wrapper (accelerate's AcceleratedOptimizer) holds the user's as .optimizer.
-        kind = type(getattr(optimizer, "optimizer", optimizer)).__name__
-        raise ConfigurationError(
-            f"the checkpoint's optimizer {index} was saved by another kind of optimizer than "
-            f"this run's {kind}: its settings include {', '.join(unknown)}, which {kind} has "
-            f"not, and lack {', '.join(missing)}. Resume with the optimizer it was saved with"
-        )
+    missing = set(getattr(optimizer, "defaults", own_keys)) - saved_keys
+    # A wrapper (accelerate's AcceleratedOptimizer) holds the user's as .optimizer.
+    kind = type(getattr(optimizer, "optimizer", optimizer)).__name__
+    _refuse_another_kind("optimizer", index, kind, "settings", saved_keys - own_keys, missing)
 
 
 def check_scheduler_kind(index: int, scheduler: Any, saved: Mapping[str, Any]) -> None:
@@ -333,17 +327,24 @@ def check_scheduler_kind(index: int, scheduler: Any, saved: Mapping[str, Any]) -
 
     :raises ConfigurationError: naming the attributes on each side.
     """
-    own = set(scheduler.state_dict())
-    unknown = sorted(set(saved) - own)
-    missing = sorted(own - set(saved))
+    own, kept = set(scheduler.state_dict()), set(saved)
+    # A wrapper (accelerate's AcceleratedScheduler) holds the user's as .scheduler.
+    kind = type(getattr(scheduler, "scheduler", scheduler)).__name__
+    _refuse_another_kind("LR scheduler", index, kind, "attributes", kept - own, own - kept)
+
+
+def _refuse_another_kind(
+    what: str, index: int, kind: str, noun: str, unknown: set[str], missing: set[str]
+) -> None:
+    """:raises ConfigurationError: when the saved state of the run's ``index``-th
+    ``what`` (of class ``kind``) has ``noun`` it lacks (``unknown``) and lacks some
+    it has (``missing``)."""
     if unknown and missing:
-        # A wrapper (accelerate's AcceleratedScheduler) holds the user's as .scheduler.
-        kind = type(getattr(scheduler, "scheduler", scheduler)).__name__
         raise ConfigurationError(
-            f"the checkpoint's LR scheduler {index} was saved by another kind of scheduler "
-            f"than this run's {kind}: its state includes {', '.join(unknown)}, which {kind} "
-            f"has not, and lacks {', '.join(missing)}. Resume with the scheduler it was "
-            f"saved with"
+            f"the checkpoint's {what} {index} was saved by another kind of {what} than "
+            f"this run's {kind}: its {noun} include {', '.join(sorted(unknown))}, which "
+            f"{kind} has not, and lack {', '.join(sorted(missing))}. Resume with the {what} "
+            f"it was saved with"
         )
 
 
