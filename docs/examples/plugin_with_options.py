@@ -20,7 +20,14 @@ class GradNormMonitor:
 
     def __init__(self, every_n_steps: int = 10) -> None:
         self.every_n_steps = every_n_steps
-        self.largest = 0.0
+        # The running maximum stays on the device: float() every step would wait
+        # for it each time.
+        self._largest: torch.Tensor | None = None
+
+    @property
+    def largest(self) -> float:
+        """The largest norm logged so far (read from the device when asked)."""
+        return 0.0 if self._largest is None else float(self._largest)
 
     @hookimpl
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -35,7 +42,7 @@ class GradNormMonitor:
         ]
         norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
         trainer.log("grad_norm", norm)  # a tensor: no device sync here
-        self.largest = max(self.largest, float(norm))
+        self._largest = norm if self._largest is None else torch.maximum(self._largest, norm)
 
     @hookimpl
     def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
@@ -45,7 +52,7 @@ class GradNormMonitor:
     def on_load_checkpoint(self, trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         state = checkpoint["plugins"].get(trainer.plugin_manager.get_name(self))
         if state is not None:
-            self.largest = state["largest"]
+            self._largest = torch.tensor(state["largest"], device=trainer.device)
 
 
 trainer = Trainer(plugins=[(GradNormMonitor, {"every_n_steps": 2})], max_epochs=2)
