@@ -183,6 +183,29 @@ def test_unknown_argument_is_refused():
         hooktrain.Trainer(plugins=[BadArgs()])
 
 
+class TakesArgs:
+    @hookimpl
+    def on_train_batch_end(self, trainer, *args):
+        pass
+
+
+class TakesKwargs:
+    @hookimpl
+    def on_train_batch_end(self, trainer, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize(("plugin", "star"), [(TakesArgs, "*args"), (TakesKwargs, "**kwargs")])
+def test_star_arguments_are_refused_since_no_hook_fills_them(plugin, star):
+    # pluggy passes the arguments an implementation names: these stayed () and {}.
+    with pytest.raises(PluginError) as excinfo:
+        hooktrain.Trainer(plugins=[plugin()])
+    message = str(excinfo.value)
+    name = plugin.__name__
+    assert f"{name!r}: its on_train_batch_end takes {star}, which a hook never fills" in message
+    assert "offers (trainer, outputs, batch, batch_idx)" in message
+
+
 def test_an_argument_with_a_default_is_refused_since_no_hook_would_pass_it():
     class LightningStyle:
         @hookimpl

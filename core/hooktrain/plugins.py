@@ -22,7 +22,7 @@ import inspect
 import sys
 import types
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -32,6 +32,13 @@ import pluggy
 from hooktrain import hookspecs
 from hooktrain.errors import ConfigurationError, PluginError, closest_name, warn_user
 from hooktrain.markers import PROJECT_NAME
+from hooktrain.roles import (  # noqa: F401 - re-exported, where callers import them from
+    ROLE_HINTS_ATTRIBUTE,
+    ROLES_ATTRIBUTE,
+    check_exclusive_roles,
+    exclusive_roles,
+    role_conflict,
+)
 from hooktrain.selection import (
     DISABLE_ENV,
     SCRIPT,
@@ -46,12 +53,6 @@ ENTRY_POINT_GROUP = "hooktrain"
 COMMAND_ENTRY_POINT_GROUP = "hooktrain.commands"
 #: The plugins ``Trainer(plugins=None)`` selects, each only when installed.
 DEFAULT_PLUGINS: tuple[str, ...] = ("tqdm",)
-
-#: The class attribute in which a plugin declares the exclusive roles it takes.
-ROLES_ATTRIBUTE = "exclusive_roles"
-#: Optional class attribute: role -> a sentence telling the user how to resolve a
-#: conflict over that role in this plugin's favour (or without it).
-ROLE_HINTS_ATTRIBUTE = "exclusive_role_hints"
 
 PluginSelection = str | object | tuple[Any, Mapping[str, Any]]
 
@@ -317,62 +318,6 @@ def _unique_names(loaded: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return result
 
 
-def exclusive_roles(name: str, plugin: Any) -> tuple[str, ...]:
-    """The exclusive roles ``plugin`` declares in its ``exclusive_roles`` attribute.
-
-    :raises PluginError: when the attribute is not a tuple (or list) of non-empty
-        strings; a bare string is refused rather than read as its letters.
-    """
-    declared = getattr(plugin, ROLES_ATTRIBUTE, ())
-    if declared is None:
-        return ()
-    if isinstance(declared, str) or not isinstance(declared, tuple | list | frozenset | set):
-        raise PluginError(
-            f"plugin {name!r}: {ROLES_ATTRIBUTE} must be a tuple of role names, got "
-            f"{declared!r} (write {ROLES_ATTRIBUTE} = ({str(declared)!r},) for one role)"
-        )
-    roles = tuple(declared)
-    if not all(isinstance(role, str) and role.strip() for role in roles):
-        raise PluginError(
-            f"plugin {name!r}: every entry of {ROLES_ATTRIBUTE} must be a non-empty string, "
-            f"got {declared!r}"
-        )
-    return roles
-
-
-def role_conflict(role: str, first: tuple[str, Any], second: tuple[str, Any]) -> ConfigurationError:
-    """The error for two plugins that both take ``role``: names both, the role, and
-    each plugin's hint for that role (``exclusive_role_hints``) when it gives one."""
-    message = (
-        f"plugins {first[0]!r} and {second[0]!r} both take the exclusive role {role!r} "
-        f"(their {ROLES_ATTRIBUTE}); only one selected plugin may hold a role, so select "
-        f"one of them."
-    )
-    for name, plugin in (first, second):
-        hints = getattr(plugin, ROLE_HINTS_ATTRIBUTE, None) or {}
-        hint = hints.get(role) if isinstance(hints, Mapping) else None
-        if hint:
-            message += f" {name}: {hint}"
-    return ConfigurationError(message)
-
-
-def check_exclusive_roles(loaded: Iterable[tuple[str, Any]]) -> dict[str, str]:
-    """Refuse two plugins of ``loaded`` (``(name, plugin)`` in list order) that take
-    the same exclusive role.
-
-    :return: each role taken, with the name of the plugin that holds it.
-    :raises ConfigurationError: naming both plugins and the role, at the first clash.
-    :raises PluginError: for a malformed ``exclusive_roles`` attribute.
-    """
-    holders: dict[str, tuple[str, Any]] = {}
-    for name, plugin in loaded:
-        for role in exclusive_roles(name, plugin):
-            if role in holders and holders[role][1] is not plugin:
-                raise role_conflict(role, holders[role], (name, plugin))
-            holders[role] = (name, plugin)
-    return {role: holder[0] for role, holder in holders.items()}
-
-
 class PluginManager(pluggy.PluginManager):
     """pluggy's manager for the project ``hooktrain``, stricter on registration.
 
@@ -380,10 +325,10 @@ class PluginManager(pluggy.PluginManager):
     (pluggy would accept it silently until ``check_pending``), naming the plugin,
     the bad name and the closest hook; an argument a hook does not offer is refused
     the same way, and so is an argument with a default value (pluggy never passes
-    one: it would keep its default). A method named like a hook but not marked
-    ``@hookimpl`` (which pluggy ignores) is warned about. A plugin taking an exclusive role that a
-    registered plugin holds is refused too (`check_exclusive_roles`), also when
-    registered during a run.
+    one: it would keep its default) or ``*args``/``**kwargs`` (never filled). A
+    method named like a hook but not marked ``@hookimpl`` (which pluggy ignores) is
+    warned about. A plugin taking an exclusive role that a registered plugin holds
+    is refused too (`check_exclusive_roles`), also when registered during a run.
     """
 
     def __init__(self) -> None:
@@ -420,13 +365,21 @@ class PluginManager(pluggy.PluginManager):
                 )
             offered = list(inspect.signature(getattr(hookspecs, hook_name)).parameters)
             try:
-                parameters = [
-                    p
-                    for p in inspect.signature(getattr(plugin, attr)).parameters.values()
-                    if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-                ]
+                parameters = list(inspect.signature(getattr(plugin, attr)).parameters.values())
             except (TypeError, ValueError):
                 continue
+            variadic = [p for p in parameters if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+            if variadic:
+                # pluggy passes arguments by the names an implementation lists: *args
+                # and **kwargs list none, so they would stay empty on every call.
+                stars = ", ".join(
+                    ("*" if p.kind is p.VAR_POSITIONAL else "**") + p.name for p in variadic
+                )
+                raise PluginError(
+                    f"plugin {name!r}: its {hook_name} takes {stars}, which a hook never "
+                    f"fills (arguments are passed by the names an implementation lists). "
+                    f"Name the arguments it needs; {hook_name} offers ({', '.join(offered)})"
+                )
             defaulted = [p.name for p in parameters if p.default is not p.empty]
             if defaulted:
                 # pluggy passes only the arguments taken without a default: one with a
