@@ -449,3 +449,20 @@ def test_a_file_that_is_not_a_hooktrain_checkpoint_is_refused_before_training(tm
     with pytest.raises(ConfigurationError, match=r"is not a hooktrain checkpoint.*load_state_dict"):
         fit(model, trainer=trainer, ckpt_path=path)
     assert trainer.global_step == 0
+
+
+def test_a_missing_metric_names_the_per_loader_one() -> None:
+    # The docs' smallest plugin reads trainer.metrics["val_loss"]; with two validation
+    # loaders that raised a bare KeyError: 'val_loss'.
+    from hooktrain.metrics import Metrics
+
+    metrics = Metrics()
+    for name, value in (("loss", 1.0), ("val_loss/dataloader_idx_0", 2.0)):
+        metrics.set(name, value)
+    with pytest.raises(KeyError, match=r"did you mean 'val_loss/dataloader_idx_0'\?"):
+        metrics["val_loss"]
+    assert "val_loss" not in metrics and metrics.get("val_loss", -1.0) == -1.0
+    assert metrics.get("loss") == 1.0 and dict(metrics) == {
+        "loss": 1.0,
+        "val_loss/dataloader_idx_0": 2.0,
+    }

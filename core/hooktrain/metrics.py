@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hooktrain.batches import STEP_NAMES
-from hooktrain.errors import PluginError, warn_user
+from hooktrain.errors import PluginError, closest_name, warn_user
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -66,7 +66,17 @@ class Metrics(Mapping[str, float]):
         self._values: dict[str, Any] = {}
 
     def __getitem__(self, name: str) -> float:
-        value = self._values[name]
+        """:raises KeyError: for a name never computed, naming the closest one (with
+        several validation loaders, ``val_loss`` is ``val_loss/dataloader_idx_0``...)."""
+        try:
+            value = self._values[name]
+        except KeyError:
+            close = closest_name(name, self._values)
+            hint = f"; did you mean {close!r}?" if close else ""
+            raise KeyError(
+                f"{name!r} is not among the metrics{hint} (known: "
+                f"{', '.join(sorted(self._values)) or 'none'})"
+            ) from None
         if not isinstance(value, float):
             value = float(value.item() if isinstance(value, torch.Tensor) else value)
             self._values[name] = value
@@ -74,6 +84,12 @@ class Metrics(Mapping[str, float]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._values
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self._values else default
 
     def __len__(self) -> int:
         return len(self._values)
