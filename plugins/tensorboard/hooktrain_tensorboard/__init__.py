@@ -302,8 +302,15 @@ class TensorBoardLogger:
         # SummaryWriter.add_hparams would put them in a run of their own; written to
         # this run's file, the HPARAMS tab links them to this run's scalars. torch
         # records a boolean as a number (0 or 1).
+        _experiment, start, end = hparams(
+            {key: hparam_value(value) for key, value in params.items()}, {}
+        )
+        # The experiment summary is left out: with one, TensorBoard takes the columns
+        # from the first run's summary it finds (the metrics: none, as the ones a fit
+        # will log are unknown here). Without, it builds them from every run: each
+        # hyperparameter's values over the runs, and each scalar tag as a metric.
         wall_time = time.time()
-        for summary in hparams({key: hparam_value(value) for key, value in params.items()}, {}):
+        for summary in (start, end):
             self._pending.append((wall_time, trainer.global_step, summary))
 
 
