@@ -554,3 +554,35 @@ def test_a_loss_of_a_tensor_subclass_trains():
     trainer.fit(model, train, optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
     assert trainer.global_step == 2
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("form", ["list", "tuple", "dict"])
+def test_a_list_of_batches_is_one_loader_in_every_stage(form):
+    # DataLoader's default collate gives [inputs, targets] lists; a list of them (or
+    # of tuples, or of dicts) is one loader of batches, not a list of loaders.
+    train, val = make_data()
+    shape = {
+        "list": list,
+        "tuple": tuple,
+        "dict": lambda batch: {"inputs": batch[0], "targets": batch[1]},
+    }[form]
+    batches = [shape(batch) for batch in val]
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    model = make_model()
+    trainer.fit(model, train, batches, loss_fn=F.cross_entropy, optimizer=sgd)
+    assert "val_loss" in trainer.metrics
+    assert set(trainer.validate(model, batches)) == {"val_loss"}
+    # The model's outputs for each batch's inputs, concatenated; never its targets.
+    predictions = trainer.predict(model, batches)
+    inputs = torch.cat([batch[0] for batch in val])
+    torch.testing.assert_close(predictions, model(inputs).detach())
+
+
+def test_a_list_of_lists_of_batches_is_several_loaders():
+    _, val = make_data()
+    batches = [tuple(batch) for batch in val]
+    model = make_model()
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    loaders = [batches, [list(batch) for batch in batches]]
+    results = trainer.validate(model, loaders, loss_fn=F.cross_entropy)
+    assert set(results) == {"val_loss/dataloader_idx_0", "val_loss/dataloader_idx_1"}

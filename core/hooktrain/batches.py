@@ -338,6 +338,11 @@ def loader_list(what: str, loaders: Any) -> list[Iterable[Any]]:
     none, one loader gives a list of one, a list or tuple of loaders is copied; each
     is checked with `check_loader`.
 
+    A list is one loader, a list of batches, when its first item is a batch
+    (`_is_batch`): a tensor, a tuple, a dict, or a list holding no batches itself,
+    as ``[inputs, targets]`` from a DataLoader's default collate. A list of
+    DataLoaders, or of lists of batches, is several loaders.
+
     :raises ConfigurationError: for a dict of dataloaders (Lightning accepts one;
         here the names would be lost), or anything `check_loader` refuses.
     """
@@ -357,7 +362,7 @@ def loader_list(what: str, loaders: Any) -> list[Iterable[Any]]:
         and all(
             isinstance(item, Iterable) and not isinstance(item, torch.Tensor) for item in loaders
         )
-        and not isinstance(loaders[0], torch.Tensor | tuple)
+        and not _is_batch(loaders[0])
     ):
         result = list(loaders)
     else:
@@ -365,3 +370,11 @@ def loader_list(what: str, loaders: Any) -> list[Iterable[Any]]:
     for loader in result:
         check_loader(what, loader)
     return result
+
+
+def _is_batch(item: Any) -> bool:
+    """Whether ``item``, the first of a list passed as dataloaders, is a batch."""
+    if isinstance(item, torch.Tensor | tuple | Mapping):
+        return True
+    # [inputs, targets] is a batch; [(inputs, targets), ...] a loader of them.
+    return isinstance(item, list) and not (item and isinstance(item[0], tuple | list | Mapping))

@@ -339,7 +339,9 @@ class Trainer:
             ``torch.compile(module)`` runs compiled, its own steps included, and
             ``trainer.module`` (and checkpoints) is the module inside it.
         :param train_dataloaders: an iterable of batches, usually a ``DataLoader``.
-        :param val_dataloaders: one iterable or a list of them.
+        :param val_dataloaders: one iterable or a list of them. A list whose first
+            item is a batch (a tensor, tuple, dict, or ``[inputs, targets]`` list) is
+            one iterable, a list of batches; see `hooktrain.batches.loader_list`.
         :param loss_fn: ``loss_fn(outputs, targets)`` returning a scalar tensor.
         :param optimizer: an optimizer, or a callable taking the parameters.
         :param metrics: name to ``fn(outputs, targets)``, computed on training and
