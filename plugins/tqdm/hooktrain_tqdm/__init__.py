@@ -123,7 +123,8 @@ class ProgressBar:
         self._interactive = False
         self._out: IO[str] = sys.stderr
         self._tqdm: type[Tqdm] | None = None
-        self._ncols: int | None = None
+        # (columns, rows) to draw in, where the terminal reports no usable size.
+        self._fixed_size: tuple[int, int] | None = None
         self._redirect = ExitStack()
         self._bar: Tqdm | None = None
         self._eval_bar: Tqdm | None = None
@@ -162,9 +163,14 @@ class ProgressBar:
             self._interactive = self.terminal
         else:
             self._interactive = in_notebook or _isatty(self._out)
-        # A terminal that reports zero columns (a pty nobody sized, some container
-        # consoles) makes tqdm draw nothing at all; draw 80 columns wide there.
-        self._ncols = 80 if self._interactive and _columns(self._out) == 0 else None
+        # A terminal that reports zero columns or zero rows (a pty nobody sized, some
+        # container consoles) makes tqdm draw nothing at all, and tqdm reads the size
+        # again at each redraw when it follows resizes; draw 80 x 24 there, fixed.
+        size = _terminal_size(self._out) if self._interactive else None
+        if size is not None and 0 in size:
+            self._fixed_size = (size.columns or 80, size.lines or 24)
+        else:
+            self._fixed_size = None
         if self._interactive and self.redirect_logging and _has_console_handler():
             from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -370,6 +376,7 @@ class ProgressBar:
 
     def _new_bar(self, *, total: int | None, initial: int, desc: str, leave: bool) -> Tqdm:
         assert self._tqdm is not None
+        fixed = self._fixed_size
         return self._tqdm(
             total=total,
             initial=initial,
@@ -377,8 +384,9 @@ class ProgressBar:
             leave=leave,
             file=self._out,
             unit="batch",
-            ncols=self._ncols,
-            dynamic_ncols=self._ncols is None,
+            ncols=fixed[0] if fixed else None,
+            nrows=fixed[1] if fixed else None,
+            dynamic_ncols=fixed is None,
             # The plugin decides when to redraw; tqdm must draw whenever asked.
             mininterval=0,
             miniters=1,
@@ -392,9 +400,9 @@ def _isatty(stream: Any) -> bool:
         return False
 
 
-def _columns(stream: Any) -> int | None:
+def _terminal_size(stream: Any) -> os.terminal_size | None:
     try:
-        return os.get_terminal_size(stream.fileno()).columns
+        return os.get_terminal_size(stream.fileno())
     except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
         return None
 

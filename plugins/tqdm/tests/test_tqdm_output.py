@@ -154,11 +154,11 @@ def test_redirected_stderr_gets_no_carriage_returns(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- a terminal
 
 
-def run_on_pty(options: dict[str, Any], columns: int = 100) -> str:
-    """Run the child with its stderr on a pseudo-terminal ``columns`` wide; return
-    what it drew."""
+def run_on_pty(options: dict[str, Any], columns: int = 100, rows: int = 24) -> str:
+    """Run the child with its stderr on a pseudo-terminal of ``columns`` x ``rows``;
+    return what it drew."""
     main_fd, child_fd = os.openpty()
-    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    fcntl.ioctl(child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     chunks: list[bytes] = []
 
     def drain() -> None:
@@ -213,6 +213,16 @@ def test_terminal_without_logging_redirection_breaks_the_line() -> None:
     assert frames(text, "epoch 2/2")
     logged = [line for line in text.split("\n") if "LOG LINE FROM TRAINING" in line]
     assert logged[0].split("\r")[-1].strip() != "LOG LINE FROM TRAINING"
+
+
+@pytest.mark.parametrize(("columns", "rows"), [(0, 0), (0, 24), (100, 0)])
+def test_a_terminal_of_no_size_still_gets_bars(columns: int, rows: int) -> None:
+    # A pty nobody sized reports 0 x 0; tqdm left to itself draws nothing there.
+    text = run_on_pty({"refresh_interval": 0}, columns=columns, rows=rows)
+    epoch_frames = frames(text, "epoch 2/2")
+    assert any(re.search(r"\d+%\|.*\| 8/8 ", frame) for frame in epoch_frames), text
+    # 80 columns where the terminal said none, else the terminal's own width.
+    assert max(len(frame) for frame in epoch_frames) <= (columns or 80)
 
 
 @pytest.mark.parametrize(
