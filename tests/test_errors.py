@@ -216,13 +216,32 @@ def test_a_dict_of_validation_loaders_is_refused_before_training():
         ("accumulate_grad_batches", 0),
         ("log_every_n_steps", 0),
         ("gradient_clip_val", -1.0),
+        ("gradient_clip_val", "1"),
+        ("gradient_clip_val", True),
         ("limit_train_batches", -1),
         ("limit_train_batches", 0),
+        ("seed", "abc"),
+        ("seed", 1.5),
+        ("seed", -1),
+        ("check_finite_every_step", "no"),
+        ("check_finite_every_step", 1),
     ],
 )
 def test_bad_trainer_options(option, value):
-    with pytest.raises(ConfigurationError, match=option):
+    with pytest.raises(ConfigurationError, match=f"^{option} must be .*, got {value!r}$"):
         hooktrain.Trainer(plugins=[], **{option: value})
+
+
+@pytest.mark.parametrize("stage", ["fit", "validate"])
+def test_a_loss_named_by_a_string_is_refused_before_any_batch(stage):
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    train, val = make_data()
+    with pytest.raises(ConfigurationError, match=r"loss_fn must be a function .*got str"):
+        if stage == "fit":
+            fit(trainer=trainer, loader=train, loss_fn="cross_entropy")
+        else:
+            trainer.validate(make_model(), val, loss_fn="cross_entropy")
+    assert trainer.global_step == 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

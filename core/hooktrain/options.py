@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
 __all__ = [
+    "check_loss_fn",
     "check_metrics",
     "check_monitors",
     "check_options",
@@ -41,12 +42,14 @@ def check_options(
     plugins: Any,
     max_epochs: Any,
     max_steps: Any,
+    seed: Any,
     accumulate_grad_batches: Any,
     gradient_clip_val: Any,
     check_val_every_n_epoch: Any,
     val_every_n_steps: Any,
     limits: Mapping[str, Any],
     log_every_n_steps: Any,
+    check_finite_every_step: Any,
 ) -> None:
     """Refuse options that cannot run, before anything else happens.
 
@@ -55,11 +58,14 @@ def check_options(
     :raises ConfigurationError: for a count that is not an integer in its range
         (``max_epochs``, ``accumulate_grad_batches``, ``check_val_every_n_epoch`` and
         ``log_every_n_steps`` >= 1; ``max_steps``, ``val_every_n_steps`` and
-        ``limit_train_batches`` >= 1 or ``None``; the other limits >= 0 or ``None``), a
-        ``gradient_clip_val`` not > 0, or ``plugins`` that is not a list.
+        ``limit_train_batches`` >= 1 or ``None``; the other limits and ``seed`` >= 0
+        or ``None``), a ``gradient_clip_val`` that is not a number > 0, a
+        ``check_finite_every_step`` that is not a bool, or ``plugins`` that is not a
+        list.
     """
     _require_int("max_epochs", max_epochs, minimum=1)
     _require_int("max_steps", max_steps, minimum=1, optional=True)
+    _require_int("seed", seed, minimum=0, optional=True)
     _require_int("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
     _require_int("check_val_every_n_epoch", check_val_every_n_epoch, minimum=1)
     _require_int("val_every_n_steps", val_every_n_steps, minimum=1, optional=True)
@@ -68,8 +74,18 @@ def check_options(
         # No training batch at all would end the first epoch with "yielded no batches".
         minimum = 1 if stage == "train" else 0
         _require_int(_LIMIT_OPTIONS[stage], value, minimum=minimum, optional=True)
-    if gradient_clip_val is not None and not gradient_clip_val > 0:
-        raise ConfigurationError(f"gradient_clip_val must be > 0, got {gradient_clip_val!r}")
+    if gradient_clip_val is not None and (
+        isinstance(gradient_clip_val, bool)
+        or not isinstance(gradient_clip_val, int | float)
+        or not gradient_clip_val > 0
+    ):
+        raise ConfigurationError(
+            f"gradient_clip_val must be a number > 0, got {gradient_clip_val!r}"
+        )
+    if not isinstance(check_finite_every_step, bool):
+        raise ConfigurationError(
+            f"check_finite_every_step must be True or False, got {check_finite_every_step!r}"
+        )
     if plugins is not None and (
         isinstance(plugins, str | bytes) or not isinstance(plugins, Sequence)
     ):
@@ -127,6 +143,17 @@ def check_metrics(metrics: Any) -> None:
                 f"torchmetrics Metric under a string name ({example}), got "
                 f"{type(fn).__name__}"
             )
+
+
+def check_loss_fn(loss_fn: Any) -> None:
+    """:raises ConfigurationError: when ``loss_fn`` is neither ``None`` nor callable (a
+    loss's name as a string, Keras's habit)."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise ConfigurationError(
+            f"loss_fn must be a function of (outputs, targets) returning the loss, such as "
+            f"torch.nn.functional.cross_entropy or torch.nn.CrossEntropyLoss(), got "
+            f"{type(loss_fn).__name__} {loss_fn!r:.40}"
+        )
 
 
 def why_fit_never_validates(trainer: Trainer) -> str | None:

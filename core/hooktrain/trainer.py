@@ -26,7 +26,13 @@ from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.instrument import TRACE_ENV, instrument, stderr_tracer
 from hooktrain.metrics import MetricFn, Metrics, RunningMeans
 from hooktrain.optimization import Scheduler
-from hooktrain.options import check_metrics, check_options, resolve_device, trainer_hparams
+from hooktrain.options import (
+    check_loss_fn,
+    check_metrics,
+    check_options,
+    resolve_device,
+    trainer_hparams,
+)
 from hooktrain.plugins import (
     PluginManager,
     PluginSelection,
@@ -50,8 +56,10 @@ class Trainer:
         ``ConfigurationError`` here, before anything runs.
     :param max_epochs: epochs to train (at least 1).
     :param max_steps: stop after this many optimizer steps, even mid-epoch.
-    :param seed: seeds Python, NumPy and torch when each stage starts, and the
-        per-epoch shuffling order of the training data.
+    :param seed: an integer >= 0 that seeds Python, NumPy and torch when each stage
+        starts, and the per-epoch shuffling order of the training data. A model built
+        before that was initialised unseeded: call ``hooktrain.seed_everything(seed)``
+        before building it when its initial weights must repeat too.
     :param device: where the core puts the model and batches; default CUDA when
         available, else the CPU; one this torch cannot use raises
         ``ConfigurationError`` here. A plugin may change it in ``setup``.
@@ -65,6 +73,8 @@ class Trainer:
         every N optimizer steps.
     :param check_finite_every_step: check the loss every step (one device sync per
         step) instead of every ``log_every_n_steps``.
+    :raises ConfigurationError: for an option of the wrong type or out of its range
+        (`hooktrain.options.check_options`), before anything runs.
     """
 
     def __init__(
@@ -96,12 +106,14 @@ class Trainer:
             plugins=plugins,
             max_epochs=max_epochs,
             max_steps=max_steps,
+            seed=seed,
             accumulate_grad_batches=accumulate_grad_batches,
             gradient_clip_val=gradient_clip_val,
             check_val_every_n_epoch=check_val_every_n_epoch,
             val_every_n_steps=val_every_n_steps,
             limits=limits,
             log_every_n_steps=log_every_n_steps,
+            check_finite_every_step=check_finite_every_step,
         )
         self.max_epochs = max_epochs
         self.max_steps = max_steps
@@ -419,6 +431,7 @@ class Trainer:
         loss_fn: Callable[..., torch.Tensor] | None,
         metrics: Mapping[str, MetricFn] | None,
     ) -> None:
+        check_loss_fn(loss_fn)
         check_metrics(metrics)
         self.model = model
         # torch.compile(module) is a wrapper: the user's module is the one inside
