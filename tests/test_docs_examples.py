@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -55,6 +56,22 @@ def test_example_script_runs(script: Path, tmp_path: Path, monkeypatch, capsys) 
             f"{script.name} no longer prints what {expected.name} (shown in the docs) says; "
             f"regenerate it with: python {script.relative_to(ROOT)} > {expected.relative_to(ROOT)}"
         )
+
+
+def test_the_quickstart_prints_the_same_numbers_when_run_again(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    # docs/getting-started.md says so. Each run starts from another global random
+    # state, as each new process does (torch seeds itself at random).
+    script = EXAMPLES / "quickstart.py"
+    monkeypatch.chdir(tmp_path)
+    outputs = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        runpy.run_path(str(script), run_name="__main__")
+        outputs.append(capsys.readouterr().out)
+    assert "val_acc=" in outputs[0]
+    assert outputs[0] == outputs[1]
 
 
 @pytest.mark.parametrize("module", TEST_MODULES, ids=lambda p: p.name)

@@ -19,6 +19,7 @@ val_loader = DataLoader(val, batch_size=256)
 # --8<-- [end:data]
 
 # --8<-- [start:fit]
+hooktrain.seed_everything(0)  # the model's initial weights, drawn before fit starts
 model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
 
 trainer = hooktrain.Trainer(
