@@ -434,8 +434,11 @@ def test_nan_loss_every_step_option_names_the_exact_step():
     trainer = hooktrain.Trainer(
         plugins=[], device="cpu", max_epochs=3, log_every_n_steps=50, check_finite_every_step=True
     )
-    with pytest.raises(NonFiniteLossError, match="batch 6, global step 7"):
+    with pytest.raises(NonFiniteLossError, match="batch 6, global step 6: the step") as caught:
         fit(NaNAfter(step=6), trainer=trainer)
+    # The note the core adds counts global steps the same way.
+    assert caught.value.__notes__ == ["hooktrain: raised during fit at epoch 0, global step 6"]
+    assert trainer.global_step == 6
 
 
 def test_metric_logged_with_a_bad_value():

@@ -107,9 +107,11 @@ def make_train_step(trainer: Trainer, hooks: ResolvedHooks) -> TrainStep:
             _raise_bad_loss(loss)
         if check_every_step and not torch.isfinite(loss):
             # Before backward, so the bad step never reaches the weights.
+            # "global step" as everywhere else: the steps taken, this one not yet.
             raise NonFiniteLossError(
                 f"the training loss is {loss.item()} at epoch {trainer.current_epoch}, "
-                f"batch {batch_idx}, global step {trainer.global_step + 1}"
+                f"batch {batch_idx}, global step {trainer.global_step}: the step that "
+                f"would have made it {trainer.global_step + 1} was not taken"
             )
         scaled = loss / accumulate if accumulate > 1 else loss
         if on_before_backward is not None:
