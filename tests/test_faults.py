@@ -52,7 +52,10 @@ def test_an_exception_comes_from_the_named_hook_at_the_named_step() -> None:
 
 def test_nan_loss_makes_that_steps_loss_nan_and_the_finite_check_stops_the_run() -> None:
     fault = ("faults", {"hook": "forward_step", "step": 2, "fault": "nan_loss"})
-    with pytest.raises(NonFiniteLossError, match="global step 3"):
+    # Injected at global step 2 (two steps taken); the third step is not taken.
+    with pytest.raises(
+        NonFiniteLossError, match="global step 2: the step that would have made it 3"
+    ):
         run([fault], max_epochs=1, record=False, check_finite_every_step=True)
 
 
