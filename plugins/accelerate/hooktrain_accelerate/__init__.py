@@ -87,6 +87,14 @@ def _make_router(module: torch.nn.Module) -> torch.nn.Module:
     return StepRouter(module)
 
 
+def _fp16_refused(device: Any) -> ConfigurationError:
+    return ConfigurationError(
+        f"accelerate: mixed_precision='fp16' does not run on {device} (accelerate would "
+        f"silently train in float32 there); use 'bf16', or the 'amp' plugin without "
+        f"'accelerate' for fp16 on the CPU"
+    )
+
+
 def _has_gpu() -> bool:
     import torch
 
@@ -228,6 +236,11 @@ class Accelerate:
             # gives N independent single-process runs without any error;
             # cpu=True makes it initialise a gloo process group instead.
             cpu = launched > 1 and not _has_gpu()
+        requested = self.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+        if requested == "fp16" and (cpu or not _has_gpu()):
+            # Refused before the Accelerator exists: its state is the process's, and
+            # once made with fp16 every later trainer in the process would get fp16.
+            raise _fp16_refused("cpu")
         kwargs: dict[str, Any] = dict(self.accelerator_kwargs)
         handlers = list(kwargs.pop("kwargs_handlers", []))
         if self.find_unused_parameters:
@@ -264,11 +277,7 @@ class Accelerate:
             not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
         )
         if silent_fp32:
-            raise ConfigurationError(
-                f"accelerate: mixed_precision='fp16' does not run on {accelerator.device} "
-                f"(accelerate would silently train in float32 there); use 'bf16', or the "
-                f"'amp' plugin without 'accelerate' for fp16 on the CPU"
-            )
+            raise _fp16_refused(accelerator.device)
         return accelerator
 
     # ------------------------------------------------------------------ prepare

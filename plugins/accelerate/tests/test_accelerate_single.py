@@ -116,6 +116,16 @@ def test_fp16_on_the_cpu_is_refused_rather_than_run_in_float32() -> None:
     assert isinstance(info.value.__cause__, ConfigurationError)
 
 
+def test_a_refused_fp16_run_leaves_the_next_trainer_its_own_precision() -> None:
+    # accelerate's state is the process's: refused only after the Accelerator was
+    # made, the fp16 run fixed fp16 for every later one (a notebook's next cell).
+    with pytest.raises(HookError, match="fp16"):
+        fit([("accelerate", {"mixed_precision": "fp16"})], DtypeProbe())
+    model = DtypeProbe()
+    fit([("accelerate", {"mixed_precision": "bf16"})], model, max_epochs=1)
+    assert {dtype for training, dtype in model.seen if training} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize(
     "plugins",
     [[("amp", {"precision": "bf16"}), "accelerate"], ["accelerate", ("amp", {})]],
