@@ -83,8 +83,11 @@ class FSDP:
         ``None``: parameters stay in their own dtype.
     :param timeout: seconds a collective may wait before the process group fails
         (a process that died leaves the others waiting).
-    :raises ConfigurationError: for an unknown ``mp_policy`` field or dtype, or an
-        ``auto_wrap_policy`` entry that is neither a class nor a string.
+    :raises ConfigurationError: for an unknown ``mp_policy`` field or dtype, an
+        ``auto_wrap_policy`` entry that is neither a class nor a string, or a
+        ``timeout`` that is not a number > 0; in ``setup``, for an
+        ``auto_wrap_policy`` entry that matches no submodule of the model (a
+        misspelt class name would otherwise leave the model sharded as one unit).
     """
 
     name = "fsdp"
@@ -108,6 +111,8 @@ class FSDP:
         self.auto_wrap_policy = classes
         self.reshard_after_forward = reshard_after_forward
         self.mp_policy = _mixed_precision_policy(mp_policy)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ConfigurationError(f"fsdp: timeout must be seconds > 0, got {timeout!r}")
         self.timeout = timeout
         #: The device mesh the model is sharded over, from the first ``setup``.
         self.mesh: Any = None
@@ -169,14 +174,19 @@ class FSDP:
             return [child for child in module.children() if any(True for _ in child.parameters())]
         wanted = self.auto_wrap_policy
 
-        def matches(sub: nn.Module) -> bool:
-            return any(
-                type(sub).__name__ == c if isinstance(c, str) else isinstance(sub, c)
-                for c in wanted
-            )
+        def is_a(sub: nn.Module, entry: type | str) -> bool:
+            return type(sub).__name__ == entry if isinstance(entry, str) else isinstance(sub, entry)
 
+        subs = [sub for sub in module.modules() if sub is not module]
+        missing = [entry for entry in wanted if not any(is_a(sub, entry) for sub in subs)]
+        if missing:
+            present = sorted({type(sub).__name__ for sub in subs})
+            raise ConfigurationError(
+                f"fsdp: auto_wrap_policy entries {missing!r} match no submodule of the "
+                f"{type(module).__name__}; its submodules are {', '.join(present) or 'none'}"
+            )
         # Innermost first: fully_shard must see a unit's sharded submodules first.
-        units = [sub for sub in module.modules() if sub is not module and matches(sub)]
+        units = [sub for sub in subs if any(is_a(sub, entry) for entry in wanted)]
         return list(reversed(units))
 
     # ------------------------------------------------------------------ prepare

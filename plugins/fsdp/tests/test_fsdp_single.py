@@ -112,6 +112,16 @@ def test_auto_wrap_policy_by_class_and_name_and_mixed_precision_policy() -> None
     assert not isinstance(by_class[0], FSDPModule)
 
 
+def test_an_auto_wrap_policy_matching_no_submodule_is_refused_before_training() -> None:
+    model = nn.Sequential(Block(), nn.Linear(8, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(HookError, match=r"\['Linearr'\] match no submodule.*Block, Linear") as info:
+        fit([("fsdp", {"auto_wrap_policy": ["Linearr", nn.Linear]})], model, max_epochs=1)
+    assert isinstance(info.value.__cause__, ConfigurationError)
+    assert not isinstance(model, FSDPModule)  # nothing was sharded
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_bad_options_are_refused_when_the_plugin_is_built() -> None:
     from hooktrain_fsdp import FSDP
 
@@ -121,6 +131,11 @@ def test_bad_options_are_refused_when_the_plugin_is_built() -> None:
         FSDP(mp_policy={"param_dtype": "bfloat17"})
     with pytest.raises(ConfigurationError, match="auto_wrap_policy must hold"):
         FSDP(auto_wrap_policy=[3])
+    for timeout in (0, -5, "30", True):
+        with pytest.raises(
+            ConfigurationError, match=f"timeout must be seconds > 0, got {timeout!r}"
+        ):
+            FSDP(timeout=timeout)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     assert FSDP(mp_policy=policy).mp_policy is policy
 
