@@ -147,13 +147,15 @@ def test_checkpoint_files_of_plugins_that_keep_checkpoints(tmp_path: Path) -> No
 
     for name in ("last.ckpt", "best.ckpt", "other.ckpt"):
         (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sharded.ckpt").mkdir()  # a sharded checkpoint is a directory
     plugins = [
         Keeper("a", tmp_path / "last.ckpt", str(tmp_path / "best.ckpt")),
         Keeper("b", str(tmp_path / "last.ckpt"), None),  # the same file again
         Keeper("c", tmp_path / "missing.ckpt", tmp_path / "best.ckpt"),
+        Keeper("d", tmp_path / "sharded.ckpt", None),
         Unrelated(),
     ]
     trainer = Trainer(plugins=plugins, device="cpu")
     found = loggers.checkpoint_files(trainer)
-    assert sorted(found) == [tmp_path / "best.ckpt", tmp_path / "last.ckpt"]
+    assert sorted(found) == [tmp_path / n for n in ("best.ckpt", "last.ckpt", "sharded.ckpt")]
     assert loggers.checkpoint_files(Trainer(plugins=[], device="cpu")) == []

@@ -228,8 +228,10 @@ class LoggedSteps:
 
 
 def checkpoint_files(trainer: Trainer) -> list[Path]:
-    """The last and the best checkpoint file of every registered plugin that keeps
-    checkpoints: those that exist, each once, a plugin's last before its best.
+    """The last and the best checkpoint of every registered plugin that keeps
+    checkpoints: those that exist, each once, a plugin's last before its best. A
+    checkpoint is a file, or a directory for a sharded one (the ``checkpoint`` plugin
+    under ``fsdp`` writes those).
 
     A plugin keeps checkpoints, to this function, when it has the attributes
     ``last_model_path`` and ``best_model_path`` (Lightning's ``ModelCheckpoint``
@@ -246,7 +248,7 @@ def checkpoint_files(trainer: Trainer) -> list[Path]:
         for value in (plugin.last_model_path, plugin.best_model_path):
             if isinstance(value, str | os.PathLike):
                 path = Path(value)
-                if path.is_file() and path not in found:
+                if (path.is_file() or path.is_dir()) and path not in found:
                     found.append(path)
     return found
 

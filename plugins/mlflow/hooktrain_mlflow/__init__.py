@@ -228,7 +228,11 @@ class MLFlowLogger:
             self._flush()
             if stage == "fit" and self.log_checkpoints and not self._failed:
                 for path in checkpoint_files(trainer):
-                    self._client.log_artifact(run_id, str(path), artifact_path="checkpoints")
+                    if path.is_dir():  # a sharded checkpoint, kept whole under its name
+                        where = f"checkpoints/{path.name}"
+                        self._client.log_artifacts(run_id, str(path), artifact_path=where)
+                    else:
+                        self._client.log_artifact(run_id, str(path), artifact_path="checkpoints")
         finally:
             status = "FAILED" if self._failed else "FINISHED"
             self._client.set_terminated(run_id, status=status)

@@ -228,3 +228,23 @@ def test_a_checkpoint_whose_run_is_gone_resumes_into_a_new_run(
     assert second.info.status == "FINISHED"
     # The new run holds the resumed fit's steps: the second epoch's.
     assert [step for step, _ in history(client, second.info.run_id, "loss_epoch")] == [16]
+
+
+def test_sharded_checkpoints_are_uploaded_whole(mlflow_server: str, tmp_path: Path) -> None:
+    # Under fsdp a checkpoint is a directory of shards, not a file.
+    pytest.importorskip("hooktrain_fsdp")
+    experiment = f"sharded-{uuid.uuid4().hex}"
+    ckpt = tmp_path / "ckpt"
+    logger = options(mlflow_server, experiment, log_checkpoints=True)
+    run(["fsdp", ("checkpoint", {"dirpath": ckpt}), logger], max_epochs=1, record=False)
+    kept = sorted(path for path in ckpt.iterdir() if not path.name.startswith("."))
+    assert kept and all(path.is_dir() for path in kept)
+
+    client = MlflowClient(mlflow_server)
+    run_id = the_run(client, experiment).info.run_id
+    uploaded = {artifact.path for artifact in client.list_artifacts(run_id, "checkpoints")}
+    assert uploaded == {f"checkpoints/{path.name}" for path in kept}
+    for path in kept:
+        where = f"checkpoints/{path.name}"
+        files = {artifact.path for artifact in client.list_artifacts(run_id, where)}
+        assert files == {f"{where}/{part.name}" for part in path.iterdir()}
