@@ -124,6 +124,11 @@ class Accelerate:
         dataloader's batch size times the number of processes).
     :param find_unused_parameters: passed to ``DistributedDataParallel``.
     :param accelerator_kwargs: further keyword arguments for ``Accelerator``.
+    :raises ConfigurationError: here, for an unknown ``mixed_precision``, a
+        ``gradient_accumulation_steps`` that is not an integer >= 1, a ``cpu`` that is
+        not a bool or ``None``, or ``accelerator_kwargs`` setting what the plugin
+        sets; in ``setup``, for ``fp16`` where accelerate would train in float32
+        (the CPU), before the process-wide ``Accelerator`` is made.
     """
 
     name = "accelerate"
@@ -159,6 +164,8 @@ class Accelerate:
                 f"accelerate: gradient_accumulation_steps must be an integer >= 1, got "
                 f"{gradient_accumulation_steps!r}"
             )
+        if cpu is not None and not isinstance(cpu, bool):
+            raise ConfigurationError(f"accelerate: cpu must be True, False or None, got {cpu!r}")
         reserved = {
             "gradient_accumulation_steps",
             "gradient_accumulation_plugin",

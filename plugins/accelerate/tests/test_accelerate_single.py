@@ -221,5 +221,7 @@ def test_bad_options_are_refused_at_construction() -> None:
         Accelerate(mixed_precision="bf17")
     with pytest.raises(ConfigurationError, match="gradient_accumulation_steps must be"):
         Accelerate(gradient_accumulation_steps=0)
+    with pytest.raises(ConfigurationError, match="cpu must be True, False or None, got 'yes'"):
+        Accelerate(cpu="yes")
     with pytest.raises(ConfigurationError, match="may not set step_scheduler_with_optimizer"):
         Accelerate(accelerator_kwargs={"step_scheduler_with_optimizer": True})

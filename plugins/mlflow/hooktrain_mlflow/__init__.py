@@ -85,8 +85,8 @@ class MLFlowLogger:
         tried once, before MLflow's own retries (several minutes by default) apply
         to the requests that follow.
     :raises ConfigurationError: (a ``ValueError``) ``flush_secs`` is not > 0,
-        ``max_queue`` or ``start_timeout``
-        is not an integer >= 1.
+        ``max_queue`` or ``start_timeout`` is not an integer >= 1, or ``tags`` is not
+        a mapping.
     :raises ImportError: the ``mlflow`` package is not installed.
     """
 
@@ -112,6 +112,10 @@ class MLFlowLogger:
             # MLflow reads its request timeout as a whole number of seconds.
             raise ConfigurationError(
                 f"mlflow: start_timeout must be an integer >= 1, got {start_timeout!r}"
+            )
+        if tags is not None and not isinstance(tags, Mapping):
+            raise ConfigurationError(
+                f"mlflow: tags must be a dict of tag names to values, got {type(tags).__name__}"
             )
         # Only looked up here: importing mlflow takes seconds, paid when a fit starts
         # on the process that logs.

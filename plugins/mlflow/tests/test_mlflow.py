@@ -127,6 +127,8 @@ def test_options_are_checked() -> None:
         MLFlowLogger(start_timeout=0)
     with pytest.raises(ValueError, match="max_queue"):
         MLFlowLogger(max_queue=0)
+    with pytest.raises(ValueError, match="tags must be a dict of tag names to values, got list"):
+        MLFlowLogger(tags=["team-a"])
 
 
 def _script(uri: str, experiment: str, ckpt: Path, *extra: str) -> subprocess.CompletedProcess[str]:
