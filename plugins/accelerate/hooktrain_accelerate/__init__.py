@@ -124,11 +124,8 @@ class Accelerate:
         dataloader's batch size times the number of processes).
     :param find_unused_parameters: passed to ``DistributedDataParallel``.
     :param accelerator_kwargs: further keyword arguments for ``Accelerator``.
-    :raises ConfigurationError: here, for an unknown ``mixed_precision``, a
-        ``gradient_accumulation_steps`` that is not an integer >= 1, a ``cpu`` that is
-        not a bool or ``None``, or ``accelerator_kwargs`` setting what the plugin
-        sets; in ``setup``, for ``fp16`` where accelerate would train in float32
-        (the CPU), before the process-wide ``Accelerator`` is made.
+    :raises ConfigurationError: here, for an option of the wrong kind or value; in
+        ``setup``, for ``fp16`` on the CPU, before the process-wide Accelerator exists.
     """
 
     name = "accelerate"
