@@ -257,8 +257,15 @@ class MLFlowLogger:
             return self._client
         from mlflow import MlflowClient
 
-        client = MlflowClient(self.tracking_uri)
         uri = self._uri()
+        try:
+            client = MlflowClient(self.tracking_uri)
+        except Exception as exc:  # MLflow's own exceptions for a URI it cannot use
+            raise ConfigurationError(
+                f"mlflow: tracking_uri {uri!r} is not one MLflow can use "
+                f"({type(exc).__name__}: {_first_line(exc)}); pass an http(s):// server, "
+                f"a file path or a database URI"
+            ) from exc
         try:
             with _single_quick_attempt(self.start_timeout):
                 experiment = client.get_experiment_by_name(self.experiment_name)

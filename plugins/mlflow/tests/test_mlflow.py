@@ -109,6 +109,14 @@ def test_an_unreachable_server_fails_before_training(unused_uri: str) -> None:
     assert recorder.calls == []
 
 
+def test_a_tracking_uri_mlflow_cannot_use_fails_before_training_naming_it() -> None:
+    recorder = HookRecorder(["on_train_epoch_start"])
+    with pytest.raises(HookError, match=r"tracking_uri 'htp://127.0.0.1:1' is not one") as raised:
+        run([options("htp://127.0.0.1:1", "nowhere"), recorder], record=False)
+    assert isinstance(raised.value.__cause__, ValueError)  # a ConfigurationError
+    assert recorder.calls == []
+
+
 def test_only_the_global_zero_process_logs(mlflow_server: str) -> None:
     class RankOne:
         @hookimpl(tryfirst=True)
