@@ -64,6 +64,21 @@ def closest_name(given: object, known: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def missing_monitor_hint(monitor: str, computed: Iterable[str]) -> str:
+    """The sentence that ends a "monitored metric missing" message, for a monitor
+    read where its value was due (after a validation of the weights, for a ``val_*``
+    one): the validation step's fault when validation computed no ``val_*`` metric at
+    all, else the closest computed name; ``""`` when there is nothing to suggest."""
+    names = list(computed)
+    if monitor.startswith("val_") and not any(name.startswith("val_") for name in names):
+        return (
+            "Validation ran and computed no metric: return the loss (or a dict of "
+            "values) from validation_step, or log values with trainer.log."
+        )
+    close = closest_name(monitor, names)
+    return f"Did you mean {close!r}?" if close else ""
+
+
 def _internal(module: str) -> bool:
     return module.partition(".")[0] in ("hooktrain", "pluggy") or module.startswith("hooktrain_")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from hooktrain.errors import ConfigurationError, closest_name
+from hooktrain.errors import ConfigurationError, closest_name, missing_monitor_hint
 from hooktrain.hookcalls import unexpected_result
 
 if TYPE_CHECKING:
@@ -281,17 +281,10 @@ def step_scheduler(
     if monitor is not None and computed is not None and monitor not in computed:
         if not validated:
             return
-        if monitor.startswith("val_") and not any(n.startswith("val_") for n in computed):
-            hint = (
-                ". Validation ran and computed no metric: return the loss (or a dict of "
-                "values) from validation_step, or log values with trainer.log"
-            )
-        else:
-            close = closest_name(monitor, computed)
-            hint = f". Did you mean {close!r}?" if close else ""
+        hint = missing_monitor_hint(monitor, computed)
         raise ConfigurationError(
             f"the LR scheduler monitors {monitor!r}, which this epoch did not compute; "
-            f"computed: {', '.join(sorted(computed)) or 'none'}{hint}"
+            f"computed: {', '.join(sorted(computed)) or 'none'}" + (f". {hint}" if hint else "")
         )
     if monitor is not None and monitor not in trainer.metrics:
         raise ConfigurationError(

@@ -7,7 +7,7 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from hooktrain.errors import closest_name
+from hooktrain.errors import missing_monitor_hint
 from hooktrain_checkpoint.storage import LAST_NAME, SUFFIX
 
 __all__ = [
@@ -51,10 +51,8 @@ def missing_monitor_message(monitor: str, metrics: Mapping[str, Any], where: str
     """What to say when ``monitor`` is not among ``metrics`` at a save (at ``where``).
     Called only where its value was due: a validation metric after a validation of
     the weights being saved."""
-    close = closest_name(monitor, metrics)
-    hint = f" Did you mean {close!r}?" if close else ""
-    if monitor.startswith("val_") and not any(name.startswith("val_") for name in metrics):
-        hint = " Validation ran and computed no metric (a validation_step returning None?)."
+    hint = missing_monitor_hint(monitor, metrics)
+    hint = f" {hint}" if hint else ""
     return (
         f"hooktrain-checkpoint: monitored metric {monitor!r} does not exist at {where}; "
         f"checkpoints are not ranked until it does (last is still saved).{hint} Known "
