@@ -51,6 +51,7 @@ __all__ = [
     "EPOCH_SUFFIX",
     "FlushSchedule",
     "LoggedSteps",
+    "check_version",
     "checkpoint_files",
     "collect_hparams",
     "experiment_dir",
@@ -108,6 +109,23 @@ def new_version_dir(root: str | os.PathLike[str]) -> Path:
             number += 1
             continue
         return candidate
+
+
+def check_version(version: Any, owner: str) -> None:
+    """Refuse a ``version`` option that `version_dir` cannot turn into a folder.
+
+    :raises ConfigurationError: (a ``ValueError``) ``version`` is not ``None``, an
+        int >= 0 or a non-empty string; ``True`` and ``-1`` are refused, as a folder
+        ``version_True`` or ``version_-1`` is a mistake, not a choice.
+    """
+    if version is None or (isinstance(version, str) and version):
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version >= 0:
+        return
+    raise ConfigurationError(
+        f"{owner}: version must be None (the next free version), an integer >= 0 or "
+        f"a folder name, got {version!r}"
+    )
 
 
 def version_dir(root: str | os.PathLike[str], version: int | str | None) -> Path:

@@ -36,6 +36,7 @@ from hooktrain import hookimpl
 from hooktrain.loggers import (
     FlushSchedule,
     LoggedSteps,
+    check_version,
     collect_hparams,
     experiment_dir,
     load_state,
@@ -73,8 +74,9 @@ class CSVLogger:
         once a second), every checkpoint, exception and teardown.
     :param max_queue: publications kept waiting before a write is forced; ``1``
         writes each row as it is published.
-    :raises ConfigurationError: (a ``ValueError``) ``flush_secs`` is not > 0 or
-        ``max_queue`` is not an integer >= 1.
+    :raises ConfigurationError: (a ``ValueError``) ``flush_secs`` is not > 0,
+        ``max_queue`` is not an integer >= 1, or ``version`` is none of ``None``, an
+        integer >= 0 and a non-empty string.
     """
 
     #: Registered under this name when passed as an object.
@@ -92,6 +94,7 @@ class CSVLogger:
         max_queue: int = 1000,
     ) -> None:
         self._schedule = FlushSchedule(flush_secs, max_queue, owner="csv")
+        check_version(version, "csv")
         self.log_dir = Path(log_dir)
         self.run_name = name
         self.version = version

@@ -144,6 +144,9 @@ def test_options_are_checked() -> None:
         CSVLogger(flush_secs=0)
     with pytest.raises(ValueError, match="max_queue"):
         CSVLogger(max_queue=0)
+    for version in (-1, True, 1.5, ""):
+        with pytest.raises(ValueError, match="version"):
+            CSVLogger(version=version)
 
 
 def _script(tmp_path: Path, name: str, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -44,6 +44,7 @@ from hooktrain.errors import ConfigurationError
 from hooktrain.loggers import (
     FlushSchedule,
     LoggedSteps,
+    check_version,
     collect_hparams,
     experiment_dir,
     hparam_value,
@@ -91,7 +92,8 @@ class TensorBoardLogger:
         and at teardown: a process killed outright loses what was published since the last of these.
     :param max_queue: publications kept waiting before a write is forced.
     :raises ConfigurationError: (a ``ValueError``) ``log_every_n_steps`` is not an
-        integer >= 1, ``flush_secs`` is not > 0 or ``max_queue`` is not an integer >= 1.
+        integer >= 1, ``flush_secs`` is not > 0, ``max_queue`` is not an integer >= 1,
+        or ``version`` is none of ``None``, an integer >= 0 and a non-empty string.
     :raises ImportError: the ``tensorboard`` package is not installed.
     """
 
@@ -117,6 +119,7 @@ class TensorBoardLogger:
                 f"tensorboard: log_every_n_steps must be an integer >= 1, got {log_every_n_steps!r}"
             )
         self._schedule = FlushSchedule(flush_secs, max_queue, owner="tensorboard")
+        check_version(version, "tensorboard")
         # Only looked up here: importing torch.utils.tensorboard takes 0.2 to 0.5 s,
         # paid when the first file is opened, and only on the process that writes.
         if importlib.util.find_spec("tensorboard") is None:

@@ -565,3 +565,6 @@ def test_bad_options_are_refused() -> None:
         TensorBoardLogger(flush_secs=0)
     with pytest.raises(ValueError, match="max_queue"):
         TensorBoardLogger(max_queue=True)
+    for version in (-1, False, 2.0, ""):
+        with pytest.raises(ValueError, match="version"):
+            TensorBoardLogger(version=version)
