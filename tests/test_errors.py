@@ -112,17 +112,51 @@ def test_keyboard_interrupt_runs_on_exception_and_teardown():
     assert isinstance(witness.exception, KeyboardInterrupt)
 
 
-def test_teardown_runs_even_when_on_exception_fails(capsys):
-    class BadHandler:
-        @hookimpl
-        def on_exception(self):
-            raise RuntimeError("handler broke")
+class BadCleaner:
+    """Raises in both clean-up hooks."""
 
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @hookimpl
+    def on_exception(self):
+        raise RuntimeError(f"{self.name}'s handler broke")
+
+    @hookimpl
+    def teardown(self):
+        raise OSError(f"{self.name} could not close its file")
+
+
+@pytest.mark.parametrize("witness_first", [True, False])
+def test_every_plugin_cleans_up_when_others_fail_to(capsys, witness_first):
+    # pluggy stops a hook call at the first implementation that raises: whichever
+    # plugins came after a failing one never flushed their logs. Both orders, as
+    # the list's order decides which plugins pluggy calls first.
     witness = Witness()
-    with pytest.raises(HookError):
-        run([Exploding(), BadHandler(), witness], max_epochs=1, record=False)
-    assert "teardown" in witness.events
-    assert "on_exception itself raised" in capsys.readouterr().err
+    cleaners = [BadCleaner("one"), BadCleaner("two")]
+    plugins = [witness, *cleaners] if witness_first else [*cleaners, witness]
+    with pytest.raises(HookError) as excinfo:
+        run([Exploding(), *plugins], max_epochs=1, record=False)
+    assert excinfo.value.plugin == "exploder"  # the first error, not a clean-up's
+    assert witness.events == ["on_exception", "teardown"]
+    err = capsys.readouterr().err
+    for name in ("one", "two"):
+        assert (
+            f"on_exception raised after an error: plugin {name!r} raised in hook "
+            f"'on_exception'" in err
+        )
+        assert f"teardown raised after an error: plugin {name!r} raised in hook 'teardown'" in err
+
+
+@pytest.mark.parametrize("witness_first", [True, False])
+def test_a_failing_teardown_is_raised_after_every_teardown_ran(witness_first):
+    witness = Witness()
+    plugins = [witness, BadCleaner("one")] if witness_first else [BadCleaner("one"), witness]
+    with pytest.raises(HookError) as excinfo:
+        run(plugins, max_epochs=1, record=False)
+    assert (excinfo.value.plugin, excinfo.value.hook) == ("one", "teardown")
+    assert isinstance(excinfo.value.__cause__, OSError)
+    assert witness.events == ["teardown"]
 
 
 def test_empty_dataloader():

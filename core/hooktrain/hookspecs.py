@@ -110,7 +110,9 @@ def teardown(trainer: Trainer, stage: str) -> None:
     """Called last, when the stage ends, whether it succeeded or raised.
 
     Flush files, close writers and join threads here. Never skipped: it runs after
-    ``on_exception`` too.
+    ``on_exception`` too, and every plugin's implementation runs even when another
+    one raised (the first such error is raised once all have run, or printed to
+    stderr when the stage had failed already).
 
     :param trainer: the trainer.
     :param stage: the same value ``setup`` received.
@@ -629,7 +631,9 @@ def log_metrics(trainer: Trainer, metrics: Mapping[str, float], step: int, scope
 @hookspec
 def on_exception(trainer: Trainer, exception: BaseException) -> None:
     """Called when anything raised during a stage (``KeyboardInterrupt``
-    included), before ``teardown``. The exception propagates afterwards.
+    included), before ``teardown``. The exception propagates afterwards. Every
+    plugin's implementation runs even when another one raised here; those errors
+    are printed to stderr, naming the plugin.
 
     :param exception: the exception, already annotated with the epoch and step.
     """

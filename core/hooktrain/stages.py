@@ -20,7 +20,7 @@ from hooktrain.rng import seed_everything
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["explain", "run_stage"]
+__all__ = ["call_each", "explain", "run_stage"]
 
 
 def run_stage(trainer: Trainer, stage: str, body: Callable[[], Any]) -> Any:
@@ -44,24 +44,58 @@ def run_stage(trainer: Trainer, stage: str, body: Callable[[], Any]) -> Any:
         return body()
     except BaseException as exc:
         failure = explain(trainer, exc)
-        try:
-            hook.on_exception(trainer=trainer, exception=failure)
-        except Exception as inner:
-            print(f"hooktrain: on_exception itself raised: {inner!r}", file=sys.stderr)
+        for error in call_each(trainer, "on_exception", {"trainer": trainer, "exception": failure}):
+            print(f"hooktrain: on_exception raised after an error: {error}", file=sys.stderr)
         if failure is exc:
             raise
         raise failure from exc
     finally:
-        try:
-            hook.teardown(trainer=trainer, stage=stage)
-        except Exception as exc:
-            if failure is None:
-                raise explain(trainer, exc) from exc
-            print(f"hooktrain: teardown raised after an error: {exc!r}", file=sys.stderr)
+        errors = call_each(trainer, "teardown", {"trainer": trainer, "stage": stage})
+        if errors and failure is None:
+            raise errors[0]
+        for error in errors:
+            print(f"hooktrain: teardown raised after an error: {error}", file=sys.stderr)
         trainer._active_means = None
         trainer._log_prefix = ""
         # Names logged after the stage's last publication have no later one to go to.
         trainer._logged_since_publish.clear()
+
+
+def call_each(trainer: Trainer, hook_name: str, kwargs: dict[str, Any]) -> list[BaseException]:
+    """Call a clean-up hook (``on_exception``, ``teardown``) so that one plugin
+    raising does not keep the plugins after it from flushing their files.
+
+    pluggy stops a call at the first implementation that raises. Here the call
+    is then made again without that implementation and the ones that had already
+    run, until every one has run once (wrappers run around each call).
+
+    :return: what was raised, in call order, each as `explain` words it: empty
+        when every implementation returned.
+    """
+    manager = trainer.plugin_manager
+    caller = getattr(manager.hook, hook_name)
+    ran: list[Any] = []
+    errors: list[BaseException] = []
+    while True:
+        try:
+            caller(**kwargs)
+            return errors
+        except Exception as exc:
+            error = explain(trainer, exc)
+            if error is not exc and error.__cause__ is None:
+                error.__cause__ = exc
+            errors.append(error)
+            named = isinstance(error, HookError) and error.hook == hook_name
+            culprit = manager.get_plugin(error.plugin) if named else None
+            plain = [
+                impl.plugin
+                for impl in reversed(caller.get_hookimpls())
+                if not (impl.wrapper or impl.hookwrapper) and impl.plugin not in ran
+            ]
+            if culprit not in plain:  # a wrapper, or raised outside any plugin
+                return errors
+            ran.extend(plain[: plain.index(culprit) + 1])
+            caller = manager.subset_hook_caller(hook_name, remove_plugins=ran)
 
 
 def explain(trainer: Trainer, exc: BaseException) -> BaseException:
@@ -87,22 +121,26 @@ def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
     """The innermost plugin implementation in ``exc``'s traceback, as (plugin,
     hook); ``None`` when there is none or it is the core's."""
     manager = trainer.plugin_manager
-    owners: dict[Any, tuple[str, str]] = {}
+    # Two instances of one plugin class share their functions' code: the frame's
+    # ``self`` tells them apart.
+    owners: dict[Any, list[tuple[Any, str]]] = {}
     for hook_name in HOOK_NAMES:
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
             code = implementation_code(impl.function)
             if code is not None:
-                owners[code] = (manager.get_name(impl.plugin) or "?", hook_name)
+                owners.setdefault(code, []).append((impl.plugin, hook_name))
     found = None
     traceback = exc.__traceback__
     while traceback is not None:
-        owner = owners.get(traceback.tb_frame.f_code)
-        if owner is not None:
-            found = owner
+        candidates = owners.get(traceback.tb_frame.f_code)
+        if candidates:
+            this = traceback.tb_frame.f_locals.get("self")
+            found = next((c for c in candidates if c[0] is this), candidates[0])
         traceback = traceback.tb_next
-    if found is None or found[0] == "core":
+    if found is None:
         return None
-    return found
+    name = manager.get_name(found[0]) or "?"
+    return None if name == "core" else (name, found[1])
 
 
 def _move_module(module: Any, device: Any) -> None:
