@@ -239,6 +239,20 @@ def test_importing_hooktrain_does_not_import_torchmetrics() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_accuracy_takes_class_indices_in_one_column() -> None:
+    # Keras keeps sparse labels as (batch, 1); they were taken for one-hot rows and
+    # argmaxed to class 0, so the accuracy was the share of class-0 labels.
+    scores = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.2, 0.0], [0.1, 0.2, 0.7], [0.9, 0.0, 0.1]])
+    labels = torch.tensor([1, 0, 2, 2])
+    assert accuracy(scores, labels.unsqueeze(1)).item() == 0.75
+    assert accuracy(scores, labels.unsqueeze(1).float()).item() == 0.75
+    assert accuracy(scores, labels).item() == 0.75
+    with pytest.raises(ValueError, match=r"targets of shape \(4, 2\) do not fit outputs"):
+        accuracy(scores, torch.zeros(4, 2))
+    with pytest.raises(ValueError, match=r"targets of shape \(3,\)"):
+        accuracy(scores, labels[:3])
+
+
 def test_accuracy_of_one_unit_binary_logits_is_the_thresholded_accuracy() -> None:
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(200, 1, generator=generator)  # a one-unit binary classifier

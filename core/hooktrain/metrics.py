@@ -32,11 +32,12 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ``binary_cross_entropy_with_logits``), the class being 1 where the logit is
         above 0. Probabilities (after a sigmoid) are not logits: use a threshold of
         0.5 yourself, or torchmetrics' ``BinaryAccuracy``.
-    :param targets: class indices of shape ``(batch,)`` (any integer or float
-        dtype holding 0, 1, ...), of shape ``(batch, 1)`` for binary logits, or
-        one-hot / probability rows of the same shape as ``(batch, classes)``
-        scores.
+    :param targets: class indices of shape ``(batch,)`` or ``(batch, 1)`` (any
+        integer or float dtype holding 0, 1, ...), or one-hot / probability rows
+        of the same shape as ``(batch, classes)`` scores.
     :return: a 0-dim float32 tensor on the outputs' device.
+    :raises ValueError: when the targets' shape is none of these (checked on
+        shapes only: nothing is read from the device).
     """
     if outputs.ndim == 1 or outputs.shape[-1] == 1:
         # An argmax over a single column is always 0: every row would count as
@@ -49,7 +50,18 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     else:
         predicted = outputs.argmax(dim=-1)
         if targets.ndim == outputs.ndim:
-            targets = targets.argmax(dim=-1)
+            # (batch, 1) holds class indices (Keras's sparse labels); an argmax
+            # over its one column would make every target class 0.
+            if targets.shape[-1] == 1:
+                targets = targets.squeeze(-1)
+            elif targets.shape == outputs.shape:
+                targets = targets.argmax(dim=-1)
+    if targets.shape != predicted.shape:
+        # Broadcasting would compare every prediction with every target.
+        raise ValueError(
+            f"accuracy: targets of shape {tuple(targets.shape)} do not fit outputs of "
+            f"shape {tuple(outputs.shape)}; see hooktrain.accuracy for the shapes it takes"
+        )
     return (predicted == targets).float().mean()
 
 
