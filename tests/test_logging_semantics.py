@@ -272,6 +272,37 @@ def test_a_value_logged_in_validation_is_kept_per_dataloader():
     assert "val_mean_input" not in result
 
 
+class ReturnsPrefixedNames(torch.nn.Module):
+    """A Lightning-style validation_step whose dict already names its values
+    ``val_...``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def validation_step(self, batch, batch_idx):
+        inputs, targets = batch
+        outputs = self(inputs)
+        return {
+            "loss": F.cross_entropy(outputs, targets),
+            "val_acc": accuracy(outputs, targets),
+            "val_loss_sum": F.cross_entropy(outputs, targets, reduction="sum"),
+        }
+
+
+def test_a_returned_name_with_the_stage_prefix_keeps_it_as_a_logged_one_does():
+    # A returned "val_acc" became "val_val_acc", while trainer.log("val_acc", ...)
+    # kept "val_acc": a monitor of "val_acc" then found nothing.
+    val = make_data()[1]
+    result = Trainer(plugins=[], device="cpu").validate(ReturnsPrefixedNames(), val)
+    assert sorted(result) == ["val_acc", "val_loss", "val_loss_sum"]
+    two = Trainer(plugins=[], device="cpu").validate(ReturnsPrefixedNames(), [val, val])
+    assert "val_acc/dataloader_idx_1" in two and "val_val_acc/dataloader_idx_1" not in two
+
+
 class LogsUntilTurnedOff:
     name = "logs_until_turned_off"
     on = True

@@ -20,6 +20,7 @@ from hooktrain.metrics import (
     RunningMeans,
     loader_suffix,
     process_collectives,
+    stage_name,
     warn_if_metrics_unused,
 )
 
@@ -138,7 +139,7 @@ def evaluation_loop(
             for loader_idx, metrics in enumerate(stateful):
                 suffix = loader_suffix(loader_idx, len(loaders))
                 for name, value in metrics.compute(collectives).items():
-                    results.setdefault(prefix + name + suffix, value)
+                    results.setdefault(stage_name(name, prefix, suffix), value)
             trainer.metrics.update_raw(results)
             with trainer._logging_epoch_end() as logged:
                 if on_epoch_end is not None:
@@ -178,7 +179,7 @@ def _accumulate(
 ) -> None:
     """Add one evaluation batch's loss and metrics to the running means."""
     if isinstance(outputs, torch.Tensor):
-        means.add(prefix + "loss" + suffix, outputs.detach(), trainer._batch_size)
+        means.add(stage_name("loss", prefix, suffix), outputs.detach(), trainer._batch_size)
         return
     if not isinstance(outputs, Mapping):
         return  # a step that returned None logged what it wanted itself
@@ -199,7 +200,7 @@ def _accumulate(
         for metric, value in (values or {}).items():
             if metric in outputs:
                 continue  # the step's own value of that name (its loss) wins
-            name = prefix + metric + suffix
+            name = stage_name(metric, prefix, suffix)
             means.add(name, value.detach() if isinstance(value, torch.Tensor) else value, size)
             if gathered:
                 means.global_names.add(name)
@@ -207,9 +208,9 @@ def _accumulate(
         if key in ("outputs", "targets", "batch_size"):
             continue
         if isinstance(value, torch.Tensor) and value.numel() == 1:
-            means.add(prefix + key + suffix, value.detach(), trainer._batch_size)
+            means.add(stage_name(key, prefix, suffix), value.detach(), trainer._batch_size)
         elif isinstance(value, int | float) and not isinstance(value, bool):
-            means.add(prefix + key + suffix, float(value), trainer._batch_size)
+            means.add(stage_name(key, prefix, suffix), float(value), trainer._batch_size)
 
 
 def concatenable(predictions: list[Any]) -> bool:

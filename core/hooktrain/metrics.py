@@ -422,6 +422,18 @@ class RunningMeans:
 LOADER_SUFFIX = "/dataloader_idx_"
 
 
+def stage_name(name: str, prefix: str, suffix: str = "") -> str:
+    """``name`` as a metric of the running stage: with the stage's prefix
+    (``val_``, ``test_``) unless it starts with it already, and the dataloader's
+    suffix unless it ends with it. One rule for what ``trainer.log`` records and
+    what a step returns, so ``{"val_acc": ...}`` stays ``val_acc`` both ways."""
+    if not name.startswith(prefix):
+        name = prefix + name
+    if suffix and not name.endswith(suffix):
+        name += suffix
+    return name
+
+
 def loader_suffix(index: int, count: int) -> str:
     """The suffix of the names of dataloader ``index``'s metrics among ``count``
     loaders: none for a single loader."""
@@ -437,7 +449,7 @@ def warn_if_metrics_unused(
     compute on, and an epoch without them looks like a run that has none. Warned
     once per place in the code (Python's default warning filter).
     """
-    wanted = {prefix + name for name in trainer.metric_fns}
+    wanted = {stage_name(name, prefix) for name in trainer.metric_fns}
     if not wanted or any(name.split(LOADER_SUFFIX)[0] in wanted for name in computed):
         return
     step = STEP_NAMES[stage]

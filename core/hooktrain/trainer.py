@@ -24,7 +24,7 @@ from hooktrain.evaluation import concatenable, evaluation_loop
 from hooktrain.fit_loop import run_fit
 from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.instrument import TRACE_ENV, instrument, stderr_tracer
-from hooktrain.metrics import MetricFn, Metrics, RunningMeans
+from hooktrain.metrics import MetricFn, Metrics, RunningMeans, stage_name
 from hooktrain.optimization import Scheduler
 from hooktrain.options import (
     check_loss_fn,
@@ -257,11 +257,7 @@ class Trainer:
             raise ConfigurationError(
                 f"trainer.log({name!r}, ...) needs a number or a tensor, got {type(value).__name__}"
             )
-        prefix, suffix = self._log_prefix, self._log_suffix
-        if prefix and not name.startswith(prefix):
-            name = prefix + name
-        if suffix and not name.endswith(suffix):
-            name += suffix
+        name = stage_name(name, self._log_prefix, self._log_suffix)
         self.metrics.set(name, value)
         if self._epoch_end_logs is not None:
             self._epoch_end_logs.add(name)
