@@ -303,6 +303,49 @@ def test_a_returned_name_with_the_stage_prefix_keeps_it_as_a_logged_one_does():
     assert "val_acc/dataloader_idx_1" in two and "val_val_acc/dataloader_idx_1" not in two
 
 
+class BranchesOnLoader(torch.nn.Module):
+    """Lightning's steps with ``dataloader_idx``: a default in one, required in the
+    others."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 2)
+        self.seen: list[tuple[str, int]] = []
+
+    def forward(self, x):
+        return self.layer(x)
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        self.seen.append(("validate", dataloader_idx))
+        return F.cross_entropy(self(batch[0]), batch[1]) * (1 + dataloader_idx)
+
+    def test_step(self, batch, batch_idx, dataloader_idx):
+        self.seen.append(("test", dataloader_idx))
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def predict_step(self, batch, batch_idx, *, dataloader_idx):
+        self.seen.append(("predict", dataloader_idx))
+        return self(batch[0])
+
+
+def test_a_step_that_takes_dataloader_idx_is_given_the_loaders_index():
+    # It was never passed: a step branching on it ran loader 0's code on every
+    # loader, and a step that required it failed with a bare TypeError.
+    val = make_data()[1]
+    one_batch = [next(iter(val))]
+    model, trainer = BranchesOnLoader(), Trainer(plugins=[], device="cpu")
+    result = trainer.validate(model, [one_batch, one_batch])
+    assert model.seen == [("validate", 0), ("validate", 1)]
+    assert result["val_loss/dataloader_idx_1"] == pytest.approx(
+        2 * result["val_loss/dataloader_idx_0"]
+    )
+    model.seen.clear()
+    trainer.test(model, one_batch)
+    trainer.predict(model, [one_batch, one_batch])
+    assert model.seen == [("test", 0), ("predict", 0), ("predict", 1)]
+    assert trainer.dataloader_idx == 0
+
+
 class LogsUntilTurnedOff:
     name = "logs_until_turned_off"
     on = True

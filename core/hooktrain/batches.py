@@ -8,6 +8,7 @@ own step methods. None of these is a hook: the core's hook implementations
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import sys
 import types
@@ -33,6 +34,7 @@ __all__ = [
     "skip_first_batches",
     "skips_by_index",
     "step_batch_size",
+    "takes_dataloader_idx",
     "unpack_batch",
     "unwrap_compiled",
     "user_method",
@@ -197,6 +199,20 @@ def user_method(module: Any, name: str) -> Any:
     ):
         return getattr(module, name)
     return None
+
+
+def takes_dataloader_idx(step: Callable[..., Any]) -> bool:
+    """Whether a model's step names a ``dataloader_idx`` parameter that can be
+    passed by keyword (Lightning's ``validation_step(batch, batch_idx,
+    dataloader_idx=0)``)."""
+    try:
+        parameter = inspect.signature(step).parameters.get("dataloader_idx")
+    except (TypeError, ValueError):  # no signature to read
+        return False
+    return parameter is not None and parameter.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.KEYWORD_ONLY,
+    )
 
 
 def _compiled_module_type() -> type | None:

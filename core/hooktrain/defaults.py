@@ -20,6 +20,7 @@ from hooktrain.batches import (
     move_to_device,
     predict_inputs,
     skip_first_batches,
+    takes_dataloader_idx,
     unpack_batch,
     user_method,
 )
@@ -111,6 +112,8 @@ class CoreDefaults:
         step = user_method(trainer.module, name)
         if step is not None and trainer.model is not trainer.module:
             step = compiled_step(trainer.model, step)
+        if step is not None and stage != "train" and takes_dataloader_idx(step):
+            return _with_dataloader_idx(step, trainer)
         return step
 
     @hookimpl(trylast=True)
@@ -201,3 +204,12 @@ class CoreDefaults:
 
         require_checkpoint(loaded, ckpt_path)
         return loaded
+
+
+def _with_dataloader_idx(step: Any, trainer: Trainer) -> Any:
+    # Lightning passes the loader's index to validation_step(batch, batch_idx,
+    # dataloader_idx); a step written for it would otherwise see 0 for every loader.
+    def step_of_loader(batch: Any, batch_idx: int) -> Any:
+        return step(batch, batch_idx, dataloader_idx=trainer.dataloader_idx)
+
+    return step_of_loader

@@ -100,6 +100,7 @@ def evaluation_loop(
                 on_epoch_start(trainer=trainer)
             for loader_idx, loader in enumerate(loaders):
                 suffix = trainer._log_suffix = loader_suffix(loader_idx, len(loaders))
+                trainer.dataloader_idx = loader_idx
                 trainer._epoch_metrics = stateful[loader_idx]
                 iterable = hooks.batch_iterator(
                     trainer=trainer, dataloader=loader, stage=stage, skip_batches=0
@@ -159,6 +160,7 @@ def evaluation_loop(
             trainer._logged_since_publish,
         ) = outer
         trainer._log_suffix = ""
+        trainer.dataloader_idx = 0
         for module, training in modes:
             module.training = training
     if stage == "predict":

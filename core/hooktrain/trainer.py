@@ -169,6 +169,10 @@ class Trainer:
         #: Batches each loader of the running evaluation stage yields, the same way;
         #: set before ``on_validation_start`` (``on_test_start``, ...).
         self.num_eval_batches: list[int | None] = []
+        #: Which of the running evaluation stage's dataloaders the current batch came
+        #: from (0 in training, and once the stage has ended). A model step that
+        #: takes a ``dataloader_idx`` argument is given it.
+        self.dataloader_idx = 0
         #: True once every batch of the current epoch was trained.
         self.epoch_complete = False
         #: Set it to stop training cleanly after the next optimizer step (all processes
