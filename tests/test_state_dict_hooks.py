@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from hooktrain import ConfigurationError, Trainer, hookimpl
+from hooktrain.errors import PluginError
 from hooktrain.testing import make_data, make_model, run
 
 
@@ -199,3 +201,55 @@ def test_a_scheduler_state_from_another_torch_version_still_loads() -> None:
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
     with pytest.raises(ConfigurationError, match=r"this run's StepLR: .*T_max.*lack .*step_size"):
         check_scheduler_kind(0, scheduler, cosine.state_dict())
+
+
+class KeepsState:
+    """Puts ``value`` into its checkpoint state."""
+
+    name = "keeps_state"
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    @hookimpl
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["plugins"][self.name] = {"counters": [1, {"last": self.value}]}
+
+
+@pytest.mark.parametrize("value", [np.float64(1.5), Path("runs"), object()])
+def test_a_state_torch_load_would_refuse_fails_the_save_naming_the_plugin(tmp_path, value):
+    # Every checkpoint of the run was written with it, and only the resume found
+    # out: weights_only refused the file, blaming no plugin.
+    with pytest.raises(
+        PluginError,
+        match=r"plugin 'keeps_state' put a .* at checkpoint\['plugins'\]"
+        r"\['keeps_state'\]\['counters'\]\[1\]\['last'\]",
+    ):
+        fit(tmp_path, [KeepsState(value), SaveAt(tmp_path / "a.ckpt", step=2)])
+    assert not (tmp_path / "a.ckpt").exists()
+
+
+def test_a_state_torch_load_reads_is_saved_and_restored(tmp_path):
+    value = (torch.Size([2, 3]), torch.float16, {1, 2})
+    fit(tmp_path, [KeepsState(value), SaveAt(tmp_path / "a.ckpt", step=2)])
+    loaded = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    assert loaded["plugins"]["keeps_state"]["counters"][1]["last"] == value
+
+
+class WrongStateDicts:
+    name = "wrong_state_dicts"
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+    @hookimpl
+    def get_state_dict(self) -> Any:
+        return self.result
+
+
+@pytest.mark.parametrize("result", ["model", ({}, []), ([], [{}]), ({}, {})])
+def test_a_get_state_dict_result_without_the_model_and_optimizers_fails_the_save(tmp_path, result):
+    # ({}, []) wrote checkpoints with no model and no optimizer in them, and the
+    # plugin kept evicting the good ones until a resume failed.
+    with pytest.raises(PluginError, match=r"get_state_dict.*'wrong_state_dicts'"):
+        fit(tmp_path, [WrongStateDicts(result), SaveAt(tmp_path / "a.ckpt", step=2)])

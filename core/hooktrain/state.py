@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from hooktrain.errors import ConfigurationError, ResumeWarning, warn_user
+from hooktrain.loadable import require_loadable
 from hooktrain.metrics import process_collectives
 from hooktrain.rng import rng_state, set_rng_state
 
@@ -61,7 +62,7 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
 
     installed = _installed_versions()
     collectives = process_collectives(trainer)
-    model_state, optimizer_states = trainer.plugin_manager.hook.get_state_dict(trainer=trainer)
+    model_state, optimizer_states = _state_dicts(trainer)
     # What only a resume in the middle of an epoch reads: at an epoch's end the next
     # epoch starts afresh, and leaving these out saves four tensors a checkpoint.
     # (The same on every process, so the collectives below run on all or none.)
@@ -106,7 +107,30 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         "plugins": {},
     }
     trainer.plugin_manager.hook.on_save_checkpoint(trainer=trainer, checkpoint=checkpoint)
+    require_loadable(checkpoint)
     return checkpoint
+
+
+def _state_dicts(trainer: Trainer) -> tuple[Mapping[str, Any], list[Any]]:
+    """``get_state_dict``'s result, checked: a checkpoint without the model in it
+    would be found out only by the resume that needs it."""
+    result = trainer.plugin_manager.hook.get_state_dict(trainer=trainer)
+    if (
+        isinstance(result, tuple | list)
+        and len(result) == 2
+        and isinstance(result[0], Mapping)
+        and isinstance(result[1], list | tuple)
+        and len(result[1]) == len(trainer.optimizers)
+    ):
+        return result[0], list(result[1])
+    from hooktrain.hookcalls import unexpected_result
+
+    raise unexpected_result(
+        trainer.plugin_manager,
+        "get_state_dict",
+        result,
+        f"a pair (model state dict, list of {len(trainer.optimizers)} optimizer state dicts)",
+    )
 
 
 def require_checkpoint(loaded: Any, source: str) -> None:

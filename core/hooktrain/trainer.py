@@ -316,6 +316,11 @@ class Trainer:
         at the same point.
 
         :raises ConfigurationError: outside a stage (no model yet).
+        :raises PluginError: when ``get_state_dict`` returned no pair (model state
+            dict, one state dict per optimizer), or a plugin's state holds a value
+            ``torch.load(weights_only=True)`` refuses (a NumPy number, a ``Path``),
+            naming the plugin; such a value elsewhere (a scheduler's state) raises
+            ``ConfigurationError``.
         """
         return state.dump_checkpoint(self)
 
