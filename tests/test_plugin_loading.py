@@ -381,6 +381,71 @@ def test_a_compute_hook_returning_another_value_than_its_spec_allows_is_refused(
         run([ReturnsANumber()], max_epochs=1, limit_train_batches=2, record=False)
 
 
+class ReturnsNonsense:
+    """Returns ``value`` from whichever compute hook it is given."""
+
+    name = "returns_nonsense"
+
+    def __init__(self, hook: str, value: object = "nonsense") -> None:
+        setattr(self, hook, hookimpl(specname=hook)(lambda: value))
+
+
+@pytest.mark.parametrize(
+    ("hook", "value", "expected"),
+    [
+        ("compute_metrics", "nonsense", "a dict of numbers or 0-dim tensors"),
+        ("batch_iterator", 7, "an iterable"),
+        ("gather_for_metrics", "nonsense", r"\(outputs, targets\)"),
+        ("clip_gradients", "nonsense", "the norm or None"),
+    ],
+)
+def test_a_result_the_loop_cannot_use_names_the_plugin(hook, value, expected):
+    # Each failed later, elsewhere: "'str' object has no attribute 'items'", "'int'
+    # object is not iterable", "too many values to unpack", an error about
+    # trainer.log('grad_norm'), none of them naming the plugin.
+    returned = f"{type(value).__name__} {value!r}"
+    message = rf"the {hook} hook returned {returned}, which is not {expected}; implemented by "
+    with pytest.raises(PluginError, match=message + "'returns_nonsense'"):
+        run(
+            [ReturnsNonsense(hook, value)],
+            max_epochs=1,
+            limit_train_batches=2,
+            record=False,
+            gradient_clip_val=1.0,
+        )
+
+
+def test_an_all_reduce_that_returns_no_tensor_names_the_plugin():
+    import torch
+
+    trainer = hooktrain.Trainer(plugins=[ReturnsNonsense("all_reduce")], device="cpu")
+    trainer.world_size = 2  # as a distributed plugin sets it
+    with pytest.raises(
+        PluginError, match="all_reduce hook returned str 'nonsense', which is not a tensor"
+    ):
+        trainer.all_reduce(torch.ones(()))
+
+
+def test_a_forward_step_of_a_plugin_is_named_when_its_result_holds_no_loss():
+    with pytest.raises(
+        hooktrain.ConfigurationError,
+        match=r"got str \(forward_step is implemented "
+        r"by 'returns_nonsense'",
+    ):
+        run([ReturnsNonsense("forward_step")], max_epochs=1, limit_train_batches=2, record=False)
+
+
+def test_a_metric_function_returning_no_number_is_named():
+    with pytest.raises(hooktrain.ConfigurationError, match="metric 'acc' returned str 'high'"):
+        run(
+            [],
+            max_epochs=1,
+            limit_train_batches=2,
+            record=False,
+            fit_kwargs={"metrics": {"acc": lambda outputs, targets: "high"}},
+        )
+
+
 def test_a_taken_name_or_an_object_registered_twice_is_refused_clearly():
     class Core:
         name = "core"

@@ -23,6 +23,7 @@ from hooktrain.metrics import (
     stage_name,
     warn_if_metrics_unused,
 )
+from hooktrain.results import iterate, metric_values, unexpected_result
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -105,6 +106,7 @@ def evaluation_loop(
                 iterable = hooks.batch_iterator(
                     trainer=trainer, dataloader=loader, stage=stage, skip_batches=0
                 )
+                iterable = iterate(trainer.plugin_manager, "batch_iterator", iterable)
                 if limit is not None:
                     iterable = itertools.islice(iterable, limit)
                 for batch_idx, batch in enumerate(iterable):
@@ -191,6 +193,10 @@ def _accumulate(
         if gather is not None:
             result = gather(trainer=trainer, outputs=predicted, targets=targets)
             if result is not None:
+                if not (isinstance(result, tuple | list) and len(result) == 2):
+                    raise unexpected_result(
+                        trainer.plugin_manager, "gather_for_metrics", result, "(outputs, targets)"
+                    )
                 predicted, targets = result
                 gathered = True
                 if trainer._epoch_metrics is not None:
@@ -199,7 +205,7 @@ def _accumulate(
         values = trainer._hooks.compute_metrics(
             trainer=trainer, outputs=predicted, targets=targets, stage=stage
         )
-        for metric, value in (values or {}).items():
+        for metric, value in metric_values(trainer, values).items():
             if metric in outputs:
                 continue  # the step's own value of that name (its loss) wins
             name = stage_name(metric, prefix, suffix)

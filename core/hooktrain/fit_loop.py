@@ -22,7 +22,7 @@ from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, warn_user
 from hooktrain.evaluation import evaluation_loop
-from hooktrain.hookcalls import ResolvedHooks, unexpected_result
+from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.metrics import process_collectives, warn_if_metrics_unused
 from hooktrain.optimization import (
     check_optimizers_hold_the_model,
@@ -31,6 +31,7 @@ from hooktrain.optimization import (
     step_scheduler,
 )
 from hooktrain.options import check_monitors, warn_if_max_steps_unreachable
+from hooktrain.results import implementers, iterate, metric_values, unexpected_result
 from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
 from hooktrain.state import replay_epoch_start, warn_if_epoch_length_changed
 
@@ -102,7 +103,7 @@ def make_train_step(trainer: Trainer, hooks: ResolvedHooks) -> TrainStep:
         # The usual tensor or dict settled without the Mapping ABC's check.
         loss = outputs.get("loss") if type(outputs) is dict else outputs
         if type(loss) is not tensor:
-            loss = _loss_of(outputs)
+            loss = _loss_of(outputs, trainer)
         if loss.ndim != 0 or not loss.requires_grad:
             _raise_bad_loss(loss)
         if check_every_step and not torch.isfinite(loss):
@@ -325,7 +326,7 @@ def _epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: in
     iterable = hooks.batch_iterator(
         trainer=trainer, dataloader=loader, stage="train", skip_batches=skip
     )
-    return iter(iterable)
+    return iterate(trainer.plugin_manager, "batch_iterator", iterable)
 
 
 def _publish_step(trainer: Trainer) -> None:
@@ -355,7 +356,7 @@ def _check_finite(trainer: Trainer) -> None:
 def _add_metric_values(trainer: Trainer, hooks: ResolvedHooks, outputs: Any, targets: Any) -> None:
     values = hooks.compute_metrics(trainer=trainer, outputs=outputs, targets=targets, stage="train")
     size = batch_size(outputs)
-    for name, value in (values or {}).items():
+    for name, value in metric_values(trainer, values).items():
         trainer._train_means.add(name, value, size)
         trainer.metrics.set(name, value)
 
@@ -413,16 +414,23 @@ def _agree_on_stop(trainer: Trainer) -> None:
     trainer.should_stop = bool(trainer.all_reduce(flag).item() > 0)
 
 
-def _loss_of(outputs: Any) -> torch.Tensor:
+def _loss_of(outputs: Any, trainer: Trainer) -> torch.Tensor:
     if isinstance(outputs, torch.Tensor):  # a subclass of Tensor
         return outputs
     if isinstance(outputs, Mapping) and "loss" in outputs:
         loss = outputs["loss"]
         if isinstance(loss, torch.Tensor):
             return loss
+    plugins = implementers(trainer.plugin_manager, "forward_step")
+    source = (
+        f" (forward_step is implemented by {', '.join(map(repr, plugins))}: the value may "
+        f"be theirs rather than the model's)"
+        if plugins
+        else ""
+    )
     raise ConfigurationError(
         f"the training step must return the loss tensor or a dict holding 'loss', "
-        f"got {type(outputs).__name__}"
+        f"got {type(outputs).__name__}{source}"
     )
 
 

@@ -27,9 +27,7 @@ from hooktrain import hookspecs
 if TYPE_CHECKING:
     import pluggy
 
-    from hooktrain.errors import PluginError
-
-__all__ = ["HOOK_NAMES", "ResolvedHooks", "direct_caller", "unexpected_result"]
+__all__ = ["HOOK_NAMES", "ResolvedHooks", "direct_caller"]
 
 #: Every hook the core declares, by name.
 HOOK_NAMES: tuple[str, ...] = tuple(
@@ -100,23 +98,3 @@ def direct_caller(impls: Sequence[Any], firstresult: bool) -> Callable[..., Any]
         return results
 
     return call_first if firstresult else call_each
-
-
-def unexpected_result(
-    plugin_manager: pluggy.PluginManager, hook_name: str, result: Any, expected: str
-) -> PluginError:
-    """The error for a compute hook whose result is none of the values its spec
-    allows, naming the plugins that implement it: a value where ``True`` was meant
-    (``return loss`` from ``backward``) would otherwise end the hook silently, the
-    core's default never running."""
-    from hooktrain.errors import PluginError
-
-    caller = getattr(plugin_manager.hook, hook_name)
-    implementers = [plugin_manager.get_name(impl.plugin) for impl in caller.get_hookimpls()]
-    names = [repr(name) for name in implementers if name != "core"]
-    return PluginError(
-        f"the {hook_name} hook returned {type(result).__name__} {result!r:.60}, which "
-        f"is not {expected}; implemented by {', '.join(names) or 'no plugin'}. An "
-        f"implementation that only observes returns None, so that the next one (the "
-        f"core's default last) still does the work"
-    )

@@ -16,7 +16,7 @@ import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from hooktrain.errors import ConfigurationError, closest_name, missing_monitor_hint
-from hooktrain.hookcalls import unexpected_result
+from hooktrain.results import unexpected_result
 
 if TYPE_CHECKING:
     from hooktrain.hookcalls import ResolvedHooks
@@ -223,6 +223,10 @@ def make_optimizer_step(trainer: Trainer, hooks: ResolvedHooks) -> Callable[[int
             if clip is not None:
                 norm = clip_gradients(trainer=trainer, optimizer=optimizer, max_norm=clip)
                 if norm is not None:
+                    if not isinstance(norm, torch.Tensor | float | int):
+                        raise unexpected_result(
+                            trainer.plugin_manager, "clip_gradients", norm, "the norm or None"
+                        )
                     norms.append(norm)
             stepped = step(trainer=trainer, optimizer=optimizer)
             if stepped is not True:

@@ -123,7 +123,7 @@ def _state_dicts(trainer: Trainer) -> tuple[Mapping[str, Any], list[Any]]:
         and len(result[1]) == len(trainer.optimizers)
     ):
         return result[0], list(result[1])
-    from hooktrain.hookcalls import unexpected_result
+    from hooktrain.results import unexpected_result
 
     raise unexpected_result(
         trainer.plugin_manager,

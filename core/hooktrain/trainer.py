@@ -39,6 +39,7 @@ from hooktrain.plugins import (
     check_exclusive_roles,
     resolve_with_origins,
 )
+from hooktrain.results import unexpected_result
 from hooktrain.rng import seed_everything
 from hooktrain.stages import run_stage
 
@@ -275,7 +276,11 @@ class Trainer:
         if self.world_size == 1:
             return tensor
         reduced = self.plugin_manager.hook.all_reduce(trainer=self, tensor=tensor)
-        return tensor if reduced is None else reduced
+        if reduced is None:
+            return tensor
+        if not isinstance(reduced, torch.Tensor):
+            raise unexpected_result(self.plugin_manager, "all_reduce", reduced, "a tensor")
+        return reduced
 
     def _publish(self, names: Iterable[str], scope: str) -> None:
         """Call ``log_metrics`` with ``names`` as floats, in name order; nothing is
