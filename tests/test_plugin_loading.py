@@ -461,6 +461,13 @@ def test_a_taken_name_or_an_object_registered_twice_is_refused_clearly():
     ):
         hooktrain.Trainer(plugins=[Core()])
 
+    twice = Core()
+    twice.name = "twice"
+    # Registered in reverse, the copy listed second was named 'twice-2' and the
+    # error said the first was registered already, as 'twice-2'.
+    with pytest.raises(PluginError, match=r"^the same Core object is listed twice in the plugins"):
+        hooktrain.Trainer(plugins=[twice, twice])
+
     trainer = hooktrain.Trainer(plugins=[])
     once = Core()
     trainer.plugin_manager.register(once, "watcher")

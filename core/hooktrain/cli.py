@@ -75,6 +75,7 @@ def _list_plugins(detail: bool) -> int:
         print(f"no plugins installed (entry-point group {ENTRY_POINT_GROUP!r})")
         return 0
     rows = []
+    broken = 0
     for name in sorted(installed):
         plugin = installed[name]
         row = [name, plugin.distribution, plugin.version]
@@ -87,6 +88,7 @@ def _list_plugins(detail: bool) -> int:
             except Exception as exc:
                 cause = exc.__cause__ or exc
                 row.append(f"ERROR: {type(cause).__name__}: {cause}")
+                broken += 1
         else:
             row.append("")
         rows.append(row)
@@ -97,7 +99,8 @@ def _list_plugins(detail: bool) -> int:
                 f"note: {name!r} is also provided by {', '.join(installed[name].shadowed)}, "
                 f"which is ignored"
             )
-    return 0
+    # A script or CI step checking the installation needs the failure in the status.
+    return 1 if broken else 0
 
 
 def _show_selected() -> int:
@@ -267,7 +270,9 @@ def _run(argv: Sequence[str] | None) -> int:
         "selection", nargs="*", metavar="PLUGIN", help="a plugin list to show the call order of"
     )
     plugins.add_argument(
-        "--detail", action="store_true", help="import each plugin: show its hooks or its load error"
+        "--detail",
+        action="store_true",
+        help="import each plugin: show its hooks or its load error (exit status 1 if one fails)",
     )
     plugins.add_argument("--hooks", action="store_true", help="list every hook of hooktrain")
     plugins.add_argument(

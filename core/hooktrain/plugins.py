@@ -309,9 +309,22 @@ def _say_disabled(name: str, where: str) -> None:
 
 
 def _unique_names(loaded: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """A name each: the second plugin of a name is ``<name>-2``, and so on.
+
+    :raises PluginError: when one object is listed twice (registered in reverse
+        order, the error pluggy gives would name the second copy as the first).
+    """
     seen: dict[str, int] = {}
+    objects: set[int] = set()
     result = []
     for name, obj in loaded:
+        if id(obj) in objects:
+            raise PluginError(
+                f"the same {type(obj).__name__} object is listed twice in the plugins "
+                f"({name!r}); one object can be registered once (list it once, or make "
+                f"a second instance)"
+            )
+        objects.add(id(obj))
         count = seen.get(name, 0)
         seen[name] = count + 1
         result.append((name if count == 0 else f"{name}-{count + 1}", obj))
