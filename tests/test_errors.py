@@ -486,8 +486,11 @@ def test_metric_logged_with_a_bad_value():
 
 
 def test_missing_checkpoint_file(tmp_path):
-    with pytest.raises(ConfigurationError, match="does not exist"):
+    with pytest.raises(ConfigurationError, match=r"nope\.pt. does not exist\n"):
         fit(ckpt_path=tmp_path / "nope.pt")
+    # Lightning's "best" said only that it does not exist.
+    with pytest.raises(ConfigurationError, match="'best' does not exist; ckpt_path takes a file"):
+        fit(ckpt_path="best")
     with pytest.raises(ConfigurationError, match="'last' needs a plugin"):
         fit(ckpt_path="last")
     # A directory was reported as torch.load's "[Errno 21] Is a directory".

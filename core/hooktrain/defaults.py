@@ -25,7 +25,7 @@ from hooktrain.batches import (
     user_method,
 )
 from hooktrain.epoch_metrics import is_epoch_metric
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, missing_checkpoint_message
 from hooktrain.markers import hookimpl
 from hooktrain.rng import epoch_seeded_generator, mark_epoch_seeded
 
@@ -188,7 +188,7 @@ class CoreDefaults:
         try:
             loaded = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
-            raise ConfigurationError(f"checkpoint {ckpt_path!r} does not exist") from None
+            raise ConfigurationError(missing_checkpoint_message(ckpt_path)) from None
         except IsADirectoryError:
             raise ConfigurationError(
                 f"checkpoint {ckpt_path!r} is a directory; the core alone reads a file. "

@@ -79,6 +79,19 @@ def missing_monitor_hint(monitor: str, computed: Iterable[str]) -> str:
     return f"Did you mean {close!r}?" if close else ""
 
 
+def missing_checkpoint_message(ckpt_path: str) -> str:
+    """The error for a ``ckpt_path`` naming no file. A bare word (Lightning's
+    ``"best"``) is told what names ``ckpt_path`` takes."""
+    message = f"checkpoint {ckpt_path!r} does not exist"
+    if ckpt_path.isidentifier():
+        message += (
+            "; ckpt_path takes a file's path, or 'last' with a plugin that keeps "
+            "checkpoints. For the best-ranked one pass its path (the checkpoint "
+            "plugin's best_model_path)"
+        )
+    return message
+
+
 def _internal(module: str) -> bool:
     return module.partition(".")[0] in ("hooktrain", "pluggy") or module.startswith("hooktrain_")
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, missing_checkpoint_message
 
 __all__ = [
     "FORMAT",
@@ -448,7 +448,7 @@ def load_file(
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigurationError(f"checkpoint {os.fspath(path)!r} does not exist")
+        raise ConfigurationError(missing_checkpoint_message(os.fspath(path)))
     info: CheckpointInfo | None
     try:
         info = read_info(path)
