@@ -148,6 +148,29 @@ def test_every_plugin_cleans_up_when_others_fail_to(capsys, witness_first):
         assert f"teardown raised after an error: plugin {name!r} raised in hook 'teardown'" in err
 
 
+class WrapsTeardown:
+    name = "wraps_teardown"
+    calls = 0
+
+    @hookimpl(wrapper=True)
+    def teardown(self):
+        try:
+            return (yield)
+        finally:
+            self.calls += 1
+
+
+def test_a_teardown_wrapper_runs_once_when_a_plain_teardown_fails():
+    # A wrapper (the checkpoint plugin's waits for its last write) ran around the
+    # first call already; the implementations left are called without it.
+    witness, wrapper = Witness(), WrapsTeardown()
+    for plugins in ([BadCleaner("one"), witness, wrapper], [wrapper, witness, BadCleaner("one")]):
+        wrapper.calls, witness.events = 0, []
+        with pytest.raises(HookError, match="'one' raised in hook 'teardown'"):
+            run(plugins, max_epochs=1, record=False)
+        assert (wrapper.calls, witness.events) == (1, ["teardown"])
+
+
 @pytest.mark.parametrize("witness_first", [True, False])
 def test_a_failing_teardown_is_raised_after_every_teardown_ran(witness_first):
     witness = Witness()

@@ -65,37 +65,41 @@ def call_each(trainer: Trainer, hook_name: str, kwargs: dict[str, Any]) -> list[
     """Call a clean-up hook (``on_exception``, ``teardown``) so that one plugin
     raising does not keep the plugins after it from flushing their files.
 
-    pluggy stops a call at the first implementation that raises. Here the call
-    is then made again without that implementation and the ones that had already
-    run, until every one has run once (wrappers run around each call).
+    pluggy stops a call at the first implementation that raises; the plain
+    implementations it had not reached yet are then called here, one by one, in
+    its order. (Wrappers are not run again: theirs ran around the first call.)
 
     :return: what was raised, in call order, each as `explain` words it: empty
         when every implementation returned.
     """
-    manager = trainer.plugin_manager
-    caller = getattr(manager.hook, hook_name)
-    ran: list[Any] = []
-    errors: list[BaseException] = []
-    while True:
+    caller = getattr(trainer.plugin_manager.hook, hook_name)
+    try:
+        caller(**kwargs)
+        return []
+    except Exception as exc:
+        errors = [_explained(trainer, exc)]
+    culprit = errors[0]
+    if not (isinstance(culprit, HookError) and culprit.hook == hook_name):
+        return errors  # raised outside any plugin's implementation of it
+    plain = [
+        impl for impl in reversed(caller.get_hookimpls()) if not (impl.wrapper or impl.hookwrapper)
+    ]
+    names = [trainer.plugin_manager.get_name(impl.plugin) for impl in plain]
+    if culprit.plugin not in names:
+        return errors  # a wrapper raised
+    for impl in plain[names.index(culprit.plugin) + 1 :]:
         try:
-            caller(**kwargs)
-            return errors
+            impl.function(*(kwargs[name] for name in impl.argnames))
         except Exception as exc:
-            error = explain(trainer, exc)
-            if error is not exc and error.__cause__ is None:
-                error.__cause__ = exc
-            errors.append(error)
-            named = isinstance(error, HookError) and error.hook == hook_name
-            culprit = manager.get_plugin(error.plugin) if named else None
-            plain = [
-                impl.plugin
-                for impl in reversed(caller.get_hookimpls())
-                if not (impl.wrapper or impl.hookwrapper) and impl.plugin not in ran
-            ]
-            if culprit not in plain:  # a wrapper, or raised outside any plugin
-                return errors
-            ran.extend(plain[: plain.index(culprit) + 1])
-            caller = manager.subset_hook_caller(hook_name, remove_plugins=ran)
+            errors.append(_explained(trainer, exc))
+    return errors
+
+
+def _explained(trainer: Trainer, exc: Exception) -> BaseException:
+    error = explain(trainer, exc)
+    if error is not exc and error.__cause__ is None:
+        error.__cause__ = exc
+    return error
 
 
 def explain(trainer: Trainer, exc: BaseException) -> BaseException:
