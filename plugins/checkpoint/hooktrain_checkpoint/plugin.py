@@ -197,8 +197,7 @@ class ModelCheckpoint:
             self.interrupted = False
             self._sigterm = SigtermWatch()
             if trainer.is_global_zero:
-                self.dirpath.mkdir(parents=True, exist_ok=True)
-                storage.remove_stale_temporaries(self.dirpath)
+                storage.prepare_directory(self.dirpath)
             if self.save_on_sigterm:
                 self._sigterm.install(trainer)
         return result

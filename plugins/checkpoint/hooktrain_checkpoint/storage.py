@@ -24,6 +24,7 @@ import os
 import pickle
 import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -198,6 +199,25 @@ def _temp_path(path: Path) -> Path:
     host = socket.gethostname().replace(".", "_")
     unique = f"{host}.{os.getpid()}.{threading.get_ident()}.{next(_temp_counter)}"
     return path.with_name(f".{path.name}.{unique}.tmp")
+
+
+def prepare_directory(directory: Path) -> None:
+    """Create ``directory``, check that a file can be written in it, and remove the
+    temporaries killed runs left there, when a fit starts.
+
+    :raises ConfigurationError: the directory cannot be created or written to (a
+        read-only mount): found here, not at the first save, an epoch into the run.
+    """
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"hooktrain-checkpoint: cannot write checkpoints to {os.fspath(directory)!r}: "
+            f"{exc.strerror or exc}; choose a writable dirpath"
+        ) from exc
+    remove_stale_temporaries(directory)
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> None:

@@ -245,3 +245,30 @@ def test_a_writer_killed_at_random_moments_never_leaves_a_partial_file(tmp_path:
         optimizer=lambda parameters: torch.optim.SGD(parameters, lr=0.1),
     )
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _unwritable_directory() -> Path | None:
+    """A directory nobody may create files in, root included (sysfs on Linux)."""
+    sysfs = Path("/sys")
+    try:
+        probe = sysfs / ".hooktrain-probe"
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        return sysfs if sysfs.is_dir() else None
+    return None
+
+
+@pytest.mark.skipif(_unwritable_directory() is None, reason="needs a directory root cannot write")
+def test_an_unwritable_dirpath_fails_before_the_first_batch() -> None:
+    # On a read-only mount the run trained until its first save, an epoch in.
+    trainer = Trainer(plugins=[("checkpoint", {"dirpath": _unwritable_directory()})], device="cpu")
+    with pytest.raises(HookError, match="cannot write checkpoints to '/sys'") as excinfo:
+        trainer.fit(
+            make_model(),
+            make_data()[0],
+            loss_fn=F.cross_entropy,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+        )
+    assert excinfo.value.hook == "setup"
+    assert trainer.global_step == 0
