@@ -188,6 +188,49 @@ def test_a_plateau_scheduler_without_validation_fails_before_training(validation
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+class ValidatedEveryTwoSteps(PlateauModel):
+    """A step-wise plateau scheduler on ``val_loss``, validated every second step,
+    as Lightning users configure it; records what it was given."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        given = self.given = []
+
+        class Recorded(torch.optim.lr_scheduler.ReduceLROnPlateau):
+            def step(self, metrics, *args, **kwargs):
+                given.append(float(metrics))
+                return super().step(metrics, *args, **kwargs)
+
+        self.scheduler = Recorded(optimizer)
+        config = {"scheduler": self.scheduler, "interval": "step", "frequency": 2}
+        config["monitor"] = "val_loss"
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+class ValidationLosses:
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    @hookimpl
+    def on_validation_end(self, trainer):
+        self.seen.append(trainer.metrics["val_loss"])
+
+
+def test_a_step_wise_plateau_scheduler_is_judged_on_the_validation_of_its_step():
+    # It was stepped inside the optimizer step, before that step's validation: the
+    # fit failed at step 2 with "monitors 'val_loss', which was never logged".
+    train, val = make_data(n=96, batch_size=16)  # 6 steps an epoch
+    model, losses = (
+        ValidatedEveryTwoSteps(torch.optim.lr_scheduler.ReduceLROnPlateau),
+        ValidationLosses(),
+    )
+    Trainer(plugins=[losses], max_epochs=1, val_every_n_steps=2, device="cpu").fit(
+        model, train, val
+    )
+    assert len(losses.seen) == 3  # steps 2, 4 and 6; the epoch's end saw step 6's weights
+    assert model.given == losses.seen
+
+
 class StepPlateauModel(nn.Module):
     """A plateau scheduler stepped every optimizer step on the training loss; it
     records what it was given, and the model records each step's loss."""

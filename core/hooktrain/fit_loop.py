@@ -28,6 +28,7 @@ from hooktrain.optimization import (
     check_optimizers_hold_the_model,
     configure_optimizers,
     make_optimizer_step,
+    step_monitoring_schedulers,
     step_scheduler,
 )
 from hooktrain.options import check_monitors, warn_if_max_steps_unreachable
@@ -152,6 +153,7 @@ def _train_epoch(
     metric_fns = trainer.metric_fns
     metrics = trainer.metrics
     distributed = trainer.world_size > 1
+    monitoring = any(e.interval == "step" and e.monitor for e in trainer._schedulers)
     trainer._active_means = means
     trainer._epoch_metrics = trainer._train_metrics
     window = 0  # micro-batches in the open accumulation window
@@ -168,8 +170,8 @@ def _train_epoch(
         trainer._batch_size = batch_size(batch)
         outputs, loss = train_step(batch, batch_idx)
         trainer._batch_size = size = step_batch_size(outputs, trainer._batch_size)
-        # Before the optimizer step: a step-wise scheduler monitoring "loss" is
-        # stepped there, with this step's loss.
+        # Recorded before the optimizer step, so that the hooks it calls
+        # (on_before_optimizer_step, on_before_zero_grad) read this step's loss.
         detached = loss.detach()
         means.add("loss", detached, size)
         metrics.set("loss", detached)
@@ -182,6 +184,8 @@ def _train_epoch(
         trainer.epoch_batches_done = batch_idx
         if val_every is not None and sync and trainer.global_step % val_every == 0:
             _validate(trainer)
+        if sync and monitoring:
+            step_monitoring_schedulers(trainer)
         if on_batch_end is not None:
             on_batch_end(trainer=trainer, outputs=outputs, batch=batch, batch_idx=batch_idx - 1)
         if sync and trainer.global_step % log_every == 0:
@@ -206,6 +210,8 @@ def _train_epoch(
         # or wrong): the window is stepped with the micro-batches it holds.
         trainer.sync_gradients = True
         optimizer_step(window)
+        if monitoring:
+            step_monitoring_schedulers(trainer)
     # The iterator's end is the epoch's end; a stop at the last batch of a known
     # length ends it too. Any other stop leaves the epoch open: no epoch end runs,
     # and a resume continues it.

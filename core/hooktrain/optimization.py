@@ -196,12 +196,15 @@ def make_optimizer_step(trainer: Trainer, hooks: ResolvedHooks) -> Callable[[int
     micro_batches``, so that every window's gradient is the mean over its own
     micro-batches. Then, for each optimizer: ``unscale_gradients``,
     ``on_before_optimizer_step``, ``clip_gradients`` (with ``gradient_clip_val``),
-    ``optimizer_step``; the step-wise LR schedulers (when no optimizer skipped its
-    step); for each optimizer ``on_before_zero_grad`` and ``zero_grad``; and
+    ``optimizer_step``; the step-wise LR schedulers that monitor no metric (when no
+    optimizer skipped its step); for each optimizer ``on_before_zero_grad`` and ``zero_grad``; and
     ``trainer.global_step`` grows by one.
     """
     optimizers = trainer.optimizers
-    step_schedulers = [entry for entry in trainer._schedulers if entry.interval == "step"]
+    # Monitoring ones step after the step's validation: `step_monitoring_schedulers`.
+    step_schedulers = [
+        entry for entry in trainer._schedulers if entry.interval == "step" and entry.monitor is None
+    ]
     accumulate = trainer.accumulate_grad_batches
     clip = trainer.gradient_clip_val
     unscale = hooks.unscale_gradients
@@ -263,6 +266,23 @@ def _scale_gradients(optimizers: list[torch.optim.Optimizer], factor: float) -> 
     ]
     if grads:
         torch._foreach_mul_(grads, factor)
+
+
+def step_monitoring_schedulers(trainer: Trainer) -> None:
+    """Step the step-wise schedulers that monitor a metric (a plateau scheduler),
+    once the optimizer step and the validation due at it are done: one monitoring
+    ``val_loss`` every N steps is then judged on the validation of those weights,
+    as in Lightning, instead of failing before any validation ran. Skipped after
+    a step an optimizer skipped."""
+    if trainer.last_step_skipped:
+        return
+    for entry in trainer._schedulers:
+        if (
+            entry.interval == "step"
+            and entry.monitor is not None
+            and trainer.global_step % entry.frequency == 0
+        ):
+            step_scheduler(trainer, entry, None)
 
 
 def step_scheduler(
