@@ -134,3 +134,18 @@ def test_a_plateau_scheduler_skips_epochs_without_validation() -> None:
     trainer.fit(model, train, val)
     # Stepped after epochs 1 and 3 only, the ones that validated.
     assert trainer.lr_schedulers[0].last_epoch == 2
+
+
+def test_a_model_left_in_eval_mode_is_warned_about_and_a_frozen_part_is_not() -> None:
+    # After a manual check under model.eval() the fit trained with dropout off,
+    # without a word; a frozen submodule is a choice the loop keeps.
+    train = make_data()[0]
+    model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 2)).eval()
+    with pytest.warns(UserWarning, match="Sequential is in eval mode as fit starts"):
+        Trainer(plugins=[], device="cpu").fit(model, train, loss_fn=F.cross_entropy, optimizer=sgd)
+    model.train()
+    model[1].eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(plugins=[], device="cpu").fit(model, train, loss_fn=F.cross_entropy, optimizer=sgd)
+    assert not model[1].training and model.training

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, warn_user
 
 __all__ = [
     "STEP_NAMES",
@@ -326,12 +326,22 @@ def skip_first_batches(dataloader: Iterable[Any], skip: int) -> Iterable[Any]:
 
 def check_model(model: Any, *, training: bool) -> None:
     """:raises ConfigurationError: when ``model`` is not an ``nn.Module``, or (for
-    training) has no parameter that requires grad."""
+    training) has no parameter that requires grad. Warns when a model to train is
+    in eval mode as a whole."""
     if not isinstance(model, torch.nn.Module):
         raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if training and not any(p.requires_grad for p in model.parameters()):
         raise ConfigurationError(
             f"{type(model).__name__} has no trainable parameters (none with requires_grad=True)"
+        )
+    if training and not model.training:
+        # The loop keeps each module's mode (a frozen BatchNorm stays frozen), so a
+        # model left in eval() after a manual check would train with dropout off
+        # and BatchNorm on its running statistics; Lightning calls train() instead.
+        warn_user(
+            f"hooktrain: {type(model).__name__} is in eval mode as fit starts, and trains "
+            f"in the modes its modules are in (dropout off, BatchNorm frozen); call "
+            f"model.train() first, and eval() only on the submodules to freeze"
         )
 
 
