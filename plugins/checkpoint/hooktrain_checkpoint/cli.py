@@ -183,18 +183,27 @@ def main(argv: Sequence[str]) -> int:
             if p not in listed and not p.name.startswith(".")
         ]
         entries = [describe(p) for p in files]
-        resume = next((e["path"] for e in entries if e["status"] == "ok"), None)
+        # "last" steps over damaged files but stops at an unsafe one (resume.load).
+        first = next((e for e in entries if e["status"] in ("ok", "unsafe")), None)
+        resume = first["path"] if first and first["status"] == "ok" else None
+        refused = first["path"] if first and first["status"] == "unsafe" else None
     else:
         entries = [describe(path)]
-        resume = None
+        resume = refused = None
     if options.json:
         listing = path.is_dir() and not one_sharded
-        payload: Any = {"checkpoints": entries, "resumes_from": resume} if listing else entries[0]
+        payload: Any = (
+            {"checkpoints": entries, "resumes_from": resume, "refuses": refused}
+            if listing
+            else entries[0]
+        )
         print(json.dumps(payload, indent=2))
     else:
         if path.is_dir() and not one_sharded:
             if not entries:
                 print(f"{path}: no checkpoints")
+            elif refused:
+                print(f"ckpt_path='last' refuses to resume: {refused} is unsafe (below)\n")
             else:
                 print(f"ckpt_path='last' resumes from: {resume or 'nothing (starts fresh)'}\n")
         for entry in entries:

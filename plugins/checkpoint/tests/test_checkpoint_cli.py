@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from hooktrain_checkpoint import ModelCheckpoint
 from hooktrain_checkpoint.cli import main
+from hooktrain_checkpoint.storage import load_file, write_file
 
 from hooktrain import Trainer
 from hooktrain.testing import make_data, make_model
@@ -67,6 +68,28 @@ def test_a_directory_lists_newest_first_and_flags_damage(
     assert Path(report["resumes_from"]).name == "epoch=1-step=15.ckpt"
     steps = [e["global_step"] for e in report["checkpoints"] if e["status"] == "ok"]
     assert steps == sorted(steps, reverse=True)
+
+
+class Payload:
+    """Unpickling this would open a file: what weights_only loading refuses."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (open, ("/dev/null",))
+
+
+def test_an_unsafe_newest_checkpoint_is_said_to_stop_last(
+    directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "last" steps over damaged files but refuses an unsafe one; the listing said
+    # it would resume from the next intact file, or start fresh.
+    last = directory / "last.ckpt"
+    state, info = load_file(last)
+    write_file({**state, "extra": Payload()}, last, dict(info.record))
+    assert main([str(directory), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["resumes_from"] is None and Path(report["refuses"]).name == "last.ckpt"
+    assert main([str(directory)]) == 1
+    assert "ckpt_path='last' refuses to resume: " in capsys.readouterr().out
 
 
 def test_missing_path_is_a_usage_error(tmp_path: Path) -> None:
