@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from hooktrain import hookimpl
 from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain_checkpoint import resume, sharded, storage, topk
+from hooktrain_checkpoint.lock import DirectoryLock
 from hooktrain_checkpoint.sigterm import SigtermWatch
 from hooktrain_checkpoint.steps import StepSaver
 from hooktrain_checkpoint.storage import LAST_NAME
@@ -130,6 +131,7 @@ class ModelCheckpoint:
         self.write_costs: list[float] = []
         self._writer = BackgroundWriter()
         self._sigterm = SigtermWatch()
+        self._lock = DirectoryLock()
         self._step_saver: StepSaver | None = None
         self._sequence = 0
         # The global step of each file in best_k_models: a second ranked save of one
@@ -198,6 +200,8 @@ class ModelCheckpoint:
             self._sigterm = SigtermWatch()
             if trainer.is_global_zero:
                 storage.prepare_directory(self.dirpath)
+                # Held before the resume reads the directory, until the last write.
+                self._lock.acquire(self.dirpath)
             if self.save_on_sigterm:
                 self._sigterm.install(trainer)
         return result
@@ -218,6 +222,7 @@ class ModelCheckpoint:
             # A run never ends with a write in flight, even when it failed.
             self._writer.close()
         finally:
+            self._lock.release()
             self._sigterm.restore()
             if self._step_saver is not None:
                 trainer.plugin_manager.unregister(self._step_saver)
