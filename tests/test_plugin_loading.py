@@ -435,6 +435,55 @@ def test_a_forward_step_of_a_plugin_is_named_when_its_result_holds_no_loss():
         run([ReturnsNonsense("forward_step")], max_epochs=1, limit_train_batches=2, record=False)
 
 
+class SwallowsTheResult:
+    """Wrappers that forget ``return (yield)``: the hook's result becomes None."""
+
+    name = "swallows"
+
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+
+    @hookimpl(wrapper=True)
+    def optimizer_step(self, optimizer):
+        result = yield
+        return result if self.hook != "optimizer_step" else None
+
+    @hookimpl(wrapper=True)
+    def forward_step(self, batch):
+        result = yield
+        return result if self.hook != "forward_step" else None
+
+
+def test_a_wrapper_that_drops_the_result_is_named():
+    # It read "implemented by no plugin", with advice for observers, not wrappers.
+    with pytest.raises(
+        PluginError,
+        match=r"optimizer_step hook returned NoneType None, which is not True or False; "
+        r"implemented by no plugin, wrapped by 'swallows' \(.*`return \(yield\)`",
+    ):
+        run([SwallowsTheResult("optimizer_step")], limit_train_batches=2, record=False)
+    with pytest.raises(
+        hooktrain.ConfigurationError, match=r"got NoneType \(forward_step is wrapped by 'swallows'"
+    ):
+        run([SwallowsTheResult("forward_step")], limit_train_batches=2, record=False)
+
+
+def test_a_forward_step_of_a_plugin_is_named_when_its_loss_is_not_a_scalar():
+    import torch
+
+    logits = torch.zeros(4, 2, requires_grad=True)
+    with pytest.raises(
+        hooktrain.ConfigurationError,
+        match=r"got shape \(4, 2\).*\(forward_step is implemented by 'returns_nonsense'",
+    ):
+        run(
+            [ReturnsNonsense("forward_step", logits)],
+            max_epochs=1,
+            limit_train_batches=2,
+            record=False,
+        )
+
+
 def test_a_metric_function_returning_no_number_is_named():
     with pytest.raises(hooktrain.ConfigurationError, match="metric 'acc' returned str 'high'"):
         run(

@@ -32,7 +32,7 @@ from hooktrain.optimization import (
     step_scheduler,
 )
 from hooktrain.options import check_monitors, warn_if_max_steps_unreachable
-from hooktrain.results import implementers, iterate, metric_values, unexpected_result
+from hooktrain.results import iterate, metric_values, origin, unexpected_result
 from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
 from hooktrain.state import replay_epoch_start, warn_if_epoch_length_changed
 
@@ -106,7 +106,7 @@ def make_train_step(trainer: Trainer, hooks: ResolvedHooks) -> TrainStep:
         if type(loss) is not tensor:
             loss = _loss_of(outputs, trainer)
         if loss.ndim != 0 or not loss.requires_grad:
-            _raise_bad_loss(loss)
+            _raise_bad_loss(loss, trainer)
         if check_every_step and not torch.isfinite(loss):
             # Before backward, so the bad step never reaches the weights.
             # "global step" as everywhere else: the steps taken, this one not yet.
@@ -427,26 +427,20 @@ def _loss_of(outputs: Any, trainer: Trainer) -> torch.Tensor:
         loss = outputs["loss"]
         if isinstance(loss, torch.Tensor):
             return loss
-    plugins = implementers(trainer.plugin_manager, "forward_step")
-    source = (
-        f" (forward_step is implemented by {', '.join(map(repr, plugins))}: the value may "
-        f"be theirs rather than the model's)"
-        if plugins
-        else ""
-    )
     raise ConfigurationError(
         f"the training step must return the loss tensor or a dict holding 'loss', "
-        f"got {type(outputs).__name__}{source}"
+        f"got {type(outputs).__name__}{origin(trainer.plugin_manager, 'forward_step')}"
     )
 
 
-def _raise_bad_loss(loss: torch.Tensor) -> None:
+def _raise_bad_loss(loss: torch.Tensor, trainer: Trainer) -> None:
+    source = origin(trainer.plugin_manager, "forward_step")
     if loss.ndim != 0:
         raise ConfigurationError(
             f"the loss must be a scalar (0-dim) tensor, got shape {tuple(loss.shape)}; "
-            f"reduce it (reduction='mean') before returning it"
+            f"reduce it (reduction='mean') before returning it{source}"
         )
     raise ConfigurationError(
         "the loss does not require grad: it was detached, computed under torch.no_grad(), "
-        "or the model's parameters do not take part in it"
+        f"or the model's parameters do not take part in it{source}"
     )

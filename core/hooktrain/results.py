@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
     from hooktrain.trainer import Trainer
 
-__all__ = ["implementers", "iterate", "metric_values", "unexpected_result"]
+__all__ = ["implementers", "iterate", "metric_values", "origin", "unexpected_result", "wrappers"]
 
 # numbers.Real takes NumPy's scalars too (what scikit-learn's metrics return).
 _NUMBER = (torch.Tensor, numbers.Real)
@@ -36,12 +36,36 @@ def unexpected_result(
     (``return loss`` from ``backward``) would otherwise end the hook silently, the
     core's default never running."""
     names = [repr(name) for name in implementers(plugin_manager, hook_name)]
+    wrapped = [repr(name) for name in wrappers(plugin_manager, hook_name)]
+    around = (
+        f", wrapped by {', '.join(wrapped)} (what a wrapper returns replaces the hook's "
+        f"result: end it with `return (yield)` to pass that on)"
+        if wrapped
+        else ""
+    )
     return PluginError(
         f"the {hook_name} hook returned {type(result).__name__} {result!r:.60}, which "
-        f"is not {expected}; implemented by {', '.join(names) or 'no plugin'}. An "
+        f"is not {expected}; implemented by {', '.join(names) or 'no plugin'}{around}. An "
         f"implementation that only observes returns None, so that the next one (the "
         f"core's default last) still does the work"
     )
+
+
+def origin(plugin_manager: pluggy.PluginManager, hook_name: str) -> str:
+    """Words for an error about a value ``hook_name`` gave, naming the plugins that
+    implement or wrap it (``""`` when only the core does): the value may be theirs."""
+    parts = [
+        f"{how} by {', '.join(map(repr, names))}"
+        for how, names in (
+            ("implemented", implementers(plugin_manager, hook_name)),
+            ("wrapped", wrappers(plugin_manager, hook_name)),
+        )
+        if names
+    ]
+    if not parts:
+        return ""
+    by = " and ".join(parts)
+    return f" ({hook_name} is {by}: the value may be theirs rather than the model's)"
 
 
 def implementers(plugin_manager: pluggy.PluginManager, hook_name: str) -> list[str]:
@@ -52,6 +76,17 @@ def implementers(plugin_manager: pluggy.PluginManager, hook_name: str) -> list[s
         plugin_manager.get_name(impl.plugin)
         for impl in caller.get_hookimpls()
         if not (impl.wrapper or impl.hookwrapper)
+    ]
+    return [name for name in names if name and name != "core"]
+
+
+def wrappers(plugin_manager: pluggy.PluginManager, hook_name: str) -> list[str]:
+    """The registered names of the plugins, the core left out, that wrap ``hook_name``."""
+    caller = getattr(plugin_manager.hook, hook_name)
+    names = [
+        plugin_manager.get_name(impl.plugin)
+        for impl in caller.get_hookimpls()
+        if impl.wrapper or impl.hookwrapper
     ]
     return [name for name in names if name and name != "core"]
 
