@@ -57,6 +57,21 @@ def test_a_misspelt_option_is_refused_listing_the_options_and_the_closest(fake_d
     assert "Its options: tag, log (did you mean 'tags' -> 'tag'?)" in message
 
 
+class Strict:
+    def __init__(self, every: object = 1) -> None:
+        self.every = int(every)  # type: ignore[call-overload]
+
+
+def test_a_constructor_refusing_an_option_is_named():
+    # A bare "ValueError: invalid literal for int()" named no plugin.
+    with pytest.raises(
+        PluginError, match=r"plugin '.*Strict': cannot be constructed with options "
+    ) as info:
+        hooktrain.Trainer(plugins=[(f"{__name__}:Strict", {"every": "often"})])
+    assert "ValueError: invalid literal for int() with base 10: 'often'" in str(info.value)
+    assert isinstance(info.value.__cause__, ValueError)
+
+
 def test_a_factory_taking_any_option_gets_no_list_of_options(fake_dists):
     # factory(**options) passes them on: only the class it calls knows them.
     fake_dists.add("tagger-dist", {"tagger": "tagmod:factory"}, {"tagmod": RECORDING_PLUGIN})

@@ -135,10 +135,15 @@ def _instantiate(name: str, target: Any, options: Mapping[str, Any] | None) -> A
     if is_factory:
         try:
             return target(**(options or {}))
-        except TypeError as exc:
+        except (ConfigurationError, PluginError):
+            raise  # a refusal in hooktrain's style, which names its plugin
+        except Exception as exc:
+            # A misspelt option (TypeError), or the plugin's own check of one
+            # (int("often")), which would otherwise name no plugin.
+            hint = _options_hint(target, options or {}) if type(exc) is TypeError else ""
             raise PluginError(
                 f"plugin {name!r}: cannot be constructed with options {dict(options or {})}: "
-                f"{exc}{_options_hint(target, options or {})}"
+                f"{type(exc).__name__}: {exc}{hint}"
             ) from exc
     if options:
         kind = "a module" if isinstance(target, types.ModuleType) else "an object"
