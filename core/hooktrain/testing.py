@@ -197,7 +197,10 @@ def run(
     :param data: ``(train_loader, val_loader)``; default `make_data`.
     :param fit_kwargs: extra keyword arguments for ``fit`` (``ckpt_path``...);
         ``metrics`` replaces the default ``{"acc": hooktrain.accuracy}``, in every stage.
-    :param trainer_kwargs: passed to ``Trainer`` (``device="cpu"`` unless given).
+    :param trainer_kwargs: passed to ``Trainer`` (``device="cpu"`` and ``seed=0``
+        unless given: two runs with the same arguments are the same run, so a test
+        may compare an interrupted run with an undisturbed one; ``seed=None`` gives
+        each run its own shuffling).
     """
     import torch
     import torch.nn.functional as F
@@ -208,6 +211,7 @@ def run(
     recorder = HookRecorder() if record else None
     selected = [*plugins, recorder] if recorder is not None else list(plugins)
     trainer_kwargs.setdefault("device", "cpu")
+    trainer_kwargs.setdefault("seed", 0)
     trainer = Trainer(plugins=selected, max_epochs=max_epochs, **trainer_kwargs)
     model = model if model is not None else make_model()
     train, val = data if data is not None else make_data()
