@@ -542,13 +542,14 @@ class ReseedsLazily(Sampler):
         yield from torch.randperm(self.n, generator=self.generator).tolist()
 
 
-def _crash_then_resume(tmp_path, loader, resumed_loader):
+def _crash_then_resume(tmp_path, loader, resumed_loader, **resumed_options):
     """Fit 3 epochs of 4 steps saving at global step 6 (mid epoch 1) and crashing at
-    7; resume from that checkpoint: (uninterrupted model, resumed model)."""
+    7; resume from that checkpoint (with ``resumed_options`` for the Trainer):
+    (uninterrupted model, resumed model)."""
 
-    def fit(data, plugins, ckpt_path=None):
+    def fit(data, plugins, ckpt_path=None, **options):
         model = make_model(features=2, dropout=0.2)
-        trainer = Trainer(plugins=plugins, max_epochs=3, seed=3, device="cpu")
+        trainer = Trainer(plugins=plugins, max_epochs=3, seed=3, device="cpu", **options)
         trainer.fit(model, data(), loss_fn=F.cross_entropy, optimizer=sgd(), ckpt_path=ckpt_path)
         return model
 
@@ -556,7 +557,7 @@ def _crash_then_resume(tmp_path, loader, resumed_loader):
     path = tmp_path / "mid.ckpt"
     with pytest.raises(KeyboardInterrupt):
         fit(loader, [CrashesAfter(path, save_at=6, crash_at=7)])
-    return uninterrupted, fit(resumed_loader, [], ckpt_path=path)
+    return uninterrupted, fit(resumed_loader, [], ckpt_path=path, **resumed_options)
 
 
 @pytest.mark.parametrize("mark", [True, False])
@@ -616,11 +617,33 @@ def test_a_mid_epoch_resume_with_another_epoch_length_warns(tmp_path):
         warnings.simplefilter("always")
         _crash_then_resume(tmp_path, loader(2), loader(4))
     messages = [str(w.message) for w in caught]
-    resumes = [m for m in messages if "an epoch of 4 batches" in m]
+    resumes = [m for m in messages if "an epoch split otherwise" in m]
     assert len(resumes) == 1
-    assert "after batch 2 of an epoch of 4 batches" in resumes[0]
-    assert "now gives 2 an epoch" in resumes[0]
+    assert "after batch 2 of an epoch split otherwise (4 batches an epoch, now 2:" in resumes[0]
     assert not any("but yielded" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    ("samples", "options", "changed"),
+    [
+        (7, {}, "8 samples in the dataset, now 7"),  # still 4 batches of 2 an epoch
+        (8, {"accumulate_grad_batches": 2}, "1 accumulate_grad_batches, now 2"),
+    ],
+)
+def test_a_mid_epoch_resume_split_otherwise_at_the_same_length_warns(
+    tmp_path, samples, options, changed
+):
+    # The epoch's length alone was compared: a shorter dataset reshuffles every
+    # index, and another accumulation moves the windows, both without a word.
+    def loader(n):
+        return lambda: DataLoader(Indexed(n, noise=False), batch_size=2, shuffle=True)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _crash_then_resume(tmp_path, loader(8), loader(samples), **options)
+    resumes = [str(w.message) for w in caught if "an epoch split otherwise" in str(w.message)]
+    assert len(resumes) == 1
+    assert f"after batch 2 of an epoch split otherwise ({changed}:" in resumes[0]
 
 
 class SavesAtEpochEnd:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hooktrain.batches import length
 from hooktrain.errors import ConfigurationError, ResumeWarning, warn_user
 from hooktrain.loadable import require_loadable
 from hooktrain.metrics import process_collectives
@@ -82,9 +83,11 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
             "global_step": trainer.global_step,
             "epoch_batches_done": trainer.epoch_batches_done,
             "epoch_complete": trainer.epoch_complete,
-            # How many batches the epoch had: a resume in its middle skips the first
+            # How the epoch was split: a resume in its middle skips the first
             # epoch_batches_done, which only fits a loader that splits alike.
             "epoch_batches": trainer.num_training_batches,
+            "epoch_samples": length(getattr(trainer.train_dataloader, "dataset", None)),
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
             # A validation inside this step (val_every_n_steps) saw the weights saved:
             # the epoch's end, when a resume runs it, does not validate them again.
             "validated_at_step": trainer._validated_at_step,
@@ -184,7 +187,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
             metric_states = checkpoint.get("epoch_metrics", {})
             trainer._train_metrics.load_state_dict(metric_states, rank=rank)
         trainer._pending_epoch_data = checkpoint.get("epoch_start_state")
-        trainer._resume_epoch_batches = progress.get("epoch_batches")
+        trainer._resume_split = {key: progress.get(key) for key in _SPLIT}
         trainer._validated_at_step = int(progress.get("validated_at_step", -1))
         trainer._last_validation = set(progress.get("last_validation", ()))
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
@@ -226,18 +229,39 @@ def _warn_if_workers_persist(loader: Any) -> None:
         )
 
 
+#: What decides which samples a mid-epoch resume skips, as ``progress`` records it.
+_SPLIT = {
+    "epoch_batches": "batches an epoch",
+    "epoch_samples": "samples in the dataset",
+    "accumulate_grad_batches": "accumulate_grad_batches",
+}
+
+
 def warn_if_epoch_length_changed(trainer: Trainer, skip: int, total: int | None) -> None:
-    """At a mid-epoch resume after ``skip`` batches: warn when the epoch now has
-    another number of batches (``total``) than the interrupted one had."""
-    saved_total, trainer._resume_epoch_batches = trainer._resume_epoch_batches, None
+    """At a mid-epoch resume after ``skip`` batches: warn when the epoch is not split
+    as the interrupted one was (``total`` batches now; the dataset's length, the
+    accumulation window). A value either side does not know is not compared."""
+    saved, trainer._resume_split = trainer._resume_split, None
+    saved_total = saved.get("epoch_batches") if saved else None
     # (A checkpoint at an epoch's last batch skips the whole epoch, whatever its split.)
-    if None not in (total, saved_total) and total != saved_total and skip < saved_total:
+    if not saved or (saved_total is not None and skip >= saved_total):
+        return
+    now = {
+        "epoch_batches": total,
+        "epoch_samples": length(getattr(trainer.train_dataloader, "dataset", None)),
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+    }
+    changed = [
+        f"{saved[key]} {label}, now {now[key]}"
+        for key, label in _SPLIT.items()
+        if None not in (saved.get(key), now[key]) and saved[key] != now[key]
+    ]
+    if changed:
         warn_user(
-            f"hooktrain: the checkpoint was taken after batch {skip} of an epoch of "
-            f"{saved_total} batches, and the training dataloader now gives {total} an epoch "
-            f"(another batch size, dataset, limit_train_batches or number of processes): "
-            f"skipping {skip} batches of another split trains some samples twice and others "
-            f"not at all",
+            f"hooktrain: the checkpoint was taken after batch {skip} of an epoch split "
+            f"otherwise ({'; '.join(changed)}: another batch size, dataset, "
+            f"limit_train_batches, accumulation or number of processes): skipping {skip} "
+            f"batches of another split trains some samples twice and others not at all",
             ResumeWarning,
         )
 

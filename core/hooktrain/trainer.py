@@ -195,7 +195,7 @@ class Trainer:
         self._epoch_start_state: dict[str, Any] | None = None
         self._pending_epoch_data: Mapping[str, Any] | None = None
         self._resume_skip = 0
-        self._resume_epoch_batches: int | None = None  # the interrupted epoch's length
+        self._resume_split: dict[str, Any] | None = None  # how the interrupted epoch split
         # The global step of the last validation inside fit, and what it computed:
         # an epoch's end does not validate the same weights again.
         self._validated_at_step = -1
@@ -242,8 +242,9 @@ class Trainer:
         unless it already has it, and, with several dataloaders, a value logged
         during dataloader ``i``'s batches gets the suffix ``/dataloader_idx_i``, as
         the step's returned values do. ``trainer.metrics[name]`` returns the latest
-        value. A value logged in validation or test is published with that stage's
-        results, not with the next training step's.
+        value, and from the epoch's end its mean (as for ``loss``). A value logged
+        in validation or test is published with that stage's results, not with the
+        next training step's.
         A value logged in a stage's epoch-end hooks (``on_train_epoch_end``,
         ``on_validation_epoch_end``, ``on_validation_end``...) belongs to that epoch:
         it is published with it and returned by ``validate``/``test``.
