@@ -117,9 +117,18 @@ class EarlyStopping:
     def on_fit_start(self, trainer: Trainer) -> None:
         self._check_monitor_can_exist(trainer)
         # A run restored from a checkpoint taken after this plugin stopped it stays
-        # stopped: resuming a finished run must not train more.
+        # stopped: resuming a finished run must not train more. Said, whatever
+        # verbose is: a rerun with a larger max_epochs or patience would otherwise
+        # end at once without a word.
         if self.stopped_epoch is not None:
             trainer.should_stop = True
+            if trainer.is_global_zero:
+                print(
+                    f"hooktrain: early_stopping stopped this run at epoch {self.stopped_epoch} "
+                    f"({self.stop_reason}); the resumed fit trains no more. To train on, "
+                    f"start a new run from its weights (another checkpoint dirpath)",
+                    file=sys.stderr,
+                )
 
     @hookimpl
     def on_validation_end(self, trainer: Trainer) -> None:

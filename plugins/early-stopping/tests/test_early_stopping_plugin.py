@@ -264,7 +264,9 @@ def test_state_survives_a_resume_through_the_core_checkpoint(tmp_path: Path) -> 
     assert result.recorder.names().count("on_train_epoch_end") == 2  # epochs 5 and 6
 
 
-def test_resuming_a_run_that_stopped_trains_no_more(tmp_path: Path) -> None:
+def test_resuming_a_run_that_stopped_trains_no_more(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "stopped.pt"
 
     class SaveAtStop:
@@ -283,12 +285,14 @@ def test_resuming_a_run_that_stopped_trains_no_more(tmp_path: Path) -> None:
     )
     assert torch.load(path, weights_only=True)["plugins"]["early_stopping"]["stopped_epoch"] == 6
     result = run(
-        [ScriptedScore(SCORES), EarlyStopping(monitor="val_score", patience=3)],
+        [ScriptedScore(SCORES), EarlyStopping(monitor="val_score", patience=3, verbose=False)],
         max_epochs=10,
         fit_kwargs={"ckpt_path": path},
     )
     assert result.recorder.count("on_train_epoch_start") == 0
     assert result.recorder.count("on_fit_end") == 1
+    # Said even with verbose off: a rerun with more epochs otherwise ends silently.
+    assert "early_stopping stopped this run at epoch 6 (" in capsys.readouterr().err
 
 
 def test_state_for_another_metric_is_not_restored(
