@@ -112,10 +112,15 @@ def test_selected_by_entry_point_name_it_finds_the_slow_plugin(clock):
     forward = report.row("forward_step", "core")
     assert forward is not None and forward.calls >= steps
     assert report.row("optimizer_step", "core").calls == steps
-    # Loading the batches happens in the loop itself, outside every hook.
-    assert report.hook_seconds == pytest.approx(steps * SLEEP)
+    # Loading the batches is timed as the core's batch iterator's next(), a
+    # batch a call (the validation batches' too, which cost nothing here); the loop
+    # itself took no time on this clock.
+    loads = report.row("batch_iterator next()", "core")
+    assert loads is not None and loads.calls == steps + 2 * len(val)
+    assert loads.seconds == pytest.approx(steps * loading)
+    assert report.hook_seconds == pytest.approx(steps * (SLEEP + loading))
     assert report.wall_seconds == pytest.approx(steps * (SLEEP + loading))
-    assert report.loop_seconds == pytest.approx(steps * loading)
+    assert report.loop_seconds == pytest.approx(0.0)
 
     text = stream.getvalue()
     assert "hooktrain profile: fit" in text
@@ -124,6 +129,37 @@ def test_selected_by_entry_point_name_it_finds_the_slow_plugin(clock):
     assert text.strip() == report.format().strip()
     # The profiler does not list itself.
     assert all(row.plugin != "profile" for row in report.rows)
+
+
+class SlowIterator:
+    """A batch_iterator plugin (a prefetcher, a sharder) taking SLEEP per batch."""
+
+    name = "slow_iterator"
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    @hookimpl
+    def batch_iterator(self, dataloader, skip_batches):
+        for index, batch in enumerate(dataloader):
+            if index >= skip_batches:
+                self.clock.advance(SLEEP)
+                yield batch
+
+
+def test_a_batch_iterator_plugin_is_timed_as_its_batches_are_drawn(clock):
+    # Its generator ran after the hook returned: the time showed in the loop's own
+    # row, and the plugin's row read 0.
+    train, val = make_data()
+    result = run([SlowIterator(clock), "profile"], record=False, data=(train, val))
+    report = _profile(result).report
+    batches = result.trainer.global_step + 2 * len(val)  # 2 epochs, each validated
+    drawn = report.row("batch_iterator next()", "slow_iterator")
+    assert drawn is not None and drawn.calls == batches
+    assert drawn.seconds == pytest.approx(batches * SLEEP)
+    assert report.by_plugin()["slow_iterator"] == pytest.approx(batches * SLEEP)
+    assert report.loop_seconds == pytest.approx(0.0)
+    assert report.row("batch_iterator next()", "core") is None  # the plugin answered
 
 
 def test_implementations_are_unwrapped_after_the_stage(clock):

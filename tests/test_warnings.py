@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import hooktrain
 from hooktrain import ConfigurationError, Trainer
 from hooktrain.errors import warn_user
 from hooktrain.testing import make_data, make_model
@@ -149,3 +150,22 @@ def test_a_model_left_in_eval_mode_is_warned_about_and_a_frozen_part_is_not() ->
         warnings.simplefilter("error")
         Trainer(plugins=[], device="cpu").fit(model, train, loss_fn=F.cross_entropy, optimizer=sgd)
     assert not model[1].training and model.training
+
+
+def test_validation_limited_to_no_batch_does_not_blame_the_step() -> None:
+    # With limit_val_batches=0 no validation batch ran, and the warning said the
+    # model's validation_step returned no outputs for metrics=.
+    train, val = make_data(n=64, batch_size=16)
+    trainer = Trainer(plugins=[], device="cpu", max_epochs=1, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(
+            make_model(),
+            train,
+            val,
+            loss_fn=F.cross_entropy,
+            optimizer=sgd,
+            metrics={"acc": hooktrain.accuracy},
+        )
+    assert "acc" in trainer.metrics  # the training epoch computed it
+    assert not [w for w in record if "computed nothing" in str(w.message)]

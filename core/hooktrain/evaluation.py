@@ -167,7 +167,8 @@ def evaluation_loop(
             module.training = training
     if stage == "predict":
         return {"predictions": predictions}
-    warn_if_metrics_unused(trainer, results, prefix, stage)
+    if any(count != 0 for count in trainer.num_eval_batches):  # limit_*_batches=0: none ran
+        warn_if_metrics_unused(trainer, results, prefix, stage)
     trainer._publish(results, stage)
     return results
 

@@ -15,7 +15,9 @@ checkpoint plugin calling ``trainer.dump_checkpoint()``, which calls
 ``on_save_checkpoint``) counts only in the innermost one, so the rows add up to the
 time spent in hooks. The core's own implementations appear under the plugin name
 ``core``: ``forward_step``, ``backward`` and ``optimizer_step`` there are the
-model's own compute. What remains of the stage's wall time is the loop itself.
+model's own compute, and ``batch_iterator next()`` the data loading (each batch
+drawn from the iterator ``batch_iterator`` returned, under whichever plugin
+returned it). What remains of the stage's wall time is the loop itself.
 
 Timing costs about a microsecond per implementation call, which the table counts
 in the hooks' times.
