@@ -135,16 +135,16 @@ def _instantiate(name: str, target: Any, options: Mapping[str, Any] | None) -> A
     if is_factory:
         try:
             return target(**(options or {}))
-        except (ConfigurationError, PluginError):
-            raise  # a refusal in hooktrain's style, which names its plugin
-        except Exception as exc:
-            # A misspelt option (TypeError), or the plugin's own check of one
-            # (int("often")), which would otherwise name no plugin.
-            hint = _options_hint(target, options or {}) if type(exc) is TypeError else ""
+        except TypeError as exc:
             raise PluginError(
                 f"plugin {name!r}: cannot be constructed with options {dict(options or {})}: "
-                f"{type(exc).__name__}: {exc}{hint}"
+                f"{exc}{_options_hint(target, options or {})}"
             ) from exc
+        except Exception as exc:
+            # The plugin's own check of an option (a ValueError): its type is the
+            # plugin's promise, kept; the note says which plugin of the list it was.
+            exc.add_note(f"raised building plugin {name!r} with options {dict(options or {})}")
+            raise
     if options:
         kind = "a module" if isinstance(target, types.ModuleType) else "an object"
         raise PluginError(
