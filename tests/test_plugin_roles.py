@@ -158,3 +158,37 @@ def test_check_builds_no_model_and_touches_no_device() -> None:
     assert "cuda initialised False" in done.stdout
     assert "process group False" in done.stdout
     assert "accelerate state False" in done.stdout
+
+
+class ClipStep:
+    name = "clip_step"
+
+    @hookimpl
+    def optimizer_step(self, optimizer):
+        optimizer.step()
+        return True
+
+
+class LookaheadStep:
+    name = "lookahead_step"
+
+    @hookimpl
+    def optimizer_step(self, optimizer):
+        optimizer.step()
+        return True
+
+
+def test_check_cli_notes_a_compute_hook_that_two_plugins_answer(capsys) -> None:
+    # Both expect to step; only the first ever did, and --check said nothing.
+    from hooktrain.cli import main
+
+    clip, lookahead = f"{__name__}:ClipStep", f"{__name__}:LookaheadStep"
+    code = main(["plugins", "--check", clip, lookahead])
+    out = capsys.readouterr().out
+    assert code == 0  # it may be meant: an implementation that observes returns None
+    assert (
+        f"note: optimizer_step is answered by the first of {clip}, {lookahead} to "
+        f"return a value; the others run only when it returns None"
+    ) in out.splitlines()
+    main(["plugins", "--check", f"{__name__}:ClipStep"])
+    assert "note:" not in capsys.readouterr().out

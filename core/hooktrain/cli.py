@@ -185,6 +185,7 @@ def _show_order(selection: Sequence[str], check: bool = False) -> int:
             for role in exclusive_roles(name, plugin)
         ]
         print(f"compatible: exclusive roles taken: {', '.join(sorted(taken)) or 'none'}")
+        _note_shared_answers(manager)
     print(f"call order for plugins={list(selection)!r} (wrappers surround the rest):")
     for hook_name in _hook_names():
         impls = getattr(manager.hook, hook_name).get_hookimpls()
@@ -208,6 +209,28 @@ def _show_order(selection: Sequence[str], check: bool = False) -> int:
             described.append(name + (f" ({', '.join(tags)})" if tags else ""))
         print(f"  {hook_name:<28} {' -> '.join(described)}")
     return 0
+
+
+def _note_shared_answers(manager: Any) -> None:
+    """A note for each hook whose first result is its answer (``optimizer_step``...)
+    that several plugins implement: the first in call order decides each call, and
+    the others run only when it returns None. Intended (an observer returns None), or
+    two plugins that each expect to do the work: only the user can tell."""
+    for hook_name in _hook_names():
+        caller = getattr(manager.hook, hook_name)
+        if not (caller.spec and caller.spec.opts.get("firstresult")):
+            continue
+        plain = [
+            manager.get_name(impl.plugin)
+            for impl in reversed(caller.get_hookimpls())
+            if not (impl.wrapper or impl.hookwrapper)
+        ]
+        plain = [name for name in plain if name and name != "core"]
+        if len(plain) > 1:
+            print(
+                f"note: {hook_name} is answered by the first of {', '.join(plain)} to "
+                f"return a value; the others run only when it returns None"
+            )
 
 
 def _list_hooks() -> int:
@@ -279,7 +302,8 @@ def _run(argv: Sequence[str] | None) -> int:
         "--check",
         action="store_true",
         help="check that the PLUGIN list can run together (no two take one exclusive role): "
-        "exit 1 with the reason if not, else print the call order; builds no model",
+        "exit 1 with the reason if not, else note compute hooks several plugins answer and "
+        "print the call order; builds no model",
     )
     plugins.add_argument(
         "--selected",
