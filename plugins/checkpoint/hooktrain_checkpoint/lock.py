@@ -7,13 +7,14 @@ The run's writing process holds an advisory lock on ``<dirpath>/.hooktrain.lock`
 for the whole fit, and a second run fails at setup, before it trains. The file is
 removed when the fit ends; a killed run leaves it, unlocked, for the next to take.
 
-POSIX record locks (``fcntl.lockf``) are used rather than ``flock``: the kernel
-drops them when the holder dies, SIGKILL included, so a killed run never leaves a
-stale lock; and a forked child (a DataLoader worker that outlives a killed parent
-for a few seconds) does not inherit them. They do not exclude a second holder in the
-same process, so a set of the directories this process holds covers that case.
-Where the file system has no locks (some network mounts), or on Windows, nothing is
-checked.
+The lock is ``flock``'s: the kernel drops it when the last descriptor of the open
+file goes, so a killed run (SIGKILL included) never leaves a stale lock. Forked
+children (DataLoader workers, which may outlive a killed parent for a while) would
+share that descriptor and keep the lock alive, so they close their copy as they
+start. POSIX record locks (``lockf``) avoid that, but drop the lock when the holding
+process closes *any* descriptor of the file: a helper of the same run that reads the
+directory (to back it up, to upload it) would release it without a word. Where the
+file system has no locks, or on Windows, nothing is checked.
 """
 
 from __future__ import annotations
@@ -35,10 +36,23 @@ __all__ = ["LOCK_NAME", "DirectoryLock"]
 
 LOCK_NAME = ".hooktrain.lock"
 
-#: The directories a run of this process holds, resolved.
-_held: set[Path] = set()
+#: The descriptor of every directory a run of this process holds, by resolved path.
+_held: dict[Path, int] = {}
 
 _HELD_ELSEWHERE = {errno.EACCES, errno.EAGAIN}
+
+
+def _close_in_child() -> None:
+    # A forked child is no run of its own: without its copy, the lock ends with
+    # the process that took it.
+    for fd in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 class DirectoryLock:
@@ -46,7 +60,6 @@ class DirectoryLock:
     pair up, and ``release`` without a held lock does nothing."""
 
     def __init__(self) -> None:
-        self._fd: int | None = None
         self._path: Path | None = None
 
     def acquire(self, directory: Path) -> None:
@@ -59,16 +72,21 @@ class DirectoryLock:
         path = directory.resolve()
         if path in _held:
             raise ConfigurationError(_message(path, f"process {os.getpid()}, this one"))
+        if fcntl is None:
+            return
         while True:
-            fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open(path / LOCK_NAME)
+            if fd is None:
+                return  # a file another user made read-only to us: nothing to check with
             try:
-                if fcntl is not None:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
-                holder = os.read(fd, 200).decode(errors="replace").strip()
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
                 os.close(fd)
                 if exc.errno in _HELD_ELSEWHERE:
                     raise ConfigurationError(_message(path, holder or "another process")) from exc
+                with contextlib.suppress(OSError):
+                    os.unlink(path / LOCK_NAME)
                 return  # no locks on this file system: nothing to check with
             if _still_named(fd, path / LOCK_NAME):
                 break
@@ -76,21 +94,37 @@ class DirectoryLock:
             # lock is on a file nobody else will open. Take the new one.
             os.close(fd)
         # Who holds it, for the message the next run gets; the lock is the truth.
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on host {socket.gethostname()}\n".encode())
-        self._fd, self._path = fd, path
-        _held.add(path)
+        with contextlib.suppress(OSError):  # opened read-only: the lock still holds
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        _held[path] = fd
+        self._path = path
 
     def release(self) -> None:
         """Let the next run have the directory: the file goes, so that a finished
         run leaves only its checkpoints, and closing it drops the lock."""
-        if self._fd is None:
+        path, self._path = self._path, None
+        if path is None or path not in _held:
             return
         with contextlib.suppress(OSError):
-            os.unlink(self._path / LOCK_NAME)  # type: ignore[operator]
-        os.close(self._fd)
-        _held.discard(self._path)  # type: ignore[arg-type]
-        self._fd = self._path = None
+            os.unlink(path / LOCK_NAME)
+        os.close(_held.pop(path))
+
+
+def _open(path: Path) -> int | None:
+    """The lock file, created readable and writable by all (a run killed under one
+    user must not block a rerun under another), or read-only when an older file does
+    not let us write; ``None`` when it cannot be opened at all."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:
+        try:
+            return os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+    with contextlib.suppress(OSError):  # past the umask; fails on another's file
+        os.fchmod(fd, 0o666)
+    return fd
 
 
 def _still_named(fd: int, path: Path) -> bool:

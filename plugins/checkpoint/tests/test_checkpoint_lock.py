@@ -3,9 +3,12 @@ trains; a finished or killed run leaves the directory free."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hooktrain_checkpoint.lock import LOCK_NAME
+from hooktrain_checkpoint.lock import LOCK_NAME, DirectoryLock
 
 from hooktrain import Trainer, hookimpl
 from hooktrain.errors import HookError
@@ -131,3 +134,81 @@ def test_two_trainers_of_one_process_in_one_directory(tmp_path: Path) -> None:
     _fit(tmp_path / "ckpt", Nested())
     assert len(refused) == 1
     assert "another run (process" in str(refused[0]) and "this one)" in str(refused[0])
+
+
+PROBE = (
+    "import sys; from pathlib import Path; from hooktrain_checkpoint.lock import DirectoryLock; "
+    "DirectoryLock().acquire(Path(sys.argv[1])); print('acquired')"
+)
+
+
+def _probe(directory: Path, **options: Any) -> subprocess.CompletedProcess[str]:
+    """Another process trying to take ``directory``."""
+    command = [sys.executable, "-c", PROBE, str(directory)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, **options)
+
+
+def test_reading_the_lock_file_in_the_holding_process_keeps_the_lock(tmp_path: Path) -> None:
+    # POSIX record locks end when their process closes any descriptor of the file:
+    # a helper of the run that read the directory (a backup, an upload) let a second
+    # run in.
+    lock = DirectoryLock()
+    lock.acquire(tmp_path)
+    try:
+        assert f"process {os.getpid()}" in (tmp_path / LOCK_NAME).read_text()
+        refused = _probe(tmp_path)
+        assert refused.returncode != 0
+        assert f"another run (process {os.getpid()} on host" in refused.stderr
+    finally:
+        lock.release()
+    assert _probe(tmp_path).stdout.strip() == "acquired"
+
+
+# A run that takes the lock, forks a worker that lives on, and waits to be killed.
+FORKS_A_WORKER = (
+    "import os, sys, time; from pathlib import Path; "
+    "from hooktrain_checkpoint.lock import DirectoryLock; "
+    "DirectoryLock().acquire(Path(sys.argv[1])); worker = os.fork(); "
+    "(time.sleep(120), os._exit(0)) if worker == 0 else None; "
+    "print(worker, flush=True); time.sleep(120)"
+)
+
+
+def test_a_worker_forked_by_a_killed_run_does_not_keep_the_lock(tmp_path: Path) -> None:
+    # A DataLoader worker forked while the run held the lock shared its descriptor:
+    # after a SIGKILL of the run it kept the directory locked for as long as it lived.
+    run = subprocess.Popen(
+        [sys.executable, "-c", FORKS_A_WORKER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    worker = int(run.stdout.readline())  # type: ignore[union-attr]
+    try:
+        run.kill()
+        run.wait(timeout=60)
+        assert (tmp_path / LOCK_NAME).exists()  # the killed run's, with its worker alive
+        assert _probe(tmp_path).stdout.strip() == "acquired"
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_a_lock_file_left_by_another_user_blocks_no_one() -> None:
+    # Created 0644 by a killed run of root's, it made every other user's run fail
+    # with a bare PermissionError until someone deleted it.
+    try:
+        trial = subprocess.run(
+            [sys.executable, "-c", "import hooktrain_checkpoint.lock"], user=65534, timeout=120
+        )
+    except PermissionError:
+        trial = None
+    if trial is None or trial.returncode != 0:
+        pytest.skip("user 'nobody' cannot run this interpreter or import the plugin")
+    shared = Path(tempfile.mkdtemp())
+    try:
+        shared.chmod(0o777)
+        (shared / LOCK_NAME).write_text("process 1 on host gone\n")
+        (shared / LOCK_NAME).chmod(0o644)
+        as_nobody = _probe(shared, user=65534)
+        assert as_nobody.stdout.strip() == "acquired", as_nobody.stderr
+        DirectoryLock().acquire(shared)  # and root's own rerun
+    finally:
+        shutil.rmtree(shared)
