@@ -269,3 +269,58 @@ def test_limit_shortens_the_printed_table(clock):
     text = report.report.format(limit=1)
     assert "more rows" in text
     assert text.count("\n") < report.report.format().count("\n")
+
+
+class SizesTheLoader:
+    """A wrapper that reads what the batch_iterator hook returned: the loader."""
+
+    name = "sizes"
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    @hookimpl(wrapper=True)
+    def batch_iterator(self):
+        result = yield
+        self.seen.append(len(result))
+        return result
+
+
+class SlowWrappingIterator:
+    """A prefetcher written as a wrapper: its generator takes SLEEP per batch."""
+
+    name = "slow_wrapper"
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    @hookimpl(wrapper=True)
+    def batch_iterator(self):
+        inner = yield
+
+        def batches():
+            for batch in inner:
+                self.clock.advance(SLEEP)
+                yield batch
+
+        return batches()
+
+
+def test_other_batch_iterator_implementations_see_what_they_would_unprofiled(clock):
+    # Timing wrapped each implementation's result inside the hook: a wrapper got a
+    # generator where it had the loader, and len() failed with the profiler on only.
+    sizes = SizesTheLoader()
+    train, val = make_data()
+    run([sizes, "profile"], record=False, data=(train, val), max_epochs=1)
+    assert sizes.seen == [len(train), len(val)]
+
+
+def test_a_prefetcher_written_as_a_wrapper_is_timed_too(clock):
+    train, val = make_data()
+    result = run([SlowWrappingIterator(clock), "profile"], record=False, data=(train, val))
+    report = _profile(result).report
+    batches = result.trainer.global_step + 2 * len(val)
+    drawn = report.row("batch_iterator next()", "slow_wrapper")
+    assert drawn is not None and drawn.calls == batches
+    assert drawn.seconds == pytest.approx(batches * SLEEP)
+    assert report.loop_seconds == pytest.approx(0.0)

@@ -21,50 +21,19 @@ Recorder = Callable[[str, str, float], None]
 
 TRACE_ENV = "HOOKTRAIN_TRACE"
 
-#: Hooks whose result is iterated after the call returns: a plugin's prefetching or
-#: sharding (and the core's data loading) costs its time there, batch by batch, so
-#: each ``next`` is timed too, as ``"<hook> next()"``.
-ITERATED_HOOKS = frozenset({"batch_iterator"})
-
 
 def _timed_function(function: Callable[..., Any], hook: str, plugin: str, record: Recorder):
     clock = time.perf_counter
-    iterated = hook in ITERATED_HOOKS
 
     @functools.wraps(function)
     def timed(*args: Any, **kwargs: Any) -> Any:
         start = clock()
         try:
-            result = function(*args, **kwargs)
+            return function(*args, **kwargs)
         finally:
             record(hook, plugin, clock() - start)
-        if iterated and result is not None:
-            return _timed_iteration(result, f"{hook} next()", plugin, record)
-        return result
 
     return timed
-
-
-def _timed_iteration(iterable: Any, label: str, plugin: str, record: Recorder) -> Any:
-    """``iterable``'s items, each ``next`` recorded under ``label``; ``iterable``
-    itself when it is not iterable, for the loop to report as it would."""
-    try:
-        iterator = iter(iterable)
-    except TypeError:
-        return iterable
-    clock = time.perf_counter
-
-    def items() -> Generator[Any, None, None]:
-        while True:
-            start = clock()
-            try:
-                item = next(iterator)
-            except StopIteration:
-                return
-            record(label, plugin, clock() - start)
-            yield item
-
-    return items()
 
 
 def _timed_wrapper(

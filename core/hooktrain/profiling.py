@@ -15,9 +15,10 @@ checkpoint plugin calling ``trainer.dump_checkpoint()``, which calls
 ``on_save_checkpoint``) counts only in the innermost one, so the rows add up to the
 time spent in hooks. The core's own implementations appear under the plugin name
 ``core``: ``forward_step``, ``backward`` and ``optimizer_step`` there are the
-model's own compute, and ``batch_iterator next()`` the data loading (each batch
-drawn from the iterator ``batch_iterator`` returned, under whichever plugin
-returned it). What remains of the stage's wall time is the loop itself.
+model's own compute, and ``batch_iterator next()`` the data loading: each batch
+drawn from the iterator the ``batch_iterator`` hook returned, under the plugins that
+implement or wrap that hook (``core`` when none does). What remains of the stage's
+wall time is the loop itself.
 
 Timing costs about a microsecond per implementation call, which the table counts
 in the hooks' times.
@@ -27,12 +28,13 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 from hooktrain.instrument import instrument
 from hooktrain.markers import hookimpl
+from hooktrain.results import implementers, wrappers
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -211,6 +213,41 @@ class ProfilePlugin:
         self._steps_before = trainer.global_step
         self._start = time.perf_counter()
         self._restore = instrument(manager, self._record)
+
+    @hookimpl(wrapper=True, tryfirst=True)
+    def batch_iterator(self, trainer: Trainer) -> Generator[None, Any, Any]:
+        # Batches are drawn after the hook returns: a prefetching plugin's time (and
+        # the core's data loading) is spent there. Outermost, so that every other
+        # implementation sees the same result as without the profiler.
+        iterable = yield
+        if self._restore is None or iterable is None:
+            return iterable
+        manager = trainer.plugin_manager
+        names = implementers(manager, "batch_iterator") + wrappers(manager, "batch_iterator")
+        names = [name for name in names if name != self._own_name]
+        return self._timed_batches(iterable, "+".join(names) or "core")
+
+    def _timed_batches(self, iterable: Any, plugin: str) -> Any:
+        """``iterable``'s batches, each ``next`` recorded as ``batch_iterator next()``
+        of ``plugin``; ``iterable`` itself when it is no iterable, for the loop to
+        report as it would."""
+        try:
+            iterator = iter(iterable)
+        except TypeError:
+            return iterable
+        clock = time.perf_counter
+
+        def batches() -> Generator[Any, None, None]:
+            while True:
+                start = clock()
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                self._record("batch_iterator next()", plugin, clock() - start)
+                yield batch
+
+        return batches()
 
     @hookimpl(trylast=True)
     def teardown(self, trainer: Trainer, stage: str) -> None:
