@@ -644,6 +644,8 @@ def test_a_mid_epoch_resume_split_otherwise_at_the_same_length_warns(
     resumes = [str(w.message) for w in caught if "an epoch split otherwise" in str(w.message)]
     assert len(resumes) == 1
     assert f"after batch 2 of an epoch split otherwise ({changed}:" in resumes[0]
+    harm = "optimizer steps group other batches" if options else "trains some samples twice"
+    assert harm in resumes[0]
 
 
 class SavesAtEpochEnd:

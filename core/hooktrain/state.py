@@ -256,14 +256,21 @@ def warn_if_epoch_length_changed(trainer: Trainer, skip: int, total: int | None)
         for key, label in _SPLIT.items()
         if None not in (saved.get(key), now[key]) and saved[key] != now[key]
     ]
-    if changed:
-        warn_user(
-            f"hooktrain: the checkpoint was taken after batch {skip} of an epoch split "
-            f"otherwise ({'; '.join(changed)}: another batch size, dataset, "
-            f"limit_train_batches, accumulation or number of processes): skipping {skip} "
-            f"batches of another split trains some samples twice and others not at all",
-            ResumeWarning,
+    if not changed:
+        return
+    if len(changed) == 1 and saved["accumulate_grad_batches"] != now["accumulate_grad_batches"]:
+        harm = "the resumed epoch's optimizer steps group other batches than the run's would"
+    else:
+        harm = (
+            f"skipping {skip} batches of another split trains some samples twice and "
+            f"others not at all"
         )
+    warn_user(
+        f"hooktrain: the checkpoint was taken after batch {skip} of an epoch split otherwise "
+        f"({'; '.join(changed)}: another batch size, dataset, limit_train_batches, "
+        f"accumulation or number of processes): {harm}",
+        ResumeWarning,
+    )
 
 
 def replay_epoch_start(trainer: Trainer, loader: Any, generators: list[torch.Generator]) -> None:

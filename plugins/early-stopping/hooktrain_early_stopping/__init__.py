@@ -125,7 +125,8 @@ class EarlyStopping:
             if trainer.is_global_zero:
                 print(
                     f"hooktrain: early_stopping stopped this run at epoch {self.stopped_epoch} "
-                    f"({self.stop_reason}); the resumed fit trains no more. To train on, "
+                    f"({self.stop_reason or 'no reason saved'}); the resumed fit trains no "
+                    f"more. To train on, "
                     f"start a new run from its weights (another checkpoint dirpath)",
                     file=sys.stderr,
                 )
