@@ -745,3 +745,15 @@ def test_a_loader_whose_length_is_wrong_ends_the_epoch_not_the_fit(accumulate, t
     assert trainer.global_step == 3  # each epoch's open window was stepped
     saved = torch.load(path, weights_only=True)
     assert saved["progress"]["epoch"] == 2 and saved["progress"]["epoch_complete"]
+
+
+def test_a_checkpoint_without_the_split_records_is_judged_by_its_length():
+    # Checkpoints from before epoch_samples and accumulate_grad_batches were recorded:
+    # a changed length is still a split that trains some samples twice.
+    from hooktrain.state import warn_if_epoch_length_changed
+
+    trainer = Trainer(plugins=[], device="cpu")
+    trainer.train_dataloader = DataLoader(Indexed(8, noise=False), batch_size=4)
+    trainer._resume_split = {"epoch_batches": 4}
+    with pytest.warns(ResumeWarning, match=r"\(4 batches an epoch, now 2: .*trains some samples"):
+        warn_if_epoch_length_changed(trainer, 2, 2)

@@ -252,13 +252,11 @@ def warn_if_epoch_length_changed(trainer: Trainer, skip: int, total: int | None)
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
     }
     changed = [
-        f"{saved[key]} {label}, now {now[key]}"
-        for key, label in _SPLIT.items()
-        if None not in (saved.get(key), now[key]) and saved[key] != now[key]
+        key for key in _SPLIT if None not in (saved.get(key), now[key]) and saved[key] != now[key]
     ]
     if not changed:
         return
-    if len(changed) == 1 and saved["accumulate_grad_batches"] != now["accumulate_grad_batches"]:
+    if changed == ["accumulate_grad_batches"]:
         harm = "the resumed epoch's optimizer steps group other batches than the run's would"
     else:
         harm = (
@@ -267,7 +265,8 @@ def warn_if_epoch_length_changed(trainer: Trainer, skip: int, total: int | None)
         )
     warn_user(
         f"hooktrain: the checkpoint was taken after batch {skip} of an epoch split otherwise "
-        f"({'; '.join(changed)}: another batch size, dataset, limit_train_batches, "
+        f"({'; '.join(f'{saved[key]} {_SPLIT[key]}, now {now[key]}' for key in changed)}: "
+        f"another batch size, dataset, limit_train_batches, "
         f"accumulation or number of processes): {harm}",
         ResumeWarning,
     )
