@@ -126,8 +126,8 @@ class EarlyStopping:
                 print(
                     f"hooktrain: early_stopping stopped this run at epoch {self.stopped_epoch} "
                     f"({self.stop_reason or 'no reason saved'}); the resumed fit trains no "
-                    f"more. To train on, "
-                    f"start a new run from its weights (another checkpoint dirpath)",
+                    f"more. To train on, start a new run from its weights (another "
+                    f"checkpoint dirpath)",
                     file=sys.stderr,
                 )
 
