@@ -216,16 +216,13 @@ def _note_shared_answers(manager: Any) -> None:
     that several plugins implement: the first in call order decides each call, and
     the others run only when it returns None. Intended (an observer returns None), or
     two plugins that each expect to do the work: only the user can tell."""
+    from hooktrain.results import implementers
+
     for hook_name in _hook_names():
         caller = getattr(manager.hook, hook_name)
         if not (caller.spec and caller.spec.opts.get("firstresult")):
             continue
-        plain = [
-            manager.get_name(impl.plugin)
-            for impl in reversed(caller.get_hookimpls())
-            if not (impl.wrapper or impl.hookwrapper)
-        ]
-        plain = [name for name in plain if name and name != "core"]
+        plain = implementers(manager, hook_name)[::-1]  # in call order
         if len(plain) > 1:
             print(
                 f"note: {hook_name} is answered by the first of {', '.join(plain)} to "

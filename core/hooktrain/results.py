@@ -70,23 +70,22 @@ def origin(plugin_manager: pluggy.PluginManager, hook_name: str) -> str:
 
 def implementers(plugin_manager: pluggy.PluginManager, hook_name: str) -> list[str]:
     """The registered names of the plugins, the core left out, whose implementations
-    of ``hook_name`` can give its result (wrappers only surround it)."""
-    caller = getattr(plugin_manager.hook, hook_name)
-    names = [
-        plugin_manager.get_name(impl.plugin)
-        for impl in caller.get_hookimpls()
-        if not (impl.wrapper or impl.hookwrapper)
-    ]
-    return [name for name in names if name and name != "core"]
+    of ``hook_name`` can give its result (wrappers only surround it), in registration
+    order (pluggy calls them last first)."""
+    return _names(plugin_manager, hook_name, wrapping=False)
 
 
 def wrappers(plugin_manager: pluggy.PluginManager, hook_name: str) -> list[str]:
     """The registered names of the plugins, the core left out, that wrap ``hook_name``."""
+    return _names(plugin_manager, hook_name, wrapping=True)
+
+
+def _names(plugin_manager: pluggy.PluginManager, hook_name: str, *, wrapping: bool) -> list[str]:
     caller = getattr(plugin_manager.hook, hook_name)
     names = [
         plugin_manager.get_name(impl.plugin)
         for impl in caller.get_hookimpls()
-        if impl.wrapper or impl.hookwrapper
+        if bool(impl.wrapper or impl.hookwrapper) is wrapping
     ]
     return [name for name in names if name and name != "core"]
 
