@@ -85,9 +85,7 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
             "epoch_complete": trainer.epoch_complete,
             # How the epoch was split: a resume in its middle skips the first
             # epoch_batches_done, which only fits a loader that splits alike.
-            "epoch_batches": trainer.num_training_batches,
-            "epoch_samples": length(getattr(trainer.train_dataloader, "dataset", None)),
-            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            **_epoch_split(trainer, trainer.num_training_batches),
             # A validation inside this step (val_every_n_steps) saw the weights saved:
             # the epoch's end, when a resume runs it, does not validate them again.
             "validated_at_step": trainer._validated_at_step,
@@ -237,6 +235,15 @@ _SPLIT = {
 }
 
 
+def _epoch_split(trainer: Trainer, batches: int | None) -> dict[str, int | None]:
+    """The ``_SPLIT`` values of the training epoch now, ``batches`` long."""
+    return {
+        "epoch_batches": batches,
+        "epoch_samples": length(getattr(trainer.train_dataloader, "dataset", None)),
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+    }
+
+
 def warn_if_epoch_length_changed(trainer: Trainer, skip: int, total: int | None) -> None:
     """At a mid-epoch resume after ``skip`` batches: warn when the epoch is not split
     as the interrupted one was (``total`` batches now; the dataset's length, the
@@ -246,11 +253,7 @@ def warn_if_epoch_length_changed(trainer: Trainer, skip: int, total: int | None)
     # (A checkpoint at an epoch's last batch skips the whole epoch, whatever its split.)
     if not saved or (saved_total is not None and skip >= saved_total):
         return
-    now = {
-        "epoch_batches": total,
-        "epoch_samples": length(getattr(trainer.train_dataloader, "dataset", None)),
-        "accumulate_grad_batches": trainer.accumulate_grad_batches,
-    }
+    now = _epoch_split(trainer, total)
     changed = [
         key for key in _SPLIT if None not in (saved.get(key), now[key]) and saved[key] != now[key]
     ]
