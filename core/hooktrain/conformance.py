@@ -19,14 +19,12 @@ and pytest collects the checks below, each a small real training job on the CPU
 * ``test_two_processes_end_with_equal_weights`` (``slow``): 2 processes, accelerate.
 
 ``skip_checks = {"order": "why"}`` skips a check, with the reason shown by pytest.
-Run as ``python -m hooktrain.conformance MODULE_PATH CLASS OUT_DIR`` it is the worker
-of the two-process check.
+The two-process check's worker is `hooktrain.conformance_worker`.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import inspect
 import os
 import subprocess
@@ -61,7 +59,8 @@ KILL_STEP = 9
 _GUIDE = "see docs/testing-a-plugin.md"
 
 
-def _raw_plugin(cls: type) -> Any:
+def declared_plugin(cls: type) -> Any:
+    """The ``plugin`` attribute of a `PluginConformance` subclass, as written there."""
     # getattr_static: a plain function given as a factory must not become a method.
     value = inspect.getattr_static(cls, "plugin", None)
     if isinstance(value, staticmethod | classmethod):
@@ -139,7 +138,7 @@ class PluginConformance:
             pytest.skip(f"{check} skipped by skip_checks: {reason}")
 
     def _fresh(self) -> Any:
-        return fresh_selection(_raw_plugin(type(self)))
+        return fresh_selection(declared_plugin(type(self)))
 
     def _loaded(self) -> tuple[str, Any]:
         from hooktrain.plugins import resolve_plugins
@@ -353,7 +352,7 @@ class PluginConformance:
                 "no documented_errors declared: list ({bad options}, 'message regex') pairs "
                 "to check that the errors your plugin documents are raised, and clearly"
             )
-        raw = _raw_plugin(type(self))
+        raw = declared_plugin(type(self))
         target = raw[0] if isinstance(raw, tuple) else raw
         if not (isinstance(target, str) or inspect.isclass(target) or inspect.isroutine(target)):
             pytest.fail(
@@ -417,7 +416,8 @@ class PluginConformance:
         command = [
             sys.executable,
             *("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
-            *("-m", "hooktrain.conformance", str(module.__file__), type(self).__name__, str(out)),
+            *("-m", "hooktrain.conformance_worker", str(module.__file__)),
+            *(type(self).__name__, str(out)),
         ]
         # The timeout only keeps a hung collective from hanging the suite.
         done = subprocess.run(
@@ -442,39 +442,3 @@ class PluginConformance:
                 f"every process: change gradients only before they are reduced, and the same "
                 f"way on all ranks. {_GUIDE}"
             )
-
-
-def _worker(argv: list[str]) -> int:
-    """One process of the two-process check: import the test class from its file,
-    train with accelerate (unless the plugin takes the role ``distributed`` itself)
-    and save this rank's weights."""
-    import torch
-
-    from hooktrain.plugins import exclusive_roles, resolve_plugins
-
-    path, class_name, out = argv
-    sys.path.insert(0, str(Path(path).parent))
-    spec = importlib.util.spec_from_file_location(f"_conformance_{class_name}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    raw = _raw_plugin(getattr(module, class_name))
-    ((name, obj),) = resolve_plugins([fresh_selection(raw)])
-    plugins = [fresh_selection(raw)]
-    if "distributed" not in exclusive_roles(name, obj):
-        # A GPU machine may have fewer GPUs than processes: the check is about the
-        # plugin, so it runs on the CPU there too.
-        options = {"cpu": True} if torch.cuda.is_available() else {}
-        plugins.insert(0, ("accelerate", options))
-    job = TrainingJob()
-    weights = job.fit(plugins)
-    trainer = job.trainer
-    torch.save(
-        {"world_size": trainer.world_size, "weights": weights},
-        Path(out) / f"rank{trainer.global_rank}.pt",
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_worker(sys.argv[1:]))

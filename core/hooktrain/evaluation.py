@@ -16,13 +16,8 @@ import torch
 
 from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
-from hooktrain.metrics import (
-    RunningMeans,
-    loader_suffix,
-    process_collectives,
-    stage_name,
-    warn_if_metrics_unused,
-)
+from hooktrain.metrics import RunningMeans, process_collectives, warn_if_metrics_unused
+from hooktrain.publishing import loader_suffix, logging_epoch_end, publish, stage_name
 from hooktrain.results import iterate, metric_values, unexpected_result
 
 if TYPE_CHECKING:
@@ -144,7 +139,7 @@ def evaluation_loop(
                 for name, value in metrics.compute(collectives).items():
                     results.setdefault(stage_name(name, prefix, suffix), value)
             trainer.metrics.update_raw(results)
-            with trainer._logging_epoch_end() as logged:
+            with logging_epoch_end(trainer) as logged:
                 if on_epoch_end is not None:
                     if stage == "predict":
                         on_epoch_end(trainer=trainer, predictions=predictions)
@@ -169,7 +164,7 @@ def evaluation_loop(
         return {"predictions": predictions}
     if any(count != 0 for count in trainer.num_eval_batches):  # limit_*_batches=0: none ran
         warn_if_metrics_unused(trainer, results, prefix, stage)
-    trainer._publish(results, stage)
+    publish(trainer, results, stage)
     return results
 
 

@@ -32,6 +32,7 @@ from hooktrain.optimization import (
     step_scheduler,
 )
 from hooktrain.options import check_monitors, warn_if_max_steps_unreachable
+from hooktrain.publishing import logging_epoch_end, publish
 from hooktrain.results import iterate, metric_values, origin, unexpected_result
 from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
 from hooktrain.state import replay_epoch_start, warn_if_epoch_length_changed
@@ -287,10 +288,10 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
             step_scheduler(trainer, entry, computed, validated)
     # From here a checkpoint resumes at the next epoch.
     trainer.epoch_complete = True
-    with trainer._logging_epoch_end() as logged:
+    with logging_epoch_end(trainer) as logged:
         if hooks.on_train_epoch_end is not None:
             hooks.on_train_epoch_end(trainer=trainer)
-    trainer._publish(means.names() | set(epoch_values) | logged, "epoch")
+    publish(trainer, means.names() | set(epoch_values) | logged, "epoch")
 
 
 def _validate(trainer: Trainer) -> set[str]:
@@ -339,7 +340,7 @@ def _publish_step(trainer: Trainer) -> None:
     """A log point inside the epoch: check the losses since the last one, and
     publish the loss and whatever was logged since."""
     _check_finite(trainer)
-    trainer._publish({"loss", *trainer._logged_since_publish}, "step")
+    publish(trainer, {"loss", *trainer._logged_since_publish}, "step")
     trainer._logged_since_publish.clear()
 
 

@@ -16,6 +16,7 @@ import torch
 
 from hooktrain.batches import STEP_NAMES
 from hooktrain.errors import PluginError, closest_name, warn_user
+from hooktrain.publishing import LOADER_SUFFIX, stage_name
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -415,29 +416,6 @@ class RunningMeans:
             n: float(w) for n, w in state.get("weights", {}).items() if keep or n in shared
         }
         self.global_names = shared & set(self._sums)
-
-
-#: What a metric's name gets when a stage has several dataloaders (``val_acc`` of the
-#: second is ``val_acc/dataloader_idx_1``).
-LOADER_SUFFIX = "/dataloader_idx_"
-
-
-def stage_name(name: str, prefix: str, suffix: str = "") -> str:
-    """``name`` as a metric of the running stage: with the stage's prefix
-    (``val_``, ``test_``) unless it starts with it already, and the dataloader's
-    suffix unless it ends with it. One rule for what ``trainer.log`` records and
-    what a step returns, so ``{"val_acc": ...}`` stays ``val_acc`` both ways."""
-    if not name.startswith(prefix):
-        name = prefix + name
-    if suffix and not name.endswith(suffix):
-        name += suffix
-    return name
-
-
-def loader_suffix(index: int, count: int) -> str:
-    """The suffix of the names of dataloader ``index``'s metrics among ``count``
-    loaders: none for a single loader."""
-    return f"{LOADER_SUFFIX}{index}" if count > 1 else ""
 
 
 def warn_if_metrics_unused(

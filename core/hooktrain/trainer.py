@@ -7,9 +7,8 @@ plugin.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +23,7 @@ from hooktrain.evaluation import concatenable, evaluation_loop
 from hooktrain.fit_loop import run_fit
 from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.instrument import TRACE_ENV, instrument, stderr_tracer
-from hooktrain.metrics import MetricFn, Metrics, RunningMeans, stage_name
+from hooktrain.metrics import MetricFn, Metrics, RunningMeans
 from hooktrain.optimization import Scheduler
 from hooktrain.options import (
     check_loss_fn,
@@ -33,12 +32,8 @@ from hooktrain.options import (
     resolve_device,
     trainer_hparams,
 )
-from hooktrain.plugins import (
-    PluginManager,
-    PluginSelection,
-    check_exclusive_roles,
-    resolve_with_origins,
-)
+from hooktrain.plugins import PluginManager, PluginSelection, register_selection
+from hooktrain.publishing import log_value
 from hooktrain.results import unexpected_result
 from hooktrain.rng import seed_everything
 from hooktrain.stages import run_stage
@@ -132,20 +127,12 @@ class Trainer:
         self.plugin_manager = PluginManager()
         self._defaults = CoreDefaults()
         self.plugin_manager.register(self._defaults, name="core")
-        resolved = resolve_with_origins(plugins)
-        loaded = [(name, plugin) for name, plugin, _ in resolved]
-        # Checked on the whole list first, so that the message names the two plugins
-        # in the order the user listed them.
-        check_exclusive_roles(loaded)
-        # pluggy calls the last registered implementation first; registering in
-        # reverse makes the list order the call order.
-        for name, plugin in reversed(loaded):
-            self.plugin_manager.register(plugin, name=name)
+        registered = register_selection(self.plugin_manager, plugins)
         #: Registered names of the selected plugins, in list order.
-        self.plugin_names: list[str] = [name for name, _ in loaded]
+        self.plugin_names: list[str] = [name for name, _ in registered]
         #: Registered name to where it was selected: ``"script"``, the default set,
         #: ``HOOKTRAIN_PLUGINS``, or a ``pyproject.toml`` (`hooktrain.selection`).
-        self.plugin_origins: dict[str, str] = {name: origin for name, _, origin in resolved}
+        self.plugin_origins: dict[str, str] = dict(registered)
         if os.environ.get(TRACE_ENV, "") not in ("", "0"):
             instrument(self.plugin_manager, stderr_tracer)
 
@@ -252,25 +239,7 @@ class Trainer:
         :raises ConfigurationError: for a tensor of more than one element, or a
             value that is neither a number nor a tensor.
         """
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ConfigurationError(
-                    f"trainer.log({name!r}, ...) needs a single number, got a tensor of shape "
-                    f"{tuple(value.shape)}"
-                )
-            value = value.detach()
-        elif not isinstance(value, int | float):
-            raise ConfigurationError(
-                f"trainer.log({name!r}, ...) needs a number or a tensor, got {type(value).__name__}"
-            )
-        name = stage_name(name, self._log_prefix, self._log_suffix)
-        self.metrics.set(name, value)
-        if self._epoch_end_logs is not None:
-            self._epoch_end_logs.add(name)
-        else:
-            self._logged_since_publish.add(name)
-        if self._active_means is not None:
-            self._active_means.add(name, value, batch_size or self._batch_size)
+        log_value(self, name, value, batch_size)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """The sum of ``tensor`` over all processes (the tensor itself with one)."""
@@ -282,28 +251,6 @@ class Trainer:
         if not isinstance(reduced, torch.Tensor):
             raise unexpected_result(self.plugin_manager, "all_reduce", reduced, "a tensor")
         return reduced
-
-    def _publish(self, names: Iterable[str], scope: str) -> None:
-        """Call ``log_metrics`` with ``names`` as floats, in name order; nothing is
-        read from the device when no plugin listens."""
-        log_metrics = self._hooks.log_metrics if self._hooks else None
-        if log_metrics is None:
-            return
-        # Sorted: ``names`` is often a set, whose order changes with PYTHONHASHSEED,
-        # and a logger's columns follow the order it first sees names in.
-        values = self.metrics.floats(sorted(names))
-        if values:
-            log_metrics(trainer=self, metrics=values, step=self.global_step, scope=scope)
-
-    @contextlib.contextmanager
-    def _logging_epoch_end(self) -> Iterator[set[str]]:
-        """Collect the names logged inside the block (a stage's epoch-end hooks):
-        they are published with that epoch, not at the next step."""
-        self._epoch_end_logs = logged = set()
-        try:
-            yield logged
-        finally:
-            self._epoch_end_logs = None
 
     # ------------------------------------------------------------------ checkpoints
 

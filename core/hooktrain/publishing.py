@@ -1,0 +1,94 @@
+"""Logged values: the names they take, and when they reach the loggers.
+
+A value recorded with ``trainer.log`` (or computed by the loop) is stored, not
+read; `publish` turns the named values into floats for ``log_metrics`` at a log
+point, an epoch's end or a stage's end, and reads nothing when no plugin
+implements ``log_metrics``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from hooktrain.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from hooktrain.trainer import Trainer
+
+#: What a metric's name gets when a stage has several dataloaders (``val_acc`` of the
+#: second is ``val_acc/dataloader_idx_1``).
+LOADER_SUFFIX = "/dataloader_idx_"
+
+
+def stage_name(name: str, prefix: str, suffix: str = "") -> str:
+    """``name`` as a metric of the running stage: with the stage's prefix
+    (``val_``, ``test_``) unless it starts with it already, and the dataloader's
+    suffix unless it ends with it. One rule for what ``trainer.log`` records and
+    what a step returns, so ``{"val_acc": ...}`` stays ``val_acc`` both ways."""
+    if not name.startswith(prefix):
+        name = prefix + name
+    if suffix and not name.endswith(suffix):
+        name += suffix
+    return name
+
+
+def loader_suffix(index: int, count: int) -> str:
+    """The suffix of the names of dataloader ``index``'s metrics among ``count``
+    loaders: none for a single loader."""
+    return f"{LOADER_SUFFIX}{index}" if count > 1 else ""
+
+
+def log_value(trainer: Trainer, name: str, value: Any, batch_size: int | None) -> None:
+    """What ``Trainer.log`` does (its docstring says it for users).
+
+    :raises ConfigurationError: for a tensor of more than one element, or a value
+        that is neither a number nor a tensor.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ConfigurationError(
+                f"trainer.log({name!r}, ...) needs a single number, got a tensor of shape "
+                f"{tuple(value.shape)}"
+            )
+        value = value.detach()
+    elif not isinstance(value, int | float):
+        raise ConfigurationError(
+            f"trainer.log({name!r}, ...) needs a number or a tensor, got {type(value).__name__}"
+        )
+    name = stage_name(name, trainer._log_prefix, trainer._log_suffix)
+    trainer.metrics.set(name, value)
+    if trainer._epoch_end_logs is not None:
+        trainer._epoch_end_logs.add(name)
+    else:
+        trainer._logged_since_publish.add(name)
+    if trainer._active_means is not None:
+        trainer._active_means.add(name, value, batch_size or trainer._batch_size)
+
+
+def publish(trainer: Trainer, names: Iterable[str], scope: str) -> None:
+    """Call ``log_metrics`` with ``names`` as floats, in name order, at
+    ``trainer.global_step``; nothing is read from the device when no plugin
+    listens."""
+    log_metrics = trainer._hooks.log_metrics if trainer._hooks else None
+    if log_metrics is None:
+        return
+    # Sorted: ``names`` is often a set, whose order changes with PYTHONHASHSEED,
+    # and a logger's columns follow the order it first sees names in.
+    values = trainer.metrics.floats(sorted(names))
+    if values:
+        log_metrics(trainer=trainer, metrics=values, step=trainer.global_step, scope=scope)
+
+
+@contextlib.contextmanager
+def logging_epoch_end(trainer: Trainer) -> Iterator[set[str]]:
+    """Collect the names logged inside the block (a stage's epoch-end hooks):
+    they are published with that epoch, not at the next step."""
+    trainer._epoch_end_logs = logged = set()
+    try:
+        yield logged
+    finally:
+        trainer._epoch_end_logs = None
