@@ -520,6 +520,31 @@ def test_a_resumed_epoch_replays_the_interrupted_epochs_data(kind, tmp_path):
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
+@pytest.mark.parametrize("kind", ["own generator", "workers with noise"])
+def test_a_run_resumed_from_an_epochs_end_sees_the_next_epochs_data(kind, tmp_path):
+    # The loader's own generator has moved on by an epoch's end; a fresh loader in
+    # the resumed run starts where the first epoch did, unless the checkpoint says.
+    def fit(plugins, max_epochs, ckpt_path=None):
+        model = make_model(features=2, dropout=0.2)
+        trainer = Trainer(plugins=plugins, max_epochs=max_epochs, seed=3, device="cpu")
+        trainer.fit(
+            model, _loader(kind), loss_fn=F.cross_entropy, optimizer=sgd(), ckpt_path=ckpt_path
+        )
+        return model
+
+    whole = SeesSamples()
+    uninterrupted = fit([whole], max_epochs=3)
+    path = tmp_path / "end.ckpt"
+    fit([SavesAtEpochEnd(path)], max_epochs=1)
+    after = SeesSamples()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = fit([after], max_epochs=3, ckpt_path=path)
+    assert after.samples == whole.samples[8:]
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
 class ReseedsLazily(Sampler):
     """Like accelerate's seedable sampler: makes its generator at its first epoch and
     reseeds it from (seed, epoch) every epoch; ``mark`` says so to hooktrain."""

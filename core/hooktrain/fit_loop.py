@@ -35,7 +35,11 @@ from hooktrain.options import check_monitors, warn_if_max_steps_unreachable
 from hooktrain.publishing import logging_epoch_end, publish
 from hooktrain.results import iterate, metric_values, origin, unexpected_result
 from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
-from hooktrain.state import replay_epoch_start, warn_if_epoch_length_changed
+from hooktrain.state import (
+    replay_epoch_start,
+    restore_next_epoch_generators,
+    warn_if_epoch_length_changed,
+)
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -326,6 +330,8 @@ def _epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: in
     generators = loader_generators(loader)
     if skip:
         replay_epoch_start(trainer, loader, generators)
+    else:
+        restore_next_epoch_generators(trainer, loader, generators)
     trainer._epoch_start_state = {
         "rng": rng_state(),
         "generators": [generator.get_state() for generator in generators],
@@ -377,6 +383,7 @@ def _start_progress(trainer: Trainer) -> None:
     trainer._resume_skip = 0
     trainer._pending_rng = None
     trainer._pending_epoch_data = None
+    trainer._pending_generators = None
     trainer._epoch_start_state = None
     trainer._validated_at_step = -1
     trainer._warned_length = False

@@ -18,7 +18,7 @@ from hooktrain.batches import length
 from hooktrain.errors import ConfigurationError, ResumeWarning, warn_user
 from hooktrain.loadable import require_loadable
 from hooktrain.metrics import process_collectives
-from hooktrain.rng import rng_state, set_rng_state
+from hooktrain.rng import loader_generators, rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -31,6 +31,7 @@ __all__ = [
     "replay_epoch_start",
     "require_checkpoint",
     "restore_checkpoint",
+    "restore_next_epoch_generators",
     "warn_if_epoch_length_changed",
 ]
 
@@ -95,6 +96,13 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         "rng": rng_state(),
         # What decided the current epoch's data: a resume in its middle replays it.
         "epoch_start_state": trainer._epoch_start_state if mid_epoch else None,
+        # At an epoch's end, where the loader's own generators start the next epoch:
+        # a resumed run's fresh loader would otherwise replay the first epoch's order.
+        "next_epoch_generators": (
+            None
+            if mid_epoch
+            else [g.get_state() for g in loader_generators(trainer.train_dataloader)]
+        ),
         "metrics": trainer.metrics.floats(),
         # Collectives with several processes: the sums and metric states of every
         # process combined, so that a resume mid-epoch, on any number of processes,
@@ -175,6 +183,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         trainer.epoch_complete = True
         trainer.epoch_batches_done = int(progress["epoch_batches_done"])
         trainer._resume_skip = 0
+        trainer._pending_generators = checkpoint.get("next_epoch_generators")
     else:
         trainer._resume_skip = int(progress["epoch_batches_done"])
         rank = trainer.global_rank
@@ -283,17 +292,7 @@ def replay_epoch_start(trainer: Trainer, loader: Any, generators: list[torch.Gen
     trainer._pending_epoch_data = None
     if saved is not None:
         set_rng_state(saved["rng"])
-        states = saved.get("generators", [])
-        if len(states) == len(generators):
-            for generator, state in zip(generators, states, strict=True):
-                generator.set_state(state)
-        else:
-            warn_user(
-                f"hooktrain: the training dataloader ({type(loader).__name__}) has "
-                f"{len(generators)} random generator(s) now and {len(states)} in the "
-                f"checkpoint: the resumed epoch's order may differ from the interrupted one",
-                ResumeWarning,
-            )
+        _set_generators(loader, generators, saved.get("generators", []))
     else:
         warn_user(
             "hooktrain: the checkpoint does not hold the epoch's starting random state "
@@ -304,6 +303,29 @@ def replay_epoch_start(trainer: Trainer, loader: Any, generators: list[torch.Gen
         warn_user(
             f"hooktrain: the training data is an iterator ({type(loader).__name__}), which "
             f"cannot be replayed: the resumed epoch continues from wherever it is now",
+            ResumeWarning,
+        )
+
+
+def restore_next_epoch_generators(
+    trainer: Trainer, loader: Any, generators: list[torch.Generator]
+) -> None:
+    """At a resume from an epoch's end, before the next epoch's iterator is created:
+    put ``generators`` (the loader's own) where the interrupted run left them."""
+    saved, trainer._pending_generators = trainer._pending_generators, None
+    if saved is not None:
+        _set_generators(loader, generators, saved)
+
+
+def _set_generators(loader: Any, generators: list[torch.Generator], states: list[Any]) -> None:
+    if len(states) == len(generators):
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
+    else:
+        warn_user(
+            f"hooktrain: the training dataloader ({type(loader).__name__}) has "
+            f"{len(generators)} random generator(s) now and {len(states)} in the "
+            f"checkpoint: the resumed epoch's order may differ from the interrupted one",
             ResumeWarning,
         )
 

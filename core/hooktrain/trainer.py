@@ -180,6 +180,7 @@ class Trainer:
         # The state the current epoch's data came from, and the one a resume puts
         # back before recreating the interrupted epoch's iterator.
         self._epoch_start_state: dict[str, Any] | None = None
+        self._pending_generators: list[Any] | None = None
         self._pending_epoch_data: Mapping[str, Any] | None = None
         self._resume_skip = 0
         self._resume_split: dict[str, Any] | None = None  # how the interrupted epoch split
