@@ -596,3 +596,26 @@ def test_the_harness_trains_the_same_run_twice():
         assert torch.equal(a, b)
     third = run(max_epochs=2, record=False, seed=None)
     assert not torch.equal(next(first.model.parameters()), next(third.model.parameters()))
+
+
+class SeesMetricsAtFitStart:
+    name = "sees_metrics_at_fit_start"
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, float]] = []
+
+    @hookimpl
+    def on_fit_start(self, trainer):
+        self.seen.append(dict(trainer.metrics))
+
+
+def test_a_second_fit_on_one_trainer_starts_without_the_first_fits_metrics():
+    # Early stopping reading a stale val_loss at the second fit's first epoch would
+    # stop a run that has not been validated yet.
+    sees = SeesMetricsAtFitStart()
+    trainer = hooktrain.Trainer(plugins=[sees], max_epochs=1, device="cpu")
+    train, val = make_data()
+    for _ in range(2):
+        trainer.fit(make_model(), train, val, loss_fn=F.cross_entropy, optimizer=sgd)
+    assert sees.seen == [{}, {}]
+    assert {"loss", "val_loss"} <= set(trainer.metrics)

@@ -376,6 +376,9 @@ def _add_metric_values(trainer: Trainer, hooks: ResolvedHooks, outputs: Any, tar
 
 def _start_progress(trainer: Trainer) -> None:
     """Progress as a new fit starts it (a checkpoint may then replace it)."""
+    # A previous fit's values would be read as this one's (early stopping on a
+    # val_loss this run has not computed yet).
+    trainer.metrics.clear()
     trainer.current_epoch = 0
     trainer.global_step = 0
     trainer.epoch_batches_done = 0
