@@ -265,6 +265,7 @@ def test_accuracy_of_one_unit_binary_logits_is_the_thresholded_accuracy() -> Non
     assert accuracy(logits, labels.unsqueeze(1)).item() == pytest.approx(expected)
     assert accuracy(logits, labels).item() == pytest.approx(expected)
     assert accuracy(logits.squeeze(1), labels.long()).item() == pytest.approx(expected)
+    assert accuracy(logits.squeeze(1), labels.unsqueeze(1)).item() == pytest.approx(expected)
     # Two or more columns are still scores of classes, picked by argmax.
     scores = torch.randn(200, 3, generator=generator)
     classes = torch.randint(0, 3, (200,), generator=generator)

@@ -46,8 +46,8 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         predicted = (outputs > 0).long()
         if outputs.ndim > 1:
             predicted = predicted.squeeze(-1)
-            if targets.ndim == outputs.ndim:
-                targets = targets.squeeze(-1)
+        if targets.ndim == predicted.ndim + 1 and targets.shape[-1] == 1:
+            targets = targets.squeeze(-1)
     else:
         predicted = outputs.argmax(dim=-1)
         if targets.ndim == outputs.ndim:
