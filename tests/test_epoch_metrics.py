@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from typing import Any
 
 import pytest
@@ -231,6 +232,47 @@ def test_a_mid_epoch_checkpoint_holds_the_metric_states_and_resumes_exactly(tmp_
     resumed = run(ckpt_path="last")
     for name in ("f1", "precision", "recall", "auroc", "val_f1", "val_auroc"):
         assert resumed.metrics[name] == uninterrupted.metrics[name], name
+
+
+class SavesThenStops:
+    """Saves a checkpoint at the first epoch's last batch (26 steps), then raises."""
+
+    name = "saves_then_stops"
+
+    def __init__(self, path: Any) -> None:
+        self.path = path
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        if trainer.global_step == 26:
+            torch.save(trainer.dump_checkpoint(), self.path)
+            raise KeyboardInterrupt("killed")
+
+
+def test_metrics_restored_at_an_epochs_last_batch_compute_without_torchmetrics_warning(
+    tmp_path,
+) -> None:
+    # The resumed epoch has no batch left: its values come from the restored states
+    # alone, which torchmetrics counts as never updated and would warn about.
+    path = tmp_path / "last-batch.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(classification_metrics(), [SavesThenStops(path)], max_epochs=1)
+    train, val = make_data(n=N_TRAIN, classes=CLASSES, batch_size=BATCH)
+    trainer = Trainer(plugins=[], device="cpu", seed=0, max_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.fit(
+            make_model(classes=CLASSES),
+            train,
+            val,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
+            metrics=classification_metrics(),
+            ckpt_path=path,
+        )
+    uninterrupted = fit(classification_metrics(), [], max_epochs=1)
+    for name in ("f1", "auroc", "val_f1"):
+        assert trainer.metrics[name] == uninterrupted.metrics[name], name
 
 
 def test_importing_hooktrain_does_not_import_torchmetrics() -> None:

@@ -18,6 +18,7 @@ distributed sampler repeats to pad the last batch).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -119,7 +120,14 @@ class EpochMetrics:
             return {}
         values: dict[str, Any] = {}
         for name, metric in metrics.items():
-            value = metric.compute()
+            with warnings.catch_warnings():
+                # torchmetrics counts only its own update() calls: a state restored
+                # from a checkpoint or merged from other processes has none, and it
+                # warns of a compute before any update that `updates` says happened.
+                warnings.filterwarnings(
+                    "ignore", message=r"The ``compute`` method of metric .* before the ``update``"
+                )
+                value = metric.compute()
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
                     raise ConfigurationError(
