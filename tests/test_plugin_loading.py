@@ -305,6 +305,31 @@ def test_tryfirst_and_trylast_override_list_order():
     assert log == ["c", "b", "a"]
 
 
+def test_trylast_implementations_run_before_the_core_in_reverse_list_order():
+    # pluggy puts each trylast implementation in front of those registered before
+    # it; the core registers last, so its default answers after every plugin's.
+    log = []
+
+    def trylast_step(name):
+        class Plugin:
+            @hookimpl(trylast=True)
+            def optimizer_step(self, optimizer):
+                log.append(name)
+                if name == "answers":
+                    optimizer.step()
+                    return True
+                return None
+
+        plugin = Plugin()
+        plugin.name = name
+        return plugin
+
+    result = run([trylast_step("answers"), trylast_step("observes")], max_epochs=1, record=False)
+    steps = result.trainer.global_step
+    assert steps > 0
+    assert log == ["observes", "answers"] * steps
+
+
 def test_wrappers_surround_and_core_default_runs_last():
     log = []
 
@@ -518,12 +543,14 @@ def test_a_taken_name_or_an_object_registered_twice_is_refused_clearly():
         def on_fit_end(self):
             pass
 
+    with pytest.raises(PluginError, match=r"'core' is the name of hooktrain's own hook impl"):
+        hooktrain.Trainer(plugins=[Core()])
     with pytest.raises(
         PluginError,
         match=r"'core' cannot be registered: the name is taken by "
         r"hooktrain's own hook implementations; give the plugin another name",
     ):
-        hooktrain.Trainer(plugins=[Core()])
+        hooktrain.Trainer(plugins=[]).plugin_manager.register(Core())
 
     twice = Core()
     twice.name = "twice"

@@ -340,6 +340,15 @@ def register_selection(
     # Checked on the whole list first, so that the message names the two plugins
     # in the order the user listed them.
     check_exclusive_roles(loaded)
+    for name, _ in loaded:
+        if name == "core":
+            # Registered after the selection, the defaults would otherwise be the
+            # ones refused, with a message that blames them.
+            raise PluginError(
+                "a selected plugin is named 'core'; 'core' is the name of hooktrain's own "
+                "hook implementations. Give the plugin another name (its class attribute "
+                "name, or the name it is selected under)"
+            )
     # pluggy calls the last registered implementation first; registering in
     # reverse makes the list order the call order.
     for name, plugin in reversed(loaded):

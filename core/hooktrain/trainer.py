@@ -126,8 +126,11 @@ class Trainer:
         #: pluggy's manager; ``plugin_manager.hook.<name>(trainer=..., ...)`` calls a hook.
         self.plugin_manager = PluginManager()
         self._defaults = CoreDefaults()
-        self.plugin_manager.register(self._defaults, name="core")
         registered = register_selection(self.plugin_manager, plugins)
+        # The defaults are trylast, and pluggy puts each trylast implementation in
+        # front of those registered before it, so they come last when registered last:
+        # a plugin's trylast optimizer_step then runs before the core's answers.
+        self.plugin_manager.register(self._defaults, name="core")
         #: Registered names of the selected plugins, in list order.
         self.plugin_names: list[str] = [name for name, _ in registered]
         #: Registered name to where it was selected: ``"script"``, the default set,

@@ -36,8 +36,14 @@ class Late:
         calls.append("Late")
 
 
-trainer = Trainer(plugins=[Late(), First(), Second(), Eager()], max_epochs=1)
-# on_train_epoch_end runs: Eager, First, Second, Late
+class Later:
+    @hookimpl(trylast=True)  # trylast among trylast: reverse list order, so before Late
+    def on_train_epoch_end(self, trainer):
+        calls.append("Later")
+
+
+trainer = Trainer(plugins=[Late(), First(), Second(), Eager(), Later()], max_epochs=1)
+# on_train_epoch_end runs: Eager, First, Second, Later, Late
 # --8<-- [end:order]
 
 
@@ -92,7 +98,7 @@ trainer.fit(
     optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
 )
 print("on_train_epoch_end order:", calls)
-assert calls == ["Eager", "First", "Second", "Late"]
+assert calls == ["Eager", "First", "Second", "Later", "Late"]
 
 timer, smoothing = TimeForward(), LabelSmoothing(0.2)
 trainer = Trainer(plugins=[timer, smoothing], max_epochs=1)
