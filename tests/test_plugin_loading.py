@@ -535,6 +535,18 @@ def test_a_metric_function_returning_no_number_is_named():
         )
 
 
+def test_a_hook_that_yields_without_wrapper_true_is_refused():
+    class Timer:
+        name = "timer"
+
+        @hookimpl
+        def forward_step(self, trainer):
+            yield  # meant as a wrapper: as a plain implementation it never runs
+
+    with pytest.raises(PluginError, match=r"'timer': its forward_step yields, but is not marked"):
+        hooktrain.Trainer(plugins=[Timer()])
+
+
 def test_a_taken_name_or_an_object_registered_twice_is_refused_clearly():
     class Core:
         name = "core"

@@ -39,7 +39,8 @@ class PluginManager(pluggy.PluginManager):
     the same way, and so is an argument with a default value (pluggy never passes
     one: it would keep its default) or ``*args``/``**kwargs`` (never filled). A
     method named like a hook but not marked ``@hookimpl`` (which pluggy ignores) is
-    warned about. A plugin taking an exclusive role that a registered plugin holds
+    warned about, and one that yields without ``wrapper=True`` is refused (its body
+    would never run). A plugin taking an exclusive role that a registered plugin holds
     is refused too (`check_exclusive_roles`), also when registered during a run.
     """
 
@@ -74,6 +75,17 @@ class PluginManager(pluggy.PluginManager):
                 raise PluginError(
                     f"plugin {name!r} implements {hook_name!r}, which is not a hooktrain "
                     f"hook{hint} (see 'hooktrain plugins --hooks' for the list)"
+                )
+            if not (opts.get("wrapper") or opts.get("hookwrapper")) and (
+                inspect.isgeneratorfunction(getattr(plugin, attr, None))
+            ):
+                # pluggy would call it and get a generator back, never run: the body
+                # would not execute, and a firstresult hook would take the generator
+                # as its answer.
+                raise PluginError(
+                    f"plugin {name!r}: its {hook_name} yields, but is not marked "
+                    f"@hookimpl(wrapper=True); as a plain implementation its body would "
+                    f"never run. Mark it a wrapper, or remove the yield"
                 )
             offered = list(inspect.signature(getattr(hookspecs, hook_name)).parameters)
             try:
