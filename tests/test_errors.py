@@ -298,6 +298,18 @@ def test_a_loss_named_by_a_string_is_refused_before_any_batch(stage):
             fit(trainer=trainer, loader=train, loss_fn="cross_entropy")
         else:
             trainer.validate(make_model(), val, loss_fn="cross_entropy")
+
+
+@pytest.mark.parametrize("stage", ["fit", "validate"])
+def test_a_loss_module_class_for_its_instance_is_refused_before_any_batch(stage):
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    train, val = make_data()
+    expected = r"loss_fn is the class CrossEntropyLoss, not a loss: .*CrossEntropyLoss\(\)"
+    with pytest.raises(ConfigurationError, match=expected):
+        if stage == "fit":
+            fit(trainer=trainer, loader=train, loss_fn=torch.nn.CrossEntropyLoss)
+        else:
+            trainer.validate(make_model(), val, loss_fn=torch.nn.CrossEntropyLoss)
     assert trainer.global_step == 0
 
 

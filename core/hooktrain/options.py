@@ -147,7 +147,15 @@ def check_metrics(metrics: Any) -> None:
 
 def check_loss_fn(loss_fn: Any) -> None:
     """:raises ConfigurationError: when ``loss_fn`` is neither ``None`` nor callable (a
-    loss's name as a string, Keras's habit)."""
+    loss's name as a string, Keras's habit), or is a module class
+    (``nn.CrossEntropyLoss`` for ``nn.CrossEntropyLoss()``)."""
+    if isinstance(loss_fn, type) and issubclass(loss_fn, torch.nn.Module):
+        # Callable, so it would be called with (outputs, targets) as its constructor's
+        # arguments and fail deep in the first step, or return a module, not a loss.
+        raise ConfigurationError(
+            f"loss_fn is the class {loss_fn.__name__}, not a loss: pass an instance, "
+            f"loss_fn={loss_fn.__name__}()"
+        )
     if loss_fn is not None and not callable(loss_fn):
         raise ConfigurationError(
             f"loss_fn must be a function of (outputs, targets) returning the loss, such as "
