@@ -45,6 +45,14 @@ def test_unusable_names_are_refused_with_the_rule(bad: str, capsys) -> None:
     assert "error: plugin name" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("reserved", ["core", "hooktrain-core"])
+def test_the_cores_own_name_is_refused(reserved: str, tmp_path: Path, capsys) -> None:
+    with pytest.raises(ValueError, match="'core' is reserved"):
+        PluginNames.from_name(reserved)
+    assert main([reserved, "--directory", str(tmp_path)]) == 2
+    assert "'core' is reserved" in capsys.readouterr().err
+
+
 def test_writes_a_complete_distribution(tmp_path: Path) -> None:
     root = create_plugin("grad-stats", tmp_path, description="Log gradient statistics.")
     assert root == tmp_path / "hooktrain-grad-stats"

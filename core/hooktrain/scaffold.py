@@ -43,7 +43,8 @@ class PluginNames:
 
     @classmethod
     def from_name(cls, raw: str) -> PluginNames:
-        """Derive the names; raise ``ValueError`` for a name that cannot make them."""
+        """Derive the names; raise ``ValueError`` for a name that cannot make them, or
+        for ``core``, the name of hooktrain's own implementations."""
         raw = raw.strip()
         if raw.startswith("hooktrain-") or raw.startswith("hooktrain_"):
             raw = raw[len("hooktrain-") :]
@@ -53,6 +54,13 @@ class PluginNames:
                 f"'-' or '_' between words, starting with a letter (e.g. 'batch-counter')"
             )
         words = re.split(r"[-_]", raw)
+        if words == ["core"]:
+            # The trainer registers its own defaults as "core" and refuses a plugin
+            # selected under that name.
+            raise ValueError(
+                "plugin name 'core' is reserved for hooktrain's own hook implementations; "
+                "choose another name"
+            )
         return cls(
             name="_".join(words),
             dist="hooktrain-" + "-".join(words),
