@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hooktrain.errors import ConfigurationError
 from hooktrain_checkpoint import sharded, storage
 from hooktrain_checkpoint.discovery import list_checkpoints
 
@@ -25,7 +26,9 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Verify and read one checkpoint file.
 
     :return: ``path``, ``status`` (``"ok"``, ``"unverified"`` for a file with no
-        integrity record, ``"damaged"`` or ``"unsafe"``), ``error`` when not
+        integrity record, ``"damaged"``, ``"unsafe"``, or ``"not_a_checkpoint"``
+        for a readable file that holds something else, such as a bare
+        ``state_dict``), ``error`` when not
         loadable, and otherwise ``epoch``, ``global_step``, ``epoch_batches_done``,
         ``epoch_complete``, ``metrics``, ``plugins``, ``plugin_versions``,
         ``hooktrain_version``, ``optimizers``, ``lr_schedulers``, ``parameters``
@@ -49,11 +52,15 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _unreadable(exc: Exception) -> dict[str, str]:
     """The status and error of a checkpoint that could not be read: ``unsafe`` when
-    loading it would run code, else ``damaged``."""
+    loading it would run code, ``not_a_checkpoint`` when it loaded but holds
+    something else, else ``damaged``."""
     if isinstance(exc, storage.UnsafeCheckpointError):
         return {"status": "unsafe", "error": str(exc)}
     if isinstance(exc, storage.DamagedCheckpointError):
         return {"status": "damaged", "error": str(exc)}
+    if isinstance(exc, ConfigurationError):
+        # Read intact (a bare state_dict, another trainer's file): nothing is damaged.
+        return {"status": "not_a_checkpoint", "error": str(exc)}
     return {"status": "damaged", "error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -139,14 +146,16 @@ def _integrity(status: str) -> str:
         "unverified": "unverified (no integrity record: not written by hooktrain-checkpoint)",
         "damaged": "DAMAGED",
         "unsafe": "UNSAFE (refused by weights_only loading)",
+        "not_a_checkpoint": "not a hooktrain checkpoint (read intact)",
     }[status]
 
 
 def main(argv: Sequence[str]) -> int:
     """Entry point of ``hooktrain checkpoint``.
 
-    :return: 0 when every checkpoint shown is intact, 1 when one is damaged or
-        unsafe (or a directory holds none), 2 for a usage error.
+    :return: 0 when every checkpoint shown is intact, 1 when one is damaged,
+        unsafe or not a hooktrain checkpoint (or a directory holds none), 2 for a
+        usage error.
     """
     parser = argparse.ArgumentParser(
         prog="hooktrain checkpoint",
@@ -208,7 +217,7 @@ def main(argv: Sequence[str]) -> int:
                 print(f"ckpt_path='last' resumes from: {resume or 'nothing (starts fresh)'}\n")
         for entry in entries:
             _print_one(entry)
-    bad = any(e["status"] in ("damaged", "unsafe") for e in entries)
+    bad = any(e["status"] in ("damaged", "unsafe", "not_a_checkpoint") for e in entries)
     return 1 if bad or not entries else 0
 
 

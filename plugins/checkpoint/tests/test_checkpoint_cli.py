@@ -45,6 +45,18 @@ def test_a_file_shows_progress_metrics_plugins_and_integrity(
     assert "val_loss" in out and "hooktrain:   0.1.0" in out
 
 
+def test_a_file_that_is_no_checkpoint_is_not_called_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(make_model().state_dict(), path)
+    assert main([str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "integrity:   not a hooktrain checkpoint (read intact)" in out
+    assert "DAMAGED" not in out
+    assert "model.load_state_dict(torch.load(path))" in out
+
+
 def test_json_output(directory: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(directory / "epoch=0-step=5.ckpt"), "--json"]) == 0
     entry = json.loads(capsys.readouterr().out)
