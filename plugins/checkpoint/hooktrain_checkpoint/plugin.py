@@ -288,6 +288,8 @@ class ModelCheckpoint:
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
+        if self._loaded_from is None and trainer.is_global_zero:
+            resume.warn_if_starting_over(self.dirpath)
         self._loaded_from = None
 
     def _stop_on_sigterm(self, trainer: Trainer) -> None:

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hooktrain.errors import warn_user
 from hooktrain_checkpoint import sharded, storage
-from hooktrain_checkpoint.discovery import newest_checkpoint
+from hooktrain_checkpoint.discovery import list_checkpoints, newest_checkpoint
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -108,6 +109,20 @@ def report_differences(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
             f"hooktrain-checkpoint: versions changed since the checkpoint was saved: "
             f"{'; '.join(changed)}",
             file=sys.stderr,
+        )
+
+
+def warn_if_starting_over(directory: Path) -> None:
+    """At the start of a fit that resumed nothing: warn when ``directory`` holds
+    checkpoints already, since this run's saves replace ``last.ckpt`` (and any
+    ranked file of the same name), and ``"last"`` would then resume this run."""
+    earlier = list_checkpoints(directory)
+    if earlier:
+        warn_user(
+            f"hooktrain-checkpoint: {directory} holds {len(earlier)} checkpoint(s) already "
+            f"(newest: {Path(earlier[0].path).name}) and this fit starts fresh: its saves "
+            f"replace last.ckpt and any file of the same name. Pass ckpt_path='last' to "
+            f"continue that run, or give this one another dirpath"
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,19 @@ def test_last_with_an_empty_directory_starts_fresh_and_says_so(
     trainer, _, _ = fit(tmp_path / "none-yet", ckpt_path="last", epochs=1)
     assert trainer.global_step == BATCHES_PER_EPOCH
     assert "starting fresh" in capsys.readouterr().err
+
+
+def test_a_fresh_fit_over_an_earlier_runs_checkpoints_warns(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an empty directory: nothing to say
+        fit(tmp_path, epochs=1)
+    with pytest.warns(
+        UserWarning, match=r"holds \d+ checkpoint\(s\) already \(newest: last\.ckpt\)"
+    ):
+        fit(tmp_path, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # continuing it replaces nothing of another run
+        fit(tmp_path, ckpt_path="last", epochs=2)
 
 
 def test_rerunning_a_finished_run_trains_nothing(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def test_only_step_wise_saving_adds_a_hook_per_step(tmp_path: Path, by_name: boo
     # lean batch loop; a checkpoint saved per epoch needs neither.
     def implementers(**options: Any) -> tuple[list[str] | None, list[str]]:
         """(during the fit, after it)"""
-        options["dirpath"] = os.fspath(tmp_path)
+        options["dirpath"] = os.fspath(tmp_path / str(len(list(tmp_path.iterdir()))))
         plugin = ("checkpoint", options) if by_name else ModelCheckpoint(**options)
         probe = PerStepImplementers()
         trainer = fit(plugin, probe, batches=4)
