@@ -78,59 +78,6 @@ def test_accumulation_steps_at_the_end_of_an_unsized_epoch():
     assert trainer.global_step == 3  # windows of 2, 2 and the last 1
 
 
-class SeesSteps:
-    name = "sees_steps"
-
-    def __init__(self) -> None:
-        self.batch_ends: list[tuple[int, bool]] = []
-        self.validated_at: list[int] = []
-        self.published_at: list[int] = []
-
-    @hookimpl
-    def on_train_batch_end(self, trainer):
-        self.batch_ends.append((trainer.global_step, trainer.sync_gradients))
-
-    @hookimpl
-    def on_validation_start(self, trainer):
-        self.validated_at.append(trainer.global_step)
-
-    @hookimpl
-    def log_metrics(self, trainer, metrics, step, scope):
-        if scope == "step":
-            self.published_at.append(step)
-
-
-def test_the_last_window_of_an_unsized_epoch_is_a_step_like_any_other():
-    # Five micro-batches, windows of 2: the fifth is known to be the last only by
-    # looking one batch ahead. Its window then steps before on_train_batch_end, and
-    # that step's validation and log point run as at any other step.
-    class Stream(IterableDataset):
-        def __iter__(self):
-            g = torch.Generator().manual_seed(0)
-            for _ in range(5):
-                yield torch.randn(8, generator=g), torch.tensor(1)
-
-    sees = SeesSteps()
-    trainer = hooktrain.Trainer(
-        plugins=[sees],
-        device="cpu",
-        accumulate_grad_batches=2,
-        val_every_n_steps=3,
-        log_every_n_steps=3,
-        check_val_every_n_epoch=2,  # no validation at the epoch's end
-    )
-    trainer.fit(
-        make_model(),
-        DataLoader(Stream(), batch_size=1),
-        make_data()[1],
-        loss_fn=F.cross_entropy,
-        optimizer=sgd,
-    )
-    assert sees.batch_ends == [(0, False), (1, True), (1, False), (2, True), (3, True)]
-    assert sees.validated_at == [3]
-    assert sees.published_at == [3]
-
-
 def test_gradient_clipping_logs_the_norm_and_clips():
     seen = []
 

@@ -22,7 +22,6 @@ from hooktrain.errors import ConfigurationError, warn_user
 
 __all__ = [
     "STEP_NAMES",
-    "LastBatch",
     "batch_size",
     "check_loader",
     "check_model",
@@ -175,33 +174,6 @@ def limited_length(loader: Any, limit: int | None) -> int | None:
     if limit is not None:
         found = limit if found is None else min(found, limit)
     return found
-
-
-class LastBatch:
-    """Knows, for a loader without a length, which batch is the epoch's last.
-
-    :meth:`ahead` yields the batches one behind the loader, so ``last`` is true
-    while the last one is trained: its accumulation window steps with it, and that
-    step validates, publishes and reaches ``on_train_batch_end`` as any other. The
-    loader is asked for each batch one step early, as Lightning's data fetcher asks.
-    """
-
-    def __init__(self) -> None:
-        self.last = False
-
-    def ahead(self, batches: Iterable[Any]) -> Iterator[Any]:
-        iterator = iter(batches)
-        current = next(iterator, _NONE)
-        if current is _NONE:
-            return
-        for following in iterator:
-            yield current
-            current = following
-        self.last = True
-        yield current
-
-
-_NONE = object()  # an empty epoch's first "batch" (None may be a batch)
 
 
 _MODULE_GETATTR = torch.nn.Module.__getattr__

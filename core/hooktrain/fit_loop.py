@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.batches import LastBatch, batch_size, length, limited_length, step_batch_size
+from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, warn_user
 from hooktrain.evaluation import evaluation_loop
@@ -147,9 +147,6 @@ def _train_epoch(
     """
     skip = trainer._resume_skip
     batches, total = _open_epoch(trainer, hooks, skip)
-    ends = LastBatch()
-    if length(trainer.train_dataloader) is None:
-        batches = ends.ahead(batches)
     means = trainer._train_means
     device = trainer.device
     transfer = hooks.transfer_batch_to_device
@@ -172,7 +169,7 @@ def _train_epoch(
         if on_batch_start is not None:
             on_batch_start(trainer=trainer, batch=batch, batch_idx=batch_idx)
         window += 1
-        sync = window == accumulate or batch_idx + 1 == total or ends.last
+        sync = window == accumulate or batch_idx + 1 == total
         trainer.sync_gradients = sync
         # Sized before the step, which may take its batch apart (values it logs use it).
         trainer._batch_size = batch_size(batch)
@@ -214,8 +211,8 @@ def _train_epoch(
             f"{trainer.current_epoch}; hooktrain needs at least one"
         )
     if window:
-        # The iterator ended inside an accumulation window before its length said
-        # (a wrong len): the window is stepped with the micro-batches it holds.
+        # The iterator ended inside an accumulation window (its length was unknown
+        # or wrong): the window is stepped with the micro-batches it holds.
         trainer.sync_gradients = True
         optimizer_step(window)
         if monitoring:

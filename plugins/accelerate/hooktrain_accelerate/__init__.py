@@ -24,10 +24,9 @@ What each hook does:
   distributed wrapper, so gradients are synchronised; inside a
   gradient-accumulation window the forward runs under ``accelerator.no_sync``.
 * ``backward``, ``clip_gradients``, ``optimizer_step``: the accelerator's versions.
-* ``unscale_gradients``: also closes a window that ended only with the data (a
-  dataloader whose ``len`` said more batches than it yielded): its gradients,
-  gathered under ``no_sync``, are averaged over the processes, so that the
-  optimizer steps.
+* ``unscale_gradients``: also closes a window that ended only with the data (an
+  iterable without a length): its gradients, gathered under ``no_sync``, are
+  averaged over the processes, so that the optimizer steps.
 * ``all_reduce``, ``all_gather_object`` (metric names) and ``gather_for_metrics``:
   metrics over every process, without the samples padding the last evaluation batch.
 """
@@ -418,9 +417,8 @@ class Accelerate:
     def _synchronise_late_window(self, trainer: Trainer) -> None:
         """Average the gradients of a window that ended when the data ran out.
 
-        With training data whose length is wrong (it ends early), the core learns
-        that a window is the epoch's last only when the iterator ends, after its
-        backward passes ran
+        With training data of unknown length, the core learns that a window is the
+        epoch's last only when the iterator ends, after its backward passes ran
         under ``no_sync``; accelerate, told the window was still open, would skip
         the optimizer step and the ``zero_grad``, and the gradients would leak into
         the next epoch. So the gradients are all-reduced here, as DDP would have
@@ -436,9 +434,9 @@ class Accelerate:
             if not isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel):
                 raise PluginError(
                     f"accelerate: a gradient-accumulation window ended with the training "
-                    f"data, before the length it gave, and {type(trainer.model).__name__} "
-                    f"did not synchronise its gradients; give the training dataloader its "
-                    f"true length, or use accumulate_grad_batches=1"
+                    f"data, whose length is unknown, and {type(trainer.model).__name__} "
+                    f"did not synchronise its gradients; give the training dataloader a "
+                    f"length, or use accumulate_grad_batches=1"
                 )
             for parameter in trainer.model.parameters():
                 if parameter.grad is not None:
