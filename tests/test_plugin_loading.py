@@ -546,6 +546,23 @@ def test_a_hook_that_yields_without_wrapper_true_is_refused():
     with pytest.raises(PluginError, match=r"'timer': its forward_step yields, but is not marked"):
         hooktrain.Trainer(plugins=[Timer()])
 
+    class Noisy:
+        name = "noisy"
+
+        def __init__(self) -> None:
+            self.drawn = 0
+
+        @hookimpl
+        def batch_iterator(self, dataloader):
+            # The generator is the answer: its body runs as the loop draws batches.
+            for batch in dataloader:
+                self.drawn += 1
+                yield batch
+
+    noisy = Noisy()
+    result = run([noisy], max_epochs=1, record=False)
+    assert noisy.drawn >= result.trainer.global_step > 0
+
 
 def test_a_taken_name_or_an_object_registered_twice_is_refused_clearly():
     class Core:

@@ -40,7 +40,8 @@ class PluginManager(pluggy.PluginManager):
     one: it would keep its default) or ``*args``/``**kwargs`` (never filled). A
     method named like a hook but not marked ``@hookimpl`` (which pluggy ignores) is
     warned about, and one that yields without ``wrapper=True`` is refused (its body
-    would never run). A plugin taking an exclusive role that a registered plugin holds
+    would never run), unless its hook answers with an iterable (``batch_iterator``).
+    A plugin taking an exclusive role that a registered plugin holds
     is refused too (`check_exclusive_roles`), also when registered during a run.
     """
 
@@ -76,12 +77,15 @@ class PluginManager(pluggy.PluginManager):
                     f"plugin {name!r} implements {hook_name!r}, which is not a hooktrain "
                     f"hook{hint} (see 'hooktrain plugins --hooks' for the list)"
                 )
-            if not (opts.get("wrapper") or opts.get("hookwrapper")) and (
-                inspect.isgeneratorfunction(getattr(plugin, attr, None))
+            if (
+                not (opts.get("wrapper") or opts.get("hookwrapper"))
+                and inspect.isgeneratorfunction(getattr(plugin, attr, None))
+                and not _answers_with_an_iterable(hook_name)
             ):
                 # pluggy would call it and get a generator back, never run: the body
                 # would not execute, and a firstresult hook would take the generator
-                # as its answer.
+                # as its answer. (A hook answering with an iterable, batch_iterator,
+                # is rightly a generator: its body runs as the loop draws from it.)
                 raise PluginError(
                     f"plugin {name!r}: its {hook_name} yields, but is not marked "
                     f"@hookimpl(wrapper=True); as a plain implementation its body would "
@@ -148,6 +152,13 @@ class PluginManager(pluggy.PluginManager):
                 f"one object can be registered once (list it once, or make a second instance)"
             )
         return f"plugin {name!r} cannot be registered: {refusal}"
+
+
+def _answers_with_an_iterable(hook_name: str) -> bool:
+    """Whether the hookspec's declared result is an iterable (its annotation, a string
+    under postponed evaluation, names ``Iterable`` or ``Iterator``)."""
+    annotation = inspect.signature(getattr(hookspecs, hook_name)).return_annotation
+    return any(word in str(annotation) for word in ("Iterable", "Iterator"))
 
 
 def _warn_at_definition(function: Any, message: str) -> None:
