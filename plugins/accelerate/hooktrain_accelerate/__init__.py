@@ -303,6 +303,10 @@ class Accelerate:
             trainer.optimizers = list(prepared[1 : 1 + len(optimizers)])
             trainer.lr_schedulers = list(prepared[1 + len(optimizers) : -1])
             trainer.train_dataloader = prepared[-1]
+            # Marked now, not at the first epoch: a resume counts the loader's
+            # generators before that epoch starts, and would find one more than the
+            # checkpoint holds.
+            seed_sampler(trainer.train_dataloader, trainer.data_seed)
         else:
             trainer.model = accelerator.prepare(self._router)
         eval_step = STEP_NAMES["validate" if stage == "fit" else stage]

@@ -225,3 +225,42 @@ def test_bad_options_are_refused_at_construction() -> None:
         Accelerate(cpu="yes")
     with pytest.raises(ConfigurationError, match="may not set step_scheduler_with_optimizer"):
         Accelerate(accelerator_kwargs={"step_scheduler_with_optimizer": True})
+
+
+@pytest.mark.parametrize("max_steps", [8, 6], ids=["epoch end", "mid-epoch"])
+def test_a_resume_with_a_sampler_generator_is_not_warned_about(tmp_path, max_steps) -> None:
+    # accelerate reseeds the sampler's generator every epoch: marked as such only
+    # at the first epoch's start, it was counted in a resumed run and not in the
+    # checkpoint, and the run was told that its order may differ.
+    pytest.importorskip("hooktrain_checkpoint")
+    import warnings
+
+    from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+    from hooktrain import ResumeWarning
+
+    data = TensorDataset(torch.randn(32, 8, generator=torch.Generator().manual_seed(0)))
+    data = TensorDataset(data.tensors[0], torch.arange(32) % 2)
+
+    def fit_from(ckpt_path: str | None, **options: Any) -> None:
+        loader = DataLoader(
+            data,
+            batch_size=8,
+            sampler=RandomSampler(data, generator=torch.Generator().manual_seed(2)),
+            generator=torch.Generator().manual_seed(3),
+        )
+        plugins = [("checkpoint", {"dirpath": str(tmp_path)}), ("accelerate", {"cpu": True})]
+        trainer = Trainer(plugins=plugins, max_epochs=3, seed=0, device="cpu", **options)
+        trainer.fit(
+            make_model(),
+            loader,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+            ckpt_path=ckpt_path,
+        )
+
+    fit_from(None, max_steps=max_steps)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_from("last")
+    assert [str(w.message) for w in caught if issubclass(w.category, ResumeWarning)] == []
