@@ -275,6 +275,20 @@ def test_metrics_restored_at_an_epochs_last_batch_compute_without_torchmetrics_w
         assert trainer.metrics[name] == uninterrupted.metrics[name], name
 
 
+def test_a_metrics_own_warning_shows_once_as_python_shows_it() -> None:
+    from torchmetrics.classification import MulticlassF1Score
+
+    class Noisy(MulticlassF1Score):
+        def compute(self):
+            warnings.warn("noisy: a warning of the metric's own", UserWarning, stacklevel=1)
+            return super().compute()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's: once per place in the code
+        fit({"f1": Noisy(num_classes=CLASSES)}, [], max_epochs=3)
+    assert sum("noisy:" in str(w.message) for w in caught) == 1
+
+
 def test_importing_hooktrain_does_not_import_torchmetrics() -> None:
     code = "import sys, hooktrain, hooktrain.trainer; print('torchmetrics' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

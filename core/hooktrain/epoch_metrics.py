@@ -120,14 +120,7 @@ class EpochMetrics:
             return {}
         values: dict[str, Any] = {}
         for name, metric in metrics.items():
-            with warnings.catch_warnings():
-                # torchmetrics counts only its own update() calls: a state restored
-                # from a checkpoint or merged from other processes has none, and it
-                # warns of a compute before any update that `updates` says happened.
-                warnings.filterwarnings(
-                    "ignore", message=r"The ``compute`` method of metric .* before the ``update``"
-                )
-                value = metric.compute()
+            value = _compute(metric)
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
                     raise ConfigurationError(
@@ -208,6 +201,21 @@ class EpochMetrics:
                 if callable(getattr(metric, "to", None)):
                     metric.to(self._device)  # torchmetrics sets loaded states as they come
         self.updates = int(state.get("updates", 0))
+
+
+def _compute(metric: Any) -> Any:
+    """``metric.compute()``, called when this process or another updated it."""
+    if getattr(metric, "update_count", None) != 0:
+        return metric.compute()
+    with warnings.catch_warnings():
+        # torchmetrics counts only its own update() calls: a state restored from a
+        # checkpoint or merged from other processes has none, and it warns of a
+        # compute before any update. (Only here: a filter change makes every
+        # once-only warning show again, the metric's own included.)
+        warnings.filterwarnings(
+            "ignore", message=r"The ``compute`` method of metric .* before the ``update``"
+        )
+        return metric.compute()
 
 
 def _check_mergeable(name: str, metric: Any) -> None:
