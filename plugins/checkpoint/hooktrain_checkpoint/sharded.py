@@ -177,8 +177,11 @@ def verify(path: Path) -> tuple[dict[str, Any], storage.CheckpointInfo]:
     """Check every file of a sharded checkpoint against its record; load the
     ``state.ckpt`` part (``weights_only``).
 
-    :raises storage.DamagedCheckpointError: a file missing or altered.
+    :raises storage.DamagedCheckpointError: a file missing (``state.ckpt`` too) or
+        altered.
     """
+    if not (path / STATE_FILE).is_file():
+        raise storage.DamagedCheckpointError(path, f"its {STATE_FILE} is missing")
     state, info = storage.load_file(path / STATE_FILE, require_record=True)
     assert info is not None
     files = info.record.get("files", {})

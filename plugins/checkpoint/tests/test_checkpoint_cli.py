@@ -57,6 +57,19 @@ def test_a_file_that_is_no_checkpoint_is_not_called_damaged(
     assert "model.load_state_dict(torch.load(path))" in out
 
 
+def test_a_sharded_folder_without_its_state_file_is_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "epoch=1-step=16.ckpt"
+    folder.mkdir()
+    (folder / "__0_0.distcp").write_bytes(b"shard")
+    (folder / ".metadata").write_bytes(b"meta")
+    assert main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "integrity:   DAMAGED" in out
+    assert "state.ckpt is missing" in out
+
+
 def test_json_output(directory: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(directory / "epoch=0-step=5.ckpt"), "--json"]) == 0
     entry = json.loads(capsys.readouterr().out)
