@@ -775,7 +775,7 @@ def test_a_loader_whose_length_is_wrong_ends_the_epoch_not_the_fit(accumulate, t
 def test_a_checkpoint_without_the_split_records_is_judged_by_its_length():
     # Checkpoints from before epoch_samples and accumulate_grad_batches were recorded:
     # a changed length is still a split that trains some samples twice.
-    from hooktrain.state import warn_if_epoch_length_changed
+    from hooktrain.replay import warn_if_epoch_length_changed
 
     trainer = Trainer(plugins=[], device="cpu")
     trainer.train_dataloader = DataLoader(Indexed(8, noise=False), batch_size=4)

@@ -33,13 +33,13 @@ from hooktrain.optimization import (
 )
 from hooktrain.options import check_monitors, warn_if_max_steps_unreachable
 from hooktrain.publishing import logging_epoch_end, publish
-from hooktrain.results import iterate, metric_values, origin, unexpected_result
-from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
-from hooktrain.state import (
+from hooktrain.replay import (
     replay_epoch_start,
     restore_next_epoch_generators,
     warn_if_epoch_length_changed,
 )
+from hooktrain.results import iterate, metric_values, origin, unexpected_result
+from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer

@@ -8,17 +8,17 @@ format is described in ``docs/checkpointing.md``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from hooktrain.batches import length
-from hooktrain.errors import ConfigurationError, ResumeWarning, warn_user
+from hooktrain.errors import ConfigurationError
 from hooktrain.loadable import require_loadable
 from hooktrain.metrics import process_collectives
-from hooktrain.rng import loader_generators, rng_state, set_rng_state
+from hooktrain.replay import SPLIT, epoch_split, warn_if_workers_persist
+from hooktrain.rng import loader_generators, rng_state
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -28,11 +28,8 @@ __all__ = [
     "check_optimizer_kind",
     "check_scheduler_kind",
     "dump_checkpoint",
-    "replay_epoch_start",
     "require_checkpoint",
     "restore_checkpoint",
-    "restore_next_epoch_generators",
-    "warn_if_epoch_length_changed",
 ]
 
 FORMAT = "hooktrain-checkpoint/1"
@@ -86,7 +83,7 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
             "epoch_complete": trainer.epoch_complete,
             # How the epoch was split: a resume in its middle skips the first
             # epoch_batches_done, which only fits a loader that splits alike.
-            **_epoch_split(trainer, trainer.num_training_batches),
+            **epoch_split(trainer, trainer.num_training_batches),
             # A validation inside this step (val_every_n_steps) saw the weights saved:
             # the epoch's end, when a resume runs it, does not validate them again.
             "validated_at_step": trainer._validated_at_step,
@@ -194,7 +191,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
             metric_states = checkpoint.get("epoch_metrics", {})
             trainer._train_metrics.load_state_dict(metric_states, rank=rank)
         trainer._pending_epoch_data = checkpoint.get("epoch_start_state")
-        trainer._resume_split = {key: progress.get(key) for key in _SPLIT}
+        trainer._resume_split = {key: progress.get(key) for key in SPLIT}
         trainer._validated_at_step = int(progress.get("validated_at_step", -1))
         trainer._last_validation = set(progress.get("last_validation", ()))
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
@@ -202,7 +199,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     trainer._checked_steps_from = trainer.global_step + 1
     trainer._pending_rng = checkpoint.get("rng")
     if not _finished(trainer):
-        _warn_if_workers_persist(trainer.train_dataloader)
+        warn_if_workers_persist(trainer.train_dataloader)
     trainer.plugin_manager.hook.on_load_checkpoint(trainer=trainer, checkpoint=checkpoint)
     not_restored = sorted(set(checkpoint.get("plugins", {})) - set(trainer.plugin_names))
     if not_restored:
@@ -219,115 +216,6 @@ def _finished(trainer: Trainer) -> bool:
         return False
     steps_done = trainer.max_steps is not None and trainer.global_step >= trainer.max_steps
     return steps_done or trainer.current_epoch + 1 >= trainer.max_epochs
-
-
-def _warn_if_workers_persist(loader: Any) -> None:
-    """Persistent workers seed their random streams once, when the first epoch
-    starts them, and carry them from epoch to epoch; a resumed run starts fresh
-    workers, which no checkpoint can put back where the old ones were."""
-    if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0:
-        warn_user(
-            f"hooktrain: the training dataloader ({type(loader).__name__}) keeps its "
-            f"workers between epochs (persistent_workers=True), and their random streams "
-            f"are not in the checkpoint: randomness drawn in the workers (augmentation) "
-            f"differs from the uninterrupted run's. Use persistent_workers=False for an "
-            f"exact resume",
-            ResumeWarning,
-        )
-
-
-#: What decides which samples a mid-epoch resume skips, as ``progress`` records it.
-_SPLIT = {
-    "epoch_batches": "batches an epoch",
-    "epoch_samples": "samples in the dataset",
-    "accumulate_grad_batches": "accumulate_grad_batches",
-}
-
-
-def _epoch_split(trainer: Trainer, batches: int | None) -> dict[str, int | None]:
-    """The ``_SPLIT`` values of the training epoch now, ``batches`` long."""
-    return {
-        "epoch_batches": batches,
-        "epoch_samples": length(getattr(trainer.train_dataloader, "dataset", None)),
-        "accumulate_grad_batches": trainer.accumulate_grad_batches,
-    }
-
-
-def warn_if_epoch_length_changed(trainer: Trainer, skip: int, total: int | None) -> None:
-    """At a mid-epoch resume after ``skip`` batches: warn when the epoch is not split
-    as the interrupted one was (``total`` batches now; the dataset's length, the
-    accumulation window). A value either side does not know is not compared."""
-    saved, trainer._resume_split = trainer._resume_split, None
-    saved_total = saved.get("epoch_batches") if saved else None
-    # (A checkpoint at an epoch's last batch skips the whole epoch, whatever its split.)
-    if not saved or (saved_total is not None and skip >= saved_total):
-        return
-    now = _epoch_split(trainer, total)
-    changed = [
-        key for key in _SPLIT if None not in (saved.get(key), now[key]) and saved[key] != now[key]
-    ]
-    if not changed:
-        return
-    if changed == ["accumulate_grad_batches"]:
-        harm = "the resumed epoch's optimizer steps group other batches than the run's would"
-    else:
-        harm = (
-            f"skipping {skip} batches of another split trains some samples twice and "
-            f"others not at all"
-        )
-    warn_user(
-        f"hooktrain: the checkpoint was taken after batch {skip} of an epoch split otherwise "
-        f"({'; '.join(f'{saved[key]} {_SPLIT[key]}, now {now[key]}' for key in changed)}: "
-        f"another batch size, dataset, limit_train_batches, "
-        f"accumulation or number of processes): {harm}",
-        ResumeWarning,
-    )
-
-
-def replay_epoch_start(trainer: Trainer, loader: Any, generators: list[torch.Generator]) -> None:
-    """At a mid-epoch resume, before the epoch's iterator is created: put back the
-    random state the interrupted epoch started from (every global generator, and
-    ``generators``, the loader's own), so that the iterator replays its order."""
-    saved = trainer._pending_epoch_data
-    trainer._pending_epoch_data = None
-    if saved is not None:
-        set_rng_state(saved["rng"])
-        _set_generators(loader, generators, saved.get("generators", []))
-    else:
-        warn_user(
-            "hooktrain: the checkpoint does not hold the epoch's starting random state "
-            "(an older checkpoint); the resumed epoch's data may differ",
-            ResumeWarning,
-        )
-    if isinstance(loader, Iterator):
-        warn_user(
-            f"hooktrain: the training data is an iterator ({type(loader).__name__}), which "
-            f"cannot be replayed: the resumed epoch continues from wherever it is now",
-            ResumeWarning,
-        )
-
-
-def restore_next_epoch_generators(
-    trainer: Trainer, loader: Any, generators: list[torch.Generator]
-) -> None:
-    """At a resume from an epoch's end, before the next epoch's iterator is created:
-    put ``generators`` (the loader's own) where the interrupted run left them."""
-    saved, trainer._pending_generators = trainer._pending_generators, None
-    if saved is not None:
-        _set_generators(loader, generators, saved)
-
-
-def _set_generators(loader: Any, generators: list[torch.Generator], states: list[Any]) -> None:
-    if len(states) == len(generators):
-        for generator, state in zip(generators, states, strict=True):
-            generator.set_state(state)
-    else:
-        warn_user(
-            f"hooktrain: the training dataloader ({type(loader).__name__}) has "
-            f"{len(generators)} random generator(s) now and {len(states)} in the "
-            f"checkpoint: the resumed epoch's order may differ from the interrupted one",
-            ResumeWarning,
-        )
 
 
 def check_count(what: str, objects: list[Any], states: list[Any]) -> None:
