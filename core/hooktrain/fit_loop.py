@@ -32,7 +32,7 @@ from hooktrain.optimization import (
     step_scheduler,
 )
 from hooktrain.options import check_monitors, warn_if_max_steps_unreachable
-from hooktrain.publishing import logging_epoch_end, publish
+from hooktrain.publishing import check_finite, logging_epoch_end, publish, publish_step
 from hooktrain.replay import (
     replay_epoch_start,
     restore_next_epoch_generators,
@@ -194,7 +194,7 @@ def _train_epoch(
         if on_batch_end is not None:
             on_batch_end(trainer=trainer, outputs=outputs, batch=batch, batch_idx=batch_idx - 1)
         if sync and trainer.global_step % log_every == 0:
-            _publish_step(trainer)
+            publish_step(trainer)
         # Stop only where an optimizer step just happened: inside an accumulation
         # window the gradients gathered so far would be lost with the stop.
         if sync:
@@ -269,7 +269,7 @@ def _open_epoch(
 
 
 def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
-    _check_finite(trainer)
+    check_finite(trainer)
     means = trainer._train_means
     collectives = process_collectives(trainer)
     trainer.metrics.update_raw(means.compute(collectives))
@@ -340,30 +340,6 @@ def _epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: in
         trainer=trainer, dataloader=loader, stage="train", skip_batches=skip
     )
     return iterate(trainer.plugin_manager, "batch_iterator", iterable)
-
-
-def _publish_step(trainer: Trainer) -> None:
-    """A log point inside the epoch: check the losses since the last one, and
-    publish the loss and whatever was logged since."""
-    _check_finite(trainer)
-    publish(trainer, {"loss", *trainer._logged_since_publish}, "step")
-    trainer._logged_since_publish.clear()
-
-
-def _check_finite(trainer: Trainer) -> None:
-    """Raise if any loss since the last check was NaN or infinite. Called where the
-    loop reads values anyway (publishing, epoch end), so it adds no sync per step."""
-    finite = trainer._train_means.fold_finite("loss")
-    if finite is None:
-        return
-    first, last = trainer._checked_steps_from, trainer.global_step
-    trainer._checked_steps_from = last + 1
-    if not bool(finite):
-        raise NonFiniteLossError(
-            f"the training loss became NaN or infinite between global steps {first} and "
-            f"{last} (epoch {trainer.current_epoch}); pass check_finite_every_step=True to "
-            f"find the exact step"
-        )
 
 
 def _add_metric_values(trainer: Trainer, hooks: ResolvedHooks, outputs: Any, targets: Any) -> None:

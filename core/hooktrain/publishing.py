@@ -3,7 +3,8 @@
 A value recorded with ``trainer.log`` (or computed by the loop) is stored, not
 read; `publish` turns the named values into floats for ``log_metrics`` at a log
 point, an epoch's end or a stage's end, and reads nothing when no plugin
-implements ``log_metrics``.
+implements ``log_metrics``. A training log point is also where the losses since
+the last one are checked to be finite, since values are read there anyway.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, NonFiniteLossError
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -92,3 +93,27 @@ def logging_epoch_end(trainer: Trainer) -> Iterator[set[str]]:
         yield logged
     finally:
         trainer._epoch_end_logs = None
+
+
+def publish_step(trainer: Trainer) -> None:
+    """A log point inside the epoch: check the losses since the last one, and
+    publish the loss and whatever was logged since."""
+    check_finite(trainer)
+    publish(trainer, {"loss", *trainer._logged_since_publish}, "step")
+    trainer._logged_since_publish.clear()
+
+
+def check_finite(trainer: Trainer) -> None:
+    """Raise if any loss since the last check was NaN or infinite. Called where the
+    loop reads values anyway (publishing, epoch end), so it adds no sync per step."""
+    finite = trainer._train_means.fold_finite("loss")
+    if finite is None:
+        return
+    first, last = trainer._checked_steps_from, trainer.global_step
+    trainer._checked_steps_from = last + 1
+    if not bool(finite):
+        raise NonFiniteLossError(
+            f"the training loss became NaN or infinite between global steps {first} and "
+            f"{last} (epoch {trainer.current_epoch}); pass check_finite_every_step=True to "
+            f"find the exact step"
+        )
