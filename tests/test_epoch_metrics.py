@@ -81,7 +81,13 @@ def evaluate(model: torch.nn.Module, loader: Any) -> tuple[torch.Tensor, torch.T
         return model(inputs), targets
 
 
-def fit(metrics: dict[str, Any], plugins: list[Any], val: Any = None, **kwargs: Any) -> Trainer:
+def fit(
+    metrics: dict[str, Any],
+    plugins: list[Any],
+    val: Any = None,
+    ckpt_path: Any = None,
+    **kwargs: Any,
+) -> Trainer:
     train, default_val = make_data(n=N_TRAIN, classes=CLASSES, batch_size=BATCH)
     trainer = Trainer(plugins=plugins, device="cpu", seed=0, **kwargs)
     model = make_model(classes=CLASSES)
@@ -92,6 +98,7 @@ def fit(metrics: dict[str, Any], plugins: list[Any], val: Any = None, **kwargs: 
         loss_fn=F.cross_entropy,
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
         metrics=metrics,
+        ckpt_path=ckpt_path,
     )
     return trainer
 
@@ -257,19 +264,9 @@ def test_metrics_restored_at_an_epochs_last_batch_compute_without_torchmetrics_w
     path = tmp_path / "last-batch.ckpt"
     with pytest.raises(KeyboardInterrupt):
         fit(classification_metrics(), [SavesThenStops(path)], max_epochs=1)
-    train, val = make_data(n=N_TRAIN, classes=CLASSES, batch_size=BATCH)
-    trainer = Trainer(plugins=[], device="cpu", seed=0, max_epochs=1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trainer.fit(
-            make_model(classes=CLASSES),
-            train,
-            val,
-            loss_fn=F.cross_entropy,
-            optimizer=lambda params: torch.optim.SGD(params, lr=0.05),
-            metrics=classification_metrics(),
-            ckpt_path=path,
-        )
+        trainer = fit(classification_metrics(), [], max_epochs=1, ckpt_path=path)
     uninterrupted = fit(classification_metrics(), [], max_epochs=1)
     for name in ("f1", "auroc", "val_f1"):
         assert trainer.metrics[name] == uninterrupted.metrics[name], name
