@@ -15,7 +15,7 @@ Each fit that does not resume creates a run in ``experiment_name`` and logs:
   and test results under their ``val_`` / ``test_`` names;
 * with ``log_checkpoints``, the checkpoint plugin's last and best files, as
   artifacts under ``checkpoints/``, when the fit ends;
-* status ``FINISHED``, or ``FAILED`` when the fit raised.
+* status ``FINISHED``, or ``FAILED`` when the fit raised (in its teardown too).
 
 The run's id goes into every checkpoint; a fit resumed from one reopens that run, reads
 back the last step each metric holds (``MlflowClient.get_metric_history``) and logs
@@ -34,7 +34,7 @@ from collections.abc import Generator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain.loggers import (
     FlushSchedule,
     LoggedSteps,
@@ -218,6 +218,9 @@ class MLFlowLogger:
     def teardown(self, trainer: Trainer, stage: str) -> Generator[None, None, None]:
         try:
             return (yield)
+        except BaseException:
+            self._failed = True  # another plugin's teardown raised: so does the fit
+            raise
         finally:
             self._end(trainer, stage)
 
@@ -231,15 +234,37 @@ class MLFlowLogger:
         try:
             self._flush()
             if stage == "fit" and self.log_checkpoints and not self._failed:
-                for path in checkpoint_files(trainer):
-                    if path.is_dir():  # a sharded checkpoint, kept whole under its name
-                        where = f"checkpoints/{path.name}"
-                        self._client.log_artifacts(run_id, str(path), artifact_path=where)
-                    else:
-                        self._client.log_artifact(run_id, str(path), artifact_path="checkpoints")
+                self._upload_checkpoints(trainer, run_id)
+        except BaseException:
+            self._failed = True
+            raise
         finally:
             status = "FAILED" if self._failed else "FINISHED"
             self._client.set_terminated(run_id, status=status)
+
+    def _upload_checkpoints(self, trainer: Trainer, run_id: str) -> None:
+        """The checkpoint plugin's last and best files under ``checkpoints/``; a
+        sharded checkpoint (a directory) whole, under its name."""
+        assert self._client is not None
+        held = {a.path: a.is_dir for a in self._client.list_artifacts(run_id, "checkpoints")}
+        for path in checkpoint_files(trainer):
+            folder = "checkpoints"
+            if held.get(f"{folder}/{path.name}", path.is_dir()) != path.is_dir():
+                # A resume changed the kind (sharded, one file) under a name the run
+                # holds as the other kind, which no upload can replace.
+                kind = "sharded" if path.is_dir() else "single_file"
+                warn_user(
+                    f"hooktrain-mlflow: the run holds {folder}/{path.name} as a "
+                    f"{'file' if path.is_dir() else 'folder'} (a checkpoint of the other "
+                    f"kind, from before the resume); this one is uploaded as "
+                    f"{folder}/{kind}/{path.name}"
+                )
+                folder = f"{folder}/{kind}"
+            if path.is_dir():
+                where = f"{folder}/{path.name}"
+                self._client.log_artifacts(run_id, str(path), artifact_path=where)
+            else:
+                self._client.log_artifact(run_id, str(path), artifact_path=folder)
 
     def _uri(self) -> str:
         if self.tracking_uri is not None:

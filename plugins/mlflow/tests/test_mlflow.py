@@ -258,3 +258,38 @@ def test_sharded_checkpoints_are_uploaded_whole(mlflow_server: str, tmp_path: Pa
         where = f"checkpoints/{path.name}"
         files = {artifact.path for artifact in client.list_artifacts(run_id, where)}
         assert files == {f"{where}/{part.name}" for part in path.iterdir()}
+
+
+def test_a_resume_that_changes_the_checkpoints_kind_uploads_beside_the_old_one(
+    mlflow_server: str, tmp_path: Path
+) -> None:
+    # Sharded under fsdp, then resumed without it: the run holds checkpoints/last.ckpt
+    # as a folder, which an artifact of one file cannot replace.
+    pytest.importorskip("hooktrain_fsdp")
+    experiment = f"kinds-{uuid.uuid4().hex}"
+    ckpt = ("checkpoint", {"dirpath": tmp_path / "ckpt"})
+    logger = options(mlflow_server, experiment, log_checkpoints=True)
+    run(["fsdp", ckpt, logger], max_epochs=1, record=False)
+    with pytest.warns(UserWarning, match=r"checkpoints/last\.ckpt as a folder .* uploaded as "):
+        run([ckpt, logger], max_epochs=2, record=False, fit_kwargs={"ckpt_path": "last"})
+
+    client = MlflowClient(mlflow_server)
+    logged = the_run(client, experiment)
+    assert logged.info.status == "FINISHED"
+    uploaded = {a.path: a.is_dir for a in client.list_artifacts(logged.info.run_id, "checkpoints")}
+    assert uploaded["checkpoints/last.ckpt"] is True  # the sharded one, left as it was
+    single = client.list_artifacts(logged.info.run_id, "checkpoints/single_file")
+    assert [(a.path, a.is_dir) for a in single] == [("checkpoints/single_file/last.ckpt", False)]
+
+
+class RaiseInTeardown:
+    @hookimpl
+    def teardown(self) -> None:
+        raise RuntimeError("teardown failed on purpose")
+
+
+def test_a_fit_whose_teardown_raises_ends_failed(mlflow_server: str) -> None:
+    experiment = f"teardown-{uuid.uuid4().hex}"
+    with pytest.raises(HookError, match="teardown failed on purpose"):
+        run([options(mlflow_server, experiment), RaiseInTeardown()], max_epochs=1)
+    assert the_run(MlflowClient(mlflow_server), experiment).info.status == "FAILED"
