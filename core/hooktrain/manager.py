@@ -77,10 +77,11 @@ class PluginManager(pluggy.PluginManager):
                     f"plugin {name!r} implements {hook_name!r}, which is not a hooktrain "
                     f"hook{hint} (see 'hooktrain plugins --hooks' for the list)"
                 )
+            spec = inspect.signature(getattr(hookspecs, hook_name))
             if (
                 not (opts.get("wrapper") or opts.get("hookwrapper"))
                 and inspect.isgeneratorfunction(getattr(plugin, attr, None))
-                and not _answers_with_an_iterable(hook_name)
+                and not _answers_with_an_iterable(spec)
             ):
                 # pluggy would call it and get a generator back, never run: the body
                 # would not execute, and a firstresult hook would take the generator
@@ -91,7 +92,7 @@ class PluginManager(pluggy.PluginManager):
                     f"@hookimpl(wrapper=True); as a plain implementation its body would "
                     f"never run. Mark it a wrapper, or remove the yield"
                 )
-            offered = list(inspect.signature(getattr(hookspecs, hook_name)).parameters)
+            offered = list(spec.parameters)
             try:
                 parameters = list(inspect.signature(getattr(plugin, attr)).parameters.values())
             except (TypeError, ValueError):
@@ -154,11 +155,10 @@ class PluginManager(pluggy.PluginManager):
         return f"plugin {name!r} cannot be registered: {refusal}"
 
 
-def _answers_with_an_iterable(hook_name: str) -> bool:
-    """Whether the hookspec's declared result is an iterable (its annotation, a string
+def _answers_with_an_iterable(spec: inspect.Signature) -> bool:
+    """Whether a hookspec's declared result is an iterable (its annotation, a string
     under postponed evaluation, names ``Iterable`` or ``Iterator``)."""
-    annotation = inspect.signature(getattr(hookspecs, hook_name)).return_annotation
-    return any(word in str(annotation) for word in ("Iterable", "Iterator"))
+    return any(word in str(spec.return_annotation) for word in ("Iterable", "Iterator"))
 
 
 def _warn_at_definition(function: Any, message: str) -> None:
