@@ -249,18 +249,19 @@ class MLFlowLogger:
         held = {a.path: a.is_dir for a in self._client.list_artifacts(run_id, "checkpoints")}
         for path in checkpoint_files(trainer):
             folder = "checkpoints"
-            if held.get(f"{folder}/{path.name}", path.is_dir()) != path.is_dir():
+            sharded = path.is_dir()
+            if held.get(f"{folder}/{path.name}", sharded) != sharded:
                 # A resume changed the kind (sharded, one file) under a name the run
                 # holds as the other kind, which no upload can replace.
-                kind = "sharded" if path.is_dir() else "single_file"
+                kind = "sharded" if sharded else "single_file"
                 warn_user(
                     f"hooktrain-mlflow: the run holds {folder}/{path.name} as a "
-                    f"{'file' if path.is_dir() else 'folder'} (a checkpoint of the other "
+                    f"{'file' if sharded else 'folder'} (a checkpoint of the other "
                     f"kind, from before the resume); this one is uploaded as "
                     f"{folder}/{kind}/{path.name}"
                 )
                 folder = f"{folder}/{kind}"
-            if path.is_dir():
+            if sharded:
                 where = f"{folder}/{path.name}"
                 self._client.log_artifacts(run_id, str(path), artifact_path=where)
             else:
