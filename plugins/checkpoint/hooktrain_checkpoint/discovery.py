@@ -15,7 +15,8 @@ __all__ = ["list_checkpoints", "newest_checkpoint"]
 def list_checkpoints(
     directory: str | os.PathLike[str], report: Callable[[str], None] | None = None
 ) -> list[storage.CheckpointInfo]:
-    """Every checkpoint with a readable record in ``directory``, newest first.
+    """Every checkpoint with a readable record in ``directory``, newest (most
+    recently saved, `storage.CheckpointInfo.recency_key`) first.
 
     Sharded checkpoints (directories) are read from their ``state.ckpt``. Files
     whose record is missing or unreadable are passed to ``report`` by name.
@@ -36,9 +37,9 @@ def list_checkpoints(
         except OSError as exc:
             if report is not None:
                 report(f"hooktrain-checkpoint: skipping {path}: {exc}")
-    # Newest first; between equal states (last.ckpt and the ranked file it links
-    # to) prefer last.ckpt.
-    found.sort(key=lambda i: (i.progress_key, i.path.stem == storage.LAST_NAME), reverse=True)
+    # Most recently saved first; between equal records (last.ckpt and the ranked
+    # file it links to) prefer last.ckpt.
+    found.sort(key=lambda i: (i.recency_key, i.path.stem == storage.LAST_NAME), reverse=True)
     return found
 
 

@@ -386,6 +386,9 @@ class ModelCheckpoint:
             "epoch_complete": bool(progress["epoch_complete"]),
             "sequence": self._sequence,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            # Orders checkpoints of different runs in one directory: a run's progress
+            # says nothing about whether it came before or after another run.
+            "saved_at_ns": time.time_ns(),
             "hooktrain_version": checkpoint.get("hooktrain_version"),
         }
         if sharded.is_sharded(checkpoint):

@@ -112,6 +112,21 @@ class CheckpointInfo:
     covered_bytes: int
 
     @property
+    def recency_key(self) -> tuple[int, ...]:
+        """Orders checkpoints from the least to the most recently saved.
+
+        First by ``saved_at_ns`` (``time.time_ns()`` when the record was made, in
+        nanoseconds since the Unix epoch; 0 in records written before it existed),
+        so that a fresh run's checkpoints come after an earlier run's in the same
+        directory whatever progress either made, as with Lightning's ``"last"``,
+        which goes by modification time. The record's time survives copying a
+        directory, which file times do not. Then by progress, for records of the
+        same instant (``last.ckpt`` and the ranked file it links to) and old ones.
+        """
+        record = self.record
+        return (int(record.get("saved_at_ns", 0)), *self.progress_key)
+
+    @property
     def progress_key(self) -> tuple[int, int, int, int, int]:
         """Orders checkpoints of one run from oldest to newest."""
         record = self.record

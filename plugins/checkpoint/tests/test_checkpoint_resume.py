@@ -233,6 +233,22 @@ def test_a_fresh_fit_over_an_earlier_runs_checkpoints_warns(tmp_path: Path) -> N
         fit(tmp_path, ckpt_path="last", epochs=2)
 
 
+def test_last_resumes_the_run_saved_most_recently_not_the_one_trained_furthest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An earlier run trained further and left ranked files the new run never evicts;
+    # its progress is larger, but "last" means the newer run (as the warning says).
+    fit(tmp_path, epochs=3, save_top_k=-1)
+    with pytest.warns(UserWarning, match="already"):
+        fit(tmp_path, epochs=1)
+    assert (tmp_path / "epoch=2-step=24.ckpt").exists()
+    capsys.readouterr()
+    resumed, _, _ = fit(tmp_path, ckpt_path="last", epochs=2)
+    err = capsys.readouterr().err
+    assert "(epoch 0, global step 8)" in err, err
+    assert resumed.global_step == 2 * BATCHES_PER_EPOCH
+
+
 def test_rerunning_a_finished_run_trains_nothing(tmp_path: Path) -> None:
     first = fit(tmp_path, epochs=2, every_n_train_steps=5)  # ends between saves
     recorder = HookRecorder(hooks=["on_train_batch_start"])
