@@ -184,7 +184,11 @@ def on_fit_end(trainer: Trainer) -> None:
 def on_train_epoch_start(trainer: Trainer) -> None:
     """Called at the start of every training epoch, with the model in train mode.
 
-    ``trainer.current_epoch`` is the epoch about to run (counted from 0).
+    ``trainer.current_epoch`` is the epoch about to run (counted from 0). A run
+    resumed from a checkpoint taken in the middle of an epoch calls it again for
+    that epoch, with ``trainer.epoch_batches_done`` the batches already trained
+    (0 for an epoch starting afresh): state of the open epoch that
+    ``on_load_checkpoint`` brought back is not to be reset then.
     """
 
 
