@@ -127,6 +127,31 @@ def test_with_several_optimizers_grad_norm_is_one_value_a_step_over_every_parame
     assert trainer.metrics["grad_norm"] == pytest.approx(sum(totals) / 4, rel=1e-6)
 
 
+def test_grad_norm_epoch_mean_weighs_every_step_the_same():
+    # Weighted by the size of each step's last micro-batch, a short last batch (or
+    # window) counted for less in the epoch's mean of a quantity of the step.
+    norms = []
+
+    class Unclipped:
+        @hookimpl
+        def on_before_optimizer_step(self, trainer, optimizer):
+            grads = [p.grad for g in optimizer.param_groups for p in g["params"]]
+            norms.append(torch.nn.utils.get_total_norm(grads).item())
+
+    train, _ = make_data(n=88)  # batches of 16, 16, 16, 16, 16 and 8
+    trainer = hooktrain.Trainer(
+        plugins=[Unclipped()], gradient_clip_val=1e9, accumulate_grad_batches=4, device="cpu"
+    )
+    trainer.fit(
+        make_model(),
+        train,
+        loss_fn=F.cross_entropy,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
+    assert len(norms) == 2  # windows of 4 batches and of 2 (the second ends in the 8)
+    assert trainer.metrics["grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-6)
+
+
 class LightningStyle(nn.Module):
     def __init__(self, scheduler="step"):
         super().__init__()

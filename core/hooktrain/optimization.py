@@ -241,7 +241,8 @@ def make_optimizer_step(trainer: Trainer, hooks: ResolvedHooks) -> Callable[[int
         if norms:
             # One value a step, over every optimizer's parameters, as with one.
             total = norms[0] if len(norms) == 1 else sum(n**2 for n in norms) ** 0.5
-            trainer.log("grad_norm", total)
+            # A step's value, not its batch's: the epoch's mean counts each step once.
+            trainer.log("grad_norm", total, batch_size=1)
         trainer.last_step_skipped = not stepped_all
         if stepped_all:
             for entry in step_schedulers:

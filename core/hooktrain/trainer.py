@@ -240,6 +240,11 @@ class Trainer:
         ``on_validation_epoch_end``, ``on_validation_end``...) belongs to that epoch:
         it is published with it and returned by ``validate``/``test``.
 
+        :param batch_size: the value's weight in the epoch's mean; by default the
+            size of the batch being trained on (its first dimension). A quantity of
+            the optimizer step rather than of a batch (a gradient norm, a learning
+            rate, a throughput) is logged with ``batch_size=1``, so that every step
+            weighs the same, whatever the size of its last micro-batch.
         :raises ConfigurationError: for a tensor of more than one element, or a
             value that is neither a number nor a tensor.
         """

@@ -158,21 +158,29 @@ class Monitor:
 
     def _log(self, trainer: Trainer) -> None:
         # trainer.log puts each value into trainer.metrics and into this step's
-        # publication, so every logger receives it.
+        # publication, so every logger receives it. These are values of the step, not
+        # of its batch: with batch_size=1 every publication weighs the same in the
+        # epoch's mean, a short last batch included.
         if self._rates_step == trainer.global_step:
             for name, value in self._rates.items():
-                trainer.log(name, value)
+                trainer.log(name, value, batch_size=1)
         self._rates = {}
         if self._squared_norm is not None and self._norm_step == trainer.global_step:
-            trainer.log("grad_norm", self._squared_norm.sqrt())
+            trainer.log("grad_norm", self._squared_norm.sqrt(), batch_size=1)
         self._squared_norm = None
         if self.throughput:
             elapsed = self.clock() - self._interval_start - self._paused
             if elapsed > 0:
-                trainer.log("samples_per_sec", self._samples * trainer.world_size / elapsed)
-                trainer.log("steps_per_sec", self._steps / elapsed)
+                trainer.log(
+                    "samples_per_sec", self._samples * trainer.world_size / elapsed, batch_size=1
+                )
+                trainer.log("steps_per_sec", self._steps / elapsed, batch_size=1)
         if self.memory and trainer.device.type == "cuda":
-            trainer.log("max_memory_allocated", torch.cuda.max_memory_allocated(trainer.device))
+            trainer.log(
+                "max_memory_allocated",
+                torch.cuda.max_memory_allocated(trainer.device),
+                batch_size=1,
+            )
         self._start_interval()
 
     def _start_interval(self) -> None:
