@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
 
-from hooktrain import ConfigurationError, ResumeWarning, Trainer, hookimpl
+from hooktrain import ConfigurationError, ResumeWarning, Trainer, accuracy, hookimpl
 from hooktrain.rng import mark_epoch_seeded
 from hooktrain.testing import HookRecorder, make_data, make_model
 
@@ -782,3 +782,47 @@ def test_a_checkpoint_without_the_split_records_is_judged_by_its_length():
     trainer._resume_split = {"epoch_batches": 4}
     with pytest.warns(ResumeWarning, match=r"\(4 batches an epoch, now 2: .*trains some samples"):
         warn_if_epoch_length_changed(trainer, 2, 2)
+
+
+class EpochMeans:
+    """Every value of ``trainer.metrics`` at each training epoch's end, unread."""
+
+    name = "epoch_means"
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer):
+        self.seen.append({name: trainer.metrics.raw(name) for name in ("loss", "acc")})
+
+
+@pytest.mark.parametrize("cut", [3, 5, 8, 10, 12])
+def test_a_mid_epoch_resume_gives_the_epochs_means_to_the_last_bit(cut, tmp_path):
+    # A checkpoint the uninterrupted run never takes used to sum the epoch's pending
+    # values there, in other groups than the uninterrupted run: float32 sums that
+    # differ in the last bits. 50 samples in batches of 7: the last batch holds 1.
+    train = DataLoader(Indexed(50, noise=True), batch_size=7, shuffle=True)
+
+    def fit(plugins, ckpt_path=None):
+        trainer = Trainer(plugins=plugins, max_epochs=2, seed=5, device="cpu")
+        trainer.fit(
+            make_model(features=2),
+            train,
+            loss_fn=F.cross_entropy,
+            optimizer=sgd(),
+            metrics={"acc": accuracy},
+            ckpt_path=ckpt_path,
+        )
+
+    whole = EpochMeans()
+    fit([whole])
+    path = tmp_path / "mid.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit([CrashesAfter(path, save_at=cut, crash_at=cut)])
+    resumed = EpochMeans()
+    fit([resumed], ckpt_path=path)
+    # The epochs the resumed run ended: the one it continued, and any after it.
+    for expected, got in zip(whole.seen[::-1], resumed.seen[::-1], strict=False):
+        for name in expected:
+            assert torch.equal(expected[name], got[name]), (name, expected[name], got[name])

@@ -3,12 +3,14 @@ finiteness check."""
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
 import torch
 
-from hooktrain.metrics import Metrics, RunningMeans
+from hooktrain.metrics import Metrics
+from hooktrain.running_means import RunningMeans
 
 
 @pytest.mark.parametrize("sizes", [[32, 32, 32], [32, 10, 5], [1, 1, 1]])
@@ -75,3 +77,47 @@ def test_floats_keep_the_conversion_and_snapshot_floats_leave_the_store_alone() 
     assert metrics.raw("acc") == 0.25 and isinstance(metrics.raw("loss"), torch.Tensor)
     assert metrics.floats() == {"loss": 0.5, "acc": 0.25, "lr": 0.1}
     assert metrics.raw("loss") == 0.5
+
+
+def _filled(values: list, sizes: list[int]) -> RunningMeans:
+    means = RunningMeans()
+    means.fold_every = 4  # some values folded, the rest still pending
+    for value, size in zip(values, sizes, strict=True):
+        means.add("loss", value, size)
+    return means
+
+
+def test_a_saved_state_keeps_pending_values_unfolded_and_resumes_to_the_same_bits() -> None:
+    generator = torch.Generator().manual_seed(0)
+    values = list(torch.rand(11, generator=generator) * 3)
+    sizes = [7] * 10 + [1]
+    whole = _filled(values, sizes)
+    cut = _filled(values[:6], sizes[:6])  # 4 folded, 2 pending
+    state = cut.state_dict()
+    loaded = torch.load(_saved(state), weights_only=True)
+    assert loaded["pending"]["loss"][0].shape == (2,)
+    resumed = RunningMeans()
+    resumed.fold_every = 4
+    resumed.load_state_dict(loaded, torch.device("cpu"))
+    for value, size in zip(values[6:], sizes[6:], strict=True):
+        resumed.add("loss", value, size)
+    assert torch.equal(resumed.compute()["loss"], whole.compute()["loss"])
+
+
+def test_a_saved_state_goes_to_rank_zero_alone() -> None:
+    # Saved by one process, resumed by two: rank 1 adding it too would count the
+    # epoch's first part twice in the reduction at its end.
+    state = _filled([torch.tensor(1.0)] * 6, [2] * 6).state_dict()
+    other = RunningMeans()
+    other.load_state_dict(state, torch.device("cpu"), rank=1)
+    assert other.compute() == {}
+    first = RunningMeans()
+    first.load_state_dict(state, torch.device("cpu"), rank=0)
+    assert float(first.compute()["loss"]) == 1.0
+
+
+def _saved(state: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer

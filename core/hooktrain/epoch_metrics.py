@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from hooktrain.errors import ConfigurationError, PluginError
-from hooktrain.metrics import Collectives
+from hooktrain.running_means import Collectives
 
 __all__ = ["EpochMetrics", "is_epoch_metric"]
 
@@ -188,11 +188,12 @@ class EpochMetrics:
         return {"updates": updates, "metrics": states, "reduced": collectives is not None}
 
     def load_state_dict(self, state: Mapping[str, Any], *, rank: int = 0) -> None:
-        """Put back what :meth:`state_dict` returned. A state ``"reduced"`` over
-        several processes goes to ``rank`` 0 alone; the others start empty, and the
-        merge at the epoch's end counts every batch once."""
+        """Put back what :meth:`state_dict` returned, on ``rank`` 0 alone: the state
+        holds the whole epoch so far (reduced over several processes, or saved by
+        one), so the others start empty, and the merge at the epoch's end counts
+        every batch once, whatever the number of processes now."""
         self.reset()
-        if state.get("reduced") and rank != 0:
+        if rank != 0:
             return
         for name, metric_state in state.get("metrics", {}).items():
             metric = self._metrics.get(name)

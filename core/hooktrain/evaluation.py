@@ -16,9 +16,10 @@ import torch
 
 from hooktrain.batches import batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
-from hooktrain.metrics import RunningMeans, process_collectives, warn_if_metrics_unused
+from hooktrain.metrics import warn_if_metrics_unused
 from hooktrain.publishing import loader_suffix, logging_epoch_end, publish, stage_name
 from hooktrain.results import iterate, metric_values, unexpected_result
+from hooktrain.running_means import RunningMeans, process_collectives
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer

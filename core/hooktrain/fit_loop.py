@@ -23,7 +23,7 @@ from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, warn_user
 from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks
-from hooktrain.metrics import process_collectives, warn_if_metrics_unused
+from hooktrain.metrics import warn_if_metrics_unused
 from hooktrain.optimization import (
     check_optimizers_hold_the_model,
     configure_optimizers,
@@ -40,6 +40,7 @@ from hooktrain.replay import (
 )
 from hooktrain.results import iterate, metric_values, origin, unexpected_result
 from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
+from hooktrain.running_means import process_collectives
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer

@@ -16,9 +16,9 @@ from torch import nn
 
 from hooktrain.errors import ConfigurationError
 from hooktrain.loadable import require_loadable
-from hooktrain.metrics import process_collectives
 from hooktrain.replay import SPLIT, epoch_split, warn_if_workers_persist
 from hooktrain.rng import loader_generators, rng_state
+from hooktrain.running_means import process_collectives
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer

@@ -23,7 +23,7 @@ from hooktrain.evaluation import concatenable, evaluation_loop
 from hooktrain.fit_loop import run_fit
 from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.instrument import TRACE_ENV, instrument, stderr_tracer
-from hooktrain.metrics import MetricFn, Metrics, RunningMeans
+from hooktrain.metrics import MetricFn, Metrics
 from hooktrain.optimization import Scheduler
 from hooktrain.options import (
     check_loss_fn,
@@ -36,6 +36,7 @@ from hooktrain.plugins import PluginManager, PluginSelection, register_selection
 from hooktrain.publishing import log_value
 from hooktrain.results import unexpected_result
 from hooktrain.rng import seed_everything
+from hooktrain.running_means import RunningMeans
 from hooktrain.stages import run_stage
 
 __all__ = ["Trainer", "seed_everything"]
