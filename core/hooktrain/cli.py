@@ -277,9 +277,15 @@ def _run(argv: Sequence[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="hooktrain",
         description="hooktrain: a PyTorch trainer whose every phase is a plugin hook.",
-        epilog="more commands: " + (", ".join(sorted(commands)) or "none installed"),
     )
     sub = parser.add_subparsers(dest="command")
+    for name, entry_point in sorted(commands.items()):
+        if name == "plugins":
+            continue  # a command of that name replaces the built-in one, above
+        # Listed for --help only (they run before argparse, above); their own
+        # --help is not read here, which would import them.
+        source = entry_point.dist.name if entry_point.dist is not None else "an entry point"
+        sub.add_parser(name, help=f"from {source}; hooktrain {name} --help", add_help=False)
     plugins = sub.add_parser(
         "plugins",
         help="list installed plugins",
