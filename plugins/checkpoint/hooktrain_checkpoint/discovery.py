@@ -37,8 +37,8 @@ def list_checkpoints(
         except OSError as exc:
             if report is not None:
                 report(f"hooktrain-checkpoint: skipping {path}: {exc}")
-    # Most recently saved first; between equal records (last.ckpt and the ranked
-    # file it links to) prefer last.ckpt.
+    # Most recently saved first; between the two files of one save (last.ckpt and
+    # the ranked file it links to) prefer last.ckpt.
     found.sort(key=lambda i: (i.recency_key, i.path.stem == storage.LAST_NAME), reverse=True)
     return found
 

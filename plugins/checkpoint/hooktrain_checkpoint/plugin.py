@@ -288,8 +288,9 @@ class ModelCheckpoint:
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
-        if self._loaded_from is None and trainer.is_global_zero:
-            resume.warn_if_starting_over(self.dirpath)
+        if trainer.is_global_zero:
+            fresh = self._loaded_from is None
+            self._sequence = resume.number_saves_after(self.dirpath, self._sequence, fresh)
         self._loaded_from = None
 
     def _stop_on_sigterm(self, trainer: Trainer) -> None:
@@ -386,9 +387,6 @@ class ModelCheckpoint:
             "epoch_complete": bool(progress["epoch_complete"]),
             "sequence": self._sequence,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            # Orders checkpoints of different runs in one directory: a run's progress
-            # says nothing about whether it came before or after another run.
-            "saved_at_ns": time.time_ns(),
             "hooktrain_version": checkpoint.get("hooktrain_version"),
         }
         if sharded.is_sharded(checkpoint):

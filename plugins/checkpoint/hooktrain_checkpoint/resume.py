@@ -112,11 +112,23 @@ def report_differences(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         )
 
 
-def warn_if_starting_over(directory: Path) -> None:
-    """At the start of a fit that resumed nothing: warn when ``directory`` holds
-    checkpoints already, since this run's saves replace ``last.ckpt`` (and any
-    ranked file of the same name), and ``"last"`` would then resume this run."""
+def number_saves_after(directory: Path, sequence: int, fresh: bool) -> int:
+    """The save number a fit starts counting from: ``sequence`` (its own, or the
+    one its checkpoint restored), or the highest in ``directory`` if higher, so
+    that "last" finds this fit's saves newest: a fresh run's after a longer earlier
+    run's, a resume from an older file's after the files it branched from. A
+    ``fresh`` fit (one that resumed nothing) is warned by `warn_if_starting_over`."""
     earlier = list_checkpoints(directory)
+    if fresh:
+        warn_if_starting_over(directory, earlier)
+    return max([sequence, *(int(info.record.get("sequence", 0)) for info in earlier)])
+
+
+def warn_if_starting_over(directory: Path, earlier: list[storage.CheckpointInfo]) -> None:
+    """At the start of a fit that resumed nothing: warn when ``directory`` holds
+    checkpoints already (``earlier``, newest first), since this run's saves replace
+    ``last.ckpt`` (and any ranked file of the same name), and ``"last"`` would then
+    resume this run."""
     if earlier:
         warn_user(
             f"hooktrain-checkpoint: {directory} holds {len(earlier)} checkpoint(s) already "

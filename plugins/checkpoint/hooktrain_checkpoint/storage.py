@@ -115,16 +115,16 @@ class CheckpointInfo:
     def recency_key(self) -> tuple[int, ...]:
         """Orders checkpoints from the least to the most recently saved.
 
-        First by ``saved_at_ns`` (``time.time_ns()`` when the record was made, in
-        nanoseconds since the Unix epoch; 0 in records written before it existed),
-        so that a fresh run's checkpoints come after an earlier run's in the same
-        directory whatever progress either made, as with Lightning's ``"last"``,
-        which goes by modification time. The record's time survives copying a
-        directory, which file times do not. Then by progress, for records of the
-        same instant (``last.ckpt`` and the ranked file it links to) and old ones.
+        First by the record's ``sequence``: each save of the plugin counts one
+        more, and a fit starts counting after the highest number its directory
+        holds, so a fresh run's checkpoints, and those of a run resumed from an
+        older file, come after whatever the directory held, whatever progress
+        either made. A counter, not a clock: a clock set back (a restart on
+        another node, an NTP step) would put a run's newest save behind its older
+        ones. Then by progress, for one save's two files (``last.ckpt`` and the
+        ranked file it links to).
         """
-        record = self.record
-        return (int(record.get("saved_at_ns", 0)), *self.progress_key)
+        return (int(self.record.get("sequence", 0)), *self.progress_key)
 
     @property
     def progress_key(self) -> tuple[int, int, int, int, int]:

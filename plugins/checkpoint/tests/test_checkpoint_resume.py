@@ -249,6 +249,20 @@ def test_last_resumes_the_run_saved_most_recently_not_the_one_trained_furthest(
     assert resumed.global_step == 2 * BATCHES_PER_EPOCH
 
 
+def test_last_after_a_resume_from_an_older_file_continues_that_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Resumed from an older file, the run's saves have less progress than the files
+    # it branched from; "last" must still find them (by save number, not a clock,
+    # which may be set back on the node a resume runs on).
+    fit(tmp_path, epochs=3, save_top_k=-1)
+    with pytest.raises(HookError, match="Crash"):
+        fit(tmp_path, CrashAt(4), ckpt_path=str(tmp_path / "epoch=0-step=3.ckpt"), save_top_k=-1)
+    capsys.readouterr()
+    fit(tmp_path, ckpt_path="last", epochs=1, save_top_k=-1)
+    assert "(epoch 0, global step 6)" in capsys.readouterr().err
+
+
 def test_rerunning_a_finished_run_trains_nothing(tmp_path: Path) -> None:
     first = fit(tmp_path, epochs=2, every_n_train_steps=5)  # ends between saves
     recorder = HookRecorder(hooks=["on_train_batch_start"])
