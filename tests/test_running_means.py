@@ -121,3 +121,31 @@ def _saved(state: dict) -> io.BytesIO:
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_pending_numbers_save_as_floats_and_sums_of_numbers_keep_float64() -> None:
+    import numpy as np
+
+    values = [np.float64(1 / 3), 2 / 3, 1, np.float64(0.1)] * 3  # what trainer.log takes
+    whole = _filled(values, [1] * 12)
+    cut = _filled(values[:10], [1] * 10)  # 8 folded into a float sum, 2 pending
+    loaded = torch.load(_saved(cut.state_dict()), weights_only=True)
+    assert loaded["sums"]["loss"].dtype == torch.float64
+    resumed = RunningMeans()
+    resumed.fold_every = 4
+    resumed.load_state_dict(loaded, torch.device("cpu"))
+    for value in values[10:]:
+        resumed.add("loss", value, 1)
+    assert float(resumed.compute()["loss"]) == whole.compute()["loss"]
+
+
+def test_pending_values_on_two_devices_fold_onto_the_latest_ones() -> None:
+    # Restored onto the training device, then a metric computed on another device
+    # adds to the same name (or the other way round): the fold puts them on one.
+    # "meta" stands in for a GPU: a tensor can be copied onto it, not out of it.
+    state = _filled([torch.tensor(1.0)] * 6, [2] * 6).state_dict()
+    resumed = RunningMeans()
+    resumed.fold_every = 4
+    resumed.load_state_dict(state, torch.device("cpu"))
+    resumed.add("loss", torch.tensor(3.0, device="meta"), 2)
+    assert resumed.compute()["loss"].device.type == "meta"

@@ -132,8 +132,11 @@ class RunningMeans:
             stacked: torch.Tensor | None = torch.stack(values)
         except TypeError:  # numbers among them
             stacked = None
-        except RuntimeError:  # mixed shapes of one element each
-            stacked = torch.stack([v.reshape(()) for v in values])
+        except RuntimeError:  # mixed shapes of one element each, or devices
+            # (a metric computed on the CPU after a resume put the values restored
+            # from its checkpoint on the training device): onto the latest's.
+            device = values[-1].device
+            stacked = torch.stack([v.reshape(()).to(device) for v in values])
         if stacked is not None:
             if stacked.ndim != 1:
                 stacked = stacked.reshape(-1)
@@ -266,7 +269,12 @@ class RunningMeans:
                     weights[name] = float(reduced[len(names) + i])
         state: dict[str, Any] = {
             "sums": {
-                n: (s.detach().cpu() if isinstance(s, torch.Tensor) else torch.tensor(s))
+                # A sum of Python numbers is a float64: kept so, not rounded to float32.
+                n: (
+                    s.detach().cpu()
+                    if isinstance(s, torch.Tensor)
+                    else torch.tensor(s, dtype=torch.float64)
+                )
                 for n, s in sums.items()
             },
             "weights": weights,
@@ -307,10 +315,15 @@ class RunningMeans:
 def _kept_values(values: list[Any]) -> Any:
     """Pending values as a checkpoint keeps them: tensors of one element stacked
     into one tensor on the CPU (one record in the file, not one per value), which
-    `RunningMeans.load_state_dict` unbinds again; anything else as a list."""
+    `RunningMeans.load_state_dict` unbinds again; anything else as a list, of
+    tensors copied alone (not with the storage a view shares) and of numbers as
+    Python floats (a NumPy float is a float, which loading with
+    ``weights_only=True`` refuses in its own type)."""
     if values and all(isinstance(v, torch.Tensor) and v.numel() == 1 for v in values):
         try:
             return torch.stack([v.detach().reshape(()) for v in values]).cpu()
         except RuntimeError:  # mixed dtypes or devices: kept one by one
             pass
-    return [v.detach().cpu() if isinstance(v, torch.Tensor) else v for v in values]
+    return [
+        v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else float(v) for v in values
+    ]
