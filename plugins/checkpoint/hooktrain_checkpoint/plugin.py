@@ -186,9 +186,11 @@ class ModelCheckpoint:
             self._step_saver = saver  # only once registered: teardown unregisters it
         result = yield
         if stage == "fit":
-            # Steps count from 0 again in a new fit: its step N holds other weights
-            # than an earlier fit's (a resumed fit gets its own back when loading).
+            # A new fit counts steps from 0 again and ranks its own saves (a resumed
+            # fit gets its ranking back when loading); its step N is not saved yet.
             self._kept_steps = {}
+            self.best_k_models = {}
+            self._saved_progress = None
             self._validated_step = -1
             never = topk.never_ranked_message(
                 self.monitor, self.every_n_epochs, trainer.val_every_n_steps

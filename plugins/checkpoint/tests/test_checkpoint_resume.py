@@ -263,6 +263,26 @@ def test_last_after_a_resume_from_an_older_file_continues_that_resume(
     assert "(epoch 0, global step 6)" in capsys.readouterr().err
 
 
+def test_one_plugin_object_for_two_fresh_fits_saves_the_second_fits_state(
+    tmp_path: Path,
+) -> None:
+    # The second fit ends at the progress the first one's last save had: its final
+    # state used to be taken as saved already, and its ranking to start from the
+    # first fit's files, so last.ckpt and the ranked files kept the first fit's weights.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_epochs=1)
+    for seed in (1, 2):
+        trainer = Trainer(plugins=[checkpoint], max_epochs=2, seed=seed, device="cpu")
+        model = Net()
+        train, val = make_data(n=128, batch_size=16, seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the second fit is warned it starts over
+            trainer.fit(model, train, val, loss_fn=F.cross_entropy)
+    weight = model.state_dict()["body.0.weight"]
+    for name in ("last.ckpt", "epoch=1-step=16.ckpt"):
+        saved = torch.load(tmp_path / name, weights_only=True)["model"]["body.0.weight"]
+        assert torch.equal(saved, weight), name
+
+
 def test_rerunning_a_finished_run_trains_nothing(tmp_path: Path) -> None:
     first = fit(tmp_path, epochs=2, every_n_train_steps=5)  # ends between saves
     recorder = HookRecorder(hooks=["on_train_batch_start"])
