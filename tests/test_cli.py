@@ -115,6 +115,16 @@ def test_subcommands_come_from_entry_points(fake_dists):
     assert any(line.split()[:3] == ["new-plugin", "from", "hooktrain;"] for line in help_lines)
 
 
+def test_help_lists_a_command_whose_name_holds_a_percent_sign(fake_dists):
+    # argparse %-formats help texts: the name must not be read as a format.
+    fake_dists.add(
+        "odd-dist", {"fifty%off": "cmdmod:main"}, {"cmdmod": COMMAND}, group="hooktrain.commands"
+    )
+    result = hooktrain_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert "hooktrain fifty%off --help" in result.stdout
+
+
 def test_console_script_is_installed():
     executable = shutil.which("hooktrain")
     assert executable is not None

@@ -285,7 +285,8 @@ def _run(argv: Sequence[str] | None) -> int:
         # Listed for --help only (they run before argparse, above); their own
         # --help is not read here, which would import them.
         source = entry_point.dist.name if entry_point.dist is not None else "an entry point"
-        sub.add_parser(name, help=f"from {source}; hooktrain {name} --help", add_help=False)
+        text = f"from {source}; hooktrain {name} --help".replace("%", "%%")  # argparse formats
+        sub.add_parser(name, help=text, add_help=False)
     plugins = sub.add_parser(
         "plugins",
         help="list installed plugins",
