@@ -244,12 +244,12 @@ class RunningMeans:
         ``"reduced"``, so that a checkpoint written by rank 0 holds the whole epoch
         so far, not rank 0's share of it.
         """
-        pending: dict[str, tuple[Any, list[float]]] = {}
-        if collectives is None:
-            for name, (values, weights) in self._pending.items():
-                pending[name] = (_kept_values(values), list(weights))
-        else:
-            self.fold_all()
+        if collectives is not None:
+            self.fold_all()  # only sums are reduced over processes
+        pending = {
+            name: (_kept_values(values), list(weights))
+            for name, (values, weights) in self._pending.items()
+        }
         sums = dict(self._sums)
         weights = dict(self._weights)
         if collectives is not None:
