@@ -121,8 +121,8 @@ class CheckpointInfo:
         older file, come after whatever the directory held, whatever progress
         either made. A counter, not a clock: a clock set back (a restart on
         another node, an NTP step) would put a run's newest save behind its older
-        ones. Then by progress, for one save's two files (``last.ckpt`` and the
-        ranked file it links to).
+        ones. Then by progress, which only breaks ties between runs of a directory
+        written before saves were numbered across it (each run counted from 1).
         """
         return (int(self.record.get("sequence", 0)), *self.progress_key)
 
