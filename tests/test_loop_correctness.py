@@ -231,6 +231,71 @@ def test_a_step_wise_plateau_scheduler_is_judged_on_the_validation_of_its_step()
     assert model.given == losses.seen
 
 
+class EpochPlateauModel(PlateauModel):
+    """An epoch-wise plateau scheduler on ``val_loss`` that records what it was given."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        given = self.given = []
+
+        class Recorded(torch.optim.lr_scheduler.ReduceLROnPlateau):
+            def step(self, metrics, *args, **kwargs):
+                given.append(float(metrics))
+                return super().step(metrics, *args, **kwargs)
+
+        self.scheduler = Recorded(optimizer, patience=0)
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler}
+
+
+class ValidationsByEpoch:
+    """The ``val_loss`` of each validation, by the epoch it ran in."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, list[float]] = {}
+
+    @hookimpl
+    def on_validation_end(self, trainer):
+        self.seen.setdefault(trainer.current_epoch, []).append(trainer.metrics["val_loss"])
+
+
+# Validated at steps 3 and 6 of a 7-step epoch, never at its end.
+STEP_WISE_ONLY = {"val_every_n_steps": 3, "check_val_every_n_epoch": 100}
+
+
+def test_an_epoch_wise_plateau_scheduler_counts_the_epochs_step_wise_validations():
+    # Only a validation at the epoch's last step counted: with val_every_n_steps=3
+    # and 7 steps an epoch the scheduler was never stepped, without a word.
+    train, val = make_data(n=56, batch_size=8)
+    model = EpochPlateauModel(torch.optim.lr_scheduler.ReduceLROnPlateau)
+    validations = ValidationsByEpoch()
+    Trainer(plugins=[validations], max_epochs=2, device="cpu", **STEP_WISE_ONLY).fit(
+        model, train, val
+    )
+    assert [len(validations.seen[epoch]) for epoch in (0, 1)] == [2, 2]  # steps 3, 6; 9, 12
+    # Once after each epoch, with the epoch's latest val_loss.
+    assert model.given == [validations.seen[0][-1], validations.seen[1][-1]]
+
+
+def test_a_resume_keeps_the_epochs_step_wise_validations_for_its_plateau_scheduler(tmp_path):
+    train, val = make_data(n=56, batch_size=8)
+
+    def fit(plugins, ckpt_path=None):
+        model = EpochPlateauModel(torch.optim.lr_scheduler.ReduceLROnPlateau)
+        trainer = Trainer(plugins=plugins, max_epochs=1, seed=0, device="cpu", **STEP_WISE_ONLY)
+        trainer.fit(model, train, val, ckpt_path=ckpt_path)
+        return model
+
+    uninterrupted = fit([])
+    path = tmp_path / "after-validation.ckpt"
+    with pytest.raises(KeyboardInterrupt):  # at the last step, before the epoch's end
+        fit([CrashesAfter(path, save_at=7, crash_at=7)])
+    recorder = HookRecorder(hooks=["on_validation_start"])
+    resumed = fit([recorder], ckpt_path=path)
+    assert recorder.count("on_validation_start") == 0  # steps 3 and 6 ran before the kill
+    assert len(uninterrupted.given) == len(resumed.given) == 1
+    assert resumed.given == uninterrupted.given
+
+
 class StepPlateauModel(nn.Module):
     """A plateau scheduler stepped every optimizer step on the training loss; it
     records what it was given, and the model records each step's loss."""

@@ -252,6 +252,7 @@ def _open_epoch(
     if skip == 0:
         trainer._train_means.reset()
         trainer._train_metrics.reset()
+        trainer._epoch_validation = None
         _apply_pending_rng(trainer)
     trainer.epoch_batches_done = skip
     trainer.epoch_complete = False
@@ -284,10 +285,11 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
         # A step-wise validation at this epoch's last step saw these same weights.
         and trainer._validated_at_step != trainer.global_step
     ):
-        computed |= _validate(trainer)
-    elif trainer._validated_at_step == trainer.global_step:
-        computed |= trainer._last_validation
-    validated = trainer._validated_at_step == trainer.global_step
+        _validate(trainer)
+    # Every validation of the epoch counts, the step-wise ones (val_every_n_steps)
+    # too: a plateau scheduler on val_loss steps after an epoch that computed it.
+    validated = trainer._epoch_validation is not None
+    computed |= trainer._epoch_validation or set()
     for entry in trainer._schedulers:
         if entry.interval == "epoch" and (trainer.current_epoch + 1) % entry.frequency == 0:
             step_scheduler(trainer, entry, computed, validated)
@@ -299,10 +301,11 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     publish(trainer, means.names() | set(epoch_values) | logged, "epoch")
 
 
-def _validate(trainer: Trainer) -> set[str]:
-    """Validation inside ``fit``: the names it computed. It must not change
-    training, so every global random generator is put back afterwards (its
-    dataloaders draw seeds, its datasets may draw numbers)."""
+def _validate(trainer: Trainer) -> None:
+    """Validation inside ``fit``; the names it computed join the epoch's
+    (``trainer._epoch_validation``). It must not change training, so every global
+    random generator is put back afterwards (its dataloaders draw seeds, its
+    datasets may draw numbers)."""
     with fork_rng():
         results = evaluation_loop(trainer, "validate", trainer.eval_dataloaders)
     if not results and trainer.limits["validate"] != 0 and not trainer._warned_empty_validation:
@@ -316,8 +319,7 @@ def _validate(trainer: Trainer) -> set[str]:
             "values, from validation_step"
         )
     trainer._validated_at_step = trainer.global_step
-    trainer._last_validation = set(results)
-    return set(results)
+    trainer._epoch_validation = (trainer._epoch_validation or set()) | set(results)
 
 
 def _epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: int) -> Iterator[Any]:
@@ -366,6 +368,7 @@ def _start_progress(trainer: Trainer) -> None:
     trainer._pending_generators = None
     trainer._epoch_start_state = None
     trainer._validated_at_step = -1
+    trainer._epoch_validation = None
     trainer._warned_length = False
     trainer._warned_empty_validation = False
     trainer._train_means.reset()

@@ -297,7 +297,8 @@ def step_scheduler(
         them does not step when validation did not run for these weights: a
         plateau is judged only on fresh values, and epochs that skip validation
         (``check_val_every_n_epoch``) have none.
-    :param validated: whether validation ran for the weights of this epoch's end.
+    :param validated: whether validation ran in this epoch (at its end or at a
+        step inside it).
     :raises ConfigurationError: when the monitored metric is missing although
         validation ran (a misspelt name, a ``validation_step`` that returns
         nothing), naming those computed.

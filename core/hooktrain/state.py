@@ -87,7 +87,11 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
             # A validation inside this step (val_every_n_steps) saw the weights saved:
             # the epoch's end, when a resume runs it, does not validate them again.
             "validated_at_step": trainer._validated_at_step,
-            "last_validation": sorted(trainer._last_validation),
+            # What the epoch's validations computed, which its epoch-wise plateau
+            # schedulers are judged on.
+            "epoch_validation": (
+                None if trainer._epoch_validation is None else sorted(trainer._epoch_validation)
+            ),
         },
         "data_seed": trainer.data_seed,
         "rng": rng_state(),
@@ -193,7 +197,8 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         trainer._pending_epoch_data = checkpoint.get("epoch_start_state")
         trainer._resume_split = {key: progress.get(key) for key in SPLIT}
         trainer._validated_at_step = int(progress.get("validated_at_step", -1))
-        trainer._last_validation = set(progress.get("last_validation", ()))
+        names = progress.get("epoch_validation")
+        trainer._epoch_validation = None if names is None else set(names)
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
     trainer._checked_steps_from = trainer.global_step + 1

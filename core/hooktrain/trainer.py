@@ -188,10 +188,11 @@ class Trainer:
         self._pending_epoch_data: Mapping[str, Any] | None = None
         self._resume_skip = 0
         self._resume_split: dict[str, Any] | None = None  # how the interrupted epoch split
-        # The global step of the last validation inside fit, and what it computed:
-        # an epoch's end does not validate the same weights again.
+        # The global step of the last validation inside fit: an epoch's end does not
+        # validate the same weights again.
         self._validated_at_step = -1
-        self._last_validation: set[str] = set()
+        # Names computed by the open epoch's validations; None when none ran.
+        self._epoch_validation: set[str] | None = None
         self._warned_length = False
         self._warned_empty_validation = False
         self._fit_start_step = 0  # global_step when the fit started or resumed
