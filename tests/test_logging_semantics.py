@@ -371,3 +371,28 @@ def test_a_value_logged_after_a_fits_last_log_point_does_not_reach_the_next_fit(
         (2, "step", ["loss"]),
         (3, "epoch", ["loss"]),
     ]
+
+
+def test_a_float64_models_metrics_are_the_same_whether_a_logger_listens_or_not():
+    # Reading the values for a logger stacked them as float32 and kept the rounded
+    # values: early stopping and checkpoints saw other numbers once a logger was added.
+    train, val = make_data(n=48, batch_size=16)
+
+    def fit(plugins):
+        torch.manual_seed(0)
+        trainer = Trainer(plugins=plugins, max_epochs=1, device="cpu")
+        data = _as_double(train), _as_double(val)
+        trainer.fit(make_model().double(), *data, metrics={"acc": accuracy}, **SGD_FIT)
+        return trainer
+
+    publications = Publications()
+    listened, alone = fit([publications]), fit([])
+    assert listened.metrics["val_loss"] == alone.metrics["val_loss"]
+    assert listened.metrics["loss"] == alone.metrics["loss"]
+    published = {scope: values for _, scope, values in publications.seen}
+    assert published["validate"]["val_loss"] == alone.metrics["val_loss"]
+    assert published["epoch"]["loss"] == alone.metrics["loss"]
+
+
+def _as_double(loader):
+    return [(inputs.double(), targets) for inputs, targets in loader]

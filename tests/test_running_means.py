@@ -79,6 +79,25 @@ def test_floats_keep_the_conversion_and_snapshot_floats_leave_the_store_alone() 
     assert metrics.raw("loss") == 0.5
 
 
+def test_floats_read_each_value_in_its_own_precision() -> None:
+    # Several tensors were stacked as float32 to be read at once: with a logger
+    # installed a float64 model's metrics were rounded, and a large count too.
+    exact = 1.1329923143258347
+    metrics = Metrics()
+    metrics.set("val_loss", torch.tensor(exact, dtype=torch.float64))
+    metrics.set("val_acc", torch.tensor(0.75, dtype=torch.float64))
+    metrics.set("samples", torch.tensor(16_777_217))  # 2**24 + 1: not a float32
+    metrics.set("count", torch.tensor(3))
+    metrics.set("loss", torch.tensor(0.1))  # float32: as item() reads it
+    assert metrics.floats() == {
+        "val_loss": exact,
+        "val_acc": 0.75,
+        "samples": 16_777_217.0,
+        "count": 3.0,
+        "loss": torch.tensor(0.1).item(),
+    }
+
+
 def _filled(values: list, sizes: list[int]) -> RunningMeans:
     means = RunningMeans()
     means.fold_every = 4  # some values folded, the rest still pending

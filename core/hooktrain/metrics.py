@@ -146,12 +146,19 @@ class Metrics(Mapping[str, float]):
 
 
 def _as_floats(values: Mapping[str, Any]) -> dict[str, float]:
-    """``values`` as floats, every tensor among them read in one transfer."""
-    tensors = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    """``values`` as floats, each the value ``float(tensor.item())`` gives: the
+    tensors of one device and dtype are read in one transfer, stacked as they are
+    (a float64 or int64 value cast to float32 for the stack would lose digits, and
+    tensors on two devices cannot be stacked)."""
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor):
+            groups.setdefault((value.device, value.dtype), []).append(key)
     read: dict[str, float] = {}
-    if len(tensors) > 1:
-        stacked = torch.stack([values[k].detach().float().reshape(()) for k in tensors])
-        read = dict(zip(tensors, stacked.tolist(), strict=True))
+    for keys in groups.values():
+        if len(keys) > 1:
+            stacked = torch.stack([values[k].detach().reshape(()) for k in keys])
+            read.update(zip(keys, stacked.tolist(), strict=True))
     return {
         k: float(read[k] if k in read else v.item() if isinstance(v, torch.Tensor) else v)
         for k, v in values.items()
