@@ -171,6 +171,46 @@ def test_a_teardown_wrapper_runs_once_when_a_plain_teardown_fails():
         assert (wrapper.calls, witness.events) == (1, ["teardown"])
 
 
+def failing_cleanup_wrapper(when: str, tryfirst: bool) -> object:
+    """A plugin wrapping both clean-up hooks that raises before its ``yield`` (a
+    connection that is gone) or after it."""
+
+    def wrap():
+        if when == "before":
+            raise ConnectionError("the tracking server is gone")
+        yield
+        raise ConnectionError("the tracking server is gone")
+
+    class FailingWrapper:
+        name = "failing_wrapper"
+
+        @hookimpl(wrapper=True, tryfirst=tryfirst)
+        def on_exception(self):
+            return (yield from wrap())
+
+        @hookimpl(wrapper=True, tryfirst=tryfirst)
+        def teardown(self):
+            return (yield from wrap())
+
+    return FailingWrapper()
+
+
+@pytest.mark.parametrize("tryfirst", [True, False])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_clean_up_wrapper_failing_keeps_no_plain_clean_up_from_running(capsys, when, tryfirst):
+    # A wrapper raising before its yield stopped pluggy's call before any plain
+    # implementation, and none was called afterwards: loggers lost their rows and
+    # the checkpoint plugin kept its directory lock and SIGTERM handler.
+    witness = Witness()
+    with pytest.raises(HookError) as excinfo:
+        run([Exploding(), failing_cleanup_wrapper(when, tryfirst), witness], record=False)
+    assert excinfo.value.plugin == "exploder"
+    assert witness.events == ["on_exception", "teardown"]  # once each, either way
+    err = capsys.readouterr().err
+    for hook in ("on_exception", "teardown"):
+        assert f"{hook} raised after an error: plugin 'failing_wrapper' raised in hook" in err
+
+
 @pytest.mark.parametrize("witness_first", [True, False])
 def test_a_failing_teardown_is_raised_after_every_teardown_ran(witness_first):
     witness = Witness()

@@ -63,31 +63,43 @@ def run_stage(trainer: Trainer, stage: str, body: Callable[[], Any]) -> Any:
 
 def call_each(trainer: Trainer, hook_name: str, kwargs: dict[str, Any]) -> list[BaseException]:
     """Call a clean-up hook (``on_exception``, ``teardown``) so that one plugin
-    raising does not keep the plugins after it from flushing their files.
+    raising does not keep the others from flushing their files.
 
     pluggy stops a call at the first implementation that raises; the plain
     implementations it had not reached yet are then called here, one by one, in
-    its order. (Wrappers are not run again: theirs ran around the first call.)
+    its order: those after a plain one that raised, or all of them when a
+    wrapper raised before pluggy reached them (before its ``yield``). Wrappers
+    are not run again: theirs ran around the first call.
 
     :return: what was raised, in call order, each as `explain` words it: empty
         when every implementation returned.
     """
     caller = getattr(trainer.plugin_manager.hook, hook_name)
+    reached: list[bool] = []
+
+    def mark_reached() -> None:
+        # pluggy calls a temporary implementation after the tryfirst plain ones
+        # and before the others: a wrapper failing before its yield stops the
+        # call before any of them.
+        reached.append(True)
+
     try:
-        caller(**kwargs)
+        caller.call_extra([mark_reached], kwargs)
         return []
     except Exception as exc:
         errors = [_explained(trainer, exc)]
     culprit = errors[0]
-    if not (isinstance(culprit, HookError) and culprit.hook == hook_name):
-        return errors  # raised outside any plugin's implementation of it
     plain = [
         impl for impl in reversed(caller.get_hookimpls()) if not (impl.wrapper or impl.hookwrapper)
     ]
     names = [trainer.plugin_manager.get_name(impl.plugin) for impl in plain]
-    if culprit.plugin not in names:
-        return errors  # a wrapper raised
-    for impl in plain[names.index(culprit.plugin) + 1 :]:
+    if isinstance(culprit, HookError) and culprit.hook == hook_name and culprit.plugin in names:
+        left = plain[names.index(culprit.plugin) + 1 :]
+    elif not reached:
+        left = plain
+    else:
+        return errors  # a wrapper raised after the plain implementations ran
+    for impl in left:
         try:
             impl.function(*(kwargs[name] for name in impl.argnames))
         except Exception as exc:
