@@ -437,6 +437,8 @@ class ReturnsNonsense:
         ("batch_iterator", 7, "an iterable"),
         ("gather_for_metrics", "nonsense", r"\(outputs, targets\)"),
         ("clip_gradients", "nonsense", "the norm or None"),
+        # True, as backward and optimizer_step return it, was logged as a norm of 1.0.
+        ("clip_gradients", True, "the norm or None"),
     ],
 )
 def test_a_result_the_loop_cannot_use_names_the_plugin(hook, value, expected):
@@ -453,6 +455,37 @@ def test_a_result_the_loop_cannot_use_names_the_plugin(hook, value, expected):
             record=False,
             gradient_clip_val=1.0,
         )
+
+
+class LoadsTheModelAndReturnsOn:
+    """Loads the model itself and returns what ``load_state_dict`` returned."""
+
+    name = "loads_the_model"
+
+    @hookimpl
+    def set_state_dict(self, trainer, model_state_dict):
+        return trainer.module.load_state_dict(model_state_dict)
+
+
+@pytest.mark.parametrize(
+    ("plugin", "expected"),
+    [
+        # Its result ended the hook before the core's default: the resumed run's
+        # optimizer silently started afresh (no momentum).
+        (LoadsTheModelAndReturnsOn(), "set_state_dict hook returned _IncompatibleKeys"),
+        # "'list' object has no attribute 'get'", "KeyError: 'model'", naming no one.
+        (ReturnsNonsense("load_checkpoint", [1, 2]), "load_checkpoint hook returned list"),
+        (ReturnsNonsense("load_checkpoint", {"0.weight": 1}), "load_checkpoint hook returned dict"),
+    ],
+)
+def test_a_resume_hook_result_the_core_cannot_use_names_the_plugin(tmp_path, plugin, expected):
+    path = tmp_path / "run.ckpt"
+    import torch
+
+    torch.save(run([], max_epochs=1, record=False).trainer.dump_checkpoint(), path)
+    with pytest.raises(PluginError, match=expected) as excinfo:
+        run([plugin], max_epochs=2, record=False, fit_kwargs={"ckpt_path": str(path)})
+    assert f"implemented by {plugin.name!r}" in str(excinfo.value)
 
 
 def test_an_all_reduce_that_returns_no_tensor_names_the_plugin():

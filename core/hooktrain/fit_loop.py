@@ -41,6 +41,7 @@ from hooktrain.replay import (
 from hooktrain.results import iterate, metric_values, origin, unexpected_result
 from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
 from hooktrain.running_means import process_collectives
+from hooktrain.state import check_loaded
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -67,6 +68,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     hooks = trainer._hooks = ResolvedHooks(trainer.plugin_manager, trainer._defaults)
     if ckpt_path is not None:
         checkpoint = hooks.load_checkpoint(trainer=trainer, ckpt_path=os.fspath(ckpt_path))
+        check_loaded(trainer, checkpoint)
         if checkpoint:
             trainer.restore_checkpoint(checkpoint)
     trainer._fit_start_step = trainer.global_step

@@ -154,7 +154,9 @@ def load_checkpoint(trainer: Trainer, ckpt_path: str) -> Mapping[str, Any] | Non
     :param trainer: the trainer.
     :param ckpt_path: the value passed to ``fit``.
     :return: the checkpoint mapping, or ``None``. An implementation that decides the
-        run must start fresh raises nothing and returns an empty mapping.
+        run must start fresh raises nothing and returns an empty mapping. Anything
+        else (a bare ``state_dict``, a mapping without ``"model"`` and
+        ``"progress"``) raises ``PluginError`` naming the implementers.
     """
 
 
@@ -458,7 +460,8 @@ def clip_gradients(
     logs as ``grad_norm`` once a step (with several optimizers, the 2-norm of their
     norms: the norm over every parameter, each group clipped on its own).
 
-    :return: the gradient norm before clipping (a tensor), or ``None`` to defer.
+    :return: the gradient norm before clipping (a tensor or a number), or ``None``
+        to defer. Any other value (``True`` included) raises ``PluginError``.
     """
 
 
@@ -583,7 +586,9 @@ def set_state_dict(
 
     :param model_state_dict: the checkpoint's ``"model"``.
     :param optimizer_state_dicts: the checkpoint's ``"optimizers"``, one per optimizer.
-    :return: ``True`` once loaded, or ``None`` to defer.
+    :return: ``True`` once loaded, or ``None`` to defer. Any other value (what
+        ``load_state_dict`` returned) raises ``PluginError``, as the hook's result
+        would otherwise keep the core's default from loading the optimizers.
     :raises ConfigurationError: when the states do not fit the model or optimizers.
     """
 

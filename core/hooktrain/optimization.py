@@ -226,7 +226,8 @@ def make_optimizer_step(trainer: Trainer, hooks: ResolvedHooks) -> Callable[[int
             if clip is not None:
                 norm = clip_gradients(trainer=trainer, optimizer=optimizer, max_norm=clip)
                 if norm is not None:
-                    if not isinstance(norm, torch.Tensor | float | int):
+                    # bool is an int, and True is what other compute hooks return.
+                    if isinstance(norm, bool) or not isinstance(norm, torch.Tensor | float | int):
                         raise unexpected_result(
                             trainer.plugin_manager, "clip_gradients", norm, "the norm or None"
                         )

@@ -17,6 +17,7 @@ from torch import nn
 from hooktrain.errors import ConfigurationError
 from hooktrain.loadable import require_loadable
 from hooktrain.replay import SPLIT, epoch_split, warn_if_workers_persist
+from hooktrain.results import unexpected_result
 from hooktrain.rng import loader_generators, rng_state
 from hooktrain.running_means import process_collectives
 
@@ -159,6 +160,25 @@ def require_checkpoint(loaded: Any, source: str) -> None:
         )
 
 
+def check_loaded(trainer: Trainer, loaded: Any) -> None:
+    """Refuse what a plugin's ``load_checkpoint`` returned unless it is ``None``,
+    an empty mapping (start fresh) or a checkpoint, naming the plugins.
+
+    :raises PluginError: for anything else (a bare ``state_dict``, a list).
+    """
+    if loaded is None or (
+        isinstance(loaded, Mapping) and (not loaded or ("model" in loaded and "progress" in loaded))
+    ):
+        return
+    raise unexpected_result(
+        trainer.plugin_manager,
+        "load_checkpoint",
+        loaded,
+        "a checkpoint (a mapping holding 'model' and 'progress', as dump_checkpoint "
+        "makes it), an empty mapping or None",
+    )
+
+
 def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     """See `hooktrain.Trainer.restore_checkpoint`."""
     if trainer.module is None:
@@ -168,11 +188,15 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     check_count("LR scheduler(s)", schedulers, scheduler_states)
     for index, (scheduler, saved) in enumerate(zip(schedulers, scheduler_states, strict=True)):
         check_scheduler_kind(index, scheduler, saved)
-    trainer.plugin_manager.hook.set_state_dict(
+    loaded = trainer.plugin_manager.hook.set_state_dict(
         trainer=trainer,
         model_state_dict=checkpoint["model"],
         optimizer_state_dicts=list(checkpoint.get("optimizers", [])),
     )
+    if loaded is not True:
+        # Another value (load_state_dict's result, returned on) ends the hook
+        # before the core's default: the optimizers would silently stay fresh.
+        raise unexpected_result(trainer.plugin_manager, "set_state_dict", loaded, "True")
     for scheduler, saved in zip(schedulers, scheduler_states, strict=True):
         scheduler.load_state_dict(saved)
     progress = checkpoint["progress"]
