@@ -119,6 +119,33 @@ def test_script_options_win_key_by_key_and_a_name_is_not_added_twice(project: Pa
     assert trainer.plugin_origins["tagger"] == "script"
 
 
+def test_options_for_a_misspelt_plugin_name_are_reported_with_the_closest(
+    project: Path, capsys
+) -> None:
+    # Options under [tool.hooktrain.plugin-options.taggr] went to nothing, without a
+    # word: the plugin ran with its defaults.
+    config = write_config(
+        project,
+        """
+        [tool.hooktrain]
+        plugins = ["tagger"]
+        [tool.hooktrain.plugin-options.taggr]
+        tag = "from-file"
+        [tool.hooktrain.plugin-options.profile]
+        limit = 3
+        """,
+    )
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    assert trainer.plugin_manager.get_plugin("tagger").tag == "default"
+    err = capsys.readouterr().err
+    assert (
+        f"{config} [tool.hooktrain] gives options to 'taggr', which is no installed plugin, "
+        f"so it applies to nothing; did you mean 'tagger'?"
+    ) in err
+    # Options for an installed plugin the script may select later are no mistake.
+    assert "'profile'" not in err
+
+
 def test_disable_wins_over_every_selection(
     project: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
@@ -206,6 +233,8 @@ def test_selected_lists_environment_and_pyproject_with_origins(project: Path) ->
         disable = ["tqdm"]
         [tool.hooktrain.plugin-options.csv]
         log_dir = "logs"
+        [tool.hooktrain.plugin-options.taggr]
+        tag = "x"
         """,
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKTRAIN_")}
@@ -226,4 +255,8 @@ def test_selected_lists_environment_and_pyproject_with_origins(project: Path) ->
     assert f"{config} [tool.hooktrain]" in rows["tagger"]
     assert "NOT INSTALLED" in rows["nosuchplugin"]
     assert f"disabled wherever selected: tqdm ({config} [tool.hooktrain])" in out
-    assert "options for 'csv' when the script selects it by name: log_dir='logs'" in out
+    assert "options for 'csv' when the script selects it by name: log_dir='logs'\n" in out
+    assert (
+        "options for 'taggr' when the script selects it by name: tag='x' (NOT INSTALLED: "
+        "they go to nothing; did you mean 'tagger'?)"
+    ) in out

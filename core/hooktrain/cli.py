@@ -111,7 +111,7 @@ def _show_selected() -> int:
     """
     import os
 
-    from hooktrain.errors import ConfigurationError
+    from hooktrain.errors import ConfigurationError, closest_name
     from hooktrain.selection import disabled_names, find_project_config, plan_selection
 
     try:
@@ -153,7 +153,14 @@ def _show_selected() -> int:
     for name, options in config.plugin_options.items():
         if name not in selected:
             shown = ", ".join(f"{k}={v!r}" for k, v in options.items())
-            print(f"options for {name!r} when the script selects it by name: {shown}")
+            close = closest_name(name, sorted(installed))
+            unknown = (
+                ""
+                if name in installed
+                else " (NOT INSTALLED: they go to nothing"
+                + (f"; did you mean {close!r}?)" if close else ")")
+            )
+            print(f"options for {name!r} when the script selects it by name: {shown}{unknown}")
     return 1 if missing else 0
 
 

@@ -222,26 +222,29 @@ def resolve_with_origins(
         loaded.append(entry[:2])
         origins.append(planned.origin)
     named = _unique_names(loaded)
-    if disabled:
-        _say_unknown_disabled(disabled, installed, [name for name, _ in named])
+    # A name that is no installed plugin disables nothing, and options under it go
+    # to nothing: most likely misspellings, which would otherwise go without a word.
+    said = [(name, f"{where} disables {name!r}") for name, where in disabled.items()]
+    said += [(name, f"{config.origin} gives options to {name!r}") for name in config.plugin_options]
+    if said:
+        _say_unknown(said, installed, [name for name, _ in named])
     return [(name, obj, origin) for (name, obj), origin in zip(named, origins, strict=True)]
 
 
-def _say_unknown_disabled(
-    disabled: Mapping[str, str],
+def _say_unknown(
+    said: list[tuple[str, str]],
     installed: dict[str, InstalledPlugin] | None,
     selected: list[str],
 ) -> None:
-    """A disabled name that is no installed plugin disables nothing: most likely a
-    misspelling, which would otherwise leave the plugin running without a word."""
+    """Print, for each ``(name, what was said of it)`` whose name is no installed or
+    selected plugin, that it applies to nothing, with the closest name."""
     known = {*(installed if installed is not None else installed_plugins()), *selected}
-    for name, where in disabled.items():
+    for name, what in said:
         if name not in known:
             closest = closest_name(name, sorted(known))
             hint = f"; did you mean {closest!r}?" if closest else ""
             print(
-                f"hooktrain: {where} disables {name!r}, which is no installed plugin, so it "
-                f"disables nothing{hint}",
+                f"hooktrain: {what}, which is no installed plugin, so it applies to nothing{hint}",
                 file=sys.stderr,
             )
 
