@@ -9,6 +9,7 @@ temporary folder put on ``PYTHONPATH``, so the shared environment is never chang
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -51,6 +52,32 @@ def test_the_cores_own_name_is_refused(reserved: str, tmp_path: Path, capsys) ->
         PluginNames.from_name(reserved)
     assert main([reserved, "--directory", str(tmp_path)]) == 2
     assert "'core' is reserved" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("taken", ["trainer", "plugin-conformance", "none", "path"])
+def test_a_name_whose_class_the_generated_code_binds_already_is_refused(taken: str) -> None:
+    # new-plugin plugin-conformance wrote a class PluginConformance shadowing the
+    # imported base class: pytest collected 3 tests instead of 9, with a warning.
+    with pytest.raises(ValueError, match="the generated code uses for something else"):
+        PluginNames.from_name(taken)
+
+
+def test_the_refused_class_names_cover_every_name_the_templates_bind(tmp_path: Path) -> None:
+    import ast
+
+    from hooktrain.scaffold import _TAKEN_CLASS_NAMES
+
+    root = create_plugin("grad-stats", tmp_path)
+    bound = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ClassDef | ast.FunctionDef):
+                bound.add(node.name)
+    # The class names a plugin name can make: capitalised words, no underscores.
+    makeable = {n for n in bound if re.fullmatch(r"(?:[A-Z][a-z0-9]*)+", n)} - {"GradStats"}
+    assert makeable <= _TAKEN_CLASS_NAMES
 
 
 def test_writes_a_complete_distribution(tmp_path: Path) -> None:

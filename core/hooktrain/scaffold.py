@@ -32,6 +32,25 @@ _FILES: dict[str, str] = {
 }
 
 
+#: Names the templates bind already (imports, the test's classes) and Python's
+#: constants: a plugin class of that name would shadow one, or not compile.
+_TAKEN_CLASS_NAMES = frozenset(
+    {
+        "Any",
+        "ConfigurationError",
+        "False",
+        "Mapping",
+        "None",
+        "Path",
+        "PluginConformance",
+        "SaveInTheSecondEpoch",
+        "TestConformance",
+        "Trainer",
+        "True",
+    }
+)
+
+
 @dataclass(frozen=True)
 class PluginNames:
     """Every name derived from the one the user typed (``batch-counter``)."""
@@ -43,8 +62,10 @@ class PluginNames:
 
     @classmethod
     def from_name(cls, raw: str) -> PluginNames:
-        """Derive the names; raise ``ValueError`` for a name that cannot make them, or
-        for ``core``, the name of hooktrain's own implementations."""
+        """Derive the names; raise ``ValueError`` for a name that cannot make them,
+        for one whose class name the generated code binds already (``trainer``,
+        ``plugin-conformance``), or for ``core``, the name of hooktrain's own
+        implementations."""
         raw = raw.strip()
         if raw.startswith("hooktrain-") or raw.startswith("hooktrain_"):
             raw = raw[len("hooktrain-") :]
@@ -61,11 +82,18 @@ class PluginNames:
                 "plugin name 'core' is reserved for hooktrain's own hook implementations; "
                 "choose another name"
             )
+        class_name = "".join(word.capitalize() for word in words)
+        if class_name in _TAKEN_CLASS_NAMES:
+            raise ValueError(
+                f"plugin name {raw!r} would make the class {class_name!r}, which the "
+                f"generated code uses for something else (an import, a test class, a "
+                f"constant); choose another name (e.g. '{raw}-plugin')"
+            )
         return cls(
             name="_".join(words),
             dist="hooktrain-" + "-".join(words),
             package="hooktrain_" + "_".join(words),
-            cls="".join(word.capitalize() for word in words),
+            cls=class_name,
         )
 
 
