@@ -396,3 +396,18 @@ def test_a_float64_models_metrics_are_the_same_whether_a_logger_listens_or_not()
 
 def _as_double(loader):
     return [(inputs.double(), targets) for inputs, targets in loader]
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, True, "32"])
+def test_a_weight_that_is_no_positive_number_is_refused(batch_size):
+    # batch_size=0 was taken as "not given" and weighed the value by the batch.
+    class LogsWithWeight:
+        @hookimpl
+        def on_train_batch_end(self, trainer):
+            trainer.log("x", 1.0, batch_size=batch_size)
+
+    train, _ = make_data(n=32, batch_size=16)
+    trainer = Trainer(plugins=[LogsWithWeight()], max_epochs=1, device="cpu")
+    with pytest.raises(Exception, match=r"needs a positive number as the value's weight") as info:
+        trainer.fit(make_model(), train, **SGD_FIT)
+    assert isinstance(info.value.__cause__ or info.value, ConfigurationError)

@@ -10,6 +10,7 @@ the last one are checked to be finite, since values are read there anyway.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,15 @@ def log_value(trainer: Trainer, name: str, value: Any, batch_size: int | None) -
         raise ConfigurationError(
             f"trainer.log({name!r}, ...) needs a number or a tensor, got {type(value).__name__}"
         )
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Real) or batch_size <= 0
+    ):
+        # 0 was taken as "not given" (the batch's size); a weight of 0 or less would
+        # leave an epoch's mean undefined.
+        raise ConfigurationError(
+            f"trainer.log({name!r}, ..., batch_size={batch_size!r}) needs a positive "
+            f"number as the value's weight in the epoch's mean"
+        )
     name = stage_name(name, trainer._log_prefix, trainer._log_suffix)
     trainer.metrics.set(name, value)
     if trainer._epoch_end_logs is not None:
@@ -67,7 +77,9 @@ def log_value(trainer: Trainer, name: str, value: Any, batch_size: int | None) -
     else:
         trainer._logged_since_publish.add(name)
     if trainer._active_means is not None:
-        trainer._active_means.add(name, value, batch_size or trainer._batch_size)
+        trainer._active_means.add(
+            name, value, trainer._batch_size if batch_size is None else batch_size
+        )
 
 
 def publish(trainer: Trainer, names: Iterable[str], scope: str) -> None:

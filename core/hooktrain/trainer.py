@@ -247,8 +247,9 @@ class Trainer:
             the optimizer step rather than of a batch (a gradient norm, a learning
             rate, a throughput) is logged with ``batch_size=1``, so that every step
             weighs the same, whatever the size of its last micro-batch.
-        :raises ConfigurationError: for a tensor of more than one element, or a
-            value that is neither a number nor a tensor.
+        :raises ConfigurationError: for a tensor of more than one element, a value
+            that is neither a number nor a tensor, or a ``batch_size`` that is not a
+            positive number.
         """
         log_value(self, name, value, batch_size)
 
