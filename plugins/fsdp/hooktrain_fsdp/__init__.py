@@ -370,9 +370,13 @@ def _init_process_group(timeout: float) -> None:
 def _shard_loader(trainer: Trainer, loader: Any) -> Any:
     """``loader`` over 1/N of its dataset: a ``DistributedSampler`` over the same
     dataset, shuffling when the loader did, with the same batch size and collation.
+    A loader whose sampler is a ``DistributedSampler`` already is split: it is
+    returned as it is.
 
     :raises ConfigurationError: for a loader that cannot be rebuilt (an iterable
-        dataset, or a custom batch sampler).
+        dataset, a custom batch sampler), or one whose sampler picks or weighs
+        samples (``SubsetRandomSampler``, ``WeightedRandomSampler``, a random
+        sampler with replacement...), which the rebuilt loader would not.
     """
     from torch.utils.data import (
         BatchSampler,
@@ -380,6 +384,7 @@ def _shard_loader(trainer: Trainer, loader: Any) -> Any:
         DistributedSampler,
         IterableDataset,
         RandomSampler,
+        SequentialSampler,
     )
 
     if (
@@ -390,6 +395,22 @@ def _shard_loader(trainer: Trainer, loader: Any) -> Any:
         raise ConfigurationError(
             f"fsdp: the training loader must be a torch DataLoader over a map-style dataset "
             f"with a batch_size, to be split across processes; got {type(loader).__name__}"
+        )
+    if isinstance(loader.sampler, DistributedSampler):
+        return loader
+    whole = type(loader.sampler) is SequentialSampler or (
+        type(loader.sampler) is RandomSampler
+        and not loader.sampler.replacement
+        and loader.sampler.num_samples == len(loader.dataset)
+    )
+    if not whole:
+        # Rebuilt over the whole dataset, it would train on samples the sampler
+        # left out, in another order, without a word.
+        raise ConfigurationError(
+            f"fsdp: the training loader's sampler ({type(loader.sampler).__name__}) picks "
+            f"or weighs samples, which splitting the dataset across processes would "
+            f"lose; give the loader a DistributedSampler of your own (it is then used "
+            f"as it is), or a torch.utils.data.Subset of the dataset with shuffle=True"
         )
     sampler = DistributedSampler(
         loader.dataset,

@@ -180,3 +180,39 @@ def test_fsdp_and_accelerate_together_are_refused_naming_both_and_the_role() -> 
         Trainer(plugins=["fsdp", "accelerate"])
     message = str(info.value)
     assert "fsdp" in message and "accelerate" in message and "distributed" in message
+
+
+class TwoProcesses:
+    """What ``_shard_loader`` reads of a trainer of rank 1 among 2 processes."""
+
+    world_size, global_rank, data_seed = 2, 1, 0
+
+
+def test_a_sampler_that_picks_samples_is_refused_and_a_distributed_one_kept() -> None:
+    # Every sampler was replaced by a DistributedSampler over the whole dataset: a
+    # SubsetRandomSampler's held-out samples were trained on, and no epoch shuffled.
+    from hooktrain_fsdp import _shard_loader
+    from torch.utils.data import (
+        DataLoader,
+        DistributedSampler,
+        RandomSampler,
+        SubsetRandomSampler,
+        TensorDataset,
+        WeightedRandomSampler,
+    )
+
+    data = TensorDataset(torch.arange(32.0))
+    for sampler in (
+        SubsetRandomSampler(list(range(0, 32, 2))),
+        WeightedRandomSampler([1.0] * 32, num_samples=32),
+        RandomSampler(data, replacement=True),
+    ):
+        loader = DataLoader(data, batch_size=4, sampler=sampler)
+        with pytest.raises(ConfigurationError, match=type(sampler).__name__):
+            _shard_loader(TwoProcesses(), loader)
+    own = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 2, 1, seed=3))
+    assert _shard_loader(TwoProcesses(), own) is own
+    for shuffle in (True, False):
+        split = _shard_loader(TwoProcesses(), DataLoader(data, batch_size=4, shuffle=shuffle))
+        assert isinstance(split.sampler, DistributedSampler) and split.sampler.rank == 1
+        assert split.sampler.shuffle is shuffle and len(split.sampler) == 16
