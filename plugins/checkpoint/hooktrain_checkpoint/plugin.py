@@ -354,11 +354,17 @@ class ModelCheckpoint:
         ranked_name: str | None = None
         evicted: list[str] = []
         if ranked and self.save_top_k != 0:
-            score = self._score(trainer)
+            score, name = self._score(trainer), self.format_name(trainer)
+            if trainer.world_size > 1:
+                from hooktrain.running_means import process_collectives
+
+                # Values inside an epoch are each process's own (its batch's loss):
+                # rank 0's decide for all, or sharded saves go to different places.
+                score, name = process_collectives(trainer).all_gather_object((score, name))[0]
             if score is not None:
                 ranked_name, evicted = topk.enter(
                     self.best_k_models,
-                    self.format_name(trainer),
+                    name,
                     score,
                     self.save_top_k,
                     self._effective_mode(),

@@ -252,14 +252,25 @@ def launch_two_nodes(config: dict[str, Any], out: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize(
     "plugin, options",
-    [("fsdp", {}), ("accelerate", {"cpu": True})],
+    [("fsdp", {"timeout": 60}), ("accelerate", {"cpu": True})],
     ids=["fsdp", "accelerate"],
 )
 def test_two_nodes_train_as_one_job(tmp_path, plugin, options) -> None:
     if plugin == "accelerate":
         pytest.importorskip("hooktrain_accelerate")
+    # Ranked by each step's loss, which differs between the processes: with fsdp
+    # rank 0 entered the collective save alone when rank 1 had ranked the step
+    # lower, and the job hung (until fsdp's timeout).
+    ranked = {"dirpath": "ckpt", "every_n_train_steps": 1, "monitor": "loss"}
+    ranked.update(save_top_k=1, save_last=False)
     config = {"plugin": plugin, "options": options, "max_epochs": 2, "batch_size": PER_RANK_BATCH}
-    ranks = launch_two_nodes(config, tmp_path)
+    ranks = launch_two_nodes({**config, "checkpoint": ranked}, tmp_path)
+    (kept,) = (tmp_path / "ckpt").iterdir()
+    if plugin == "fsdp":
+        assert sorted(p.name for p in kept.iterdir() if p.name.endswith(".distcp")) == [
+            "__0_0.distcp",
+            "__1_0.distcp",
+        ]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["weights"] == ranks[1]["weights"]
