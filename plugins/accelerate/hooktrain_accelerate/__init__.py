@@ -39,7 +39,7 @@ from collections.abc import Generator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
-from hooktrain.batches import STEP_NAMES
+from hooktrain.batches import STEP_NAMES, skip_first_batches
 from hooktrain.errors import ConfigurationError, PluginError
 from hooktrain_accelerate.data import seed_sampler, started
 from hooktrain_accelerate.processes import destroy_process_group_at_exit
@@ -360,6 +360,12 @@ class Accelerate:
         dataloader.set_epoch(epoch)
         if skip_batches <= 0:
             return started(dataloader)
+        if getattr(dataloader, "num_workers", 0) > 0:
+            # Skipped by index, the rest of the batches would go to workers whose
+            # random streams (augmentation drawn in the dataset) are not where the
+            # interrupted epoch left them: they are loaded and dropped, as the core
+            # does (hooktrain.batches.skips_by_index).
+            return skip_first_batches(dataloader, skip_batches)
         skipping = self.accelerator.skip_first_batches(dataloader, skip_batches)
         # The new loader must draw the same epoch's permutation as the original.
         skipping.set_epoch(epoch)
