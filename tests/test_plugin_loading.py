@@ -499,6 +499,22 @@ def test_an_all_reduce_that_returns_no_tensor_names_the_plugin():
         trainer.all_reduce(torch.ones(()))
 
 
+def test_a_batch_a_plugin_moved_into_a_shape_the_core_cannot_unpack_names_the_plugin():
+    # It read "define training_step on the model", blaming the model for the
+    # plugin's batch.
+    with pytest.raises(
+        hooktrain.ConfigurationError,
+        match=r"cannot unpack the batch .*got a str.*\(transfer_batch_to_device is "
+        r"implemented by 'returns_nonsense'",
+    ):
+        run(
+            [ReturnsNonsense("transfer_batch_to_device")],
+            max_epochs=1,
+            limit_train_batches=2,
+            record=False,
+        )
+
+
 def test_a_forward_step_of_a_plugin_is_named_when_its_result_holds_no_loss():
     with pytest.raises(
         hooktrain.ConfigurationError,

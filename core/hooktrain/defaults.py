@@ -27,6 +27,7 @@ from hooktrain.batches import (
 from hooktrain.epoch_metrics import is_epoch_metric
 from hooktrain.errors import ConfigurationError, missing_checkpoint_message
 from hooktrain.markers import hookimpl
+from hooktrain.results import origin
 from hooktrain.rng import epoch_seeded_generator, mark_epoch_seeded
 
 if TYPE_CHECKING:
@@ -94,7 +95,14 @@ class CoreDefaults:
             return step(batch, batch_idx)
         if stage == "predict":
             return model(predict_inputs(batch))
-        inputs, targets = unpack_batch(batch, stage)
+        try:
+            inputs, targets = unpack_batch(batch, stage)
+        except ConfigurationError as exc:
+            # The batch may be a plugin's (one that moves or produces batches), not
+            # the dataloader's: name it, or the model is blamed.
+            manager = trainer.plugin_manager
+            by = origin(manager, "transfer_batch_to_device") + origin(manager, "batch_iterator")
+            raise ConfigurationError(f"{exc}{by}") from None
         outputs = model(inputs)
         if stage == "train":
             return {
