@@ -60,6 +60,22 @@ _LAUNCH_HINT = (
 )
 
 
+def _refuse_split_loaders(loaders: list[Any]) -> None:
+    """:raises ConfigurationError: for a loader with a ``DistributedSampler``, which
+    ``accelerator.prepare`` would split a second time (each process would see
+    1/N of its 1/N share), without a word."""
+    from torch.utils.data import DistributedSampler
+
+    for loader in loaders:
+        if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+            raise ConfigurationError(
+                "accelerate: a dataloader has a DistributedSampler, but accelerate splits "
+                "dataloaders across processes itself, so each process would see only 1/N "
+                "of its share; pass the loader without it (shuffle=True, or the sampler "
+                "you would have wrapped)"
+            )
+
+
 def _make_router(module: torch.nn.Module) -> torch.nn.Module:
     """Wrap ``module`` in a module whose ``forward`` can be pointed at one of the
     module's own step methods.
@@ -293,6 +309,7 @@ class Accelerate:
         # Around trainer.model, not the module: a model the user passed through
         # torch.compile keeps its compiled forward inside the DDP wrapper.
         self._router = _make_router(trainer.model)
+        _refuse_split_loaders([trainer.train_dataloader, *trainer.eval_dataloaders])
         if stage == "fit":
             self._agree_on_data_seed(trainer)
             optimizers, schedulers = trainer.optimizers, trainer.lr_schedulers
