@@ -67,6 +67,16 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
     # epoch starts afresh, and leaving these out saves four tensors a checkpoint.
     # (The same on every process, so the collectives below run on all or none.)
     mid_epoch = not trainer.epoch_complete
+    random_states = {
+        "rng": rng_state(),
+        # What decided the current epoch's data: a resume in its middle replays it.
+        "epoch_start_state": trainer._epoch_start_state if mid_epoch else None,
+    }
+    if trainer.world_size > 1:
+        # Each process's own, in rank order: processes may draw different numbers
+        # (a loader that iterates its dataset on rank 0 only), and each resumes
+        # from its own. The top-level ones are rank 0's.
+        random_states["random_states_by_rank"] = collectives.all_gather_object(random_states)
     checkpoint: dict[str, Any] = {
         "format": FORMAT,
         "hooktrain_version": __version__,
@@ -95,9 +105,7 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
             ),
         },
         "data_seed": trainer.data_seed,
-        "rng": rng_state(),
-        # What decided the current epoch's data: a resume in its middle replays it.
-        "epoch_start_state": trainer._epoch_start_state if mid_epoch else None,
+        **random_states,
         # At an epoch's end, where the loader's own generators start the next epoch:
         # a resumed run's fresh loader would otherwise replay the first epoch's order.
         "next_epoch_generators": (
@@ -199,6 +207,13 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         raise unexpected_result(trainer.plugin_manager, "set_state_dict", loaded, "True")
     for scheduler, saved in zip(schedulers, scheduler_states, strict=True):
         scheduler.load_state_dict(saved)
+    by_rank = checkpoint.get("random_states_by_rank")
+    # Saved by as many processes: each takes its own; otherwise every one rank 0's.
+    own_random = (
+        by_rank[trainer.global_rank]
+        if by_rank and len(by_rank) == trainer.world_size
+        else checkpoint
+    )
     progress = checkpoint["progress"]
     trainer.global_step = int(progress["global_step"])
     trainer.current_epoch = int(progress["epoch"])
@@ -218,7 +233,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         if trainer._train_metrics is not None:
             metric_states = checkpoint.get("epoch_metrics", {})
             trainer._train_metrics.load_state_dict(metric_states, rank=rank)
-        trainer._pending_epoch_data = checkpoint.get("epoch_start_state")
+        trainer._pending_epoch_data = own_random.get("epoch_start_state")
         trainer._resume_split = {key: progress.get(key) for key in SPLIT}
         trainer._validated_at_step = int(progress.get("validated_at_step", -1))
         names = progress.get("epoch_validation")
@@ -226,7 +241,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
     trainer._checked_steps_from = trainer.global_step + 1
-    trainer._pending_rng = checkpoint.get("rng")
+    trainer._pending_rng = own_random.get("rng")
     if not _finished(trainer):
         warn_if_workers_persist(trainer.train_dataloader)
     trainer.plugin_manager.hook.on_load_checkpoint(trainer=trainer, checkpoint=checkpoint)

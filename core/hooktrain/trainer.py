@@ -277,8 +277,9 @@ class Trainer:
         lets each plugin add its own state under ``checkpoint["plugins"][name]``.
         Tensors are the live ones: copy them before writing from another thread.
         With several processes this is a collective call (the running epoch sums and
-        stateful metrics of every process are combined): every process must call it
-        at the same point.
+        stateful metrics of every process are combined, and every process's random
+        states gathered, each resumed by its own process): every process must call
+        it at the same point.
 
         :raises ConfigurationError: outside a stage (no model yet).
         :raises PluginError: when ``get_state_dict`` returned no pair (model state

@@ -234,6 +234,19 @@ class Stream(torch.utils.data.IterableDataset):
             )
 
 
+class ShuffledStream(torch.utils.data.IterableDataset):
+    """Five batches of 16, in an order drawn from torch's global generator when the
+    iteration starts; accelerate iterates it on rank 0 only and sends each process
+    its batch, so only rank 0 draws."""
+
+    def __iter__(self) -> Any:
+        data = make_data(n=80, batch_size=80)[0].dataset.tensors
+        order = torch.randperm(80)
+        for begin in range(0, 80, 16):
+            index = order[begin : begin + 16]
+            yield data[0][index], data[1][index]
+
+
 class SizedStream(Stream):
     def __len__(self) -> int:
         return 10
@@ -316,6 +329,8 @@ def main() -> None:
         log_every_n_steps=1,
     )
     train, val = make_data(n=config.get("n", 80), batch_size=config.get("batch_size", 8))
+    if config.get("train") == "shuffled stream":
+        train = DataLoader(ShuffledStream(), batch_size=None)
     if "val" in config:
         val = indexed_val_loader(config["val"]["n"], config["val"]["batch_size"])
     fit_kwargs: dict[str, Any] = {"ckpt_path": config.get("ckpt_path")}
@@ -324,7 +339,7 @@ def main() -> None:
         if config["model"] == "outputs":
             fit_kwargs.update(loss_fn=F.cross_entropy, metrics={"acc": accuracy})
     else:
-        model = make_model()
+        model = make_model(dropout=config.get("dropout", 0.0))
         fit_kwargs.update(
             loss_fn=F.cross_entropy,
             optimizer=lambda params: torch.optim.SGD(params, lr=0.1),

@@ -196,6 +196,26 @@ def test_exact_resume_mid_epoch_in_two_processes(plain_run, tmp_path) -> None:
         assert after["metrics"] == before["metrics"]
 
 
+def test_processes_that_draw_differently_each_resume_from_their_own_random_state(
+    tmp_path,
+) -> None:
+    # accelerate iterates an iterable dataset on rank 0 only: its shuffle draws from
+    # rank 0's generator, so rank 1's stream differs. The checkpoint held rank 0's
+    # state alone, restored on both, and the resumed rank 1 drew other dropout masks.
+    config = {"train": "shuffled stream", "dropout": 0.2, "max_epochs": 2}
+    uninterrupted = ranks(tmp_path / "whole", launch(config, tmp_path / "whole"))
+    checkpoint = {"dirpath": "ckpt"}
+    stopped = tmp_path / "stopped"
+    # 3 steps an epoch (5 batches dispatched to 2 processes): stopped inside the second.
+    ranks(stopped, launch({**config, "max_steps": 4, "checkpoint": checkpoint}, stopped))
+    resumed = ranks(
+        stopped, launch({**config, "ckpt_path": "last", "checkpoint": checkpoint}, stopped)
+    )
+    for before, after in zip(uninterrupted, resumed, strict=True):
+        assert after["global_step"] == before["global_step"] == 6
+        assert after["weights"] == before["weights"]  # bit for bit
+
+
 class StepModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
