@@ -211,6 +211,56 @@ def test_a_clean_up_wrapper_failing_keeps_no_plain_clean_up_from_running(capsys,
         assert f"{hook} raised after an error: plugin 'failing_wrapper' raised in hook" in err
 
 
+class CountsTeardowns:
+    """A plain teardown that counts its calls in ``counts`` and may raise."""
+
+    def __init__(self, name: str, counts: dict, tryfirst: bool = False, raises=None) -> None:
+        self.name = name
+
+        def teardown():
+            counts[name] = counts.get(name, 0) + 1
+            if raises is not None:
+                raise raises
+
+        self.teardown = hookimpl(tryfirst=tryfirst, specname="teardown")(teardown)
+
+
+class ConvertsTeardownErrors:
+    name = "converts"
+
+    @hookimpl(wrapper=True)
+    def teardown(self):
+        try:
+            return (yield)
+        except Exception as exc:
+            raise RuntimeError("teardown failed") from exc
+
+
+@pytest.mark.parametrize(
+    "failing",
+    [
+        {"tryfirst": True, "raises": OSError("disk full")},
+        {"tryfirst": True, "raises": hooktrain.PluginError("bad state")},
+        {"tryfirst": False, "raises": OSError("disk full")},
+    ],
+    ids=["tryfirst", "tryfirst-plugin-error", "plain"],
+)
+def test_every_plain_teardown_runs_once_whatever_a_wrapper_makes_of_an_error(failing):
+    # A first fix ran the tryfirst ones again when a wrapper converted the error;
+    # before it, the ones after the failing one never ran when a wrapper did so.
+    counts: dict[str, int] = {}
+    plugins = [
+        CountsTeardowns("first", counts, tryfirst=True),
+        CountsTeardowns("failing", counts, **failing),
+        ConvertsTeardownErrors(),
+        CountsTeardowns("plain", counts),
+        CountsTeardowns("also_plain", counts),
+    ]
+    with pytest.raises(HookError):
+        run([Exploding(), *plugins], max_epochs=1, record=False)
+    assert counts == {"first": 1, "failing": 1, "plain": 1, "also_plain": 1}
+
+
 @pytest.mark.parametrize("witness_first", [True, False])
 def test_a_failing_teardown_is_raised_after_every_teardown_ran(witness_first):
     witness = Witness()

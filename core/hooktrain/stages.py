@@ -65,46 +65,49 @@ def call_each(trainer: Trainer, hook_name: str, kwargs: dict[str, Any]) -> list[
     """Call a clean-up hook (``on_exception``, ``teardown``) so that one plugin
     raising does not keep the others from flushing their files.
 
-    pluggy stops a call at the first implementation that raises; the plain
-    implementations it had not reached yet are then called here, one by one, in
-    its order: those after a plain one that raised, or all of them when a
-    wrapper raised before pluggy reached them (before its ``yield``). Wrappers
-    are not run again: theirs ran around the first call.
+    pluggy stops a call at the first implementation that raises (a plain one, or a
+    wrapper before or after its ``yield``); every plain implementation it had not
+    called is then called here, once, in its order. Wrappers are not run again:
+    theirs ran around the first call.
 
     :return: what was raised, in call order, each as `explain` words it: empty
         when every implementation returned.
     """
     caller = getattr(trainer.plugin_manager.hook, hook_name)
-    reached: list[bool] = []
-
-    def mark_reached() -> None:
-        # pluggy calls a temporary implementation after the tryfirst plain ones
-        # and before the others: a wrapper failing before its yield stops the
-        # call before any of them.
-        reached.append(True)
-
-    try:
-        caller.call_extra([mark_reached], kwargs)
-        return []
-    except Exception as exc:
-        errors = [_explained(trainer, exc)]
-    culprit = errors[0]
     plain = [
         impl for impl in reversed(caller.get_hookimpls()) if not (impl.wrapper or impl.hookwrapper)
     ]
-    names = [trainer.plugin_manager.get_name(impl.plugin) for impl in plain]
-    if isinstance(culprit, HookError) and culprit.hook == hook_name and culprit.plugin in names:
-        left = plain[names.index(culprit.plugin) + 1 :]
-    elif not reached:
-        left = plain
-    else:
-        return errors  # a wrapper raised after the plain implementations ran
-    for impl in left:
+    called: set[int] = set()
+    originals = [impl.function for impl in plain]
+    for impl, function in zip(plain, originals, strict=True):
+        impl.function = _noting_the_call(function, called, id(impl))
+    try:
         try:
-            impl.function(*(kwargs[name] for name in impl.argnames))
-        except Exception as exc:
-            errors.append(_explained(trainer, exc))
+            caller(**kwargs)
+        finally:
+            # Put back before the error is explained: it finds the culprit by the
+            # implementations' code.
+            for impl, function in zip(plain, originals, strict=True):
+                impl.function = function
+    except Exception as exc:
+        errors = [_explained(trainer, exc)]
+    else:
+        return []
+    for impl in plain:
+        if id(impl) not in called:
+            try:
+                impl.function(*(kwargs[name] for name in impl.argnames))
+            except Exception as exc:
+                errors.append(_explained(trainer, exc))
     return errors
+
+
+def _noting_the_call(function: Callable[..., Any], called: set[int], key: int) -> Any:
+    def noted(*args: Any) -> Any:
+        called.add(key)  # before the call: one that raises was called all the same
+        return function(*args)
+
+    return noted
 
 
 def _explained(trainer: Trainer, exc: Exception) -> BaseException:
