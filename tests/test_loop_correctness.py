@@ -296,6 +296,28 @@ def test_a_resume_keeps_the_epochs_step_wise_validations_for_its_plateau_schedul
     assert resumed.given == uninterrupted.given
 
 
+def test_a_checkpoint_of_an_earlier_version_keeps_its_validation_for_the_plateau(tmp_path):
+    # Before the epoch kept every validation's names, a checkpoint kept those of the
+    # validation at its step ("last_validation"); read no more, the resumed epoch's
+    # end skipped the plateau scheduler.
+    train, val = make_data(n=56, batch_size=8)
+    options = {"max_epochs": 1, "seed": 0, "device": "cpu", "val_every_n_steps": 7}
+    path = tmp_path / "earlier.ckpt"
+
+    def fit(plugins, ckpt_path=None):
+        model = EpochPlateauModel(torch.optim.lr_scheduler.ReduceLROnPlateau)
+        Trainer(plugins=plugins, **options).fit(model, train, val, ckpt_path=ckpt_path)
+        return model
+
+    with pytest.raises(KeyboardInterrupt):  # validated at step 7, before the epoch's end
+        fit([CrashesAfter(path, save_at=7, crash_at=7)])
+    checkpoint = torch.load(path, weights_only=True)
+    progress = checkpoint["progress"]
+    progress["last_validation"] = progress.pop("epoch_validation")
+    torch.save(checkpoint, path)
+    assert fit([], ckpt_path=path).given == fit([]).given != []
+
+
 class StepPlateauModel(nn.Module):
     """A plateau scheduler stepped every optimizer step on the training loss; it
     records what it was given, and the model records each step's loss."""

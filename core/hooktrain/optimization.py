@@ -295,9 +295,9 @@ def step_scheduler(
     :param computed: the metric names computed since the scheduler last had the
         chance to step (an epoch's training and validation metrics), or ``None``
         for a step-wise scheduler. A monitoring scheduler whose metric is not among
-        them does not step when validation did not run for these weights: a
-        plateau is judged only on fresh values, and epochs that skip validation
-        (``check_val_every_n_epoch``) have none.
+        them does not step when validation did not run in the epoch: a plateau is
+        judged only on values the epoch computed (at its end, or at a step inside
+        it), and epochs that skip validation (``check_val_every_n_epoch``) have none.
     :param validated: whether validation ran in this epoch (at its end or at a
         step inside it).
     :raises ConfigurationError: when the monitored metric is missing although

@@ -237,6 +237,10 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         trainer._resume_split = {key: progress.get(key) for key in SPLIT}
         trainer._validated_at_step = int(progress.get("validated_at_step", -1))
         names = progress.get("epoch_validation")
+        if "epoch_validation" not in progress and trainer._validated_at_step == trainer.global_step:
+            # Written by an earlier hooktrain, which kept only the names of the
+            # validation at the saved step.
+            names = progress.get("last_validation")
         trainer._epoch_validation = None if names is None else set(names)
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
