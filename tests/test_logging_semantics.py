@@ -398,7 +398,7 @@ def _as_double(loader):
     return [(inputs.double(), targets) for inputs, targets in loader]
 
 
-@pytest.mark.parametrize("batch_size", [0, -2, True, "32"])
+@pytest.mark.parametrize("batch_size", [0, -2, True, "32", torch.ones(2)])
 def test_a_weight_that_is_no_positive_number_is_refused(batch_size):
     # batch_size=0 was taken as "not given" and weighed the value by the batch.
     class LogsWithWeight:
@@ -408,6 +408,23 @@ def test_a_weight_that_is_no_positive_number_is_refused(batch_size):
 
     train, _ = make_data(n=32, batch_size=16)
     trainer = Trainer(plugins=[LogsWithWeight()], max_epochs=1, device="cpu")
-    with pytest.raises(Exception, match=r"needs a positive number as the value's weight") as info:
+    with pytest.raises(
+        Exception,
+        match=r"needs a positive number \(or a one-element tensor\) as the value's weight",
+    ) as info:
         trainer.fit(make_model(), train, **SGD_FIT)
     assert isinstance(info.value.__cause__ or info.value, ConfigurationError)
+
+
+def test_a_tensor_weight_is_taken_as_it_is():
+    # A token count as a tensor: refused by the first check of batch_size.
+    class LogsWithTokenCounts:
+        @hookimpl
+        def on_train_batch_end(self, trainer, batch_idx):
+            trainer.log("per_token", float(batch_idx), batch_size=torch.tensor(batch_idx + 1))
+
+    train, _ = make_data(n=48, batch_size=16)
+    trainer = Trainer(plugins=[LogsWithTokenCounts()], max_epochs=1, device="cpu")
+    trainer.fit(make_model(), train, **SGD_FIT)
+    # (0*1 + 1*2 + 2*3) / (1 + 2 + 3)
+    assert trainer.metrics["per_token"] == pytest.approx(8 / 6)

@@ -44,7 +44,7 @@ def loader_suffix(index: int, count: int) -> str:
     return f"{LOADER_SUFFIX}{index}" if count > 1 else ""
 
 
-def log_value(trainer: Trainer, name: str, value: Any, batch_size: int | None) -> None:
+def log_value(trainer: Trainer, name: str, value: Any, batch_size: Any) -> None:
     """What ``Trainer.log`` does (its docstring says it for users).
 
     :raises ConfigurationError: for a tensor of more than one element, or a value
@@ -61,14 +61,10 @@ def log_value(trainer: Trainer, name: str, value: Any, batch_size: int | None) -
         raise ConfigurationError(
             f"trainer.log({name!r}, ...) needs a number or a tensor, got {type(value).__name__}"
         )
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Real) or batch_size <= 0
-    ):
-        # 0 was taken as "not given" (the batch's size); a weight of 0 or less would
-        # leave an epoch's mean undefined.
+    if batch_size is not None and not _is_weight(batch_size):
         raise ConfigurationError(
             f"trainer.log({name!r}, ..., batch_size={batch_size!r}) needs a positive "
-            f"number as the value's weight in the epoch's mean"
+            f"number (or a one-element tensor) as the value's weight in the epoch's mean"
         )
     name = stage_name(name, trainer._log_prefix, trainer._log_suffix)
     trainer.metrics.set(name, value)
@@ -80,6 +76,16 @@ def log_value(trainer: Trainer, name: str, value: Any, batch_size: int | None) -
         trainer._active_means.add(
             name, value, trainer._batch_size if batch_size is None else batch_size
         )
+
+
+def _is_weight(batch_size: Any) -> bool:
+    # A tensor (a token count) is not read, which would sync; 0 was once taken as
+    # "not given", and a weight of 0 or less leaves an epoch's mean undefined.
+    if isinstance(batch_size, torch.Tensor):
+        return batch_size.numel() == 1
+    return (
+        isinstance(batch_size, numbers.Real) and not isinstance(batch_size, bool) and batch_size > 0
+    )
 
 
 def publish(trainer: Trainer, names: Iterable[str], scope: str) -> None:

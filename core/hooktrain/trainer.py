@@ -227,7 +227,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
 
-    def log(self, name: str, value: Any, *, batch_size: int | None = None) -> None:
+    def log(self, name: str, value: Any, *, batch_size: float | torch.Tensor | None = None) -> None:
         """Record a metric value (a number or a 0-dim tensor; tensors are not read).
 
         Inside a batch the value also joins the epoch's batch-size-weighted mean;
@@ -246,10 +246,12 @@ class Trainer:
             size of the batch being trained on (its first dimension). A quantity of
             the optimizer step rather than of a batch (a gradient norm, a learning
             rate, a throughput) is logged with ``batch_size=1``, so that every step
-            weighs the same, whatever the size of its last micro-batch.
+            weighs the same, whatever the size of its last micro-batch. A positive
+            number, or a one-element tensor (a token count, left on the device and
+            not checked).
         :raises ConfigurationError: for a tensor of more than one element, a value
-            that is neither a number nor a tensor, or a ``batch_size`` that is not a
-            positive number.
+            that is neither a number nor a tensor, or a ``batch_size`` that is neither
+            a positive number nor a one-element tensor.
         """
         log_value(self, name, value, batch_size)
 
