@@ -98,10 +98,9 @@ class CoreDefaults:
         try:
             inputs, targets = unpack_batch(batch, stage)
         except ConfigurationError as exc:
-            # The batch may be a plugin's (one that moves or produces batches), not
-            # the dataloader's: name it, or the model is blamed.
-            manager = trainer.plugin_manager
-            by = origin(manager, "transfer_batch_to_device") + origin(manager, "batch_iterator")
+            # The batch may be a plugin's (one that moves batches), not the
+            # dataloader's: name it, or the model is blamed.
+            by = origin(trainer.plugin_manager, "transfer_batch_to_device")
             raise ConfigurationError(f"{exc}{by}") from None
         outputs = model(inputs)
         if stage == "train":

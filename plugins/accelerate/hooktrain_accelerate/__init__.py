@@ -67,7 +67,11 @@ def _refuse_split_loaders(loaders: list[Any]) -> None:
     from torch.utils.data import DistributedSampler
 
     for loader in loaders:
-        if isinstance(getattr(loader, "sampler", None), DistributedSampler):
+        samplers = (
+            getattr(loader, "sampler", None),
+            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+        )
+        if any(isinstance(s, DistributedSampler) and s.num_replicas > 1 for s in samplers):
             raise ConfigurationError(
                 "accelerate: a dataloader has a DistributedSampler, but accelerate splits "
                 "dataloaders across processes itself, so each process would see only 1/N "

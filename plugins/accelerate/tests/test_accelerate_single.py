@@ -321,19 +321,30 @@ def test_a_mid_epoch_resume_with_workers_is_exact(tmp_path) -> None:
 
 def test_a_loader_split_already_is_refused_before_training() -> None:
     # accelerate split it again: on 2 processes each trained on 8 of 32 samples.
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
     train, val = make_data(n=32, batch_size=8)
-    split = DataLoader(train.dataset, batch_size=8, sampler=DistributedSampler(train.dataset, 2, 0))
-    model = make_model()
-    before = [p.clone() for p in model.parameters()]
-    trainer = Trainer(plugins=[("accelerate", {"cpu": True})], max_epochs=1, seed=0)
-    with pytest.raises(HookError, match="a dataloader has a DistributedSampler"):
-        trainer.fit(
-            model,
-            split,
-            val,
-            loss_fn=F.cross_entropy,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        )
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    for split in (
+        DataLoader(train.dataset, batch_size=8, sampler=DistributedSampler(train.dataset, 2, 0)),
+        DataLoader(
+            train.dataset,
+            batch_sampler=BatchSampler(DistributedSampler(train.dataset, 2, 0), 8, False),
+        ),
+    ):
+        model = make_model()
+        before = [p.clone() for p in model.parameters()]
+        trainer = Trainer(plugins=[("accelerate", {"cpu": True})], max_epochs=1, seed=0)
+        with pytest.raises(HookError, match="a dataloader has a DistributedSampler"):
+            trainer.fit(
+                model,
+                split,
+                val,
+                loss_fn=F.cross_entropy,
+                optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            )
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    # One that splits nothing (a single-process script's) is no harm.
+    whole = DataLoader(train.dataset, batch_size=8, sampler=DistributedSampler(train.dataset, 1, 0))
+    Trainer(plugins=[("accelerate", {"cpu": True})], max_epochs=1, seed=0).fit(
+        make_model(), whole, loss_fn=F.cross_entropy, optimizer=lambda p: torch.optim.SGD(p, lr=0.1)
+    )

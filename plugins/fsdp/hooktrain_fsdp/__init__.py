@@ -397,6 +397,15 @@ def _shard_loader(trainer: Trainer, loader: Any) -> Any:
             f"with a batch_size, to be split across processes; got {type(loader).__name__}"
         )
     if isinstance(loader.sampler, DistributedSampler):
+        split = (loader.sampler.num_replicas, loader.sampler.rank)
+        if split != (trainer.world_size, trainer.global_rank):
+            raise ConfigurationError(
+                f"fsdp: the training loader's DistributedSampler splits the data for "
+                f"process {split[1]} of {split[0]}, but this is process "
+                f"{trainer.global_rank} of {trainer.world_size}; build it with "
+                f"num_replicas=world_size and rank=rank (the defaults, once the process "
+                f"group exists), or leave it out"
+            )
         return loader
     whole = type(loader.sampler) is SequentialSampler or (
         type(loader.sampler) is RandomSampler

@@ -212,6 +212,10 @@ def test_a_sampler_that_picks_samples_is_refused_and_a_distributed_one_kept() ->
             _shard_loader(TwoProcesses(), loader)
     own = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 2, 1, seed=3))
     assert _shard_loader(TwoProcesses(), own) is own
+    # One that splits for another process count would train rank 1 on everything.
+    alone = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 1, 0))
+    with pytest.raises(ConfigurationError, match="process 0 of 1, but this is process 1 of 2"):
+        _shard_loader(TwoProcesses(), alone)
     for shuffle in (True, False):
         split = _shard_loader(TwoProcesses(), DataLoader(data, batch_size=4, shuffle=shuffle))
         assert isinstance(split.sampler, DistributedSampler) and split.sampler.rank == 1
