@@ -188,20 +188,26 @@ def test_a_plateau_scheduler_without_validation_fails_before_training(validation
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
+def recorded_plateau(optimizer, given: list[float], **options):
+    """A ``ReduceLROnPlateau`` that appends each value it is stepped with to ``given``
+    (kept out of its state, which a resume loads)."""
+
+    class Recorded(torch.optim.lr_scheduler.ReduceLROnPlateau):
+        def step(self, metrics, *args, **kwargs):
+            given.append(float(metrics))
+            return super().step(metrics, *args, **kwargs)
+
+    return Recorded(optimizer, **options)
+
+
 class ValidatedEveryTwoSteps(PlateauModel):
     """A step-wise plateau scheduler on ``val_loss``, validated every second step,
     as Lightning users configure it; records what it was given."""
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
-        given = self.given = []
-
-        class Recorded(torch.optim.lr_scheduler.ReduceLROnPlateau):
-            def step(self, metrics, *args, **kwargs):
-                given.append(float(metrics))
-                return super().step(metrics, *args, **kwargs)
-
-        self.scheduler = Recorded(optimizer)
+        self.given = []
+        self.scheduler = recorded_plateau(optimizer, self.given)
         config = {"scheduler": self.scheduler, "interval": "step", "frequency": 2}
         config["monitor"] = "val_loss"
         return {"optimizer": optimizer, "lr_scheduler": config}
@@ -236,14 +242,8 @@ class EpochPlateauModel(PlateauModel):
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
-        given = self.given = []
-
-        class Recorded(torch.optim.lr_scheduler.ReduceLROnPlateau):
-            def step(self, metrics, *args, **kwargs):
-                given.append(float(metrics))
-                return super().step(metrics, *args, **kwargs)
-
-        self.scheduler = Recorded(optimizer, patience=0)
+        self.given = []
+        self.scheduler = recorded_plateau(optimizer, self.given, patience=0)
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler}
 
 
@@ -336,14 +336,8 @@ class StepPlateauModel(nn.Module):
 
     def configure_optimizers(self):
         optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
-        given = self.given
-
-        class Recorded(torch.optim.lr_scheduler.ReduceLROnPlateau):
-            def step(self, metrics, *args, **kwargs):
-                given.append(float(metrics))
-                return super().step(metrics, *args, **kwargs)
-
-        scheduler = {"scheduler": Recorded(optimizer), "interval": "step", "monitor": "loss"}
+        plateau = recorded_plateau(optimizer, self.given)
+        scheduler = {"scheduler": plateau, "interval": "step", "monitor": "loss"}
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
