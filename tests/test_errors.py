@@ -214,15 +214,23 @@ def test_a_clean_up_wrapper_failing_keeps_no_plain_clean_up_from_running(capsys,
 class CountsTeardowns:
     """A plain teardown that counts its calls in ``counts`` and may raise."""
 
-    def __init__(self, name: str, counts: dict, tryfirst: bool = False, raises=None) -> None:
-        self.name = name
+    def __init__(self, name: str, counts: dict, raises=None) -> None:
+        self.name, self.counts, self.raises = name, counts, raises
 
-        def teardown():
-            counts[name] = counts.get(name, 0) + 1
-            if raises is not None:
-                raise raises
+    @hookimpl
+    def teardown(self):
+        self.count()
 
-        self.teardown = hookimpl(tryfirst=tryfirst, specname="teardown")(teardown)
+    def count(self):
+        self.counts[self.name] = self.counts.get(self.name, 0) + 1
+        if self.raises is not None:
+            raise self.raises
+
+
+class CountsTeardownsFirst(CountsTeardowns):
+    @hookimpl(tryfirst=True)
+    def teardown(self):
+        self.count()
 
 
 class ConvertsTeardownErrors:
@@ -237,21 +245,21 @@ class ConvertsTeardownErrors:
 
 
 @pytest.mark.parametrize(
-    "failing",
+    ("kind", "raises"),
     [
-        {"tryfirst": True, "raises": OSError("disk full")},
-        {"tryfirst": True, "raises": hooktrain.PluginError("bad state")},
-        {"tryfirst": False, "raises": OSError("disk full")},
+        (CountsTeardownsFirst, OSError("disk full")),
+        (CountsTeardownsFirst, hooktrain.PluginError("bad state")),
+        (CountsTeardowns, OSError("disk full")),
     ],
     ids=["tryfirst", "tryfirst-plugin-error", "plain"],
 )
-def test_every_plain_teardown_runs_once_whatever_a_wrapper_makes_of_an_error(failing):
+def test_every_plain_teardown_runs_once_whatever_a_wrapper_makes_of_an_error(kind, raises):
     # A first fix ran the tryfirst ones again when a wrapper converted the error;
     # before it, the ones after the failing one never ran when a wrapper did so.
     counts: dict[str, int] = {}
     plugins = [
-        CountsTeardowns("first", counts, tryfirst=True),
-        CountsTeardowns("failing", counts, **failing),
+        CountsTeardownsFirst("first", counts),
+        kind("failing", counts, raises),
         ConvertsTeardownErrors(),
         CountsTeardowns("plain", counts),
         CountsTeardowns("also_plain", counts),

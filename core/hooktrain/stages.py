@@ -65,49 +65,72 @@ def call_each(trainer: Trainer, hook_name: str, kwargs: dict[str, Any]) -> list[
     """Call a clean-up hook (``on_exception``, ``teardown``) so that one plugin
     raising does not keep the others from flushing their files.
 
-    pluggy stops a call at the first implementation that raises (a plain one, or a
-    wrapper before or after its ``yield``); every plain implementation it had not
-    called is then called here, once, in its order. Wrappers are not run again:
-    theirs ran around the first call.
+    pluggy stops a call at the first implementation that raises; every plain
+    implementation it had not called is then called here, once, in its order:
+    those after a plain one that raised (found in the error's traceback, or in
+    that of the error it chains to, when a wrapper turned it into its own), or all
+    of them when a wrapper raised before its ``yield``, before pluggy called any.
+    Wrappers are not run again: theirs ran around the first call.
 
     :return: what was raised, in call order, each as `explain` words it: empty
         when every implementation returned.
     """
     caller = getattr(trainer.plugin_manager.hook, hook_name)
+    reached: list[bool] = []
+
+    def mark_reached() -> None:
+        # pluggy calls a temporary implementation after the tryfirst plain ones
+        # and before the others: a wrapper failing before its yield stops the
+        # call before all of them.
+        reached.append(True)
+
+    try:
+        caller.call_extra([mark_reached], kwargs)
+        return []
+    except Exception as exc:
+        errors = [_explained(trainer, exc)]
+        raised = exc
     plain = [
         impl for impl in reversed(caller.get_hookimpls()) if not (impl.wrapper or impl.hookwrapper)
     ]
-    called: set[int] = set()
-    originals = [impl.function for impl in plain]
-    for impl, function in zip(plain, originals, strict=True):
-        impl.function = _noting_the_call(function, called, id(impl))
-    try:
-        try:
-            caller(**kwargs)
-        finally:
-            # Put back before the error is explained: it finds the culprit by the
-            # implementations' code.
-            for impl, function in zip(plain, originals, strict=True):
-                impl.function = function
-    except Exception as exc:
-        errors = [_explained(trainer, exc)]
+    failed = _failed_implementation(raised, plain)
+    if failed is not None:
+        left = plain[failed + 1 :]
+    elif not reached:
+        left = plain
     else:
-        return []
-    for impl in plain:
-        if id(impl) not in called:
-            try:
-                impl.function(*(kwargs[name] for name in impl.argnames))
-            except Exception as exc:
-                errors.append(_explained(trainer, exc))
+        return errors  # a wrapper raised after every plain implementation returned
+    for impl in left:
+        try:
+            impl.function(*(kwargs[name] for name in impl.argnames))
+        except Exception as exc:
+            errors.append(_explained(trainer, exc))
     return errors
 
 
-def _noting_the_call(function: Callable[..., Any], called: set[int], key: int) -> Any:
-    def noted(*args: Any) -> Any:
-        called.add(key)  # before the call: one that raises was called all the same
-        return function(*args)
-
-    return noted
+def _failed_implementation(exc: BaseException, plain: list[Any]) -> int | None:
+    """The index in ``plain`` of the implementation that raised ``exc``, or the
+    error ``exc`` chains to; ``None`` when none of them did."""
+    codes: dict[Any, list[int]] = {}
+    for index, impl in enumerate(plain):
+        codes.setdefault(implementation_code(impl.function), []).append(index)
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        found = None
+        traceback = error.__traceback__
+        while traceback is not None:
+            candidates = codes.get(traceback.tb_frame.f_code)
+            if candidates:
+                # Two instances of one class share their code: ``self`` tells them apart.
+                this = traceback.tb_frame.f_locals.get("self")
+                found = next((i for i in candidates if plain[i].plugin is this), candidates[0])
+            traceback = traceback.tb_next
+        if found is not None:
+            return found
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _explained(trainer: Trainer, exc: Exception) -> BaseException:
