@@ -111,26 +111,34 @@ def call_each(trainer: Trainer, hook_name: str, kwargs: dict[str, Any]) -> list[
 def _failed_implementation(exc: BaseException, plain: list[Any]) -> int | None:
     """The index in ``plain`` of the implementation that raised ``exc``, or the
     error ``exc`` chains to; ``None`` when none of them did."""
-    codes: dict[Any, list[int]] = {}
+    owners: dict[Any, list[tuple[Any, int]]] = {}
     for index, impl in enumerate(plain):
-        codes.setdefault(implementation_code(impl.function), []).append(index)
+        owners.setdefault(implementation_code(impl.function), []).append((impl.plugin, index))
     seen: set[int] = set()
     error: BaseException | None = exc
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        found = None
-        traceback = error.__traceback__
-        while traceback is not None:
-            candidates = codes.get(traceback.tb_frame.f_code)
-            if candidates:
-                # Two instances of one class share their code: ``self`` tells them apart.
-                this = traceback.tb_frame.f_locals.get("self")
-                found = next((i for i in candidates if plain[i].plugin is this), candidates[0])
-            traceback = traceback.tb_next
+        found = _innermost(error, owners)
         if found is not None:
             return found
         error = error.__cause__ or error.__context__
     return None
+
+
+def _innermost(exc: BaseException, owners: dict[Any, list[tuple[Any, Any]]]) -> Any:
+    """Of ``owners`` (code object to ``(plugin, value)`` pairs), the value of the
+    innermost frame of ``exc``'s traceback that runs one of those codes."""
+    found = None
+    traceback = exc.__traceback__
+    while traceback is not None:
+        candidates = owners.get(traceback.tb_frame.f_code)
+        if candidates:
+            # Two instances of one plugin class share their functions' code: the
+            # frame's ``self`` tells them apart.
+            this = traceback.tb_frame.f_locals.get("self")
+            found = next((v for plugin, v in candidates if plugin is this), candidates[0][1])
+        traceback = traceback.tb_next
+    return found
 
 
 def _explained(trainer: Trainer, exc: Exception) -> BaseException:
@@ -163,22 +171,13 @@ def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
     """The innermost plugin implementation in ``exc``'s traceback, as (plugin,
     hook); ``None`` when there is none or it is the core's."""
     manager = trainer.plugin_manager
-    # Two instances of one plugin class share their functions' code: the frame's
-    # ``self`` tells them apart.
-    owners: dict[Any, list[tuple[Any, str]]] = {}
+    owners: dict[Any, list[tuple[Any, tuple[Any, str]]]] = {}
     for hook_name in HOOK_NAMES:
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
             code = implementation_code(impl.function)
             if code is not None:
-                owners.setdefault(code, []).append((impl.plugin, hook_name))
-    found = None
-    traceback = exc.__traceback__
-    while traceback is not None:
-        candidates = owners.get(traceback.tb_frame.f_code)
-        if candidates:
-            this = traceback.tb_frame.f_locals.get("self")
-            found = next((c for c in candidates if c[0] is this), candidates[0])
-        traceback = traceback.tb_next
+                owners.setdefault(code, []).append((impl.plugin, (impl.plugin, hook_name)))
+    found = _innermost(exc, owners)
     if found is None:
         return None
     name = manager.get_name(found[0]) or "?"
