@@ -76,9 +76,8 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         # Each process's own, in rank order: processes may draw different numbers
         # (a loader that iterates its dataset on rank 0 only), and each resumes
         # from its own. The top-level ones are rank 0's.
-        # (A new dict: the list must not hold the dict it is stored in.)
-        own = dict(random_states)
-        random_states["random_states_by_rank"] = collectives.all_gather_object(own)
+        by_rank = collectives.all_gather_object(random_states)
+        random_states = {**random_states, "random_states_by_rank": by_rank}
     checkpoint: dict[str, Any] = {
         "format": FORMAT,
         "hooktrain_version": __version__,
