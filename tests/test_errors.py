@@ -73,6 +73,29 @@ def test_hook_error_names_plugin_hook_epoch_and_step():
     assert witness.exception is error
 
 
+class BadWrapper:
+    name = "bad_wrapper"
+
+    def __init__(self, yields: int) -> None:
+        self.yields = yields
+
+    @hookimpl(wrapper=True)
+    def on_train_epoch_start(self):
+        for _ in range(self.yields):
+            yield
+
+
+@pytest.mark.parametrize("yields", [0, 2])
+def test_a_wrapper_that_yields_never_or_twice_is_named(yields):
+    # pluggy raises a bare RuntimeError that names the generator's code, not the
+    # plugin: a user with several plugins installed could not tell whose it was.
+    witness = Witness()
+    with pytest.raises(HookError, match="yield") as excinfo:
+        run([BadWrapper(yields), witness], max_epochs=1, record=False)
+    assert (excinfo.value.plugin, excinfo.value.hook) == ("bad_wrapper", "on_train_epoch_start")
+    assert witness.events == ["on_exception", "teardown"]
+
+
 def test_error_in_user_code_keeps_its_type_and_gains_a_note():
     class Faulty(nn.Module):
         def __init__(self):

@@ -8,6 +8,7 @@ epoch and the step.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -179,9 +180,30 @@ def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
                 owners.setdefault(code, []).append((impl.plugin, (impl.plugin, hook_name)))
     found = _innermost(exc, owners)
     if found is None:
+        found = _wrapper_that_failed_to_yield(exc, owners)
+    if found is None:
         return None
     name = manager.get_name(found[0]) or "?"
     return None if name == "core" else (name, found[1])
+
+
+# pluggy's words for a wrapper that returned without yielding or yielded twice. Its
+# traceback runs through pluggy alone, and the words name the generator's code (its
+# name, file and first line), not the plugin.
+_WRAPPER_FAILED = re.compile(
+    r"wrap_controller at '([^']*)' (.*):(\d+) (?:did not yield|has second yield)"
+)
+
+
+def _wrapper_that_failed_to_yield(exc: BaseException, owners: dict[Any, list[Any]]) -> Any:
+    match = _WRAPPER_FAILED.fullmatch(str(exc)) if type(exc) is RuntimeError else None
+    if match is None:
+        return None
+    where = (match[1], match[2], int(match[3]))
+    for code, candidates in owners.items():
+        if (code.co_name, code.co_filename, code.co_firstlineno) == where:
+            return candidates[0][1]
+    return None
 
 
 def _move_module(module: Any, device: Any) -> None:
