@@ -34,11 +34,12 @@ _MODES = ("min", "max")
 class EarlyStopping:
     """Stop training when ``monitor`` has not improved for ``patience`` checks.
 
-    The decision is taken at the end of each training epoch, after that epoch's
-    validation, so validation metrics (``val_*``) always exist when it is read. A
-    ``val_*`` metric is only judged at epochs where validation ran (with
-    ``check_val_every_n_epoch=2``, every second epoch), never on a stale value; a
-    ``val_*`` metric in a fit that never validates is refused before the first epoch.
+    A validation metric (``val_*``) is judged at the end of every validation in
+    ``fit``, as Lightning's ``EarlyStopping`` judges it: at an epoch's end, and at
+    each step-wise one (``val_every_n_steps``), never on a stale value. A stop decided
+    inside an epoch ends the run at that step. A ``val_*`` metric in a fit that
+    never validates is refused before the first epoch. Any other metric (``loss``)
+    is judged at the end of each training epoch.
     On several processes the decision is agreed: a stop any process decides is
     recorded by all of them, printed by rank 0 and saved in its checkpoints.
 
@@ -50,6 +51,7 @@ class EarlyStopping:
     :param mode: ``"min"`` when lower is better (losses), ``"max"`` when higher is
         better (accuracy).
     :param check_finite: stop at once when the monitored value is NaN or infinite.
+        Without it a NaN improves on nothing (and counts toward ``patience``).
     :param verbose: print one line to stderr (on rank 0) when the run stops.
     :raises ConfigurationError: here, for a bad option; in ``on_fit_start``, for a
         ``val_*`` monitor in a fit that never validates; at the first check, for a
@@ -92,12 +94,14 @@ class EarlyStopping:
         self.stopped_epoch: int | None = None
         #: why the run stopped, in words, else ``None``
         self.stop_reason: str | None = None
-        self._validated = False
 
     # --8<-- [end:class]
 
     def improved(self, value: float) -> bool:
-        """Whether ``value`` beats the best value by more than ``min_delta``."""
+        """Whether ``value`` beats the best value by more than ``min_delta``; a NaN
+        beats nothing, and nothing is beaten by it."""
+        if math.isnan(value):
+            return False
         if self.best is None:
             return True
         if self.mode == "min":
@@ -111,7 +115,6 @@ class EarlyStopping:
         # on_load_checkpoint.
         if stage == "fit":
             self.best, self.wait, self.stopped_epoch, self.stop_reason = None, 0, None, None
-            self._validated = False
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -131,18 +134,21 @@ class EarlyStopping:
                     file=sys.stderr,
                 )
 
-    @hookimpl
+    # tryfirst, in both: decide before a plugin that saves checkpoints at the same
+    # point, so that the state it saves includes this decision.
+    @hookimpl(tryfirst=True)
     def on_validation_end(self, trainer: Trainer) -> None:
-        if trainer.stage == "fit":
-            self._validated = True
+        if trainer.stage == "fit" and self.monitor.startswith("val_"):
+            where = f"the validation at epoch {trainer.current_epoch}, step {trainer.global_step}"
+            self._check(trainer, where)
 
     @hookimpl(tryfirst=True)
     def on_train_epoch_end(self, trainer: Trainer) -> None:
-        # tryfirst: decide before any checkpoint plugin saves at this epoch end, so
-        # the saved state already includes this epoch's decision.
-        validated, self._validated = self._validated, False
-        if self.monitor.startswith("val_") and not validated:
-            return  # no validation this epoch (on any process): the value would be stale
+        if not self.monitor.startswith("val_"):
+            self._check(trainer, f"the end of epoch {trainer.current_epoch}")
+
+    def _check(self, trainer: Trainer, where: str) -> None:
+        """Judge the monitored value, agreeing with every other process."""
         missing = self.monitor not in trainer.metrics
         reason = None if missing else self._judge(trainer.metrics[self.monitor])
         missing_on, stopping_on = self._agree(trainer, missing, reason is not None)
@@ -150,15 +156,15 @@ class EarlyStopping:
             from hooktrain import ConfigurationError
             from hooktrain.errors import closest_name
 
-            where = ""
+            ranks = ""
             if len(missing_on) < trainer.world_size:
-                where = f" on rank {', '.join(map(str, missing_on))}"
+                ranks = f" on rank {', '.join(map(str, missing_on))}"
             known = ", ".join(sorted(trainer.metrics)) or "none"
             close = closest_name(self.monitor, trainer.metrics)
             hint = f" Did you mean {close!r}?" if close else ""
             raise ConfigurationError(
-                f"early_stopping monitors {self.monitor!r}, which was not logged by the end "
-                f"of epoch {trainer.current_epoch}{where}.{hint} Metrics available: {known}"
+                f"early_stopping monitors {self.monitor!r}, which was not logged by {where}"
+                f"{ranks}.{hint} Metrics available: {known}"
             )
         if stopping_on:
             if reason is None:
@@ -192,9 +198,6 @@ class EarlyStopping:
             "wait": self.wait,
             "stopped_epoch": self.stopped_epoch,
             "stop_reason": self.stop_reason,
-            # Saved in the middle of an epoch that has validated (val_every_n_steps):
-            # a resume does not run that validation again, and its end must judge.
-            "validated": self._validated,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -215,7 +218,6 @@ class EarlyStopping:
         self.stopped_epoch = None if stopped is None else int(stopped)
         reason = state.get("stop_reason")
         self.stop_reason = None if reason is None else str(reason)
-        self._validated = bool(state.get("validated", False))
 
     def _judge(self, value: float) -> str | None:
         """Fold this process's ``value`` into ``best`` and ``wait``; the reason to
@@ -227,12 +229,16 @@ class EarlyStopping:
             self.wait = 0
             return None
         self.wait += 1
-        if self.wait >= self.patience:
+        if self.wait < self.patience:
+            return None
+        if self.best is None:
             return (
-                f"{self.monitor} did not improve on {self.best:.6g} for {self.wait} "
-                f"checks (patience {self.patience})"
+                f"{self.monitor} was NaN at {self.wait} checks in a row (patience {self.patience})"
             )
-        return None
+        return (
+            f"{self.monitor} did not improve on {self.best:.6g} for {self.wait} "
+            f"checks (patience {self.patience})"
+        )
 
     @staticmethod
     def _agree(trainer: Trainer, missing: bool, stop: bool) -> tuple[list[int], list[int]]:

@@ -121,8 +121,16 @@ def test_a_missing_metric_names_the_plugin_and_the_metrics_available() -> None:
     with pytest.raises(HookError) as info:
         run([EarlyStopping(monitor="val_acuracy")], max_epochs=2)
     message = str(info.value)
-    assert "'early_stopping'" in message and "on_train_epoch_end" in message
+    assert "'early_stopping'" in message and "on_validation_end" in message
+    assert "not logged by the validation at epoch 0, step 8." in message
     assert "val_acuracy" in message and "val_acc" in message
+
+
+def test_a_missing_training_metric_is_found_at_the_epochs_end() -> None:
+    with pytest.raises(HookError) as info:
+        run([EarlyStopping(monitor="los")], max_epochs=2)
+    message = str(info.value)
+    assert "on_train_epoch_end" in message and "not logged by the end of epoch 0." in message
 
 
 @pytest.mark.parametrize(
@@ -162,6 +170,52 @@ def test_a_validation_metric_is_accepted_when_only_step_wise_validation_runs() -
     stopper = EarlyStopping(monitor="val_loss", mode="max", patience=0, verbose=False)
     run([stopper], max_epochs=3, check_val_every_n_epoch=4, val_every_n_steps=4)
     assert stopper.best is not None  # judged: step-wise validations count
+
+
+class ScriptedPerValidation:
+    """Logs ``val_score`` = ``values[n]`` at the ``n``-th validation in fit (from 0),
+    at the epoch's end or at a step inside it."""
+
+    name = "scripted_per_validation"
+
+    def __init__(self, values: Sequence[float]) -> None:
+        self.values = list(values)
+        self.seen = 0
+
+    @hookimpl
+    def on_validation_epoch_end(self, trainer: Trainer) -> None:
+        if trainer.stage == "fit":
+            trainer.log("val_score", self.values[self.seen])
+            self.seen += 1
+
+
+def test_every_step_wise_validation_is_judged() -> None:
+    # make_data(): 8 steps an epoch; val_every_n_steps=2 validates at steps 2, 4, 6
+    # and 8 of each epoch. As in Lightning, each validation is a check: the best
+    # (1.0) is the first, and the third that does not beat it stops the run. Judged
+    # only at epoch ends, the run went on for four epochs and never saw the 1.0.
+    scores = [1.0] + [2.0] * 40
+    stopper = EarlyStopping(monitor="val_score", patience=3, verbose=False)
+    result = run([ScriptedPerValidation(scores), stopper], max_epochs=10, val_every_n_steps=2)
+    assert (stopper.best, stopper.wait, stopper.stopped_epoch) == (1.0, 3, 0)
+    assert result.trainer.global_step == 8
+
+
+def test_a_nan_before_any_finite_value_is_no_improvement_without_check_finite() -> None:
+    # With check_finite=False a NaN is a value that improves on nothing, as in
+    # Lightning (whose best starts at +inf for "min"); taken as the first best, it
+    # made every later value look worse and stopped a run that was improving.
+    scores = [float("nan"), 0.5, 0.4, 0.3, 0.2, 0.1]
+    stopper = EarlyStopping(monitor="val_score", patience=2, check_finite=False, verbose=False)
+    run([ScriptedScore(scores), stopper], max_epochs=6)
+    assert (stopper.stopped_epoch, stopper.best, stopper.wait) == (None, 0.1, 0)
+
+
+def test_patience_runs_out_on_nans_alone_without_check_finite() -> None:
+    stopper = EarlyStopping(monitor="val_score", patience=2, check_finite=False, verbose=False)
+    run([ScriptedScore([float("nan")] * 4), stopper], max_epochs=4)
+    assert (stopper.stopped_epoch, stopper.best) == (1, None)
+    assert stopper.stop_reason == "val_score was NaN at 2 checks in a row (patience 2)"
 
 
 def test_a_non_finite_value_stops_at_once() -> None:
@@ -251,7 +305,6 @@ def test_state_survives_a_resume_through_the_core_checkpoint(tmp_path: Path) -> 
         "wait": 1,
         "stopped_epoch": None,
         "stop_reason": None,
-        "validated": False,  # judged already: saved at the epoch's end
     }
 
     resumed = EarlyStopping(monitor="val_score", patience=3, verbose=False)
