@@ -180,6 +180,16 @@ def test_a_value_that_is_not_one_number_is_refused_naming_the_metric() -> None:
         fit({"f1": per_class}, [])
 
 
+def test_a_collection_of_metrics_under_one_name_is_refused_naming_it() -> None:
+    # MetricCollection's compute() returns a dict: it was kept as the value, and
+    # reading trainer.metrics or any logger then failed with a TypeError.
+    collection = torchmetrics.MetricCollection(
+        {"f1": torchmetrics.F1Score("multiclass", num_classes=CLASSES)}
+    )
+    with pytest.raises(ConfigurationError, match=r"metric 'cls' computed a dict"):
+        fit({"cls": collection}, [])
+
+
 def test_a_metric_that_cannot_merge_is_refused_for_several_processes() -> None:
     class FullState(torchmetrics.Metric):
         full_state_update = True

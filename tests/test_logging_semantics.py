@@ -85,10 +85,94 @@ def test_validate_after_fit_uses_the_fits_loss_and_metrics():
     assert set(tested) == {"test_loss", "test_acc"}
 
 
+def test_an_evaluations_own_loss_fn_and_metrics_are_for_that_call_alone():
+    # validate(loss_fn=...) replaced the fit's for every later call: a test() after
+    # it reported the other loss as test_loss, where the docs promise the fit's.
+    train, val = make_data(n=32, batch_size=16)
+    trainer = Trainer(plugins=[], device="cpu")
+    model = make_model()
+    trainer.fit(model, train, val, metrics={"acc": accuracy}, **SGD_FIT)
+    before = trainer.test(model, val)
+    other = trainer.validate(model, val, loss_fn=F.multi_margin_loss, metrics={"top1": accuracy})
+    assert set(other) == {"val_loss", "val_top1"}
+    assert other["val_loss"] != pytest.approx(before["test_loss"])
+    assert trainer.test(model, val) == pytest.approx(before)
+
+
+class StepReturns(torch.nn.Module):
+    """A plain model whose ``validation_step`` returns what the test gives it."""
+
+    def __init__(self, make_value) -> None:
+        super().__init__()
+        self.net = make_model()
+        self.make_value = make_value
+
+    def forward(self, x):
+        return self.net(x)
+
+    def validation_step(self, batch, batch_idx):
+        inputs, targets = batch
+        return self.make_value(self(inputs), targets)
+
+
+def test_a_validation_step_returning_a_loss_per_sample_is_refused():
+    # reduction="none" gave a value per sample, summed into the mean as one: a
+    # val_loss batch-size times too large, or a shape error at the end with uneven batches.
+    _, val = make_data(n=32, batch_size=16)
+    model = StepReturns(lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    with pytest.raises(
+        ConfigurationError, match=r"validation_step returned a tensor of shape \(\d+,\)"
+    ):
+        Trainer(plugins=[], device="cpu").validate(model, val)
+
+
+def test_numpy_scalars_a_validation_step_returns_are_metrics():
+    np = pytest.importorskip("numpy")
+    _, val = make_data(n=32, batch_size=16)
+    model = StepReturns(
+        lambda out, y: {"f32": np.float32(0.5), "i64": np.int64(2), "f": np.float64(0.25)}
+    )
+    result = Trainer(plugins=[], device="cpu").validate(model, val)
+    assert result == {"val_f32": 0.5, "val_i64": 2.0, "val_f": 0.25}
+
+
+@pytest.mark.parametrize("fn", [lambda o, t: (o.argmax(1) == t).float(), lambda o, t: [0.5]])
+def test_a_metric_function_that_returns_no_single_number_is_refused(fn):
+    # Without .mean() the per-sample tensor was summed into the epoch's mean as if
+    # it were one value: an "accuracy" of 17.4.
+    train, val = make_data(n=32, batch_size=16)
+    trainer = Trainer(plugins=[], device="cpu")
+    with pytest.raises(ConfigurationError, match=r"metric 'acc' returned "):
+        trainer.fit(make_model(), train, val, metrics={"acc": fn}, **SGD_FIT)
+    assert trainer.global_step <= 1  # at the first batch
+
+
+@pytest.mark.parametrize("name", ["loss", "val_acc", "test_acc"])
+def test_a_metric_name_the_loop_uses_itself_is_refused_before_training(name):
+    # metrics={"loss": accuracy} averaged the accuracy into the training loss and
+    # made val_loss the accuracy; "val_acc" wrote the training value under it.
+    train, val = make_data(n=32, batch_size=16)
+    trainer = Trainer(plugins=[], device="cpu")
+    with pytest.raises(ConfigurationError, match=f"metrics name {name!r}"):
+        trainer.fit(make_model(), train, val, metrics={name: accuracy}, **SGD_FIT)
+    assert trainer.global_step == 0
+
+
 def test_an_evaluation_that_computes_nothing_fails_clearly():
     _, val = make_data(n=32, batch_size=16)
     with pytest.raises(ConfigurationError, match=r"validate\(\) computed no metric"):
         Trainer(plugins=[], device="cpu").validate(make_model(), val)
+
+
+@pytest.mark.parametrize(
+    ("stage", "option"), [("validate", "limit_val_batches"), ("test", "limit_test_batches")]
+)
+def test_an_evaluation_limited_to_no_batch_says_so(stage, option):
+    # It said "pass loss_fn=...", to a call that had passed one.
+    _, val = make_data(n=32, batch_size=16)
+    trainer = Trainer(plugins=[], device="cpu", **{option: 0})
+    with pytest.raises(ConfigurationError, match=rf"{stage}\(\) ran on no batch: {option}=0"):
+        getattr(trainer, stage)(make_model(), val, loss_fn=F.cross_entropy)
 
 
 # ---------------------------------------------------------------- batch weights

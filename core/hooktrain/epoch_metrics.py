@@ -18,6 +18,7 @@ distributed sampler repeats to pad the last batch).
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -129,6 +130,12 @@ class EpochMetrics:
                         f"one metric per class or an average)"
                     )
                 value = value.detach().reshape(())
+            elif not isinstance(value, numbers.Real):
+                raise ConfigurationError(
+                    f"metric {name!r} computed a {type(value).__name__}, not a number; a "
+                    f"metrics= value must compute one number (for a MetricCollection, give "
+                    f"each of its metrics its own name in metrics=)"
+                )
             values[name] = value
         return values
 

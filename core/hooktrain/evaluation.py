@@ -9,16 +9,18 @@ processes once at its end.
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.batches import batch_size, limited_length, step_batch_size
+from hooktrain.batches import STEP_NAMES, batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
+from hooktrain.errors import ConfigurationError
 from hooktrain.metrics import warn_if_metrics_unused
 from hooktrain.publishing import loader_suffix, logging_epoch_end, publish, stage_name
-from hooktrain.results import iterate, metric_values, unexpected_result
+from hooktrain.results import iterate, metric_values, origin, unexpected_result
 from hooktrain.running_means import RunningMeans, process_collectives
 
 if TYPE_CHECKING:
@@ -178,8 +180,19 @@ def _accumulate(
     outputs: Any,
     gather: Any,
 ) -> None:
-    """Add one evaluation batch's loss and metrics to the running means."""
+    """Add one evaluation batch's loss and metrics to the running means.
+
+    :raises ConfigurationError: when the step returned a tensor of more than one
+        value (a loss per sample), which the mean would weigh as one.
+    """
     if isinstance(outputs, torch.Tensor):
+        if outputs.numel() != 1:
+            raise ConfigurationError(
+                f"{STEP_NAMES[stage]} returned a tensor of shape {tuple(outputs.shape)}; an "
+                f"evaluation step returns its loss as one number (reduced over the batch, "
+                f"such as reduction='mean'), or a dict of values"
+                f"{origin(trainer.plugin_manager, 'forward_step')}"
+            )
         means.add(stage_name("loss", prefix, suffix), outputs.detach(), trainer._batch_size)
         return
     if not isinstance(outputs, Mapping):
@@ -214,7 +227,8 @@ def _accumulate(
             continue
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             means.add(stage_name(key, prefix, suffix), value.detach(), trainer._batch_size)
-        elif isinstance(value, int | float) and not isinstance(value, bool):
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            # NumPy's scalars too: what scikit-learn's metrics return.
             means.add(stage_name(key, prefix, suffix), float(value), trainer._batch_size)
 
 

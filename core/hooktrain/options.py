@@ -25,6 +25,7 @@ __all__ = [
     "resolve_device",
     "trainer_hparams",
     "warn_if_max_steps_unreachable",
+    "why_evaluation_computed_nothing",
     "why_fit_never_validates",
 ]
 
@@ -143,6 +144,15 @@ def check_metrics(metrics: Any) -> None:
                 f"torchmetrics Metric under a string name ({example}), got "
                 f"{type(fn).__name__}"
             )
+        # The loop's own names: "loss" would be averaged with the training loss (and
+        # become val_loss); a prefixed one would hold the training value under a
+        # validation or test name.
+        if name == "loss" or name.startswith(("val_", "test_")):
+            raise ConfigurationError(
+                f"metrics name {name!r} is one the loop gives its own values ('loss', and "
+                f"the val_ and test_ prefixes it adds in evaluation); name the metric "
+                f"without them ({example} is logged as acc, val_acc and test_acc)"
+            )
 
 
 def check_loss_fn(loss_fn: Any) -> None:
@@ -180,6 +190,18 @@ def why_fit_never_validates(trainer: Trainer) -> str | None:
             f"and val_every_n_steps is not set)"
         )
     return None
+
+
+def why_evaluation_computed_nothing(trainer: Trainer, stage: str) -> str:
+    """The error's words when ``validate()`` or ``test()`` computed no metric."""
+    option = _LIMIT_OPTIONS[stage]
+    if trainer.limits[stage] == 0:
+        return f"{stage}() ran on no batch: {option}=0"
+    step = "validation_step" if stage == "validate" else "test_step"
+    return (
+        f"{stage}() computed no metric: pass loss_fn=... or metrics=..., give the model "
+        f"a {step} that returns a loss, or call it after a fit() that had a loss_fn"
+    )
 
 
 def check_monitors(trainer: Trainer) -> None:

@@ -24,8 +24,14 @@ if TYPE_CHECKING:
 
 __all__ = ["implementers", "iterate", "metric_values", "origin", "unexpected_result", "wrappers"]
 
-# numbers.Real takes NumPy's scalars too (what scikit-learn's metrics return).
-_NUMBER = (torch.Tensor, numbers.Real)
+
+def _one_number(value: Any) -> bool:
+    """A number (NumPy's scalars too, what scikit-learn's metrics return) or a
+    one-element tensor: one value per batch, which the epoch's mean can weigh. A
+    tensor of one value per sample would be summed in as if it were one."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, numbers.Real)
 
 
 def unexpected_result(
@@ -113,14 +119,19 @@ def metric_values(trainer: Trainer, values: Any) -> Mapping[str, Any]:
     if values is None:
         return {}
     if isinstance(values, Mapping):
-        wrong = [name for name, value in values.items() if not isinstance(value, _NUMBER)]
+        wrong = [name for name, value in values.items() if not _one_number(value)]
         if not wrong:
             return values
         if not implementers(trainer.plugin_manager, "compute_metrics"):
             value = values[wrong[0]]
+            what = (
+                f"a tensor of shape {tuple(value.shape)}"
+                if isinstance(value, torch.Tensor)
+                else f"{type(value).__name__} {value!r:.60}"
+            )
             raise ConfigurationError(
-                f"metric {wrong[0]!r} returned {type(value).__name__} {value!r:.60}; a metric "
-                f"function returns a number or a one-element tensor"
+                f"metric {wrong[0]!r} returned {what}; a metric function returns a number "
+                f"or a one-element tensor (reduce a value per sample, with .mean())"
             )
     raise unexpected_result(
         trainer.plugin_manager, "compute_metrics", values, "a dict of numbers or 0-dim tensors"

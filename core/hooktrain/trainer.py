@@ -31,6 +31,7 @@ from hooktrain.options import (
     check_options,
     resolve_device,
     trainer_hparams,
+    why_evaluation_computed_nothing,
 )
 from hooktrain.plugins import PluginManager, PluginSelection, register_selection
 from hooktrain.publishing import log_value
@@ -428,7 +429,8 @@ class Trainer:
         if not loaders:
             raise ConfigurationError(f"{stage}() needs at least one dataloader")
         # As Keras's evaluate uses what compile set: what the last fit computed
-        # with, unless given here.
+        # with, unless given here, for this call alone.
+        fits = self.loss_fn, self.metric_fns
         self._begin(
             model,
             loss_fn if loss_fn is not None else self.loss_fn,
@@ -443,11 +445,10 @@ class Trainer:
             if stage == "predict":
                 return results
             if not results:
-                raise ConfigurationError(
-                    f"{stage}() computed no metric: pass loss_fn=... or metrics=..., give "
-                    f"the model a {'validation' if stage == 'validate' else 'test'}_step "
-                    f"that returns a loss, or call it after a fit() that had a loss_fn"
-                )
+                raise ConfigurationError(why_evaluation_computed_nothing(self, stage))
             return self.metrics.floats(results)
 
-        return run_stage(self, stage, body)
+        try:
+            return run_stage(self, stage, body)
+        finally:
+            self.loss_fn, self.metric_fns = fits
