@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
 from hooktrain.errors import ConfigurationError, warn_user
+from hooktrain.options import why_fit_never_validates
 from hooktrain_checkpoint import resume, sharded, storage, topk
 from hooktrain_checkpoint.lock import DirectoryLock
 from hooktrain_checkpoint.sigterm import SigtermWatch
@@ -192,7 +193,9 @@ class ModelCheckpoint:
             self.best_k_models = {}
             self._saved_progress = None
             self._validated_step = -1
-            never = topk.never_ranked_message(
+            never = topk.never_validated_message(
+                self.monitor, why_fit_never_validates(trainer)
+            ) or topk.never_ranked_message(
                 self.monitor, self.every_n_epochs, trainer.val_every_n_steps
             )
             if never is not None and self.save_top_k != 0 and trainer.is_global_zero:

@@ -60,6 +60,18 @@ def missing_monitor_message(monitor: str, metrics: Mapping[str, Any], where: str
     )
 
 
+def never_validated_message(monitor: str | None, why: str | None) -> str | None:
+    """What to say when ``monitor`` is a validation metric and the fit never
+    validates, ``why`` saying how (`hooktrain.options.why_fit_never_validates`);
+    ``None`` otherwise."""
+    if why is None or monitor is None or not monitor.startswith("val_"):
+        return None
+    return (
+        f"hooktrain-checkpoint: monitor={monitor!r} is a validation metric, but {why}: no "
+        f"checkpoint of this fit will be ranked (last.ckpt is still saved)"
+    )
+
+
 def never_ranked_message(
     monitor: str | None, every_n_epochs: int | None, val_every_n_steps: int | None
 ) -> str | None:

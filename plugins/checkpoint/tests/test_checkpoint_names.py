@@ -426,3 +426,38 @@ def test_a_resume_ranks_a_save_of_weights_validated_before_the_checkpoint(
     assert fit(tmp_path / "cut", [1.0, 2.0], "last", **options).best_k_models == whole
     for name in whole:  # each saved again, ranked, with its epoch's end done
         assert read_info(tmp_path / "cut" / name).record["epoch_complete"] is True
+
+
+@pytest.mark.parametrize(
+    ("trainer_options", "why"),
+    [
+        ({"limit_val_batches": 0}, "limit_val_batches=0 leaves every validation empty"),
+        ({"check_val_every_n_epoch": 5}, "validation never runs"),
+    ],
+)
+def test_a_validation_monitor_in_a_fit_that_never_validates_is_warned_with_the_cause(
+    tmp_path: Path, trainer_options: dict[str, Any], why: str
+) -> None:
+    # It was warned at each save as a metric the validation did not compute ("return
+    # the loss from validation_step"), blaming a model that was never validated.
+    trainer = Trainer(
+        plugins=[ModelCheckpoint(dirpath=tmp_path, monitor="val_loss")],
+        max_epochs=2,
+        device="cpu",
+        **trainer_options,
+    )
+    train, val = make_data(n=64, batch_size=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(
+            nn.Linear(8, 2),
+            train,
+            val,
+            loss_fn=F.cross_entropy,
+            optimizer=lambda parameters: torch.optim.SGD(parameters, lr=0.1),
+        )
+    messages = [str(w.message) for w in caught if "hooktrain-checkpoint" in str(w.message)]
+    assert messages[0].startswith(
+        f"hooktrain-checkpoint: monitor='val_loss' is a validation metric, but {why}"
+    )
+    assert "no checkpoint of this fit will be ranked" in messages[0]
