@@ -99,6 +99,22 @@ def test_an_evaluations_own_loss_fn_and_metrics_are_for_that_call_alone():
     assert trainer.test(model, val) == pytest.approx(before)
 
 
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_a_seeded_evaluation_leaves_the_global_generators_as_it_found_them(stage):
+    # Each evaluation reseeded them with the trainer's seed and left them there: the
+    # members of an ensemble built in a loop after validate() had the same weights.
+    _, val = make_data(n=32, batch_size=16)
+    model = make_model()
+    trainer = Trainer(plugins=[], device="cpu", seed=0)
+    torch.manual_seed(5)
+    expected = torch.randn(3)
+    torch.manual_seed(5)
+    getattr(trainer, stage)(
+        model, val, **({} if stage == "predict" else {"loss_fn": F.cross_entropy})
+    )
+    assert torch.equal(torch.randn(3), expected)
+
+
 class StepReturns(torch.nn.Module):
     """A plain model whose ``validation_step`` returns what the test gives it."""
 

@@ -7,6 +7,7 @@ plugin.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -36,7 +37,7 @@ from hooktrain.options import (
 from hooktrain.plugins import PluginManager, PluginSelection, register_selection
 from hooktrain.publishing import log_value
 from hooktrain.results import unexpected_result
-from hooktrain.rng import seed_everything
+from hooktrain.rng import fork_rng, seed_everything
 from hooktrain.running_means import RunningMeans
 from hooktrain.stages import run_stage
 
@@ -55,7 +56,9 @@ class Trainer:
     :param max_epochs: epochs to train (at least 1).
     :param max_steps: stop after this many optimizer steps, even mid-epoch.
     :param seed: an integer >= 0 that seeds Python, NumPy and torch when each stage
-        starts, and the per-epoch shuffling order of the training data. A model built
+        starts, and the per-epoch shuffling order of the training data; ``validate``,
+        ``test`` and ``predict`` put every global generator back as they found it
+        when they end. A model built
         before that was initialised unseeded: call ``hooktrain.seed_everything(seed)``
         before building it when its initial weights must repeat too.
     :param device: where the core puts the model and batches; default CUDA when
@@ -448,7 +451,10 @@ class Trainer:
                 raise ConfigurationError(why_evaluation_computed_nothing(self, stage))
             return self.metrics.floats(results)
 
+        # Seeded, it is reseeded as it starts; the caller's generators are then put
+        # back, so that an evaluation draws nothing from them (as in fit).
         try:
-            return run_stage(self, stage, body)
+            with fork_rng() if self.seed is not None else contextlib.nullcontext():
+                return run_stage(self, stage, body)
         finally:
             self.loss_fn, self.metric_fns = fits
