@@ -58,6 +58,42 @@ def test_a_value_logged_at_an_epoch_end_belongs_to_that_epoch():
     assert not any("val_auc" in m or "epoch_score" in m for m in steps)
 
 
+class LogsAtSteps:
+    """Logs ``rare`` = the global step after the optimizer steps in ``steps``."""
+
+    name = "logs_at_steps"
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        if trainer.global_step in self.steps:
+            trainer.log("rare", float(trainer.global_step))
+
+
+def test_a_value_pending_at_an_epochs_end_is_not_published_as_the_next_epochs_step():
+    # Logged at step 11, after epoch 0's last log point (10): the epoch's end
+    # replaced the value with its mean (9.0), which step 15 then published as a
+    # training step's value of epoch 1.
+    publications = Publications()
+    train, _ = make_data(n=256, batch_size=8)
+    trainer = Trainer(
+        plugins=[LogsAtSteps({7, 11, 19}), publications],
+        max_epochs=2,
+        limit_train_batches=12,
+        log_every_n_steps=5,
+        device="cpu",
+    )
+    trainer.fit(make_model(), train, **SGD_FIT)
+    steps = [
+        (step, m["rare"]) for step, scope, m in publications.seen if scope == "step" and "rare" in m
+    ]
+    epochs = [(step, m["rare"]) for step, scope, m in publications.seen if scope == "epoch"]
+    assert steps == [(10, 7.0), (20, 19.0)]
+    assert epochs == [(12, 9.0), (24, 19.0)]
+
+
 def test_validate_returns_a_value_logged_at_its_epoch_end():
     _, val = make_data(n=32, batch_size=16)
     result = Trainer(plugins=[LogsAtEpochEnds()], device="cpu").validate(

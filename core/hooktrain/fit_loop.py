@@ -276,6 +276,10 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     check_finite(trainer)
     means = trainer._train_means
     collectives = process_collectives(trainer)
+    # A value logged after the epoch's last log point is the epoch's now: its mean
+    # replaces it, and the next epoch's first log point must not publish that mean
+    # as a step's value.
+    trainer._logged_since_publish.clear()
     trainer.metrics.update_raw(means.compute(collectives))
     epoch_values = trainer._train_metrics.compute(collectives)
     trainer.metrics.update_raw(epoch_values)

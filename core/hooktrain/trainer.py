@@ -241,7 +241,8 @@ class Trainer:
         the step's returned values do. ``trainer.metrics[name]`` returns the latest
         value, and from the epoch's end its mean (as for ``loss``). A value logged
         in validation or test is published with that stage's results, not with the
-        next training step's.
+        next training step's. A value logged in training reaches the loggers at the
+        next log point (``log_every_n_steps``) of its epoch, and in the epoch's mean.
         A value logged in a stage's epoch-end hooks (``on_train_epoch_end``,
         ``on_validation_epoch_end``, ``on_validation_end``...) belongs to that epoch:
         it is published with it and returned by ``validate``/``test``.
