@@ -145,6 +145,8 @@ class MLFlowLogger:
         # The run this stage created or reopened, which its teardown ends.
         self._ending: str | None = None
         self._failed = False
+        # Whether a write of this fit's values went through (the first goes at once).
+        self._sent = False
 
     # ------------------------------------------------------------------ hooks
 
@@ -161,14 +163,25 @@ class MLFlowLogger:
         # What was published before the checkpoint is in the run when the checkpoint
         # is, and the publication right after it (its own step's) goes at once: a
         # resumed run publishes neither again.
-        self._flush()
+        try:
+            self._flush()
+        except Exception as error:
+            # The checkpoint matters more than its logs: a failed write must not
+            # cancel the save. The values wait, and the next write tries them again
+            # (and raises, when the server still refuses them).
+            warn_user(
+                f"hooktrain-mlflow: could not send the values published before the "
+                f"checkpoint at step {trainer.global_step} to {self._uri()} "
+                f"({type(error).__name__}: {error}); the checkpoint is saved without them"
+            )
+            return
         self._schedule.checkpointed()
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
         resume, self._resume = self._resume, None
         self._pending, self._publications, self._logged = [], 0, LoggedSteps()
-        self._failed = False
+        self._failed = self._sent = False
         self.run_id = None
         if not trainer.is_global_zero:
             return
@@ -204,7 +217,9 @@ class MLFlowLogger:
         timestamp = int(time.time() * 1000)
         self._pending.extend((key, value, timestamp, step) for key, value in values.items())
         self._publications += 1
-        if self._schedule.due(scope, self._publications):
+        # The first publication goes at once: a name or value the server refuses
+        # is then reported at the first log point, not minutes into training.
+        if self._schedule.due(scope, self._publications) or not self._sent:
             self._flush()
 
     @hookimpl
@@ -345,9 +360,14 @@ class MLFlowLogger:
 
             metrics = [Metric(key, value, stamp, step) for key, value, stamp, step in pending]
             for start in range(0, len(metrics), _MAX_METRICS_PER_BATCH):
-                self._client.log_batch(
-                    self.run_id, metrics=metrics[start : start + _MAX_METRICS_PER_BATCH]
-                )
+                try:
+                    self._client.log_batch(
+                        self.run_id, metrics=metrics[start : start + _MAX_METRICS_PER_BATCH]
+                    )
+                except BaseException:
+                    self._pending = pending[start:] + self._pending  # sent again next time
+                    raise
+            self._sent = True
         self._schedule.done()
 
 

@@ -293,3 +293,50 @@ def test_a_fit_whose_teardown_raises_ends_failed(mlflow_server: str) -> None:
     with pytest.raises(HookError, match="teardown failed on purpose"):
         run([options(mlflow_server, experiment), RaiseInTeardown()], max_epochs=1)
     assert the_run(MlflowClient(mlflow_server), experiment).info.status == "FAILED"
+
+
+class LogsAt:
+    """Logs ``name`` (1.0) after each optimizer step in ``steps``."""
+
+    def __init__(self, name: str, steps: set[int]) -> None:
+        self.metric, self.steps = name, steps
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        if trainer.global_step in self.steps:
+            trainer.log(self.metric, 1.0)
+
+
+def test_a_name_the_server_refuses_is_reported_at_the_first_log_point(mlflow_server: str) -> None:
+    # The first write waited for flush_secs or a checkpoint, so the refusal came
+    # minutes into training (inside a checkpoint's save).
+    experiment = f"badname-{uuid.uuid4().hex}"
+    with pytest.raises(HookError, match="acc@5") as raised:
+        run(
+            [options(mlflow_server, experiment), LogsAt("acc@5", {1})],
+            max_epochs=3,
+            log_every_n_steps=2,
+        )
+    assert raised.value.hook == "log_metrics"
+    assert "global step 2:" in str(raised.value)
+
+
+def test_a_write_that_fails_in_a_checkpoint_does_not_cancel_the_save(
+    mlflow_server: str, tmp_path: Path
+) -> None:
+    # on_save_checkpoint writes what waits; the server refusing it made the save
+    # itself fail, so the run died without the checkpoint it was taking.
+    pytest.importorskip("hooktrain_checkpoint")
+    experiment = f"savefails-{uuid.uuid4().hex}"
+    checkpoint = ("checkpoint", {"dirpath": str(tmp_path), "every_n_train_steps": 4})
+    warned = pytest.warns(UserWarning, match=r"hooktrain-mlflow: could not send .* at step 4")
+    with warned, pytest.raises(HookError, match="bad@name"):
+        run(
+            [options(mlflow_server, experiment), checkpoint, LogsAt("bad@name", {3})],
+            max_epochs=1,
+            log_every_n_steps=1,
+            record=False,
+        )
+    # Training went on past the failed write, saving (the newest step save kept) until
+    # the values were tried again at the end, and refused again.
+    assert {p.name for p in tmp_path.glob("*.ckpt")} == {"epoch=0-step=8.ckpt", "last.ckpt"}
