@@ -18,9 +18,11 @@ Each fit writes to ``<log_dir>/<name>/version_<n>/``:
 * ``hparams.json``: the trainer's settings, the model's ``hparams`` and the
   plugin's ``hparams`` option, when a fit that does not resume starts.
 
-A fit resumed from a checkpoint appends to the file its checkpoint names, and leaves
-out every value whose column already holds its step (what the interrupted run wrote
-after the checkpoint).
+A fit resumed from a checkpoint at step ``s`` continues the file its checkpoint names:
+the rows past ``s`` (what the interrupted run wrote after the checkpoint, or a later
+part of the run when it resumes from an earlier checkpoint) are removed, as
+TensorBoard hides the steps after its restart marker, and written anew; the values
+the file holds at ``s`` are not written again.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ class CSVLogger:
                 _write_json(self.run_dir / HPARAMS_FILE, params)
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._columns, self._logged = _read_back(self.run_dir / METRICS_FILE)
+        self._columns, self._logged = _read_back(self.run_dir / METRICS_FILE, trainer.global_step)
 
     @hookimpl
     def log_metrics(
@@ -218,25 +220,40 @@ class CSVLogger:
 
 def read_logged_steps(path: str | os.PathLike[str]) -> LoggedSteps:
     """The last step each column of a ``metrics.csv`` holds a value at (empty for a
-    missing file): what a resumed run leaves out."""
-    return _read_back(Path(path))[1]
+    missing file)."""
+    if not Path(path).is_file():
+        return LoggedSteps()
+    return _logged_steps(_read_rows(Path(path)))
 
 
-def _read_back(path: Path) -> tuple[list[str], LoggedSteps]:
-    """The header of an existing ``metrics.csv`` and the steps its columns hold."""
+def _read_back(path: Path, resume_step: int) -> tuple[list[str], LoggedSteps]:
+    """The header of an existing ``metrics.csv`` and the steps its columns hold,
+    once the rows past ``resume_step`` are removed from it."""
     if not path.is_file():
         return [], LoggedSteps()
     _drop_partial_last_line(path)
     with path.open(newline="", encoding="utf-8") as file:
         reader = csv.DictReader(file)
-        records = [
-            (key, int(row["step"]))
-            for row in reader
-            for key, value in row.items()
-            if key not in INDEX_COLUMNS and value not in ("", None)
-        ]
+        rows = list(reader)
         columns = list(reader.fieldnames or [])
-    return columns, LoggedSteps.from_records(records)
+    kept = [row for row in rows if int(row["step"]) <= resume_step]
+    if len(kept) < len(rows):
+        temporary = path.with_name(path.name + ".tmp")
+        with temporary.open("w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, columns)
+            writer.writeheader()
+            writer.writerows(kept)
+        os.replace(temporary, path)
+    return columns, _logged_steps(kept)
+
+
+def _logged_steps(rows: list[dict[str, str]]) -> LoggedSteps:
+    return LoggedSteps.from_records(
+        (key, int(row["step"]))
+        for row in rows
+        for key, value in row.items()
+        if key not in INDEX_COLUMNS and value not in ("", None)
+    )
 
 
 def _read_rows(path: Path) -> list[dict[str, str]]:

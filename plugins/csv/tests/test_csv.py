@@ -248,3 +248,35 @@ def test_identical_runs_write_identical_files(tmp_path: Path) -> None:
         )
         files.append((log_dir / "default" / "version_0" / "metrics.csv").read_text())
     assert files[0] == files[1] == files[2]
+
+
+class SaveAtFirstEpochEnd:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        if trainer.current_epoch == 0:
+            torch.save(trainer.dump_checkpoint(), self.path)
+
+
+def test_a_resume_from_an_earlier_checkpoint_replaces_the_rows_after_it(tmp_path: Path) -> None:
+    # The rows past the checkpoint's step were kept and the resumed run's values of
+    # those steps left out: after a resume from an earlier checkpoint (or on other
+    # data) the file held the abandoned run's values, where TensorBoard showed the
+    # resumed run's.
+    options = ("csv", {"log_dir": tmp_path})
+    path = tmp_path / "epoch0.ckpt"
+    run([options, SaveAtFirstEpochEnd(path)], max_epochs=2, record=False)
+    train, val = make_data()
+    halved = [(inputs * 0.5, targets) for inputs, targets in train]
+    resumed = run([options], max_epochs=2, data=(halved, val), fit_kwargs={"ckpt_path": path})
+    published = {}
+    for call in resumed.recorder.of("log_metrics"):
+        suffix = "_epoch" if call.kwargs["scope"] == "epoch" else ""
+        for name, value in call.kwargs["metrics"].items():
+            published[(name + suffix, call.kwargs["step"])] = value
+    written = cells(tmp_path / "default" / "version_0" / "metrics.csv")
+    after = {pair: value for pair, value in written.items() if pair[1] > STEPS_PER_EPOCH}
+    assert after == pytest.approx(published)
+    assert sorted(step for key, step in written if key == "loss_epoch") == [8, 16]
