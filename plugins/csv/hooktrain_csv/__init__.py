@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hooktrain import hookimpl
+from hooktrain import ConfigurationError, hookimpl
 from hooktrain.loggers import (
     FlushSchedule,
     LoggedSteps,
@@ -170,6 +170,14 @@ class CSVLogger:
             self.run_dir = version_dir(experiment_dir(self.log_dir, self.run_name), self.version)
             self.run_dir.mkdir(parents=True, exist_ok=True)
         values = {metric_key(name, scope): value for name, value in metrics.items()}
+        taken = [key for key in INDEX_COLUMNS if key in values]
+        if taken:
+            # The row's own step and epoch would be overwritten, and a resume could
+            # no longer read the steps back.
+            raise ConfigurationError(
+                f"csv: a metric named {taken[0]!r} would replace the file's own {taken[0]!r} "
+                f"column; log it under another name (such as 'epoch_fraction')"
+            )
         if trainer.stage == "fit":
             # Only a resumed fit meets steps its file holds already.
             values = self._logged.fresh(values, step)

@@ -280,3 +280,22 @@ def test_a_resume_from_an_earlier_checkpoint_replaces_the_rows_after_it(tmp_path
     after = {pair: value for pair, value in written.items() if pair[1] > STEPS_PER_EPOCH}
     assert after == pytest.approx(published)
     assert sorted(step for key, step in written if key == "loss_epoch") == [8, 16]
+
+
+class LogsName:
+    def __init__(self, name: str) -> None:
+        self.metric = name
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        trainer.log(self.metric, trainer.global_step / STEPS_PER_EPOCH)
+
+
+@pytest.mark.parametrize("name", ["step", "epoch"])
+def test_a_metric_named_like_an_index_column_is_refused(tmp_path: Path, name: str) -> None:
+    # The row's own step or epoch was overwritten (epoch=0.21 the HF Trainer's way),
+    # and the resume that read the steps back failed on "1000.5".
+    from hooktrain import HookError
+
+    with pytest.raises(HookError, match=f"a metric named '{name}' would replace"):
+        run([("csv", {"log_dir": tmp_path}), LogsName(name)], log_every_n_steps=2, record=False)
