@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import threading
 from pathlib import Path
 
 import pytest
 
 import hooktrain.loggers as loggers
-from hooktrain import Trainer
+from hooktrain import ConfigurationError, Trainer
 from hooktrain.loggers import (
     FlushSchedule,
     LoggedSteps,
@@ -159,3 +161,26 @@ def test_checkpoint_files_of_plugins_that_keep_checkpoints(tmp_path: Path) -> No
     found = loggers.checkpoint_files(trainer)
     assert sorted(found) == [tmp_path / n for n in ("best.ckpt", "last.ckpt", "sharded.ckpt")]
     assert loggers.checkpoint_files(Trainer(plugins=[], device="cpu")) == []
+
+
+@pytest.mark.parametrize(
+    ("plugin", "options", "message"),
+    [
+        ("tensorboard", {"log_lr": "no"}, "tensorboard: log_lr must be True or False, got 'no'"),
+        ("csv", {"log_hparams": "false"}, "csv: log_hparams must be True or False"),
+        ("csv", {"hparams": ["a", "b"]}, "csv: hparams must be a dict of names to values"),
+        ("tensorboard", {"hparams": 3}, "tensorboard: hparams must be a dict"),
+        pytest.param(
+            "mlflow",
+            {"log_checkpoints": "yes"},
+            "mlflow: log_checkpoints must be True or False",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("hooktrain_mlflow") is None, reason="mlflow plugin"
+            ),
+        ),
+    ],
+)
+def test_a_loggers_flags_and_hparams_are_checked_when_it_is_built(plugin, options, message):
+    # The strings "no" and "false" are true: they did the opposite of what they said.
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        Trainer(plugins=[(plugin, options)])

@@ -51,6 +51,7 @@ __all__ = [
     "EPOCH_SUFFIX",
     "FlushSchedule",
     "LoggedSteps",
+    "check_flags_and_hparams",
     "check_version",
     "checkpoint_files",
     "collect_hparams",
@@ -126,6 +127,23 @@ def check_version(version: Any, owner: str) -> None:
         f"{owner}: version must be None (the next free version), an integer >= 0 or "
         f"a folder name, got {version!r}"
     )
+
+
+def check_flags_and_hparams(owner: str, hparams: Any, **flags: Any) -> None:
+    """Refuse a logger's on/off options that are not booleans, and an ``hparams``
+    option that is not a mapping.
+
+    :raises ConfigurationError: (a ``ValueError``) a flag is not ``True`` or ``False``
+        (the string ``"no"`` is true, and would do the opposite of what it says), or
+        ``hparams`` is neither ``None`` nor a mapping of names to values.
+    """
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigurationError(f"{owner}: {name} must be True or False, got {value!r}")
+    if hparams is not None and not isinstance(hparams, Mapping):
+        raise ConfigurationError(
+            f"{owner}: hparams must be a dict of names to values, got {type(hparams).__name__}"
+        )
 
 
 def version_dir(root: str | os.PathLike[str], version: int | str | None) -> Path:

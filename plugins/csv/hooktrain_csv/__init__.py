@@ -38,6 +38,7 @@ from hooktrain import ConfigurationError, hookimpl
 from hooktrain.loggers import (
     FlushSchedule,
     LoggedSteps,
+    check_flags_and_hparams,
     check_version,
     collect_hparams,
     experiment_dir,
@@ -97,6 +98,7 @@ class CSVLogger:
     ) -> None:
         self._schedule = FlushSchedule(flush_secs, max_queue, owner="csv")
         check_version(version, "csv")
+        check_flags_and_hparams("csv", hparams, log_hparams=log_hparams)
         self.log_dir = Path(log_dir)
         self.run_name = name
         self.version = version

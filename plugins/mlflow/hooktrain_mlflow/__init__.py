@@ -38,6 +38,7 @@ from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain.loggers import (
     FlushSchedule,
     LoggedSteps,
+    check_flags_and_hparams,
     checkpoint_files,
     collect_hparams,
     hparam_value,
@@ -113,6 +114,9 @@ class MLFlowLogger:
             raise ConfigurationError(
                 f"mlflow: start_timeout must be an integer >= 1, got {start_timeout!r}"
             )
+        check_flags_and_hparams(
+            "mlflow", hparams, log_checkpoints=log_checkpoints, log_hparams=log_hparams
+        )
         if tags is not None and not isinstance(tags, Mapping):
             raise ConfigurationError(
                 f"mlflow: tags must be a dict of tag names to values, got {type(tags).__name__}"

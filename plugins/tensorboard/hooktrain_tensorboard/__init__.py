@@ -44,6 +44,7 @@ from hooktrain.errors import ConfigurationError
 from hooktrain.loggers import (
     FlushSchedule,
     LoggedSteps,
+    check_flags_and_hparams,
     check_version,
     collect_hparams,
     experiment_dir,
@@ -120,6 +121,7 @@ class TensorBoardLogger:
             )
         self._schedule = FlushSchedule(flush_secs, max_queue, owner="tensorboard")
         check_version(version, "tensorboard")
+        check_flags_and_hparams("tensorboard", hparams, log_lr=log_lr, log_hparams=log_hparams)
         # Only looked up here: importing torch.utils.tensorboard takes 0.2 to 0.5 s,
         # paid when the first file is opened, and only on the process that writes.
         if importlib.util.find_spec("tensorboard") is None:
