@@ -156,6 +156,8 @@ class TensorBoardLogger:
         # The learning rates a step trains with, read before it (by the time its values
         # are published a scheduler may have moved them), and that step's number.
         self._step_lrs: tuple[int, list[list[float]]] = (-1, [])
+        # Set by on_load_checkpoint: the step and rates of _step_lrs it saved.
+        self._resumed_lrs: tuple[int, list[list[float]]] = (-1, [])
 
     # ------------------------------------------------------------------ hooks
 
@@ -179,6 +181,11 @@ class TensorBoardLogger:
         # stopped) are replaced by this run's: TensorBoard drops the steps >= this
         # one that precede the restart marker.
         self._resume = (version, trainer.global_step + 1)
+        # A checkpoint of an epoch's last batch resumes with the epoch's end, whose
+        # values are written at that step, with no step run before it to read the
+        # rates it trained with (the scheduler has moved them since).
+        lrs = own.get("step_lrs") if own else None
+        self._resumed_lrs = (trainer.global_step, lrs) if lrs else (-1, [])
 
     @hookimpl
     def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
@@ -188,6 +195,8 @@ class TensorBoardLogger:
                 "run_name": self.run_name,
                 "global_step": trainer.global_step,
             }
+            if self._step_lrs[0] == trainer.global_step:
+                state["step_lrs"] = self._step_lrs[1]
             save_state(trainer, self, checkpoint, state)
             # What was published before the checkpoint is in the file when the
             # checkpoint is, and the publication right after it goes at once, as
@@ -200,7 +209,7 @@ class TensorBoardLogger:
         resume, self._resume = self._resume, None
         # Each fit counts steps from 0 again: the previous fit's last one says nothing.
         self._lr_step = -1
-        self._step_lrs = (-1, [])
+        self._step_lrs, self._resumed_lrs = self._resumed_lrs, (-1, [])
         if resume is None:
             # A new version even for a later fit of the same trainer: in the same
             # folder, this fit's restart marker would drop the earlier fit's steps.

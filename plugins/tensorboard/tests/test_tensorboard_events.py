@@ -568,3 +568,39 @@ def test_bad_options_are_refused() -> None:
     for version in (-1, False, 2.0, ""):
         with pytest.raises(ValueError, match="version"):
             TensorBoardLogger(version=version)
+
+
+class SaveAndDieAtFirstEpochsLastBatch:
+    """Saves at epoch 0's last batch, then dies before the epoch's end runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @hookimpl
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        if trainer.current_epoch == 0 and trainer.epoch_batches_done == STEPS_PER_EPOCH:
+            torch.save(trainer.dump_checkpoint(), self.path)
+            raise KeyboardInterrupt("killed")
+
+
+def test_a_resume_at_an_epochs_last_step_writes_the_rate_that_step_trained_with(
+    tmp_path: Path,
+) -> None:
+    # The resumed run starts with the epoch's end, whose values are written at step
+    # 8; with no step run before it, the rate was read after the scheduler had moved
+    # it (1/9, where step 8 trained with 1/8).
+    path = tmp_path / "8.ckpt"
+    options = {"log_dir": tmp_path, "name": ""}
+    train, _ = make_data(n=16 * STEPS_PER_EPOCH, batch_size=16)
+
+    def fit(*plugins, ckpt_path=None) -> None:
+        trainer = Trainer(
+            plugins=[("tensorboard", options), *plugins], max_epochs=2, device="cpu", seed=0
+        )
+        trainer.fit(ScheduledModel("step"), train, loss_fn=F.cross_entropy, ckpt_path=ckpt_path)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(SaveAndDieAtFirstEpochsLastBatch(path))
+    fit(ckpt_path=path)
+    written = {e.step: e.value for e in read(tmp_path / "version_0").Scalars("lr/group_0")}
+    assert written[STEPS_PER_EPOCH] == pytest.approx(1 / STEPS_PER_EPOCH)
