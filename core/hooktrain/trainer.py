@@ -58,9 +58,9 @@ class Trainer:
     :param seed: an integer >= 0 that seeds Python, NumPy and torch when each stage
         starts, and the per-epoch shuffling order of the training data; ``validate``,
         ``test`` and ``predict`` put every global generator back as they found it
-        when they end. A model built
-        before that was initialised unseeded: call ``hooktrain.seed_everything(seed)``
-        before building it when its initial weights must repeat too.
+        when they end. A model built before that was initialised unseeded: call
+        ``hooktrain.seed_everything(seed)`` before building it when its initial
+        weights must repeat too.
     :param device: where the core puts the model and batches; default CUDA when
         available, else the CPU; one this torch cannot use raises
         ``ConfigurationError`` here. A plugin may change it in ``setup``.
@@ -434,7 +434,7 @@ class Trainer:
             raise ConfigurationError(f"{stage}() needs at least one dataloader")
         # As Keras's evaluate uses what compile set: what the last fit computed
         # with, unless given here, for this call alone.
-        fits = self.loss_fn, self.metric_fns
+        fit_fns = self.loss_fn, self.metric_fns
         self._begin(
             model,
             loss_fn if loss_fn is not None else self.loss_fn,
@@ -458,4 +458,4 @@ class Trainer:
             with fork_rng() if self.seed is not None else contextlib.nullcontext():
                 return run_stage(self, stage, body)
         finally:
-            self.loss_fn, self.metric_fns = fits
+            self.loss_fn, self.metric_fns = fit_fns
