@@ -35,7 +35,8 @@ trainer.fit(
     optimizer=lambda params: torch.optim.Adam(params, lr=1e-2),
     metrics={"acc": hooktrain.accuracy},
 )
-print(f"epoch {trainer.current_epoch}: val_acc={trainer.metrics['val_acc']:.3f}")
+# current_epoch counts from 0, and is the last epoch's after fit.
+print(f"{trainer.current_epoch + 1} epochs: val_acc={trainer.metrics['val_acc']:.3f}")
 # --8<-- [end:fit]
 
 # --8<-- [start:evaluate]
