@@ -6,7 +6,7 @@ the trainer's public attributes); it is the worked example of the documentation 
 
     Trainer(plugins=[("early_stopping", {"monitor": "val_loss", "patience": 3})])
 
-Its state (best value, epochs without improvement) is saved in checkpoints under
+Its state (best value, checks without improvement) is saved in checkpoints under
 ``checkpoint["plugins"][<its registered name>]`` and restored on resume, so a run
 that resumes counts patience exactly as a run that was never interrupted.
 """
@@ -134,14 +134,16 @@ class EarlyStopping:
                     file=sys.stderr,
                 )
 
-    # tryfirst, in both: decide before a plugin that saves checkpoints at the same
-    # point, so that the state it saves includes this decision.
-    @hookimpl(tryfirst=True)
+    # trylast: a value another plugin logs in its on_validation_end belongs to this
+    # validation too. (Checkpoints are saved after the validation, not in it.)
+    @hookimpl(trylast=True)
     def on_validation_end(self, trainer: Trainer) -> None:
         if trainer.stage == "fit" and self.monitor.startswith("val_"):
             where = f"the validation at epoch {trainer.current_epoch}, step {trainer.global_step}"
             self._check(trainer, where)
 
+    # tryfirst: decide before a plugin that saves checkpoints at the epoch's end, so
+    # that the state it saves includes this decision.
     @hookimpl(tryfirst=True)
     def on_train_epoch_end(self, trainer: Trainer) -> None:
         if not self.monitor.startswith("val_"):

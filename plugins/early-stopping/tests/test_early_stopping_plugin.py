@@ -201,6 +201,28 @@ def test_every_step_wise_validation_is_judged() -> None:
     assert result.trainer.global_step == 8
 
 
+class ScoreAtValidationEnd:
+    """Logs ``val_score`` = ``values[epoch]`` in its own ``on_validation_end``."""
+
+    def __init__(self, values: Sequence[float]) -> None:
+        self.values = list(values)
+
+    @hookimpl
+    def on_validation_end(self, trainer: Trainer) -> None:
+        if trainer.stage == "fit":
+            trainer.log("val_score", self.values[trainer.current_epoch])
+
+
+@pytest.mark.parametrize("stopper_first", [True, False])
+def test_a_value_another_plugin_logs_at_the_validations_end_is_judged(stopper_first) -> None:
+    # Judged tryfirst in on_validation_end, it ran before the plugin that logs the
+    # value there: a missing metric at the first check, a stale value after.
+    stopper = EarlyStopping(monitor="val_score", patience=3, verbose=False)
+    plugins = [stopper, ScoreAtValidationEnd(SCORES)]
+    run(plugins if stopper_first else plugins[::-1], max_epochs=10)
+    assert (stopper.stopped_epoch, stopper.best) == (6, 0.4)
+
+
 def test_a_nan_before_any_finite_value_is_no_improvement_without_check_finite() -> None:
     # With check_finite=False a NaN is a value that improves on nothing, as in
     # Lightning (whose best starts at +inf for "min"); taken as the first best, it
