@@ -85,13 +85,24 @@ class BadWrapper:
             yield
 
 
+class GoodWrapper:
+    name = "good_wrapper"
+
+    @hookimpl(wrapper=True)
+    def on_train_epoch_start(self):
+        return (yield)
+
+
+@pytest.mark.parametrize("good_first", [True, False])
 @pytest.mark.parametrize("yields", [0, 2])
-def test_a_wrapper_that_yields_never_or_twice_is_named(yields):
+def test_a_wrapper_that_yields_never_or_twice_is_named(yields, good_first):
     # pluggy raises a bare RuntimeError that names the generator's code, not the
-    # plugin: a user with several plugins installed could not tell whose it was.
+    # plugin: a user with several plugins installed could not tell whose it was. A
+    # correct wrapper around it re-raises it from its own frame, and was blamed.
     witness = Witness()
+    wrappers = [GoodWrapper(), BadWrapper(yields)]
     with pytest.raises(HookError, match="yield") as excinfo:
-        run([BadWrapper(yields), witness], max_epochs=1, record=False)
+        run([*(wrappers if good_first else wrappers[::-1]), witness], max_epochs=1, record=False)
     assert (excinfo.value.plugin, excinfo.value.hook) == ("bad_wrapper", "on_train_epoch_start")
     assert witness.events == ["on_exception", "teardown"]
 

@@ -178,9 +178,11 @@ def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
             code = implementation_code(impl.function)
             if code is not None:
                 owners.setdefault(code, []).append((impl.plugin, (impl.plugin, hook_name)))
-    found = _innermost(exc, owners)
+    # First: a correct wrapper around the failing one re-raises pluggy's error from
+    # its own frame, which the traceback walk would blame.
+    found = _wrapper_that_failed_to_yield(exc, owners)
     if found is None:
-        found = _wrapper_that_failed_to_yield(exc, owners)
+        found = _innermost(exc, owners)
     if found is None:
         return None
     name = manager.get_name(found[0]) or "?"
