@@ -186,7 +186,7 @@ def test_a_collection_of_metrics_under_one_name_is_refused_naming_it() -> None:
     collection = torchmetrics.MetricCollection(
         {"f1": torchmetrics.F1Score("multiclass", num_classes=CLASSES)}
     )
-    with pytest.raises(ConfigurationError, match=r"metric 'cls' computed a dict"):
+    with pytest.raises(ConfigurationError, match=r"metrics\['cls'\] is a MetricCollection"):
         fit({"cls": collection}, [])
 
 

@@ -168,7 +168,7 @@ def test_checkpoint_files_of_plugins_that_keep_checkpoints(tmp_path: Path) -> No
     [
         ("tensorboard", {"log_lr": "no"}, "tensorboard: log_lr must be True or False, got 'no'"),
         ("csv", {"log_hparams": "false"}, "csv: log_hparams must be True or False"),
-        ("csv", {"hparams": ["a", "b"]}, "csv: hparams must be a dict of names to values"),
+        ("csv", {"hparams": ["ab", "c"]}, "csv: hparams must be a dict of names to values"),
         ("tensorboard", {"hparams": 3}, "tensorboard: hparams must be a dict"),
         pytest.param(
             "mlflow",
@@ -184,3 +184,10 @@ def test_a_loggers_flags_and_hparams_are_checked_when_it_is_built(plugin, option
     # The strings "no" and "false" are true: they did the opposite of what they said.
     with pytest.raises(ConfigurationError, match=re.escape(message)):
         Trainer(plugins=[(plugin, options)])
+
+
+def test_hparams_as_pairs_are_taken_as_dict_takes_them(tmp_path) -> None:
+    csv = pytest.importorskip("hooktrain_csv")
+    assert csv.CSVLogger(tmp_path, hparams=[("dataset", "digits")]).extra_hparams == {
+        "dataset": "digits"
+    }

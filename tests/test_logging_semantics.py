@@ -167,15 +167,36 @@ class StepReturns(torch.nn.Module):
         return self.make_value(self(inputs), targets)
 
 
-def test_a_validation_step_returning_a_loss_per_sample_is_refused():
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_validation_step_returning_a_loss_per_sample_is_refused(as_dict):
     # reduction="none" gave a value per sample, summed into the mean as one: a
-    # val_loss batch-size times too large, or a shape error at the end with uneven batches.
+    # val_loss batch-size times too large, or a shape error at the end with uneven
+    # batches. In a dict it was left out, and validate() asked for a loss.
     _, val = make_data(n=32, batch_size=16)
-    model = StepReturns(lambda out, y: F.cross_entropy(out, y, reduction="none"))
+
+    def per_sample(out, y):
+        loss = F.cross_entropy(out, y, reduction="none")
+        return {"loss": loss} if as_dict else loss
+
     with pytest.raises(
-        ConfigurationError, match=r"validation_step returned a tensor of shape \(\d+,\)"
+        ConfigurationError, match=r"validation_step returned a loss of shape \(\d+,\)"
     ):
-        Trainer(plugins=[], device="cpu").validate(model, val)
+        Trainer(plugins=[], device="cpu").validate(StepReturns(per_sample), val)
+
+
+def test_numpy_scalars_can_be_logged():
+    np = pytest.importorskip("numpy")
+
+    class LogsNumpy:
+        @hookimpl
+        def on_validation_batch_end(self, trainer):
+            trainer.log("np", np.float32(0.25))
+
+    _, val = make_data(n=32, batch_size=16)
+    result = Trainer(plugins=[LogsNumpy()], device="cpu").validate(
+        make_model(), val, loss_fn=F.cross_entropy
+    )
+    assert result["val_np"] == 0.25
 
 
 def test_numpy_scalars_a_validation_step_returns_are_metrics():

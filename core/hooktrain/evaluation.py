@@ -182,17 +182,21 @@ def _accumulate(
 ) -> None:
     """Add one evaluation batch's loss and metrics to the running means.
 
-    :raises ConfigurationError: when the step returned a tensor of more than one
-        value (a loss per sample), which the mean would weigh as one.
+    :raises ConfigurationError: when the step returned a loss (a tensor, or the
+        ``"loss"`` of a dict) of more than one value (one per sample), which the mean
+        would weigh as one.
     """
+    loss = outputs if isinstance(outputs, torch.Tensor) else None
+    if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
+        loss = outputs["loss"]
+    if loss is not None and loss.numel() != 1:
+        raise ConfigurationError(
+            f"{STEP_NAMES[stage]} returned a loss of shape {tuple(loss.shape)}; an "
+            f"evaluation step returns its loss as one number (reduced over the batch, "
+            f"such as reduction='mean')"
+            f"{origin(trainer.plugin_manager, 'forward_step')}"
+        )
     if isinstance(outputs, torch.Tensor):
-        if outputs.numel() != 1:
-            raise ConfigurationError(
-                f"{STEP_NAMES[stage]} returned a tensor of shape {tuple(outputs.shape)}; an "
-                f"evaluation step returns its loss as one number (reduced over the batch, "
-                f"such as reduction='mean'), or a dict of values"
-                f"{origin(trainer.plugin_manager, 'forward_step')}"
-            )
         means.add(stage_name("loss", prefix, suffix), outputs.detach(), trainer._batch_size)
         return
     if not isinstance(outputs, Mapping):

@@ -135,15 +135,20 @@ def check_flags_and_hparams(owner: str, hparams: Any, **flags: Any) -> None:
 
     :raises ConfigurationError: (a ``ValueError``) a flag is not ``True`` or ``False``
         (the string ``"no"`` is true, and would do the opposite of what it says), or
-        ``hparams`` is neither ``None`` nor a mapping of names to values.
+        ``hparams`` is neither ``None`` nor what ``dict()`` takes (a mapping, or
+        pairs of names and values).
     """
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise ConfigurationError(f"{owner}: {name} must be True or False, got {value!r}")
-    if hparams is not None and not isinstance(hparams, Mapping):
+    if hparams is None or isinstance(hparams, Mapping):
+        return
+    try:
+        dict(hparams)  # pairs of names and values are taken as dict() takes them
+    except (TypeError, ValueError):
         raise ConfigurationError(
             f"{owner}: hparams must be a dict of names to values, got {type(hparams).__name__}"
-        )
+        ) from None
 
 
 def version_dir(root: str | os.PathLike[str], version: int | str | None) -> Path:

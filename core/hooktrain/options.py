@@ -4,6 +4,7 @@ hyperparameters for loggers."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -143,6 +144,12 @@ def check_metrics(metrics: Any) -> None:
                 f"metrics[{name!r}] must be a function of (outputs, targets) or a "
                 f"torchmetrics Metric under a string name ({example}), got "
                 f"{type(fn).__name__}"
+            )
+        torchmetrics = sys.modules.get("torchmetrics")  # imported by whoever built one
+        if torchmetrics is not None and isinstance(fn, torchmetrics.MetricCollection):
+            raise ConfigurationError(
+                f"metrics[{name!r}] is a MetricCollection, whose compute() returns a dict; "
+                f"give each of its metrics its own name in metrics="
             )
         # The loop's own names: "loss" would be averaged with the training loss (and
         # become val_loss); a prefixed one would hold the training value under a

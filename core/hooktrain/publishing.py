@@ -58,9 +58,11 @@ def log_value(trainer: Trainer, name: str, value: Any, batch_size: Any) -> None:
             )
         value = value.detach()
     elif not isinstance(value, int | float):
-        raise ConfigurationError(
-            f"trainer.log({name!r}, ...) needs a number or a tensor, got {type(value).__name__}"
-        )
+        if not isinstance(value, numbers.Real):
+            raise ConfigurationError(
+                f"trainer.log({name!r}, ...) needs a number or a tensor, got {type(value).__name__}"
+            )
+        value = float(value)  # a NumPy scalar, as a step's returned values may be
     if batch_size is not None and not _is_weight(batch_size):
         raise ConfigurationError(
             f"trainer.log({name!r}, ..., batch_size={batch_size!r}) needs a positive "
