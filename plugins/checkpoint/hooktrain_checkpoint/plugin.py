@@ -200,6 +200,7 @@ class ModelCheckpoint:
             )
             if never is not None and self.save_top_k != 0 and trainer.is_global_zero:
                 warn_user(never)
+                self._warned_monitor = True  # its cause is said: no guess at each save
             self._inline = None
             self.interrupted = False
             self._sigterm = SigtermWatch()

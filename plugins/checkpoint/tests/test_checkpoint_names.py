@@ -436,7 +436,7 @@ def test_a_resume_ranks_a_save_of_weights_validated_before_the_checkpoint(
     ],
 )
 def test_a_validation_monitor_in_a_fit_that_never_validates_is_warned_with_the_cause(
-    tmp_path: Path, trainer_options: dict[str, Any], why: str
+    tmp_path: Path, trainer_options: dict[str, Any], why: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # It was warned at each save as a metric the validation did not compute ("return
     # the loss from validation_step"), blaming a model that was never validated.
@@ -461,3 +461,4 @@ def test_a_validation_monitor_in_a_fit_that_never_validates_is_warned_with_the_c
         f"hooktrain-checkpoint: monitor='val_loss' is a validation metric, but {why}"
     )
     assert "no checkpoint of this fit will be ranked" in messages[0]
+    assert "does not exist" not in capsys.readouterr().err  # no second, wrong cause
