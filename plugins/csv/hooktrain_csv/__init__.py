@@ -112,6 +112,9 @@ class CSVLogger:
         self._columns: list[str] = []
         self._pending: list[dict[str, Any]] = []
         self._logged = LoggedSteps()
+        # In a resumed fit, until its first write: the checkpoint's step, past which
+        # the file's rows are the interrupted run's, replaced by this one's.
+        self._cut_after: int | None = None
         # Set by on_load_checkpoint for the fit that follows: the version folder the
         # checkpoint's run wrote to (None when it does not say).
         self._resume: tuple[str | None] | None = None
@@ -144,6 +147,7 @@ class CSVLogger:
     def on_fit_start(self, trainer: Trainer) -> None:
         resume, self._resume = self._resume, None
         self._pending, self._columns, self._logged = [], [], LoggedSteps()
+        self._cut_after = None
         version = resume[0] if resume else None
         root = experiment_dir(self.log_dir, self.run_name)
         # A checkpoint without this plugin's state starts a new version.
@@ -160,6 +164,9 @@ class CSVLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._columns, self._logged = _read_back(self.run_dir / METRICS_FILE, trainer.global_step)
+        # Removed at the first write, not now: a resume that fails before writing
+        # anything leaves the file as it found it.
+        self._cut_after = trainer.global_step
 
     @hookimpl
     def log_metrics(
@@ -207,6 +214,9 @@ class CSVLogger:
         if not self._pending or path is None:
             return
         pending, self._pending = self._pending, []
+        if self._cut_after is not None:
+            _remove_rows_after(path, self._cut_after)
+            self._cut_after = None
         columns = list(self._columns or INDEX_COLUMNS)
         for row in pending:
             columns.extend(key for key in row if key not in columns)
@@ -237,8 +247,8 @@ def read_logged_steps(path: str | os.PathLike[str]) -> LoggedSteps:
 
 
 def _read_back(path: Path, resume_step: int) -> tuple[list[str], LoggedSteps]:
-    """The header of an existing ``metrics.csv`` and the steps its columns hold,
-    once the rows past ``resume_step`` are removed from it."""
+    """The header of an existing ``metrics.csv`` and the steps its columns hold up
+    to ``resume_step``."""
     if not path.is_file():
         return [], LoggedSteps()
     _drop_partial_last_line(path)
@@ -246,15 +256,26 @@ def _read_back(path: Path, resume_step: int) -> tuple[list[str], LoggedSteps]:
         reader = csv.DictReader(file)
         rows = list(reader)
         columns = list(reader.fieldnames or [])
-    kept = [row for row in rows if int(row["step"]) <= resume_step]
-    if len(kept) < len(rows):
-        temporary = path.with_name(path.name + ".tmp")
-        with temporary.open("w", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, columns)
-            writer.writeheader()
-            writer.writerows(kept)
-        os.replace(temporary, path)
-    return columns, _logged_steps(kept)
+    return columns, _logged_steps([row for row in rows if int(row["step"]) <= resume_step])
+
+
+def _remove_rows_after(path: Path, step: int) -> None:
+    """Rewrite ``path`` without its rows past ``step`` (when it has any)."""
+    if not path.is_file():
+        return
+    with path.open(newline="", encoding="utf-8") as file:
+        reader = csv.DictReader(file)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    kept = [row for row in rows if int(row["step"]) <= step]
+    if len(kept) == len(rows):
+        return
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, columns)
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(temporary, path)
 
 
 def _logged_steps(rows: list[dict[str, str]]) -> LoggedSteps:

@@ -299,3 +299,22 @@ def test_a_metric_named_like_an_index_column_is_refused(tmp_path: Path, name: st
 
     with pytest.raises(HookError, match=f"a metric named '{name}' would replace"):
         run([("csv", {"log_dir": tmp_path}), LogsName(name)], log_every_n_steps=2, record=False)
+
+
+class FailsAtFitStart:
+    @hookimpl
+    def on_fit_start(self) -> None:
+        raise RuntimeError("failed before training")
+
+
+def test_a_resume_that_fails_before_writing_leaves_the_file_as_it_was(tmp_path: Path) -> None:
+    # The rows past the checkpoint were removed as the resume started: a resume that
+    # failed then (another process count, a bad option) cut the run's file for good.
+    options = ("csv", {"log_dir": tmp_path})
+    path = tmp_path / "epoch0.ckpt"
+    run([options, SaveAtFirstEpochEnd(path)], max_epochs=2, record=False)
+    metrics = tmp_path / "default" / "version_0" / "metrics.csv"
+    before = metrics.read_text(encoding="utf-8")
+    with pytest.raises(Exception, match="failed before training"):
+        run([options, FailsAtFitStart()], max_epochs=2, fit_kwargs={"ckpt_path": path})
+    assert metrics.read_text(encoding="utf-8") == before
