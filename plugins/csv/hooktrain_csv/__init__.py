@@ -226,14 +226,8 @@ class CSVLogger:
         else:
             # A reader expects every row to have the header's fields, so a new
             # column means rewriting the rows before it (once per new column).
-            earlier = _read_rows(path) if self._columns else []
-            temporary = path.with_name(path.name + ".tmp")
-            with temporary.open("w", newline="", encoding="utf-8") as file:
-                writer = csv.DictWriter(file, columns)
-                writer.writeheader()
-                writer.writerows(earlier)
-                writer.writerows(pending)
-            os.replace(temporary, path)
+            earlier = _read_table(path)[1] if self._columns else []
+            _write_table(path, columns, [*earlier, *pending])
             self._columns = columns
         self._schedule.done()
 
@@ -243,7 +237,7 @@ def read_logged_steps(path: str | os.PathLike[str]) -> LoggedSteps:
     missing file)."""
     if not Path(path).is_file():
         return LoggedSteps()
-    return _logged_steps(_read_rows(Path(path)))
+    return _logged_steps(_read_table(Path(path))[1])
 
 
 def _read_back(path: Path, resume_step: int) -> tuple[list[str], LoggedSteps]:
@@ -252,10 +246,7 @@ def _read_back(path: Path, resume_step: int) -> tuple[list[str], LoggedSteps]:
     if not path.is_file():
         return [], LoggedSteps()
     _drop_partial_last_line(path)
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        rows = list(reader)
-        columns = list(reader.fieldnames or [])
+    columns, rows = _read_table(path)
     return columns, _logged_steps([row for row in rows if int(row["step"]) <= resume_step])
 
 
@@ -263,19 +254,10 @@ def _remove_rows_after(path: Path, step: int) -> None:
     """Rewrite ``path`` without its rows past ``step`` (when it has any)."""
     if not path.is_file():
         return
-    with path.open(newline="", encoding="utf-8") as file:
-        reader = csv.DictReader(file)
-        rows = list(reader)
-        columns = list(reader.fieldnames or [])
+    columns, rows = _read_table(path)
     kept = [row for row in rows if int(row["step"]) <= step]
-    if len(kept) == len(rows):
-        return
-    temporary = path.with_name(path.name + ".tmp")
-    with temporary.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, columns)
-        writer.writeheader()
-        writer.writerows(kept)
-    os.replace(temporary, path)
+    if len(kept) < len(rows):
+        _write_table(path, columns, kept)
 
 
 def _logged_steps(rows: list[dict[str, str]]) -> LoggedSteps:
@@ -287,9 +269,23 @@ def _logged_steps(rows: list[dict[str, str]]) -> LoggedSteps:
     )
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+def _read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header of ``path`` and its rows."""
     with path.open(newline="", encoding="utf-8") as file:
-        return list(csv.DictReader(file))
+        reader = csv.DictReader(file)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def _write_table(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` with ``columns`` and ``rows``, through a temporary file, so
+    that a process killed while writing leaves the old file whole."""
+    temporary = path.with_name(path.name + ".tmp")
+    with temporary.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
 
 
 def _drop_partial_last_line(path: Path) -> None:
