@@ -147,8 +147,9 @@ class TensorBoardLogger:
         # the [(tag, value)] of one: made into one there, out of the training loop).
         self._pending: list[tuple[float, int, Any]] = []
         # Set by on_load_checkpoint for the fit that follows: the version folder the
-        # checkpoint's run wrote to (None when it does not say) and its restart step.
-        self._resume: tuple[str | None, int] | None = None
+        # checkpoint's run wrote to (None when it does not say), its restart step, and
+        # the rates its last step trained with (empty when it did not save them).
+        self._resume: tuple[str | None, int, list[list[float]]] | None = None
         # In a resumed fit, the last step each tag already holds in the version's
         # files (up to the checkpoint's step); None otherwise.
         self._logged: LoggedSteps | None = None
@@ -156,8 +157,6 @@ class TensorBoardLogger:
         # The learning rates a step trains with, read before it (by the time its values
         # are published a scheduler may have moved them), and that step's number.
         self._step_lrs: tuple[int, list[list[float]]] = (-1, [])
-        # Set by on_load_checkpoint: the step and rates of _step_lrs it saved.
-        self._resumed_lrs: tuple[int, list[list[float]]] = (-1, [])
 
     # ------------------------------------------------------------------ hooks
 
@@ -180,12 +179,11 @@ class TensorBoardLogger:
         # Events the old run wrote after the checkpoint (before it crashed or was
         # stopped) are replaced by this run's: TensorBoard drops the steps >= this
         # one that precede the restart marker.
-        self._resume = (version, trainer.global_step + 1)
         # A checkpoint of an epoch's last batch resumes with the epoch's end, whose
         # values are written at that step, with no step run before it to read the
         # rates it trained with (the scheduler has moved them since).
-        lrs = own.get("step_lrs") if own else None
-        self._resumed_lrs = (trainer.global_step, lrs) if lrs else (-1, [])
+        lrs = (own.get("step_lrs") if own else None) or []
+        self._resume = (version, trainer.global_step + 1, lrs)
 
     @hookimpl
     def on_save_checkpoint(self, trainer: Trainer, checkpoint: dict[str, Any]) -> None:
@@ -209,7 +207,7 @@ class TensorBoardLogger:
         resume, self._resume = self._resume, None
         # Each fit counts steps from 0 again: the previous fit's last one says nothing.
         self._lr_step = -1
-        self._step_lrs, self._resumed_lrs = self._resumed_lrs, (-1, [])
+        self._step_lrs = (-1, [])
         if resume is None:
             # A new version even for a later fit of the same trainer: in the same
             # folder, this fit's restart marker would drop the earlier fit's steps.
@@ -219,7 +217,9 @@ class TensorBoardLogger:
             # file had one.
             restart_step = trainer.global_step
         else:
-            version, restart_step = resume
+            version, restart_step, lrs = resume
+            if lrs:
+                self._step_lrs = (restart_step - 1, lrs)
             root = experiment_dir(self.log_dir, self.run_name)
             self.run_dir = root / version if version else None
         self._logged = None
