@@ -102,6 +102,22 @@ def test_step_validation_runs_inside_the_batch_before_its_end_hook():
     assert names.count("on_validation_start") == 2
 
 
+def test_limit_val_batches_zero_turns_validation_in_fit_off():
+    # As in Lightning: the validation hooks used to run around no batch, and a
+    # plugin reading the empty validation took it as one that computed nothing.
+    result = run(
+        max_epochs=2,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        val_every_n_steps=1,
+        log_every_n_steps=2,
+    )
+    names = [c.name for c in result.calls]
+    assert names.count("on_train_batch_end") == 4
+    assert not [name for name in names if "validation" in name]
+    assert [c.kwargs["stage"] for c in result.calls if c.name == "batch_iterator"] == ["train"] * 2
+
+
 def test_accumulation_steps_the_optimizer_once_per_window():
     result = run(
         max_epochs=1, limit_train_batches=4, limit_val_batches=1, accumulate_grad_batches=2

@@ -157,7 +157,7 @@ def _train_epoch(
     on_batch_end = hooks.on_train_batch_end
     accumulate = trainer.accumulate_grad_batches
     log_every = trainer.log_every_n_steps
-    val_every = trainer.val_every_n_steps if trainer.eval_dataloaders else None
+    val_every = trainer.val_every_n_steps if _validates(trainer) else None
     metric_fns = trainer.metric_fns
     metrics = trainer.metrics
     distributed = trainer.world_size > 1
@@ -286,7 +286,7 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     computed = means.names() | set(epoch_values)
     warn_if_metrics_unused(trainer, computed, "", "train")
     if (
-        trainer.eval_dataloaders
+        _validates(trainer)
         and (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0
         # A step-wise validation at this epoch's last step saw these same weights.
         and trainer._validated_at_step != trainer.global_step
@@ -307,6 +307,13 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     publish(trainer, means.names() | set(epoch_values) | logged, "epoch")
 
 
+def _validates(trainer: Trainer) -> bool:
+    # limit_val_batches=0 turns validation in fit off, as in Lightning: no
+    # validation hook runs on no batch (a plugin would read an empty validation as
+    # one that computed nothing).
+    return bool(trainer.eval_dataloaders) and trainer.limits["validate"] != 0
+
+
 def _validate(trainer: Trainer) -> None:
     """Validation inside ``fit``; the names it computed join the epoch's
     (``trainer._epoch_validation``). It must not change training, so every global
@@ -314,7 +321,7 @@ def _validate(trainer: Trainer) -> None:
     datasets may draw numbers)."""
     with fork_rng():
         results = evaluation_loop(trainer, "validate", trainer.eval_dataloaders)
-    if not results and trainer.limits["validate"] != 0 and not trainer._warned_empty_validation:
+    if not results and not trainer._warned_empty_validation:
         # validate() raises for this; in fit it would go unseen until something
         # that monitors a validation metric finds nothing to read.
         trainer._warned_empty_validation = True

@@ -50,7 +50,8 @@ asserts exactly this sequence, and ``docs/hook-order.md`` shows it):
     * ``on_train_batch_end``
     * ``log_metrics`` every ``log_every_n_steps`` optimizer steps
 
-  * validation, when ``check_val_every_n_epoch`` makes it due:
+  * validation, when ``check_val_every_n_epoch`` makes it due (never without
+    validation dataloaders or with ``limit_val_batches=0``):
 
     * ``on_validation_start``
     * ``on_validation_epoch_start``

@@ -70,6 +70,8 @@ class Trainer:
     :param val_every_n_steps: also validate every N optimizer steps.
     :param limit_train_batches: at most this many batches per training epoch (and
         likewise ``limit_val_batches``, ``limit_test_batches``, ``limit_predict_batches``).
+        ``limit_val_batches=0`` turns validation in ``fit`` off: no validation hook
+        runs, as when no ``val_dataloaders`` were given.
     :param log_every_n_steps: publish step metrics (and check the loss is finite)
         every N optimizer steps.
     :param check_finite_every_step: check the loss every step (one device sync per
