@@ -169,3 +169,75 @@ def test_validation_limited_to_no_batch_does_not_blame_the_step() -> None:
         )
     assert "acc" in trainer.metrics  # the training epoch computed it
     assert not [w for w in record if "computed nothing" in str(w.message)]
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.scopes: list[str] = []
+
+    @hooktrain.hookimpl
+    def log_metrics(self, scope: str) -> None:
+        self.scopes.append(scope)
+
+
+class LogsAt:
+    def __init__(self, hook: str) -> None:
+        self.hook = hook
+
+    @hooktrain.hookimpl
+    def on_train_epoch_end(self, trainer: Trainer) -> None:
+        if self.hook == "on_train_epoch_end":
+            trainer.log("best", 1.0)
+
+    @hooktrain.hookimpl
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.hook == "on_fit_end":
+            trainer.log("best", 1.0)
+
+    @hooktrain.hookimpl
+    def teardown(self, trainer: Trainer) -> None:
+        if self.hook == "teardown":
+            trainer.log("final", 2.0)
+
+
+@pytest.mark.parametrize(
+    ("hook", "warned"),
+    [("on_fit_end", "'best'"), ("teardown", "'final'"), ("on_train_epoch_end", None)],
+)
+def test_a_value_logged_after_the_last_publication_is_warned_about(
+    hook: str, warned: str | None
+) -> None:
+    # It reached trainer.metrics and no logger, without a word (Lightning refuses
+    # trainer.log in on_fit_end).
+    train = make_data(n=64, batch_size=16)[0]
+    listener = Listener()
+    trainer = Trainer(plugins=[LogsAt(hook), listener], device="cpu", log_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(make_model(), train, loss_fn=F.cross_entropy, optimizer=sgd)
+    found = [str(w.message) for w in record if "reached no logger" in str(w.message)]
+    if warned is None:
+        assert not found
+        assert trainer.metrics["best"] == 1.0
+    else:
+        assert len(found) == 1
+        assert found[0].startswith(f"hooktrain: {warned} logged with trainer.log after fit's")
+
+
+def test_values_of_an_epoch_left_open_are_not_said_to_be_logged_too_late() -> None:
+    # max_steps stops inside the epoch, after the last log point: a resume continues
+    # the epoch, and its values are not on_fit_end's.
+    class LogsEveryStep:
+        @hooktrain.hookimpl
+        def on_train_batch_end(self, trainer: Trainer) -> None:
+            trainer.log("lr", 0.1, batch_size=1)
+
+    train = make_data(n=64, batch_size=16)[0]
+    trainer = Trainer(
+        plugins=[LogsEveryStep(), Listener()], device="cpu", max_steps=3, log_every_n_steps=2
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.fit(make_model(), train, loss_fn=F.cross_entropy, optimizer=sgd)
+    assert trainer.global_step == 3
+    assert not [w for w in record if "reached no logger" in str(w.message)]

@@ -82,6 +82,10 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
             # should_stop set at an epoch's end (early stopping, a signal) must stop
             # every process here, or those going on wait in the next collective.
             _agree_on_stop(trainer)
+    # Values of an epoch left open (max_steps, a stop) that no log point published
+    # wait for its resume, not for on_fit_end: only what is logged from here is
+    # said to reach no logger.
+    trainer._logged_since_publish.clear()
     if hooks.on_fit_end is not None:
         hooks.on_fit_end(trainer=trainer)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.errors import ConfigurationError, NonFiniteLossError
+from hooktrain.errors import ConfigurationError, NonFiniteLossError, warn_user
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -121,6 +121,22 @@ def publish_step(trainer: Trainer) -> None:
     check_finite(trainer)
     publish(trainer, {"loss", *trainer._logged_since_publish}, "step")
     trainer._logged_since_publish.clear()
+
+
+def warn_if_never_published(trainer: Trainer) -> None:
+    """Warn, as a stage ends, about values ``trainer.log`` recorded after its last
+    publication (in ``on_fit_end`` or ``teardown``): they are in ``trainer.metrics``
+    but no logger got them. Lightning refuses such a call; a warning keeps the
+    value for whoever reads ``trainer.metrics`` after the fit."""
+    names = trainer._logged_since_publish
+    if names and trainer.plugin_manager.hook.log_metrics.get_hookimpls():
+        where = "on_fit_end or teardown" if trainer.stage == "fit" else "setup or teardown"
+        warn_user(
+            f"hooktrain: {', '.join(map(repr, sorted(names)))} logged with trainer.log "
+            f"after {trainer.stage}'s last publication (in {where}) reached no logger, "
+            f"only trainer.metrics; log it in on_train_epoch_end or on_validation_end "
+            f"to have it published"
+        )
 
 
 def check_finite(trainer: Trainer) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from hooktrain.errors import HookError, PluginError
 from hooktrain.hookcalls import HOOK_NAMES
 from hooktrain.instrument import implementation_code
+from hooktrain.publishing import warn_if_never_published
 from hooktrain.rng import seed_everything
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ def run_stage(trainer: Trainer, stage: str, body: Callable[[], Any]) -> Any:
         trainer._active_means = None
         trainer._log_prefix = ""
         # Names logged after the stage's last publication have no later one to go to.
+        if failure is None:
+            warn_if_never_published(trainer)
         trainer._logged_since_publish.clear()
 
 

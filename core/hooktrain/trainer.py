@@ -247,7 +247,9 @@ class Trainer:
         next log point (``log_every_n_steps``) of its epoch, and in the epoch's mean.
         A value logged in a stage's epoch-end hooks (``on_train_epoch_end``,
         ``on_validation_epoch_end``, ``on_validation_end``...) belongs to that epoch:
-        it is published with it and returned by ``validate``/``test``.
+        it is published with it and returned by ``validate``/``test``. A value logged
+        after a stage's last publication (``on_fit_end``, ``teardown``) stays in
+        ``trainer.metrics`` and reaches no logger; hooktrain warns when one listens.
 
         :param batch_size: the value's weight in the epoch's mean; by default the
             size of the batch being trained on (its first dimension). A quantity of
