@@ -585,3 +585,37 @@ def test_a_tensor_weight_is_taken_as_it_is():
     trainer.fit(make_model(), train, **SGD_FIT)
     # (0*1 + 1*2 + 2*3) / (1 + 2 + 3)
     assert trainer.metrics["per_token"] == pytest.approx(8 / 6)
+
+
+class LogsBeforeEachStep:
+    """Logs the step about to be taken, as the core logs a clipped gradient norm."""
+
+    @hookimpl
+    def on_before_optimizer_step(self, trainer):
+        trainer.log("step_value", float(trainer.global_step + 1), batch_size=1)
+
+
+def test_the_step_of_a_window_left_open_by_an_unsized_iterator_is_published_and_counted():
+    # A loader without len() ending inside an accumulation window: the window was
+    # stepped after the loop, but its step was never published at a log point, and
+    # a value logged during it was left out of the epoch's mean.
+    batches = list(make_data(n=160, batch_size=16)[0])  # 10 micro-batches
+
+    class Unsized:
+        def __iter__(self):
+            return iter(batches)
+
+    publications = Publications()
+    trainer = Trainer(
+        plugins=[LogsBeforeEachStep(), publications],
+        max_epochs=1,
+        accumulate_grad_batches=3,
+        log_every_n_steps=2,
+        device="cpu",
+    )
+    trainer.fit(make_model(), Unsized(), **SGD_FIT)
+    assert trainer.global_step == 4  # windows of 3, 3, 3 and 1
+    steps = [(step, m["step_value"]) for step, scope, m in publications.seen if scope == "step"]
+    assert steps == [(2, 2.0), (4, 4.0)]
+    (epoch,) = [m for _, scope, m in publications.seen if scope == "epoch"]
+    assert epoch["step_value"] == pytest.approx((1 + 2 + 3 + 4) / 4)

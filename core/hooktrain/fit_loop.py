@@ -210,7 +210,6 @@ def _train_epoch(
             if _should_stop(trainer):
                 stopped = True
                 break
-    trainer._active_means = trainer._epoch_metrics = None
 
     if batch_idx == skip and skip == 0:
         raise ConfigurationError(
@@ -219,11 +218,16 @@ def _train_epoch(
         )
     if window:
         # The iterator ended inside an accumulation window (its length was unknown
-        # or wrong): the window is stepped with the micro-batches it holds.
+        # or wrong): the window is stepped with the micro-batches it holds. Its
+        # last micro-batch's on_train_batch_end has run; the step is published
+        # when it is a log point, with what was logged during it (a gradient norm).
         trainer.sync_gradients = True
         optimizer_step(window)
         if monitoring:
             step_monitoring_schedulers(trainer)
+        if trainer.global_step % log_every == 0:
+            publish_step(trainer)
+    trainer._active_means = trainer._epoch_metrics = None
     # The iterator's end is the epoch's end; a stop at the last batch of a known
     # length ends it too. Any other stop leaves the epoch open: no epoch end runs,
     # and a resume continues it.
