@@ -274,3 +274,57 @@ def test_sharded_gradients_give_the_whole_norm(hooktrain_run) -> None:
     for (_, whole), (_, parts) in zip(plain, sharded, strict=True):
         assert type(parts["grad_norm"]) is float
         assert parts["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+
+
+class TimeMajor(nn.Module):
+    """A plain model of (T=20, B=4, F=3) batches: 4 samples, not 20."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(3, 5)
+        self.head = nn.Linear(5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][-1])
+
+
+class SaysItsBatchSize(nn.Module):
+    """Batches of 8 token lists, no tensor among them: the step says the size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(50, 4)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        ids = torch.tensor(batch["ids"])
+        return {"loss": self.emb(ids).pow(2).mean(), "batch_size": len(batch["ids"])}
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("case", ["time-major", "step says"])
+def test_samples_are_counted_as_the_epochs_means_weigh_them(case: str) -> None:
+    # The monitor counted the batch's first tensor's first dimension: 20 samples a
+    # time-major batch of 4 sequences, and 1 for a batch of token lists.
+    clock = ManualClock()
+    recorder = HookRecorder()
+    trainer = Trainer(
+        plugins=[clock, Monitor(clock=clock), recorder], log_every_n_steps=2, device="cpu"
+    )
+    if case == "time-major":
+        data = [(torch.randn(20, 4, 3), torch.randn(4, 1)) for _ in range(4)]
+        trainer.fit(
+            TimeMajor(),
+            data,
+            loss_fn=F.mse_loss,
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
+        )
+        samples = 4
+    else:
+        trainer.fit(SaysItsBatchSize(), [{"ids": [[1, 2, 3]] * 8}] * 4)
+        samples = 8
+    steps = published(recorder)
+    assert [step for step, _ in steps] == [2, 4]
+    # One manual second a batch.
+    assert all(metrics["samples_per_sec"] == samples for _, metrics in steps)
