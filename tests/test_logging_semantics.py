@@ -619,3 +619,44 @@ def test_the_step_of_a_window_left_open_by_an_unsized_iterator_is_published_and_
     assert steps == [(2, 2.0), (4, 4.0)]
     (epoch,) = [m for _, scope, m in publications.seen if scope == "epoch"]
     assert epoch["step_value"] == pytest.approx((1 + 2 + 3 + 4) / 4)
+
+
+class LogsOutsideBatches:
+    name = "logs_outside_batches"
+
+    @hookimpl
+    def setup(self, trainer, stage):
+        trainer.log("from_setup", 1.0)
+
+    @hookimpl
+    def on_fit_start(self, trainer):
+        trainer.log("from_fit_start", 2.0)
+
+    @hookimpl
+    def on_train_epoch_start(self, trainer):
+        trainer.log("from_epoch_start", 10.0 + trainer.current_epoch)
+
+
+@pytest.mark.parametrize("log_every_n_steps", [1, 50])
+def test_values_logged_outside_batches_reach_the_loggers(log_every_n_steps):
+    # Before, no logger got them when no log point came before the epoch's end
+    # (setup's value was even dropped from trainer.metrics), and a value logged in
+    # on_train_epoch_start went out with a step, never with its epoch.
+    publications = Publications()
+    train = make_data(n=32, batch_size=16)[0]
+    trainer = Trainer(
+        plugins=[LogsOutsideBatches(), publications],
+        max_epochs=2,
+        log_every_n_steps=log_every_n_steps,
+        device="cpu",
+    )
+    trainer.fit(make_model(), train, **SGD_FIT)
+    epochs = [(step, m) for step, scope, m in publications.seen if scope == "epoch"]
+    steps = [m for _, scope, m in publications.seen if scope == "step"]
+    assert [(step, m["from_epoch_start"]) for step, m in epochs] == [(2, 10.0), (4, 11.0)]
+    assert not any("from_epoch_start" in m for m in steps)
+    # Published once: at the first log point, else with the first epoch.
+    for name, value in (("from_setup", 1.0), ("from_fit_start", 2.0)):
+        seen = [m[name] for _, _, m in publications.seen if name in m]
+        assert seen == [value], name
+    assert trainer.metrics["from_setup"] == 1.0

@@ -153,7 +153,7 @@ def _train_epoch(
     back as it found it.
     """
     skip = trainer._resume_skip
-    batches, total = _open_epoch(trainer, hooks, skip)
+    batches, total, logged_at_start = _open_epoch(trainer, hooks, skip)
     means = trainer._train_means
     device = trainer.device
     transfer = hooks.transfer_batch_to_device
@@ -249,15 +249,16 @@ def _train_epoch(
         )
     if not exhausted:
         return
-    _end_epoch(trainer, hooks)
+    _end_epoch(trainer, hooks, logged_at_start)
 
 
 def _open_epoch(
     trainer: Trainer, hooks: ResolvedHooks, skip: int
-) -> tuple[Iterator[Any], int | None]:
+) -> tuple[Iterator[Any], int | None, set[str]]:
     """Everything before an epoch's first batch: progress, ``on_train_epoch_start``
-    and the epoch's iterator. :return: the iterator and the number of batches the
-    epoch should have (``None`` when unknown)."""
+    and the epoch's iterator. :return: the iterator, the number of batches the
+    epoch should have (``None`` when unknown), and the names ``on_train_epoch_start``
+    logged (published with the epoch, as Lightning does)."""
     trainer._resume_skip = 0
     if skip == 0:
         trainer._train_means.reset()
@@ -271,22 +272,25 @@ def _open_epoch(
     total = trainer.num_training_batches = limited_length(loader, limit)
     if skip:
         warn_if_epoch_length_changed(trainer, skip, total)
-    if hooks.on_train_epoch_start is not None:
-        hooks.on_train_epoch_start(trainer=trainer)
+    with logging_epoch_end(trainer) as logged:
+        if hooks.on_train_epoch_start is not None:
+            hooks.on_train_epoch_start(trainer=trainer)
     batches = _epoch_batches(trainer, hooks, loader, skip)
     if limit is not None:
         batches = itertools.islice(batches, max(0, limit - skip))
     _apply_pending_rng(trainer)  # a mid-epoch resume: after the iterator drew its seeds
-    return batches, total
+    return batches, total, logged
 
 
-def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
+def _end_epoch(trainer: Trainer, hooks: ResolvedHooks, logged_at_start: set[str]) -> None:
     check_finite(trainer)
     means = trainer._train_means
     collectives = process_collectives(trainer)
     # A value logged after the epoch's last log point is the epoch's now: its mean
     # replaces it, and the next epoch's first log point must not publish that mean
-    # as a step's value.
+    # as a step's value. One logged outside any batch (setup, on_fit_start) and not
+    # published yet goes out with the epoch, as it is.
+    unpublished = trainer._logged_since_publish - means.names()
     trainer._logged_since_publish.clear()
     trainer.metrics.update_raw(means.compute(collectives))
     epoch_values = trainer._train_metrics.compute(collectives)
@@ -312,7 +316,8 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     with logging_epoch_end(trainer) as logged:
         if hooks.on_train_epoch_end is not None:
             hooks.on_train_epoch_end(trainer=trainer)
-    publish(trainer, means.names() | set(epoch_values) | logged, "epoch")
+    published = means.names() | set(epoch_values) | logged | logged_at_start | unpublished
+    publish(trainer, published, "epoch")
 
 
 def _validates(trainer: Trainer) -> bool:
@@ -376,9 +381,6 @@ def _add_metric_values(trainer: Trainer, hooks: ResolvedHooks, outputs: Any, tar
 
 def _start_progress(trainer: Trainer) -> None:
     """Progress as a new fit starts it (a checkpoint may then replace it)."""
-    # A previous fit's values would be read as this one's (early stopping on a
-    # val_loss this run has not computed yet).
-    trainer.metrics.clear()
     trainer.current_epoch = 0
     trainer.global_step = 0
     trainer.epoch_batches_done = 0

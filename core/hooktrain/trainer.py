@@ -246,8 +246,10 @@ class Trainer:
         next training step's. A value logged in training reaches the loggers at the
         next log point (``log_every_n_steps``) of its epoch, and in the epoch's mean.
         A value logged in a stage's epoch-end hooks (``on_train_epoch_end``,
-        ``on_validation_epoch_end``, ``on_validation_end``...) belongs to that epoch:
-        it is published with it and returned by ``validate``/``test``. A value logged
+        ``on_validation_epoch_end``, ``on_validation_end``...), or in
+        ``on_train_epoch_start``, belongs to that epoch: it is published with it and
+        returned by ``validate``/``test``. One logged in a fit's ``setup`` or
+        ``on_fit_start`` goes out at the first log point, or with the first epoch. A value logged
         after a stage's last publication (``on_fit_end``, ``teardown``) stays in
         ``trainer.metrics`` and reaches no logger; hooktrain warns when one listens.
 
@@ -359,6 +361,10 @@ class Trainer:
         self._begin(model, loss_fn, metrics)
         self.train_dataloader = train_dataloaders
         self.eval_dataloaders = eval_loaders
+        # A previous fit's values would be read as this one's (early stopping on a
+        # val_loss this run has not computed yet); cleared before setup, so that
+        # what setup logs is kept.
+        self.metrics.clear()
         run_stage(self, "fit", lambda: run_fit(self, optimizer, ckpt_path))
 
     def validate(
