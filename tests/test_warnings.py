@@ -241,3 +241,19 @@ def test_values_of_an_epoch_left_open_are_not_said_to_be_logged_too_late() -> No
         trainer.fit(make_model(), train, loss_fn=F.cross_entropy, optimizer=sgd)
     assert trainer.global_step == 3
     assert not [w for w in record if "reached no logger" in str(w.message)]
+
+
+def test_a_value_logged_in_setup_of_validate_is_warned_about_in_its_own_words() -> None:
+    # The message said "after validate's last publication (in setup ...)": setup
+    # comes before it.
+    class LogsInSetup:
+        @hooktrain.hookimpl
+        def setup(self, trainer: Trainer) -> None:
+            trainer.log("tag", 1.0)
+
+    val = make_data(n=64, batch_size=16)[1]
+    trainer = Trainer(plugins=[LogsInSetup(), Listener()], device="cpu")
+    with pytest.warns(UserWarning, match="reached no logger") as record:
+        trainer.validate(make_model(), val, loss_fn=F.cross_entropy)
+    (message,) = [str(w.message) for w in record if "reached no logger" in str(w.message)]
+    assert "'tag' logged with trainer.log outside the validate run it publishes" in message

@@ -189,7 +189,7 @@ def why_fit_never_validates(trainer: Trainer) -> str | None:
     if not trainer.eval_dataloaders:
         return "fit() was given no val_dataloaders"
     if trainer.limits["validate"] == 0:
-        return "limit_val_batches=0 leaves every validation empty"
+        return "limit_val_batches=0 turns validation off"
     if trainer.val_every_n_steps is None and trainer.check_val_every_n_epoch > trainer.max_epochs:
         return (
             f"validation never runs (check_val_every_n_epoch="

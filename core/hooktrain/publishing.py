@@ -124,18 +124,22 @@ def publish_step(trainer: Trainer) -> None:
 
 
 def warn_if_never_published(trainer: Trainer) -> None:
-    """Warn, as a stage ends, about values ``trainer.log`` recorded after its last
-    publication (in ``on_fit_end`` or ``teardown``): they are in ``trainer.metrics``
-    but no logger got them. Lightning refuses such a call; a warning keeps the
+    """Warn, as a stage ends, about values ``trainer.log`` recorded where nothing
+    publishes them (a fit's ``on_fit_end`` or ``teardown``; ``setup`` or
+    ``teardown`` of ``validate``, ``test`` and ``predict``): they are in
+    ``trainer.metrics`` but no logger got them. Lightning refuses such a call; a warning keeps the
     value for whoever reads ``trainer.metrics`` after the fit."""
     names = trainer._logged_since_publish
     if names and trainer.plugin_manager.hook.log_metrics.get_hookimpls():
-        where = "on_fit_end or teardown" if trainer.stage == "fit" else "setup or teardown"
+        where = (
+            "after fit's last publication (in on_fit_end or teardown)"
+            if trainer.stage == "fit"
+            else f"outside the {trainer.stage} run it publishes (in setup or teardown)"
+        )
         warn_user(
             f"hooktrain: {', '.join(map(repr, sorted(names)))} logged with trainer.log "
-            f"after {trainer.stage}'s last publication (in {where}) reached no logger, "
-            f"only trainer.metrics; log it in on_train_epoch_end or on_validation_end "
-            f"to have it published"
+            f"{where} reached no logger, only trainer.metrics; log it in "
+            f"on_train_epoch_end or on_validation_end to have it published"
         )
 
 

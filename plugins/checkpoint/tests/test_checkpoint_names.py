@@ -431,7 +431,7 @@ def test_a_resume_ranks_a_save_of_weights_validated_before_the_checkpoint(
 @pytest.mark.parametrize(
     ("trainer_options", "why"),
     [
-        ({"limit_val_batches": 0}, "limit_val_batches=0 leaves every validation empty"),
+        ({"limit_val_batches": 0}, "limit_val_batches=0 turns validation off"),
         ({"check_val_every_n_epoch": 5}, "validation never runs"),
     ],
 )

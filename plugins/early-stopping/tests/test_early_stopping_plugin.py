@@ -137,7 +137,7 @@ def test_a_missing_training_metric_is_found_at_the_epochs_end() -> None:
     ("trainer_kwargs", "has_val", "why"),
     [
         ({}, False, "fit() was given no val_dataloaders"),
-        ({"limit_val_batches": 0}, True, "limit_val_batches=0 leaves every validation empty"),
+        ({"limit_val_batches": 0}, True, "limit_val_batches=0 turns validation off"),
         (
             {"check_val_every_n_epoch": 4},
             True,
