@@ -227,6 +227,17 @@ class Trainer:
         return self.global_rank == 0
 
     @property
+    def batch_size(self) -> int:
+        """How many samples the batch being trained or evaluated counts for: its
+        weight in the epoch's means, and the default ``batch_size`` of
+        :meth:`log`. Set before each step from the batch as it arrives (the first
+        dimension of its first tensor, else 1), then from what the step returned:
+        its ``"batch_size"``, or a plain model's outputs' first dimension
+        (`hooktrain.batches.step_batch_size`). A throughput counter reads it in
+        ``on_train_batch_end``."""
+        return self._batch_size
+
+    @property
     def hparams(self) -> dict[str, Any]:
         """The trainer's settings and plugin list, for loggers to record."""
         return trainer_hparams(self)
@@ -246,12 +257,14 @@ class Trainer:
         next training step's. A value logged in training reaches the loggers at the
         next log point (``log_every_n_steps``) of its epoch, and in the epoch's mean.
         A value logged in a stage's epoch-end hooks (``on_train_epoch_end``,
-        ``on_validation_epoch_end``, ``on_validation_end``...), or in
-        ``on_train_epoch_start``, belongs to that epoch: it is published with it and
-        returned by ``validate``/``test``. One logged in a fit's ``setup`` or
-        ``on_fit_start`` goes out at the first log point, or with the first epoch. A value logged
-        after a stage's last publication (``on_fit_end``, ``teardown``) stays in
-        ``trainer.metrics`` and reaches no logger; hooktrain warns when one listens.
+        ``on_validation_epoch_end``, ``on_validation_end``...) belongs to that epoch:
+        it is published with it and returned by ``validate``/``test``. One logged
+        outside a batch in training (a fit's ``setup``, ``on_fit_start``,
+        ``on_train_epoch_start``) goes out, as it is, with the next publication: a
+        log point, or the epoch's end. A value logged
+        after a stage's last publication (``on_fit_end``, ``teardown``), or that no
+        publication took, stays in ``trainer.metrics`` and reaches no logger;
+        hooktrain warns when one listens.
 
         :param batch_size: the value's weight in the epoch's mean; by default the
             size of the batch being trained on (its first dimension). A quantity of

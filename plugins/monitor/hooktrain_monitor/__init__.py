@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hooktrain import hookimpl
-from hooktrain.batches import batch_size, step_batch_size
 from hooktrain.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -148,11 +147,11 @@ class Monitor:
             self._pause_start = None
 
     @hookimpl
-    def on_train_batch_end(self, trainer: Trainer, outputs: Any, batch: Any) -> None:
-        # A batch counts what it weighs in the epoch's means: the step's own
-        # "batch_size", or a plain model's outputs' first dimension (B of a
-        # time-major (T, B, F) batch), not the batch's first tensor's.
-        self._samples += step_batch_size(outputs, batch_size(batch))
+    def on_train_batch_end(self, trainer: Trainer) -> None:
+        # A batch counts what it weighs in the epoch's means (the step's own
+        # "batch_size", B of a time-major (T, B, F) batch), as the core sized it:
+        # the batch itself may have been taken apart by the step.
+        self._samples += trainer.batch_size
         if not trainer.sync_gradients:
             return  # inside an accumulation window: no optimizer step, no publication
         self._steps += 1

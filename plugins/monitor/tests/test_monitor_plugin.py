@@ -303,7 +303,21 @@ class SaysItsBatchSize(nn.Module):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-@pytest.mark.parametrize("case", ["time-major", "step says"])
+class TakesItsBatchApart(nn.Module):
+    """A step that pops its batch's tensors: sized after the step, it held none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(3, 1)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return F.mse_loss(self.net(batch.pop("x")), batch.pop("y"))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("case", ["time-major", "step says", "step takes it apart"])
 def test_samples_are_counted_as_the_epochs_means_weigh_them(case: str) -> None:
     # The monitor counted the batch's first tensor's first dimension: 20 samples a
     # time-major batch of 4 sequences, and 1 for a batch of token lists.
@@ -321,9 +335,13 @@ def test_samples_are_counted_as_the_epochs_means_weigh_them(case: str) -> None:
             optimizer=lambda p: torch.optim.SGD(p, lr=0.01),
         )
         samples = 4
-    else:
+    elif case == "step says":
         trainer.fit(SaysItsBatchSize(), [{"ids": [[1, 2, 3]] * 8}] * 4)
         samples = 8
+    else:
+        batches = [{"x": torch.randn(16, 3), "y": torch.randn(16, 1)} for _ in range(4)]
+        trainer.fit(TakesItsBatchApart(), batches)
+        samples = 16
     steps = published(recorder)
     assert [step for step, _ in steps] == [2, 4]
     # One manual second a batch.
