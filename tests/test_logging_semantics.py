@@ -595,7 +595,10 @@ class LogsBeforeEachStep:
         trainer.log("step_value", float(trainer.global_step + 1), batch_size=1)
 
 
-def test_the_step_of_a_window_left_open_by_an_unsized_iterator_is_published_and_counted():
+@pytest.mark.parametrize(("log_every_n_steps", "published"), [(2, [2, 4]), (3, [3])])
+def test_the_step_of_a_window_left_open_by_an_unsized_iterator_is_published_and_counted(
+    log_every_n_steps, published
+):
     # A loader without len() ending inside an accumulation window: the window was
     # stepped after the loop, but its step was never published at a log point, and
     # a value logged during it was left out of the epoch's mean.
@@ -610,13 +613,13 @@ def test_the_step_of_a_window_left_open_by_an_unsized_iterator_is_published_and_
         plugins=[LogsBeforeEachStep(), publications],
         max_epochs=1,
         accumulate_grad_batches=3,
-        log_every_n_steps=2,
+        log_every_n_steps=log_every_n_steps,
         device="cpu",
     )
     trainer.fit(make_model(), Unsized(), **SGD_FIT)
     assert trainer.global_step == 4  # windows of 3, 3, 3 and 1
     steps = [(step, m["step_value"]) for step, scope, m in publications.seen if scope == "step"]
-    assert steps == [(2, 2.0), (4, 4.0)]
+    assert steps == [(step, float(step)) for step in published]  # at log points only
     (epoch,) = [m for _, scope, m in publications.seen if scope == "epoch"]
     assert epoch["step_value"] == pytest.approx((1 + 2 + 3 + 4) / 4)
 
@@ -638,10 +641,9 @@ class LogsOutsideBatches:
 
 
 @pytest.mark.parametrize("log_every_n_steps", [1, 50])
-def test_values_logged_outside_batches_reach_the_loggers(log_every_n_steps):
+def test_values_logged_outside_batches_go_out_with_the_next_publication(log_every_n_steps):
     # Before, no logger got them when no log point came before the epoch's end
-    # (setup's value was even dropped from trainer.metrics), and a value logged in
-    # on_train_epoch_start went out with a step, never with its epoch.
+    # (setup's value was even dropped from trainer.metrics).
     publications = Publications()
     train = make_data(n=32, batch_size=16)[0]
     trainer = Trainer(
@@ -651,12 +653,36 @@ def test_values_logged_outside_batches_reach_the_loggers(log_every_n_steps):
         device="cpu",
     )
     trainer.fit(make_model(), train, **SGD_FIT)
-    epochs = [(step, m) for step, scope, m in publications.seen if scope == "epoch"]
-    steps = [m for _, scope, m in publications.seen if scope == "step"]
-    assert [(step, m["from_epoch_start"]) for step, m in epochs] == [(2, 10.0), (4, 11.0)]
-    assert not any("from_epoch_start" in m for m in steps)
-    # Published once: at the first log point, else with the first epoch.
-    for name, value in (("from_setup", 1.0), ("from_fit_start", 2.0)):
-        seen = [m[name] for _, _, m in publications.seen if name in m]
-        assert seen == [value], name
+    seen = {
+        name: [(step, scope, m[name]) for step, scope, m in publications.seen if name in m]
+        for name in ("from_setup", "from_fit_start", "from_epoch_start")
+    }
+    if log_every_n_steps == 1:  # with the first step of the fit, and of each epoch
+        assert seen["from_setup"] == [(1, "step", 1.0)]
+        assert seen["from_fit_start"] == [(1, "step", 2.0)]
+        assert seen["from_epoch_start"] == [(1, "step", 10.0), (3, "step", 11.0)]
+    else:  # no log point: with each epoch
+        assert seen["from_setup"] == [(2, "epoch", 1.0)]
+        assert seen["from_fit_start"] == [(2, "epoch", 2.0)]
+        assert seen["from_epoch_start"] == [(2, "epoch", 10.0), (4, "epoch", 11.0)]
     assert trainer.metrics["from_setup"] == 1.0
+
+
+def test_a_value_logged_outside_batches_that_no_publication_takes_is_warned_about():
+    # max_steps stops the second epoch before any log point: its on_train_epoch_start
+    # value reaches no logger, and must not go without a word.
+    publications = Publications()
+    train = make_data(n=32, batch_size=16)[0]  # 2 steps an epoch
+    trainer = Trainer(
+        plugins=[LogsOutsideBatches(), publications],
+        max_epochs=2,
+        max_steps=3,
+        log_every_n_steps=50,
+        device="cpu",
+    )
+    with pytest.warns(
+        UserWarning, match=r"'from_epoch_start', logged with trainer.log, reached no"
+    ):
+        trainer.fit(make_model(), train, **SGD_FIT)
+    assert [m["from_epoch_start"] for _, _, m in publications.seen] == [10.0]
+    assert trainer.metrics["from_epoch_start"] == 11.0

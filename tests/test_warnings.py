@@ -221,7 +221,8 @@ def test_a_value_logged_after_the_last_publication_is_warned_about(
         assert trainer.metrics["best"] == 1.0
     else:
         assert len(found) == 1
-        assert found[0].startswith(f"hooktrain: {warned} logged with trainer.log after fit's")
+        assert found[0].startswith(f"hooktrain: {warned}, logged with trainer.log, reached no")
+        assert "logged in on_fit_end or teardown" in found[0]
 
 
 def test_values_of_an_epoch_left_open_are_not_said_to_be_logged_too_late() -> None:
@@ -256,4 +257,62 @@ def test_a_value_logged_in_setup_of_validate_is_warned_about_in_its_own_words() 
     with pytest.warns(UserWarning, match="reached no logger") as record:
         trainer.validate(make_model(), val, loss_fn=F.cross_entropy)
     (message,) = [str(w.message) for w in record if "reached no logger" in str(w.message)]
-    assert "'tag' logged with trainer.log outside the validate run it publishes" in message
+    assert "logged in setup or teardown, outside the validate run" in message
+    assert message.endswith("log it in on_validation_end")
+
+
+@pytest.mark.parametrize(("stage", "advice"), [("test", "on_test_end"), ("predict", None)])
+def test_the_late_log_warning_gives_each_stage_its_own_advice(
+    stage: str, advice: str | None
+) -> None:
+    # test() was told to log in on_validation_end, which it never calls; predict()
+    # publishes nothing, and a value logged in on_predict_end went without a word.
+    class LogsLate:
+        @hooktrain.hookimpl
+        def setup(self, trainer: Trainer) -> None:
+            trainer.log("tag", 1.0)
+
+        @hooktrain.hookimpl
+        def on_predict_end(self, trainer: Trainer) -> None:
+            trainer.log("n_pred", 2.0)
+
+    val = make_data(n=64, batch_size=16)[1]
+    trainer = Trainer(plugins=[LogsLate(), Listener()], device="cpu")
+    with pytest.warns(UserWarning, match="reached no logger") as record:
+        if stage == "predict":
+            trainer.predict(make_model(), val)
+        else:
+            trainer.test(make_model(), val, loss_fn=F.cross_entropy)
+    (message,) = [str(w.message) for w in record if "reached no logger" in str(w.message)]
+    if advice is None:
+        assert message.startswith("hooktrain: 'n_pred', 'tag', logged with trainer.log")
+        assert message.endswith("predict() publishes no values")
+    else:
+        assert message.startswith("hooktrain: 'tag', logged")
+        assert message.endswith(f"log it in {advice}")
+
+
+def test_a_failing_teardown_leaves_no_pending_value_to_the_next_stage() -> None:
+    # teardown raising skipped the clean-up: the next validate() warned about the
+    # fit's on_fit_end value as its own.
+    class Late:
+        failed = False
+
+        @hooktrain.hookimpl
+        def on_fit_end(self, trainer: Trainer) -> None:
+            trainer.log("best", 1.0)
+
+        @hooktrain.hookimpl
+        def teardown(self) -> None:
+            if not Late.failed:
+                Late.failed = True
+                raise RuntimeError("teardown failed")
+
+    train, val = make_data(n=64, batch_size=16)
+    trainer = Trainer(plugins=[Late(), Listener()], device="cpu")
+    with pytest.raises(hooktrain.HookError, match="teardown failed"):
+        trainer.fit(make_model(), train, loss_fn=F.cross_entropy, optimizer=sgd)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.validate(make_model(), val, loss_fn=F.cross_entropy)
+    assert not [w for w in record if "reached no logger" in str(w.message)]

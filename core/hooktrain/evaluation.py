@@ -151,6 +151,9 @@ def evaluation_loop(
                 if on_end is not None:
                     on_end(trainer=trainer)
             results.update({name: trainer.metrics.raw(name) for name in logged})
+            if stage == "predict":
+                # Published by nothing: the stage's end warns about them.
+                outer[-1].update(trainer._logged_since_publish, logged)
     finally:
         (
             trainer._active_means,

@@ -82,10 +82,10 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
             # should_stop set at an epoch's end (early stopping, a signal) must stop
             # every process here, or those going on wait in the next collective.
             _agree_on_stop(trainer)
-    # Values of an epoch left open (max_steps, a stop) that no log point published
-    # wait for its resume, not for on_fit_end: only what is logged from here is
-    # said to reach no logger.
-    trainer._logged_since_publish.clear()
+    # Values logged in the batches of an epoch left open (max_steps, a stop) and
+    # not published yet wait for its resume, which recomputes the epoch's means;
+    # any other value still pending reaches no logger, and is warned about.
+    trainer._logged_since_publish.difference_update(trainer._train_means.names())
     if hooks.on_fit_end is not None:
         hooks.on_fit_end(trainer=trainer)
 
@@ -153,7 +153,7 @@ def _train_epoch(
     back as it found it.
     """
     skip = trainer._resume_skip
-    batches, total, logged_at_start = _open_epoch(trainer, hooks, skip)
+    batches, total = _open_epoch(trainer, hooks, skip)
     means = trainer._train_means
     device = trainer.device
     transfer = hooks.transfer_batch_to_device
@@ -249,16 +249,15 @@ def _train_epoch(
         )
     if not exhausted:
         return
-    _end_epoch(trainer, hooks, logged_at_start)
+    _end_epoch(trainer, hooks)
 
 
 def _open_epoch(
     trainer: Trainer, hooks: ResolvedHooks, skip: int
-) -> tuple[Iterator[Any], int | None, set[str]]:
+) -> tuple[Iterator[Any], int | None]:
     """Everything before an epoch's first batch: progress, ``on_train_epoch_start``
-    and the epoch's iterator. :return: the iterator, the number of batches the
-    epoch should have (``None`` when unknown), and the names ``on_train_epoch_start``
-    logged (published with the epoch, as Lightning does)."""
+    and the epoch's iterator. :return: the iterator and the number of batches the
+    epoch should have (``None`` when unknown)."""
     trainer._resume_skip = 0
     if skip == 0:
         trainer._train_means.reset()
@@ -272,25 +271,24 @@ def _open_epoch(
     total = trainer.num_training_batches = limited_length(loader, limit)
     if skip:
         warn_if_epoch_length_changed(trainer, skip, total)
-    with logging_epoch_end(trainer) as logged:
-        if hooks.on_train_epoch_start is not None:
-            hooks.on_train_epoch_start(trainer=trainer)
+    if hooks.on_train_epoch_start is not None:
+        hooks.on_train_epoch_start(trainer=trainer)
     batches = _epoch_batches(trainer, hooks, loader, skip)
     if limit is not None:
         batches = itertools.islice(batches, max(0, limit - skip))
     _apply_pending_rng(trainer)  # a mid-epoch resume: after the iterator drew its seeds
-    return batches, total, logged
+    return batches, total
 
 
-def _end_epoch(trainer: Trainer, hooks: ResolvedHooks, logged_at_start: set[str]) -> None:
+def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     check_finite(trainer)
     means = trainer._train_means
     collectives = process_collectives(trainer)
-    # A value logged after the epoch's last log point is the epoch's now: its mean
-    # replaces it, and the next epoch's first log point must not publish that mean
-    # as a step's value. One logged outside any batch (setup, on_fit_start) and not
-    # published yet goes out with the epoch, as it is.
-    unpublished = trainer._logged_since_publish - means.names()
+    # What was logged since the epoch's last log point goes out with the epoch: a
+    # value logged in its batches as its mean (which the next epoch's first log
+    # point must not publish as a step's value), one logged outside them (setup,
+    # on_fit_start, on_train_epoch_start) as it is.
+    pending = set(trainer._logged_since_publish)
     trainer._logged_since_publish.clear()
     trainer.metrics.update_raw(means.compute(collectives))
     epoch_values = trainer._train_metrics.compute(collectives)
@@ -316,8 +314,7 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks, logged_at_start: set[str]
     with logging_epoch_end(trainer) as logged:
         if hooks.on_train_epoch_end is not None:
             hooks.on_train_epoch_end(trainer=trainer)
-    published = means.names() | set(epoch_values) | logged | logged_at_start | unpublished
-    publish(trainer, published, "epoch")
+    publish(trainer, means.names() | set(epoch_values) | logged | pending, "epoch")
 
 
 def _validates(trainer: Trainer) -> bool:

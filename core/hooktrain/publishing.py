@@ -123,24 +123,31 @@ def publish_step(trainer: Trainer) -> None:
     trainer._logged_since_publish.clear()
 
 
-def warn_if_never_published(trainer: Trainer) -> None:
-    """Warn, as a stage ends, about values ``trainer.log`` recorded where nothing
-    publishes them (a fit's ``on_fit_end`` or ``teardown``; ``setup`` or
-    ``teardown`` of ``validate``, ``test`` and ``predict``): they are in
-    ``trainer.metrics`` but no logger got them. Lightning refuses such a call; a warning keeps the
-    value for whoever reads ``trainer.metrics`` after the fit."""
-    names = trainer._logged_since_publish
-    if names and trainer.plugin_manager.hook.log_metrics.get_hookimpls():
-        where = (
-            "after fit's last publication (in on_fit_end or teardown)"
-            if trainer.stage == "fit"
-            else f"outside the {trainer.stage} run it publishes (in setup or teardown)"
+def warn_if_never_published(trainer: Trainer, names: set[str]) -> None:
+    """Warn, as a stage ends, about the ``names`` ``trainer.log`` recorded that no
+    publication took: they are in ``trainer.metrics``, but no logger got them.
+    Lightning refuses ``self.log`` where it could not publish; a warning keeps the
+    value for whoever reads ``trainer.metrics`` afterwards."""
+    if not names or not trainer.plugin_manager.hook.log_metrics.get_hookimpls():
+        return
+    stage = trainer.stage
+    if stage == "fit":
+        why = (
+            "logged in on_fit_end or teardown, or before a fit that stopped ahead of its "
+            "first log point and epoch end; log it in on_train_epoch_end"
         )
-        warn_user(
-            f"hooktrain: {', '.join(map(repr, sorted(names)))} logged with trainer.log "
-            f"{where} reached no logger, only trainer.metrics; log it in "
-            f"on_train_epoch_end or on_validation_end to have it published"
+    elif stage == "predict":
+        why = "predict() publishes no values"
+    else:
+        end = "on_validation_end" if stage == "validate" else f"on_{stage}_end"
+        why = (
+            f"logged in setup or teardown, outside the {stage} run, whose values are "
+            f"published as it ends; log it in {end}"
         )
+    warn_user(
+        f"hooktrain: {', '.join(map(repr, sorted(names)))}, logged with trainer.log, "
+        f"reached no logger, only trainer.metrics: {why}"
+    )
 
 
 def check_finite(trainer: Trainer) -> None:

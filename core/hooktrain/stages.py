@@ -53,16 +53,19 @@ def run_stage(trainer: Trainer, stage: str, body: Callable[[], Any]) -> Any:
         raise failure from exc
     finally:
         errors = call_each(trainer, "teardown", {"trainer": trainer, "stage": stage})
+        trainer._active_means = None
+        trainer._log_prefix = ""
+        # Names still pending have no later publication to go to; cleared first, so
+        # that a failing teardown or a warning raised as an error leaves none to the
+        # next stage.
+        pending = set(trainer._logged_since_publish)
+        trainer._logged_since_publish.clear()
         if errors and failure is None:
             raise errors[0]
         for error in errors:
             print(f"hooktrain: teardown raised after an error: {error}", file=sys.stderr)
-        trainer._active_means = None
-        trainer._log_prefix = ""
-        # Names logged after the stage's last publication have no later one to go to.
         if failure is None:
-            warn_if_never_published(trainer)
-        trainer._logged_since_publish.clear()
+            warn_if_never_published(trainer, pending)
 
 
 def call_each(trainer: Trainer, hook_name: str, kwargs: dict[str, Any]) -> list[BaseException]:
