@@ -218,15 +218,14 @@ def _train_epoch(
         )
     if window:
         # The iterator ended inside an accumulation window (its length was unknown
-        # or wrong): the window is stepped with the micro-batches it holds. Its
-        # last micro-batch's on_train_batch_end has run; the step is published
-        # when it is a log point, with what was logged during it (a gradient norm).
+        # or wrong): the window is stepped with the micro-batches it holds, after
+        # its last on_train_batch_end. Its step has no log point of its own: the
+        # epoch's end publishes next, and what was logged during the step (a
+        # clipped gradient norm) still counts in the epoch's means.
         trainer.sync_gradients = True
         optimizer_step(window)
         if monitoring:
             step_monitoring_schedulers(trainer)
-        if trainer.global_step % log_every == 0:
-            publish_step(trainer)
     trainer._active_means = trainer._epoch_metrics = None
     # The iterator's end is the epoch's end; a stop at the last batch of a known
     # length ends it too. Any other stop leaves the epoch open: no epoch end runs,

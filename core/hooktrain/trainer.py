@@ -234,7 +234,8 @@ class Trainer:
         dimension of its first tensor, else 1), then from what the step returned:
         its ``"batch_size"``, or a plain model's outputs' first dimension
         (`hooktrain.batches.step_batch_size`). A throughput counter reads it in
-        ``on_train_batch_end``."""
+        ``on_train_batch_end``. Outside a batch it holds the last batch's (1 before
+        the first), which means nothing there."""
         return self._batch_size
 
     @property
