@@ -283,11 +283,11 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     check_finite(trainer)
     means = trainer._train_means
     collectives = process_collectives(trainer)
-    # What was logged since the epoch's last log point goes out with the epoch: a
-    # value logged in its batches as its mean (which the next epoch's first log
-    # point must not publish as a step's value), one logged outside them (setup,
-    # on_fit_start, on_train_epoch_start) as it is.
-    pending = set(trainer._logged_since_publish)
+    # A value logged in the epoch's batches goes out with it as its mean (which the
+    # next epoch's first log point must not publish as a step's value); one logged
+    # outside them (setup, on_fit_start, on_train_epoch_start) as it is.
+    outside = set(trainer._logged_outside_batches)
+    trainer._logged_outside_batches.clear()
     trainer._logged_since_publish.clear()
     trainer.metrics.update_raw(means.compute(collectives))
     epoch_values = trainer._train_metrics.compute(collectives)
@@ -313,7 +313,7 @@ def _end_epoch(trainer: Trainer, hooks: ResolvedHooks) -> None:
     with logging_epoch_end(trainer) as logged:
         if hooks.on_train_epoch_end is not None:
             hooks.on_train_epoch_end(trainer=trainer)
-    publish(trainer, means.names() | set(epoch_values) | logged | pending, "epoch")
+    publish(trainer, means.names() | set(epoch_values) | logged | outside, "epoch")
 
 
 def _validates(trainer: Trainer) -> bool:

@@ -632,8 +632,8 @@ def log_metrics(trainer: Trainer, metrics: Mapping[str, float], step: int, scope
         * ``"step"``: every ``log_every_n_steps`` optimizer steps, the latest values
           (``loss`` and whatever was logged since the previous publication);
         * ``"epoch"``: after each training epoch, the epoch means (``loss``,
-          metrics, logged values), and values logged outside the batches (in
-          ``on_train_epoch_start``, say) that no log point published yet;
+          metrics, logged values), and the values logged outside its batches (in
+          ``on_train_epoch_start``, say) as they are;
         * ``"validate"`` / ``"test"``: after each validation or test run, the means
           (``val_*`` / ``test_*``).
     """

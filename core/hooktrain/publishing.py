@@ -78,6 +78,8 @@ def log_value(trainer: Trainer, name: str, value: Any, batch_size: Any) -> None:
         trainer._active_means.add(
             name, value, trainer._batch_size if batch_size is None else batch_size
         )
+    elif trainer._epoch_end_logs is None:
+        trainer._logged_outside_batches.add(name)
 
 
 def _is_weight(batch_size: Any) -> bool:
@@ -133,8 +135,9 @@ def warn_if_never_published(trainer: Trainer, names: set[str]) -> None:
     stage = trainer.stage
     if stage == "fit":
         why = (
-            "logged in on_fit_end or teardown, or before a fit that stopped ahead of its "
-            "first log point and epoch end; log it in on_train_epoch_end"
+            "logged in on_fit_end or teardown, or before max_steps or a stop ended the "
+            "fit ahead of the next log point and epoch end; log a fit's summary values "
+            "in on_train_epoch_end or on_validation_end"
         )
     elif stage == "predict":
         why = "predict() publishes no values"

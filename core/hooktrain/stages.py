@@ -60,6 +60,7 @@ def run_stage(trainer: Trainer, stage: str, body: Callable[[], Any]) -> Any:
         # next stage.
         pending = set(trainer._logged_since_publish)
         trainer._logged_since_publish.clear()
+        trainer._logged_outside_batches.clear()
         if errors and failure is None:
             raise errors[0]
         for error in errors:

@@ -216,6 +216,10 @@ class Trainer:
         # Names logged in a stage's epoch-end hooks: they belong to that epoch's
         # publication, not to the next step's.
         self._epoch_end_logs: set[str] | None = None
+        # Names logged outside any batch (setup, on_fit_start, on_train_epoch_start):
+        # they go out with the next log point and with the epoch's end, as the
+        # values logged inside batches do.
+        self._logged_outside_batches: set[str] = set()
         self._checked_steps_from = 1
         self._batch_size = 1
 
@@ -261,8 +265,8 @@ class Trainer:
         ``on_validation_epoch_end``, ``on_validation_end``...) belongs to that epoch:
         it is published with it and returned by ``validate``/``test``. One logged
         outside a batch in training (a fit's ``setup``, ``on_fit_start``,
-        ``on_train_epoch_start``) goes out, as it is, with the next publication: a
-        log point, or the epoch's end. A value logged
+        ``on_train_epoch_start``) goes out, as it is, with the next log point and
+        with the epoch's end. A value logged
         after a stage's last publication (``on_fit_end``, ``teardown``), or that no
         publication took, stays in ``trainer.metrics`` and reaches no logger;
         hooktrain warns when one listens.
