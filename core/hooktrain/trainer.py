@@ -266,10 +266,9 @@ class Trainer:
         it is published with it and returned by ``validate``/``test``. One logged
         outside a batch in training (a fit's ``setup``, ``on_fit_start``,
         ``on_train_epoch_start``) goes out, as it is, with the next log point and
-        with the epoch's end. A value logged
-        after a stage's last publication (``on_fit_end``, ``teardown``), or that no
-        publication took, stays in ``trainer.metrics`` and reaches no logger;
-        hooktrain warns when one listens.
+        with the epoch's end. A value logged after a stage's last publication
+        (``on_fit_end``, ``teardown``), or that no publication took, stays in
+        ``trainer.metrics`` and reaches no logger; hooktrain warns when one listens.
 
         :param batch_size: the value's weight in the epoch's mean; by default the
             size of the batch being trained on (its first dimension). A quantity of
