@@ -244,29 +244,17 @@ def test_values_of_an_epoch_left_open_are_not_said_to_be_logged_too_late() -> No
     assert not [w for w in record if "reached no logger" in str(w.message)]
 
 
-def test_a_value_logged_in_setup_of_validate_is_warned_about_in_its_own_words() -> None:
-    # The message said "after validate's last publication (in setup ...)": setup
-    # comes before it.
-    class LogsInSetup:
-        @hooktrain.hookimpl
-        def setup(self, trainer: Trainer) -> None:
-            trainer.log("tag", 1.0)
-
-    val = make_data(n=64, batch_size=16)[1]
-    trainer = Trainer(plugins=[LogsInSetup(), Listener()], device="cpu")
-    with pytest.warns(UserWarning, match="reached no logger") as record:
-        trainer.validate(make_model(), val, loss_fn=F.cross_entropy)
-    (message,) = [str(w.message) for w in record if "reached no logger" in str(w.message)]
-    assert "logged in setup or teardown, outside the validate run" in message
-    assert message.endswith("log it in on_validation_end")
-
-
-@pytest.mark.parametrize(("stage", "advice"), [("test", "on_test_end"), ("predict", None)])
-def test_the_late_log_warning_gives_each_stage_its_own_advice(
+@pytest.mark.parametrize(
+    ("stage", "advice"),
+    [("validate", "on_validation_end"), ("test", "on_test_end"), ("predict", None)],
+)
+def test_the_late_log_warning_gives_each_stage_its_own_words(
     stage: str, advice: str | None
 ) -> None:
-    # test() was told to log in on_validation_end, which it never calls; predict()
-    # publishes nothing, and a value logged in on_predict_end went without a word.
+    # validate's message said "after validate's last publication (in setup ...)",
+    # though setup comes before it; test() was told to log in on_validation_end,
+    # which it never calls; predict() publishes nothing, and a value logged in
+    # on_predict_end went without a word.
     class LogsLate:
         @hooktrain.hookimpl
         def setup(self, trainer: Trainer) -> None:
@@ -282,13 +270,14 @@ def test_the_late_log_warning_gives_each_stage_its_own_advice(
         if stage == "predict":
             trainer.predict(make_model(), val)
         else:
-            trainer.test(make_model(), val, loss_fn=F.cross_entropy)
+            getattr(trainer, stage)(make_model(), val, loss_fn=F.cross_entropy)
     (message,) = [str(w.message) for w in record if "reached no logger" in str(w.message)]
     if advice is None:
         assert message.startswith("hooktrain: 'n_pred', 'tag', logged with trainer.log")
         assert message.endswith("predict() publishes no values")
     else:
         assert message.startswith("hooktrain: 'tag', logged")
+        assert f"logged in setup or teardown, outside the {stage} run" in message
         assert message.endswith(f"log it in {advice}")
 
 
