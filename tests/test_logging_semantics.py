@@ -641,7 +641,9 @@ class LogsOutsideBatches:
 
 
 @pytest.mark.parametrize("log_every_n_steps", [1, 50])
-def test_values_logged_outside_batches_go_out_with_the_next_publication(log_every_n_steps):
+def test_values_logged_outside_batches_go_out_at_a_log_point_and_with_their_epoch(
+    log_every_n_steps,
+):
     # Before, no logger got them when no log point came before the epoch's end
     # (setup's value was even dropped from trainer.metrics).
     publications = Publications()
