@@ -82,12 +82,13 @@ def evaluation_loop(
     # it (``on_train_batch_end``) go into, and weigh by, is the training batch's.
     # Values logged here belong to this stage's results, never to the training
     # step's next publication: they get a set of their own.
+    stage_pending = trainer._logged_since_publish
     outer = (
         trainer._active_means,
         trainer._log_prefix,
         trainer._epoch_metrics,
         trainer._batch_size,
-        trainer._logged_since_publish,
+        stage_pending,
     )
     trainer._active_means, trainer._log_prefix = means, prefix
     trainer._logged_since_publish = set()
@@ -153,7 +154,7 @@ def evaluation_loop(
             results.update({name: trainer.metrics.raw(name) for name in logged})
             if stage == "predict":
                 # Published by nothing: the stage's end warns about them.
-                outer[-1].update(trainer._logged_since_publish, logged)
+                stage_pending.update(trainer._logged_since_publish, logged)
     finally:
         (
             trainer._active_means,
