@@ -22,6 +22,10 @@ What each hook does:
 * ``on_train_epoch_start``: points the sampler at the run's data seed (restored
   from a checkpoint on resume).
 * ``clip_gradients``, ``all_reduce``, ``all_gather_object``: over every process.
+* ``gather_for_metrics``: every process evaluates the whole evaluation set, so its
+  outputs are handed back as already gathered, and a summing metric counts each
+  sample once, not once per process (a loader split by a ``DistributedSampler`` is
+  combined over the processes instead).
 * ``get_state_dict`` / ``set_state_dict``: the model's and optimizers' state as
   sharded ``DTensor`` values, keyed by parameter name (DCP's form); a checkpoint of
   full tensors (a single-file checkpoint) is sharded on load.
@@ -266,6 +270,27 @@ class FSDP:
         # The norm of sharded gradients is a DTensor; the loop logs a plain tensor.
         full_tensor = getattr(norm, "full_tensor", None)
         return full_tensor() if full_tensor is not None else norm
+
+    @hookimpl
+    def gather_for_metrics(
+        self, trainer: Trainer, outputs: Any, targets: Any
+    ) -> tuple[Any, Any] | None:
+        from torch.utils.data import DistributedSampler
+
+        # Every process evaluates the whole set, so its outputs are already every
+        # sample's, each once. Returned as gathered, the metrics are not combined
+        # over the processes again, which would count a sum (samples seen, a
+        # SumMetric) once per process. A loader split by a DistributedSampler (the
+        # user's, as its sampler or its batch sampler's) holds this process's share
+        # only: its metrics are combined as usual.
+        loader = trainer.eval_dataloaders[trainer.dataloader_idx]
+        samplers = (
+            getattr(loader, "sampler", None),
+            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+        )
+        if any(isinstance(sampler, DistributedSampler) for sampler in samplers):
+            return None
+        return outputs, targets
 
     @hookimpl
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:

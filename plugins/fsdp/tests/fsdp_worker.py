@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torchmetrics
 from torch import nn
 
 from hooktrain import Trainer, accuracy, hookimpl
@@ -44,6 +45,23 @@ class StepModel(nn.Module):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+class SampleCount(torchmetrics.Metric):
+    """How many samples the metric was updated with: a sum, which a metric state
+    combined once per process more than needed would multiply."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("count", default=torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.count += targets.numel()
+
+    def compute(self) -> torch.Tensor:
+        return self.count
 
 
 class Fault:
@@ -125,7 +143,11 @@ def main() -> None:
             optimizer: Any = torch.optim.Adam(model.parameters(), lr=0.01)
         else:
             optimizer = lambda params: torch.optim.Adam(params, lr=0.01)  # noqa: E731
-        fit_kwargs.update(loss_fn=F.cross_entropy, optimizer=optimizer, metrics={"acc": accuracy})
+        fit_kwargs.update(
+            loss_fn=F.cross_entropy,
+            optimizer=optimizer,
+            metrics={"acc": accuracy, "samples": SampleCount()},
+        )
     trainer.fit(model, train, val, **fit_kwargs)
 
     from hooktrain_fsdp import local_numel

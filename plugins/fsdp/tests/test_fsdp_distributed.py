@@ -122,6 +122,15 @@ def test_two_processes_match_one_and_each_holds_half_the_parameters(reference) -
     assert ranks[0]["local_numel"] + ranks[1]["local_numel"] == ranks[0]["numel"]
 
 
+def test_each_sample_counts_once_in_a_summing_metric(reference) -> None:
+    # The training set is split over the processes and the validation set runs whole
+    # on each; a count of samples came out twice the validation set's size.
+    _, ranks = reference
+    for report in ranks:
+        assert report["metrics"]["samples"] == N_TRAIN
+        assert report["metrics"]["val_samples"] == N_TRAIN // 4
+
+
 def test_every_process_wrote_its_shards_into_one_committed_directory(reference) -> None:
     out, _ = reference
     directory = out / "ckpt"
@@ -274,6 +283,8 @@ def test_two_nodes_train_as_one_job(tmp_path, plugin, options) -> None:
     assert [r["rank"] for r in ranks] == [0, 1]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    # fsdp evaluates the whole set on each process; accelerate splits it, padded.
+    assert [r["metrics"]["val_samples"] for r in ranks] == [N_TRAIN // 4] * 2
     model = one_process_reference(max_epochs=2)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(
