@@ -315,6 +315,54 @@ def test_a_step_can_say_its_batch_size():
     assert "val_batch_size" not in trainer.metrics
 
 
+class TimeMajorTagger(torch.nn.Module):
+    """Tags every time step of ``(T, B, F)`` sequences: outputs ``(T, B, C)``, so
+    its steps say the batch size, which no rule can read off these outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.head(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        outputs = self(x)
+        loss = F.cross_entropy(outputs.reshape(-1, 3), y.reshape(-1))
+        return {"loss": loss, "outputs": outputs, "targets": y, "batch_size": x.shape[1]}
+
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_metrics_weigh_a_batch_by_the_size_its_step_says():
+    # The step's loss was weighted by its "batch_size" (3 and 1 sequences), the
+    # metrics= values by the outputs' first dimension (T = 4 for both): the
+    # epoch's accuracy was the plain mean of the two batches' accuracies.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 2, generator=generator)
+    y = torch.randint(0, 3, (4, 4), generator=generator)
+    batches = [(x[:, :3], y[:, :3]), (x[:, 3:], y[:, 3:])]
+    torch.manual_seed(0)
+    model = TimeMajorTagger()
+    trainer = Trainer(plugins=[], device="cpu")
+    trainer.fit(model, batches, batches, metrics={"acc": accuracy})
+    with torch.no_grad():
+        by_hand = (model(x).argmax(dim=-1) == y).float().mean().item()
+    first = accuracy(model(batches[0][0]), batches[0][1]).item()
+    second = accuracy(model(batches[1][0]), batches[1][1]).item()
+    assert by_hand != pytest.approx((first + second) / 2)  # the data tells them apart
+    assert trainer.metrics["acc"] == pytest.approx(by_hand, rel=1e-6)
+    assert trainer.metrics["val_acc"] == pytest.approx(by_hand, rel=1e-6)
+    assert trainer.validate(model, batches, metrics={"acc": accuracy})["val_acc"] == (
+        pytest.approx(by_hand, rel=1e-6)
+    )
+
+
 def test_a_step_that_takes_its_batch_apart_keeps_the_batch_weight() -> None:
     # The batch is sized as it arrives: a step that pops its inputs out of a dict
     # batch must still weigh 4, 4 and 2 in the epoch's means, not 1 each.

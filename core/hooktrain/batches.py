@@ -146,8 +146,10 @@ def step_batch_size(outputs: Any, batch_guess: int) -> int:
     read (packed sequences, a dict of ragged lists). Otherwise, for a plain model
     (the core's step returns ``"outputs"``) it is the first dimension of the
     model's outputs, in training as in evaluation: for time-major inputs of shape
-    ``(T, B, F)`` that is ``B``, not ``T``. Otherwise ``batch_guess``: `batch_size`
-    of the batch as it arrived, before the step could take it apart.
+    ``(T, B, F)`` and outputs of shape ``(B, C)`` that is ``B``, not ``T`` (outputs
+    of shape ``(T, B, C)`` give ``T``). Otherwise ``batch_guess``: `batch_size` of
+    the batch as it arrived, before the step could take it apart. The loss, the
+    step's other values and the ``metrics=`` functions' values all weigh this.
     """
     if type(outputs) is dict:
         given = outputs.get("batch_size")

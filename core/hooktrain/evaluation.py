@@ -219,7 +219,8 @@ def _accumulate(
                 gathered = True
                 if trainer._epoch_metrics is not None:
                     trainer._epoch_metrics.gathered = True
-        size = batch_size(predicted)
+        # Gathered outputs hold every process's samples: they weigh all of them.
+        size = batch_size(predicted) if gathered else trainer._batch_size
         values = trainer._hooks.compute_metrics(
             trainer=trainer, outputs=predicted, targets=targets, stage=stage
         )

@@ -191,7 +191,7 @@ def _train_epoch(
             optimizer_step(window)
             window = 0
         if metric_fns and type(outputs) is dict and "outputs" in outputs and "targets" in outputs:
-            _add_metric_values(trainer, hooks, outputs["outputs"], outputs["targets"])
+            _add_metric_values(trainer, hooks, outputs["outputs"], outputs["targets"], size)
         batch_idx += 1
         trainer.epoch_batches_done = batch_idx
         if val_every is not None and sync and trainer.global_step % val_every == 0:
@@ -367,9 +367,10 @@ def _epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: in
     return iterate(trainer.plugin_manager, "batch_iterator", iterable)
 
 
-def _add_metric_values(trainer: Trainer, hooks: ResolvedHooks, outputs: Any, targets: Any) -> None:
+def _add_metric_values(
+    trainer: Trainer, hooks: ResolvedHooks, outputs: Any, targets: Any, size: int
+) -> None:
     values = hooks.compute_metrics(trainer=trainer, outputs=outputs, targets=targets, stage="train")
-    size = batch_size(outputs)
     for name, value in metric_values(trainer, values).items():
         trainer._train_means.add(name, value, size)
         trainer.metrics.set(name, value)
