@@ -132,6 +132,29 @@ class TestExitOnError(PluginConformance):
     documented_errors = [({"strict": "yes"}, "strict must be True or False")]
 """
 
+BARE_VALUE_ERROR = """
+from hooktrain import hookimpl
+from hooktrain.testing import PluginConformance
+
+
+class Every:
+    name = "every"
+
+    def __init__(self, every=1):
+        if every < 1:
+            raise ValueError("every must be >= 1")  # a bug or a bad option? No one can tell
+        self.every = every
+
+    @hookimpl
+    def on_train_epoch_end(self, trainer):
+        pass
+
+
+class TestEvery(PluginConformance):
+    plugin = Every
+    documented_errors = [({"every": 0}, "every must be >= 1")]
+"""
+
 NOT_SLOW = ("-m", "not slow", "-p", "no:cacheprovider")
 
 
@@ -155,20 +178,22 @@ def test_plugins_breaking_a_contract_fail_the_check_for_it(pytester: pytest.Pyte
         test_warmup=UNSAVED_COUNTER,
         test_clip=ORDER,
         test_exit=HIDES_ERRORS,
+        test_every=BARE_VALUE_ERROR,
     )
     selected = (
         "(LossPrinter and host_sync) or (Warmup and resume) or (Clip and order) "
-        "or (ExitOnError and (exceptions or documented))"
+        "or (ExitOnError and (exceptions or documented)) or (Every and documented)"
     )
     result = pytester.runpytest_subprocess(*NOT_SLOW, "-k", selected)
     text = result.stdout.str()
-    assert outcomes(result) == {"passed": 1, "failed": 5}, text
+    assert outcomes(result) == {"passed": 1, "failed": 6}, text
     for failed in (
         "test_loss_printer.py::TestLossPrinter::test_no_host_sync_per_step",
         "test_warmup.py::TestWarmup::test_exact_resume_after_sigterm",
         "test_clip.py::TestClip::test_order_independence",
         "test_exit.py::TestExitOnError::test_hook_exceptions_name_the_plugin",
         "test_exit.py::TestExitOnError::test_documented_errors_are_clear",
+        "test_every.py::TestEvery::test_documented_errors_are_clear",
     ):
         assert f"FAILED {failed}" in text
     # (b) points at the plugin's own line and says what to do instead.
@@ -183,6 +208,10 @@ def test_plugins_breaking_a_contract_fail_the_check_for_it(pytester: pytest.Pyte
     assert "must reach the user as a HookError naming 'exit_on_error'" in text
     assert "got SystemExit: 1" in text
     assert "documented errors: options {'strict': 'yes'} were accepted and trained" in text
+    # (e) a bare ValueError is not a traceback of the plugin's own: the contract says
+    # what to raise instead.
+    assert "were refused with ValueError: every must be >= 1; a refused option" in text
+    assert "raise hooktrain.errors.ConfigurationError (a ValueError)" in text
 
 
 UNSAVED_LOGGED_VALUE = """

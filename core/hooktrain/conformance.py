@@ -377,6 +377,14 @@ class PluginConformance:
                     f"happen before the first step (in the constructor, setup or prepare), "
                     f"match {pattern!r} and name the plugin ({name!r}). {_GUIDE}"
                 )
+            except Exception as exc:
+                pytest.fail(
+                    f"documented errors: options {dict(options)} were refused with "
+                    f"{type(exc).__name__}: {exc}; a refused option must raise a "
+                    f"HooktrainError, which tells users a bad option from a bug: raise "
+                    f"hooktrain.errors.ConfigurationError (a ValueError) naming the plugin "
+                    f"({name!r}). {_GUIDE}"
+                )
             pytest.fail(
                 f"documented errors: options {dict(options)} were accepted and trained; the "
                 f"plugin documents them as refused (matching {pattern!r}). Raise "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hooktrain import HookError, Trainer, hookimpl
+from hooktrain import ConfigurationError, HookError, Trainer, hookimpl
 from hooktrain.testing import HookRecorder, make_data, make_model, run
 
 
@@ -23,7 +23,7 @@ class LossGuard:
 
     def __init__(self, limit: float) -> None:
         if limit <= 0:
-            raise ValueError("limit must be > 0")
+            raise ConfigurationError(f"loss_guard: limit must be > 0, got {limit!r}")
         self.limit = limit
         self.tripped_at: int | None = None
 
@@ -111,7 +111,7 @@ def test_errors_name_the_plugin_and_the_hook(hooktrain_run) -> None:
 
 
 def test_bad_options_fail_at_construction() -> None:
-    with pytest.raises(ValueError, match="limit must be > 0"):
+    with pytest.raises(ConfigurationError, match="loss_guard: limit must be > 0"):
         Trainer(plugins=[(LossGuard, {"limit": 0})])
 
 
