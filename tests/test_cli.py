@@ -160,6 +160,13 @@ def test_hooks_are_listed_with_their_first_sentence_whole():
     assert "before the metric sums are reduced at the end of an epoch" in described
 
 
+def test_hooks_are_listed_with_the_arguments_an_implementation_may_take():
+    lines = hooktrain_cli("plugins", "--hooks").stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("on_train_batch_end "))
+    arguments = next(line.split() for line in lines[start:] if "arguments:" in line)
+    assert arguments == ["arguments:", "trainer,", "outputs,", "batch,", "batch_idx"]
+
+
 def test_unknown_command_exits_2():
     result = hooktrain_cli("frobnicate")
     assert result.returncode == 2

@@ -241,11 +241,14 @@ def _list_hooks() -> int:
     from hooktrain import hookspecs
 
     for name in _hook_names():
-        doc = inspect.getdoc(getattr(hookspecs, name)) or ""
+        spec = getattr(hookspecs, name)
+        doc = inspect.getdoc(spec) or ""
         # The first sentence, which a docstring's first line may cut in two.
         paragraph = " ".join(doc.split("\n\n")[0].split())
         sentence = paragraph.split(". ")[0].rstrip(".") + "."
         lines = textwrap.wrap(sentence, width=70) or [""]
+        # An implementation takes any of these, by name; the docs say what each holds.
+        lines.append("arguments: " + ", ".join(inspect.signature(spec).parameters))
         print(f"{name:<28} {lines[0]}")
         for line in lines[1:]:
             print(f"{'':<28} {line}")
