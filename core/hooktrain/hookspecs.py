@@ -227,7 +227,9 @@ def on_train_batch_end(trainer: Trainer, outputs: Any, batch: Any, batch_idx: in
     only when you need it (``trainer.metrics`` converts lazily).
 
     :param outputs: the result of ``forward_step`` (a loss tensor or a mapping
-        holding ``"loss"``).
+        holding ``"loss"``), as it returned it: its tensors are still attached to
+        the autograd graph (whose buffers backward has freed), so ``.detach()`` one
+        before keeping it or converting it (``.numpy()`` refuses it otherwise).
     :param batch: the batch.
     :param batch_idx: the index of the batch within the epoch.
     """
