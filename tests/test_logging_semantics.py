@@ -363,6 +363,56 @@ def test_metrics_weigh_a_batch_by_the_size_its_step_says():
     )
 
 
+class DictOutputs(torch.nn.Module):
+    """Reads ``(T, B, F)`` sequences and returns its scores ``(B, C)`` in a dict,
+    as models of many libraries do, without saying a batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(2, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.head(x.mean(dim=0))
+        return {"loss": F.cross_entropy(logits, y), "outputs": {"logits": logits}, "targets": y}
+
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_outputs_in_a_dict_weigh_their_first_dimension_not_the_batchs():
+    # The batch's first tensor is time-major (T = 1, then 8), the scores (6, then
+    # 2 sequences) sit in a dict: the batches weighed T, and the epoch's accuracy
+    # was 0.07 where 0.5 of the sequences were right.
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(1, 6, 2, generator=generator), torch.randint(0, 3, (6,), generator=generator)),
+        (torch.randn(8, 2, 2, generator=generator), torch.randint(0, 3, (2,), generator=generator)),
+    ]
+    torch.manual_seed(0)
+    model = DictOutputs()
+
+    def acc(outputs, targets):
+        return accuracy(outputs["logits"], targets)
+
+    trainer = Trainer(plugins=[], device="cpu")
+    trainer.fit(model, batches, batches, metrics={"acc": acc})
+    with torch.no_grad():
+        correct = [(model.head(x.mean(dim=0)).argmax(dim=-1) == y).float() for x, y in batches]
+        losses = [
+            F.cross_entropy(model.head(x.mean(dim=0)), y, reduction="none") for x, y in batches
+        ]
+    by_hand = torch.cat(correct).mean().item()
+    batch_means = sum(c.mean().item() for c in correct) / 2
+    assert by_hand != pytest.approx(batch_means)  # the data tells the weights apart
+    for prefix in ("", "val_"):
+        assert trainer.metrics[f"{prefix}acc"] == pytest.approx(by_hand, rel=1e-6)
+        assert trainer.metrics[f"{prefix}loss"] == pytest.approx(torch.cat(losses).mean().item())
+
+
 def test_a_step_that_takes_its_batch_apart_keeps_the_batch_weight() -> None:
     # The batch is sized as it arrives: a step that pops its inputs out of a dict
     # batch must still weigh 4, 4 and 2 in the epoch's means, not 1 each.

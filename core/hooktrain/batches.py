@@ -119,9 +119,9 @@ def predict_inputs(batch: Any) -> Any:
     return batch
 
 
-def batch_size(batch: Any) -> int:
+def batch_size(batch: Any, default: Any = 1) -> Any:
     """The first dimension of the first tensor with one in ``batch`` (a tensor, a
-    tuple or list, or a dict), else 1."""
+    tuple or list, or a dict), else ``default``."""
     # Called every step: the common tuple is tested first, and shape[0] is read
     # rather than len(), which goes through a Python-level Tensor.__len__.
     cls = type(batch)
@@ -129,23 +129,24 @@ def batch_size(batch: Any) -> int:
         for item in batch:
             if isinstance(item, torch.Tensor) and item.ndim:
                 return item.shape[0]
-        return 1
+        return default
     if isinstance(batch, torch.Tensor):
-        return batch.shape[0] if batch.ndim else 1
+        return batch.shape[0] if batch.ndim else default
     if isinstance(batch, Mapping):
         for item in batch.values():
             if isinstance(item, torch.Tensor) and item.ndim:
                 return item.shape[0]
-    return 1
+    return default
 
 
 def step_batch_size(outputs: Any, batch_guess: int) -> int:
     """How much one batch weighs in the epoch's means, once its step has run.
 
     A step's dict may say it (``"batch_size"``): that wins, for batches no rule can
-    read (packed sequences, a dict of ragged lists). Otherwise, for a plain model
-    (the core's step returns ``"outputs"``) it is the first dimension of the
-    model's outputs, in training as in evaluation: for time-major inputs of shape
+    read (packed sequences, a dict of ragged lists). Otherwise, when the dict holds
+    ``"outputs"`` (the core's step for a plain model does), it is the first
+    dimension of the outputs (of their first tensor that has one, for a tuple or
+    dict of them), in training as in evaluation: for time-major inputs of shape
     ``(T, B, F)`` and outputs of shape ``(B, C)`` that is ``B``, not ``T`` (outputs
     of shape ``(T, B, C)`` give ``T``). Otherwise ``batch_guess``: `batch_size` of
     the batch as it arrived, before the step could take it apart. The loss, the
@@ -158,6 +159,8 @@ def step_batch_size(outputs: Any, batch_guess: int) -> int:
         predicted = outputs.get("outputs")
         if isinstance(predicted, torch.Tensor) and predicted.ndim:
             return predicted.shape[0]
+        if predicted is not None:
+            return batch_size(predicted, batch_guess)
     return batch_guess
 
 
