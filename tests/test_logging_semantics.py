@@ -363,6 +363,33 @@ def test_metrics_weigh_a_batch_by_the_size_its_step_says():
     )
 
 
+class GathersAsItIs:
+    """A distributed plugin's gather_for_metrics where every process holds the
+    whole evaluation set (as fsdp's does): the outputs are every sample's already."""
+
+    name = "gathers_as_it_is"
+
+    @hookimpl
+    def gather_for_metrics(self, outputs, targets):
+        return outputs, targets
+
+
+def test_gathered_outputs_keep_the_weight_the_step_said():
+    # Gathered outputs weighed their own first dimension: T = 4 for both batches of
+    # time-major outputs, where the step said 3 and 1 sequences.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 2, generator=generator)
+    y = torch.randint(0, 3, (4, 4), generator=generator)
+    batches = [(x[:, :3], y[:, :3]), (x[:, 3:], y[:, 3:])]
+    torch.manual_seed(0)
+    model = TimeMajorTagger()
+    trainer = Trainer(plugins=[GathersAsItIs()], device="cpu")
+    result = trainer.validate(model, batches, metrics={"acc": accuracy})
+    with torch.no_grad():
+        by_hand = (model(x).argmax(dim=-1) == y).float().mean().item()
+    assert result["val_acc"] == pytest.approx(by_hand, rel=1e-6)
+
+
 class DictOutputs(torch.nn.Module):
     """Reads ``(T, B, F)`` sequences and returns its scores ``(B, C)`` in a dict,
     as models of many libraries do, without saying a batch size."""

@@ -207,6 +207,7 @@ def _accumulate(
         return  # a step that returned None logged what it wanted itself
     if "outputs" in outputs and "targets" in outputs:
         predicted, targets = outputs["outputs"], outputs["targets"]
+        size = trainer._batch_size
         gathered = False
         if gather is not None:
             result = gather(trainer=trainer, outputs=predicted, targets=targets)
@@ -215,12 +216,14 @@ def _accumulate(
                     raise unexpected_result(
                         trainer.plugin_manager, "gather_for_metrics", result, "(outputs, targets)"
                     )
+                # Gathered outputs hold every process's samples: the batch weighs
+                # as many times its own weight as gathering multiplied its outputs.
+                local = batch_size(predicted)
                 predicted, targets = result
+                size = size * batch_size(predicted) / local
                 gathered = True
                 if trainer._epoch_metrics is not None:
                     trainer._epoch_metrics.gathered = True
-        # Gathered outputs hold every process's samples: they weigh all of them.
-        size = batch_size(predicted) if gathered else trainer._batch_size
         values = trainer._hooks.compute_metrics(
             trainer=trainer, outputs=predicted, targets=targets, stage=stage
         )

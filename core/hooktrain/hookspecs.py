@@ -512,11 +512,15 @@ def all_gather_object(trainer: Trainer, obj: Any) -> list[Any] | None:
 
 @hookspec(firstresult=True)
 def gather_for_metrics(trainer: Trainer, outputs: Any, targets: Any) -> tuple[Any, Any] | None:
-    """Called for every evaluation batch of a model without its own evaluation step,
-    before the loss and metrics are computed, to collect the per-sample outputs and
-    targets of every process (without samples duplicated to pad the last batch).
+    """Called for every evaluation batch whose step gave the model's outputs and
+    targets (a model without its own evaluation step, or a step returning
+    ``"outputs"`` and ``"targets"``), before the metrics are computed, to collect
+    the per-sample outputs and targets of every process (without samples duplicated
+    to pad the last batch).
 
-    Metrics computed on the result are already global and are not reduced again.
+    Metrics computed on the result are already global and are not reduced again;
+    the batch weighs its own weight times the factor by which gathering grew the
+    outputs' first dimension.
 
     :return: ``(outputs, targets)`` gathered, or ``None`` to defer. With no
         implementation the loop uses the local values.

@@ -22,10 +22,11 @@ What each hook does:
 * ``on_train_epoch_start``: points the sampler at the run's data seed (restored
   from a checkpoint on resume).
 * ``clip_gradients``, ``all_reduce``, ``all_gather_object``: over every process.
-* ``gather_for_metrics``: every process evaluates the whole evaluation set, so its
-  outputs are handed back as already gathered, and a summing metric counts each
-  sample once, not once per process (a loader split by a ``DistributedSampler`` is
-  combined over the processes instead).
+* ``gather_for_metrics``: every process evaluates its evaluation loaders as given.
+  A loader whose first batch is the same on every process holds the whole set: its
+  outputs are handed back as already gathered, so that a summing metric counts each
+  sample once, not once per process. A loader the user split per process is
+  combined over the processes as usual.
 * ``get_state_dict`` / ``set_state_dict``: the model's and optimizers' state as
   sharded ``DTensor`` values, keyed by parameter name (DCP's form); a checkpoint of
   full tensors (a single-file checkpoint) is sharded on load.
@@ -124,6 +125,9 @@ class FSDP:
         # ready-made optimizer holds these. Weak, so that the full tensors are freed
         # once nothing else holds them: each process must keep only its shards.
         self._unsharded: dict[int, tuple[Any, str]] = {}
+        # Per evaluation dataloader of the running stage: whether every process
+        # holds the whole set (decided on its first batch; see gather_for_metrics).
+        self._whole_set: dict[int, bool] = {}
 
     def __repr__(self) -> str:
         return (
@@ -198,6 +202,7 @@ class FSDP:
     @hookimpl
     def prepare(self, trainer: Trainer, stage: str) -> None:
         stale, self._unsharded = self._unsharded, {}
+        self._whole_set = {}
         if stage != "fit":
             return
         for optimizer in trainer.optimizers:
@@ -275,22 +280,21 @@ class FSDP:
     def gather_for_metrics(
         self, trainer: Trainer, outputs: Any, targets: Any
     ) -> tuple[Any, Any] | None:
-        from torch.utils.data import DistributedSampler
-
-        # Every process evaluates the whole set, so its outputs are already every
-        # sample's, each once. Returned as gathered, the metrics are not combined
-        # over the processes again, which would count a sum (samples seen, a
-        # SumMetric) once per process. A loader split by a DistributedSampler (the
-        # user's, as its sampler or its batch sampler's) holds this process's share
-        # only: its metrics are combined as usual.
-        loader = trainer.eval_dataloaders[trainer.dataloader_idx]
-        samplers = (
-            getattr(loader, "sampler", None),
-            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-        )
-        if any(isinstance(sampler, DistributedSampler) for sampler in samplers):
+        # Every process evaluates its loaders as given: the whole set, unless the
+        # user split it (a DistributedSampler, a Subset or a dataset per rank).
+        # Outputs of the whole set are already every sample's, each once; combining
+        # their metrics over the processes would count a sum (samples seen, a
+        # SumMetric) once per process. Which it is, is agreed on a loader's first
+        # batch, compared across the processes: the same batch everywhere is the
+        # whole set.
+        if trainer.world_size <= 1:
             return None
-        return outputs, targets
+        whole = self._whole_set.get(trainer.dataloader_idx)
+        if whole is None:
+            whole = self._whole_set[trainer.dataloader_idx] = _same_everywhere(
+                trainer, outputs, targets
+            )
+        return (outputs, targets) if whole else None
 
     @hookimpl
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -390,6 +394,31 @@ def _init_process_group(timeout: float) -> None:
             backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=limit
         )
     _destroy_process_group_at_exit()
+
+
+def _same_everywhere(trainer: Trainer, outputs: Any, targets: Any) -> bool:
+    """Whether every process holds the same evaluation batch: the same targets and
+    outputs that sum to the same number. A collective (one ``all_gather_object``)
+    that every process makes on the same batch, as each runs the same forwards.
+    Outputs or targets that are not tensors count as different: the processes'
+    metrics are then combined, as for a split set."""
+    import torch
+    import torch.distributed as dist
+
+    if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        mine = None
+    else:
+        mine = (targets.detach().cpu(), outputs.detach().double().sum().cpu())
+    everyone: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(everyone, mine)
+    if mine is None or any(theirs is None for theirs in everyone):
+        return False
+    return all(
+        theirs[0].shape == mine[0].shape
+        and torch.equal(theirs[0], mine[0])
+        and torch.equal(theirs[1], mine[1])
+        for theirs in everyone
+    )
 
 
 def _shard_loader(trainer: Trainer, loader: Any) -> Any:

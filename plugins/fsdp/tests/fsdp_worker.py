@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from hooktrain import Trainer, accuracy, hookimpl
 from hooktrain.testing import make_data, make_model
@@ -148,7 +149,19 @@ def main() -> None:
             optimizer=optimizer,
             metrics={"acc": accuracy, "samples": SampleCount()},
         )
-    trainer.fit(model, train, val, **fit_kwargs)
+    val_loaders: Any = val
+    if config.get("split_validation"):
+        # The same set three ways: whole on every process, split by a
+        # DistributedSampler, and split by hand into each rank's own Subset.
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        by_sampler = DataLoader(
+            val.dataset,
+            batch_size=val.batch_size,
+            sampler=DistributedSampler(val.dataset, world_size, rank),
+        )
+        own = Subset(val.dataset, range(rank, len(val.dataset), world_size))
+        val_loaders = [val, by_sampler, DataLoader(own, batch_size=val.batch_size)]
+    trainer.fit(model, train, val_loaders, **fit_kwargs)
 
     from hooktrain_fsdp import local_numel
 

@@ -273,6 +273,9 @@ def test_two_nodes_train_as_one_job(tmp_path, plugin, options) -> None:
     ranked = {"dirpath": "ckpt", "every_n_train_steps": 1, "monitor": "loss"}
     ranked.update(save_top_k=1, save_last=False)
     config = {"plugin": plugin, "options": options, "max_epochs": 2, "batch_size": PER_RANK_BATCH}
+    # fsdp evaluates each loader as given, whole or split per process;
+    # accelerate splits every loader itself.
+    config["split_validation"] = plugin == "fsdp"
     ranks = launch_two_nodes({**config, "checkpoint": ranked}, tmp_path)
     (kept,) = (tmp_path / "ckpt").iterdir()
     if plugin == "fsdp":
@@ -283,8 +286,27 @@ def test_two_nodes_train_as_one_job(tmp_path, plugin, options) -> None:
     assert [r["rank"] for r in ranks] == [0, 1]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["weights"] == ranks[1]["weights"]
-    # fsdp evaluates the whole set on each process; accelerate splits it, padded.
-    assert [r["metrics"]["val_samples"] for r in ranks] == [N_TRAIN // 4] * 2
+    # Each validation sample counts once, on every process, whoever split the set:
+    # accelerate (padded), or for fsdp nobody (each process evaluates it whole), a
+    # DistributedSampler, or a Subset per rank. A sum came out twice the set's size
+    # on the whole set, and the Subsets' losses differed between the ranks.
+    for report in ranks:
+        metrics = report["metrics"]
+        if plugin == "accelerate":
+            assert metrics["val_samples"] == N_TRAIN // 4
+            continue
+        whole = metrics["val_loss/dataloader_idx_0"], metrics["val_acc/dataloader_idx_0"]
+        for i in range(3):
+            assert metrics[f"val_samples/dataloader_idx_{i}"] == N_TRAIN // 4
+            split = metrics[f"val_loss/dataloader_idx_{i}"], metrics[f"val_acc/dataloader_idx_{i}"]
+            assert split == pytest.approx(whole, rel=1e-6)
+        assert whole == pytest.approx(
+            (
+                ranks[0]["metrics"]["val_loss/dataloader_idx_0"],
+                ranks[0]["metrics"]["val_acc/dataloader_idx_0"],
+            ),
+            rel=1e-6,
+        )
     model = one_process_reference(max_epochs=2)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(

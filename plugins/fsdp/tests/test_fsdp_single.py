@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hooktrain import ConfigurationError, HookError, Trainer, hookimpl
+from hooktrain import ConfigurationError, HookError, Trainer
 from hooktrain.testing import make_data, make_model
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -220,36 +220,3 @@ def test_a_sampler_that_picks_samples_is_refused_and_a_distributed_one_kept() ->
         split = _shard_loader(TwoProcesses(), DataLoader(data, batch_size=4, shuffle=shuffle))
         assert isinstance(split.sampler, DistributedSampler) and split.sampler.rank == 1
         assert split.sampler.shuffle is shuffle and len(split.sampler) == 16
-
-
-class GatherResults:
-    """Records, per evaluation batch, whether ``gather_for_metrics`` gave the
-    outputs back as already every process's (a result) or deferred (``None``)."""
-
-    def __init__(self) -> None:
-        self.gathered: list[bool] = []
-
-    @hookimpl(wrapper=True)
-    def gather_for_metrics(self) -> Any:
-        result = yield
-        self.gathered.append(result is not None)
-        return result
-
-
-def test_whole_evaluation_sets_count_as_gathered_and_split_ones_do_not() -> None:
-    # Every process evaluates the whole set, yet its metric states were combined
-    # over the processes: a sum (samples seen) came out once per process.
-    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
-
-    train, val = make_data(n=64, batch_size=16)
-    split = DataLoader(val.dataset, sampler=DistributedSampler(val.dataset, 1, 0), batch_size=8)
-    batch_split = DataLoader(
-        val.dataset, batch_sampler=BatchSampler(DistributedSampler(val.dataset, 1, 0), 8, False)
-    )
-    recorder = GatherResults()
-    trainer = Trainer(plugins=["fsdp", recorder], seed=0, device="cpu", max_epochs=1)
-    trainer.fit(
-        make_model(), train, [val, split, batch_split], loss_fn=F.cross_entropy, optimizer=adam
-    )
-    # val: 16 samples in one batch; each split loader: 2 batches of 8.
-    assert recorder.gathered == [True, False, False, False, False]
