@@ -190,6 +190,11 @@ def _train_epoch(
         if sync:
             optimizer_step(window)
             window = 0
+        publishes = sync and trainer.global_step % log_every == 0
+        if publishes:
+            # Summed before any hook of this step can checkpoint the running means, so
+            # that a run resumed from it sums the same groups (the same epoch means).
+            means.fold("loss")
         if metric_fns and type(outputs) is dict and "outputs" in outputs and "targets" in outputs:
             _add_metric_values(trainer, hooks, outputs["outputs"], outputs["targets"], size)
         batch_idx += 1
@@ -200,7 +205,7 @@ def _train_epoch(
             step_monitoring_schedulers(trainer)
         if on_batch_end is not None:
             on_batch_end(trainer=trainer, outputs=outputs, batch=batch, batch_idx=batch_idx - 1)
-        if sync and trainer.global_step % log_every == 0:
+        if publishes:
             publish_step(trainer)
         # Stop only where an optimizer step just happened: inside an accumulation
         # window the gradients gathered so far would be lost with the stop.

@@ -159,6 +159,11 @@ class RunningMeans:
         self._sums[name] = total if previous is None else previous + total
         self._weights[name] = self._weights.get(name, 0.0) + float(sum(weights))
 
+    def fold(self, name: str) -> None:
+        """Sum the pending values of ``name`` into its running sum, on the device."""
+        if name in self._pending:
+            self._fold(name)
+
     def fold_all(self) -> None:
         for name in list(self._pending):
             self._fold(name)

@@ -130,6 +130,29 @@ def test_crash_anywhere_then_resume_last_is_bit_identical(
     assert_identical(expected, resumed)
 
 
+@pytest.mark.parametrize("crash_after", [13, 23, 33, 34])
+def test_a_checkpoint_at_a_log_point_resumes_the_epochs_means_bit_identically(
+    tmp_path: Path, crash_after: int
+) -> None:
+    # Saved every 10 steps, published every 10: the save at a log point kept the
+    # losses since the last one unsummed, and the resumed run summed them with the
+    # next ones, in other groups than the run never interrupted: its epoch loss
+    # differed in the last bits.
+    def run(directory: Path, *extra: Any, ckpt_path: str | None = None) -> Trainer:
+        checkpoint = ModelCheckpoint(dirpath=directory, every_n_train_steps=10)
+        trainer = Trainer(
+            plugins=[checkpoint, *extra], max_epochs=1, seed=3, device="cpu", log_every_n_steps=10
+        )
+        train, val = make_data(n=640, batch_size=16, seed=5)  # 40 steps
+        trainer.fit(Net(), train, val, loss_fn=F.cross_entropy, ckpt_path=ckpt_path)
+        return trainer
+
+    expected = run(tmp_path / "reference").metrics.floats()
+    with pytest.raises(HookError, match="Crash"):
+        run(tmp_path / "run", CrashAt(crash_after))
+    assert run(tmp_path / "run", ckpt_path="last").metrics.floats() == expected
+
+
 @pytest.mark.parametrize("crash_after", [7, 13])
 def test_a_large_state_written_from_a_snapshot_resumes_bit_identically(
     tmp_path: Path,
