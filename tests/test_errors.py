@@ -692,3 +692,25 @@ def test_a_missing_metric_names_the_per_loader_one() -> None:
         "loss": 1.0,
         "val_loss/dataloader_idx_0": 2.0,
     }
+
+
+class NoSamples(IterableDataset):
+    """An iterable dataset that yields nothing, and has no length to say so early."""
+
+    def __iter__(self):
+        return iter(())
+
+
+def test_an_evaluation_loader_that_yields_nothing_is_named():
+    # In fit, the empty validation went unseen until early stopping, monitoring
+    # val_loss, said it was never logged and offered 'loss' instead.
+    empty = DataLoader(NoSamples(), batch_size=4)
+    train, val = make_data()
+    trainer = hooktrain.Trainer(plugins=["early_stopping"], max_epochs=2, device="cpu")
+    with pytest.raises(ConfigurationError, match="the validate dataloader yielded no batches"):
+        trainer.fit(make_model(), train, empty, loss_fn=F.cross_entropy, optimizer=torch.optim.SGD)
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    with pytest.raises(ConfigurationError, match="the test dataloader 1 yielded no batches"):
+        trainer.test(make_model(), [val, empty], loss_fn=F.cross_entropy)
+    with pytest.raises(ConfigurationError, match="the predict dataloader yielded no batches"):
+        trainer.predict(make_model(), empty)

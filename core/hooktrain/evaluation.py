@@ -108,6 +108,7 @@ def evaluation_loop(
                 iterable = iterate(trainer.plugin_manager, "batch_iterator", iterable)
                 if limit is not None:
                     iterable = itertools.islice(iterable, limit)
+                batch_idx = -1
                 for batch_idx, batch in enumerate(iterable):
                     batch = transfer(trainer=trainer, batch=batch, device=trainer.device)
                     if on_batch_start is not None:
@@ -134,6 +135,15 @@ def evaluation_loop(
                             batch_idx=batch_idx,
                             dataloader_idx=loader_idx,
                         )
+                if batch_idx < 0 and limit != 0 and trainer.world_size == 1:
+                    # Else every metric it should have given goes missing without a
+                    # word, and whatever monitors one blames the model or the name.
+                    # (With several processes an uneven split may leave one none.)
+                    which = f" {loader_idx}" if len(loaders) > 1 else ""
+                    raise ConfigurationError(
+                        f"the {stage} dataloader{which} yielded no batches; hooktrain "
+                        f"needs at least one"
+                    )
             trainer._log_suffix = ""  # the epoch-end hooks log for every loader at once
             # Every process, whether it saw batches or not: the reduction is collective.
             collectives = process_collectives(trainer)
