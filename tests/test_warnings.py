@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hooktrain
-from hooktrain import ConfigurationError, Trainer
+from hooktrain import ConfigurationError, Trainer, hookimpl
 from hooktrain.errors import warn_user
 from hooktrain.testing import make_data, make_model
 
@@ -304,3 +304,33 @@ def test_a_failing_teardown_leaves_no_pending_value_to_the_next_stage() -> None:
         warnings.simplefilter("always")
         trainer.validate(make_model(), val, loss_fn=F.cross_entropy)
     assert not [w for w in record if "reached no logger" in str(w.message)]
+
+
+class WithLightningHooks(OwnSteps):
+    """Computes an epoch metric in hooks on the model, as a LightningModule does."""
+
+    def on_train_epoch_end(self) -> None:
+        raise AssertionError("hooktrain calls no hook on a model")
+
+    def on_validation_epoch_end(self) -> None:
+        raise AssertionError("hooktrain calls no hook on a model")
+
+
+def test_hooks_defined_on_the_model_are_named_as_never_called() -> None:
+    # They were ignored without a word, and the metric they logged never appeared.
+    train, val = make_data()
+    with pytest.warns(UserWarning) as caught:
+        Trainer(plugins=[], max_epochs=1, device="cpu").fit(WithLightningHooks(), train, val)
+    (message,) = [str(w.message) for w in caught if "never calls" in str(w.message)]
+    assert message.startswith(
+        "hooktrain: WithLightningHooks defines on_train_epoch_end, on_validation_epoch_end, "
+        "which hooktrain never calls on a model"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trainer(plugins=[], max_epochs=1, device="cpu").fit(OwnSteps(), train, val)
+        # A model that is one of the trainer's plugins has its hooks called.
+        model = WithLightningHooks()
+        model.on_train_epoch_end = hookimpl(lambda: None)  # an implementation, as a plugin's
+        model.on_validation_epoch_end = hookimpl(lambda: None)
+        Trainer(plugins=[model], max_epochs=1, device="cpu").fit(model, train, val)

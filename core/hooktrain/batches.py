@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from hooktrain.errors import ConfigurationError, warn_user
+from hooktrain.hookcalls import HOOK_NAMES
 
 __all__ = [
     "STEP_NAMES",
@@ -329,15 +330,27 @@ def skip_first_batches(dataloader: Iterable[Any], skip: int) -> Iterable[Any]:
     return iterator
 
 
-def check_model(model: Any, *, training: bool) -> None:
+def check_model(model: Any, *, training: bool, plugin: bool = False) -> None:
     """:raises ConfigurationError: when ``model`` is not an ``nn.Module``, or (for
     training) has no parameter that requires grad. Warns when a model to train is
-    in eval mode as a whole."""
+    in eval mode as a whole, and when the model defines methods named like hooks
+    (``on_train_epoch_end``), which run on plugins only, unless it is itself one of
+    the trainer's plugins (``plugin``)."""
     if not isinstance(model, torch.nn.Module):
         raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if training and not any(p.requires_grad for p in model.parameters()):
         raise ConfigurationError(
             f"{type(model).__name__} has no trainable parameters (none with requires_grad=True)"
+        )
+    hooks = [n for n in HOOK_NAMES if callable(getattr(type(model), n, None))]
+    if hooks and not plugin:
+        # A Lightning habit: hooks on the model. Here they would never run, and
+        # the epoch metric they compute would go missing without a word.
+        warn_user(
+            f"hooktrain: {type(model).__name__} defines {', '.join(hooks)}, which hooktrain "
+            f"never calls on a model: hooks run on plugins (a model gives only its "
+            f"steps and configure_optimizers); move them into a plugin passed in "
+            f"Trainer(plugins=[...])"
         )
     if training and not model.training:
         # The loop keeps each module's mode (a frozen BatchNorm stays frozen), so a

@@ -367,7 +367,7 @@ class Trainer:
         :raises ConfigurationError: before any training, for a model, loader, loss,
             optimizer or metrics that cannot be used.
         """
-        check_model(model, training=True)
+        check_model(model, training=True, plugin=self.plugin_manager.is_registered(model))
         check_loader("train_dataloaders", train_dataloaders)
         eval_loaders = loader_list("val_dataloaders", val_dataloaders)
         if loss_fn is None and not callable(getattr(model, "training_step", None)):
@@ -455,7 +455,7 @@ class Trainer:
         loss_fn: Callable[..., torch.Tensor] | None,
         metrics: Mapping[str, MetricFn] | None,
     ) -> dict[str, Any]:
-        check_model(model, training=False)
+        check_model(model, training=False, plugin=self.plugin_manager.is_registered(model))
         loaders = loader_list("dataloaders", dataloaders)
         if not loaders:
             raise ConfigurationError(f"{stage}() needs at least one dataloader")
