@@ -107,6 +107,34 @@ def test_a_wrapper_that_yields_never_or_twice_is_named(yields, good_first):
     assert witness.events == ["on_exception", "teardown"]
 
 
+def test_lightnings_self_log_in_a_step_points_to_trainer_log():
+    # A step moved over from Lightning as it was failed with a bare AttributeError.
+    class Ported(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self.layer(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    with pytest.raises(AttributeError, match="'Ported' object has no attribute 'log'") as info:
+        fit(Ported(), trainer=trainer)
+    assert any("log with trainer.log(name, value)" in note for note in info.value.__notes__)
+
+    # Any other missing attribute gets no such advice.
+    class Misspelt(Ported):
+        def training_step(self, batch, batch_idx):
+            return self.layr(batch[0]).sum()
+
+    with pytest.raises(AttributeError, match="'layr'") as info:
+        fit(Misspelt(), trainer=trainer)
+    assert not any("trainer.log" in note for note in info.value.__notes__)
+
+
 def test_error_in_user_code_keeps_its_type_and_gains_a_note():
     class Faulty(nn.Module):
         def __init__(self):

@@ -165,6 +165,17 @@ def explain(trainer: Trainer, exc: BaseException) -> BaseException:
     culprit = _culprit(trainer, exc) if isinstance(exc, Exception) else None
     if culprit is None:
         exc.add_note(f"hooktrain: raised during {where}")
+        if isinstance(exc, AttributeError) and exc.name in ("log", "log_dict"):
+            import torch
+
+            if isinstance(getattr(exc, "obj", None), torch.nn.Module):
+                # Lightning's self.log, in a step moved over as it was.
+                exc.add_note(
+                    "hooktrain: a model has no self.log; log with trainer.log(name, "
+                    "value) on the Trainer your script built, or return the values "
+                    "from the step (a dict: every number of an evaluation step's is "
+                    "logged)"
+                )
         return exc
     plugin, hook_name = culprit
     return HookError(
