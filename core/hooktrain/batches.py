@@ -333,16 +333,20 @@ def skip_first_batches(dataloader: Iterable[Any], skip: int) -> Iterable[Any]:
 def check_model(model: Any, *, training: bool, plugin: bool = False) -> None:
     """:raises ConfigurationError: when ``model`` is not an ``nn.Module``, or (for
     training) has no parameter that requires grad. Warns when a model to train is
-    in eval mode as a whole, and when the model defines methods named like hooks
-    (``on_train_epoch_end``), which run on plugins only, unless it is itself one of
-    the trainer's plugins (``plugin``)."""
+    in eval mode as a whole, and when the model defines methods named like event
+    hooks (``on_train_epoch_end``), which run on plugins only, unless it is itself
+    one of the trainer's plugins (``plugin``)."""
     if not isinstance(model, torch.nn.Module):
         raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if training and not any(p.requires_grad for p in model.parameters()):
         raise ConfigurationError(
             f"{type(model).__name__} has no trainable parameters (none with requires_grad=True)"
         )
-    hooks = [n for n in HOOK_NAMES if callable(getattr(type(model), n, None))]
+    # The event hooks only: a model's own setup() or load_checkpoint() is likely
+    # its own method, not a hook.
+    hooks = [
+        n for n in HOOK_NAMES if n.startswith("on_") and callable(getattr(type(model), n, None))
+    ]
     if hooks and not plugin:
         # A Lightning habit: hooks on the model. Here they would never run, and
         # the epoch metric they compute would go missing without a word.
