@@ -22,11 +22,12 @@ What each hook does:
 * ``on_train_epoch_start``: points the sampler at the run's data seed (restored
   from a checkpoint on resume).
 * ``clip_gradients``, ``all_reduce``, ``all_gather_object``: over every process.
-* ``gather_for_metrics``: every process evaluates its evaluation loaders as given.
-  A loader whose first batch is the same on every process holds the whole set: its
-  outputs are handed back as already gathered, so that a summing metric counts each
-  sample once, not once per process. A loader the user split per process is
-  combined over the processes as usual.
+* ``batch_iterator`` (a wrapper) and ``gather_for_metrics``: every process
+  evaluates its evaluation loaders as given. Before a loader's first forward the
+  processes agree whether it holds the whole set: no ``DistributedSampler``, and the
+  same first batch on every process. The outputs of a whole set are handed back as
+  already gathered, so that a summing metric counts each sample once, not once per
+  process; a loader split per process is combined over the processes as usual.
 * ``get_state_dict`` / ``set_state_dict``: the model's and optimizers' state as
   sharded ``DTensor`` values, keyed by parameter name (DCP's form); a checkpoint of
   full tensors (a single-file checkpoint) is sharded on load.
@@ -36,14 +37,16 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import itertools
 import os
 import sys
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
 from hooktrain.errors import ConfigurationError
+from hooktrain_fsdp.data import fingerprint, has_distributed_sampler, shard_loader
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +56,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FSDP", "local_numel"]
 __version__ = "0.1.0"
+
+_NOTHING = object()
 
 _STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 _POLICY_FIELDS = ("param_dtype", "reduce_dtype", "output_dtype", "cast_forward_inputs")
@@ -126,7 +131,7 @@ class FSDP:
         # once nothing else holds them: each process must keep only its shards.
         self._unsharded: dict[int, tuple[Any, str]] = {}
         # Per evaluation dataloader of the running stage: whether every process
-        # holds the whole set (decided on its first batch; see gather_for_metrics).
+        # holds the whole set (agreed on in batch_iterator).
         self._whole_set: dict[int, bool] = {}
 
     def __repr__(self) -> str:
@@ -202,14 +207,13 @@ class FSDP:
     @hookimpl
     def prepare(self, trainer: Trainer, stage: str) -> None:
         stale, self._unsharded = self._unsharded, {}
-        self._whole_set = {}
         if stage != "fit":
             return
         for optimizer in trainer.optimizers:
             self._rebind(trainer.module, optimizer, stale)
         if trainer.world_size > 1:
             self._agree_on_data_seed(trainer)
-            trainer.train_dataloader = _shard_loader(trainer, trainer.train_dataloader)
+            trainer.train_dataloader = shard_loader(trainer, trainer.train_dataloader)
 
     def _rebind(
         self,
@@ -276,25 +280,48 @@ class FSDP:
         full_tensor = getattr(norm, "full_tensor", None)
         return full_tensor() if full_tensor is not None else norm
 
-    @hookimpl
-    def gather_for_metrics(
-        self, trainer: Trainer, outputs: Any, targets: Any
-    ) -> tuple[Any, Any] | None:
+    @hookimpl(wrapper=True)
+    def batch_iterator(
+        self, trainer: Trainer, dataloader: Any, stage: str
+    ) -> Generator[None, Iterable[Any], Iterable[Any]]:
         # Every process evaluates its loaders as given: the whole set, unless the
         # user split it (a DistributedSampler, a Subset or a dataset per rank).
         # Outputs of the whole set are already every sample's, each once; combining
         # their metrics over the processes would count a sum (samples seen, a
-        # SumMetric) once per process. Which it is, is agreed on a loader's first
-        # batch, compared across the processes: the same batch everywhere is the
-        # whole set.
-        if trainer.world_size <= 1:
-            return None
-        whole = self._whole_set.get(trainer.dataloader_idx)
-        if whole is None:
-            whole = self._whole_set[trainer.dataloader_idx] = _same_everywhere(
-                trainer, outputs, targets
+        # SumMetric) once per process. Which it is, the processes agree on here,
+        # before the first forward, from the loader's sampler and first batch.
+        iterable = yield
+        if stage not in ("validate", "test") or trainer.world_size <= 1:
+            return iterable
+        iterator = iter(iterable)
+        first = next(iterator, _NOTHING)
+        if has_distributed_sampler(dataloader):
+            mine: Any = "split"
+        else:
+            mine = "empty" if first is _NOTHING else fingerprint(first)
+        everyone = self.all_gather_object(trainer, mine)
+        if "empty" in everyone and any(theirs != "empty" for theirs in everyone):
+            idle = ", ".join(str(rank) for rank, theirs in enumerate(everyone) if theirs == "empty")
+            raise ConfigurationError(
+                f"fsdp: the {stage} dataloader {trainer.dataloader_idx} yields no batches "
+                f"on process {idle} but some on the others; every forward of a sharded "
+                f"model is a collective, so each process must run as many batches (split "
+                f"an evaluation set with a DistributedSampler, which pads the shares to "
+                f"one length)"
             )
-        return (outputs, targets) if whole else None
+        self._whole_set[trainer.dataloader_idx] = mine != "split" and all(
+            theirs == mine for theirs in everyone
+        )
+        return iterator if first is _NOTHING else itertools.chain([first], iterator)
+
+    @hookimpl
+    def gather_for_metrics(
+        self, trainer: Trainer, outputs: Any, targets: Any
+    ) -> tuple[Any, Any] | None:
+        # A whole set's outputs are handed back as if gathered (see batch_iterator).
+        if self._whole_set.get(trainer.dataloader_idx):
+            return outputs, targets
+        return None
 
     @hookimpl
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -394,108 +421,6 @@ def _init_process_group(timeout: float) -> None:
             backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=limit
         )
     _destroy_process_group_at_exit()
-
-
-def _same_everywhere(trainer: Trainer, outputs: Any, targets: Any) -> bool:
-    """Whether every process holds the same evaluation batch: the same targets and
-    outputs that sum to the same number. A collective (one ``all_gather_object``)
-    that every process makes on the same batch, as each runs the same forwards.
-    Outputs or targets that are not tensors count as different: the processes'
-    metrics are then combined, as for a split set."""
-    import torch
-    import torch.distributed as dist
-
-    if not isinstance(outputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
-        mine = None
-    else:
-        mine = (targets.detach().cpu(), outputs.detach().double().sum().cpu())
-    everyone: list[Any] = [None] * trainer.world_size
-    dist.all_gather_object(everyone, mine)
-    if mine is None or any(theirs is None for theirs in everyone):
-        return False
-    return all(
-        theirs[0].shape == mine[0].shape
-        and torch.equal(theirs[0], mine[0])
-        and torch.equal(theirs[1], mine[1])
-        for theirs in everyone
-    )
-
-
-def _shard_loader(trainer: Trainer, loader: Any) -> Any:
-    """``loader`` over 1/N of its dataset: a ``DistributedSampler`` over the same
-    dataset, shuffling when the loader did, with the same batch size and collation.
-    A loader whose sampler is a ``DistributedSampler`` already is split: it is
-    returned as it is.
-
-    :raises ConfigurationError: for a loader that cannot be rebuilt (an iterable
-        dataset, a custom batch sampler), or one whose sampler picks or weighs
-        samples (``SubsetRandomSampler``, ``WeightedRandomSampler``, a random
-        sampler with replacement...), which the rebuilt loader would not.
-    """
-    from torch.utils.data import (
-        BatchSampler,
-        DataLoader,
-        DistributedSampler,
-        IterableDataset,
-        RandomSampler,
-        SequentialSampler,
-    )
-
-    if (
-        type(loader) is not DataLoader
-        or isinstance(loader.dataset, IterableDataset)
-        or type(loader.batch_sampler) is not BatchSampler
-    ):
-        raise ConfigurationError(
-            f"fsdp: the training loader must be a torch DataLoader over a map-style dataset "
-            f"with a batch_size, to be split across processes; got {type(loader).__name__}"
-        )
-    if isinstance(loader.sampler, DistributedSampler):
-        split = (loader.sampler.num_replicas, loader.sampler.rank)
-        if split != (trainer.world_size, trainer.global_rank):
-            raise ConfigurationError(
-                f"fsdp: the training loader's DistributedSampler splits the data for "
-                f"process {split[1]} of {split[0]}, but this is process "
-                f"{trainer.global_rank} of {trainer.world_size}; build it with "
-                f"num_replicas=world_size and rank=rank (the defaults, once the process "
-                f"group exists), or leave it out"
-            )
-        return loader
-    whole = type(loader.sampler) is SequentialSampler or (
-        type(loader.sampler) is RandomSampler
-        and not loader.sampler.replacement
-        and loader.sampler.num_samples == len(loader.dataset)
-    )
-    if not whole:
-        # Rebuilt over the whole dataset, it would train on samples the sampler
-        # left out, in another order, without a word.
-        raise ConfigurationError(
-            f"fsdp: the training loader's sampler ({type(loader.sampler).__name__}) picks "
-            f"or weighs samples, which splitting the dataset across processes would "
-            f"lose; give the loader a DistributedSampler of your own (it is then used "
-            f"as it is), or a torch.utils.data.Subset of the dataset with shuffle=True"
-        )
-    sampler = DistributedSampler(
-        loader.dataset,
-        num_replicas=trainer.world_size,
-        rank=trainer.global_rank,
-        shuffle=isinstance(loader.sampler, RandomSampler),
-        seed=trainer.data_seed,
-    )
-    sampler.hooktrain_fsdp = True  # type: ignore[attr-defined]
-    return DataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
-        drop_last=loader.drop_last,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers,
-        generator=loader.generator,
-    )
 
 
 _exit_cleanup_registered = False

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,13 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import (
+    DataLoader,
+    DistributedSampler,
+    IterableDataset,
+    Subset,
+    TensorDataset,
+)
 
 from hooktrain import Trainer, accuracy, hookimpl
 from hooktrain.testing import make_data, make_model
@@ -63,6 +70,11 @@ class SampleCount(torchmetrics.Metric):
 
     def compute(self) -> torch.Tensor:
         return self.count
+
+
+class NoSamples(IterableDataset):
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
 
 
 class Fault:
@@ -151,7 +163,7 @@ def main() -> None:
         )
     val_loaders: Any = val
     if config.get("split_validation"):
-        # The same set three ways: whole on every process, split by a
+        # The same set four ways: whole on every process, split by a
         # DistributedSampler, and split by hand into each rank's own Subset.
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         by_sampler = DataLoader(
@@ -160,7 +172,21 @@ def main() -> None:
             sampler=DistributedSampler(val.dataset, world_size, rank),
         )
         own = Subset(val.dataset, range(rank, len(val.dataset), world_size))
-        val_loaders = [val, by_sampler, DataLoader(own, batch_size=val.batch_size)]
+        # And a DistributedSampler whose shares begin with the same batch: the
+        # first 2 * batch_size samples come in equal pairs, one to each process.
+        x, y = val.dataset.tensors
+        order = torch.arange(len(x))
+        order[: 2 * val.batch_size] -= order[: 2 * val.batch_size] % 2
+        paired = TensorDataset(x[order], y[order])
+        same_start = DataLoader(
+            paired,
+            batch_size=val.batch_size,
+            sampler=DistributedSampler(paired, world_size, rank, shuffle=False),
+        )
+        val_loaders = [val, by_sampler, DataLoader(own, batch_size=val.batch_size), same_start]
+    if config.get("empty_val_on_rank") == rank:
+        # A stream without len(), so that only running it shows it is empty.
+        val_loaders = DataLoader(NoSamples(), batch_size=val.batch_size)
     trainer.fit(model, train, val_loaders, **fit_kwargs)
 
     from hooktrain_fsdp import local_numel

@@ -307,6 +307,11 @@ def test_two_nodes_train_as_one_job(tmp_path, plugin, options) -> None:
             ),
             rel=1e-6,
         )
+        # Split by a DistributedSampler, though each process's first batch is the
+        # same: each process counted only its own share, and the ranks disagreed.
+        assert metrics["val_samples/dataloader_idx_3"] == N_TRAIN // 4
+        for name in ("val_loss/dataloader_idx_3", "val_acc/dataloader_idx_3"):
+            assert metrics[name] == pytest.approx(ranks[0]["metrics"][name], rel=1e-6)
     model = one_process_reference(max_epochs=2)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(
@@ -322,3 +327,12 @@ def test_an_exception_on_one_process_ends_the_job(tmp_path) -> None:
     proc = launch({"faults": fault}, tmp_path)
     assert proc.returncode != 0
     assert "injected fault at hook on_train_batch_end, global step 2, rank 1" in proc.stderr
+
+
+def test_a_validation_loader_empty_on_one_process_is_refused_by_name(tmp_path) -> None:
+    # Every forward of a sharded model is a collective: rank 0 validated alone and
+    # the job died in gloo ("Connection reset by peer"), naming nothing.
+    config = {"max_epochs": 1, "n": N_TRAIN, "batch_size": PER_RANK_BATCH}
+    proc = launch({**config, "empty_val_on_rank": 1}, tmp_path)
+    assert proc.returncode != 0
+    assert "the validate dataloader 0 yields no batches on process 1" in proc.stderr

@@ -183,7 +183,7 @@ def test_fsdp_and_accelerate_together_are_refused_naming_both_and_the_role() -> 
 
 
 class TwoProcesses:
-    """What ``_shard_loader`` reads of a trainer of rank 1 among 2 processes."""
+    """What ``shard_loader`` reads of a trainer of rank 1 among 2 processes."""
 
     world_size, global_rank, data_seed = 2, 1, 0
 
@@ -191,7 +191,7 @@ class TwoProcesses:
 def test_a_sampler_that_picks_samples_is_refused_and_a_distributed_one_kept() -> None:
     # Every sampler was replaced by a DistributedSampler over the whole dataset: a
     # SubsetRandomSampler's held-out samples were trained on, and no epoch shuffled.
-    from hooktrain_fsdp import _shard_loader
+    from hooktrain_fsdp.data import shard_loader
     from torch.utils.data import (
         DataLoader,
         DistributedSampler,
@@ -209,14 +209,14 @@ def test_a_sampler_that_picks_samples_is_refused_and_a_distributed_one_kept() ->
     ):
         loader = DataLoader(data, batch_size=4, sampler=sampler)
         with pytest.raises(ConfigurationError, match=type(sampler).__name__):
-            _shard_loader(TwoProcesses(), loader)
+            shard_loader(TwoProcesses(), loader)
     own = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 2, 1, seed=3))
-    assert _shard_loader(TwoProcesses(), own) is own
+    assert shard_loader(TwoProcesses(), own) is own
     # One that splits for another process count would train rank 1 on everything.
     alone = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 1, 0))
     with pytest.raises(ConfigurationError, match="process 0 of 1, but this is process 1 of 2"):
-        _shard_loader(TwoProcesses(), alone)
+        shard_loader(TwoProcesses(), alone)
     for shuffle in (True, False):
-        split = _shard_loader(TwoProcesses(), DataLoader(data, batch_size=4, shuffle=shuffle))
+        split = shard_loader(TwoProcesses(), DataLoader(data, batch_size=4, shuffle=shuffle))
         assert isinstance(split.sampler, DistributedSampler) and split.sampler.rank == 1
         assert split.sampler.shuffle is shuffle and len(split.sampler) == 16

@@ -1,0 +1,118 @@
+"""The fsdp plugin's data side: splitting the training loader over the processes,
+and telling an evaluation loader each process holds whole from one split among
+them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from hooktrain.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from hooktrain import Trainer
+
+
+def has_distributed_sampler(loader: Any) -> bool:
+    from torch.utils.data import DistributedSampler
+
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    return isinstance(getattr(loader, "sampler", None), DistributedSampler) or isinstance(
+        getattr(batch_sampler, "sampler", None), DistributedSampler
+    )
+
+
+def fingerprint(batch: Any) -> list[Any]:
+    """What two processes compare to tell whether they hold the same batch: for each
+    tensor in it, its shape, dtype, and two sums in float64 (the second weighs each
+    element by its position, so that a reordered batch differs); anything else as it
+    is. Small, so that a batch of images does not cross the network."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        flat = torch.nan_to_num(batch.detach().reshape(-1).double().cpu())
+        positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+        return [tuple(batch.shape), str(batch.dtype), flat.sum().item(), (flat @ positions).item()]
+    if isinstance(batch, Mapping):
+        return [[key, fingerprint(value)] for key, value in batch.items()]
+    if isinstance(batch, tuple | list):
+        return [fingerprint(item) for item in batch]
+    # Plain values as they are; others (arrays, whose == is elementwise) by type.
+    return [batch if isinstance(batch, str | int | float | bool | None) else type(batch).__name__]
+
+
+def shard_loader(trainer: Trainer, loader: Any) -> Any:
+    """``loader`` over 1/N of its dataset: a ``DistributedSampler`` over the same
+    dataset, shuffling when the loader did, with the same batch size and collation.
+    A loader whose sampler is a ``DistributedSampler`` already is split: it is
+    returned as it is.
+
+    :raises ConfigurationError: for a loader that cannot be rebuilt (an iterable
+        dataset, a custom batch sampler), or one whose sampler picks or weighs
+        samples (``SubsetRandomSampler``, ``WeightedRandomSampler``, a random
+        sampler with replacement...), which the rebuilt loader would not.
+    """
+    from torch.utils.data import (
+        BatchSampler,
+        DataLoader,
+        DistributedSampler,
+        IterableDataset,
+        RandomSampler,
+        SequentialSampler,
+    )
+
+    if (
+        type(loader) is not DataLoader
+        or isinstance(loader.dataset, IterableDataset)
+        or type(loader.batch_sampler) is not BatchSampler
+    ):
+        raise ConfigurationError(
+            f"fsdp: the training loader must be a torch DataLoader over a map-style dataset "
+            f"with a batch_size, to be split across processes; got {type(loader).__name__}"
+        )
+    if isinstance(loader.sampler, DistributedSampler):
+        split = (loader.sampler.num_replicas, loader.sampler.rank)
+        if split != (trainer.world_size, trainer.global_rank):
+            raise ConfigurationError(
+                f"fsdp: the training loader's DistributedSampler splits the data for "
+                f"process {split[1]} of {split[0]}, but this is process "
+                f"{trainer.global_rank} of {trainer.world_size}; build it with "
+                f"num_replicas=world_size and rank=rank (the defaults, once the process "
+                f"group exists), or leave it out"
+            )
+        return loader
+    whole = type(loader.sampler) is SequentialSampler or (
+        type(loader.sampler) is RandomSampler
+        and not loader.sampler.replacement
+        and loader.sampler.num_samples == len(loader.dataset)
+    )
+    if not whole:
+        # Rebuilt over the whole dataset, it would train on samples the sampler
+        # left out, in another order, without a word.
+        raise ConfigurationError(
+            f"fsdp: the training loader's sampler ({type(loader.sampler).__name__}) picks "
+            f"or weighs samples, which splitting the dataset across processes would "
+            f"lose; give the loader a DistributedSampler of your own (it is then used "
+            f"as it is), or a torch.utils.data.Subset of the dataset with shuffle=True"
+        )
+    sampler = DistributedSampler(
+        loader.dataset,
+        num_replicas=trainer.world_size,
+        rank=trainer.global_rank,
+        shuffle=isinstance(loader.sampler, RandomSampler),
+        seed=trainer.data_seed,
+    )
+    sampler.hooktrain_fsdp = True  # type: ignore[attr-defined]
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+        generator=loader.generator,
+    )
