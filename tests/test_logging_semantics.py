@@ -440,6 +440,29 @@ def test_outputs_in_a_dict_weigh_their_first_dimension_not_the_batchs():
         assert trainer.metrics[f"{prefix}loss"] == pytest.approx(torch.cat(losses).mean().item())
 
 
+def test_outputs_in_a_list_of_one_per_sample_keep_the_batch_weight() -> None:
+    # A detection model's outputs: per image, its boxes, of ragged shapes. The
+    # batch weighed the first image's box count (1), not its 8 images.
+    sizes = (8, 8, 4)
+    batches = [(torch.randn(n, 4), torch.randn(n)) for n in sizes]
+
+    class Detector(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            boxes = [torch.zeros(i % 3 + 1, 4) for i in range(len(x))]
+            # A loss that tells the batches apart: its batch's index.
+            return {"loss": torch.tensor(float(batch_idx)), "outputs": boxes, "targets": y}
+
+    results = Trainer(plugins=[], device="cpu").validate(Detector(), batches)
+    by_size = sum(i * n for i, n in enumerate(sizes)) / sum(sizes)
+    assert by_size != pytest.approx(1.0)  # the plain mean of 0, 1 and 2
+    assert results["val_loss"] == pytest.approx(by_size)
+
+
 def test_a_step_that_takes_its_batch_apart_keeps_the_batch_weight() -> None:
     # The batch is sized as it arrives: a step that pops its inputs out of a dict
     # batch must still weigh 4, 4 and 2 in the epoch's means, not 1 each.

@@ -149,7 +149,9 @@ def step_batch_size(outputs: Any, batch_guess: int) -> int:
     dimension of the outputs (of their first tensor that has one, for a tuple or
     dict of them), in training as in evaluation: for time-major inputs of shape
     ``(T, B, F)`` and outputs of shape ``(B, C)`` that is ``B``, not ``T`` (outputs
-    of shape ``(T, B, C)`` give ``T``). Otherwise ``batch_guess``: `batch_size` of
+    of shape ``(T, B, C)`` give ``T``). Outputs in a list are taken for one entry
+    per sample (a detection model's boxes per image, of ragged shapes), whose first
+    tensor says nothing of the batch. Otherwise ``batch_guess``: `batch_size` of
     the batch as it arrived, before the step could take it apart. The loss, the
     step's other values and the ``metrics=`` functions' values all weigh this.
     """
@@ -160,7 +162,7 @@ def step_batch_size(outputs: Any, batch_guess: int) -> int:
         predicted = outputs.get("outputs")
         if isinstance(predicted, torch.Tensor) and predicted.ndim:
             return predicted.shape[0]
-        if predicted is not None:
+        if predicted is not None and not isinstance(predicted, list):
             return batch_size(predicted, batch_guess)
     return batch_guess
 
