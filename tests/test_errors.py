@@ -125,6 +125,14 @@ def test_lightnings_self_log_in_a_step_points_to_trainer_log():
         fit(Ported(), trainer=trainer)
     assert any("log with trainer.log(name, value)" in note for note in info.value.__notes__)
 
+    class PortedDict(Ported):
+        def validation_step(self, batch, batch_idx):
+            self.log_dict({"val_acc": 1.0})
+
+    with pytest.raises(AttributeError, match="'log_dict'") as info:
+        hooktrain.Trainer(plugins=[], device="cpu").validate(PortedDict(), make_data()[1])
+    assert any("has no self.log_dict; log with" in note for note in info.value.__notes__)
+
     # Any other missing attribute gets no such advice.
     class Misspelt(Ported):
         def training_step(self, batch, batch_idx):

@@ -347,9 +347,11 @@ def check_model(model: Any, *, training: bool, plugin: bool = False) -> None:
     # The event hooks only: a model's own setup() or load_checkpoint() is likely
     # its own method, not a hook.
     hooks = [
-        n for n in HOOK_NAMES if n.startswith("on_") and callable(getattr(type(model), n, None))
+        n
+        for n in HOOK_NAMES
+        if not plugin and n.startswith("on_") and callable(getattr(type(model), n, None))
     ]
-    if hooks and not plugin:
+    if hooks:
         # A Lightning habit: hooks on the model. Here they would never run, and
         # the epoch metric they compute would go missing without a word.
         warn_user(

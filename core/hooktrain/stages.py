@@ -171,10 +171,10 @@ def explain(trainer: Trainer, exc: BaseException) -> BaseException:
             if isinstance(getattr(exc, "obj", None), torch.nn.Module):
                 # Lightning's self.log, in a step moved over as it was.
                 exc.add_note(
-                    "hooktrain: a model has no self.log; log with trainer.log(name, "
-                    "value) on the Trainer your script built, or return the values "
-                    "from the step (a dict: every number of an evaluation step's is "
-                    "logged)"
+                    f"hooktrain: a model has no self.{exc.name}; log with "
+                    f"trainer.log(name, value) on the Trainer your script built, or "
+                    f"return the values from the step (a dict: every number of an "
+                    f"evaluation step's is logged)"
                 )
         return exc
     plugin, hook_name = culprit
