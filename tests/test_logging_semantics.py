@@ -457,9 +457,15 @@ def test_outputs_in_a_list_of_one_per_sample_keep_the_batch_weight() -> None:
             # A loss that tells the batches apart: its batch's index.
             return {"loss": torch.tensor(float(batch_idx)), "outputs": boxes, "targets": y}
 
-    results = Trainer(plugins=[], device="cpu").validate(Detector(), batches)
     by_size = sum(i * n for i, n in enumerate(sizes)) / sum(sizes)
     assert by_size != pytest.approx(1.0)  # the plain mean of 0, 1 and 2
+    results = Trainer(plugins=[], device="cpu").validate(Detector(), batches)
+    assert results["val_loss"] == pytest.approx(by_size)
+    # torchvision's collation, a tuple of images and a tuple of targets, has no
+    # first dimension to read: the list's length is the only count there is.
+    images = [tuple(torch.randn(3, 5, 5) for _ in range(n)) for n in sizes]
+    per_image = [(x, tuple(torch.zeros(1) for _ in x)) for x in images]
+    results = Trainer(plugins=[], device="cpu").validate(Detector(), per_image)
     assert results["val_loss"] == pytest.approx(by_size)
 
 

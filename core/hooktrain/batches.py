@@ -150,8 +150,8 @@ def step_batch_size(outputs: Any, batch_guess: int) -> int:
     dict of them), in training as in evaluation: for time-major inputs of shape
     ``(T, B, F)`` and outputs of shape ``(B, C)`` that is ``B``, not ``T`` (outputs
     of shape ``(T, B, C)`` give ``T``). Outputs in a list are taken for one entry
-    per sample (a detection model's boxes per image, of ragged shapes), whose first
-    tensor says nothing of the batch. Otherwise ``batch_guess``: `batch_size` of
+    per sample (a detection model's boxes per image, of ragged shapes): the batch
+    weighs the list's length. Otherwise ``batch_guess``: `batch_size` of
     the batch as it arrived, before the step could take it apart. The loss, the
     step's other values and the ``metrics=`` functions' values all weigh this.
     """
@@ -162,7 +162,9 @@ def step_batch_size(outputs: Any, batch_guess: int) -> int:
         predicted = outputs.get("outputs")
         if isinstance(predicted, torch.Tensor) and predicted.ndim:
             return predicted.shape[0]
-        if predicted is not None and not isinstance(predicted, list):
+        if isinstance(predicted, list):
+            return len(predicted) or batch_guess
+        if predicted is not None:
             return batch_size(predicted, batch_guess)
     return batch_guess
 
