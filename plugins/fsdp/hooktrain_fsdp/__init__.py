@@ -37,11 +37,10 @@ from __future__ import annotations
 
 import atexit
 import datetime
-import itertools
 import os
 import sys
 import weakref
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
@@ -288,11 +287,20 @@ class FSDP:
         # user split it (a DistributedSampler, a Subset or a dataset per rank).
         # Outputs of the whole set are already every sample's, each once; combining
         # their metrics over the processes would count a sum (samples seen, a
-        # SumMetric) once per process. Which it is, the processes agree on here,
-        # before the first forward, from the loader's sampler and first batch.
+        # SumMetric) once per process. Which it is, the processes agree on before
+        # the first forward, from the loader's sampler and first batch.
         iterable = yield
         if stage not in ("validate", "test") or trainer.world_size <= 1:
             return iterable
+        return self._agree_on_whole_set(trainer, dataloader, stage, iterable)
+
+    def _agree_on_whole_set(
+        self, trainer: Trainer, dataloader: Any, stage: str, iterable: Iterable[Any]
+    ) -> Iterator[Any]:
+        # A generator, so that nothing is drawn or compared until the loop asks for
+        # a batch (limit_val_batches=0 asks for none), and the first batch's loading
+        # is timed as data loading.
+        index = trainer.dataloader_idx
         iterator = iter(iterable)
         first = next(iterator, _NOTHING)
         if has_distributed_sampler(dataloader):
@@ -300,19 +308,19 @@ class FSDP:
         else:
             mine = "empty" if first is _NOTHING else fingerprint(first)
         everyone = self.all_gather_object(trainer, mine)
-        if "empty" in everyone and any(theirs != "empty" for theirs in everyone):
+        if "empty" in everyone:
             idle = ", ".join(str(rank) for rank, theirs in enumerate(everyone) if theirs == "empty")
             raise ConfigurationError(
-                f"fsdp: the {stage} dataloader {trainer.dataloader_idx} yields no batches "
-                f"on process {idle} but some on the others; every forward of a sharded "
-                f"model is a collective, so each process must run as many batches (split "
-                f"an evaluation set with a DistributedSampler, which pads the shares to "
+                f"fsdp: the {stage} dataloader {index} yields no batches on process "
+                f"{idle}; every forward of a sharded model is a collective, so each "
+                f"process must run as many batches, and at least one (split an "
+                f"evaluation set with a DistributedSampler, which pads the shares to "
                 f"one length)"
             )
-        self._whole_set[trainer.dataloader_idx] = mine != "split" and all(
-            theirs == mine for theirs in everyone
-        )
-        return iterator if first is _NOTHING else itertools.chain([first], iterator)
+        self._whole_set[index] = mine != "split" and all(theirs == mine for theirs in everyone)
+        if first is not _NOTHING:
+            yield first
+            yield from iterator
 
     @hookimpl
     def gather_for_metrics(

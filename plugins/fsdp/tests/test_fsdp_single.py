@@ -220,3 +220,30 @@ def test_a_sampler_that_picks_samples_is_refused_and_a_distributed_one_kept() ->
         split = shard_loader(TwoProcesses(), DataLoader(data, batch_size=4, shuffle=shuffle))
         assert isinstance(split.sampler, DistributedSampler) and split.sampler.rank == 1
         assert split.sampler.shuffle is shuffle and len(split.sampler) == 16
+
+
+def test_a_batchs_fingerprint_tells_apart_what_processes_must_not_mistake() -> None:
+    # Processes take equal fingerprints for the whole evaluation set on each. NaN
+    # was read as 0 and a NumPy array by its type alone, so shares split by hand
+    # that differed only there were taken for the whole set.
+    import numpy as np
+    from hooktrain_fsdp.data import fingerprint
+
+    x = torch.arange(12.0).reshape(4, 3)
+    batch = {"x": x, "y": torch.tensor([0, 1, 0, 1]), "ids": ["a", "b", "c", "d"]}
+    assert fingerprint(batch) == fingerprint({k: v for k, v in batch.items()})
+    with_nan, with_zero = x.clone(), x.clone()
+    with_nan[1, 1], with_zero[1, 1] = float("nan"), 0.0
+    others = (
+        {**batch, "x": x.flip(0)},  # the same rows, in another order
+        {**batch, "x": x.to(torch.float16)},
+        {**batch, "x": x.reshape(3, 4)},
+        {**batch, "ids": ["a", "b", "c", "e"]},
+        {**batch, "x": with_nan},
+        {**batch, "x": with_zero},
+        {**batch, "x": x.numpy() + 1},
+    )
+    prints = [fingerprint(batch)] + [fingerprint(other) for other in others]
+    assert all(a != b for i, a in enumerate(prints) for b in prints[i + 1 :])
+    assert fingerprint(x.numpy()) == fingerprint(x) != fingerprint(np.zeros((4, 3)))
+    assert fingerprint(with_nan) == fingerprint(with_nan.clone())
