@@ -120,7 +120,7 @@ def predict_inputs(batch: Any) -> Any:
     return batch
 
 
-def batch_size(batch: Any, default: Any = 1) -> Any:
+def batch_size(batch: Any, default: int = 1) -> int:
     """The first dimension of the first tensor with one in ``batch`` (a tensor, a
     tuple or list, or a dict), else ``default``."""
     # Called every step: the common tuple is tested first, and shape[0] is read
