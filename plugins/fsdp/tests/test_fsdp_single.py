@@ -247,3 +247,17 @@ def test_a_batchs_fingerprint_tells_apart_what_processes_must_not_mistake() -> N
     assert all(a != b for i, a in enumerate(prints) for b in prints[i + 1 :])
     assert fingerprint(x.numpy()) == fingerprint(x) != fingerprint(np.zeros((4, 3)))
     assert fingerprint(with_nan) == fingerprint(with_nan.clone())
+
+
+def test_a_distributed_sampler_is_found_as_the_sampler_or_the_batch_samplers() -> None:
+    # Either way the loader holds one process's share, never the whole set.
+    from hooktrain_fsdp.data import has_distributed_sampler
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, TensorDataset
+
+    data = TensorDataset(torch.arange(16.0))
+    by_sampler = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 2, 0))
+    batches = BatchSampler(DistributedSampler(data, 2, 0), batch_size=4, drop_last=False)
+    assert has_distributed_sampler(by_sampler)
+    assert has_distributed_sampler(DataLoader(data, batch_sampler=batches))
+    assert not has_distributed_sampler(DataLoader(data, batch_size=4, shuffle=True))
+    assert not has_distributed_sampler([(torch.zeros(4),)])
