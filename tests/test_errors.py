@@ -678,6 +678,46 @@ def test_nan_loss_every_step_option_names_the_exact_step():
     assert trainer.global_step == 6
 
 
+class SavesEvery:
+    """Dumps a checkpoint every ``every`` steps, as a checkpoint plugin does, and
+    notes each step whose batch end it saw."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.saved: list[int] = []
+        self.batch_ends: list[int] = []
+
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        self.batch_ends.append(trainer.global_step)
+        if trainer.global_step % self.every == 0:
+            checkpoint = trainer.dump_checkpoint()
+            self.saved.append(checkpoint["progress"]["global_step"])
+
+
+def test_a_checkpoint_between_log_points_is_refused_after_a_nan_loss():
+    # Weights a NaN trained, saved between two log points, would replace the last
+    # good checkpoint; the refusal is the run's error, not the saving plugin's.
+    saver = SavesEvery(2)
+    trainer = hooktrain.Trainer(plugins=[saver], device="cpu", max_epochs=3, log_every_n_steps=50)
+    with pytest.raises(NonFiniteLossError, match="between global steps 1 and 4 ") as caught:
+        fit(NaNAfter(step=3), trainer=trainer)
+    assert "the checkpoint due at global step 4 was not written" in str(caught.value)
+    assert saver.saved == [2]
+
+
+def test_a_nan_loss_at_a_log_point_stops_the_step_before_its_batch_end():
+    # Checked right after the optimizer step: no hook of that step (a step-wise
+    # save, a validation) sees the weights it produced.
+    saver = SavesEvery(2)
+    trainer = hooktrain.Trainer(plugins=[saver], device="cpu", max_epochs=3, log_every_n_steps=4)
+    with pytest.raises(NonFiniteLossError, match="between global steps 1 and 4 ") as caught:
+        fit(NaNAfter(step=3), trainer=trainer)
+    assert "checkpoint" not in str(caught.value)  # the loop's check, not the save's
+    assert saver.saved == [2]
+    assert saver.batch_ends == [1, 2, 3]
+
+
 def test_metric_logged_with_a_bad_value():
     class Logger:
         @hookimpl

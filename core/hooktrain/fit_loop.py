@@ -193,8 +193,9 @@ def _train_epoch(
         publishes = sync and trainer.global_step % log_every == 0
         if publishes:
             # Summed before any hook of this step can checkpoint the running means, so
-            # that a run resumed from it sums the same groups (the same epoch means).
-            means.fold("loss")
+            # that a run resumed from it sums the same groups (the same epoch means),
+            # and checked before any can validate or save weights a NaN trained.
+            check_finite(trainer)
         if metric_fns and type(outputs) is dict and "outputs" in outputs and "targets" in outputs:
             _add_metric_values(trainer, hooks, outputs["outputs"], outputs["targets"], size)
         batch_idx += 1

@@ -118,9 +118,8 @@ def logging_epoch_end(trainer: Trainer) -> Iterator[set[str]]:
 
 
 def publish_step(trainer: Trainer) -> None:
-    """A log point inside the epoch: check the losses since the last one, and
-    publish the loss and whatever was logged since."""
-    check_finite(trainer)
+    """A log point inside the epoch: publish the loss and whatever was logged since
+    the last one (the loop checked the losses right after the optimizer step)."""
     publish(trainer, {"loss", *trainer._logged_since_publish}, "step")
     trainer._logged_since_publish.clear()
 
@@ -155,15 +154,25 @@ def warn_if_never_published(trainer: Trainer, names: set[str]) -> None:
 
 def check_finite(trainer: Trainer) -> None:
     """Raise if any loss since the last check was NaN or infinite. Called where the
-    loop reads values anyway (publishing, epoch end), so it adds no sync per step."""
+    loop reads values anyway (a log point, an epoch's end), so it adds no sync per
+    step."""
     finite = trainer._train_means.fold_finite("loss")
     if finite is None:
         return
-    first, last = trainer._checked_steps_from, trainer.global_step
-    trainer._checked_steps_from = last + 1
+    where = non_finite_steps(trainer)
+    trainer._checked_steps_from = trainer.global_step + 1
     if not bool(finite):
         raise NonFiniteLossError(
-            f"the training loss became NaN or infinite between global steps {first} and "
-            f"{last} (epoch {trainer.current_epoch}); pass check_finite_every_step=True to "
-            f"find the exact step"
+            f"the training loss became NaN or infinite {where} (epoch "
+            f"{trainer.current_epoch}); pass check_finite_every_step=True to find the "
+            f"exact step"
         )
+
+
+def non_finite_steps(trainer: Trainer) -> str:
+    """Where a non-finite loss found now came from: the steps since the last check,
+    or, when none was taken since a resume, the sums its checkpoint held."""
+    first, last = trainer._checked_steps_from, trainer.global_step
+    if first > last:
+        return f"before global step {first}, in the epoch's sums the run resumed with"
+    return f"between global steps {first} and {last}"

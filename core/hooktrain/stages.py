@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hooktrain.errors import HookError, PluginError
+from hooktrain.errors import HookError, NonFiniteLossError, PluginError
 from hooktrain.hookcalls import HOOK_NAMES
 from hooktrain.instrument import implementation_code
 from hooktrain.publishing import warn_if_never_published
@@ -162,7 +162,10 @@ def explain(trainer: Trainer, exc: BaseException) -> BaseException:
     where = f"{trainer.stage} at epoch {trainer.current_epoch}, global step {trainer.global_step}"
     if isinstance(exc, HookError | PluginError):
         return exc
-    culprit = _culprit(trainer, exc) if isinstance(exc, Exception) else None
+    # A non-finite loss is the run's fault, found by whoever looked (the core's
+    # dump_checkpoint, called by a checkpoint plugin), not the looker's.
+    attributable = isinstance(exc, Exception) and not isinstance(exc, NonFiniteLossError)
+    culprit = _culprit(trainer, exc) if attributable else None
     if culprit is None:
         exc.add_note(f"hooktrain: raised during {where}")
         if isinstance(exc, AttributeError) and exc.name in ("log", "log_dict"):

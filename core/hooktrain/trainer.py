@@ -312,6 +312,9 @@ class Trainer:
         it at the same point.
 
         :raises ConfigurationError: outside a stage (no model yet).
+        :raises NonFiniteLossError: in the middle of an epoch, when a training loss
+            since the last check (a log point) was NaN or infinite: the checkpoint
+            would hold the weights it trained.
         :raises PluginError: when ``get_state_dict`` returned no pair (model state
             dict, one state dict per optimizer), or a plugin's state holds a value
             ``torch.load(weights_only=True)`` refuses (a NumPy number, a ``Path``),

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hooktrain_checkpoint import ModelCheckpoint
 
 from hooktrain import PluginError, Trainer, hookimpl
+from hooktrain.errors import NonFiniteLossError
 from hooktrain.testing import make_data, make_model
 
 
@@ -73,6 +74,19 @@ def test_every_n_train_steps_set_after_construction_is_used(tmp_path: Path) -> N
     fit(checkpoint, batches=4)
     found = {path.name for path in tmp_path.iterdir()}
     assert found == {"epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"}
+
+
+def test_a_nan_loss_leaves_the_last_good_checkpoint_on_disk(tmp_path: Path) -> None:
+    # Kept by recency (save_top_k=1, no monitor), a save of the weights a NaN trained
+    # would have replaced step 2's file, and "last" would resume into the NaN.
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2)
+    nan = ("faults", {"hook": "forward_step", "step": 3, "fault": "nan_loss"})
+    with pytest.raises(NonFiniteLossError, match="checkpoint due at global step 4"):
+        fit(checkpoint, nan, batches=4)
+    assert {path.name for path in tmp_path.iterdir()} == {"epoch=0-step=2.ckpt", "last.ckpt"}
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert last["progress"]["global_step"] == 2
+    assert all(torch.isfinite(value).all() for value in last["model"].values())
 
 
 class LogsPerStep:
