@@ -461,7 +461,9 @@ def clip_gradients(
     The default clips the optimizer's parameters' gradients to ``max_norm`` with
     ``torch.nn.utils.clip_grad_norm_`` and returns the total norm, which the core
     logs as ``grad_norm`` once a step (with several optimizers, the 2-norm of their
-    norms: the norm over every parameter, each group clipped on its own).
+    norms: the norm over every parameter, each group clipped on its own). A step
+    that ``optimizer_step`` skipped (a gradient scaler found inf/NaN gradients) logs
+    none, so that the epoch's mean is that of the steps taken.
 
     :return: the gradient norm before clipping (a tensor or a number), or ``None``
         to defer. Any other value (``True`` included) raises ``PluginError``.

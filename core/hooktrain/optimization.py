@@ -239,7 +239,10 @@ def make_optimizer_step(trainer: Trainer, hooks: ResolvedHooks) -> Callable[[int
                         trainer.plugin_manager, "optimizer_step", stepped, "True or False"
                     )
                 stepped_all = False
-        if norms:
+        # A skipped step's norm is infinite or NaN (why a gradient scaler skipped
+        # it): kept, it would make the epoch's mean so, where the steps taken had a
+        # finite one. ``last_step_skipped`` tells of the skip.
+        if norms and stepped_all:
             # One value a step, over every optimizer's parameters, as with one.
             total = norms[0] if len(norms) == 1 else sum(n**2 for n in norms) ** 0.5
             # A step's value, not its batch's: the epoch's mean counts each step once.

@@ -230,6 +230,40 @@ def test_an_inf_gradient_skips_the_step_and_the_scheduler() -> None:
     assert trainer.global_step == 4  # a skipped step still counts as a step
 
 
+class StepLogs:
+    """What each log point published."""
+
+    name = "step-logs"
+
+    def __init__(self) -> None:
+        self.published: dict[int, dict[str, float]] = {}
+
+    @hookimpl
+    def log_metrics(self, metrics: dict[str, float], step: int, scope: str) -> None:
+        if scope == "step":
+            self.published[step] = dict(metrics)
+
+
+def test_a_skipped_step_logs_no_grad_norm_and_the_epoch_mean_stays_finite() -> None:
+    # The scaler skips step 2 for its infinite gradient; its norm, averaged in,
+    # made the epoch's grad_norm infinite while every step taken had a finite one.
+    logs = StepLogs()
+    trainer = fit(
+        [("amp", {"precision": "fp16", "init_scale": 1024.0}), InfGradientAt({1}), logs],
+        gradient_clip_val=1e6,
+        log_every_n_steps=1,
+    )
+    taken = {
+        step: values["grad_norm"]
+        for step, values in logs.published.items()
+        if "grad_norm" in values
+    }
+    assert sorted(logs.published) == [1, 2, 3, 4]
+    assert sorted(taken) == [1, 3, 4]
+    assert all(math.isfinite(norm) for norm in taken.values())
+    assert trainer.metrics["grad_norm"] == pytest.approx(sum(taken.values()) / 3, rel=1e-5)
+
+
 def test_bf16_with_a_forced_scaler_runs_the_scaler_path() -> None:
     watch = GradientWatch()
     trainer = fit([("amp", {"precision": "bf16", "scaler": True, "init_scale": 8.0}), watch])
