@@ -765,6 +765,61 @@ class SavesAtEpochEnd:
         torch.save(trainer.dump_checkpoint(), self.path)
 
 
+class StopsAtFitStart:
+    """Saves a checkpoint in on_fit_start and stops there, as a SIGTERM arriving
+    while a resume starts does: before the resumed run trains a batch."""
+
+    name = "stops_at_fit_start"
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    @hookimpl
+    def on_fit_start(self, trainer):
+        torch.manual_seed(12345)  # a plugin drawing numbers: the checkpoint must not keep them
+        torch.save(trainer.dump_checkpoint(), self.path)
+        raise KeyboardInterrupt("stopped before the first batch")
+
+
+@pytest.mark.parametrize("cut", ["mid-epoch", "epoch end"])
+def test_a_resume_stopped_before_its_first_batch_saves_the_checkpoint_it_resumed(cut, tmp_path):
+    # Such a save recorded 0 batches of the epoch done, and the fresh run's random
+    # state: the next resume trained the interrupted epoch's first batches again.
+    def fit(plugins, max_epochs=3, ckpt_path=None):
+        model = make_model(features=2, dropout=0.2)
+        trainer = Trainer(plugins=plugins, max_epochs=max_epochs, seed=3, device="cpu")
+        trainer.fit(
+            model,
+            _loader("own generator"),
+            loss_fn=F.cross_entropy,
+            optimizer=sgd(),
+            ckpt_path=ckpt_path,
+        )
+        return model
+
+    whole = SeesSamples()
+    uninterrupted = fit([whole])
+    first, second = tmp_path / "first.ckpt", tmp_path / "second.ckpt"
+    if cut == "mid-epoch":
+        with pytest.raises(KeyboardInterrupt):
+            fit([CrashesAfter(first, save_at=6, crash_at=7)])
+    else:
+        fit([SavesAtEpochEnd(first)], max_epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit([StopsAtFitStart(second)], ckpt_path=first)
+    saved, resaved = (torch.load(p, weights_only=True) for p in (first, second))
+    for key in ("progress", "rng", "epoch_start_state", "next_epoch_generators", "running_means"):
+        assert repr(resaved[key]) == repr(saved[key]), key
+    after = SeesSamples()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resumed = fit([after], ckpt_path=second)
+    done = 6 if cut == "mid-epoch" else 4
+    assert after.samples == whole.samples[done * 2 :]
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
 @pytest.mark.parametrize(("max_epochs", "warned"), [(1, False), (2, True)])
 def test_persistent_workers_are_warned_about_only_when_something_is_left_to_train(
     tmp_path, max_epochs, warned

@@ -71,10 +71,16 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
     running_means = trainer._train_means.state_dict(collectives) if mid_epoch else {}
     if mid_epoch:
         _refuse_non_finite_loss(trainer, running_means)
+    # From a resume to the first batch it trains (on_fit_start, or a finished run
+    # rerun) what was restored waits to be applied: a checkpoint then holds that,
+    # not the fresh run's state, or the next resume would start elsewhere.
+    pending = trainer._pending_rng
     random_states = {
-        "rng": rng_state(),
+        "rng": rng_state() if pending is None else pending,
         # What decided the current epoch's data: a resume in its middle replays it.
-        "epoch_start_state": trainer._epoch_start_state if mid_epoch else None,
+        "epoch_start_state": (
+            (trainer._pending_epoch_data or trainer._epoch_start_state) if mid_epoch else None
+        ),
     }
     if trainer.world_size > 1:
         # Each process's own, in rank order: processes may draw different numbers
@@ -99,7 +105,7 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
             "epoch_complete": trainer.epoch_complete,
             # How the epoch was split: a resume in its middle skips the first
             # epoch_batches_done, which only fits a loader that splits alike.
-            **epoch_split(trainer, trainer.num_training_batches),
+            **(trainer._resume_split or epoch_split(trainer, trainer.num_training_batches)),
             # A validation inside this step (val_every_n_steps) saw the weights saved:
             # the epoch's end, when a resume runs it, does not validate them again.
             "validated_at_step": trainer._validated_at_step,
@@ -116,7 +122,8 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         "next_epoch_generators": (
             None
             if mid_epoch
-            else [g.get_state() for g in loader_generators(trainer.train_dataloader)]
+            else trainer._pending_generators
+            or [g.get_state() for g in loader_generators(trainer.train_dataloader)]
         ),
         "metrics": trainer.metrics.floats(),
         # Collectives with several processes: the sums and metric states of every
@@ -249,6 +256,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     progress = checkpoint["progress"]
     trainer.global_step = int(progress["global_step"])
     trainer.current_epoch = int(progress["epoch"])
+    trainer.num_training_batches = progress.get("epoch_batches")  # until an epoch opens
     if progress["epoch_complete"]:
         # Where the checkpoint was, at the epoch's end: the loop goes on with the next
         # epoch, if there is one, and a fit with none left leaves progress as it is.
@@ -257,7 +265,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         trainer._resume_skip = 0
         trainer._pending_generators = checkpoint.get("next_epoch_generators")
     else:
-        trainer._resume_skip = int(progress["epoch_batches_done"])
+        trainer.epoch_batches_done = trainer._resume_skip = int(progress["epoch_batches_done"])
         rank = trainer.global_rank
         trainer._train_means.load_state_dict(
             checkpoint.get("running_means", {}), trainer.device, rank=rank

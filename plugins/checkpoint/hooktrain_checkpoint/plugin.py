@@ -303,15 +303,18 @@ class ModelCheckpoint:
         # The loop has stopped (after an optimizer step, so no half-accumulated
         # gradients) or finished: save that state unless it is saved already, and
         # wait for it, since the scheduler may kill the process soon after.
-        if self._progress(trainer) != self._saved_progress:
+        saves = self._progress(trainer) != self._saved_progress
+        if saves:
             self._save(trainer, ranked=False)
         self._writer.wait()
         trainer.should_stop = True
         self.interrupted = True
         if trainer.is_global_zero:
+            # Nothing to save when a resume is stopped before it trains a batch.
+            done = f"saved {self.last_model_path}" if saves else "nothing trained since the resume"
             print(
-                f"hooktrain-checkpoint: SIGTERM received; saved {self.last_model_path} at epoch "
-                f"{trainer.current_epoch}, global step {trainer.global_step} and stopped. Run "
+                f"hooktrain-checkpoint: SIGTERM received; {done} (epoch "
+                f"{trainer.current_epoch}, global step {trainer.global_step}); stopped. Run "
                 f"the same command with ckpt_path='last' to continue.",
                 file=sys.stderr,
                 flush=True,

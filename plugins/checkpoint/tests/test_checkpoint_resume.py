@@ -626,6 +626,34 @@ def test_sigterm_stops_after_the_step_saves_and_resumes_exactly(
     assert_identical(expected, resumed)
 
 
+@pytest.mark.parametrize("stop", ["sigterm", "max_steps"])
+def test_a_resume_stopped_before_its_first_batch_keeps_its_checkpoint(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, stop: str, capsys: Any
+) -> None:
+    # A SIGTERM while a resume starts (a preemption during its setup), or a finished
+    # max_steps run rerun, saved "0 batches of the epoch done" over the mid-epoch
+    # last.ckpt: the next resume trained the epoch's first batches twice.
+    expected = reference(tmp_path_factory, 1)
+    with pytest.raises(HookError, match="Crash"):
+        fit(tmp_path, CrashAt(13))  # saved at step 12, mid-epoch 1
+    if stop == "sigterm":
+        early = ("faults", {"hook": "on_fit_start", "step": 12, "fault": "sigterm"})
+        trainer, _, checkpoint = fit(tmp_path, early, ckpt_path="last")
+        assert checkpoint.interrupted
+        assert "SIGTERM received; nothing trained since the resume (epoch 1, global step 12)" in (
+            capsys.readouterr().err
+        )
+    else:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3)
+        trainer = Trainer(plugins=[checkpoint], max_epochs=3, max_steps=12, seed=11, device="cpu")
+        train, val = make_data(n=128, batch_size=16, seed=2)
+        trainer.fit(Net(), train, val, loss_fn=F.cross_entropy, ckpt_path="last")
+    assert trainer.global_step == 12
+    record = read_info(tmp_path / "last.ckpt").record
+    assert (record["global_step"], record["epoch_batches_done"]) == (12, 4)
+    assert_identical(expected, fit(tmp_path, ckpt_path="last"))
+
+
 class PretendTwoProcesses:
     """world_size 2 in one process: all_reduce of one process is the identity, so the
     agreement code runs for real and the sums are this process's values."""
