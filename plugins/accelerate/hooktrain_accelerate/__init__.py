@@ -41,7 +41,12 @@ from typing import TYPE_CHECKING, Any
 from hooktrain import hookimpl
 from hooktrain.batches import STEP_NAMES, skip_first_batches
 from hooktrain.errors import ConfigurationError, PluginError
-from hooktrain_accelerate.data import seed_sampler, started
+from hooktrain_accelerate.data import (
+    refuse_split_loaders,
+    refuse_unsplittable_training_data,
+    seed_sampler,
+    started,
+)
 from hooktrain_accelerate.processes import destroy_process_group_at_exit
 
 if TYPE_CHECKING:
@@ -58,26 +63,6 @@ _LAUNCH_HINT = (
     "launch with 'torchrun --standalone --nproc_per_node N script.py' or "
     "'accelerate launch --multi_gpu --num_processes N script.py'"
 )
-
-
-def _refuse_split_loaders(loaders: list[Any]) -> None:
-    """:raises ConfigurationError: for a loader with a ``DistributedSampler``, which
-    ``accelerator.prepare`` would split a second time (each process would see
-    1/N of its 1/N share), without a word."""
-    from torch.utils.data import DistributedSampler
-
-    for loader in loaders:
-        samplers = (
-            getattr(loader, "sampler", None),
-            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
-        )
-        if any(isinstance(s, DistributedSampler) and s.num_replicas > 1 for s in samplers):
-            raise ConfigurationError(
-                "accelerate: a dataloader has a DistributedSampler, but accelerate splits "
-                "dataloaders across processes itself, so each process would see only 1/N "
-                "of its share; pass the loader without it (shuffle=True, or the sampler "
-                "you would have wrapped)"
-            )
 
 
 def _make_router(module: torch.nn.Module) -> torch.nn.Module:
@@ -205,6 +190,8 @@ class Accelerate:
         self.accelerator: Accelerator | None = None
         self._router: Any = None
         self._own_eval_step = False
+        # Indices of the evaluation loaders accelerate left unsplit.
+        self._whole_sets: set[int] = set()
 
     def __repr__(self) -> str:
         return (
@@ -313,8 +300,9 @@ class Accelerate:
         # Around trainer.model, not the module: a model the user passed through
         # torch.compile keeps its compiled forward inside the DDP wrapper.
         self._router = _make_router(trainer.model)
-        _refuse_split_loaders([trainer.train_dataloader, *trainer.eval_dataloaders])
+        refuse_split_loaders([trainer.train_dataloader, *trainer.eval_dataloaders])
         if stage == "fit":
+            refuse_unsplittable_training_data(trainer.train_dataloader, accelerator)
             self._agree_on_data_seed(trainer)
             optimizers, schedulers = trainer.optimizers, trainer.lr_schedulers
             prepared = accelerator.prepare(
@@ -332,9 +320,14 @@ class Accelerate:
             trainer.model = accelerator.prepare(self._router)
         eval_step = STEP_NAMES["validate" if stage == "fit" else stage]
         self._own_eval_step = callable(getattr(module, eval_step, None))
-        trainer.eval_dataloaders = self._prepare_eval_loaders(trainer.eval_dataloaders)
+        loaders = trainer.eval_dataloaders
+        trainer.eval_dataloaders = self._prepare_eval_loaders(loaders, stage)
+        # What accelerate cannot split (a list of batches, any iterable that is not
+        # a DataLoader) it returns as it is: every process then holds the whole set.
+        prepared = trainer.eval_dataloaders
+        self._whole_sets = {i for i, given in enumerate(loaders) if prepared[i] is given}
 
-    def _prepare_eval_loaders(self, loaders: list[Any]) -> list[Any]:
+    def _prepare_eval_loaders(self, loaders: list[Any], stage: str) -> list[Any]:
         """Shard the evaluation dataloaders.
 
         Per-sample outputs (a model without its own evaluation step) are gathered
@@ -343,12 +336,14 @@ class Accelerate:
         removes again. A model's own evaluation step returns or logs batch means,
         where repeated samples could not be told apart: its dataloaders are split
         unevenly instead, and only the end-of-run sums are reduced (once per
-        process, whatever its number of batches).
+        process, whatever its number of batches). ``predict`` gathers nothing and
+        returns each process's own predictions, so its split is uneven too: padding
+        would repeat samples there.
         """
         if not loaders:
             return []
         accelerator = self.accelerator
-        accelerator.even_batches = not self._own_eval_step
+        accelerator.even_batches = not self._own_eval_step and stage != "predict"
         try:
             prepared = accelerator.prepare(*loaders)
         finally:
@@ -509,8 +504,16 @@ class Accelerate:
         return gather_object([obj])
 
     @hookimpl
-    def gather_for_metrics(self, outputs: Any, targets: Any) -> tuple[Any, Any] | None:
-        if self.accelerator.num_processes == 1 or self._own_eval_step:
+    def gather_for_metrics(
+        self, trainer: Trainer, outputs: Any, targets: Any
+    ) -> tuple[Any, Any] | None:
+        if self.accelerator.num_processes == 1:
+            return None
+        if trainer.dataloader_idx in self._whole_sets:
+            # Every process evaluates the whole set: its own outputs are all of them,
+            # and reducing them over the processes would count each sample N times.
+            return outputs, targets
+        if self._own_eval_step:
             # An own evaluation step's loaders are uneven: a gather per batch would wait
             # for a process with no batch left. The end-of-run reduction sums instead.
             return None

@@ -1,10 +1,16 @@
-"""The accelerate plugin's dataloader helpers: the epoch's iterator and its order."""
+"""The accelerate plugin's dataloader helpers: the epoch's iterator and its order, and
+the data it refuses to run on several processes."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from hooktrain.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 _MISSING = object()
 
@@ -45,3 +51,38 @@ def seed_sampler(dataloader: Any, seed: int) -> None:
             if getattr(sampler, "generator", None) is None:
                 sampler.generator = torch.Generator()
             mark_epoch_seeded(sampler)
+
+
+def refuse_split_loaders(loaders: list[Any]) -> None:
+    """:raises ConfigurationError: for a loader with a ``DistributedSampler``, which
+    ``accelerator.prepare`` would split a second time (each process would see
+    1/N of its 1/N share), without a word."""
+    from torch.utils.data import DistributedSampler
+
+    for loader in loaders:
+        samplers = (
+            getattr(loader, "sampler", None),
+            getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+        )
+        if any(isinstance(s, DistributedSampler) and s.num_replicas > 1 for s in samplers):
+            raise ConfigurationError(
+                "accelerate: a dataloader has a DistributedSampler, but accelerate splits "
+                "dataloaders across processes itself, so each process would see only 1/N "
+                "of its share; pass the loader without it (shuffle=True, or the sampler "
+                "you would have wrapped)"
+            )
+
+
+def refuse_unsplittable_training_data(loader: Any, accelerator: Accelerator) -> None:
+    """:raises ConfigurationError: with several processes, for training data that is
+    not a torch ``DataLoader`` (a list of batches, a generator): ``accelerator.prepare``
+    returns it unsplit, and every process would train on all of it, the run
+    repeating a one-process run at N times the cost."""
+    from torch.utils.data import DataLoader
+
+    if accelerator.num_processes > 1 and not isinstance(loader, DataLoader):
+        raise ConfigurationError(
+            f"accelerate: the training data must be a torch DataLoader to be split "
+            f"across the {accelerator.num_processes} processes; got "
+            f"{type(loader).__name__}, which every process would train on whole"
+        )

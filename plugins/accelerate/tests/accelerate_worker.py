@@ -276,6 +276,59 @@ def fit_unsized_and_sized(config: dict[str, Any], out: Path, rank: int) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
+class SampleCount:
+    """A stateful metric (the torchmetrics protocol: update, compute, reset,
+    merge_state) counting the samples it saw."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.count += len(targets)
+
+    def compute(self) -> torch.Tensor:
+        return torch.tensor(float(self.count))
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def merge_state(self, other: SampleCount) -> None:
+        self.count += other.count
+
+
+class Identity(nn.Module):
+    """Predicts its input: a sample's prediction is its index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Linear(1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def unsplittable_data(config: dict[str, Any], out: Path, rank: int) -> None:
+    """Predictions of 37 samples (not a multiple of 2 x the batch), a validation set
+    given as a list of batches, and training data given as a list of batches."""
+    report: dict[str, Any] = {"rank": rank}
+    trainer = Trainer(plugins=[("accelerate", {})], seed=0)
+    indices = torch.arange(37, dtype=torch.float32).unsqueeze(1)
+    predictions = trainer.predict(Identity(), DataLoader(TensorDataset(indices), batch_size=4))
+    report["predictions"] = predictions.squeeze(1).tolist()
+    train, val = make_data(n=config["n"], batch_size=config["batch_size"])
+    trainer = Trainer(plugins=[("accelerate", {})], seed=0)
+    results = trainer.validate(
+        make_model(), list(val), loss_fn=F.cross_entropy, metrics={"count": SampleCount()}
+    )
+    report["validated_count"] = results["val_count"]
+    trainer = Trainer(plugins=[("accelerate", {})], seed=0)
+    try:
+        trainer.fit(make_model(), list(train), loss_fn=F.cross_entropy, optimizer=torch.optim.SGD)
+    except Exception as error:  # the refusal under test
+        report["fit_error"] = f"{type(error).__name__}: {error}"
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
     out = Path(config["out"])
@@ -285,6 +338,9 @@ def main() -> None:
         return
     if config.get("unsized"):
         fit_unsized_and_sized(config, out, rank)
+        return
+    if config.get("unsplittable"):
+        unsplittable_data(config, out, rank)
         return
     options = dict(config.get("accelerate", {}))
     plugins: list[Any] = [("accelerate", options)]

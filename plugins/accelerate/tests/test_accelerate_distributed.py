@@ -483,3 +483,21 @@ def test_an_exception_on_one_process_ends_the_job(tmp_path) -> None:
     proc = launch({"faults": fault}, tmp_path)
     assert proc.returncode != 0
     assert "injected fault at hook on_train_batch_end, global step 2, rank 1" in proc.stderr
+
+
+def test_data_accelerate_cannot_split_counts_each_sample_once_or_is_refused(tmp_path) -> None:
+    reports = ranks(tmp_path, launch({"unsplittable": True}, tmp_path))
+    # predict gathers nothing: padding the last batches (as gathering evaluation
+    # outputs needs) repeated samples 0, 1 and 2 in rank 1's share.
+    shares = [report["predictions"] for report in reports]
+    assert sorted(shares[0] + shares[1]) == list(range(37))
+    # A list of batches is evaluated whole on each process; merged, the counts
+    # were doubled (40 samples).
+    assert [report["validated_count"] for report in reports] == [N_VAL, N_VAL]
+    # Trained whole on each process, it repeated a one-process run at twice the cost.
+    for report in reports:
+        assert report["fit_error"].startswith("HookError: plugin 'accelerate' raised in hook")
+        assert (
+            "ConfigurationError: accelerate: the training data must be a torch DataLoader "
+            "to be split across the 2 processes; got list" in report["fit_error"]
+        )
