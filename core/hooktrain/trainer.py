@@ -176,6 +176,12 @@ class Trainer:
         #: Set it to stop training cleanly after the next optimizer step (all processes
         #: agree on it); a stop in the middle of an epoch skips that epoch's end.
         self.should_stop = False
+        #: Set with ``should_stop`` by a plugin that stops the fit because the process
+        #: is being ended from outside (the checkpoint plugin, on SIGTERM): ``fit``
+        #: returns, but the run did not finish, and rerunning with
+        #: ``ckpt_path="last"`` continues it. Loggers read it as a fit's end
+        #: (MLflow's ``KILLED``). As Lightning's ``trainer.interrupted``.
+        self.interrupted = False
         #: Whether the current micro-batch completes a gradient-accumulation window.
         self.sync_gradients = True
         self.last_step_skipped = False
@@ -448,7 +454,7 @@ class Trainer:
         self.module = unwrap_compiled(model)
         self.loss_fn = loss_fn
         self.metric_fns = dict(metrics or {})
-        self.should_stop = False
+        self.should_stop = self.interrupted = False
 
     def _evaluate(
         self,

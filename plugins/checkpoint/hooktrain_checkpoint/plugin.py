@@ -143,6 +143,7 @@ class ModelCheckpoint:
         # val_* score ranks only a checkpoint of those weights.
         self._validated_step = -1
         self._saved_progress: tuple[Any, ...] | None = None
+        self._resumed_progress: tuple[Any, ...] | None = None  # of the file resumed
         self._warned_monitor = False
         self._loaded_from: str | None = None
         self._inline: bool | None = None  # decided at a fit's first save
@@ -191,7 +192,7 @@ class ModelCheckpoint:
             # fit gets its ranking back when loading); its step N is not saved yet.
             self._kept_steps = {}
             self.best_k_models = {}
-            self._saved_progress = None
+            self._saved_progress = self._resumed_progress = None
             self._validated_step = -1
             never = topk.never_validated_message(
                 self.monitor, why_fit_never_validates(trainer)
@@ -303,15 +304,15 @@ class ModelCheckpoint:
         # The loop has stopped (after an optimizer step, so no half-accumulated
         # gradients) or finished: save that state unless it is saved already, and
         # wait for it, since the scheduler may kill the process soon after.
-        saves = self._progress(trainer) != self._saved_progress
-        if saves:
+        if self._progress(trainer) != self._saved_progress:
             self._save(trainer, ranked=False)
         self._writer.wait()
-        trainer.should_stop = True
+        trainer.should_stop = trainer.interrupted = True
         self.interrupted = True
         if trainer.is_global_zero:
-            # Nothing to save when a resume is stopped before it trains a batch.
-            done = f"saved {self.last_model_path}" if saves else "nothing trained since the resume"
+            # Nothing was saved when a resume is stopped before it trains a batch.
+            idle = self._progress(trainer) == self._resumed_progress
+            done = "nothing trained since the resume" if idle else f"saved {self.last_model_path}"
             print(
                 f"hooktrain-checkpoint: SIGTERM received; {done} (epoch "
                 f"{trainer.current_epoch}, global step {trainer.global_step}); stopped. Run "
@@ -498,7 +499,7 @@ class ModelCheckpoint:
             if ranking is not None:
                 self.best_k_models, self._kept_steps = ranking
         progress = checkpoint["progress"]
-        self._saved_progress = (
+        self._saved_progress = self._resumed_progress = (
             int(progress["epoch"]),
             int(progress["global_step"]),
             int(progress["epoch_batches_done"]),

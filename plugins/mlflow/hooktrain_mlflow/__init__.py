@@ -15,7 +15,10 @@ Each fit that does not resume creates a run in ``experiment_name`` and logs:
   and test results under their ``val_`` / ``test_`` names;
 * with ``log_checkpoints``, the checkpoint plugin's last and best files, as
   artifacts under ``checkpoints/``, when the fit ends;
-* status ``FINISHED``, or ``FAILED`` when the fit raised (in its teardown too).
+* status ``FINISHED``; ``FAILED`` when the fit raised (in its teardown too);
+  ``KILLED`` when a plugin stopped it from outside (``trainer.interrupted``: the
+  checkpoint plugin on SIGTERM), which also uploads no checkpoint. A resume makes
+  the run ``RUNNING`` again.
 
 The run's id goes into every checkpoint; a fit resumed from one reopens that run, reads
 back the last step each metric holds (``MlflowClient.get_metric_history``) and logs
@@ -250,15 +253,19 @@ class MLFlowLogger:
         if run_id is None or self._client is None:
             self._flush()  # a validate or test logging into the latest fit's run
             return
+        # A fit stopped from outside (SIGTERM) ends KILLED, not FINISHED, and its
+        # best file so far is not uploaded: the resume may rank it out, and an
+        # artifact cannot be removed from a run again.
+        interrupted = stage == "fit" and trainer.interrupted
         try:
             self._flush()
-            if stage == "fit" and self.log_checkpoints and not self._failed:
+            if stage == "fit" and self.log_checkpoints and not (self._failed or interrupted):
                 self._upload_checkpoints(trainer, run_id)
         except BaseException:
             self._failed = True
             raise
         finally:
-            status = "FAILED" if self._failed else "FINISHED"
+            status = "FAILED" if self._failed else "KILLED" if interrupted else "FINISHED"
             self._client.set_terminated(run_id, status=status)
 
     def _upload_checkpoints(self, trainer: Trainer, run_id: str) -> None:

@@ -199,6 +199,51 @@ def test_a_killed_then_resumed_run_continues_with_every_step_once(
     assert torch.load(local, weights_only=True)["progress"]["global_step"] == 24
 
 
+def test_a_fit_stopped_by_sigterm_ends_killed_and_uploads_no_checkpoint(
+    mlflow_server: str, tmp_path: Path
+) -> None:
+    # It ended FINISHED, and its best file so far stayed among the run's artifacts
+    # after the resume had ranked it out (an artifact cannot be removed).
+    experiment = f"sigterm-{uuid.uuid4().hex}"
+    client = MlflowClient(mlflow_server)
+
+    def fit(*extra: Any) -> Trainer:
+        plugins = [
+            ("checkpoint", {"dirpath": str(tmp_path), "monitor": "val_loss"}),
+            options(mlflow_server, experiment, log_checkpoints=True),
+            *extra,
+        ]
+        trainer = Trainer(plugins=plugins, max_epochs=3, seed=0, device="cpu")
+        train, val = make_data(n=64, batch_size=16)
+        trainer.fit(
+            make_model(),
+            train,
+            val,
+            loss_fn=F.cross_entropy,
+            ckpt_path="last",
+            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+        )
+        return trainer
+
+    stopped = fit(("faults", {"hook": "on_train_batch_end", "step": 6, "fault": "sigterm"}))
+    assert stopped.interrupted and stopped.global_step == 6
+    interrupted = the_run(client, experiment)
+    assert interrupted.info.status == "KILLED"
+    assert client.list_artifacts(interrupted.info.run_id, "checkpoints") == []
+
+    resumed = fit()
+    assert not resumed.interrupted
+    logged = the_run(client, experiment)
+    assert logged.info.run_id == interrupted.info.run_id
+    assert logged.info.status == "FINISHED"
+    checkpoint = resumed.plugin_manager.get_plugin("checkpoint")
+    uploaded = {item.path for item in client.list_artifacts(logged.info.run_id, "checkpoints")}
+    assert uploaded == {
+        f"checkpoints/{Path(path).name}"
+        for path in (checkpoint.last_model_path, checkpoint.best_model_path)
+    }
+
+
 def test_a_test_after_fit_logs_into_the_fits_run(mlflow_server: str) -> None:
     experiment = f"test-{uuid.uuid4().hex}"
     result = run([options(mlflow_server, experiment)], max_epochs=1, record=False)
