@@ -339,3 +339,33 @@ def test_hooks_defined_on_the_model_are_named_as_never_called() -> None:
         model.on_train_epoch_end = hookimpl(lambda: None)  # an implementation, as a plugin's
         model.on_validation_epoch_end = hookimpl(lambda: None)
         Trainer(plugins=[model], max_epochs=1, device="cpu").fit(model, train, val)
+
+
+class Distributes:
+    """Says the run is distributed, as accelerate or fsdp does in setup, then ends
+    the fit before anything collective would run."""
+
+    @hookimpl
+    def setup(self, trainer: Trainer) -> None:
+        trainer.world_size = 2
+
+    @hookimpl
+    def prepare(self) -> None:
+        raise KeyboardInterrupt("stop before training")
+
+
+def test_a_launched_process_that_no_plugin_distributes_is_warned_about(monkeypatch) -> None:
+    # Under torchrun without accelerate or fsdp, each process silently trained its own
+    # copy on all of the data.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    train, _ = make_data()
+    with pytest.warns(UserWarning, match=r"launched as one of 2 \(WORLD_SIZE\), but no plugin"):
+        Trainer(plugins=[], device="cpu").fit(
+            make_model(), train, loss_fn=F.cross_entropy, optimizer=sgd
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(plugins=[Distributes()], device="cpu").fit(
+                make_model(), train, loss_fn=F.cross_entropy, optimizer=sgd
+            )

@@ -31,7 +31,11 @@ from hooktrain.optimization import (
     step_monitoring_schedulers,
     step_scheduler,
 )
-from hooktrain.options import check_monitors, warn_if_max_steps_unreachable
+from hooktrain.options import (
+    check_monitors,
+    warn_if_launched_but_alone,
+    warn_if_max_steps_unreachable,
+)
 from hooktrain.publishing import check_finite, logging_epoch_end, publish, publish_step
 from hooktrain.replay import (
     replay_epoch_start,
@@ -58,6 +62,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     trainer.lr_schedulers = [entry.scheduler for entry in trainer._schedulers]
     check_monitors(trainer)
     warn_if_max_steps_unreachable(trainer)
+    warn_if_launched_but_alone(trainer)
     _start_progress(trainer)
     trainer.plugin_manager.hook.prepare(trainer=trainer, stage="fit")
     if len(trainer.lr_schedulers) != len(trainer._schedulers):

@@ -4,6 +4,7 @@ hyperparameters for loggers."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -239,6 +240,21 @@ def warn_if_max_steps_unreachable(trainer: Trainer) -> None:
             f"hooktrain: max_steps={trainer.max_steps} will not be reached: "
             f"max_epochs={trainer.max_epochs} ends the fit after {steps} optimizer steps "
             f"({batches} batches an epoch); raise max_epochs to train {trainer.max_steps}",
+        )
+
+
+def warn_if_launched_but_alone(trainer: Trainer) -> None:
+    """Warn when a launcher (torchrun, ``accelerate launch``) started this process as
+    one of several (``WORLD_SIZE`` > 1 in its environment) but, after every plugin's
+    ``setup``, ``trainer.world_size`` is still 1: no plugin made the run distributed,
+    so each process trains its own copy of the model on all of the data."""
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if trainer.world_size == 1 and launched.isdigit() and int(launched) > 1:
+        warn_user(
+            f"hooktrain: this process was launched as one of {launched} (WORLD_SIZE), but "
+            f"no plugin made the run distributed (trainer.world_size is 1): each process "
+            f"trains its own copy on all of the data. Select a plugin that distributes "
+            f"the run (accelerate, fsdp), or start one process"
         )
 
 
