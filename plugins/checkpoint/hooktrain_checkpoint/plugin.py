@@ -361,6 +361,13 @@ class ModelCheckpoint:
         waited = time.perf_counter() - started
         ranked_name: str | None = None
         evicted: list[str] = []
+        before = (
+            dict(self.best_k_models),
+            dict(self._kept_steps),
+            self._sequence,
+            self._saved_progress,
+            self._evicting,
+        )
         if ranked and self.save_top_k != 0:
             score, name = self._score(trainer), self.format_name(trainer)
             if trainer.world_size > 1:
@@ -390,7 +397,19 @@ class ModelCheckpoint:
         self._evicting = [name for name in evicted if name != ranked_name]
         # Every process builds the checkpoint, whatever it decided about ranking:
         # plugins' on_save_checkpoint may run collectives. Only rank 0 writes.
-        checkpoint = trainer.dump_checkpoint()
+        try:
+            checkpoint = trainer.dump_checkpoint()
+        except BaseException:
+            # Not written (weights a NaN loss trained are refused): the ranking stays
+            # that of the files on disk, which best_model_path must name.
+            (
+                self.best_k_models,
+                self._kept_steps,
+                self._sequence,
+                self._saved_progress,
+                self._evicting,
+            ) = before
+            raise
         if ranked_name is None and not self.save_last:
             return
         target = self.dirpath / ranked_name if ranked_name else self.last_path

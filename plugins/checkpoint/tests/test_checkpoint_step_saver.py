@@ -84,6 +84,9 @@ def test_a_nan_loss_leaves_the_last_good_checkpoint_on_disk(tmp_path: Path) -> N
     with pytest.raises(NonFiniteLossError, match="checkpoint due at global step 4"):
         fit(checkpoint, nan, batches=4)
     assert {path.name for path in tmp_path.iterdir()} == {"epoch=0-step=2.ckpt", "last.ckpt"}
+    # The ranking names the files on disk, not the save that was refused.
+    assert checkpoint.best_k_models == {"epoch=0-step=2.ckpt": 2.0}
+    assert Path(checkpoint.best_model_path).exists()
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert last["progress"]["global_step"] == 2
     assert all(torch.isfinite(value).all() for value in last["model"].values())
