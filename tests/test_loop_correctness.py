@@ -820,6 +820,67 @@ def test_a_resume_stopped_before_its_first_batch_saves_the_checkpoint_it_resumed
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
+class StopsAtEpochStart:
+    """Saves a checkpoint as epoch 1 starts, before its first batch, and stops."""
+
+    name = "stops_at_epoch_start"
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    @hookimpl
+    def on_train_epoch_start(self, trainer):
+        if trainer.current_epoch == 1:
+            torch.save(trainer.dump_checkpoint(), self.path)
+            raise KeyboardInterrupt("stopped as epoch 1 starts")
+
+
+def test_a_resume_from_an_epochs_start_writes_that_epochs_own_state_later(tmp_path):
+    # Resumed from a checkpoint with 0 batches of the epoch done, the run kept the
+    # restored epoch start state pending, and its own mid-epoch checkpoint held the
+    # state of the epoch before: a resume from that one trained other batches.
+    def fit(plugins, ckpt_path=None):
+        model = make_model(features=2, dropout=0.2)
+        trainer = Trainer(plugins=plugins, max_epochs=3, seed=3, device="cpu")
+        trainer.fit(
+            model,
+            _loader("own generator"),
+            loss_fn=F.cross_entropy,
+            optimizer=sgd(),
+            ckpt_path=ckpt_path,
+        )
+        return model
+
+    whole = SeesSamples()
+    uninterrupted = fit([whole])
+    start, middle = tmp_path / "start.ckpt", tmp_path / "middle.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit([StopsAtEpochStart(start)])
+    with pytest.raises(KeyboardInterrupt):
+        fit([CrashesAfter(middle, save_at=6, crash_at=7)], ckpt_path=start)
+    after = SeesSamples()
+    resumed = fit([after], ckpt_path=middle)
+    assert after.samples == whole.samples[6 * 2 :]
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_a_fresh_fit_after_a_rerun_that_trained_nothing_records_its_own_split(tmp_path):
+    path = tmp_path / "cut.ckpt"
+    _fit_steps(7, [SavesAtFitEnd(path)])  # 8-batch epochs, stopped mid-epoch
+    trainer = Trainer(plugins=[], max_epochs=3, max_steps=7, seed=1, device="cpu")
+    train, val = make_data(n=64, batch_size=8)
+    trainer.fit(StepLRModel(), train, val, loss_fn=F.cross_entropy, ckpt_path=path)
+    assert trainer.global_step == 7  # finished already: no epoch opened
+    saves = SavesAtFitEnd(tmp_path / "fresh.ckpt")
+    trainer.plugin_manager.register(saves)
+    trainer.max_steps = 2
+    train, val = make_data(n=64, batch_size=16)  # 4-batch epochs now
+    trainer.fit(StepLRModel(), train, val, loss_fn=F.cross_entropy)
+    progress = torch.load(tmp_path / "fresh.ckpt", weights_only=True)["progress"]
+    assert progress["epoch_batches"] == 4
+
+
 @pytest.mark.parametrize(("max_epochs", "warned"), [(1, False), (2, True)])
 def test_persistent_workers_are_warned_about_only_when_something_is_left_to_train(
     tmp_path, max_epochs, warned

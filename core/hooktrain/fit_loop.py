@@ -276,6 +276,9 @@ def _open_epoch(
         _apply_pending_rng(trainer)
     trainer.epoch_batches_done = skip
     trainer.epoch_complete = False
+    # Until the iterator is made, the loader's generators are where this epoch
+    # starts from, and a checkpoint holds them (not the last epoch's start).
+    trainer._epoch_start_state = None
     loader = trainer.train_dataloader
     limit = trainer.limits["train"]
     total = trainer.num_training_batches = limited_length(loader, limit)
@@ -287,6 +290,9 @@ def _open_epoch(
     if limit is not None:
         batches = itertools.islice(batches, max(0, limit - skip))
     _apply_pending_rng(trainer)  # a mid-epoch resume: after the iterator drew its seeds
+    # What a resume restored is applied now, or was not needed (a checkpoint taken
+    # before the epoch's first batch): a checkpoint from here on holds this epoch's.
+    trainer._pending_epoch_data = trainer._pending_generators = trainer._resume_split = None
     return batches, total
 
 
@@ -364,7 +370,9 @@ def _epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: in
     so the iterator it creates replays the interrupted epoch exactly.
     """
     generators = loader_generators(loader)
-    if skip:
+    # A checkpoint taken after the iterator was made (at the first batch, too)
+    # holds the state it was made from.
+    if skip or trainer._pending_epoch_data is not None:
         replay_epoch_start(trainer, loader, generators)
     else:
         restore_next_epoch_generators(trainer, loader, generators)
@@ -397,6 +405,7 @@ def _start_progress(trainer: Trainer) -> None:
     trainer._pending_rng = None
     trainer._pending_epoch_data = None
     trainer._pending_generators = None
+    trainer._resume_split = None
     trainer._epoch_start_state = None
     trainer._validated_at_step = -1
     trainer._epoch_validation = None

@@ -75,12 +75,11 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
     # rerun) what was restored waits to be applied: a checkpoint then holds that,
     # not the fresh run's state, or the next resume would start elsewhere.
     pending = trainer._pending_rng
+    # What decided the current epoch's data: a resume in its middle replays it.
+    epoch_start = (trainer._pending_epoch_data or trainer._epoch_start_state) if mid_epoch else None
     random_states = {
         "rng": rng_state() if pending is None else pending,
-        # What decided the current epoch's data: a resume in its middle replays it.
-        "epoch_start_state": (
-            (trainer._pending_epoch_data or trainer._epoch_start_state) if mid_epoch else None
-        ),
+        "epoch_start_state": epoch_start,
     }
     if trainer.world_size > 1:
         # Each process's own, in rank order: processes may draw different numbers
@@ -119,9 +118,11 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         **random_states,
         # At an epoch's end, where the loader's own generators start the next epoch:
         # a resumed run's fresh loader would otherwise replay the first epoch's order.
+        # Also before an epoch's iterator is made (on_train_epoch_start), which
+        # draws from them.
         "next_epoch_generators": (
             None
-            if mid_epoch
+            if epoch_start is not None
             else trainer._pending_generators
             or [g.get_state() for g in loader_generators(trainer.train_dataloader)]
         ),
@@ -263,7 +264,6 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         trainer.epoch_complete = True
         trainer.epoch_batches_done = int(progress["epoch_batches_done"])
         trainer._resume_skip = 0
-        trainer._pending_generators = checkpoint.get("next_epoch_generators")
     else:
         trainer.epoch_batches_done = trainer._resume_skip = int(progress["epoch_batches_done"])
         rank = trainer.global_rank
@@ -282,6 +282,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
             # validation at the saved step.
             names = progress.get("last_validation")
         trainer._epoch_validation = None if names is None else set(names)
+    trainer._pending_generators = checkpoint.get("next_epoch_generators")
     trainer.data_seed = int(checkpoint.get("data_seed", trainer.data_seed))
     trainer.metrics.update_raw(checkpoint.get("metrics", {}))
     trainer._checked_steps_from = trainer.global_step + 1

@@ -385,6 +385,7 @@ class Trainer:
                 "training_step(batch, batch_idx)"
             )
         self._begin(model, loss_fn, metrics)
+        self.interrupted = False  # kept through a validate() or test() that follows
         self.train_dataloader = train_dataloaders
         self.eval_dataloaders = eval_loaders
         # A previous fit's values would be read as this one's (early stopping on a
@@ -454,7 +455,7 @@ class Trainer:
         self.module = unwrap_compiled(model)
         self.loss_fn = loss_fn
         self.metric_fns = dict(metrics or {})
-        self.should_stop = self.interrupted = False
+        self.should_stop = False
 
     def _evaluate(
         self,
