@@ -644,3 +644,20 @@ def test_a_second_fit_on_one_trainer_starts_without_the_first_fits_metrics():
         trainer.fit(make_model(), train, val, loss_fn=F.cross_entropy, optimizer=sgd)
     assert sees.seen == [{}, {}]
     assert {"loss", "val_loss"} <= set(trainer.metrics)
+
+
+def test_interrupted_is_kept_through_evaluation_and_reset_by_the_next_fit() -> None:
+    class StopsFromOutside:
+        @hookimpl
+        def on_train_batch_end(self, trainer: hooktrain.Trainer) -> None:
+            trainer.should_stop = trainer.interrupted = True  # as on SIGTERM
+
+    train, val = make_data()
+    trainer = hooktrain.Trainer(plugins=[StopsFromOutside()], max_epochs=2, device="cpu")
+    trainer.fit(make_model(), train, loss_fn=F.cross_entropy, optimizer=sgd)
+    assert trainer.interrupted and trainer.global_step == 1
+    trainer.validate(make_model(), val, loss_fn=F.cross_entropy)
+    assert trainer.interrupted  # a script checks it after fit, validate and test
+    trainer.plugin_manager.unregister(name=trainer.plugin_names[0])
+    trainer.fit(make_model(), train, loss_fn=F.cross_entropy, optimizer=sgd)
+    assert not trainer.interrupted
