@@ -157,6 +157,12 @@ def check_finite(trainer: Trainer) -> None:
     loop reads values anyway (a log point, an epoch's end), so it adds no sync per
     step."""
     finite = trainer._train_means.fold_finite("loss")
+    if trainer.world_size > 1:
+        # All processes check at the same steps and must stop together: one raising
+        # alone leaves the others waiting in their next collective (a hang on NCCL).
+        bad = torch.zeros(1, device=trainer.device) if finite is None else (~finite).reshape(1)
+        if trainer.all_reduce(bad.to(torch.float32)).item() > 0:
+            finite = torch.tensor(False)
     if finite is None:
         return
     where = non_finite_steps(trainer)
@@ -174,5 +180,9 @@ def non_finite_steps(trainer: Trainer) -> str:
     or, when none was taken since a resume, the sums its checkpoint held."""
     first, last = trainer._checked_steps_from, trainer.global_step
     if first > last:
-        return f"before global step {first}, in the epoch's sums the run resumed with"
-    return f"between global steps {first} and {last}"
+        where = f"before global step {first}, in the epoch's sums the run resumed with"
+    else:
+        where = f"between global steps {first} and {last}"
+    if trainer.world_size > 1:  # every process raises, the finite ones too
+        where += f" on at least one of the {trainer.world_size} processes"
+    return where

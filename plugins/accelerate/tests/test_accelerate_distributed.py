@@ -501,3 +501,16 @@ def test_data_accelerate_cannot_split_counts_each_sample_once_or_is_refused(tmp_
             "ConfigurationError: accelerate: the training data must be a torch DataLoader "
             "to be split across the 2 processes; got list" in report["fit_error"]
         )
+
+
+def test_a_nan_loss_on_one_process_stops_every_process_with_the_same_error(tmp_path) -> None:
+    # Rank 1 alone raised at the log point; rank 0 went on into the next collective
+    # and failed there with an unrelated error (on NCCL it would wait until timeout).
+    fault = {"hook": "forward_step", "step": 3, "fault": "nan_loss", "rank": 1}
+    proc = launch({"faults": fault}, tmp_path, stderr_per_rank=True)
+    assert proc.returncode != 0
+    for rank in (0, 1):
+        assert (
+            "NonFiniteLossError: the training loss became NaN or infinite between global "
+            "steps 4 and 4 on at least one of the 2 processes"  # the step that makes it 4
+        ) in stderr_of(tmp_path, rank), rank
