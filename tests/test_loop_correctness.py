@@ -881,6 +881,50 @@ def test_a_fresh_fit_after_a_rerun_that_trained_nothing_records_its_own_split(tm
     assert progress["epoch_batches"] == 4
 
 
+class SavesAtValidationEnd:
+    """Saves a checkpoint as the first validation in fit ends, then stops the run."""
+
+    name = "saves_at_validation_end"
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    @hookimpl
+    def on_validation_end(self, trainer):
+        if trainer.stage == "fit":
+            torch.save(trainer.dump_checkpoint(), self.path)
+            raise KeyboardInterrupt("stopped after a validation")
+
+
+@pytest.mark.parametrize("val_every_n_steps", [None, 2])
+def test_a_checkpoint_taken_during_validation_resumes_exactly(tmp_path, val_every_n_steps):
+    # It held the random state inside validation, after its shuffling loader drew a
+    # seed; the run goes on from the state before it: dropout drew differently.
+    def fit(plugins, ckpt_path=None):
+        model = make_model(features=2, dropout=0.2)
+        trainer = Trainer(
+            plugins=plugins, max_epochs=2, seed=3, device="cpu", val_every_n_steps=val_every_n_steps
+        )
+        val = DataLoader(Indexed(8, noise=False), batch_size=2, shuffle=True)
+        trainer.fit(
+            model,
+            _loader("own generator"),
+            val,
+            loss_fn=F.cross_entropy,
+            optimizer=sgd(),
+            ckpt_path=ckpt_path,
+        )
+        return model
+
+    uninterrupted = fit([])
+    path = tmp_path / "validated.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit([SavesAtValidationEnd(path)])
+    resumed = fit([], ckpt_path=path)
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
 @pytest.mark.parametrize(("max_epochs", "warned"), [(1, False), (2, True)])
 def test_persistent_workers_are_warned_about_only_when_something_is_left_to_train(
     tmp_path, max_epochs, warned

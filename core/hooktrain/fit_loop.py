@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +23,7 @@ from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, warn_user
 from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks
+from hooktrain.losses import finite_everywhere, loss_of, raise_bad_loss
 from hooktrain.metrics import warn_if_metrics_unused
 from hooktrain.optimization import (
     check_optimizers_hold_the_model,
@@ -42,7 +43,7 @@ from hooktrain.replay import (
     restore_next_epoch_generators,
     warn_if_epoch_length_changed,
 )
-from hooktrain.results import iterate, metric_values, origin, unexpected_result
+from hooktrain.results import iterate, metric_values, unexpected_result
 from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
 from hooktrain.running_means import process_collectives
 from hooktrain.state import check_loaded
@@ -115,20 +116,24 @@ def make_train_step(trainer: Trainer, hooks: ResolvedHooks) -> TrainStep:
     accumulate = trainer.accumulate_grad_batches
     check_every_step = trainer.check_finite_every_step
     tensor = torch.Tensor
+    processes = trainer.world_size
 
     def train_step(batch: Any, batch_idx: int) -> tuple[Any, torch.Tensor]:
         outputs = forward(trainer=trainer, batch=batch, batch_idx=batch_idx, stage="train")
         # The usual tensor or dict settled without the Mapping ABC's check.
         loss = outputs.get("loss") if type(outputs) is dict else outputs
         if type(loss) is not tensor:
-            loss = _loss_of(outputs, trainer)
+            loss = loss_of(outputs, trainer)
         if loss.ndim != 0 or not loss.requires_grad:
-            _raise_bad_loss(loss, trainer)
-        if check_every_step and not torch.isfinite(loss):
+            raise_bad_loss(loss, trainer)
+        if check_every_step and not finite_everywhere(trainer, loss, processes):
             # Before backward, so the bad step never reaches the weights.
             # "global step" as everywhere else: the steps taken, this one not yet.
+            value = loss.item()
+            if processes > 1:
+                value = f"not finite on at least one of the {processes} processes (here {value})"
             raise NonFiniteLossError(
-                f"the training loss is {loss.item()} at epoch {trainer.current_epoch}, "
+                f"the training loss is {value} at epoch {trainer.current_epoch}, "
                 f"batch {batch_idx}, global step {trainer.global_step}: the step that "
                 f"would have made it {trainer.global_step + 1} was not taken"
             )
@@ -345,8 +350,14 @@ def _validate(trainer: Trainer) -> None:
     (``trainer._epoch_validation``). It must not change training, so every global
     random generator is put back afterwards (its dataloaders draw seeds, its
     datasets may draw numbers)."""
-    with fork_rng():
-        results = evaluation_loop(trainer, "validate", trainer.eval_dataloaders)
+    with fork_rng() as training_state:
+        # A checkpoint taken during validation holds the state training goes on
+        # from, not the one validation's loaders drew from.
+        trainer._rng_outside_validation = training_state
+        try:
+            results = evaluation_loop(trainer, "validate", trainer.eval_dataloaders)
+        finally:
+            trainer._rng_outside_validation = None
     if not results and not trainer._warned_empty_validation:
         # validate() raises for this; in fit it would go unseen until something
         # that monitors a validation metric finds nothing to read.
@@ -449,29 +460,3 @@ def _agree_on_stop(trainer: Trainer) -> None:
     # them at the same batch, or the others wait forever in the next collective.
     flag = torch.tensor([1.0 if trainer.should_stop else 0.0], device=trainer.device)
     trainer.should_stop = bool(trainer.all_reduce(flag).item() > 0)
-
-
-def _loss_of(outputs: Any, trainer: Trainer) -> torch.Tensor:
-    if isinstance(outputs, torch.Tensor):  # a subclass of Tensor
-        return outputs
-    if isinstance(outputs, Mapping) and "loss" in outputs:
-        loss = outputs["loss"]
-        if isinstance(loss, torch.Tensor):
-            return loss
-    raise ConfigurationError(
-        f"the training step must return the loss tensor or a dict holding 'loss', "
-        f"got {type(outputs).__name__}{origin(trainer.plugin_manager, 'forward_step')}"
-    )
-
-
-def _raise_bad_loss(loss: torch.Tensor, trainer: Trainer) -> None:
-    source = origin(trainer.plugin_manager, "forward_step")
-    if loss.ndim != 0:
-        raise ConfigurationError(
-            f"the loss must be a scalar (0-dim) tensor, got shape {tuple(loss.shape)}; "
-            f"reduce it (reduction='mean') before returning it{source}"
-        )
-    raise ConfigurationError(
-        "the loss does not require grad: it was detached, computed under torch.no_grad(), "
-        f"or the model's parameters do not take part in it{source}"
-    )

@@ -97,12 +97,13 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def fork_rng() -> Iterator[None]:
+def fork_rng() -> Iterator[dict[str, Any]]:
     """Run the block without changing any global generator: Python's, NumPy's,
-    torch's CPU and CUDA ones are put back as they were when it ends."""
+    torch's CPU and CUDA ones are put back as they were when it ends. Gives the
+    state it puts back (`rng_state`'s)."""
     saved = rng_state()
     try:
-        yield
+        yield saved
     finally:
         set_rng_state(saved)
 

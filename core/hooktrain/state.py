@@ -73,8 +73,9 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         _refuse_non_finite_loss(trainer, running_means)
     # From a resume to the first batch it trains (on_fit_start, or a finished run
     # rerun) what was restored waits to be applied: a checkpoint then holds that,
-    # not the fresh run's state, or the next resume would start elsewhere.
-    pending = trainer._pending_rng
+    # not the fresh run's state, or the next resume would start elsewhere. Inside a
+    # validation in fit, the state is the one training goes on from.
+    pending = trainer._pending_rng or trainer._rng_outside_validation
     # What decided the current epoch's data: a resume in its middle replays it.
     epoch_start = (trainer._pending_epoch_data or trainer._epoch_start_state) if mid_epoch else None
     random_states = {

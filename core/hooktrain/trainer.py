@@ -176,11 +176,9 @@ class Trainer:
         #: Set it to stop training cleanly after the next optimizer step (all processes
         #: agree on it); a stop in the middle of an epoch skips that epoch's end.
         self.should_stop = False
-        #: Set with ``should_stop`` by a plugin that stops the fit because the process
-        #: is being ended from outside (the checkpoint plugin, on SIGTERM): ``fit``
-        #: returns, but the run did not finish, and rerunning with
-        #: ``ckpt_path="last"`` continues it. Loggers read it as a fit's end
-        #: (MLflow's ``KILLED``). As Lightning's ``trainer.interrupted``.
+        #: Set with ``should_stop`` by a plugin stopping the fit from outside the run
+        #: (the checkpoint plugin, on SIGTERM): the run did not finish, and a rerun
+        #: with ``ckpt_path="last"`` continues it (as Lightning's). Reset by ``fit``.
         self.interrupted = False
         #: Whether the current micro-batch completes a gradient-accumulation window.
         self.sync_gradients = True
@@ -193,6 +191,7 @@ class Trainer:
         self._schedulers: list[Scheduler] = []
         self._hooks: ResolvedHooks | None = None
         self._pending_rng: Mapping[str, Any] | None = None
+        self._rng_outside_validation: Mapping[str, Any] | None = None
         # The state the current epoch's data came from, and the one a resume puts
         # back before recreating the interrupted epoch's iterator.
         self._epoch_start_state: dict[str, Any] | None = None

@@ -383,6 +383,7 @@ def main() -> None:
         accumulate_grad_batches=config.get("accumulate_grad_batches", 1),
         gradient_clip_val=config.get("gradient_clip_val"),
         log_every_n_steps=1,
+        check_finite_every_step=config.get("check_finite_every_step", False),
     )
     train, val = make_data(n=config.get("n", 80), batch_size=config.get("batch_size", 8))
     if config.get("train") == "shuffled stream":

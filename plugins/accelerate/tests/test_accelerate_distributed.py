@@ -503,14 +503,25 @@ def test_data_accelerate_cannot_split_counts_each_sample_once_or_is_refused(tmp_
         )
 
 
-def test_a_nan_loss_on_one_process_stops_every_process_with_the_same_error(tmp_path) -> None:
-    # Rank 1 alone raised at the log point; rank 0 went on into the next collective
-    # and failed there with an unrelated error (on NCCL it would wait until timeout).
+@pytest.mark.parametrize("every_step", [False, True])
+def test_a_nan_loss_on_one_process_stops_every_process_with_the_same_error(
+    tmp_path, every_step: bool
+) -> None:
+    # Rank 1 alone raised (at the log point, or before backward with
+    # check_finite_every_step); rank 0 went on into the next collective and failed
+    # there with an unrelated error (on NCCL it would wait until timeout).
     fault = {"hook": "forward_step", "step": 3, "fault": "nan_loss", "rank": 1}
-    proc = launch({"faults": fault}, tmp_path, stderr_per_rank=True)
+    config = {"faults": fault, "check_finite_every_step": every_step}
+    proc = launch(config, tmp_path, stderr_per_rank=True)
     assert proc.returncode != 0
-    for rank in (0, 1):
-        assert (
+    if every_step:
+        expected = (
+            "NonFiniteLossError: the training loss is not finite on at least one of the 2 processes"
+        )
+    else:  # the log point of the step that makes it 4
+        expected = (
             "NonFiniteLossError: the training loss became NaN or infinite between global "
-            "steps 4 and 4 on at least one of the 2 processes"  # the step that makes it 4
-        ) in stderr_of(tmp_path, rank), rank
+            "steps 4 and 4 on at least one of the 2 processes"
+        )
+    for rank in (0, 1):
+        assert expected in stderr_of(tmp_path, rank), rank
