@@ -718,6 +718,16 @@ def test_a_nan_loss_at_a_log_point_stops_the_step_before_its_batch_end():
     assert saver.batch_ends == [1, 2, 3]
 
 
+def test_a_nan_loss_after_the_last_log_point_fails_the_fit_that_max_steps_ends():
+    # max_steps=6 ends the fit between log points (every 4) and before the epoch's
+    # end (8 steps): the NaN from step 5 on was never read, and fit returned.
+    trainer = hooktrain.Trainer(
+        plugins=[], device="cpu", max_epochs=3, max_steps=6, log_every_n_steps=4
+    )
+    with pytest.raises(NonFiniteLossError, match="between global steps 5 and 6 "):
+        fit(NaNAfter(step=4), trainer=trainer)
+
+
 def test_metric_logged_with_a_bad_value():
     class Logger:
         @hookimpl
