@@ -520,8 +520,11 @@ class OtherProcessStopsAfterEpoch:
 
     @hookimpl
     def all_reduce(self, tensor):
-        if tensor.numel() == 1 and tensor.dtype == torch.float32:  # the stop flag
-            return tensor + (1.0 if self.partner_stopped else 0.0)
+        if tensor.numel() == 1 and tensor.dtype == torch.float32:  # a flag
+            # The partner's stop flag counts in the agreement that follows its epoch
+            # end; its other flags (non-finite losses) are 0.
+            stopped, self.partner_stopped = self.partner_stopped, False
+            return tensor + (1.0 if stopped else 0.0)
         return tensor * 2  # sums of equal partners
 
     @hookimpl
