@@ -576,6 +576,22 @@ def _loader(kind: str) -> DataLoader:
     return DataLoader(Indexed(8, noise=True), batch_size=2, shuffle=True, num_workers=2)
 
 
+def _fit_shuffled(plugins, ckpt_path=None, val=None, max_epochs=3, **options) -> nn.Module:
+    """A fit with dropout on 4 batches an epoch, shuffled by the loader's own
+    generator: what a resume must replay exactly. :return: the trained model."""
+    model = make_model(features=2, dropout=0.2)
+    trainer = Trainer(plugins=plugins, max_epochs=max_epochs, seed=3, device="cpu", **options)
+    trainer.fit(
+        model,
+        _loader("own generator"),
+        val,
+        loss_fn=F.cross_entropy,
+        optimizer=sgd(),
+        ckpt_path=ckpt_path,
+    )
+    return model
+
+
 @pytest.mark.parametrize("kind", ["own generator", "workers with noise"])
 def test_a_resumed_epoch_replays_the_interrupted_epochs_data(kind, tmp_path):
     def fit(plugins, ckpt_path=None):
@@ -785,18 +801,7 @@ class StopsAtFitStart:
 def test_a_resume_stopped_before_its_first_batch_saves_the_checkpoint_it_resumed(cut, tmp_path):
     # Such a save recorded 0 batches of the epoch done, and the fresh run's random
     # state: the next resume trained the interrupted epoch's first batches again.
-    def fit(plugins, max_epochs=3, ckpt_path=None):
-        model = make_model(features=2, dropout=0.2)
-        trainer = Trainer(plugins=plugins, max_epochs=max_epochs, seed=3, device="cpu")
-        trainer.fit(
-            model,
-            _loader("own generator"),
-            loss_fn=F.cross_entropy,
-            optimizer=sgd(),
-            ckpt_path=ckpt_path,
-        )
-        return model
-
+    fit = _fit_shuffled
     whole = SeesSamples()
     uninterrupted = fit([whole])
     first, second = tmp_path / "first.ckpt", tmp_path / "second.ckpt"
@@ -839,18 +844,7 @@ def test_a_resume_from_an_epochs_start_writes_that_epochs_own_state_later(tmp_pa
     # Resumed from a checkpoint with 0 batches of the epoch done, the run kept the
     # restored epoch start state pending, and its own mid-epoch checkpoint held the
     # state of the epoch before: a resume from that one trained other batches.
-    def fit(plugins, ckpt_path=None):
-        model = make_model(features=2, dropout=0.2)
-        trainer = Trainer(plugins=plugins, max_epochs=3, seed=3, device="cpu")
-        trainer.fit(
-            model,
-            _loader("own generator"),
-            loss_fn=F.cross_entropy,
-            optimizer=sgd(),
-            ckpt_path=ckpt_path,
-        )
-        return model
-
+    fit = _fit_shuffled
     whole = SeesSamples()
     uninterrupted = fit([whole])
     start, middle = tmp_path / "start.ckpt", tmp_path / "middle.ckpt"
@@ -901,20 +895,9 @@ def test_a_checkpoint_taken_during_validation_resumes_exactly(tmp_path, val_ever
     # It held the random state inside validation, after its shuffling loader drew a
     # seed; the run goes on from the state before it: dropout drew differently.
     def fit(plugins, ckpt_path=None):
-        model = make_model(features=2, dropout=0.2)
-        trainer = Trainer(
-            plugins=plugins, max_epochs=2, seed=3, device="cpu", val_every_n_steps=val_every_n_steps
-        )
         val = DataLoader(Indexed(8, noise=False), batch_size=2, shuffle=True)
-        trainer.fit(
-            model,
-            _loader("own generator"),
-            val,
-            loss_fn=F.cross_entropy,
-            optimizer=sgd(),
-            ckpt_path=ckpt_path,
-        )
-        return model
+        options = {"max_epochs": 2, "val_every_n_steps": val_every_n_steps}
+        return _fit_shuffled(plugins, ckpt_path, val, **options)
 
     uninterrupted = fit([])
     path = tmp_path / "validated.ckpt"
