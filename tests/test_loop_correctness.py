@@ -486,6 +486,35 @@ def test_stopping_at_max_steps_mid_epoch_runs_no_epoch_end_and_resumes_exactly(t
         assert torch.equal(value, resumed_model.state_dict()[key]), key
 
 
+def test_a_fit_ended_by_max_steps_resumes_the_epochs_mean_loss_to_the_bit(tmp_path):
+    # The finite check as a fit ends read the losses since the last log point by
+    # summing them, and the checkpoint saved in on_fit_end held that sum: the
+    # resumed epoch grouped its float32 sums otherwise (0.43187737 for 0.43187740).
+    def fit(max_steps, plugins, ckpt_path=None):
+        train, _ = make_data(n=400, batch_size=2, seed=1)  # 200 steps an epoch
+        trainer = Trainer(
+            plugins=plugins,
+            max_epochs=1,
+            max_steps=max_steps,
+            seed=0,
+            device="cpu",
+            log_every_n_steps=1000,
+        )
+        trainer.fit(
+            make_model(dropout=0.1),
+            train,
+            loss_fn=F.cross_entropy,
+            optimizer=sgd(0.05),
+            ckpt_path=ckpt_path,
+        )
+        return trainer
+
+    path = tmp_path / "cut.ckpt"
+    fit(77, [SavesAtFitEnd(path)])
+    resumed = fit(None, [], ckpt_path=path)
+    assert resumed.metrics["loss"] == fit(None, []).metrics["loss"]
+
+
 # ---------------------------------------------------------------- 7. module modes
 
 

@@ -93,8 +93,9 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     # any other value still pending reaches no logger, and is warned about.
     trainer._logged_since_publish.difference_update(trainer._train_means.names())
     # A fit that max_steps or a stop ended between log points: its last losses are
-    # read here, or NaN weights would be returned without a word.
-    check_finite(trainer)
+    # read here, or NaN weights would be returned without a word. Not summed: a
+    # checkpoint saved in on_fit_end keeps them as a run never stopped sums them.
+    check_finite(trainer, fold=False)
     if hooks.on_fit_end is not None:
         hooks.on_fit_end(trainer=trainer)
 

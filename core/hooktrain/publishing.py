@@ -152,11 +152,13 @@ def warn_if_never_published(trainer: Trainer, names: set[str]) -> None:
     )
 
 
-def check_finite(trainer: Trainer) -> None:
+def check_finite(trainer: Trainer, *, fold: bool = True) -> None:
     """Raise if any loss since the last check was NaN or infinite. Called where the
     loop reads values anyway (a log point, an epoch's end), so it adds no sync per
-    step."""
-    finite = trainer._train_means.fold_finite("loss")
+    step; and as a fit ends, with ``fold=False``, which leaves the losses not yet
+    summed so for the checkpoint a plugin may save in ``on_fit_end``."""
+    means = trainer._train_means
+    finite = means.fold_finite("loss") if fold else means.pending_finite("loss")
     if trainer.world_size > 1:
         # All processes check at the same steps and must stop together: one raising
         # alone leaves the others waiting in their next collective (a hang on NCCL).

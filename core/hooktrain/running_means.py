@@ -120,6 +120,21 @@ class RunningMeans:
         total = self._sums.get(name)
         return torch.isfinite(total) if isinstance(total, torch.Tensor) else None
 
+    def pending_finite(self, name: str) -> torch.Tensor | None:
+        """Like `fold_finite`, without folding: whether the tensor values of ``name``
+        added or folded since the last check are all finite (a 0-dim boolean tensor
+        on the device), ``None`` when there are none. A checkpoint taken afterwards
+        still holds the values unsummed, so that a resume sums them in the same
+        groups as a run never interrupted."""
+        checks = []
+        total = self._sums.get(name)
+        if name in self._unchecked and isinstance(total, torch.Tensor):
+            checks.append(torch.isfinite(total).reshape(1))
+        values = [v for v in self._pending.get(name, ([], []))[0] if isinstance(v, torch.Tensor)]
+        if values:
+            checks.append(torch.isfinite(torch.stack([v.reshape(()) for v in values])))
+        return torch.cat(checks).all() if checks else None
+
     def _fold(self, name: str) -> None:
         values, weights = self._pending.pop(name)
         if not values:
