@@ -16,7 +16,12 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import hooktrain
 from hooktrain import hookimpl
-from hooktrain.errors import ConfigurationError, HookError, NonFiniteLossError
+from hooktrain.errors import (
+    ConfigurationError,
+    HookError,
+    NonFiniteLossError,
+    missing_monitor_hint,
+)
 from hooktrain.testing import make_data, make_model, run
 
 
@@ -800,3 +805,10 @@ def test_an_evaluation_loader_that_yields_nothing_is_named():
         trainer.test(make_model(), [val, empty], loss_fn=F.cross_entropy)
     with pytest.raises(ConfigurationError, match="the predict dataloader yielded no batches"):
         trainer.predict(make_model(), empty)
+
+
+def test_a_lightning_style_train_name_is_pointed_at_hooktrains_own():
+    # difflib offered val_loss for train_loss, a validation metric for a training one.
+    assert missing_monitor_hint("train_loss", ["loss", "val_loss"]) == "Did you mean 'loss'?"
+    assert missing_monitor_hint("train_acc", ["acc", "loss"]) == "Did you mean 'acc'?"
+    assert missing_monitor_hint("val_los", ["loss", "val_loss"]) == "Did you mean 'val_loss'?"

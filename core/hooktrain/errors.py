@@ -56,10 +56,17 @@ def closest_name(given: object, known: Iterable[str]) -> str | None:
     With several validation dataloaders a metric is logged once per loader
     (``val_loss/dataloader_idx_0``...): the first of those is the closest to the
     bare name, which difflib would rank below a shorter near miss (``loss``).
+    Lightning users log the training loss as ``train_loss``, where hooktrain's is
+    ``loss``: a ``train_`` name whose rest is known is that name (difflib's choice
+    was ``val_loss``).
     """
+    known = list(known)
     per_loader = [name for name in known if name.startswith(f"{given}/dataloader_idx_")]
     if per_loader:
         return min(per_loader)
+    bare = str(given).removeprefix("train_")
+    if bare != given and bare in known:
+        return bare
     matches = difflib.get_close_matches(str(given), list(known), n=1, cutoff=0.5)
     return matches[0] if matches else None
 
