@@ -23,7 +23,7 @@ from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, warn_user
 from hooktrain.evaluation import evaluation_loop
 from hooktrain.hookcalls import ResolvedHooks
-from hooktrain.losses import finite_everywhere, loss_of, raise_bad_loss
+from hooktrain.losses import agreed_finite, loss_of, raise_bad_loss
 from hooktrain.metrics import warn_if_metrics_unused
 from hooktrain.optimization import (
     check_optimizers_hold_the_model,
@@ -120,7 +120,6 @@ def make_train_step(trainer: Trainer, hooks: ResolvedHooks) -> TrainStep:
     accumulate = trainer.accumulate_grad_batches
     check_every_step = trainer.check_finite_every_step
     tensor = torch.Tensor
-    processes = trainer.world_size
 
     def train_step(batch: Any, batch_idx: int) -> tuple[Any, torch.Tensor]:
         outputs = forward(trainer=trainer, batch=batch, batch_idx=batch_idx, stage="train")
@@ -130,11 +129,11 @@ def make_train_step(trainer: Trainer, hooks: ResolvedHooks) -> TrainStep:
             loss = loss_of(outputs, trainer)
         if loss.ndim != 0 or not loss.requires_grad:
             raise_bad_loss(loss, trainer)
-        if check_every_step and not finite_everywhere(trainer, loss, processes):
+        if check_every_step and not agreed_finite(trainer, torch.isfinite(loss)):
             # Before backward, so the bad step never reaches the weights.
             # "global step" as everywhere else: the steps taken, this one not yet.
             value = loss.item()
-            if processes > 1:
+            if (processes := trainer.world_size) > 1:
                 value = f"not finite on at least one of the {processes} processes (here {value})"
             raise NonFiniteLossError(
                 f"the training loss is {value} at epoch {trainer.current_epoch}, "

@@ -19,17 +19,21 @@ from hooktrain.results import origin
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["finite_everywhere", "loss_of", "raise_bad_loss"]
+__all__ = ["agreed_finite", "loss_of", "raise_bad_loss"]
 
 
-def finite_everywhere(trainer: Trainer, loss: torch.Tensor, processes: int) -> bool:
-    """Whether ``loss`` is finite on every process: they agree (one ``all_reduce``),
-    so that all stop at the same step, or one raising alone would leave the others
-    waiting in their next collective."""
-    finite = torch.isfinite(loss)
-    if processes == 1:
-        return bool(finite)
-    return trainer.all_reduce((~finite).reshape(1).to(torch.float32)).item() == 0
+def agreed_finite(trainer: Trainer, finite: torch.Tensor | None) -> bool | None:
+    """This process's finiteness check (a boolean tensor of one element, or ``None``
+    when it had nothing to check), agreed over the processes: with several, one
+    ``all_reduce``, so that all stop at the same point, or one raising alone would
+    leave the others waiting in their next collective. :return: ``False`` when some
+    process found a non-finite value, else ``None`` when this one had nothing to
+    check, else ``True``."""
+    if trainer.world_size > 1:
+        bad = torch.zeros(1, device=trainer.device) if finite is None else (~finite).reshape(1)
+        if trainer.all_reduce(bad.to(torch.float32)).item() > 0:
+            return False
+    return None if finite is None else bool(finite)
 
 
 def loss_of(outputs: Any, trainer: Trainer) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, warn_user
+from hooktrain.losses import agreed_finite
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -158,18 +159,15 @@ def check_finite(trainer: Trainer, *, fold: bool = True) -> None:
     step; and as a fit ends, with ``fold=False``, which leaves the losses not yet
     summed so for the checkpoint a plugin may save in ``on_fit_end``."""
     means = trainer._train_means
-    finite = means.fold_finite("loss") if fold else means.pending_finite("loss")
-    if trainer.world_size > 1:
-        # All processes check at the same steps and must stop together: one raising
-        # alone leaves the others waiting in their next collective (a hang on NCCL).
-        bad = torch.zeros(1, device=trainer.device) if finite is None else (~finite).reshape(1)
-        if trainer.all_reduce(bad.to(torch.float32)).item() > 0:
-            finite = torch.tensor(False)
+    # All processes check at the same points and stop together.
+    finite = agreed_finite(
+        trainer, means.fold_finite("loss") if fold else means.pending_finite("loss")
+    )
     if finite is None:
         return
     where = non_finite_steps(trainer)
     trainer._checked_steps_from = trainer.global_step + 1
-    if not bool(finite):
+    if not finite:
         raise NonFiniteLossError(
             f"the training loss became NaN or infinite {where} (epoch "
             f"{trainer.current_epoch}); pass check_finite_every_step=True to find the "
