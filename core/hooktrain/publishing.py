@@ -153,11 +153,17 @@ def warn_if_never_published(trainer: Trainer, names: set[str]) -> None:
     )
 
 
-def check_finite(trainer: Trainer, *, fold: bool = True) -> None:
+def check_finite(trainer: Trainer, *, fold: bool = True, outcome: str = "") -> None:
     """Raise if any loss since the last check was NaN or infinite. Called where the
     loop reads values anyway (a log point, an epoch's end), so it adds no sync per
-    step; and as a fit ends, with ``fold=False``, which leaves the losses not yet
-    summed so for the checkpoint a plugin may save in ``on_fit_end``."""
+    step; with ``fold=False`` as a fit ends and by ``dump_checkpoint`` in the middle
+    of an epoch, which leave the losses not yet summed so for the checkpoint (a
+    resume then sums them in the same groups as a run never stopped). ``outcome``
+    is said in the error, after the steps.
+
+    :raises NonFiniteLossError: naming the steps since the last check (on every
+        process, which agree on it), or the epoch's sums a resume started with.
+    """
     means = trainer._train_means
     # All processes check at the same points and stop together.
     finite = agreed_finite(
@@ -165,24 +171,19 @@ def check_finite(trainer: Trainer, *, fold: bool = True) -> None:
     )
     if finite is None:
         return
-    where = non_finite_steps(trainer)
-    trainer._checked_steps_from = trainer.global_step + 1
-    if not finite:
-        raise NonFiniteLossError(
-            f"the training loss became NaN or infinite {where} (epoch "
-            f"{trainer.current_epoch}); pass check_finite_every_step=True to find the "
-            f"exact step"
-        )
-
-
-def non_finite_steps(trainer: Trainer) -> str:
-    """Where a non-finite loss found now came from: the steps since the last check,
-    or, when none was taken since a resume, the sums its checkpoint held."""
     first, last = trainer._checked_steps_from, trainer.global_step
+    if fold:  # without, the values stay pending, and the next check reads them again
+        trainer._checked_steps_from = last + 1
+    if finite:
+        return
     if first > last:
         where = f"before global step {first}, in the epoch's sums the run resumed with"
     else:
         where = f"between global steps {first} and {last}"
     if trainer.world_size > 1:  # every process raises, the finite ones too
         where += f" on at least one of the {trainer.world_size} processes"
-    return where
+    raise NonFiniteLossError(
+        f"the training loss became NaN or infinite {where} (epoch "
+        f"{trainer.current_epoch}){outcome}; pass check_finite_every_step=True to find "
+        f"the exact step"
+    )

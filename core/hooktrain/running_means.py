@@ -324,6 +324,8 @@ class RunningMeans:
             n: float(w) for n, w in state.get("weights", {}).items() if keep or n in shared
         }
         self.global_names = shared & set(self._sums)
+        # Not checked finite by this run yet.
+        self._unchecked = {n for n, total in self._sums.items() if isinstance(total, torch.Tensor)}
         for name, (values, weights) in state.get("pending", {}).items() if keep else ():
             if isinstance(values, torch.Tensor):
                 values = list(values.to(device).unbind())

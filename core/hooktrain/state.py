@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from hooktrain.errors import ConfigurationError, NonFiniteLossError
+from hooktrain.errors import ConfigurationError
 from hooktrain.loadable import require_loadable
-from hooktrain.publishing import non_finite_steps
+from hooktrain.publishing import check_finite
 from hooktrain.replay import SPLIT, epoch_split, warn_if_workers_persist
 from hooktrain.results import unexpected_result
 from hooktrain.rng import loader_generators, rng_state
@@ -68,9 +68,19 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
     # epoch starts afresh, and leaving these out saves four tensors a checkpoint.
     # (The same on every process, so the collectives below run on all or none.)
     mid_epoch = not trainer.epoch_complete
-    running_means = trainer._train_means.state_dict(collectives) if mid_epoch else {}
     if mid_epoch:
-        _refuse_non_finite_loss(trainer, running_means)
+        # Between two log points the loop reads no loss: weights a NaN trained would
+        # be saved, and kept by recency replace the last good file. (At an epoch's
+        # end the loop has checked every loss.)
+        check_finite(
+            trainer,
+            fold=False,
+            outcome=(
+                f"; the checkpoint due at global step {trainer.global_step} was not "
+                f"written: any saved earlier came before it"
+            ),
+        )
+    running_means = trainer._train_means.state_dict(collectives) if mid_epoch else {}
     # From a resume to the first batch it trains (on_fit_start, or a finished run
     # rerun) what was restored waits to be applied: a checkpoint then holds that,
     # not the fresh run's state, or the next resume would start elsewhere. Inside a
@@ -142,33 +152,6 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
     trainer.plugin_manager.hook.on_save_checkpoint(trainer=trainer, checkpoint=checkpoint)
     require_loadable(checkpoint)
     return checkpoint
-
-
-def _refuse_non_finite_loss(trainer: Trainer, running_means: Mapping[str, Any]) -> None:
-    """Raise before a checkpoint holds weights that a NaN or infinite loss trained.
-
-    Between two log points the loop reads no loss, so a step-wise save could write
-    such weights; kept by recency, that file would replace the last good one, and a
-    resume from it would train on from the NaN. The epoch's loss sum and the losses
-    not yet summed are in ``running_means`` already, copied to the CPU (summed over
-    every process with several, so that all of them raise together): reading them
-    costs no device sync. At an epoch's end the loop has checked every loss.
-
-    :raises NonFiniteLossError: naming the steps since the last check.
-    """
-    losses = [running_means.get("sums", {}).get("loss")]
-    pending = running_means.get("pending", {}).get("loss")
-    if pending is not None:
-        values = pending[0]  # one 1-D tensor, or a list of values
-        losses.extend(values if isinstance(values, list) else [values])
-    if all(torch.isfinite(torch.as_tensor(v)).all() for v in losses if v is not None):
-        return
-    raise NonFiniteLossError(
-        f"the training loss became NaN or infinite {non_finite_steps(trainer)} (epoch "
-        f"{trainer.current_epoch}); the checkpoint due at global step "
-        f"{trainer.global_step} was not written: any saved earlier came before it; "
-        f"pass check_finite_every_step=True to find the exact step"
-    )
 
 
 def _state_dicts(trainer: Trainer) -> tuple[Mapping[str, Any], list[Any]]:
