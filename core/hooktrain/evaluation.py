@@ -8,25 +8,39 @@ processes once at its end.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import numbers
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.batches import STEP_NAMES, batch_size, limited_length, step_batch_size
+from hooktrain.batches import (
+    STEP_NAMES,
+    batch_size,
+    check_model,
+    limited_length,
+    loader_list,
+    step_batch_size,
+)
 from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError
+from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.metrics import warn_if_metrics_unused
+from hooktrain.options import why_evaluation_computed_nothing
 from hooktrain.publishing import loader_suffix, logging_epoch_end, publish, stage_name
 from hooktrain.results import iterate, metric_values, origin, unexpected_result
+from hooktrain.rng import fork_rng
 from hooktrain.running_means import RunningMeans, process_collectives
+from hooktrain.stages import begin_stage, run_stage
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from hooktrain.trainer import Trainer
 
-__all__ = ["STAGE_HOOKS", "concatenable", "evaluation_loop"]
+__all__ = ["STAGE_HOOKS", "concatenable", "evaluation_loop", "run_evaluation"]
 
 #: The hooks each evaluation stage calls, and the prefix of its metric names.
 STAGE_HOOKS: dict[str, dict[str, str]] = {
@@ -45,6 +59,56 @@ STAGE_HOOKS: dict[str, dict[str, str]] = {
         ("predict", "predict", ""),
     )
 }
+
+
+def run_evaluation(
+    trainer: Trainer,
+    stage: str,
+    model: nn.Module,
+    dataloaders: Any,
+    loss_fn: Callable[..., torch.Tensor] | None,
+    metrics: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """``validate``, ``test`` or ``predict`` as a whole stage: checks, ``setup``,
+    the loop, ``teardown``. ``loss_fn`` and ``metrics`` default to the last fit's,
+    for this call alone. Returns the stage's metrics as floats, or for
+    ``predict`` ``{"predictions": [one entry per batch]}``.
+
+    :raises ConfigurationError: for a model or dataloaders that cannot be
+        evaluated, and when validate or test computed no metric at all.
+    """
+    check_model(model, training=False, plugin=trainer.plugin_manager.is_registered(model))
+    loaders = loader_list("dataloaders", dataloaders)
+    if not loaders:
+        raise ConfigurationError(f"{stage}() needs at least one dataloader")
+    # As Keras's evaluate uses what compile set: what the last fit computed
+    # with, unless given here, for this call alone.
+    fit_fns = trainer.loss_fn, trainer.metric_fns
+    begin_stage(
+        trainer,
+        model,
+        loss_fn if loss_fn is not None else trainer.loss_fn,
+        metrics if metrics is not None else trainer.metric_fns,
+    )
+    trainer.eval_dataloaders = loaders
+
+    def body() -> dict[str, Any]:
+        trainer.plugin_manager.hook.prepare(trainer=trainer, stage=stage)
+        trainer._hooks = ResolvedHooks(trainer.plugin_manager, trainer._defaults)
+        results = evaluation_loop(trainer, stage, trainer.eval_dataloaders)
+        if stage == "predict":
+            return results
+        if not results:
+            raise ConfigurationError(why_evaluation_computed_nothing(trainer, stage))
+        return trainer.metrics.floats(results)
+
+    # Seeded, it is reseeded as it starts; the caller's generators are then put
+    # back, so that an evaluation draws nothing from them (as in fit).
+    try:
+        with fork_rng() if trainer.seed is not None else contextlib.nullcontext():
+            return run_stage(trainer, stage, body)
+    finally:
+        trainer.loss_fn, trainer.metric_fns = fit_fns
 
 
 def evaluation_loop(

@@ -10,19 +10,46 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from hooktrain.batches import unwrap_compiled
 from hooktrain.errors import HookError, NonFiniteLossError, PluginError
 from hooktrain.hookcalls import HOOK_NAMES
 from hooktrain.instrument import implementation_code
+from hooktrain.options import check_loss_fn, check_metrics
 from hooktrain.publishing import warn_if_never_published
 from hooktrain.rng import seed_everything
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
     from hooktrain.trainer import Trainer
 
-__all__ = ["call_each", "explain", "run_stage"]
+__all__ = ["begin_stage", "call_each", "explain", "run_stage"]
+
+
+def begin_stage(
+    trainer: Trainer,
+    model: nn.Module,
+    loss_fn: Callable[..., torch.Tensor] | None,
+    metrics: Mapping[str, Any] | None,
+) -> None:
+    """Check the stage's loss and metrics, and make ``model`` the trainer's.
+
+    :raises ConfigurationError: for a loss or metrics that cannot be used.
+    """
+    check_loss_fn(loss_fn)
+    check_metrics(metrics)
+    trainer.model = model
+    # torch.compile(module) is a wrapper: the user's module is the one inside
+    # (checkpoints hold its keys, its steps are found on it), and the wrapper
+    # stays the model the loop runs.
+    trainer.module = unwrap_compiled(model)
+    trainer.loss_fn = loss_fn
+    trainer.metric_fns = dict(metrics or {})
+    trainer.should_stop = False
 
 
 def run_stage(trainer: Trainer, stage: str, body: Callable[[], Any]) -> Any:

@@ -7,7 +7,6 @@ plugin.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -16,30 +15,27 @@ import torch
 from torch import nn
 
 from hooktrain import state
-from hooktrain.batches import check_loader, check_model, loader_list, unwrap_compiled
+from hooktrain.batches import check_loader, check_model, loader_list
 from hooktrain.defaults import CoreDefaults
 from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError
-from hooktrain.evaluation import concatenable, evaluation_loop
+from hooktrain.evaluation import concatenable, run_evaluation
 from hooktrain.fit_loop import run_fit
 from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.instrument import TRACE_ENV, instrument, stderr_tracer
 from hooktrain.metrics import MetricFn, Metrics
 from hooktrain.optimization import Scheduler
 from hooktrain.options import (
-    check_loss_fn,
-    check_metrics,
     check_options,
     resolve_device,
     trainer_hparams,
-    why_evaluation_computed_nothing,
 )
 from hooktrain.plugins import PluginManager, PluginSelection, register_selection
 from hooktrain.publishing import log_value
 from hooktrain.results import unexpected_result
-from hooktrain.rng import fork_rng, seed_everything
+from hooktrain.rng import seed_everything
 from hooktrain.running_means import RunningMeans
-from hooktrain.stages import run_stage
+from hooktrain.stages import begin_stage, run_stage
 
 __all__ = ["Trainer", "seed_everything"]
 
@@ -383,7 +379,7 @@ class Trainer:
                 "fit() needs loss_fn=... for a model without its own "
                 "training_step(batch, batch_idx)"
             )
-        self._begin(model, loss_fn, metrics)
+        begin_stage(self, model, loss_fn, metrics)
         self.interrupted = False  # kept through a validate() or test() that follows
         self.train_dataloader = train_dataloaders
         self.eval_dataloaders = eval_loaders
@@ -408,7 +404,7 @@ class Trainer:
 
         :raises ConfigurationError: when the pass computed no metric at all.
         """
-        return self._evaluate("validate", model, dataloaders, loss_fn, metrics)
+        return run_evaluation(self, "validate", model, dataloaders, loss_fn, metrics)
 
     def test(
         self,
@@ -420,7 +416,7 @@ class Trainer:
     ) -> dict[str, float]:
         """Run one test pass; return the ``test_*`` metrics (``loss_fn`` and
         ``metrics`` as for :meth:`validate`)."""
-        return self._evaluate("test", model, dataloaders, loss_fn, metrics)
+        return run_evaluation(self, "test", model, dataloaders, loss_fn, metrics)
 
     def predict(
         self, model: nn.Module, dataloaders: Iterable[Any] | Sequence[Iterable[Any]]
@@ -432,66 +428,7 @@ class Trainer:
             one device, and of one shape past the first dimension; else the list of
             each batch's predictions, in order.
         """
-        predictions = self._evaluate("predict", model, dataloaders, None, None)["predictions"]
+        predictions = run_evaluation(self, "predict", model, dataloaders, None, None)["predictions"]
         if concatenable(predictions):
             return torch.cat(predictions)
         return predictions
-
-    # ------------------------------------------------------------------ stage plumbing
-
-    def _begin(
-        self,
-        model: nn.Module,
-        loss_fn: Callable[..., torch.Tensor] | None,
-        metrics: Mapping[str, MetricFn] | None,
-    ) -> None:
-        check_loss_fn(loss_fn)
-        check_metrics(metrics)
-        self.model = model
-        # torch.compile(module) is a wrapper: the user's module is the one inside
-        # (checkpoints hold its keys, its steps are found on it), and the wrapper
-        # stays the model the loop runs.
-        self.module = unwrap_compiled(model)
-        self.loss_fn = loss_fn
-        self.metric_fns = dict(metrics or {})
-        self.should_stop = False
-
-    def _evaluate(
-        self,
-        stage: str,
-        model: nn.Module,
-        dataloaders: Any,
-        loss_fn: Callable[..., torch.Tensor] | None,
-        metrics: Mapping[str, MetricFn] | None,
-    ) -> dict[str, Any]:
-        check_model(model, training=False, plugin=self.plugin_manager.is_registered(model))
-        loaders = loader_list("dataloaders", dataloaders)
-        if not loaders:
-            raise ConfigurationError(f"{stage}() needs at least one dataloader")
-        # As Keras's evaluate uses what compile set: what the last fit computed
-        # with, unless given here, for this call alone.
-        fit_fns = self.loss_fn, self.metric_fns
-        self._begin(
-            model,
-            loss_fn if loss_fn is not None else self.loss_fn,
-            metrics if metrics is not None else self.metric_fns,
-        )
-        self.eval_dataloaders = loaders
-
-        def body() -> dict[str, Any]:
-            self.plugin_manager.hook.prepare(trainer=self, stage=stage)
-            self._hooks = ResolvedHooks(self.plugin_manager, self._defaults)
-            results = evaluation_loop(self, stage, self.eval_dataloaders)
-            if stage == "predict":
-                return results
-            if not results:
-                raise ConfigurationError(why_evaluation_computed_nothing(self, stage))
-            return self.metrics.floats(results)
-
-        # Seeded, it is reseeded as it starts; the caller's generators are then put
-        # back, so that an evaluation draws nothing from them (as in fit).
-        try:
-            with fork_rng() if self.seed is not None else contextlib.nullcontext():
-                return run_stage(self, stage, body)
-        finally:
-            self.loss_fn, self.metric_fns = fit_fns
