@@ -47,7 +47,7 @@ from hooktrain_accelerate.data import (
     seed_sampler,
     started,
 )
-from hooktrain_accelerate.processes import destroy_process_group_at_exit
+from hooktrain_accelerate.processes import create_accelerator
 
 if TYPE_CHECKING:
     import torch
@@ -59,10 +59,6 @@ __all__ = ["Accelerate"]
 __version__ = "0.1.0"
 
 _MIXED_PRECISION = ("no", "bf16", "fp16")
-_LAUNCH_HINT = (
-    "launch with 'torchrun --standalone --nproc_per_node N script.py' or "
-    "'accelerate launch --multi_gpu --num_processes N script.py'"
-)
 
 
 def _make_router(module: torch.nn.Module) -> torch.nn.Module:
@@ -90,23 +86,6 @@ def _make_router(module: torch.nn.Module) -> torch.nn.Module:
             return route(*args, **kwargs)
 
     return StepRouter(module)
-
-
-def _fp16_refused(device: Any) -> ConfigurationError:
-    return ConfigurationError(
-        f"accelerate: mixed_precision='fp16' does not run on {device} (accelerate would "
-        f"silently train in float32 there); use 'bf16', or the 'amp' plugin without "
-        f"'accelerate' for fp16 on the CPU"
-    )
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    accelerator_api = getattr(torch, "accelerator", None)
-    if accelerator_api is not None and hasattr(accelerator_api, "is_available"):
-        return bool(accelerator_api.is_available())
-    return torch.cuda.is_available()
 
 
 class Accelerate:
@@ -205,7 +184,13 @@ class Accelerate:
     def setup(self, trainer: Trainer) -> None:
         self._reconcile_accumulation(trainer)
         if self.accelerator is None:
-            self.accelerator = self._create_accelerator()
+            self.accelerator = create_accelerator(
+                cpu=self.cpu,
+                mixed_precision=self.mixed_precision,
+                split_batches=self.split_batches,
+                find_unused_parameters=self.find_unused_parameters,
+                accelerator_kwargs=self.accelerator_kwargs,
+            )
         accelerator = self.accelerator
         import torch
 
@@ -231,65 +216,6 @@ class Accelerate:
         # The core divides the loss and decides when to step; the accelerator is
         # created with one step per window so that it divides nothing again.
         trainer.accumulate_grad_batches = steps
-
-    def _create_accelerator(self) -> Accelerator:
-        from accelerate import Accelerator, DataLoaderConfiguration
-        from accelerate.utils import (
-            DistributedDataParallelKwargs,
-            DistributedType,
-            GradientAccumulationPlugin,
-        )
-
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        cpu = self.cpu
-        if cpu is None:
-            # Under torchrun on a machine without a GPU, a plain Accelerator()
-            # gives N independent single-process runs without any error;
-            # cpu=True makes it initialise a gloo process group instead.
-            cpu = launched > 1 and not _has_gpu()
-        requested = self.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
-        if requested == "fp16" and (cpu or not _has_gpu()):
-            # Refused before the Accelerator exists: its state is the process's, and
-            # once made with fp16 every later trainer in the process would get fp16.
-            raise _fp16_refused("cpu")
-        kwargs: dict[str, Any] = dict(self.accelerator_kwargs)
-        handlers = list(kwargs.pop("kwargs_handlers", []))
-        if self.find_unused_parameters:
-            handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
-        accelerator = Accelerator(
-            cpu=cpu,
-            mixed_precision=self.mixed_precision,
-            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
-            # The core steps schedulers once per optimizer step (or epoch), and not
-            # after a skipped step; accelerate would step them once per process.
-            step_scheduler_with_optimizer=False,
-            dataloader_config=DataLoaderConfiguration(
-                split_batches=self.split_batches,
-                # Every process draws the same permutation from (seed, epoch).
-                use_seedable_sampler=True,
-            ),
-            kwargs_handlers=handlers,
-            **kwargs,
-        )
-        if accelerator.num_processes > 1:
-            destroy_process_group_at_exit()
-        if accelerator.num_processes != launched:
-            raise ConfigurationError(
-                f"accelerate: the script was launched as {launched} processes but the "
-                f"Accelerator sees {accelerator.num_processes} "
-                f"(distributed type {accelerator.distributed_type}); the processes would "
-                f"train independently. On a machine without a GPU pass cpu=True (or set "
-                f"ACCELERATE_USE_CPU=1), and {_LAUNCH_HINT}."
-            )
-        silent_fp32 = (
-            accelerator.mixed_precision == "fp16"
-            and not accelerator.native_amp
-            and accelerator.distributed_type
-            not in (DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
-        )
-        if silent_fp32:
-            raise _fp16_refused(accelerator.device)
-        return accelerator
 
     # ------------------------------------------------------------------ prepare
 
