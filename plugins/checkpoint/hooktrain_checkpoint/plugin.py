@@ -17,7 +17,11 @@ from hooktrain_checkpoint.lock import DirectoryLock
 from hooktrain_checkpoint.sigterm import SigtermWatch
 from hooktrain_checkpoint.steps import StepSaver
 from hooktrain_checkpoint.storage import LAST_NAME
-from hooktrain_checkpoint.writer import BackgroundWriter, snapshot
+from hooktrain_checkpoint.writer import (
+    BackgroundWriter,
+    file_record,
+    write_now_or_in_background,
+)
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -414,65 +418,27 @@ class ModelCheckpoint:
             return
         target = self.dirpath / ranked_name if ranked_name else self.last_path
         self.last_model_path = self.last_path if self.save_last else target
-        progress = checkpoint["progress"]
-        record = {
-            "epoch": int(progress["epoch"]),
-            "global_step": int(progress["global_step"]),
-            "epoch_batches_done": int(progress["epoch_batches_done"]),
-            "epoch_complete": bool(progress["epoch_complete"]),
-            "sequence": self._sequence,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "hooktrain_version": checkpoint.get("hooktrain_version"),
-        }
+        link = self.last_path if ranked_name and self.save_last else None
+        evicted_paths = [self.dirpath / name for name in self._evicting]
+        record = file_record(checkpoint, self._sequence)
         if sharded.is_sharded(checkpoint):
             # Every process writes its shards, now (a collective, not in the background).
-            linked = self.last_path if ranked_name and self.save_last else None
-            sharded.save(trainer, checkpoint, target, record, also=linked)
+            sharded.save(trainer, checkpoint, target, record, also=link)
             if trainer.is_global_zero:
-                for name in evicted:
-                    if name != ranked_name:
-                        sharded.remove(self.dirpath / name)
-            self.save_costs.append(time.perf_counter() - started)
-            self.wait_costs.append(waited)
-            return
-        if not trainer.is_global_zero:
-            return
-        paths = [str(target)] + ([str(self.last_path)] if ranked_name and self.save_last else [])
-        if self.async_save and self._encodes_inline(trainer):
-            # A small state is encoded here, on the training thread (well under a
-            # millisecond for a small model), leaving the writer only system calls,
-            # during which it does not hold the interpreter lock. Pickled on the
-            # writer thread instead, the same state slowed training down by more
-            # than its own encoding time, contending for the lock.
-            encoded: bytes | None = storage.encode(checkpoint, record)
-            state = None
-        else:
-            encoded = None
-            state = snapshot(checkpoint)
-
-        def job() -> None:
-            begun = time.perf_counter()
-            linking = ranked_name is not None and self.save_last
-            # With a link to follow, one directory fsync after both renames covers both.
-            if encoded is not None:
-                storage.write_encoded(encoded, target, sync_directory=not linking)
-            else:
-                storage.write_file(state, target, record, sync_directory=not linking)
-            if linking:
-                storage.link_or_copy(target, self.last_path)
-            # Evicted files go only once their replacement is complete (either kind:
-            # a resumed run may rank against a sharded run's directories).
-            for name in evicted:
-                if name != ranked_name:
-                    sharded.remove(self.dirpath / name)
-            self.write_costs.append(time.perf_counter() - begun)
-            if self.verbose:
-                print(f"hooktrain-checkpoint: saved {' and '.join(paths)}", file=sys.stderr)
-
-        if self.async_save:
-            self._writer.submit(job, " and ".join(paths))
-        else:
-            job()
+                for path in evicted_paths:
+                    sharded.remove(path)
+        elif trainer.is_global_zero:
+            write_now_or_in_background(
+                checkpoint,
+                record,
+                target,
+                link=link,
+                evicted=evicted_paths,
+                background=self._writer if self.async_save else None,
+                encode_inline=self.async_save and self._encodes_inline(trainer),
+                verbose=self.verbose,
+                costs=self.write_costs,
+            )
         self.save_costs.append(time.perf_counter() - started)
         self.wait_costs.append(waited)
 

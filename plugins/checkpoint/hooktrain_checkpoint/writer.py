@@ -1,5 +1,6 @@
-"""Writing off the training thread: a private copy of the state, and one writer
-thread that takes one write at a time and keeps its error for the training thread."""
+"""Writing a checkpoint: now, or off the training thread from a private copy of the
+state, by one writer thread that takes one write at a time and keeps its error for
+the training thread."""
 
 from __future__ import annotations
 
@@ -7,10 +8,20 @@ import atexit
 import queue
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
-__all__ = ["BackgroundWriter", "CheckpointWriteError", "snapshot"]
+from hooktrain_checkpoint import sharded, storage
+
+__all__ = [
+    "BackgroundWriter",
+    "CheckpointWriteError",
+    "file_record",
+    "snapshot",
+    "write_now_or_in_background",
+]
 
 
 class CheckpointWriteError(RuntimeError):
@@ -133,3 +144,76 @@ class BackgroundWriter:
         except CheckpointWriteError as exc:
             # Nobody is left to raise it to: say it, rather than exit silently.
             print(f"hooktrain-checkpoint: {exc}", file=sys.stderr)
+
+
+def file_record(checkpoint: Mapping[str, Any], sequence: int) -> dict[str, Any]:
+    """The JSON record a checkpoint file carries in its zip comment, which
+    `storage.read_info` reads without loading the tensors: progress, the save's ``sequence`` number in the
+    directory, the local time it was made, and hooktrain's version."""
+    progress = checkpoint["progress"]
+    return {
+        "epoch": int(progress["epoch"]),
+        "global_step": int(progress["global_step"]),
+        "epoch_batches_done": int(progress["epoch_batches_done"]),
+        "epoch_complete": bool(progress["epoch_complete"]),
+        "sequence": sequence,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "hooktrain_version": checkpoint.get("hooktrain_version"),
+    }
+
+
+def write_now_or_in_background(
+    checkpoint: Mapping[str, Any],
+    record: Mapping[str, Any],
+    target: Path,
+    *,
+    link: Path | None,
+    evicted: list[Path],
+    background: BackgroundWriter | None,
+    encode_inline: bool,
+    verbose: bool,
+    costs: list[float],
+) -> None:
+    """Write ``checkpoint`` to ``target`` atomically, make ``link`` (``last.ckpt``)
+    the same file, then remove the ``evicted`` checkpoints: on ``background``'s
+    thread when one is given, else before returning. The seconds each write took
+    are appended to ``costs``.
+
+    :raises CheckpointWriteError: from ``background``, when its previous write failed.
+    :raises OSError: without ``background``, when writing fails.
+    """
+    paths = " and ".join(str(path) for path in (target, link) if path is not None)
+    if encode_inline:
+        # A small state is encoded here, on the training thread (well under a
+        # millisecond for a small model), leaving the writer only system calls,
+        # during which it does not hold the interpreter lock. Pickled on the
+        # writer thread instead, the same state slowed training down by more
+        # than its own encoding time, contending for the lock.
+        encoded: bytes | None = storage.encode(checkpoint, record)
+        state = None
+    else:
+        encoded = None
+        # Training goes on changing the live tensors while a background write runs.
+        state = snapshot(checkpoint) if background is not None else checkpoint
+
+    def job() -> None:
+        begun = time.perf_counter()
+        # With a link to follow, one directory fsync after both renames covers both.
+        if encoded is not None:
+            storage.write_encoded(encoded, target, sync_directory=link is None)
+        else:
+            storage.write_file(state, target, record, sync_directory=link is None)
+        if link is not None:
+            storage.link_or_copy(target, link)
+        # Evicted files go only once their replacement is complete (either kind:
+        # a resumed run may rank against a sharded run's directories).
+        for path in evicted:
+            sharded.remove(path)
+        costs.append(time.perf_counter() - begun)
+        if verbose:
+            print(f"hooktrain-checkpoint: saved {paths}", file=sys.stderr)
+
+    if background is None:
+        job()
+    else:
+        background.submit(job, paths)
