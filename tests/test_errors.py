@@ -165,6 +165,43 @@ def test_error_in_user_code_keeps_its_type_and_gains_a_note():
     assert witness.events == ["on_exception", "teardown"]
 
 
+def test_a_plugin_whose_call_into_the_core_fails_is_named_and_a_wrapper_is_not():
+    class Restorer:
+        """Calls the core (which runs the core's own state hooks) from its prepare."""
+
+        def __init__(self, checkpoint):
+            self.checkpoint = checkpoint
+
+        @hookimpl
+        def prepare(self, trainer, stage):
+            trainer.restore_checkpoint(self.checkpoint)
+
+    donor = fit(make_model(), trainer=hooktrain.Trainer(plugins=[], device="cpu", max_steps=1))
+    checkpoint = donor.dump_checkpoint()
+    checkpoint["optimizers"] = checkpoint["optimizers"] * 2
+    with pytest.raises(HookError, match="holds 2 optimizer") as info:
+        fit(make_model(), trainer=hooktrain.Trainer(plugins=[Restorer(checkpoint)], device="cpu"))
+    assert (info.value.plugin, info.value.hook) == ("Restorer", "prepare")
+
+    class AroundForward:
+        @hookimpl(wrapper=True)
+        def forward_step(self, trainer, batch, batch_idx, stage):
+            return (yield)
+
+    class Faulty(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 2)
+
+        def forward(self, x):
+            raise RuntimeError("shape trouble in my model")
+
+    # The model's error, raised inside the core's forward_step that the wrapper
+    # surrounds, stays the model's.
+    with pytest.raises(RuntimeError, match="shape trouble"):
+        fit(Faulty(), trainer=hooktrain.Trainer(plugins=[AroundForward()], device="cpu"))
+
+
 def test_keyboard_interrupt_runs_on_exception_and_teardown():
     class CtrlC:
         @hookimpl

@@ -218,23 +218,35 @@ def explain(trainer: Trainer, exc: BaseException) -> BaseException:
 
 def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
     """The innermost plugin implementation in ``exc``'s traceback, as (plugin,
-    hook); ``None`` when there is none or it is the core's."""
+    hook). When that is the core's, the innermost plain (not wrapper)
+    implementation of another plugin around it, which called into the core (a
+    ``trainer.restore_checkpoint`` in its ``prepare``); ``None`` when there is none.
+    """
     manager = trainer.plugin_manager
+    core = manager.get_plugin("core")
     owners: dict[Any, list[tuple[Any, tuple[Any, str]]]] = {}
+    callers: dict[Any, list[tuple[Any, tuple[Any, str]]]] = {}
     for hook_name in HOOK_NAMES:
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
             code = implementation_code(impl.function)
-            if code is not None:
-                owners.setdefault(code, []).append((impl.plugin, (impl.plugin, hook_name)))
+            if code is None:
+                continue
+            owners.setdefault(code, []).append((impl.plugin, (impl.plugin, hook_name)))
+            # A wrapper around the core's implementation of its own hook surrounds
+            # the user's code that implementation runs (the model's step): blaming
+            # it would blame a precision plugin for the model's error.
+            if impl.plugin is not core and not (impl.wrapper or impl.hookwrapper):
+                callers.setdefault(code, []).append((impl.plugin, (impl.plugin, hook_name)))
     # First: a correct wrapper around the failing one re-raises pluggy's error from
     # its own frame, which the traceback walk would blame.
     found = _wrapper_that_failed_to_yield(exc, owners)
     if found is None:
         found = _innermost(exc, owners)
+    if found is not None and found[0] is core:
+        found = _innermost(exc, callers)
     if found is None:
         return None
-    name = manager.get_name(found[0]) or "?"
-    return None if name == "core" else (name, found[1])
+    return manager.get_name(found[0]) or "?", found[1]
 
 
 # pluggy's words for a wrapper that returned without yielding or yielded twice. Its
