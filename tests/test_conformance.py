@@ -155,6 +155,43 @@ class TestEvery(PluginConformance):
     documented_errors = [({"every": 0}, "every must be >= 1")]
 """
 
+LATE_OPTION_ERROR = """
+from hooktrain import hookimpl
+from hooktrain.errors import ConfigurationError
+from hooktrain.testing import PluginConformance
+
+
+class Prefix:
+    name = "prefix"
+
+    def __init__(self, prefix="norm/"):
+        self.prefix = prefix  # checked only when first used, inside the first step
+
+    @hookimpl
+    def on_before_optimizer_step(self, trainer, optimizer):
+        if not isinstance(self.prefix, str):
+            raise ConfigurationError(f"prefix: prefix must be a string, got {self.prefix!r}")
+
+
+class TestPrefix(PluginConformance):
+    plugin = Prefix
+    documented_errors = [({"prefix": 5}, "prefix must be a string")]
+
+
+class Checked(Prefix):
+    name = "checked"
+
+    def __init__(self, prefix="norm/"):
+        if not isinstance(prefix, str):
+            raise ConfigurationError(f"checked: prefix must be a string, got {prefix!r}")
+        self.prefix = prefix
+
+
+class TestChecked(PluginConformance):
+    plugin = Checked
+    documented_errors = [({"prefix": 5}, "prefix must be text")]  # the regex alone is wrong
+"""
+
 NOT_SLOW = ("-m", "not slow", "-p", "no:cacheprovider")
 
 
@@ -179,14 +216,16 @@ def test_plugins_breaking_a_contract_fail_the_check_for_it(pytester: pytest.Pyte
         test_clip=ORDER,
         test_exit=HIDES_ERRORS,
         test_every=BARE_VALUE_ERROR,
+        test_prefix=LATE_OPTION_ERROR,
     )
     selected = (
         "(LossPrinter and host_sync) or (Warmup and resume) or (Clip and order) "
-        "or (ExitOnError and (exceptions or documented)) or (Every and documented)"
+        "or (ExitOnError and (exceptions or documented)) or (Every and documented) "
+        "or (Prefix and documented) or (Checked and documented)"
     )
     result = pytester.runpytest_subprocess(*NOT_SLOW, "-k", selected)
     text = result.stdout.str()
-    assert outcomes(result) == {"passed": 1, "failed": 6}, text
+    assert outcomes(result) == {"passed": 1, "failed": 8}, text
     for failed in (
         "test_loss_printer.py::TestLossPrinter::test_no_host_sync_per_step",
         "test_warmup.py::TestWarmup::test_exact_resume_after_sigterm",
@@ -194,6 +233,8 @@ def test_plugins_breaking_a_contract_fail_the_check_for_it(pytester: pytest.Pyte
         "test_exit.py::TestExitOnError::test_hook_exceptions_name_the_plugin",
         "test_exit.py::TestExitOnError::test_documented_errors_are_clear",
         "test_every.py::TestEvery::test_documented_errors_are_clear",
+        "test_prefix.py::TestPrefix::test_documented_errors_are_clear",
+        "test_prefix.py::TestChecked::test_documented_errors_are_clear",
     ):
         assert f"FAILED {failed}" in text
     # (b) points at the plugin's own line and says what to do instead.
@@ -212,6 +253,10 @@ def test_plugins_breaking_a_contract_fail_the_check_for_it(pytester: pytest.Pyte
     # what to raise instead.
     assert "were refused with ValueError: every must be >= 1; a refused option" in text
     assert "raise hooktrain.errors.ConfigurationError (a ValueError)" in text
+    # (e) an option refused inside the first step (global step still 0) is late, and
+    # a refusal in time whose message alone misses says only that.
+    assert "it was raised after training began (in 'on_before_optimizer_step')" in text
+    assert "but its message does not match 'prefix must be text'." in text
 
 
 UNSAVED_LOGGED_VALUE = """
