@@ -584,6 +584,27 @@ def test_a_metric_function_returning_no_number_is_named():
         )
 
 
+def test_an_implementation_marked_both_tryfirst_and_trylast_is_refused():
+    class Torn:
+        name = "torn"
+
+        @hookimpl(tryfirst=True, trylast=True)
+        def on_train_batch_end(self, trainer):
+            pass
+
+    with pytest.raises(PluginError, match=r"'torn': its on_train_batch_end is marked both"):
+        hooktrain.Trainer(plugins=[Torn()])
+
+    class Either:
+        name = "either"
+
+        @hookimpl(tryfirst=True)
+        def on_train_batch_end(self, trainer):
+            pass
+
+    hooktrain.Trainer(plugins=[Either()])
+
+
 def test_a_hook_that_yields_without_wrapper_true_is_refused():
     class Timer:
         name = "timer"

@@ -77,6 +77,12 @@ class PluginManager(pluggy.PluginManager):
                     f"plugin {name!r} implements {hook_name!r}, which is not a hooktrain "
                     f"hook{hint} (see 'hooktrain plugins --hooks' for the list)"
                 )
+            if opts.get("tryfirst") and opts.get("trylast"):
+                # pluggy would take trylast and drop the other without a word.
+                raise PluginError(
+                    f"plugin {name!r}: its {hook_name} is marked both tryfirst and trylast; "
+                    f"an implementation runs either first or last. Keep the one you mean"
+                )
             spec = inspect.signature(getattr(hookspecs, hook_name))
             if (
                 not (opts.get("wrapper") or opts.get("hookwrapper"))
