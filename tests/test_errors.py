@@ -202,6 +202,25 @@ def test_a_plugin_whose_call_into_the_core_fails_is_named_and_a_wrapper_is_not()
         fit(Faulty(), trainer=hooktrain.Trainer(plugins=[AroundForward()], device="cpu"))
 
 
+def test_an_error_in_the_iterator_a_batch_iterator_returned_names_the_plugin():
+    class Shards:
+        name = "shards"
+
+        @hookimpl
+        def batch_iterator(self, dataloader):
+            def read():
+                for index, batch in enumerate(dataloader):
+                    if index == 3:
+                        raise OSError("shard 3 is corrupt")
+                    yield batch
+
+            return read()  # not a generator function itself: its body ran and returned
+
+    with pytest.raises(HookError, match="shard 3 is corrupt") as info:
+        fit(trainer=hooktrain.Trainer(plugins=[Shards()], device="cpu"))
+    assert (info.value.plugin, info.value.hook) == ("shards", "batch_iterator")
+
+
 def test_keyboard_interrupt_runs_on_exception_and_teardown():
     class CtrlC:
         @hookimpl

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Mapping
+from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from hooktrain.batches import unwrap_compiled
@@ -231,12 +232,15 @@ def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
             code = implementation_code(impl.function)
             if code is None:
                 continue
-            owners.setdefault(code, []).append((impl.plugin, (impl.plugin, hook_name)))
-            # A wrapper around the core's implementation of its own hook surrounds
-            # the user's code that implementation runs (the model's step): blaming
-            # it would blame a precision plugin for the model's error.
-            if impl.plugin is not core and not (impl.wrapper or impl.hookwrapper):
-                callers.setdefault(code, []).append((impl.plugin, (impl.plugin, hook_name)))
+            # With the functions defined inside it: the generator a batch_iterator
+            # returns runs after the implementation itself has returned.
+            for part in _with_nested(code):
+                owners.setdefault(part, []).append((impl.plugin, (impl.plugin, hook_name)))
+                # A wrapper around the core's implementation of its own hook surrounds
+                # the user's code that implementation runs (the model's step): blaming
+                # it would blame a precision plugin for the model's error.
+                if impl.plugin is not core and not (impl.wrapper or impl.hookwrapper):
+                    callers.setdefault(part, []).append((impl.plugin, (impl.plugin, hook_name)))
     # First: a correct wrapper around the failing one re-raises pluggy's error from
     # its own frame, which the traceback walk would blame.
     found = _wrapper_that_failed_to_yield(exc, owners)
@@ -247,6 +251,15 @@ def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
     if found is None:
         return None
     return manager.get_name(found[0]) or "?", found[1]
+
+
+def _with_nested(code: CodeType) -> list[CodeType]:
+    """``code`` and the code of every function, generator and lambda defined in it."""
+    found = [code]
+    for constant in code.co_consts:
+        if isinstance(constant, CodeType):
+            found.extend(_with_nested(constant))
+    return found
 
 
 # pluggy's words for a wrapper that returned without yielding or yielded twice. Its
