@@ -148,8 +148,9 @@ class BackgroundWriter:
 
 def file_record(checkpoint: Mapping[str, Any], sequence: int) -> dict[str, Any]:
     """The JSON record a checkpoint file carries in its zip comment, which
-    `storage.read_info` reads without loading the tensors: progress, the save's ``sequence`` number in the
-    directory, the local time it was made, and hooktrain's version."""
+    `storage.read_info` reads without loading the tensors: progress, the save's
+    ``sequence`` number in the directory, the local time it was made, and
+    hooktrain's version."""
     progress = checkpoint["progress"]
     return {
         "epoch": int(progress["epoch"]),
