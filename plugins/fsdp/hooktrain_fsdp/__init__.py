@@ -57,6 +57,11 @@ __all__ = ["FSDP", "local_numel"]
 __version__ = "0.1.0"
 
 _NOTHING = object()
+_SAME_NUMBER_OF_BATCHES = (
+    "every forward of a sharded model is a collective, so each process must run as many "
+    "batches, and at least one (split an evaluation set with a DistributedSampler, which "
+    "pads the shares to one length, or give every process the whole set)"
+)
 
 _STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 _POLICY_FIELDS = ("param_dtype", "reduce_dtype", "output_dtype", "cast_forward_inputs")
@@ -91,7 +96,9 @@ class FSDP:
         a ``torch.dtype`` or its name such as ``"bfloat16"``; ``cast_forward_inputs``).
         ``None``: parameters stay in their own dtype.
     :param timeout: seconds a collective may wait before the process group fails
-        (a process that died leaves the others waiting).
+        (a process that died leaves the others waiting). It applies to the group the
+        plugin creates in ``setup``; a group the script created first keeps the
+        timeout it was created with, and the script ends it.
     :raises ConfigurationError: for an unknown ``mp_policy`` field or dtype, an
         ``auto_wrap_policy`` entry that is neither a class nor a string, or a
         ``timeout`` that is not a number > 0; in ``setup``, for an
@@ -307,17 +314,25 @@ class FSDP:
             mine: Any = "split"
         else:
             mine = "empty" if first is _NOTHING else fingerprint(first)
-        everyone = self.all_gather_object(trainer, mine)
-        if "empty" in everyone:
-            idle = ", ".join(str(rank) for rank, theirs in enumerate(everyone) if theirs == "empty")
+        # How many batches this process will run (None: a loader without a length).
+        batches = trainer.num_eval_batches[index]
+        everyone = self.all_gather_object(trainer, (mine, batches))
+        kinds = [theirs for theirs, _ in everyone]
+        counts = [count for _, count in everyone]
+        if "empty" in kinds:
+            idle = ", ".join(str(rank) for rank, theirs in enumerate(kinds) if theirs == "empty")
             raise ConfigurationError(
                 f"fsdp: the {stage} dataloader {index} yields no batches on process "
-                f"{idle}; every forward of a sharded model is a collective, so each "
-                f"process must run as many batches, and at least one (split an "
-                f"evaluation set with a DistributedSampler, which pads the shares to "
-                f"one length)"
+                f"{idle}; {_SAME_NUMBER_OF_BATCHES}"
             )
-        self._whole_set[index] = mine != "split" and all(theirs == mine for theirs in everyone)
+        if None not in counts and len(set(counts)) > 1:
+            # A process running more batches would wait in a forward's collective
+            # for the others, which have gone on to the metrics' reduction.
+            each = ", ".join(f"{count} on process {rank}" for rank, count in enumerate(counts))
+            raise ConfigurationError(
+                f"fsdp: the {stage} dataloader {index} yields {each}; {_SAME_NUMBER_OF_BATCHES}"
+            )
+        self._whole_set[index] = mine != "split" and all(theirs == mine for theirs in kinds)
         if first is not _NOTHING:
             yield first
             yield from iterator

@@ -85,8 +85,9 @@ def shard_loader(trainer: Trainer, loader: Any) -> Any:
                 f"fsdp: the training loader's DistributedSampler splits the data for "
                 f"process {split[1]} of {split[0]}, but this is process "
                 f"{trainer.global_rank} of {trainer.world_size}; build it with "
-                f"num_replicas=world_size and rank=rank (the defaults, once the process "
-                f"group exists), or leave it out"
+                f"num_replicas=int(os.environ['WORLD_SIZE']) and "
+                f"rank=int(os.environ['RANK']) (torchrun sets both; the process group "
+                f"is created only inside fit), or leave it out"
             )
         return loader
     whole = type(loader.sampler) is SequentialSampler or (

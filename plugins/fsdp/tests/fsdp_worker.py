@@ -184,6 +184,10 @@ def main() -> None:
             sampler=DistributedSampler(paired, world_size, rank, shuffle=False),
         )
         val_loaders = [val, by_sampler, DataLoader(own, batch_size=val.batch_size), same_start]
+    if config.get("uneven_val"):
+        # Split by hand, one batch short on rank 1: sized, so the counts are known.
+        share = Subset(val.dataset, range(len(val.dataset) - rank * val.batch_size))
+        val_loaders = DataLoader(share, batch_size=val.batch_size)
     if config.get("empty_val_on_rank") == rank:
         # A stream without len(), so that only running it shows it is empty.
         val_loaders = DataLoader(NoSamples(), batch_size=val.batch_size)

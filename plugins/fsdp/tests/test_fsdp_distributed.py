@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -336,3 +337,15 @@ def test_a_validation_loader_empty_on_one_process_is_refused_by_name(tmp_path) -
     proc = launch({**config, "empty_val_on_rank": 1}, tmp_path)
     assert proc.returncode != 0
     assert "the validate dataloader 0 yields no batches on process 1" in proc.stderr
+
+
+def test_validation_loaders_of_unequal_lengths_are_refused_by_name(tmp_path) -> None:
+    # A Subset per rank, one batch short on rank 1: rank 0's last forward waited for
+    # rank 1, gone on to the metrics' all_reduce, and gloo aborted on a "collective
+    # mismatch" (SIGABRT), naming nothing.
+    config = {"max_epochs": 1, "n": N_TRAIN, "batch_size": PER_RANK_BATCH}
+    proc = launch({**config, "uneven_val": True}, tmp_path)
+    assert proc.returncode != 0
+    assert re.search(
+        r"the validate dataloader 0 yields \d+ on process 0, \d+ on process 1;", proc.stderr
+    )
