@@ -19,16 +19,14 @@ import torch
 from hooktrain.batches import (
     STEP_NAMES,
     batch_size,
-    check_model,
     limited_length,
-    loader_list,
     step_batch_size,
 )
 from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError
 from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.metrics import warn_if_metrics_unused
-from hooktrain.options import why_evaluation_computed_nothing
+from hooktrain.options import check_model, loader_list, why_evaluation_computed_nothing
 from hooktrain.publishing import loader_suffix, logging_epoch_end, publish, stage_name
 from hooktrain.results import iterate, metric_values, origin, unexpected_result
 from hooktrain.rng import fork_rng

@@ -1,29 +1,34 @@
-"""The `Trainer`'s options: checked when it is built (and, for what depends on the
-data, when ``fit`` starts), before any work is done, and recorded as the run's
-hyperparameters for loggers."""
+"""What a run is given, checked before any work is done: the `Trainer`'s options
+when it is built (and, for what depends on the data, when ``fit`` starts), and the
+model, dataloaders, loss and metrics each entry point gets; and the options as
+recorded for loggers (the run's hyperparameters)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.batches import limited_length
+from hooktrain.batches import length, limited_length
 from hooktrain.epoch_metrics import is_epoch_metric
 from hooktrain.errors import ConfigurationError, warn_user
+from hooktrain.hookcalls import HOOK_NAMES
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
 __all__ = [
+    "check_loader",
     "check_loss_fn",
     "check_metrics",
+    "check_model",
     "check_monitors",
     "check_options",
     "default_device",
+    "loader_list",
     "resolve_device",
     "trainer_hparams",
     "warn_if_max_steps_unreachable",
@@ -282,3 +287,103 @@ def _require_int(name: str, value: Any, *, minimum: int, optional: bool = False)
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigurationError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_model(model: Any, *, training: bool, plugin: bool = False) -> None:
+    """:raises ConfigurationError: when ``model`` is not an ``nn.Module``, or (for
+    training) has no parameter that requires grad. Warns when a model to train is
+    in eval mode as a whole, and when the model defines methods named like event
+    hooks (``on_train_epoch_end``), which run on plugins only, unless it is itself
+    one of the trainer's plugins (``plugin``)."""
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigurationError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if training and not any(p.requires_grad for p in model.parameters()):
+        raise ConfigurationError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True)"
+        )
+    # The event hooks only: a model's own setup() or load_checkpoint() is likely
+    # its own method, not a hook.
+    hooks = [
+        n
+        for n in HOOK_NAMES
+        if not plugin and n.startswith("on_") and callable(getattr(type(model), n, None))
+    ]
+    if hooks:
+        # A Lightning habit: hooks on the model. Here they would never run, and
+        # the epoch metric they compute would go missing without a word.
+        warn_user(
+            f"hooktrain: {type(model).__name__} defines {', '.join(hooks)}, which hooktrain "
+            f"never calls on a model: hooks run on plugins (a model gives only its "
+            f"steps and configure_optimizers); move them into a plugin passed in "
+            f"Trainer(plugins=[...])"
+        )
+    if training and not model.training:
+        # The loop keeps each module's mode (a frozen BatchNorm stays frozen), so a
+        # model left in eval() after a manual check would train with dropout off
+        # and BatchNorm on its running statistics; Lightning calls train() instead.
+        warn_user(
+            f"hooktrain: {type(model).__name__} is in eval mode as fit starts, and trains "
+            f"in the modes its modules are in (dropout off, BatchNorm frozen); call "
+            f"model.train() first, and eval() only on the submodules to freeze"
+        )
+
+
+def check_loader(what: str, loader: Any) -> None:
+    """:raises ConfigurationError: when ``loader`` is not iterable, or its length
+    says it yields nothing."""
+    if loader is None or not isinstance(loader, Iterable) or isinstance(loader, str | bytes):
+        raise ConfigurationError(
+            f"{what} must be an iterable of batches (a DataLoader), got {type(loader).__name__}"
+        )
+    if length(loader) == 0:
+        raise ConfigurationError(
+            f"{what} is empty: it yields no batches (is the dataset empty, or "
+            f"drop_last=True with fewer samples than batch_size?)"
+        )
+
+
+def loader_list(what: str, loaders: Any) -> list[Iterable[Any]]:
+    """``loaders`` as a list of dataloaders: ``None`` or an empty list or tuple gives
+    none, one loader gives a list of one, a list or tuple of loaders is copied; each
+    is checked with `check_loader`.
+
+    A list is one loader, a list of batches, when its first item is a batch
+    (`_is_batch`): a tensor, a tuple, a dict, or a list holding no batches itself,
+    as ``[inputs, targets]`` from a DataLoader's default collate. A list of
+    DataLoaders, or of lists of batches, is several loaders.
+
+    :raises ConfigurationError: for a dict of dataloaders (Lightning accepts one;
+        here the names would be lost), or anything `check_loader` refuses.
+    """
+    if loaders is None or (isinstance(loaders, list | tuple) and not loaders):
+        return []
+    if isinstance(loaders, Mapping) and any(
+        isinstance(v, Iterable) and not isinstance(v, torch.Tensor) for v in loaders.values()
+    ):
+        raise ConfigurationError(
+            f"{what} got a dict of dataloaders ({', '.join(map(repr, loaders))}); pass a "
+            f"list instead: metrics of loader i are logged with the suffix "
+            f"'/dataloader_idx_i'"
+        )
+    if (
+        isinstance(loaders, list | tuple)
+        and loaders
+        and all(
+            isinstance(item, Iterable) and not isinstance(item, torch.Tensor) for item in loaders
+        )
+        and not _is_batch(loaders[0])
+    ):
+        result = list(loaders)
+    else:
+        result = [loaders]
+    for loader in result:
+        check_loader(what, loader)
+    return result
+
+
+def _is_batch(item: Any) -> bool:
+    """Whether ``item``, the first of a list passed as dataloaders, is a batch."""
+    if isinstance(item, torch.Tensor | tuple | Mapping):
+        return True
+    # [inputs, targets] is a batch; [(inputs, targets), ...] a loader of them.
+    return isinstance(item, list) and not (item and isinstance(item[0], tuple | list | Mapping))

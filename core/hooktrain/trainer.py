@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from hooktrain import state
-from hooktrain.batches import check_loader, check_model, loader_list
 from hooktrain.defaults import CoreDefaults
 from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError
@@ -26,7 +25,10 @@ from hooktrain.instrument import TRACE_ENV, instrument, stderr_tracer
 from hooktrain.metrics import MetricFn, Metrics
 from hooktrain.optimization import Scheduler
 from hooktrain.options import (
+    check_loader,
+    check_model,
     check_options,
+    loader_list,
     resolve_device,
     trainer_hparams,
 )
@@ -358,7 +360,7 @@ class Trainer:
         :param train_dataloaders: an iterable of batches, usually a ``DataLoader``.
         :param val_dataloaders: one iterable or a list of them. A list whose first
             item is a batch (a tensor, tuple, dict, or ``[inputs, targets]`` list) is
-            one iterable, a list of batches; see `hooktrain.batches.loader_list`.
+            one iterable, a list of batches; see `hooktrain.options.loader_list`.
         :param loss_fn: ``loss_fn(outputs, targets)`` returning a scalar tensor.
         :param optimizer: an optimizer, or a callable taking the parameters.
         :param metrics: name to ``fn(outputs, targets)``, computed on training and

@@ -44,8 +44,9 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
+from hooktrain.batches import fingerprint
 from hooktrain.errors import ConfigurationError
-from hooktrain_fsdp.data import fingerprint, has_distributed_sampler, shard_loader
+from hooktrain_fsdp.data import has_distributed_sampler, shard_loader
 
 if TYPE_CHECKING:
     import torch

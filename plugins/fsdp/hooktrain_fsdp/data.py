@@ -4,7 +4,6 @@ them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from hooktrain.errors import ConfigurationError
@@ -20,33 +19,6 @@ def has_distributed_sampler(loader: Any) -> bool:
     return isinstance(getattr(loader, "sampler", None), DistributedSampler) or isinstance(
         getattr(batch_sampler, "sampler", None), DistributedSampler
     )
-
-
-def fingerprint(batch: Any) -> list[Any]:
-    """What two processes compare to tell whether they hold the same batch: for each
-    tensor in it (or array, turned into one), its shape, dtype, its count of NaN and
-    two sums in float64 (the second weighs each element by its position, so that a
-    reordered batch differs); plain values as they are. Small, so that a batch of
-    images does not cross the network."""
-    import torch
-
-    if isinstance(batch, torch.Tensor):
-        flat = batch.detach().reshape(-1).double().cpu()
-        nans = int(flat.isnan().sum())
-        flat = torch.nan_to_num(flat)
-        positions = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
-        sums = [flat.sum().item(), (flat @ positions).item()]
-        return [tuple(batch.shape), str(batch.dtype), nans, *sums]
-    if isinstance(batch, Mapping):
-        return [[key, fingerprint(value)] for key, value in batch.items()]
-    if isinstance(batch, tuple | list):
-        return [fingerprint(item) for item in batch]
-    if batch is None or isinstance(batch, str | int | float | bool):
-        return [batch]
-    try:
-        return fingerprint(torch.as_tensor(batch))  # a NumPy array
-    except (TypeError, ValueError, RuntimeError):
-        return [type(batch).__name__]
 
 
 def shard_loader(trainer: Trainer, loader: Any) -> Any:

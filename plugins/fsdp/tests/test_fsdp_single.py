@@ -227,7 +227,8 @@ def test_a_batchs_fingerprint_tells_apart_what_processes_must_not_mistake() -> N
     # was read as 0 and a NumPy array by its type alone, so shares split by hand
     # that differed only there were taken for the whole set.
     import numpy as np
-    from hooktrain_fsdp.data import fingerprint
+
+    from hooktrain.batches import fingerprint
 
     x = torch.arange(12.0).reshape(4, 3)
     batch = {"x": x, "y": torch.tensor([0, 1, 0, 1]), "ids": ["a", "b", "c", "d"]}
