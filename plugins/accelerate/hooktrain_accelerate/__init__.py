@@ -42,6 +42,7 @@ from hooktrain import hookimpl
 from hooktrain.batches import STEP_NAMES, skip_first_batches
 from hooktrain.errors import ConfigurationError, PluginError
 from hooktrain_accelerate.data import (
+    refuse_hand_split_loaders,
     refuse_split_loaders,
     refuse_unsplittable_training_data,
     seed_sampler,
@@ -227,6 +228,15 @@ class Accelerate:
         # torch.compile keeps its compiled forward inside the DDP wrapper.
         self._router = _make_router(trainer.model)
         refuse_split_loaders([trainer.train_dataloader, *trainer.eval_dataloaders])
+        if accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            named = {
+                f"evaluation dataloader {i}": d for i, d in enumerate(trainer.eval_dataloaders)
+            }
+            if stage == "fit":
+                named = {"training dataloader": trainer.train_dataloader, **named}
+            refuse_hand_split_loaders(named, lambda mine: gather_object([mine]))
         if stage == "fit":
             refuse_unsplittable_training_data(trainer.train_dataloader, accelerator)
             self._agree_on_data_seed(trainer)

@@ -4,9 +4,10 @@ the data it refuses to run on several processes."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from hooktrain.batches import fingerprint
 from hooktrain.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -86,3 +87,33 @@ def refuse_unsplittable_training_data(loader: Any, accelerator: Accelerator) -> 
             f"across the {accelerator.num_processes} processes; got "
             f"{type(loader).__name__}, which every process would train on whole"
         )
+
+
+def refuse_hand_split_loaders(loaders: dict[str, Any], gather: Callable[[Any], list[Any]]) -> None:
+    """:raises ConfigurationError: for a ``DataLoader`` over a map-style dataset that
+    differs between the processes (in length, or in its first sample): split by
+    hand (a ``Subset`` per rank), which ``accelerator.prepare`` would split a
+    second time, so that each process trained or evaluated about 1/N of its share
+    and reported numbers of its own, without a word. ``loaders`` maps a name for
+    the error to each loader. Every process must call it, with the same names:
+    ``gather`` is a collective."""
+    from torch.utils.data import DataLoader, IterableDataset
+
+    def describe(loader: Any) -> Any:
+        if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+            return None
+        size = len(loader.dataset)  # type: ignore[arg-type]
+        return [size, fingerprint(loader.dataset[0]) if size else None]
+
+    everyone = gather([describe(loader) for loader in loaders.values()])
+    for index, name in enumerate(loaders):
+        if any(theirs[index] != everyone[0][index] for theirs in everyone[1:]):
+            sizes = ", ".join(
+                f"{theirs[index][0]} on process {rank}" for rank, theirs in enumerate(everyone)
+            )
+            raise ConfigurationError(
+                f"accelerate: the {name} holds a different dataset on each process "
+                f"({sizes} samples, or another first sample): split by hand, it would "
+                f"be split again by accelerate, each process seeing about 1/N of its "
+                f"share; give every process the whole dataset"
+            )

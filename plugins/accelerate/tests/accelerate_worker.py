@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from hooktrain import Trainer, accuracy, hookimpl
 from hooktrain.testing import make_data, make_model
@@ -326,6 +326,14 @@ def unsplittable_data(config: dict[str, Any], out: Path, rank: int) -> None:
         trainer.fit(make_model(), list(train), loss_fn=F.cross_entropy, optimizer=torch.optim.SGD)
     except Exception as error:  # the refusal under test
         report["fit_error"] = f"{type(error).__name__}: {error}"
+    # A validation set split by hand, a Subset per rank: accelerate would split each
+    # share again.
+    own = Subset(val.dataset, range(rank, len(val.dataset), 2))
+    trainer = Trainer(plugins=[("accelerate", {})], seed=0)
+    try:
+        trainer.validate(make_model(), DataLoader(own, batch_size=4), loss_fn=F.cross_entropy)
+    except Exception as error:  # the refusal under test
+        report["split_error"] = f"{type(error).__name__}: {error}"
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 

@@ -501,6 +501,12 @@ def test_data_accelerate_cannot_split_counts_each_sample_once_or_is_refused(tmp_
             "ConfigurationError: accelerate: the training data must be a torch DataLoader "
             "to be split across the 2 processes; got list" in report["fit_error"]
         )
+        # Split by hand and again by accelerate, each process validated a quarter of
+        # the set and reported its own val_loss, without an error.
+        assert (
+            "the evaluation dataloader 0 holds a different dataset on each process"
+            in (report["split_error"])
+        )
 
 
 @pytest.mark.parametrize("every_step", [False, True])
