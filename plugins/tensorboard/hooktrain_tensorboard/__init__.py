@@ -229,6 +229,17 @@ class TensorBoardLogger:
             self._write_hparams(trainer)
 
     @hookimpl
+    def on_fit_end(self, trainer: Trainer) -> None:
+        # Only a fit that ran to its end is a success in the HPARAMS tab; one that
+        # raised, was killed or stopped by SIGTERM (and is continued by a resume,
+        # which ends it) has no end, which TensorBoard shows as unknown.
+        if self.log_hparams and not trainer.interrupted and self._open(trainer):
+            from torch.utils.tensorboard.summary import hparams
+
+            _experiment, _start, end = hparams({}, {})
+            self._pending.append((time.time(), trainer.global_step, end))
+
+    @hookimpl
     def log_metrics(
         self, trainer: Trainer, metrics: Mapping[str, float], step: int, scope: str
     ) -> None:
@@ -316,16 +327,15 @@ class TensorBoardLogger:
         # SummaryWriter.add_hparams would put them in a run of their own; written to
         # this run's file, the HPARAMS tab links them to this run's scalars. torch
         # records a boolean as a number (0 or 1).
-        _experiment, start, end = hparams(
+        _experiment, start, _end = hparams(
             {key: hparam_value(value) for key, value in params.items()}, {}
         )
         # The experiment summary is left out: with one, TensorBoard takes the columns
         # from the first run's summary it finds (the metrics: none, as the ones a fit
         # will log are unknown here). Without, it builds them from every run: each
-        # hyperparameter's values over the runs, and each scalar tag as a metric.
-        wall_time = time.time()
-        for summary in (start, end):
-            self._pending.append((wall_time, trainer.global_step, summary))
+        # hyperparameter's values over the runs, and each scalar tag as a metric. The
+        # session's end (torch's says success) is written when the fit has succeeded.
+        self._pending.append((time.time(), trainer.global_step, start))
 
 
 def _logged_steps(run_dir: Path, before: int) -> LoggedSteps:

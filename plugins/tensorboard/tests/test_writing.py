@@ -14,6 +14,8 @@ import pytest
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from hooktrain import hookimpl
+from hooktrain.errors import HookError
 from hooktrain.testing import make_data, run
 
 
@@ -93,8 +95,9 @@ def test_a_killed_process_loses_only_what_waited_for_a_flush_point(
     assert steps(events, "train/loss") == on_disk
     assert steps(events, "lr/group_0") == on_disk
     assert steps(events, "epoch/loss") == [8]
-    # The hyperparameters waited for the first flush point too, and made it.
-    assert set(events.PluginTagToContent("hparams")) == HPARAMS_TAGS
+    # The hyperparameters waited for the first flush point too, and made it; the
+    # session has no end, as the fit never finished.
+    assert set(events.PluginTagToContent("hparams")) == {"_hparams_/session_start_info"}
 
 
 def test_no_writer_thread_outlives_a_stage(tmp_path: Path) -> None:
@@ -124,3 +127,24 @@ def test_hparams_of_every_kind(tmp_path: Path) -> None:
     assert values["max_epochs"].number_value == 1
     end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"])
     assert end.session_end_info.status == api_pb2.STATUS_SUCCESS
+
+
+def test_a_fit_that_failed_or_was_stopped_is_not_recorded_a_success(tmp_path: Path) -> None:
+    # torch's hparams() gives a session end marked success, which was written as the
+    # fit started: TensorBoard listed crashed and killed runs as successful.
+    class Fails:
+        @hookimpl
+        def on_train_epoch_end(self, trainer):
+            raise RuntimeError("the fit fails")
+
+    class Stopped:
+        @hookimpl
+        def on_train_epoch_end(self, trainer):
+            trainer.should_stop = trainer.interrupted = True  # as the checkpoint plugin on SIGTERM
+
+    with pytest.raises(HookError, match="the fit fails"):
+        run([("tensorboard", {"log_dir": tmp_path / "failed"}), Fails()], record=False)
+    run([("tensorboard", {"log_dir": tmp_path / "stopped"}), Stopped()], record=False)
+    for outcome in ("failed", "stopped"):
+        content = read(tmp_path / outcome / "default" / "version_0").PluginTagToContent("hparams")
+        assert set(content) == {"_hparams_/session_start_info"}, outcome
