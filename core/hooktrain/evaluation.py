@@ -23,7 +23,7 @@ from hooktrain.batches import (
     step_batch_size,
 )
 from hooktrain.epoch_metrics import EpochMetrics
-from hooktrain.errors import ConfigurationError
+from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain.hookcalls import ResolvedHooks
 from hooktrain.metrics import warn_if_metrics_unused
 from hooktrain.options import check_model, loader_list, why_evaluation_computed_nothing
@@ -79,6 +79,16 @@ def run_evaluation(
     loaders = loader_list("dataloaders", dataloaders)
     if not loaders:
         raise ConfigurationError(f"{stage}() needs at least one dataloader")
+    if trainer.interrupted:
+        # A script that goes on after a stopped fit (fit returns normally) puts its
+        # test values into the stopped run, where a resume does not replace them.
+        warn_user(
+            f"hooktrain: {stage}() after a fit that was interrupted (trainer.interrupted: "
+            f"a SIGTERM stopped it): it evaluates the weights the fit stopped at, and "
+            f"loggers record its values in that run, where the resume will not replace "
+            f"them. Check trainer.interrupted after fit and leave the evaluation to the "
+            f"resumed run"
+        )
     # As Keras's evaluate uses what compile set: what the last fit computed
     # with, unless given here, for this call alone.
     fit_fns = trainer.loss_fn, trainer.metric_fns
