@@ -303,7 +303,8 @@ class MLFlowLogger:
     def _connect(self) -> MlflowClient:
         """The client, once the tracking server has answered a request.
 
-        :raises ConfigurationError: when it did not within ``start_timeout`` seconds.
+        :raises ConfigurationError: when its first request failed (refused, an error
+            answer, or none within ``start_timeout`` seconds).
         """
         if self._client is not None:
             return self._client
@@ -323,9 +324,9 @@ class MLFlowLogger:
                 experiment = client.get_experiment_by_name(self.experiment_name)
         except Exception as exc:
             raise ConfigurationError(
-                f"mlflow: the tracking server at {uri} did not answer within "
-                f"{self.start_timeout} s ({type(exc).__name__}: {_first_line(exc)}); start it, "
-                f"or pass tracking_uri=... for one that runs"
+                f"mlflow: no working tracking server at {uri} (tried for up to "
+                f"{self.start_timeout} s; {type(exc).__name__}: {_first_line(exc)}); start "
+                f"it, or pass tracking_uri=... for one that runs"
             ) from exc
         if experiment is None:
             client.create_experiment(self.experiment_name)
