@@ -148,15 +148,18 @@ def test_lightnings_self_log_in_a_step_points_to_trainer_log():
     assert not any("trainer.log" in note for note in info.value.__notes__)
 
 
+class Faulty(nn.Module):
+    """A model whose forward always raises: the user's own error."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(8, 2)
+
+    def forward(self, x):
+        raise RuntimeError("shape trouble in my model")
+
+
 def test_error_in_user_code_keeps_its_type_and_gains_a_note():
-    class Faulty(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Linear(8, 2)
-
-        def forward(self, x):
-            raise RuntimeError("shape trouble in my model")
-
     witness = Witness()
     trainer = hooktrain.Trainer(plugins=[witness], device="cpu")
     with pytest.raises(RuntimeError, match="shape trouble") as excinfo:
@@ -187,14 +190,6 @@ def test_a_plugin_whose_call_into_the_core_fails_is_named_and_a_wrapper_is_not()
         @hookimpl(wrapper=True)
         def forward_step(self, trainer, batch, batch_idx, stage):
             return (yield)
-
-    class Faulty(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Linear(8, 2)
-
-        def forward(self, x):
-            raise RuntimeError("shape trouble in my model")
 
     # The model's error, raised inside the core's forward_step that the wrapper
     # surrounds, stays the model's.
