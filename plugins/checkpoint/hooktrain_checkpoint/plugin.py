@@ -439,6 +439,8 @@ class ModelCheckpoint:
                 verbose=self.verbose,
                 costs=self.write_costs,
             )
+        else:
+            return  # another process's plain save: rank 0 writes it
         self.save_costs.append(time.perf_counter() - started)
         self.wait_costs.append(waited)
 

@@ -184,18 +184,15 @@ def write_now_or_in_background(
     :raises OSError: without ``background``, when writing fails.
     """
     paths = " and ".join(str(path) for path in (target, link) if path is not None)
-    if encode_inline:
-        # A small state is encoded here, on the training thread (well under a
-        # millisecond for a small model), leaving the writer only system calls,
-        # during which it does not hold the interpreter lock. Pickled on the
-        # writer thread instead, the same state slowed training down by more
-        # than its own encoding time, contending for the lock.
-        encoded: bytes | None = storage.encode(checkpoint, record)
-        state = None
-    else:
-        encoded = None
-        # Training goes on changing the live tensors while a background write runs.
-        state = snapshot(checkpoint) if background is not None else checkpoint
+    # Private CPU copies, even for a state written now: torch.save writes a view's
+    # whole storage (a slice of a large table), and a CUDA tensor as one.
+    state = snapshot(checkpoint)
+    # A small state is encoded here, on the training thread (well under a
+    # millisecond for a small model), leaving the writer only system calls, during
+    # which it does not hold the interpreter lock. Pickled on the writer thread
+    # instead, the same state slowed training down by more than its own encoding
+    # time, contending for the lock.
+    encoded = storage.encode(state, record) if encode_inline else None
 
     def job() -> None:
         begun = time.perf_counter()
