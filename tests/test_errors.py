@@ -196,6 +196,43 @@ def test_a_plugin_whose_call_into_the_core_fails_is_named_and_a_wrapper_is_not()
     with pytest.raises(RuntimeError, match="shape trouble"):
         fit(Faulty(), trainer=hooktrain.Trainer(plugins=[AroundForward()], device="cpu"))
 
+    class ValidatesItself:
+        """Calls the core, which runs the model's own code, from a plain hook."""
+
+        @hookimpl
+        def on_train_epoch_end(self, trainer):
+            trainer.validate(trainer.model, make_data()[1])
+
+    class FaultyValidation(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.layer(x)
+
+        def validation_step(self, batch, batch_idx):
+            raise RuntimeError("my validation_step is wrong")
+
+    with pytest.raises(RuntimeError, match="my validation_step is wrong"):
+        trainer = hooktrain.Trainer(plugins=[ValidatesItself()], device="cpu")
+        fit(FaultyValidation(), trainer=trainer)
+
+    class WrapsForward:
+        """A closure put around the model's forward in prepare runs the model's code."""
+
+        @hookimpl
+        def prepare(self, trainer):
+            inner = trainer.model.forward
+
+            def forward(x):
+                return inner(x)
+
+            trainer.model.forward = forward
+
+    with pytest.raises(RuntimeError, match="shape trouble"):
+        fit(Faulty(), trainer=hooktrain.Trainer(plugins=[WrapsForward()], device="cpu"))
+
 
 def test_an_error_in_the_iterator_a_batch_iterator_returned_names_the_plugin():
     class Shards:

@@ -87,7 +87,7 @@ class PluginManager(pluggy.PluginManager):
             if (
                 not (opts.get("wrapper") or opts.get("hookwrapper"))
                 and inspect.isgeneratorfunction(getattr(plugin, attr, None))
-                and not _answers_with_an_iterable(spec)
+                and not answers_with_an_iterable(spec)
             ):
                 # pluggy would call it and get a generator back, never run: the body
                 # would not execute, and a firstresult hook would take the generator
@@ -161,7 +161,7 @@ class PluginManager(pluggy.PluginManager):
         return f"plugin {name!r} cannot be registered: {refusal}"
 
 
-def _answers_with_an_iterable(spec: inspect.Signature) -> bool:
+def answers_with_an_iterable(spec: inspect.Signature) -> bool:
     """Whether a hookspec's declared result is an iterable (its annotation, a string
     under postponed evaluation, names ``Iterable`` or ``Iterator``)."""
     return any(word in str(spec.return_annotation) for word in ("Iterable", "Iterator"))

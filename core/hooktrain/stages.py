@@ -8,16 +8,19 @@ epoch and the step.
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 from collections.abc import Callable, Mapping
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
+from hooktrain import hookspecs
 from hooktrain.batches import unwrap_compiled
-from hooktrain.errors import HookError, NonFiniteLossError, PluginError
+from hooktrain.errors import HookError, HooktrainError, NonFiniteLossError, PluginError
 from hooktrain.hookcalls import HOOK_NAMES
 from hooktrain.instrument import implementation_code
+from hooktrain.manager import answers_with_an_iterable
 from hooktrain.options import check_loss_fn, check_metrics
 from hooktrain.publishing import warn_if_never_published
 from hooktrain.rng import seed_everything
@@ -219,9 +222,10 @@ def explain(trainer: Trainer, exc: BaseException) -> BaseException:
 
 def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
     """The innermost plugin implementation in ``exc``'s traceback, as (plugin,
-    hook). When that is the core's, the innermost plain (not wrapper)
-    implementation of another plugin around it, which called into the core (a
-    ``trainer.restore_checkpoint`` in its ``prepare``); ``None`` when there is none.
+    hook); ``None`` when there is none or it is the core's. A hooktrain error the
+    core raised (a refusal of what it was given) inside a plain implementation of
+    another plugin, which called into the core (``trainer.restore_checkpoint`` in its
+    ``prepare``), is that implementation's: the plugin gave the core what it refused.
     """
     manager = trainer.plugin_manager
     core = manager.get_plugin("core")
@@ -232,9 +236,12 @@ def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
             code = implementation_code(impl.function)
             if code is None:
                 continue
-            # With the functions defined inside it: the generator a batch_iterator
-            # returns runs after the implementation itself has returned.
-            for part in _with_nested(code):
+            # A hook answering with an iterable (batch_iterator) owns the functions
+            # defined inside it too: the generator it returns runs after it returned.
+            # Elsewhere a nested function (a closure around the model's forward)
+            # runs the user's code.
+            iterable = answers_with_an_iterable(inspect.signature(getattr(hookspecs, hook_name)))
+            for part in _with_nested(code) if iterable else [code]:
                 owners.setdefault(part, []).append((impl.plugin, (impl.plugin, hook_name)))
                 # A wrapper around the core's implementation of its own hook surrounds
                 # the user's code that implementation runs (the model's step): blaming
@@ -247,7 +254,9 @@ def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
     if found is None:
         found = _innermost(exc, owners)
     if found is not None and found[0] is core:
-        found = _innermost(exc, callers)
+        # The user's code the core ran (a model's validation_step inside a trainer.
+        # validate() a plugin called) raises its own errors, which stay the user's.
+        found = _innermost(exc, callers) if isinstance(exc, HooktrainError) else None
     if found is None:
         return None
     return manager.get_name(found[0]) or "?", found[1]
