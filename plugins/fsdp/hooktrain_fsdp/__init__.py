@@ -44,7 +44,7 @@ from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookimpl
-from hooktrain.batches import fingerprint
+from hooktrain.batches import fingerprint, length
 from hooktrain.errors import ConfigurationError
 from hooktrain_fsdp.data import has_distributed_sampler, shard_loader
 
@@ -315,8 +315,9 @@ class FSDP:
             mine: Any = "split"
         else:
             mine = "empty" if first is _NOTHING else fingerprint(first)
-        # How many batches this process will run (None: a loader without a length).
-        batches = trainer.num_eval_batches[index]
+        # How many batches this process will run; None for a loader without a
+        # length, whose count limit_val_batches caps but does not tell.
+        batches = trainer.num_eval_batches[index] if length(dataloader) is not None else None
         everyone = self.all_gather_object(trainer, (mine, batches))
         kinds = [theirs for theirs, _ in everyone]
         counts = [count for _, count in everyone]

@@ -144,6 +144,7 @@ def main() -> None:
         max_epochs=config.get("max_epochs", 2),
         max_steps=config.get("max_steps"),
         gradient_clip_val=config.get("gradient_clip_val"),
+        limit_val_batches=config.get("limit_val_batches"),
         log_every_n_steps=1,
     )
     train, val = make_data(n=config.get("n", 80), batch_size=config.get("batch_size", 8))
@@ -188,6 +189,10 @@ def main() -> None:
         # Split by hand, one batch short on rank 1: sized, so the counts are known.
         share = Subset(val.dataset, range(len(val.dataset) - rank * val.batch_size))
         val_loaders = DataLoader(share, batch_size=val.batch_size)
+    if config.get("sized_and_stream_val"):
+        # As many batches on each process, rank 1's from a stream without a length.
+        batches = list(val)
+        val_loaders = batches if rank == 0 else (batch for batch in batches)
     if config.get("empty_val_on_rank") == rank:
         # A stream without len(), so that only running it shows it is empty.
         val_loaders = DataLoader(NoSamples(), batch_size=val.batch_size)

@@ -349,3 +349,11 @@ def test_validation_loaders_of_unequal_lengths_are_refused_by_name(tmp_path) -> 
     assert re.search(
         r"the validate dataloader 0 yields \d+ on process 0, \d+ on process 1;", proc.stderr
     )
+
+
+def test_a_share_without_a_length_is_not_counted_as_its_limit(tmp_path) -> None:
+    # Rank 1's stream has no length: its count, taken as limit_val_batches (more than
+    # the shares hold), was refused as unequal to rank 0's, though both run as many.
+    config = {"max_epochs": 1, "n": N_TRAIN, "batch_size": PER_RANK_BATCH}
+    proc = launch({**config, "sized_and_stream_val": True, "limit_val_batches": 50}, tmp_path)
+    assert proc.returncode == 0, proc.stderr
