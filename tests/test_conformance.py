@@ -190,6 +190,20 @@ class Checked(Prefix):
 class TestChecked(PluginConformance):
     plugin = Checked
     documented_errors = [({"prefix": 5}, "prefix must be text")]  # the regex alone is wrong
+
+
+class AtFitStart(Prefix):
+    name = "at_fit_start"
+
+    @hookimpl
+    def on_fit_start(self, trainer):  # before the first step: in time
+        if not isinstance(self.prefix, str):
+            raise ConfigurationError(f"at_fit_start: prefix must be a string, got {self.prefix!r}")
+
+
+class TestAtFitStart(PluginConformance):
+    plugin = AtFitStart
+    documented_errors = [({"prefix": 5}, "prefix must be a string")]
 """
 
 NOT_SLOW = ("-m", "not slow", "-p", "no:cacheprovider")
@@ -221,11 +235,11 @@ def test_plugins_breaking_a_contract_fail_the_check_for_it(pytester: pytest.Pyte
     selected = (
         "(LossPrinter and host_sync) or (Warmup and resume) or (Clip and order) "
         "or (ExitOnError and (exceptions or documented)) or (Every and documented) "
-        "or (Prefix and documented) or (Checked and documented)"
+        "or (Prefix and documented) or (Checked and documented) or (AtFitStart and documented)"
     )
     result = pytester.runpytest_subprocess(*NOT_SLOW, "-k", selected)
     text = result.stdout.str()
-    assert outcomes(result) == {"passed": 1, "failed": 8}, text
+    assert outcomes(result) == {"passed": 2, "failed": 8}, text
     for failed in (
         "test_loss_printer.py::TestLossPrinter::test_no_host_sync_per_step",
         "test_warmup.py::TestWarmup::test_exact_resume_after_sigterm",

@@ -372,13 +372,15 @@ class PluginConformance:
                 text += f"\n{cause}" if cause is not None else ""
                 calls = [call.name for call in job.recorder.calls] if job.recorder else []
                 wrong = []
-                if "on_fit_start" in calls:
+                # Late once a training batch has started (the global step is still 0
+                # throughout the first one).
+                if "on_train_batch_start" in calls:
                     ended = calls.index("on_exception") if "on_exception" in calls else None
                     hook = getattr(exc, "hook", None) or calls[:ended][-1]
                     wrong.append(
                         f"it was raised after training began (in {hook!r}), where a user "
-                        f"has lost the time until then: refuse it in the constructor, "
-                        f"setup or prepare"
+                        f"has lost the time until then: refuse it before the first step, "
+                        f"in the constructor, setup or prepare"
                     )
                 if not re.search(pattern, text):
                     wrong.append(f"its message does not match {pattern!r}")
