@@ -21,6 +21,7 @@ PLUGINS = [
 ]
 
 import argparse  # noqa: E402
+import sys  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -75,6 +76,9 @@ def main() -> None:
     model = DigitsCNN()
     trainer = hooktrain.Trainer(plugins=PLUGINS, max_epochs=args.epochs, seed=0)
     trainer.fit(model, train_loader, val_loader, ckpt_path="last" if args.resume else None)
+    if trainer.interrupted:  # a SIGTERM stopped the run after saving
+        print("stopped; run again with --resume to continue", file=sys.stderr)
+        sys.exit(143)  # tell a scheduler the job is not done (128 + SIGTERM)
     m = trainer.metrics
     print(f"final: val_loss={m['val_loss']:.4f} val_acc={m['val_acc']:.4f}")
 

@@ -41,3 +41,26 @@ def test_main_demo_reaches_its_accuracy_and_writes_logs_and_checkpoints(tmp_path
     assert list((tmp_path / "runs" / "convolutional").glob("version_*/events.out.tfevents.*"))
     checkpoints = list((tmp_path / "checkpoints" / "convolutional").iterdir())
     assert any("last" in path.name for path in checkpoints)
+
+
+@pytest.mark.slow
+def test_main_demo_stopped_by_sigterm_exits_as_unfinished_and_resumes(tmp_path):
+    # Stopped in its first epoch (before any validation), the demo read val_loss
+    # anyway and died of a KeyError, exit status 1.
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.hooktrain]\nplugins = ["faults"]\n'
+        "[tool.hooktrain.plugin-options.faults]\n"
+        'hook = "on_train_batch_end"\nstep = 5\nfault = "sigterm"\n'
+    )
+    stopped = subprocess.run(
+        [sys.executable, str(EXAMPLES / "convolutional.py"), "--epochs", "1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "run again with --resume to continue" in stopped.stderr
+    (tmp_path / "pyproject.toml").unlink()
+    _, accuracy = run_example("convolutional", tmp_path, "--epochs", "1", "--resume")
+    assert accuracy > 0.5
