@@ -17,7 +17,9 @@ from typing import Any
 import pytest
 import torch.nn.functional as F
 
+import hooktrain
 from hooktrain import hookimpl
+from hooktrain.errors import ConfigurationError
 from hooktrain.profiling import ProfilePlugin, ProfileReport
 from hooktrain.testing import make_data, run
 
@@ -269,6 +271,21 @@ def test_limit_shortens_the_printed_table(clock):
     text = report.report.format(limit=1)
     assert "more rows" in text
     assert text.count("\n") < report.report.format().count("\n")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"stream": "report.txt"}, "stream must be a text stream"),
+        ({"limit": "three"}, "limit must be an integer >= 1"),
+        ({"limit": 0}, "limit must be an integer >= 1"),
+        ({"all_ranks": "yes"}, "all_ranks must be True or False"),
+    ],
+)
+def test_bad_options_are_refused_before_the_stage(options, message):
+    # Each failed only in teardown, once the whole fit had run.
+    with pytest.raises(ConfigurationError, match=message):
+        hooktrain.Trainer(plugins=[("profile", options)])
 
 
 class SizesTheLoader:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
+from hooktrain.errors import ConfigurationError
 from hooktrain.instrument import instrument
 from hooktrain.markers import hookimpl
 from hooktrain.results import implementers, wrappers
@@ -141,6 +142,9 @@ class ProfilePlugin:
     :param print_report: set ``False`` to keep the report as data only.
     :param limit: print at most this many hook rows (all by default).
     :param all_ranks: print on every process, not only on rank 0.
+    :raises ConfigurationError: for a ``stream`` without ``write``, a ``limit`` that is
+        not an integer >= 1, or flags that are not booleans: checked here, not when
+        the report is printed at the end of the stage.
     """
 
     name = "profile"
@@ -153,6 +157,19 @@ class ProfilePlugin:
         limit: int | None = None,
         all_ranks: bool = False,
     ) -> None:
+        if stream is not None and not callable(getattr(stream, "write", None)):
+            raise ConfigurationError(
+                f"profile: stream must be a text stream (with write), such as an open "
+                f"file or sys.stdout, got {type(stream).__name__} {stream!r}"
+            )
+        whole = isinstance(limit, int) and not isinstance(limit, bool)
+        if limit is not None and not (whole and limit >= 1):
+            raise ConfigurationError(
+                f"profile: limit must be an integer >= 1 or None, got {limit!r}"
+            )
+        for flag, value in (("print_report", print_report), ("all_ranks", all_ranks)):
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"profile: {flag} must be True or False, got {value!r}")
         self.stream = stream
         self.print_report = print_report
         self.limit = limit
