@@ -472,6 +472,24 @@ def test_loss_that_is_not_a_scalar():
         fit(loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none"))
 
 
+def test_a_loss_that_is_not_a_tensor_names_loss_fn_and_a_dict_without_loss_its_keys():
+    # Both said "the training step must return the loss tensor or a dict holding
+    # 'loss', got dict": a user of loss_fn had written no step and returned no dict.
+    with pytest.raises(ConfigurationError, match=r"got float 1.0: what loss_fn returned"):
+        fit(loss_fn=lambda out, y: 1.0)
+
+    class Misspelt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 2)
+
+        def training_step(self, batch, batch_idx):
+            return {"los": F.cross_entropy(self.layer(batch[0]), batch[1])}
+
+    with pytest.raises(ConfigurationError, match=r"a dict without 'loss' \(its keys: 'los'\)"):
+        fit(Misspelt(), loss_fn=None)
+
+
 def test_loss_without_grad():
     with pytest.raises(ConfigurationError, match="does not require grad"):
         fit(loss_fn=lambda out, y: F.cross_entropy(out, y).detach())

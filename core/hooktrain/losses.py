@@ -39,14 +39,32 @@ def agreed_finite(trainer: Trainer, finite: torch.Tensor | None) -> bool | None:
 def loss_of(outputs: Any, trainer: Trainer) -> torch.Tensor:
     if isinstance(outputs, torch.Tensor):  # a subclass of Tensor
         return outputs
+    source = origin(trainer.plugin_manager, "forward_step")
     if isinstance(outputs, Mapping) and "loss" in outputs:
         loss = outputs["loss"]
         if isinstance(loss, torch.Tensor):
             return loss
+        # The core's own step puts loss_fn's result there: name both places.
+        raise ConfigurationError(
+            f"the training loss must be a tensor, got {type(loss).__name__} "
+            f"{_short(loss)}: what loss_fn returned, or the 'loss' of what the "
+            f"training_step returned{source}"
+        )
+    if isinstance(outputs, Mapping):
+        keys = ", ".join(repr(key) for key in outputs) or "none"
+        raise ConfigurationError(
+            f"the training step returned a dict without 'loss' (its keys: {keys}); "
+            f"return the loss tensor, or a dict holding it under 'loss'{source}"
+        )
     raise ConfigurationError(
         f"the training step must return the loss tensor or a dict holding 'loss', "
-        f"got {type(outputs).__name__}{origin(trainer.plugin_manager, 'forward_step')}"
+        f"got {type(outputs).__name__}{source}"
     )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def raise_bad_loss(loss: torch.Tensor, trainer: Trainer) -> None:
