@@ -450,6 +450,19 @@ def test_checkpoint_from_another_model_lists_the_mismatches(tmp_path):
     assert "missing from the checkpoint: 3.bias, 3.weight" in message
     assert "0.weight: checkpoint (16, 8) vs model (32, 8)" in message
 
+    # Another model also configured otherwise (two optimizers, a scheduler): its
+    # keys are named, where the run used to say only "the checkpoint holds 0 LR
+    # scheduler(s), the run has 1".
+    class Configured(nn.Sequential):
+        def configure_optimizers(self):
+            first = torch.optim.SGD(self[0].parameters(), lr=0.1)
+            second = torch.optim.SGD(self[2:].parameters(), lr=0.1)
+            return [first, second], [torch.optim.lr_scheduler.StepLR(first, 1)]
+
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    with pytest.raises(hooktrain.ConfigurationError, match=r"missing from the checkpoint: 3.b"):
+        trainer.fit(Configured(*other), make_data()[0], loss_fn=F.cross_entropy, ckpt_path=path)
+
 
 def test_checkpoint_loads_with_weights_only(tmp_path):
     path = tmp_path / "c.pt"

@@ -215,11 +215,8 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     """See `hooktrain.Trainer.restore_checkpoint`."""
     if trainer.module is None:
         raise ConfigurationError("restore_checkpoint() needs a model: call it during fit")
-    schedulers = [entry.scheduler for entry in trainer._schedulers]
-    scheduler_states = list(checkpoint.get("lr_schedulers", []))
-    check_count("LR scheduler(s)", schedulers, scheduler_states)
-    for index, (scheduler, saved) in enumerate(zip(schedulers, scheduler_states, strict=True)):
-        check_scheduler_kind(index, scheduler, saved)
+    # The model first: a checkpoint of another model is best told by its keys and
+    # shapes, not by its scheduler count. Nothing has trained yet when this fails.
     loaded = trainer.plugin_manager.hook.set_state_dict(
         trainer=trainer,
         model_state_dict=checkpoint["model"],
@@ -229,6 +226,11 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         # Another value (load_state_dict's result, returned on) ends the hook
         # before the core's default: the optimizers would silently stay fresh.
         raise unexpected_result(trainer.plugin_manager, "set_state_dict", loaded, "True")
+    schedulers = [entry.scheduler for entry in trainer._schedulers]
+    scheduler_states = list(checkpoint.get("lr_schedulers", []))
+    check_count("LR scheduler(s)", schedulers, scheduler_states)
+    for index, (scheduler, saved) in enumerate(zip(schedulers, scheduler_states, strict=True)):
+        check_scheduler_kind(index, scheduler, saved)
     for scheduler, saved in zip(schedulers, scheduler_states, strict=True):
         scheduler.load_state_dict(saved)
     by_rank = checkpoint.get("random_states_by_rank")
@@ -302,7 +304,8 @@ def check_count(what: str, objects: list[Any], states: list[Any]) -> None:
 def load_model_and_optimizers(
     trainer: Trainer, model_state: Mapping[str, Any], optimizer_states: list[Any]
 ) -> None:
-    """The core's ``set_state_dict``: `load_model_state`, then each optimizer's state.
+    """The core's ``set_state_dict``: `load_model_state`, then each optimizer's state
+    (their number and classes checked once the model has loaded).
 
     An optimizer state keyed by parameter name (the form of
     ``torch.distributed.checkpoint.state_dict``, which sharded checkpoints hold) is
@@ -312,12 +315,13 @@ def load_model_and_optimizers(
     :raises ConfigurationError: from `load_model_state`, for another number of
         optimizers, or for an optimizer state saved by another optimizer class.
     """
+    # The model's keys and shapes first: they name a checkpoint of another model.
+    load_model_state(trainer.module, model_state)
     check_count("optimizer(s)", trainer.optimizers, optimizer_states)
     for index, (optimizer, saved) in enumerate(
         zip(trainer.optimizers, optimizer_states, strict=True)
     ):
         check_optimizer_kind(index, optimizer, saved)
-    load_model_state(trainer.module, model_state)
     for optimizer, saved in zip(trainer.optimizers, optimizer_states, strict=True):
         if any(isinstance(key, str) for key in saved.get("state", {})) or any(
             isinstance(p, str) for group in saved.get("param_groups", []) for p in group["params"]
