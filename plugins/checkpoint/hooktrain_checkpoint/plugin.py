@@ -61,7 +61,8 @@ class ModelCheckpoint:
     :param save_on_sigterm: on SIGTERM, save at the next batch boundary and stop.
     :param verbose: print where each checkpoint went (on rank 0).
     :raises ConfigurationError: for an unknown ``mode``, a ``save_top_k`` below -1,
-        an ``every_n_*`` below 1, or a ``filename`` holding a directory separator.
+        an ``every_n_*`` below 1, or a ``filename`` holding a directory separator, a
+        stray brace, or a format its field's value refuses.
     """
 
     name = "checkpoint"
@@ -109,6 +110,7 @@ class ModelCheckpoint:
             raise ConfigurationError(
                 f"checkpoint: filename must be a plain name pattern, got {filename!r}"
             )
+        topk.check_pattern(self.filename)
         self.monitor = monitor
         self.mode = mode
         self.save_top_k = save_top_k

@@ -7,11 +7,12 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from hooktrain.errors import missing_monitor_hint
+from hooktrain.errors import ConfigurationError, missing_monitor_hint
 from hooktrain_checkpoint.storage import LAST_NAME, SUFFIX
 
 __all__ = [
     "better",
+    "check_pattern",
     "enter",
     "missing_monitor_message",
     "never_ranked_message",
@@ -20,6 +21,28 @@ __all__ = [
 ]
 
 _FIELD = re.compile(r"\{([^{}:]+)(?::([^{}]*))?\}")
+
+
+def check_pattern(pattern: str) -> None:
+    """:raises ConfigurationError: for a ``filename`` pattern with a brace that opens
+    or closes no field, or a format that the field's value (an integer for
+    ``epoch`` and ``step``, a float for a metric) refuses; found here, not at the
+    first save, an epoch into the run."""
+    if "{" in _FIELD.sub("", pattern) or "}" in _FIELD.sub("", pattern):
+        raise ConfigurationError(
+            f"checkpoint: filename {pattern!r} has a brace that opens or closes no field; "
+            f"write fields as {{epoch}} or {{val_loss:.3f}}"
+        )
+    for match in _FIELD.finditer(pattern):
+        key, spec = match.group(1).strip(), match.group(2)
+        sample: Any = 0 if key in ("epoch", "step") else 0.5
+        try:
+            format(sample, spec or "")
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(
+                f"checkpoint: filename field {match.group(0)!r} has a format its value "
+                f"({type(sample).__name__}) refuses: {exc}"
+            ) from None
 
 
 def render_name(pattern: str, values: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:

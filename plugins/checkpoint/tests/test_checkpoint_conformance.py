@@ -14,4 +14,7 @@ class TestCheckpointConformance(PluginConformance):
         ({"mode": "median"}, "mode must be 'min' or 'max'"),
         ({"save_top_k": -2}, "save_top_k must be an integer >= -1"),
         ({"filename": "a/b"}, "filename must be a plain name pattern"),
+        # Both failed at the first save, an epoch in, or wrote '{epoch.ckpt'.
+        ({"filename": "{val_loss:.3q}"}, "has a format its value \\(float\\) refuses"),
+        ({"filename": "{epoch"}, "has a brace that opens or closes no field"),
     ]
