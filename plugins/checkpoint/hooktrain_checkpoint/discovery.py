@@ -33,7 +33,7 @@ def list_checkpoints(
             found.append(storage.read_info(path))
         except storage.DamagedCheckpointError as exc:
             if report is not None:
-                report(f"hooktrain-checkpoint: skipping {exc}")
+                report(f"hooktrain-checkpoint: skipping {str(exc.path)!r}, damaged: {exc.reason}")
         except OSError as exc:
             if report is not None:
                 report(f"hooktrain-checkpoint: skipping {path}: {exc}")
@@ -69,7 +69,10 @@ def newest_checkpoint(
                 checkpoint, _ = storage.load_file(info.path, require_record=True)
         except storage.DamagedCheckpointError as exc:
             if report is not None:
-                report(f"hooktrain-checkpoint: skipping {exc}; trying an older one")
+                report(
+                    f"hooktrain-checkpoint: skipping {str(exc.path)!r}, damaged: {exc.reason}; "
+                    f"trying an older one"
+                )
             continue
         return checkpoint, info
     return None
