@@ -490,6 +490,22 @@ def test_a_loss_that_is_not_a_tensor_names_loss_fn_and_a_dict_without_loss_its_k
         fit(Misspelt(), loss_fn=None)
 
 
+def test_a_model_returning_a_tuple_to_loss_fn_gets_a_hint():
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.layer(x), x
+
+    # torch's TypeError ("argument 'input' must be Tensor, not tuple") stays, with
+    # the note saying where the tuple came from and what to do.
+    with pytest.raises(TypeError, match="must be Tensor, not tuple") as info:
+        fit(Pair())
+    assert any("the model returned a tuple, given to loss_fn" in n for n in info.value.__notes__)
+
+
 def test_loss_without_grad():
     with pytest.raises(ConfigurationError, match="does not require grad"):
         fit(loss_fn=lambda out, y: F.cross_entropy(out, y).detach())

@@ -104,11 +104,18 @@ class CoreDefaults:
             raise ConfigurationError(f"{exc}{by}") from None
         outputs = model(inputs)
         if stage == "train":
-            return {
-                "loss": trainer.loss_fn(outputs, targets),
-                "outputs": outputs,
-                "targets": targets,
-            }
+            try:
+                loss = trainer.loss_fn(outputs, targets)
+            except TypeError as exc:
+                if not isinstance(outputs, torch.Tensor):
+                    # torch's own words name neither the model nor the fix.
+                    exc.add_note(
+                        f"hooktrain: the model returned a {type(outputs).__name__}, given "
+                        f"to loss_fn(outputs, targets) as it is: return one tensor from "
+                        f"forward, or define training_step(batch, batch_idx)"
+                    )
+                raise
+            return {"loss": loss, "outputs": outputs, "targets": targets}
         return {"outputs": outputs, "targets": targets}
 
     def _user_step(self, trainer: Trainer, stage: str) -> Any:
