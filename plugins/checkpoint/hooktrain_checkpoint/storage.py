@@ -22,6 +22,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import tempfile
@@ -96,6 +97,15 @@ class UnsafeCheckpointError(ConfigurationError):
             f"code. Nothing from it was executed. Detail: {detail}"
         )
         self.path = Path(path)
+
+
+def _what_was_refused(message: str) -> str:
+    """Of torch's weights-only refusal, the sentence naming what it refused (the
+    rest is advice on loading the file unsafely), without its terminal colours."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in message.splitlines()]
+    named = [line for line in lines if "Unsupported global" in line or "Unpickler error" in line]
+    found = named[0] if named else next((line for line in lines if line), "")
+    return found.split(" Please use ")[0]
 
 
 @dataclass(frozen=True)
@@ -496,7 +506,7 @@ def load_file(
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(path, str(exc).strip().splitlines()[0]) from None
+        raise UnsafeCheckpointError(path, _what_was_refused(str(exc))) from None
     except Exception as exc:
         raise DamagedCheckpointError(
             path, f"torch.load failed: {type(exc).__name__}: {exc}"
