@@ -167,6 +167,19 @@ def test_hooks_are_listed_with_the_arguments_an_implementation_may_take():
     assert arguments == ["arguments:", "trainer,", "outputs,", "batch,", "batch_idx"]
 
 
+def test_flags_that_would_ignore_other_input_are_refused():
+    # Each printed its own view and silently dropped the rest (exit status 0).
+    for args, said in (
+        (["--detail", "tqdm"], "--detail lists the installed plugins; give it no plugin names"),
+        (["--hooks", "tqdm"], "--hooks takes no other flag and no plugin names"),
+        (["--hooks", "--selected"], "--hooks takes no other flag and no plugin names"),
+        (["--selected", "tqdm"], "--selected takes no other flag and no plugin names"),
+    ):
+        result = hooktrain_cli("plugins", *args)
+        assert result.returncode == 2, args
+        assert said in result.stderr, args
+
+
 def test_unknown_command_exits_2():
     result = hooktrain_cli("frobnicate")
     assert result.returncode == 2

@@ -230,7 +230,7 @@ def test_selected_lists_environment_and_pyproject_with_origins(project: Path) ->
         """
         [tool.hooktrain]
         plugins = ["tagger", "nosuchplugin"]
-        disable = ["tqdm"]
+        disable = ["tqdm", "csvv"]
         [tool.hooktrain.plugin-options.csv]
         log_dir = "logs"
         [tool.hooktrain.plugin-options.taggr]
@@ -254,7 +254,9 @@ def test_selected_lists_environment_and_pyproject_with_origins(project: Path) ->
     assert "environment (HOOKTRAIN_PLUGINS)" in rows["profile"]
     assert f"{config} [tool.hooktrain]" in rows["tagger"]
     assert "NOT INSTALLED" in rows["nosuchplugin"]
-    assert f"disabled wherever selected: tqdm ({config} [tool.hooktrain])" in out
+    assert f"disabled wherever selected: csvv ({config} [tool.hooktrain]), tqdm (" in out
+    # A misspelt name disables nothing; a run says so, and so does this command.
+    assert "'csvv' is no installed plugin: disabling it does nothing; did you mean 'csv'?" in out
     assert "options for 'csv' when the script selects it by name: log_dir='logs'\n" in out
     assert (
         "options for 'taggr' when the script selects it by name: tag='x' (NOT INSTALLED: "

@@ -149,6 +149,12 @@ def _show_selected() -> int:
     others = sorted(set(disabled) - {row[0] for row in rows})
     if others:
         print("disabled wherever selected: " + ", ".join(f"{n} ({disabled[n]})" for n in others))
+    for name in others:
+        if name not in installed:
+            # A run says the same: a misspelt name disables nothing.
+            close = closest_name(name, sorted(installed))
+            hint = f"; did you mean {close!r}?" if close else ""
+            print(f"  {name!r} is no installed plugin: disabling it does nothing{hint}")
     selected = {row[0] for row in rows}
     for name, options in config.plugin_options.items():
         if name not in selected:
@@ -329,6 +335,12 @@ def _run(argv: Sequence[str] | None) -> int:
     if options.command != "plugins":
         parser.print_help()
         return 0 if options.command is None and not args else 2
+    # Each flag is its own view: the others, and plugin names, would be ignored.
+    views = [flag for flag in ("hooks", "selected", "detail") if getattr(options, flag)]
+    if len(views) > 1 or (views and views != ["detail"] and options.selection):
+        plugins.error(f"--{views[0]} takes no other flag and no plugin names")
+    if views == ["detail"] and options.selection:
+        plugins.error("--detail lists the installed plugins; give it no plugin names")
     if options.hooks:
         return _list_hooks()
     if options.selected:
