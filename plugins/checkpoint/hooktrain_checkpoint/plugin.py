@@ -298,6 +298,12 @@ class ModelCheckpoint:
     def on_exception(self, trainer: Trainer, exception: BaseException) -> None:
         if self._loaded_from is not None and isinstance(exception, ConfigurationError):
             exception.add_note(f"hooktrain-checkpoint: while restoring {self._loaded_from}")
+        if isinstance(exception, KeyboardInterrupt) and self.last_model_path is not None:
+            # Ctrl-C: below Python's traceback, where the run can go on from.
+            exception.add_note(
+                f"hooktrain-checkpoint: the last checkpoint saved is {self.last_model_path}; "
+                f"run again with ckpt_path='last' to continue from it"
+            )
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:

@@ -346,6 +346,21 @@ def test_damaged_newest_is_reported_and_last_falls_back(
     assert_identical(reference(tmp_path_factory, 1), resumed)
 
 
+def test_ctrl_c_says_where_the_run_can_continue_from(tmp_path: Path) -> None:
+    class CtrlC:
+        @hookimpl
+        def on_train_batch_end(self, trainer: Trainer) -> None:
+            if trainer.global_step == 7:  # after the save of step 6
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        fit(tmp_path, CtrlC(), async_save=False)
+    assert info.value.__notes__[-1] == (
+        f"hooktrain-checkpoint: the last checkpoint saved is {tmp_path / 'last.ckpt'}; "
+        f"run again with ckpt_path='last' to continue from it"
+    )
+
+
 def test_explicit_damaged_file_fails_naming_it(tmp_path: Path) -> None:
     fit(tmp_path, epochs=1)
     path = tmp_path / "last.ckpt"
