@@ -7,8 +7,9 @@ format is described in ``docs/checkpointing.md``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -215,8 +216,14 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
     """See `hooktrain.Trainer.restore_checkpoint`."""
     if trainer.module is None:
         raise ConfigurationError("restore_checkpoint() needs a model: call it during fit")
-    # The model first: a checkpoint of another model is best told by its keys and
-    # shapes, not by its scheduler count. Nothing has trained yet when this fails.
+    schedulers = [entry.scheduler for entry in trainer._schedulers]
+    scheduler_states = list(checkpoint.get("lr_schedulers", []))
+    # Checked before anything loads, so that a refused resume leaves the model as
+    # it was given.
+    with _another_model_first(trainer.module, checkpoint["model"]):
+        check_count("LR scheduler(s)", schedulers, scheduler_states)
+        for index, (scheduler, saved) in enumerate(zip(schedulers, scheduler_states, strict=True)):
+            check_scheduler_kind(index, scheduler, saved)
     loaded = trainer.plugin_manager.hook.set_state_dict(
         trainer=trainer,
         model_state_dict=checkpoint["model"],
@@ -226,11 +233,6 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         # Another value (load_state_dict's result, returned on) ends the hook
         # before the core's default: the optimizers would silently stay fresh.
         raise unexpected_result(trainer.plugin_manager, "set_state_dict", loaded, "True")
-    schedulers = [entry.scheduler for entry in trainer._schedulers]
-    scheduler_states = list(checkpoint.get("lr_schedulers", []))
-    check_count("LR scheduler(s)", schedulers, scheduler_states)
-    for index, (scheduler, saved) in enumerate(zip(schedulers, scheduler_states, strict=True)):
-        check_scheduler_kind(index, scheduler, saved)
     for scheduler, saved in zip(schedulers, scheduler_states, strict=True):
         scheduler.load_state_dict(saved)
     by_rank = checkpoint.get("random_states_by_rank")
@@ -305,7 +307,7 @@ def load_model_and_optimizers(
     trainer: Trainer, model_state: Mapping[str, Any], optimizer_states: list[Any]
 ) -> None:
     """The core's ``set_state_dict``: `load_model_state`, then each optimizer's state
-    (their number and classes checked once the model has loaded).
+    (their number and classes checked before anything loads).
 
     An optimizer state keyed by parameter name (the form of
     ``torch.distributed.checkpoint.state_dict``, which sharded checkpoints hold) is
@@ -315,13 +317,13 @@ def load_model_and_optimizers(
     :raises ConfigurationError: from `load_model_state`, for another number of
         optimizers, or for an optimizer state saved by another optimizer class.
     """
-    # The model's keys and shapes first: they name a checkpoint of another model.
+    with _another_model_first(trainer.module, model_state):
+        check_count("optimizer(s)", trainer.optimizers, optimizer_states)
+        for index, (optimizer, saved) in enumerate(
+            zip(trainer.optimizers, optimizer_states, strict=True)
+        ):
+            check_optimizer_kind(index, optimizer, saved)
     load_model_state(trainer.module, model_state)
-    check_count("optimizer(s)", trainer.optimizers, optimizer_states)
-    for index, (optimizer, saved) in enumerate(
-        zip(trainer.optimizers, optimizer_states, strict=True)
-    ):
-        check_optimizer_kind(index, optimizer, saved)
     for optimizer, saved in zip(trainer.optimizers, optimizer_states, strict=True):
         if any(isinstance(key, str) for key in saved.get("state", {})) or any(
             isinstance(p, str) for group in saved.get("param_groups", []) for p in group["params"]
@@ -403,6 +405,14 @@ def load_model_state(module: nn.Module, state: Mapping[str, Any]) -> None:
     :raises ConfigurationError: listing missing keys, unexpected keys and shape
         mismatches together.
     """
+    module.load_state_dict(_fitting_state(module, state))
+
+
+def _fitting_state(module: nn.Module, state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state`` as ``module`` loads it (see `load_model_state`), changing nothing.
+
+    :raises ConfigurationError: when its keys or shapes are another model's.
+    """
     own = module.state_dict()
     if (
         state
@@ -428,4 +438,16 @@ def load_model_state(module: nn.Module, state: Mapping[str, Any]) -> None:
         raise ConfigurationError(
             f"the checkpoint does not fit {type(module).__name__}:\n  " + "\n  ".join(lines)
         )
-    module.load_state_dict(state)
+    return state
+
+
+@contextlib.contextmanager
+def _another_model_first(module: Any, state: Mapping[str, Any]) -> Iterator[None]:
+    """When a check inside refuses the checkpoint (its optimizer or scheduler count
+    or class), refuse it instead for being another model's when it is: its keys and
+    shapes say what is wrong better than the counts that follow from them."""
+    try:
+        yield
+    except ConfigurationError:
+        _fitting_state(module, state)  # raises the model's mismatch, if any
+        raise
