@@ -7,14 +7,9 @@ resume with ``trainer.fit(..., ckpt_path="last")``. See ``docs/checkpointing.md`
 from __future__ import annotations
 
 from hooktrain_checkpoint.discovery import list_checkpoints, newest_checkpoint
+from hooktrain_checkpoint.errors import DamagedCheckpointError, UnsafeCheckpointError
 from hooktrain_checkpoint.plugin import ModelCheckpoint
-from hooktrain_checkpoint.storage import (
-    CheckpointInfo,
-    DamagedCheckpointError,
-    UnsafeCheckpointError,
-    load_file,
-    read_info,
-)
+from hooktrain_checkpoint.storage import CheckpointInfo, load_file, read_info
 from hooktrain_checkpoint.writer import CheckpointWriteError, snapshot
 
 __version__ = "0.1.0"

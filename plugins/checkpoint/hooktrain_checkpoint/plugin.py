@@ -86,12 +86,7 @@ class ModelCheckpoint:
         save_on_sigterm: bool = True,
         verbose: bool = False,
     ) -> None:
-        if mode not in ("min", "max"):
-            raise ConfigurationError(f"checkpoint: mode must be 'min' or 'max', not {mode!r}")
-        if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1:
-            raise ConfigurationError(
-                f"checkpoint: save_top_k must be an integer >= -1, got {save_top_k!r}"
-            )
+        topk.check_ranking(mode, save_top_k)
         for option, value in (
             ("every_n_train_steps", every_n_train_steps),
             ("every_n_epochs", every_n_epochs),
@@ -106,10 +101,6 @@ class ModelCheckpoint:
             every_n_epochs = 1
         self.dirpath = Path(dirpath).expanduser().absolute()
         self.filename = filename or "{epoch}-{step}"
-        if not self.filename or "/" in self.filename or os.sep in self.filename:
-            raise ConfigurationError(
-                f"checkpoint: filename must be a plain name pattern, got {filename!r}"
-            )
         topk.check_pattern(self.filename)
         self.monitor = monitor
         self.mode = mode

@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import pickle
-import re
 import shutil
 import socket
 import tempfile
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from hooktrain.errors import ConfigurationError, missing_checkpoint_message
+from hooktrain_checkpoint.errors import DamagedCheckpointError, UnsafeCheckpointError
 
 __all__ = [
     "FORMAT",
@@ -66,46 +66,6 @@ _DIGEST_PLACEHOLDER = "0" * 64
 _CHUNK = 8 << 20
 _BUFFER = 1 << 20  # writes of torch.save smaller than this are gathered (see _HashingWriter)
 _temp_counter = itertools.count()
-
-
-class DamagedCheckpointError(ConfigurationError):
-    """The file is truncated, altered, or was never completely written.
-
-    :ivar path: the file.
-    :ivar reason: what is wrong with it.
-    :ivar plain: the file is an intact-looking zip archive without any comment,
-        as ``torch.save`` writes: not damaged, just not written by this package.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], reason: str, plain: bool = False) -> None:
-        super().__init__(f"checkpoint {os.fspath(path)!r} is damaged: {reason}")
-        self.path = Path(path)
-        self.reason = reason
-        self.plain = plain
-
-
-class UnsafeCheckpointError(ConfigurationError):
-    """The file holds pickled objects that safe loading refuses (code could run).
-
-    :ivar path: the file.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], detail: str) -> None:
-        super().__init__(
-            f"refusing to load checkpoint {os.fspath(path)!r}: it holds objects that "
-            f"torch.load(weights_only=True) does not allow, so unpickling it could run "
-            f"code. Nothing from it was executed. Detail: {detail}"
-        )
-        self.path = Path(path)
-
-
-def _what_was_refused(message: str) -> str:
-    """Of torch's weights-only refusal, the sentence naming what it refused (the
-    rest is advice on loading the file unsafely), without its terminal colours."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in message.splitlines()]
-    named = [line for line in lines if "Unsupported global" in line or "Unpickler error" in line]
-    found = named[0] if named else next((line for line in lines if line), "")
-    return found.split(" Please use ")[0]
 
 
 @dataclass(frozen=True)
@@ -506,7 +466,7 @@ def load_file(
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(path, _what_was_refused(str(exc))) from None
+        raise UnsafeCheckpointError(path, str(exc)) from None
     except Exception as exc:
         raise DamagedCheckpointError(
             path, f"torch.load failed: {type(exc).__name__}: {exc}"

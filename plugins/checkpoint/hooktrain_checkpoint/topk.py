@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -13,6 +14,7 @@ from hooktrain_checkpoint.storage import LAST_NAME, SUFFIX
 __all__ = [
     "better",
     "check_pattern",
+    "check_ranking",
     "enter",
     "missing_monitor_message",
     "never_ranked_message",
@@ -23,11 +25,26 @@ __all__ = [
 _FIELD = re.compile(r"\{([^{}:]+)(?::([^{}]*))?\}")
 
 
+def check_ranking(mode: Any, save_top_k: Any) -> None:
+    """:raises ConfigurationError: for a ``mode`` other than ``"min"`` and ``"max"``,
+    or a ``save_top_k`` that is not an integer >= -1."""
+    if mode not in ("min", "max"):
+        raise ConfigurationError(f"checkpoint: mode must be 'min' or 'max', not {mode!r}")
+    if isinstance(save_top_k, bool) or not isinstance(save_top_k, int) or save_top_k < -1:
+        raise ConfigurationError(
+            f"checkpoint: save_top_k must be an integer >= -1, got {save_top_k!r}"
+        )
+
+
 def check_pattern(pattern: str) -> None:
-    """:raises ConfigurationError: for a ``filename`` pattern with a brace that opens
-    or closes no field, or a format that the field's value (an integer for
-    ``epoch`` and ``step``, a float for a metric) refuses; found here, not at the
-    first save, an epoch into the run."""
+    """:raises ConfigurationError: for a ``filename`` pattern that is empty or holds
+    a directory separator, has a brace that opens or closes no field, or a format
+    that the field's value (an integer for ``epoch`` and ``step``, a float for a
+    metric) refuses; found here, not at the first save, an epoch into the run."""
+    if not pattern or "/" in pattern or os.sep in pattern:
+        raise ConfigurationError(
+            f"checkpoint: filename must be a plain name pattern, got {pattern!r}"
+        )
     if "{" in _FIELD.sub("", pattern) or "}" in _FIELD.sub("", pattern):
         raise ConfigurationError(
             f"checkpoint: filename {pattern!r} has a brace that opens or closes no field; "
