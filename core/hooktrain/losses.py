@@ -8,6 +8,7 @@ every process).
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +48,7 @@ def loss_of(outputs: Any, trainer: Trainer) -> torch.Tensor:
         # The core's own step puts loss_fn's result there: name both places.
         raise ConfigurationError(
             f"the training loss must be a tensor, got {type(loss).__name__} "
-            f"{_short(loss)}: what loss_fn returned, or the 'loss' of what the "
+            f"{reprlib.repr(loss)}: what loss_fn returned, or the 'loss' of what the "
             f"training_step returned{source}"
         )
     if isinstance(outputs, Mapping):
@@ -60,11 +61,6 @@ def loss_of(outputs: Any, trainer: Trainer) -> torch.Tensor:
         f"the training step must return the loss tensor or a dict holding 'loss', "
         f"got {type(outputs).__name__}{source}"
     )
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def raise_bad_loss(loss: torch.Tensor, trainer: Trainer) -> None:
