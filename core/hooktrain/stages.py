@@ -232,15 +232,15 @@ def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
     owners: dict[Any, list[tuple[Any, tuple[Any, str]]]] = {}
     callers: dict[Any, list[tuple[Any, tuple[Any, str]]]] = {}
     for hook_name in HOOK_NAMES:
+        # A hook answering with an iterable (batch_iterator) owns the functions
+        # defined inside it too: the generator it returns runs after it returned.
+        # Elsewhere a nested function (a closure around the model's forward) runs
+        # the user's code.
+        iterable = answers_with_an_iterable(inspect.signature(getattr(hookspecs, hook_name)))
         for impl in getattr(manager.hook, hook_name).get_hookimpls():
             code = implementation_code(impl.function)
             if code is None:
                 continue
-            # A hook answering with an iterable (batch_iterator) owns the functions
-            # defined inside it too: the generator it returns runs after it returned.
-            # Elsewhere a nested function (a closure around the model's forward)
-            # runs the user's code.
-            iterable = answers_with_an_iterable(inspect.signature(getattr(hookspecs, hook_name)))
             for part in _with_nested(code) if iterable else [code]:
                 owners.setdefault(part, []).append((impl.plugin, (impl.plugin, hook_name)))
                 # A wrapper around the core's implementation of its own hook surrounds
