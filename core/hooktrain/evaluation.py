@@ -16,12 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.batches import (
-    STEP_NAMES,
-    batch_size,
-    limited_length,
-    step_batch_size,
-)
+from hooktrain.batches import STEP_NAMES, batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain.hookcalls import ResolvedHooks

@@ -45,7 +45,8 @@ def check_pattern(pattern: str) -> None:
         raise ConfigurationError(
             f"checkpoint: filename must be a plain name pattern, got {pattern!r}"
         )
-    if "{" in _FIELD.sub("", pattern) or "}" in _FIELD.sub("", pattern):
+    outside_fields = _FIELD.sub("", pattern)
+    if "{" in outside_fields or "}" in outside_fields:
         raise ConfigurationError(
             f"checkpoint: filename {pattern!r} has a brace that opens or closes no field; "
             f"write fields as {{epoch}} or {{val_loss:.3f}}"
