@@ -175,6 +175,20 @@ def test_an_unknown_name_fails_before_training_saying_where_it_came_from(
     assert message.endswith(origin)
 
 
+def test_options_written_into_a_name_are_refused_saying_where_they_go(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "profile:limit=2" reads as module:attribute: it imported the standard library's
+    # profile module and failed on an attribute named "limit=2".
+    monkeypatch.setenv("HOOKTRAIN_PLUGINS", "profile:limit=2")
+    with pytest.raises(PluginError) as info:
+        hooktrain.Trainer(plugins=[], device="cpu")
+    message = str(info.value)
+    assert "takes no options after ':'" in message
+    assert "[tool.hooktrain.plugin-options.profile]" in message
+    assert "has no attribute" not in message
+
+
 def test_bad_options_from_the_file_say_where_they_came_from(project: Path) -> None:
     config = write_config(
         project,

@@ -113,6 +113,14 @@ def disabled_plugin_names() -> set[str]:
 
 def _import_path(path: str) -> Any:
     module_name, _, attribute = path.partition(":")
+    if "=" in attribute:
+        # "profile:limit=2" would otherwise import the standard library's profile
+        # module and fail on an attribute named "limit=2".
+        raise PluginError(
+            f"plugin {path!r}: a name takes no options after ':' (that reads as "
+            f"module:attribute); pass ({module_name!r}, {{options}}) in the script or "
+            f"write them in [tool.hooktrain.plugin-options.{module_name}]"
+        )
     try:
         target: Any = importlib.import_module(module_name)
         for part in filter(None, attribute.split(".")):
