@@ -185,6 +185,13 @@ class MLFlowLogger:
         self._schedule.checkpointed()
 
     @hookimpl
+    def prepare(self, trainer: Trainer, stage: str) -> None:
+        # The server is asked here, before any plugin's on_fit_start: a fit it refuses
+        # then leaves no empty run folder behind in TensorBoard's or CSV's directory.
+        if stage == "fit" and trainer.is_global_zero:
+            self._connect()
+
+    @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
         resume, self._resume = self._resume, None
         self._pending, self._publications, self._logged = [], 0, LoggedSteps()

@@ -102,7 +102,9 @@ def test_a_fit_that_raises_ends_failed_with_what_it_published(mlflow_server: str
 
 def test_an_unreachable_server_fails_before_training(unused_uri: str) -> None:
     uri = unused_uri
-    recorder = HookRecorder(["on_train_epoch_start"])
+    # Before any on_fit_start: a logger listed first (TensorBoard, CSV) creates its
+    # run folder there, and a refused fit left that folder empty.
+    recorder = HookRecorder(["on_fit_start", "on_train_epoch_start"])
     with pytest.raises(HookError, match="no working tracking server at") as raised:
         run([options(uri, "nowhere"), recorder], record=False)
     assert uri in str(raised.value)
