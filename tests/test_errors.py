@@ -22,7 +22,7 @@ from hooktrain.errors import (
     NonFiniteLossError,
     missing_monitor_hint,
 )
-from hooktrain.testing import make_data, make_model, run
+from hooktrain.testing import HookRecorder, make_data, make_model, run
 
 
 def fit(model=None, loader=None, trainer=None, **kwargs):
@@ -517,6 +517,51 @@ def test_model_without_trainable_parameters():
         p.requires_grad_(False)
     with pytest.raises(ConfigurationError, match="no trainable parameters"):
         fit(model)
+
+
+class ManualGAN(nn.Module):
+    """Lightning's manual optimization, ported as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class OneStepPerOptimizer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(64, 10)
+
+    def training_step(self, batch, batch_idx, optimizer_idx):
+        inputs, targets = batch
+        return F.cross_entropy(self.layer(inputs), targets)
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (ManualGAN, "sets automatic_optimization = False"),
+        (OneStepPerOptimizer, "has a training_step taking optimizer_idx"),
+    ],
+)
+def test_lightnings_manual_optimization_is_refused_before_setup(model, message):
+    # self.optimizers() failed mid-step with an AttributeError; the 1.x step with a
+    # TypeError, or, given a default, trained every optimizer on one loss.
+    recorder = HookRecorder(["setup"])
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        fit(model(), trainer=hooktrain.Trainer(plugins=[recorder], device="cpu"))
+    assert "a loop of your own" in str(raised.value)
+    assert recorder.calls == []
+
+
+def test_a_model_attribute_named_like_lightnings_switch_left_on_trains():
+    model = make_model()
+    model.automatic_optimization = True
+    assert fit(model).global_step > 0
 
 
 def test_batch_that_cannot_be_unpacked():

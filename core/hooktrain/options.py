@@ -5,6 +5,7 @@ recorded for loggers (the run's hyperparameters)."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.batches import length, limited_length
+from hooktrain.batches import length, limited_length, user_method
 from hooktrain.epoch_metrics import is_epoch_metric
 from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain.hookcalls import HOOK_NAMES
@@ -301,6 +302,8 @@ def check_model(model: Any, *, training: bool, plugin: bool = False) -> None:
         raise ConfigurationError(
             f"{type(model).__name__} has no trainable parameters (none with requires_grad=True)"
         )
+    if training:
+        _refuse_manual_optimization(model)
     # The event hooks only: a model's own setup() or load_checkpoint() is likely
     # its own method, not a hook.
     hooks = [
@@ -326,6 +329,33 @@ def check_model(model: Any, *, training: bool, plugin: bool = False) -> None:
             f"in the modes its modules are in (dropout off, BatchNorm frozen); call "
             f"model.train() first, and eval() only on the submodules to freeze"
         )
+
+
+def _refuse_manual_optimization(model: torch.nn.Module) -> None:
+    """Lightning's two ways of giving each optimizer its own update, ported as they
+    are, would otherwise fail mid-step (``self.optimizers()``) or train every
+    optimizer on one loss without a word."""
+    name = type(model).__name__
+    step = user_method(model, "training_step")
+    if getattr(model, "automatic_optimization", True) is False:
+        what = "sets automatic_optimization = False (Lightning's manual optimization)"
+    elif step is not None and "optimizer_idx" in _parameters(step):
+        what = "has a training_step taking optimizer_idx (Lightning 1.x's one step per optimizer)"
+    else:
+        return
+    raise ConfigurationError(
+        f"{name} {what}, which hooktrain does not have: the core calls backward once on "
+        f"the loss the training step returns and then steps every optimizer. Return one "
+        f"loss; updates that alternate between optimizers (a GAN's) need a loop of "
+        f"your own"
+    )
+
+
+def _parameters(function: Any) -> Mapping[str, Any]:
+    try:
+        return inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return {}
 
 
 def check_loader(what: str, loader: Any) -> None:

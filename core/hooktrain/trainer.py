@@ -63,7 +63,8 @@ class Trainer:
         available, else the CPU; one this torch cannot use raises
         ``ConfigurationError`` here. A plugin may change it in ``setup``.
     :param accumulate_grad_batches: micro-batches per optimizer step.
-    :param gradient_clip_val: clip the gradient norm to this value before each step.
+    :param gradient_clip_val: clip the gradient norm of each optimizer's parameters
+        to this value before its step.
     :param check_val_every_n_epoch: validate after every N-th epoch.
     :param val_every_n_steps: also validate every N optimizer steps.
     :param limit_train_batches: at most this many batches per training epoch (and
