@@ -38,14 +38,16 @@ def check_ranking(mode: Any, save_top_k: Any) -> None:
 
 def check_pattern(pattern: str) -> None:
     """:raises ConfigurationError: for a ``filename`` pattern that is empty or holds
-    a directory separator, has a brace that opens or closes no field, or a format
+    a directory separator outside its fields, has a brace that opens or closes no field, or a format
     that the field's value (an integer for ``epoch`` and ``step``, a float for a
     metric) refuses; found here, not at the first save, an epoch into the run."""
-    if not pattern or "/" in pattern or os.sep in pattern:
-        raise ConfigurationError(
-            f"checkpoint: filename must be a plain name pattern, got {pattern!r}"
-        )
     outside_fields = _FIELD.sub("", pattern)
+    # Inside a field a "/" is a metric's (val_loss/dataloader_idx_0), written as "_".
+    if not pattern or "/" in outside_fields or os.sep in outside_fields:
+        raise ConfigurationError(
+            f"checkpoint: filename must be a plain name pattern, without a directory "
+            f"separator outside its fields, got {pattern!r}"
+        )
     if "{" in outside_fields or "}" in outside_fields:
         raise ConfigurationError(
             f"checkpoint: filename {pattern!r} has a brace that opens or closes no field; "

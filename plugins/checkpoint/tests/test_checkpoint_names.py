@@ -462,3 +462,40 @@ def test_a_validation_monitor_in_a_fit_that_never_validates_is_warned_with_the_c
     )
     assert "no checkpoint of this fit will be ranked" in messages[0]
     assert "does not exist" not in capsys.readouterr().err  # no second, wrong cause
+
+
+def test_a_per_loader_metric_names_a_file_with_its_slash_written_as_underscore(
+    tmp_path: Path,
+) -> None:
+    # With two validation loaders every val_ metric has a "/dataloader_idx_N" suffix,
+    # which the pattern used to refuse as a directory separator.
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path,
+        monitor="val_loss/dataloader_idx_1",
+        filename="{epoch}-{val_loss/dataloader_idx_1:.3f}",
+    )
+    trainer = Trainer(
+        plugins=[checkpoint], max_epochs=1, seed=0, device="cpu", limit_train_batches=2
+    )
+    train, val = make_data(n=64, batch_size=16)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    trainer.fit(
+        model,
+        train,
+        [val, val],
+        loss_fn=F.cross_entropy,
+        optimizer=lambda parameters: torch.optim.SGD(parameters, lr=0.1),
+    )
+    score = trainer.metrics["val_loss/dataloader_idx_1"]
+    assert (
+        checkpoint.best_model_path
+        == tmp_path / f"epoch=0-val_loss_dataloader_idx_1={score:.3f}.ckpt"
+    )
+    assert checkpoint.best_model_path.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
+
+
+@pytest.mark.parametrize("pattern", ["a/{epoch}", "{epoch}/b"])
+def test_a_directory_separator_outside_the_fields_is_refused(pattern: str) -> None:
+    with pytest.raises(ValueError, match="without a directory separator outside its fields"):
+        ModelCheckpoint(filename=pattern)
