@@ -56,6 +56,14 @@ class CoreDefaults:
     ) -> Iterable[Any]:
         if stage == "train":
             self._seed_epoch_order(trainer, dataloader)
+        elif trainer.seed is not None:
+            # A training loader evaluated after its fit still holds the generator
+            # the fit gave its sampler, which seeding the stage does not reach:
+            # reseeded here, two predicts over it come in one order.
+            sampler = getattr(dataloader, "sampler", None)
+            owned = epoch_seeded_generator(sampler)
+            if owned is not None and getattr(sampler, "generator", None) is owned:
+                owned.manual_seed(trainer.seed)
         return skip_first_batches(dataloader, skip_batches)
 
     def _seed_epoch_order(self, trainer: Trainer, dataloader: Any) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.utils.data import RandomSampler
 
 from hooktrain.batches import STEP_NAMES, batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
@@ -74,6 +75,8 @@ def run_evaluation(
     loaders = loader_list("dataloaders", dataloaders)
     if not loaders:
         raise ConfigurationError(f"{stage}() needs at least one dataloader")
+    if stage == "predict":
+        _warn_if_shuffled(loaders)
     if trainer.interrupted:
         # A script that goes on after a stopped fit (fit returns normally) puts its
         # test values into the stopped run, where a resume does not replace them.
@@ -112,6 +115,22 @@ def run_evaluation(
             return run_stage(trainer, stage, body)
     finally:
         trainer.loss_fn, trainer.metric_fns = fit_fns
+
+
+def _warn_if_shuffled(loaders: list[Any]) -> None:
+    # Usually a training loader passed again: its predictions cannot be matched
+    # to the dataset's rows. Means (validate, test) do not depend on the order.
+    shuffled = [
+        i
+        for i, loader in enumerate(loaders)
+        if isinstance(getattr(loader, "sampler", None), RandomSampler)
+    ]
+    if shuffled:
+        warn_user(
+            f"hooktrain: predict() dataloader(s) {shuffled} shuffle (a RandomSampler): the "
+            f"predictions come in that shuffled order, not the dataset's; build the "
+            f"loader with shuffle=False to match them to its rows"
+        )
 
 
 def evaluation_loop(
