@@ -27,6 +27,31 @@ def test_max_steps_stops_mid_epoch():
     assert result.trainer.epoch_batches_done == 5
 
 
+class StopAfterStep:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    @hookimpl
+    def on_train_batch_end(self, trainer) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize(
+    ("plugins", "kwargs", "finished"),
+    [
+        ([], {"max_epochs": 2}, True),
+        ([], {"max_epochs": 10, "max_steps": 5}, True),
+        ([StopAfterStep(3)], {"max_epochs": 2}, False),
+        # A stop at the last batch of the last epoch: the run ended as it would have.
+        ([StopAfterStep(8)], {"max_epochs": 1, "limit_train_batches": 8}, True),
+    ],
+)
+def test_finished_says_whether_anything_is_left_to_train(plugins, kwargs, finished):
+    trainer = run(plugins, record=False, **kwargs).trainer
+    assert trainer.finished is finished
+
+
 def test_limits_and_epoch_counting():
     result = run(max_epochs=3, limit_train_batches=3, limit_val_batches=1)
     assert result.trainer.global_step == 9

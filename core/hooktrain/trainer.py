@@ -247,6 +247,16 @@ class Trainer:
         return self._batch_size
 
     @property
+    def finished(self) -> bool:
+        """True once the fit has nothing left to train: its last epoch (by
+        ``max_epochs``) has ended, or ``global_step`` has reached ``max_steps``. A
+        stop by ``should_stop`` alone leaves it False: a rerun with
+        ``ckpt_path="last"`` would go on training."""
+        if self.max_steps is not None and self.global_step >= self.max_steps:
+            return True
+        return self.epoch_complete and self.current_epoch + 1 >= self.max_epochs
+
+    @property
     def hparams(self) -> dict[str, Any]:
         """The trainer's settings and plugin list, for loggers to record."""
         return trainer_hparams(self)

@@ -14,7 +14,7 @@ from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain.options import why_fit_never_validates
 from hooktrain_checkpoint import resume, sharded, storage, topk
 from hooktrain_checkpoint.lock import DirectoryLock
-from hooktrain_checkpoint.sigterm import SigtermWatch
+from hooktrain_checkpoint.sigterm import SigtermWatch, report
 from hooktrain_checkpoint.steps import StepSaver
 from hooktrain_checkpoint.storage import LAST_NAME
 from hooktrain_checkpoint.writer import (
@@ -272,8 +272,11 @@ class ModelCheckpoint:
             self._sigterm.inside_epoch = False
             self._sigterm.agreed(trainer)
         if self.save_on_sigterm and self._sigterm.received:
-            self._stop_on_sigterm(trainer)
-            return
+            if not trainer.finished:
+                self._stop_on_sigterm(trainer)
+                return
+            # At the run's last step: not interrupted, or a scheduler requeues it.
+            report(trainer, "SIGTERM received at the run's last step; the run finished")
         # The final state is saved too, so that rerunning a finished command with
         # ckpt_path="last" finds nothing left to do.
         if (
@@ -312,17 +315,15 @@ class ModelCheckpoint:
         self._writer.wait()
         trainer.should_stop = trainer.interrupted = True
         self.interrupted = True
-        if trainer.is_global_zero:
-            # Nothing was saved when a resume is stopped before it trains a batch.
-            idle = self._progress(trainer) == self._resumed_progress
-            done = "nothing trained since the resume" if idle else f"saved {self.last_model_path}"
-            print(
-                f"hooktrain-checkpoint: SIGTERM received; {done} (epoch "
-                f"{trainer.current_epoch}, global step {trainer.global_step}); stopped. Run "
-                f"the same command with ckpt_path='last' to continue.",
-                file=sys.stderr,
-                flush=True,
-            )
+        # Nothing was saved when a resume is stopped before it trains a batch.
+        idle = self._progress(trainer) == self._resumed_progress
+        done = "nothing trained since the resume" if idle else f"saved {self.last_model_path}"
+        report(
+            trainer,
+            f"SIGTERM received; {done} (epoch {trainer.current_epoch}, global step "
+            f"{trainer.global_step}); stopped. Run the same command with "
+            f"ckpt_path='last' to continue.",
+        )
 
     # ------------------------------------------------------------------ saving
 

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["SigtermWatch"]
+__all__ = ["SigtermWatch", "report"]
+
+
+def report(trainer: Trainer, text: str) -> None:
+    """Print ``text`` to stderr from the global-zero process, flushed at once: the
+    scheduler that sent the signal may kill the process soon after."""
+    if trainer.is_global_zero:
+        print(f"hooktrain-checkpoint: {text}", file=sys.stderr, flush=True)
 
 
 class SigtermWatch:

@@ -641,6 +641,26 @@ def test_sigterm_stops_after_the_step_saves_and_resumes_exactly(
     assert_identical(expected, resumed)
 
 
+def test_a_sigterm_at_the_runs_last_step_lets_it_finish_and_not_report_an_interruption(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, capsys: Any
+) -> None:
+    # The epoch ends at its last batch whatever the signal, so the run was done; it
+    # was reported interrupted, and a script exiting 143 on that had a scheduler
+    # requeue a finished job.
+    expected = fit(tmp_path_factory.mktemp("ref"), epochs=1, **EPOCH_WISE)
+    stopped = fit(tmp_path, epochs=1, loss_fn=sigterm_at_step(BATCHES_PER_EPOCH), **EPOCH_WISE)
+    trainer, _, checkpoint = stopped
+    assert trainer.finished
+    assert not trainer.interrupted and not checkpoint.interrupted
+    err = capsys.readouterr().err
+    assert "SIGTERM received at the run's last step; the run finished" in err
+    assert "Run the same command" not in err
+    assert read_info(tmp_path / "last.ckpt").record["epoch_complete"] is True
+    assert_identical(expected, stopped)
+    rerun = fit(tmp_path, ckpt_path="last", epochs=1)
+    assert rerun[0].global_step == trainer.global_step  # nothing left to train
+
+
 @pytest.mark.parametrize("stop", ["sigterm", "max_steps"])
 def test_a_resume_stopped_before_its_first_batch_keeps_its_checkpoint(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, stop: str, capsys: Any
