@@ -38,9 +38,10 @@ def check_ranking(mode: Any, save_top_k: Any) -> None:
 
 def check_pattern(pattern: str) -> None:
     """:raises ConfigurationError: for a ``filename`` pattern that is empty or holds
-    a directory separator outside its fields, has a brace that opens or closes no field, or a format
-    that the field's value (an integer for ``epoch`` and ``step``, a float for a
-    metric) refuses; found here, not at the first save, an epoch into the run."""
+    a directory separator outside its fields, has a brace that opens or closes no
+    field, or a format that the field's value (an integer for ``epoch`` and
+    ``step``, a float for a metric) refuses; found here, not at the first save, an
+    epoch into the run."""
     outside_fields = _FIELD.sub("", pattern)
     # Inside a field a "/" is a metric's (val_loss/dataloader_idx_0), written as "_".
     if not pattern or "/" in outside_fields or os.sep in outside_fields:
