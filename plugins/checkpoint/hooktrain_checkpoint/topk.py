@@ -43,7 +43,8 @@ def check_pattern(pattern: str) -> None:
     ``step``, a float for a metric) refuses; found here, not at the first save, an
     epoch into the run."""
     outside_fields = _FIELD.sub("", pattern)
-    # Inside a field a "/" is a metric's (val_loss/dataloader_idx_0), written as "_".
+    # Inside a field a "/" is usually a metric's (val_loss/dataloader_idx_0); what
+    # a field renders is written with "_" for it (render_name).
     if not pattern or "/" in outside_fields or os.sep in outside_fields:
         raise ConfigurationError(
             f"checkpoint: filename must be a plain name pattern, without a directory "
@@ -69,8 +70,10 @@ def check_pattern(pattern: str) -> None:
 def render_name(pattern: str, values: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
     """The file name (with ``.ckpt``) that ``pattern`` gives: each ``{key}`` or
     ``{key:format}`` becomes ``key=value``, the value taken from ``values`` (epoch,
-    step) or else ``metrics``, and ``none`` when neither has it. A name that would
-    be ``last`` becomes ``last-ranked``: ``last.ckpt`` is the newest state's."""
+    step) or else ``metrics``, and ``none`` when neither has it; a directory
+    separator in it (a per-loader metric's name, a format's fill) becomes ``_``. A
+    name that would be ``last`` becomes ``last-ranked``: ``last.ckpt`` is the newest
+    state's."""
 
     def render(match: re.Match[str]) -> str:
         key, spec = match.group(1).strip(), match.group(2)
@@ -83,7 +86,7 @@ def render_name(pattern: str, values: Mapping[str, Any], metrics: Mapping[str, A
             text = format(value, spec)
         else:
             text = str(value)
-        return f"{key.replace('/', '_')}={text}"
+        return f"{key}={text}".replace("/", "_").replace(os.sep, "_")
 
     name = _FIELD.sub(render, pattern)
     if name == LAST_NAME:

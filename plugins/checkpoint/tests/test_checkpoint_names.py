@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from hooktrain_checkpoint import ModelCheckpoint, load_file, read_info
+from hooktrain_checkpoint import ModelCheckpoint, load_file, read_info, topk
 from torch import nn
 
 from hooktrain import HookError, Trainer, hookimpl
@@ -493,6 +493,12 @@ def test_a_per_loader_metric_names_a_file_with_its_slash_written_as_underscore(
     )
     assert checkpoint.best_model_path.is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
+
+
+def test_a_separator_a_format_fills_with_is_written_as_underscore() -> None:
+    # "{epoch:/>3}" passed the pattern check and failed at the first save, naming
+    # a file in a directory that does not exist.
+    assert topk.render_name("{epoch:/>3}", {"epoch": 2}, {}) == "epoch=__2.ckpt"
 
 
 @pytest.mark.parametrize("pattern", ["a/{epoch}", "{epoch}/b"])
