@@ -27,7 +27,7 @@ from hooktrain.testing import HookRecorder, make_data, make_model, run
 
 def fit(model=None, loader=None, trainer=None, **kwargs):
     trainer = trainer or hooktrain.Trainer(plugins=[], device="cpu")
-    model = model or make_model()
+    model = model if model is not None else make_model()
     loader = loader if loader is not None else make_data()[0]
     kwargs.setdefault("loss_fn", F.cross_entropy)
     kwargs.setdefault("optimizer", lambda p: torch.optim.SGD(p, lr=0.1))
@@ -532,29 +532,53 @@ class ManualGAN(nn.Module):
 
 
 class OneStepPerOptimizer(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, optimizers: int = 1) -> None:
         super().__init__()
-        self.layer = nn.Linear(64, 10)
+        self.layer = nn.Linear(8, 2)
+        self.optimizers = optimizers
 
     def training_step(self, batch, batch_idx, optimizer_idx):
         inputs, targets = batch
         return F.cross_entropy(self.layer(inputs), targets)
 
+    def configure_optimizers(self):
+        return [torch.optim.SGD([p], lr=0.1) for p in self.layer.parameters()][: self.optimizers]
+
+
+class OptionalStepPerOptimizer(OneStepPerOptimizer):
+    def training_step(self, batch, batch_idx, optimizer_idx=0):
+        return super().training_step(batch, batch_idx, optimizer_idx)
+
 
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        (ManualGAN, "sets automatic_optimization = False"),
+        (ManualGAN, "ManualGAN sets automatic_optimization = False"),
+        (lambda: torch.compile(ManualGAN()), "ManualGAN sets automatic_optimization = False"),
         (OneStepPerOptimizer, "has a training_step taking optimizer_idx"),
     ],
 )
 def test_lightnings_manual_optimization_is_refused_before_setup(model, message):
     # self.optimizers() failed mid-step with an AttributeError; the 1.x step with a
-    # TypeError, or, given a default, trained every optimizer on one loss.
+    # TypeError.
     recorder = HookRecorder(["setup"])
     with pytest.raises(ConfigurationError, match=message) as raised:
         fit(model(), trainer=hooktrain.Trainer(plugins=[recorder], device="cpu"))
     assert "a loop of your own" in str(raised.value)
+    assert recorder.calls == []
+
+
+def test_a_step_whose_optimizer_idx_has_a_default_trains_with_one_optimizer_only():
+    # With one optimizer Lightning 1.x never passed the index either: that model
+    # trains as it did. With two, every optimizer would step on optimizer 0's loss.
+    assert fit(OptionalStepPerOptimizer(1), optimizer=None).global_step > 0
+    recorder = HookRecorder(["on_fit_start"])
+    with pytest.raises(ConfigurationError, match="has a training_step taking optimizer_idx"):
+        fit(
+            OptionalStepPerOptimizer(2),
+            trainer=hooktrain.Trainer(plugins=[recorder], device="cpu"),
+            optimizer=None,
+        )
     assert recorder.calls == []
 
 

@@ -34,6 +34,7 @@ from hooktrain.optimization import (
 )
 from hooktrain.options import (
     check_monitors,
+    refuse_manual_optimization,
     warn_if_launched_but_alone,
     warn_if_max_steps_unreachable,
 )
@@ -61,6 +62,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     """The body of ``fit``, between ``setup`` and ``teardown``."""
     trainer.optimizers, trainer._schedulers = configure_optimizers(trainer.module, optimizer)
     trainer.lr_schedulers = [entry.scheduler for entry in trainer._schedulers]
+    refuse_manual_optimization(trainer.module, len(trainer.optimizers))
     check_monitors(trainer)
     warn_if_max_steps_unreachable(trainer)
     warn_if_launched_but_alone(trainer)

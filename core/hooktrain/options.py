@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.batches import length, limited_length, user_method
+from hooktrain.batches import length, limited_length, unwrap_compiled, user_method
 from hooktrain.epoch_metrics import is_epoch_metric
 from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain.hookcalls import HOOK_NAMES
@@ -30,6 +30,7 @@ __all__ = [
     "check_options",
     "default_device",
     "loader_list",
+    "refuse_manual_optimization",
     "resolve_device",
     "trainer_hparams",
     "warn_if_max_steps_unreachable",
@@ -303,7 +304,7 @@ def check_model(model: Any, *, training: bool, plugin: bool = False) -> None:
             f"{type(model).__name__} has no trainable parameters (none with requires_grad=True)"
         )
     if training:
-        _refuse_manual_optimization(model)
+        refuse_manual_optimization(model)
     # The event hooks only: a model's own setup() or load_checkpoint() is likely
     # its own method, not a hook.
     hooks = [
@@ -331,23 +332,35 @@ def check_model(model: Any, *, training: bool, plugin: bool = False) -> None:
         )
 
 
-def _refuse_manual_optimization(model: torch.nn.Module) -> None:
-    """Lightning's two ways of giving each optimizer its own update, ported as they
-    are, would otherwise fail mid-step (``self.optimizers()``) or train every
-    optimizer on one loss without a word."""
-    name = type(model).__name__
+def refuse_manual_optimization(model: torch.nn.Module, optimizers: int | None = None) -> None:
+    """Refuse Lightning's two ways of giving each optimizer its own update, which
+    ported as they are would fail mid-step (``self.optimizers()``) or train every
+    optimizer on one loss without a word.
+
+    :param optimizers: how many the run has, once known (``None`` before): a
+        ``training_step`` whose ``optimizer_idx`` has a default trains correctly
+        with one.
+    :raises ConfigurationError: for ``automatic_optimization = False``, or a
+        ``training_step`` taking ``optimizer_idx`` without a default, or with one
+        when there are several optimizers.
+    """
+    try:
+        manual = getattr(model, "automatic_optimization", True) is False
+    except Exception:  # a property that needs Lightning's own trainer
+        manual = False
     step = user_method(model, "training_step")
-    if getattr(model, "automatic_optimization", True) is False:
+    index = _parameters(step).get("optimizer_idx") if step is not None else None
+    if manual:
         what = "sets automatic_optimization = False (Lightning's manual optimization)"
-    elif step is not None and "optimizer_idx" in _parameters(step):
+    elif index is not None and (index.default is index.empty or (optimizers or 0) > 1):
         what = "has a training_step taking optimizer_idx (Lightning 1.x's one step per optimizer)"
     else:
         return
     raise ConfigurationError(
-        f"{name} {what}, which hooktrain does not have: the core calls backward once on "
-        f"the loss the training step returns and then steps every optimizer. Return one "
-        f"loss; updates that alternate between optimizers (a GAN's) need a loop of "
-        f"your own"
+        f"{type(unwrap_compiled(model)).__name__} {what}, which hooktrain does not have: "
+        f"the core calls backward once on the loss the training step returns and then "
+        f"steps every optimizer. Return one loss; updates that alternate between "
+        f"optimizers (a GAN's) need a loop of your own"
     )
 
 
