@@ -9,7 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    IterableDataset,
+    RandomSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+)
+from torch.utils.data.distributed import DistributedSampler
 
 import hooktrain
 from hooktrain import hookimpl
@@ -379,11 +387,40 @@ def test_predicting_over_a_shuffling_loader_warns_and_repeats_its_order_after_a_
     assert not torch.equal(first, in_order)  # shuffled, as warned
 
 
+SHUFFLING_SAMPLERS = {
+    "batch sampler over a RandomSampler": lambda data: {
+        "batch_sampler": BatchSampler(RandomSampler(data), 16, drop_last=False)
+    },
+    "DistributedSampler(shuffle=True)": lambda data: {
+        "batch_size": 16,
+        "sampler": DistributedSampler(data, num_replicas=1, rank=0, shuffle=True),
+    },
+    "SubsetRandomSampler": lambda data: {
+        "batch_size": 16,
+        "sampler": SubsetRandomSampler(range(len(data))),
+    },
+}
+
+
+@pytest.mark.parametrize("sampler", sorted(SHUFFLING_SAMPLERS))
+def test_predicting_over_any_sampler_that_draws_at_random_warns(sampler):
+    data = make_data()[1].dataset
+    loader = DataLoader(data, **SHUFFLING_SAMPLERS[sampler](data))
+    with pytest.warns(UserWarning, match="shuffle=False"):
+        hooktrain.Trainer(plugins=[], device="cpu").predict(make_model(), loader)
+
+
 def test_predicting_over_a_loader_in_order_does_not_warn():
     _, val = make_data()
+    in_order = DataLoader(
+        val.dataset,
+        batch_size=16,
+        sampler=DistributedSampler(val.dataset, num_replicas=1, rank=0, shuffle=False),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        hooktrain.Trainer(plugins=[], device="cpu").predict(make_model(), val)
+        for loader in (val, in_order):
+            hooktrain.Trainer(plugins=[], device="cpu").predict(make_model(), loader)
 
 
 @pytest.mark.parametrize("form", ["pair", "inputs only", "dict", "dict without targets"])

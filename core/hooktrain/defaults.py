@@ -56,10 +56,11 @@ class CoreDefaults:
     ) -> Iterable[Any]:
         if stage == "train":
             self._seed_epoch_order(trainer, dataloader)
-        elif trainer.seed is not None:
+        elif trainer.seed is not None and trainer.stage != "fit":
             # A training loader evaluated after its fit still holds the generator
             # the fit gave its sampler, which seeding the stage does not reach:
-            # reseeded here, two predicts over it come in one order.
+            # reseeded here, two predicts over it come in one order. Not inside a
+            # fit, whose training may be drawing from that generator still.
             sampler = getattr(dataloader, "sampler", None)
             owned = epoch_seeded_generator(sampler)
             if owned is not None and getattr(sampler, "generator", None) is owned:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from hooktrain.batches import STEP_NAMES, batch_size, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
@@ -120,17 +120,26 @@ def run_evaluation(
 def _warn_if_shuffled(loaders: list[Any]) -> None:
     # Usually a training loader passed again: its predictions cannot be matched
     # to the dataset's rows. Means (validate, test) do not depend on the order.
-    shuffled = [
-        i
-        for i, loader in enumerate(loaders)
-        if isinstance(getattr(loader, "sampler", None), RandomSampler)
-    ]
+    shuffled = [i for i, loader in enumerate(loaders) if _shuffles(loader)]
     if shuffled:
         warn_user(
-            f"hooktrain: predict() dataloader(s) {shuffled} shuffle (a RandomSampler): the "
-            f"predictions come in that shuffled order, not the dataset's; build the "
-            f"loader with shuffle=False to match them to its rows"
+            f"hooktrain: predict() dataloader(s) {shuffled} shuffle (their sampler draws "
+            f"at random): the predictions come in that shuffled order, not the "
+            f"dataset's; build the loader with shuffle=False to match them to its rows"
         )
+
+
+def _shuffles(loader: Any) -> bool:
+    """Whether a DataLoader's sampler, or its batch sampler's, draws at random
+    (``shuffle=True``, a weighted or subset sampler, a ``DistributedSampler`` that
+    shuffles)."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+        if isinstance(sampler, RandomSampler | SubsetRandomSampler | WeightedRandomSampler):
+            return True
+        if getattr(sampler, "shuffle", False) is True:
+            return True
+    return False
 
 
 def evaluation_loop(

@@ -250,8 +250,9 @@ class Trainer:
     def finished(self) -> bool:
         """True once the fit has nothing left to train: its last epoch (by
         ``max_epochs``) has ended, or ``global_step`` has reached ``max_steps``. A
-        stop by ``should_stop`` alone leaves it False: a rerun with
-        ``ckpt_path="last"`` would go on training."""
+        stop by ``should_stop`` leaves it False, as the trainer cannot tell a final
+        stop from a pause: after early stopping, a rerun with ``ckpt_path="last"``
+        trains nothing (the plugin restores its decision), yet this says False."""
         if self.max_steps is not None and self.global_step >= self.max_steps:
             return True
         return self.epoch_complete and self.current_epoch + 1 >= self.max_epochs
