@@ -187,6 +187,18 @@ def test_options_written_into_a_name_are_refused_saying_where_they_go(
     assert "takes no options after ':'" in message
     assert "[tool.hooktrain.plugin-options.profile]" in message
     assert "has no attribute" not in message
+    # An import path keeps its attribute, and the table named works as written.
+    monkeypatch.setenv("HOOKTRAIN_PLUGINS", "selection_tagmod:Tagger:tag=x")
+    with pytest.raises(PluginError) as info:
+        hooktrain.Trainer(plugins=[], device="cpu")
+    message = str(info.value)
+    assert "pass ('selection_tagmod:Tagger', {options})" in message
+    table = '[tool.hooktrain.plugin-options."selection_tagmod:Tagger"]'
+    assert table in message
+    write_config(project, f"{table}\ntag = 'from-table'\n")
+    monkeypatch.setenv("HOOKTRAIN_PLUGINS", "selection_tagmod:Tagger")
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    assert trainer.plugin_manager.get_plugin("selection_tagmod:Tagger").tag == "from-table"
 
 
 def test_bad_options_from_the_file_say_where_they_came_from(project: Path) -> None:

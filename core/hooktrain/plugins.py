@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import re
 import sys
 import types
 from collections.abc import Mapping, Sequence
@@ -116,10 +117,12 @@ def _import_path(path: str) -> Any:
     if "=" in attribute:
         # "profile:limit=2" would otherwise import the standard library's profile
         # module and fail on an attribute named "limit=2".
+        target = path.rpartition(":")[0]
+        key = target if re.fullmatch(r"[A-Za-z0-9_-]+", target) else f'"{target}"'
         raise PluginError(
             f"plugin {path!r}: a name takes no options after ':' (that reads as "
-            f"module:attribute); pass ({module_name!r}, {{options}}) in the script or "
-            f"write them in [tool.hooktrain.plugin-options.{module_name}]"
+            f"module:attribute); pass ({target!r}, {{options}}) in the script or "
+            f"write them in [tool.hooktrain.plugin-options.{key}]"
         )
     try:
         target: Any = importlib.import_module(module_name)
