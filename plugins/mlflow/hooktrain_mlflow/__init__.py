@@ -186,9 +186,10 @@ class MLFlowLogger:
 
     @hookimpl
     def prepare(self, trainer: Trainer, stage: str) -> None:
-        # The server is asked here, before any plugin's on_fit_start: a fit it refuses
-        # then leaves no empty run folder behind in TensorBoard's or CSV's directory.
-        if stage == "fit" and trainer.is_global_zero:
+        # The server is asked here, before any plugin's on_fit_start (or a whole
+        # evaluation pass): a stage it refuses then leaves no empty run folder
+        # behind in TensorBoard's or CSV's directory. Predict logs nothing.
+        if stage != "predict" and trainer.is_global_zero:
             self._connect()
 
     @hookimpl

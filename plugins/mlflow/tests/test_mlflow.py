@@ -100,13 +100,15 @@ def test_a_fit_that_raises_ends_failed_with_what_it_published(mlflow_server: str
     assert [step for step, _ in history(client, logged.info.run_id, "loss_epoch")] == [8]
 
 
-def test_an_unreachable_server_fails_before_training(unused_uri: str) -> None:
+@pytest.mark.parametrize("stage", ["fit", "validate"])
+def test_an_unreachable_server_fails_before_training(unused_uri: str, stage: str) -> None:
     uri = unused_uri
-    # Before any on_fit_start: a logger listed first (TensorBoard, CSV) creates its
-    # run folder there, and a refused fit left that folder empty.
-    recorder = HookRecorder(["on_fit_start", "on_train_epoch_start"])
+    # Before any on_fit_start or evaluation batch: a logger listed first
+    # (TensorBoard, CSV) creates its run folder there, and a refused stage left
+    # that folder empty, after a whole evaluation pass for validate.
+    recorder = HookRecorder(["on_fit_start", "on_train_epoch_start", "on_validation_start"])
     with pytest.raises(HookError, match="no working tracking server at") as raised:
-        run([options(uri, "nowhere"), recorder], record=False)
+        run([options(uri, "nowhere"), recorder], stage=stage, record=False)
     assert uri in str(raised.value)
     assert recorder.calls == []
 
