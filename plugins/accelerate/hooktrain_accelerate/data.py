@@ -113,7 +113,7 @@ def refuse_hand_split_loaders(loaders: dict[str, Any], gather: Callable[[Any], l
             )
             raise ConfigurationError(
                 f"accelerate: the {name} holds a different dataset on each process "
-                f"({sizes} samples, or another first sample): split by hand, it would "
+                f"(samples: {sizes}; or another first sample): split by hand, it would "
                 f"be split again by accelerate, each process seeing about 1/N of its "
                 f"share; give every process the whole dataset"
             )

@@ -220,7 +220,11 @@ class FSDP:
             self._rebind(trainer.module, optimizer, stale)
         if trainer.world_size > 1:
             self._agree_on_data_seed(trainer)
-            trainer.train_dataloader = shard_loader(trainer, trainer.train_dataloader)
+            trainer.train_dataloader = shard_loader(
+                trainer,
+                trainer.train_dataloader,
+                lambda mine: self.all_gather_object(trainer, mine),
+            )
 
     def _rebind(
         self,

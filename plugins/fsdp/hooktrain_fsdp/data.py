@@ -4,8 +4,10 @@ them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hooktrain.batches import fingerprint
 from hooktrain.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -21,16 +23,20 @@ def has_distributed_sampler(loader: Any) -> bool:
     )
 
 
-def shard_loader(trainer: Trainer, loader: Any) -> Any:
+def shard_loader(trainer: Trainer, loader: Any, gather: Callable[[Any], list[Any]]) -> Any:
     """``loader`` over 1/N of its dataset: a ``DistributedSampler`` over the same
     dataset, shuffling when the loader did, with the same batch size and collation.
     A loader whose sampler is a ``DistributedSampler`` already is split: it is
     returned as it is.
 
+    ``gather`` collects one object from every process (a collective: every process
+    calls this).
+
     :raises ConfigurationError: for a loader that cannot be rebuilt (an iterable
-        dataset, a custom batch sampler), or one whose sampler picks or weighs
+        dataset, a custom batch sampler), one whose sampler picks or weighs
         samples (``SubsetRandomSampler``, ``WeightedRandomSampler``, a random
-        sampler with replacement...), which the rebuilt loader would not.
+        sampler with replacement...), which the rebuilt loader would not, or one
+        whose dataset differs between the processes (split by hand already).
     """
     from torch.utils.data import (
         BatchSampler,
@@ -46,9 +52,13 @@ def shard_loader(trainer: Trainer, loader: Any) -> Any:
         or isinstance(loader.dataset, IterableDataset)
         or type(loader.batch_sampler) is not BatchSampler
     ):
+        got = type(loader).__name__
+        if isinstance(loader, DataLoader):
+            dataset, batches = type(loader.dataset).__name__, type(loader.batch_sampler).__name__
+            got = f"a {got} over a {dataset}, with a {batches}"
         raise ConfigurationError(
             f"fsdp: the training loader must be a torch DataLoader over a map-style dataset "
-            f"with a batch_size, to be split across processes; got {type(loader).__name__}"
+            f"with a batch_size, to be split across processes; got {got}"
         )
     if isinstance(loader.sampler, DistributedSampler):
         split = (loader.sampler.num_replicas, loader.sampler.rank)
@@ -75,6 +85,18 @@ def shard_loader(trainer: Trainer, loader: Any) -> Any:
             f"or weighs samples, which splitting the dataset across processes would "
             f"lose; give the loader a DistributedSampler of your own (it is then used "
             f"as it is), or a torch.utils.data.Subset of the dataset with shuffle=True"
+        )
+    # A Subset per process, split by hand, would be split again: each process would
+    # train on about 1/N of its share, without a word.
+    size = len(loader.dataset)
+    everyone = gather((size, fingerprint(loader.dataset[0]) if size else None))
+    if any(theirs != everyone[0] for theirs in everyone[1:]):
+        sizes = ", ".join(f"{theirs[0]} on process {rank}" for rank, theirs in enumerate(everyone))
+        raise ConfigurationError(
+            f"fsdp: the training loader holds a different dataset on each process "
+            f"(samples: {sizes}; or another first sample): split by hand, it would be "
+            f"split again, each process training on about 1/N of its share. Give every "
+            f"process the whole dataset, or a DistributedSampler of your own"
         )
     sampler = DistributedSampler(
         loader.dataset,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hooktrain import ConfigurationError, HookError, Trainer
+from hooktrain.batches import fingerprint
 from hooktrain.testing import make_data, make_model
 
 pytest.importorskip("torch.distributed.fsdp")
@@ -188,6 +189,24 @@ class TwoProcesses:
     world_size, global_rank, data_seed = 2, 1, 0
 
 
+def same_everywhere(mine: Any) -> list[Any]:
+    """``gather`` as two processes holding the same thing answer it."""
+    return [mine, mine]
+
+
+def test_a_training_set_split_by_hand_is_refused_not_split_again() -> None:
+    # A Subset per rank was split a second time: each process trained half its share.
+    from hooktrain_fsdp.data import shard_loader
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    data = TensorDataset(torch.arange(32.0))
+    mine = DataLoader(Subset(data, range(16, 32)), batch_size=4, shuffle=True)
+    theirs = (16, fingerprint(data[0]))
+    expected = r"different dataset on each process \(samples: 16 on process 0, 16 on process 1"
+    with pytest.raises(ConfigurationError, match=expected):
+        shard_loader(TwoProcesses(), mine, lambda own: [theirs, own])
+
+
 def test_a_sampler_that_picks_samples_is_refused_and_a_distributed_one_kept() -> None:
     # Every sampler was replaced by a DistributedSampler over the whole dataset: a
     # SubsetRandomSampler's held-out samples were trained on, and no epoch shuffled.
@@ -209,15 +228,17 @@ def test_a_sampler_that_picks_samples_is_refused_and_a_distributed_one_kept() ->
     ):
         loader = DataLoader(data, batch_size=4, sampler=sampler)
         with pytest.raises(ConfigurationError, match=type(sampler).__name__):
-            shard_loader(TwoProcesses(), loader)
+            shard_loader(TwoProcesses(), loader, same_everywhere)
     own = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 2, 1, seed=3))
-    assert shard_loader(TwoProcesses(), own) is own
+    assert shard_loader(TwoProcesses(), own, same_everywhere) is own
     # One that splits for another process count would train rank 1 on everything.
     alone = DataLoader(data, batch_size=4, sampler=DistributedSampler(data, 1, 0))
     with pytest.raises(ConfigurationError, match="process 0 of 1, but this is process 1 of 2"):
-        shard_loader(TwoProcesses(), alone)
+        shard_loader(TwoProcesses(), alone, same_everywhere)
     for shuffle in (True, False):
-        split = shard_loader(TwoProcesses(), DataLoader(data, batch_size=4, shuffle=shuffle))
+        split = shard_loader(
+            TwoProcesses(), DataLoader(data, batch_size=4, shuffle=shuffle), same_everywhere
+        )
         assert isinstance(split.sampler, DistributedSampler) and split.sampler.rank == 1
         assert split.sampler.shuffle is shuffle and len(split.sampler) == 16
 
