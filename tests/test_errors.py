@@ -311,6 +311,32 @@ def test_every_plugin_cleans_up_when_others_fail_to(capsys, witness_first):
         assert f"teardown raised after an error: plugin {name!r} raised in hook 'teardown'" in err
 
 
+class Exits:
+    """Ends the process from a clean-up hook, as a plugin that thinks it is the
+    last one to run might."""
+
+    name = "exits"
+
+    @hookimpl(tryfirst=True)
+    def on_exception(self):
+        raise SystemExit(3)
+
+
+def test_a_plugin_exiting_in_on_exception_hides_neither_the_error_nor_the_clean_up(capsys):
+    # sys.exit there replaced the plugin error being handled: the process ended
+    # with status 3 and no message, and the plugins after it never cleaned up.
+    witness = Witness()
+    with pytest.raises(HookError) as excinfo:
+        run([Exploding(), Exits(), witness], max_epochs=1, record=False)
+    assert excinfo.value.plugin == "exploder"
+    assert witness.events == ["on_exception", "teardown"]
+    err = capsys.readouterr().err
+    assert (
+        "on_exception raised after an error: plugin 'exits' raised in hook 'on_exception' "
+        "during fit at epoch 0, global step 3: SystemExit: 3" in err
+    )
+
+
 class WrapsTeardown:
     name = "wraps_teardown"
     calls = 0

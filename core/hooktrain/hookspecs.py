@@ -651,8 +651,9 @@ def log_metrics(trainer: Trainer, metrics: Mapping[str, float], step: int, scope
 def on_exception(trainer: Trainer, exception: BaseException) -> None:
     """Called when anything raised during a stage (``KeyboardInterrupt``
     included), before ``teardown``. The exception propagates afterwards. Every
-    plugin's implementation runs even when another one raised here; those errors
-    are printed to stderr, naming the plugin.
+    plugin's implementation runs even when another one raised here (``sys.exit``
+    too, which does not end the process from here); those errors are printed to
+    stderr, naming the plugin.
 
     :param exception: the exception, already annotated with the epoch and step.
     """

@@ -109,7 +109,8 @@ def call_each(trainer: Trainer, hook_name: str, kwargs: dict[str, Any]) -> list[
     those after a plain one that raised (found in the error's traceback, or in
     that of the error it chains to, when a wrapper turned it into its own), or all
     of them when a wrapper raised before its ``yield``, before pluggy called any.
-    Wrappers are not run again: theirs ran around the first call.
+    Wrappers are not run again: theirs ran around the first call. A plugin's
+    ``SystemExit`` counts as its error; ``KeyboardInterrupt`` stops the clean-up.
 
     :return: what was raised, in call order, each as `explain` words it: empty
         when every implementation returned.
@@ -126,7 +127,7 @@ def call_each(trainer: Trainer, hook_name: str, kwargs: dict[str, Any]) -> list[
     try:
         caller.call_extra([mark_reached], kwargs)
         return []
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         errors = [_explained(trainer, exc)]
         raised = exc
     plain = [
@@ -142,7 +143,7 @@ def call_each(trainer: Trainer, hook_name: str, kwargs: dict[str, Any]) -> list[
     for impl in left:
         try:
             impl.function(*(kwargs[name] for name in impl.argnames))
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             errors.append(_explained(trainer, exc))
     return errors
 
@@ -180,22 +181,29 @@ def _innermost(exc: BaseException, owners: dict[Any, list[tuple[Any, Any]]]) -> 
     return found
 
 
-def _explained(trainer: Trainer, exc: Exception) -> BaseException:
-    error = explain(trainer, exc)
+def _explained(trainer: Trainer, exc: BaseException) -> BaseException:
+    # A plugin ending the process (sys.exit) from a clean-up hook would replace the
+    # error being handled, unseen, and keep the other plugins from cleaning up: it
+    # is reported as that plugin's error instead.
+    error = explain(trainer, exc, exits_are_errors=isinstance(exc, SystemExit))
     if error is not exc and error.__cause__ is None:
         error.__cause__ = exc
     return error
 
 
-def explain(trainer: Trainer, exc: BaseException) -> BaseException:
+def explain(trainer: Trainer, exc: BaseException, exits_are_errors: bool = False) -> BaseException:
     """A :class:`HookError` naming the plugin and the hook when a plugin raised
-    ``exc``, else ``exc`` itself with a note saying where it happened."""
+    ``exc``, else ``exc`` itself with a note saying where it happened.
+    ``KeyboardInterrupt`` and ``SystemExit`` are nobody's fault (not even a plugin's)
+    unless ``exits_are_errors`` counts a plugin's ``SystemExit`` as its error."""
     where = f"{trainer.stage} at epoch {trainer.current_epoch}, global step {trainer.global_step}"
     if isinstance(exc, HookError | PluginError):
         return exc
     # A non-finite loss is the run's fault, found by whoever looked (the core's
     # dump_checkpoint, called by a checkpoint plugin), not the looker's.
-    attributable = isinstance(exc, Exception) and not isinstance(exc, NonFiniteLossError)
+    attributable = (
+        isinstance(exc, Exception) or (exits_are_errors and isinstance(exc, SystemExit))
+    ) and not isinstance(exc, NonFiniteLossError)
     culprit = _culprit(trainer, exc) if attributable else None
     if culprit is None:
         exc.add_note(f"hooktrain: raised during {where}")
