@@ -78,6 +78,42 @@ def test_detail_shows_hooks_and_load_errors(fake_dists):
     assert "ERROR: ImportError: the plugin needs libfoo" in broken
 
 
+MISSPELT = """
+from hooktrain import hookimpl
+
+class Misspelt:
+    @hookimpl
+    def on_train_epoch_ends(self, trainer):
+        pass
+
+class NeedsOptions:
+    def __init__(self, path):
+        self.path = path
+
+    @hookimpl
+    def on_fit_start(self, trainer):
+        pass
+"""
+
+
+def test_detail_refuses_what_a_trainer_would_refuse(fake_dists):
+    # --detail listed a misspelt hook as "ok: on_train_epoch_ends", which a Trainer
+    # then refused with a PluginError.
+    fake_dists.add(
+        "misc-dist",
+        {"misspelt": "miscmod:Misspelt", "needs_options": "miscmod:NeedsOptions"},
+        {"miscmod": MISSPELT},
+    )
+    result = hooktrain_cli("plugins", "--detail")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    misspelt = next(ln for ln in lines if ln.startswith("misspelt "))
+    assert "ERROR: PluginError: plugin 'misspelt' implements 'on_train_epoch_ends'" in misspelt
+    assert "did you mean 'on_train_epoch_end'?" in misspelt
+    needs = next(ln for ln in lines if ln.startswith("needs_options "))
+    assert "ok: on_fit_start (hook arguments not checked: it needs options" in needs
+
+
 def test_disabled_plugins_are_marked(fake_dists):
     fake_dists.add("good-dist", {"good": "goodmod:Good"}, {"goodmod": GOOD})
     env = {**os.environ, "HOOKTRAIN_DISABLE_PLUGINS": "good"}

@@ -47,6 +47,29 @@ def _implemented_hooks(target: Any) -> list[str]:
     return names
 
 
+def _check_registration(name: str, target: Any) -> str:
+    """Register ``target``, built with no options, on a manager of its own, so that
+    a plugin a Trainer would refuse (a misspelt hook, an argument the hook does not
+    offer, a yield without ``wrapper=True``) is not listed as ok.
+
+    :return: ``""``, or why registration was not checked (a plugin that cannot be
+        built without options).
+    :raises PluginError: what a Trainer selecting the plugin would raise.
+    """
+    from hooktrain.errors import PluginError
+    from hooktrain.manager import PluginManager
+    from hooktrain.plugins import build_plugin
+
+    try:
+        plugin = build_plugin(name, target, None)
+    except PluginError as exc:
+        if isinstance(exc.__cause__, TypeError):
+            return " (hook arguments not checked: it needs options to be built)"
+        raise
+    PluginManager().register(plugin, name)
+    return ""
+
+
 def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True)).rstrip()]
@@ -83,8 +106,10 @@ def _list_plugins(detail: bool) -> int:
             row.append("disabled")
         elif detail:
             try:
-                hooks = _implemented_hooks(plugin.load())
-                row.append("ok: " + (", ".join(hooks) or "no hooks"))
+                target = plugin.load()
+                unchecked = _check_registration(name, target)
+                hooks = _implemented_hooks(target)
+                row.append("ok: " + (", ".join(hooks) or "no hooks") + unchecked)
             except Exception as exc:
                 cause = exc.__cause__ or exc
                 row.append(f"ERROR: {type(cause).__name__}: {cause}")

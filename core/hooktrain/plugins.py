@@ -135,8 +135,13 @@ def _import_path(path: str) -> Any:
     return target
 
 
-def _instantiate(name: str, target: Any, options: Mapping[str, Any] | None) -> Any:
-    """Turn what a selection points to into a registrable plugin object."""
+def build_plugin(name: str, target: Any, options: Mapping[str, Any] | None) -> Any:
+    """Turn what a selection points to (a class or factory, called with ``options``;
+    a module or an instance, taken as it is) into a registrable plugin object.
+
+    :raises PluginError: when the factory refuses ``options`` (a ``TypeError``, as
+        its ``__cause__``), or options are given to something that takes none.
+    """
     is_factory = inspect.isclass(target) or (
         inspect.isfunction(target) and not _has_hookimpls(target)
     )
@@ -302,12 +307,12 @@ def _load_entry(
                     f"Install a distribution that registers it under the entry-point "
                     f"group {ENTRY_POINT_GROUP!r}, or pass an import path 'module:attribute'."
                 )
-        return name, _instantiate(name, obj, options), installed
+        return name, build_plugin(name, obj, options), installed
     name = target.__name__ if inspect.isclass(target) else object_name(target)
     if name in disabled:
         _say_disabled(name, disabled[name])
         return None
-    obj = _instantiate(name, target, options)
+    obj = build_plugin(name, target, options)
     return (object_name(obj) if inspect.isclass(target) else name), obj, installed
 
 
