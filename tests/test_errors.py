@@ -493,6 +493,33 @@ def test_unsized_iterable_that_yields_nothing():
         fit(loader=DataLoader(Nothing(), batch_size=4))
 
 
+class Starves:
+    """A batch-moving plugin with a bug: its iterator yields nothing."""
+
+    name = "starves"
+
+    @hookimpl
+    def batch_iterator(self, dataloader):
+        return iter(())
+
+
+@pytest.mark.parametrize("stage", ["fit", "validate"])
+def test_a_plugin_iterator_yielding_nothing_is_not_blamed_on_the_data(stage):
+    # The error said only that "the dataloader yielded no batches": the user's data
+    # was blamed for what the plugin's batch_iterator did.
+    trainer = hooktrain.Trainer(plugins=[Starves()], device="cpu")
+    with pytest.raises(ConfigurationError) as excinfo:
+        if stage == "fit":
+            fit(trainer=trainer)
+        else:
+            trainer.validate(make_model(), make_data()[1], loss_fn=F.cross_entropy)
+    assert "yielded no batches" in str(excinfo.value)
+    assert (
+        "(batch_iterator is implemented by 'starves': the value may be theirs rather "
+        "than the dataloader's)" in str(excinfo.value)
+    )
+
+
 def test_loss_that_is_not_a_scalar():
     with pytest.raises(ConfigurationError, match=r"scalar .* shape \(16,\)"):
         fit(loss_fn=lambda out, y: F.cross_entropy(out, y, reduction="none"))

@@ -238,6 +238,7 @@ def evaluation_loop(
                     raise ConfigurationError(
                         f"the {stage} dataloader{which} yielded no batches; hooktrain "
                         f"needs at least one"
+                        + origin(trainer.plugin_manager, "batch_iterator", "the dataloader's")
                     )
             trainer._log_suffix = ""  # the epoch-end hooks log for every loader at once
             # Every process, whether it saw batches or not: the reduction is collective.

@@ -44,7 +44,7 @@ from hooktrain.replay import (
     restore_next_epoch_generators,
     warn_if_epoch_length_changed,
 )
-from hooktrain.results import iterate, metric_values, unexpected_result
+from hooktrain.results import iterate, metric_values, origin, unexpected_result
 from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
 from hooktrain.running_means import process_collectives
 from hooktrain.state import check_loaded
@@ -236,6 +236,7 @@ def _train_epoch(
         raise ConfigurationError(
             "the training dataloader yielded no batches in epoch "
             f"{trainer.current_epoch}; hooktrain needs at least one"
+            + origin(trainer.plugin_manager, "batch_iterator", "the dataloader's")
         )
     if window:
         # The iterator ended inside an accumulation window (its length was unknown

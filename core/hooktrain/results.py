@@ -57,9 +57,12 @@ def unexpected_result(
     )
 
 
-def origin(plugin_manager: pluggy.PluginManager, hook_name: str) -> str:
+def origin(
+    plugin_manager: pluggy.PluginManager, hook_name: str, instead_of: str = "the model's"
+) -> str:
     """Words for an error about a value ``hook_name`` gave, naming the plugins that
-    implement or wrap it (``""`` when only the core does): the value may be theirs."""
+    implement or wrap it (``""`` when only the core does): the value may be theirs,
+    not ``instead_of``'s, whom the error would otherwise seem to blame."""
     parts = [
         f"{how} by {', '.join(map(repr, names))}"
         for how, names in (
@@ -71,7 +74,7 @@ def origin(plugin_manager: pluggy.PluginManager, hook_name: str) -> str:
     if not parts:
         return ""
     by = " and ".join(parts)
-    return f" ({hook_name} is {by}: the value may be theirs rather than the model's)"
+    return f" ({hook_name} is {by}: the value may be theirs rather than {instead_of})"
 
 
 def implementers(plugin_manager: pluggy.PluginManager, hook_name: str) -> list[str]:
