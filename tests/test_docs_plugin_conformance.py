@@ -24,3 +24,6 @@ def _example_plugin() -> Any:
 class TestTheDocumentedPluginConforms(PluginConformance):
     # Every step logs: a per-step device read (float(norm)) would show as a host sync.
     plugin = (_example_plugin(), {"every_n_steps": 1})
+    # The page says options are checked in the constructor; its own example did not,
+    # and every_n_steps=0 failed at the first step with a ZeroDivisionError.
+    documented_errors = [({"every_n_steps": 0}, "every_n_steps must be an int >= 1, got 0")]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hooktrain import Trainer, hookimpl
+from hooktrain.errors import ConfigurationError
 from hooktrain.testing import make_data, make_model
 
 
@@ -19,6 +20,12 @@ class GradNormMonitor:
     name = "grad_norm_monitor"  # the name it is registered under
 
     def __init__(self, every_n_steps: int = 10) -> None:
+        # Checked here, where the Trainer is built: a bad option found at the first
+        # step would be found after the work before it.
+        if not isinstance(every_n_steps, int) or every_n_steps < 1:
+            raise ConfigurationError(
+                f"grad_norm_monitor: every_n_steps must be an int >= 1, got {every_n_steps!r}"
+            )
         self.every_n_steps = every_n_steps
         # The running maximum stays on the device: float() every step would wait
         # for it each time.
