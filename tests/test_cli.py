@@ -151,6 +151,32 @@ def test_subcommands_come_from_entry_points(fake_dists):
     assert any(line.split()[:3] == ["new-plugin", "from", "hooktrain;"] for line in help_lines)
 
 
+def test_no_installed_command_replaces_plugins_and_a_shadowed_one_is_named(fake_dists):
+    # A package registering a (broken) "plugins" command took over the command that
+    # diagnoses a broken installation; two claiming one name ran the first silently.
+    fake_dists.add(
+        "bad-dist",
+        {"plugins": "nowhere:Nope", "greet": "cmdmod:main"},
+        {"cmdmod": COMMAND},
+        group="hooktrain.commands",
+    )
+    fake_dists.add(
+        "other-dist", {"greet": "othermod:main"}, {"othermod": COMMAND}, group="hooktrain.commands"
+    )
+    listed = hooktrain_cli("plugins")
+    assert listed.returncode == 0, listed.stderr
+    assert any(line.split()[:2] == ["profile", "hooktrain"] for line in listed.stdout.splitlines())
+    greeted = hooktrain_cli("greet")
+    assert greeted.returncode == 3
+    shadowed = {"bad-dist": "cmdmod:main", "other-dist": "othermod:main"}
+    first = "bad-dist" if "is also registered by other-dist" in greeted.stderr else "other-dist"
+    ignored = next(d for d in shadowed if d != first)
+    assert (
+        f"note: command 'greet' is also registered by {ignored} ({shadowed[ignored]}), "
+        f"which is ignored" in greeted.stderr
+    )
+
+
 def test_help_lists_a_command_whose_name_holds_a_percent_sign(fake_dists):
     # argparse %-formats help texts: the name must not be read as a format.
     fake_dists.add(

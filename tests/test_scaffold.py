@@ -62,6 +62,15 @@ def test_a_name_whose_class_the_generated_code_binds_already_is_refused(taken: s
         PluginNames.from_name(taken)
 
 
+@pytest.mark.parametrize("name", ["test-helper", "testing"])
+def test_a_name_making_a_class_pytest_would_collect_is_refused(name: str) -> None:
+    # new-plugin test-helper wrote a class TestHelper, imported into the generated
+    # tests, where pytest warned that it cannot collect it as a test class.
+    with pytest.raises(ValueError, match="pytest would take for a test class"):
+        PluginNames.from_name(name)
+    assert PluginNames.from_name("helper-for-tests").cls == "HelperForTests"
+
+
 def test_the_refused_class_names_cover_every_name_the_templates_bind(tmp_path: Path) -> None:
     import ast
 

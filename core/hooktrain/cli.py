@@ -287,10 +287,28 @@ def _list_hooks() -> int:
 
 
 def _commands() -> dict[str, metadata.EntryPoint]:
+    """The subcommands installed distributions register, by name. ``plugins`` is
+    left out: the command that lists a broken installation must not be one that an
+    installed package (broken, maybe) replaces."""
     found: dict[str, metadata.EntryPoint] = {}
     for entry_point in metadata.entry_points(group=COMMAND_ENTRY_POINT_GROUP):
-        found.setdefault(entry_point.name, entry_point)
+        if entry_point.name != "plugins":
+            found.setdefault(entry_point.name, entry_point)
     return found
+
+
+def _say_shadowed_commands(name: str) -> None:
+    """A note on stderr for each other distribution registering command ``name``:
+    only the first found runs (the same rule as for a plugin name two claim)."""
+    entries = [e for e in metadata.entry_points(group=COMMAND_ENTRY_POINT_GROUP) if e.name == name]
+    for entry_point in entries[1:]:
+        if entry_point.value != entries[0].value:
+            source = entry_point.dist.name if entry_point.dist is not None else "an entry point"
+            print(
+                f"note: command {name!r} is also registered by {source} "
+                f"({entry_point.value}), which is ignored",
+                file=sys.stderr,
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -308,6 +326,7 @@ def _run(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     commands = _commands()
     if args and args[0] in commands:
+        _say_shadowed_commands(args[0])
         try:
             command = commands[args[0]].load()
         except Exception as exc:
@@ -321,8 +340,6 @@ def _run(argv: Sequence[str] | None) -> int:
     )
     sub = parser.add_subparsers(dest="command")
     for name, entry_point in sorted(commands.items()):
-        if name == "plugins":
-            continue  # a command of that name replaces the built-in one, above
         # Listed for --help only (they run before argparse, above); their own
         # --help is not read here, which would import them.
         source = entry_point.dist.name if entry_point.dist is not None else "an entry point"

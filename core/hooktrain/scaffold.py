@@ -64,8 +64,8 @@ class PluginNames:
     def from_name(cls, raw: str) -> PluginNames:
         """Derive the names; raise ``ValueError`` for a name that cannot make them,
         for one whose class name the generated code binds already (``trainer``,
-        ``plugin-conformance``), or for ``core``, the name of hooktrain's own
-        implementations."""
+        ``plugin-conformance``) or pytest would collect (``test-helper``), or for
+        ``core``, the name of hooktrain's own implementations."""
         raw = raw.strip()
         if raw.startswith("hooktrain-") or raw.startswith("hooktrain_"):
             raw = raw[len("hooktrain-") :]
@@ -83,6 +83,14 @@ class PluginNames:
                 "choose another name"
             )
         class_name = "".join(word.capitalize() for word in words)
+        if class_name.startswith("Test"):
+            # Imported into the generated tests, a class named Test* is one pytest
+            # tries to collect as a test class, and warns that it cannot.
+            raise ValueError(
+                f"plugin name {raw!r} would make the class {class_name!r}, which pytest "
+                f"would take for a test class in the generated tests; choose a name "
+                f"that does not start with 'test'"
+            )
         if class_name in _TAKEN_CLASS_NAMES:
             raise ValueError(
                 f"plugin name {raw!r} would make the class {class_name!r}, which the "
