@@ -14,7 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    TensorDataset,
+)
 
 from hooktrain import ConfigurationError, ResumeWarning, Trainer, accuracy, hookimpl
 from hooktrain.rng import mark_epoch_seeded
@@ -644,6 +651,68 @@ def test_a_resumed_epoch_replays_the_interrupted_epochs_data(kind, tmp_path):
     assert before.samples[: 6 * 2] + after.samples == whole.samples
     for key, value in uninterrupted.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def _validated_on_itself(kind: str) -> DataLoader:
+    if kind == "shuffled by its own generator":
+        # The validation draws its iterator's seed from the same generator: the
+        # next epoch's order moved with it.
+        return DataLoader(
+            Indexed(8, noise=False),
+            batch_size=2,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+    # A sampler with replacement draws its indices 32 at a time, as the epoch goes:
+    # a validation in between moved the training epoch's own later batches.
+    generator = torch.Generator().manual_seed(0) if "its own" in kind else None
+    data = Indexed(16, noise=False)
+    sampler = RandomSampler(data, replacement=True, num_samples=80, generator=generator)
+    return DataLoader(data, batch_size=8, sampler=sampler)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "shuffled by its own generator",
+        "drawn with replacement by the core's generator",
+        "drawn with replacement by its own generator",
+    ],
+)
+def test_validating_on_the_training_loader_changes_no_training_data_and_resumes_exactly(
+    kind, tmp_path
+):
+    # The validation in fit put the global generators back, not the training
+    # loader's own: validating on that loader (or one sharing its generator) drew
+    # from them, and a resume, which does not replay those draws, trained on other
+    # batches without a word.
+    def fit(plugins, ckpt_path=None):
+        model = make_model(features=2, dropout=0.2)
+        trainer = Trainer(plugins=plugins, max_epochs=2, seed=3, device="cpu", val_every_n_steps=2)
+        loader = _validated_on_itself(kind)
+        trainer.fit(
+            model, loader, loader, loss_fn=F.cross_entropy, optimizer=sgd(), ckpt_path=ckpt_path
+        )
+        return model
+
+    whole = SeesSamples()
+    uninterrupted = fit([whole])
+    path = tmp_path / "mid.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        fit([CrashesAfter(path, save_at=3, crash_at=4)])
+    after = SeesSamples()
+    resumed = fit([after], ckpt_path=path)
+    per_step = len(whole.samples) // (8 if "shuffled" in kind else 20)
+    assert after.samples == whole.samples[3 * per_step :]
+    for key, value in uninterrupted.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    # And validating changes nothing the training sees.
+    unvalidated = SeesSamples()
+    model = make_model(features=2, dropout=0.2)
+    Trainer(plugins=[unvalidated], max_epochs=2, seed=3, device="cpu").fit(
+        model, _validated_on_itself(kind), loss_fn=F.cross_entropy, optimizer=sgd()
+    )
+    assert unvalidated.samples == whole.samples
 
 
 @pytest.mark.parametrize("kind", ["own generator", "workers with noise"])

@@ -24,8 +24,10 @@ The two-process check's worker is `hooktrain.conformance_worker`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
+import io
 import os
 import subprocess
 import sys
@@ -299,11 +301,21 @@ class PluginConformance:
         for hook, code, name in called:
             job = self._job(f"raise-in-{hook}")
             error: BaseException | None = None
-            with raise_on_entry(code):
+            # The core reports a clean-up hook's own error on stderr, not raised.
+            stderr = io.StringIO()
+            with raise_on_entry(code), contextlib.redirect_stderr(stderr):
                 try:
                     job.fit([self._fresh()], steps=2, epochs=1)
                 except BaseException as exc:
                     error = exc
+            broken = f"plugin {name!r} raised in hook 'on_exception'"
+            if broken in stderr.getvalue():
+                pytest.fail(
+                    f"hook errors: after an exception inside {name!r}'s {hook}, its own "
+                    f"on_exception raised ({stderr.getvalue().strip()}). Do not raise, nor "
+                    f"end the process (sys.exit), from on_exception: report and return, "
+                    f"the core re-raises. {_GUIDE}"
+                )
             if not (isinstance(error, HookError) and (error.plugin, error.hook) == (name, hook)):
                 got = "no error at all" if error is None else f"{type(error).__name__}: {error}"
                 pytest.fail(

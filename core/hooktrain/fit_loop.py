@@ -355,8 +355,9 @@ def _validate(trainer: Trainer) -> None:
     """Validation inside ``fit``; the names it computed join the epoch's
     (``trainer._epoch_validation``). It must not change training, so every global
     random generator is put back afterwards (its dataloaders draw seeds, its
-    datasets may draw numbers)."""
-    with fork_rng() as training_state:
+    datasets may draw numbers), and so are the training loader's own, which a
+    validation loader may share."""
+    with fork_rng(trainer.train_dataloader) as training_state:
         # A checkpoint taken during validation holds the state training goes on
         # from, not the one validation's loaders drew from.
         trainer._rng_outside_validation = training_state

@@ -97,15 +97,32 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def fork_rng() -> Iterator[dict[str, Any]]:
+def fork_rng(*dataloaders: Any) -> Iterator[dict[str, Any]]:
     """Run the block without changing any global generator: Python's, NumPy's,
     torch's CPU and CUDA ones are put back as they were when it ends. Gives the
-    state it puts back (`rng_state`'s)."""
+    state it puts back (`rng_state`'s).
+
+    The own generators of ``dataloaders`` (those of `loader_generators`, and the
+    epoch-seeded one too) are put back as well. Another loader iterated in the
+    block (one given the same generator, or the same loader) draws from them
+    otherwise; a sampler with ``replacement=True`` draws its indices as its epoch
+    goes, so an epoch under way would change, unseen by a resume that replays it.
+    """
     saved = rng_state()
+    generators = []
+    for loader in dataloaders:
+        generators += loader_generators(loader)
+        sampler = getattr(loader, "sampler", None)
+        owned = epoch_seeded_generator(sampler)
+        if owned is not None and getattr(sampler, "generator", None) is owned:
+            generators.append(owned)
+    states = [generator.get_state() for generator in generators]
     try:
         yield saved
     finally:
         set_rng_state(saved)
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
 
 
 def loader_generators(dataloader: Any) -> list[torch.Generator]:
