@@ -301,6 +301,9 @@ class ModelCheckpoint:
 
     @hookimpl
     def on_fit_start(self, trainer: Trainer) -> None:
+        if self.save_on_sigterm:
+            # After prepare, where a plugin may have built the loaders the fit uses.
+            self._sigterm.shield_workers(trainer)
         if trainer.is_global_zero:
             fresh = self._loaded_from is None
             self._sequence = resume.number_saves_after(self.dirpath, self._sequence, fresh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -10,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["SigtermWatch", "report"]
+__all__ = ["SigtermWatch", "WorkerSigterm", "report"]
 
 
 def report(trainer: Trainer, text: str) -> None:
@@ -18,6 +19,41 @@ def report(trainer: Trainer, text: str) -> None:
     scheduler that sent the signal may kill the process soon after."""
     if trainer.is_global_zero:
         print(f"hooktrain-checkpoint: {text}", file=sys.stderr, flush=True)
+
+
+class WorkerSigterm:
+    """A DataLoader ``worker_init_fn``: the worker ends on a SIGTERM from its parent
+    (the main process shutting it down) and ignores one from anyone else; then the
+    loader's own ``worker_init_fn`` (``inner``) runs.
+
+    A scheduler may signal every process of a job (Slurm signals the whole step).
+    torch's handler in a worker exits quietly when the parent sent the signal and
+    dies otherwise, and the main process then raises "DataLoader worker ... is
+    killed by signal: Terminated" at its next batch, before it could save. Here
+    the signal is blocked and a thread waits for it, reading who sent it
+    (``signal.sigwaitinfo``); where that is not available (not Linux), torch's
+    handling is left as it is. A module-level class, so that a loader whose
+    workers are spawned can pickle it.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, worker_id: int) -> None:
+        if hasattr(signal, "sigwaitinfo"):
+            # Blocked before the thread starts, in this thread and in every thread
+            # started later: only the waiting thread receives it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            threading.Thread(target=_end_on_parents_sigterm, daemon=True).start()
+        if self.inner is not None:
+            self.inner(worker_id)
+
+
+def _end_on_parents_sigterm() -> None:
+    parent = os.getppid()
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(0)  # as torch's worker does when its parent terminates it
 
 
 class SigtermWatch:
@@ -38,6 +74,7 @@ class SigtermWatch:
         self._trainer: Trainer | None = None
         self._previous: Any = None
         self._installed = False
+        self._shielded: list[tuple[Any, Any]] = []  # (loader, its own worker_init_fn)
 
     def install(self, trainer: Trainer) -> None:
         """Start watching for ``trainer``'s fit. Python runs signal handlers in the
@@ -49,12 +86,33 @@ class SigtermWatch:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
             self._installed = True
 
+    def shield_workers(self, trainer: Trainer) -> None:
+        """Make the worker processes of the fit's dataloaders, as they start, ignore
+        a SIGTERM not sent by their parent (`WorkerSigterm`), so that a signal to
+        the whole process group is saved on, not a crash. Called once plugins have
+        built their loaders; each gets its own ``worker_init_fn`` back in
+        :meth:`restore`."""
+        from torch.utils.data import DataLoader
+
+        for loader in [trainer.train_dataloader, *trainer.eval_dataloaders]:
+            if (
+                isinstance(loader, DataLoader)
+                and loader.num_workers > 0
+                and not isinstance(loader.worker_init_fn, WorkerSigterm)
+            ):
+                self._shielded.append((loader, loader.worker_init_fn))
+                loader.worker_init_fn = WorkerSigterm(loader.worker_init_fn)
+
     def restore(self) -> None:
-        """Put back the handler that was there before :meth:`install`."""
+        """Put back the handler that was there before :meth:`install`, and the
+        loaders' own ``worker_init_fn``."""
         if self._installed:
             signal.signal(signal.SIGTERM, self._previous)
             self._installed = False
             self._previous = None
+        for loader, own in self._shielded:
+            loader.worker_init_fn = own
+        self._shielded = []
         self._trainer = None
 
     def agreed(self, trainer: Trainer) -> bool:

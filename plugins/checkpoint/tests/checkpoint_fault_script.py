@@ -21,6 +21,7 @@ import os
 import re
 import resource
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from hooktrain_checkpoint import read_info
 from torch import nn
+from torch.utils.data import DataLoader
 
 from hooktrain import Trainer, hookimpl
 from hooktrain.testing import make_data
@@ -84,7 +86,13 @@ class Fault:
     def __init__(self, spec: str) -> None:
         signame, self.moment, step = spec.split(":")
         self.signame, self.step = signame, int(step)
-        self.signum = signal.Signals[signame]
+        # SIGTERM_GROUP: SIGTERM to the whole process group (the DataLoader workers
+        # too), sent by another process, as a scheduler does. The process must lead
+        # a group of its own (start_new_session), or the test runner gets it too.
+        self.group = signame == "SIGTERM_GROUP"
+        if self.group and os.getpgid(0) != os.getpid():
+            raise ValueError("SIGTERM_GROUP needs a process started in a session of its own")
+        self.signum = signal.SIGTERM if self.group else signal.Signals[signame]
         if self.moment not in TRAIN_MOMENTS + WRITE_MOMENTS:
             raise ValueError(f"unknown moment {self.moment!r}")
         expected = {"write": signal.SIGXFSZ}.get(self.moment, signal.SIGKILL)
@@ -111,6 +119,13 @@ class Fault:
         if self.moment == "write":
             hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
             resource.setrlimit(resource.RLIMIT_FSIZE, (PARTIAL_BYTES, hard))
+        elif self.group:
+            # From another process: a worker that its own parent signals exits
+            # quietly, one signalled by anyone else dies. The main process gets the
+            # signal while it waits here, and its handler has run when this returns.
+            kill = f"import os, signal; os.killpg({os.getpgid(0)}, signal.SIGTERM)"
+            # The sender leads a group of its own, or it would get the signal too.
+            subprocess.run([sys.executable, "-c", kill], check=True, start_new_session=True)
         else:
             os.kill(os.getpid(), self.signum)
 
@@ -207,6 +222,7 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--init-file", default="")
+    parser.add_argument("--workers", type=int, default=0)
     args = parser.parse_args()
 
     plugins: list[Any] = []
@@ -229,6 +245,9 @@ def main() -> int:
     )
     model = Net()
     train, val = make_data(n=192, batch_size=16, seed=3)
+    if args.workers:
+        train = DataLoader(train.dataset, batch_size=16, shuffle=True, num_workers=args.workers)
+        val = DataLoader(val.dataset, batch_size=16, num_workers=args.workers)
     trainer.fit(model, train, val, loss_fn=F.cross_entropy, ckpt_path="last")
     print(
         f"finished global_step={trainer.global_step} should_stop={trainer.should_stop}", flush=True

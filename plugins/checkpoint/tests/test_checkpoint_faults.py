@@ -165,6 +165,69 @@ def test_sigterm_saves_at_the_next_batch_stops_cleanly_and_resumes_exactly(
     _assert_same_state(reference, tmp_path / "term.pt")
 
 
+def test_sigterm_to_the_whole_process_group_with_loader_workers_saves_and_resumes_exactly(
+    reference: Path, tmp_path: Path
+) -> None:
+    # A scheduler signalling every process of the job killed the DataLoader workers
+    # too, and the main process raised "DataLoader worker ... is killed by signal:
+    # Terminated" at its next batch: no save, and the steps since the last were lost.
+    command = _command(tmp_path, "group", "--every", "1000", "--workers", "2")
+    stopped = subprocess.run(
+        [*command, "--fault", "SIGTERM_GROUP:batch-end:5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,  # the group signalled is the run's alone
+    )
+    assert stopped.returncode == 0, stopped.stderr
+    assert "killed by signal" not in stopped.stderr
+    assert "finished global_step=5 should_stop=True" in stopped.stdout
+    assert read_info(tmp_path / "group-ckpt" / "last.ckpt").record["global_step"] == 5
+    _run_to_end(command)
+    _assert_same_state(reference, tmp_path / "group.pt")
+
+
+CRASH_WITH_WORKERS = """
+import sys
+import torch, torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from hooktrain import Trainer, hookimpl
+
+class Boom:
+    @hookimpl
+    def on_train_batch_end(self, trainer):
+        if trainer.global_step == 3:
+            raise ValueError("boom")
+
+own = lambda worker_id: None
+loader = DataLoader(
+    TensorDataset(torch.randn(512, 8), torch.randint(0, 2, (512,))),
+    batch_size=8, num_workers=2, worker_init_fn=own,
+)
+trainer = Trainer(plugins=[("checkpoint", {"dirpath": sys.argv[1]}), Boom()], device="cpu")
+try:
+    trainer.fit(torch.nn.Linear(8, 2), loader, loss_fn=F.cross_entropy,
+                optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+finally:
+    print("worker_init_fn given back:", loader.worker_init_fn is own, flush=True)
+"""
+
+
+def test_a_crash_with_loader_workers_alive_still_ends_them_and_the_process(tmp_path: Path) -> None:
+    # The workers ignore a SIGTERM that their parent did not send; the parent's own
+    # (multiprocessing terminates live workers as the crashed process exits) must
+    # still end them, or the process would wait for them forever.
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_WITH_WORKERS, str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert crashed.returncode == 1
+    assert "ValueError: boom" in crashed.stderr
+    assert "worker_init_fn given back: True" in crashed.stdout
+
+
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_batch(tmp_path: Path) -> None:
     init_file = tmp_path / "rendezvous"
     processes = []
