@@ -831,6 +831,63 @@ def test_missing_loss_fn_and_optimizer():
         fit(optimizer="adam")
 
 
+class Replaces:
+    """Replaces the model or the optimizers in a hook after prepare."""
+
+    name = "replaces"
+
+    def __init__(self, what: str, hook: str) -> None:
+        self.what, self.hook = what, hook
+
+    def _replace(self, trainer, hook):
+        if hook != self.hook:
+            return
+        if self.what == "optimizers":
+            trainer.optimizers = []
+        else:
+            trainer.model = make_model(seed=1)
+
+    @hookimpl
+    def on_fit_start(self, trainer):
+        self._replace(trainer, "on_fit_start")
+
+    @hookimpl
+    def on_train_epoch_start(self, trainer):
+        self._replace(trainer, "on_train_epoch_start")
+
+
+@pytest.mark.parametrize("hook", ["on_fit_start", "on_train_epoch_start"])
+@pytest.mark.parametrize("what", ["optimizers", "model"])
+def test_a_model_or_optimizers_replaced_after_prepare_is_refused(what, hook):
+    # The step is built from what prepare left: emptied optimizers trained nothing
+    # (6 steps, weights unchanged) and a replaced one was ignored, without a word.
+    trainer = hooktrain.Trainer(plugins=[Replaces(what, hook)], device="cpu", max_epochs=2)
+    with pytest.raises(ConfigurationError) as excinfo:
+        fit(trainer=trainer)
+    assert f"trainer.{what} replaced during fit, after prepare" in str(excinfo.value)
+    # Before the first step when replaced in on_fit_start; else as the next epoch starts.
+    epoch = 0 if hook == "on_fit_start" else 1
+    assert f"(found at epoch {epoch}, global step {8 * epoch})" in str(excinfo.value)
+
+
+class FreezesInPrepare:
+    """Replaces the optimizers in prepare, where it may, with one that moves nothing."""
+
+    name = "freezes_in_prepare"
+
+    @hookimpl
+    def prepare(self, trainer):
+        trainer.optimizers = [torch.optim.SGD(trainer.model.parameters(), lr=0.0)]
+
+
+def test_optimizers_replaced_in_prepare_are_the_ones_stepped():
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = fit(model, trainer=hooktrain.Trainer(plugins=[FreezesInPrepare()], device="cpu"))
+    assert trainer.global_step > 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
 def test_an_optimizer_over_another_models_parameters_is_refused_before_training():
     model = make_model()
     before = [p.detach().clone() for p in model.parameters()]

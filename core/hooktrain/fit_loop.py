@@ -27,6 +27,7 @@ from hooktrain.losses import agreed_finite, loss_of, raise_bad_loss
 from hooktrain.metrics import warn_if_metrics_unused
 from hooktrain.optimization import (
     check_optimizers_hold_the_model,
+    check_unchanged_since_prepare,
     configure_optimizers,
     make_optimizer_step,
     step_monitoring_schedulers,
@@ -73,6 +74,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     for entry, scheduler in zip(trainer._schedulers, trainer.lr_schedulers, strict=True):
         entry.scheduler = scheduler  # a plugin may have wrapped it
     check_optimizers_hold_the_model(trainer.module, trainer.optimizers)
+    prepared = (trainer.model, list(trainer.optimizers))
     hooks = trainer._hooks = ResolvedHooks(trainer.plugin_manager, trainer._defaults)
     if ckpt_path is not None:
         checkpoint = hooks.load_checkpoint(trainer=trainer, ckpt_path=os.fspath(ckpt_path))
@@ -85,6 +87,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     train_step = make_train_step(trainer, hooks)
     optimizer_step = make_optimizer_step(trainer, hooks)
     while _next_epoch(trainer):
+        check_unchanged_since_prepare(trainer, prepared)
         _train_epoch(trainer, hooks, train_step, optimizer_step)
         if trainer.world_size > 1:
             # should_stop set at an epoch's end (early stopping, a signal) must stop
@@ -98,6 +101,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     # read here, or NaN weights would be returned without a word. Not summed: a
     # checkpoint saved in on_fit_end keeps them as a run never stopped sums them.
     check_finite(trainer, fold=False)
+    check_unchanged_since_prepare(trainer, prepared)
     if hooks.on_fit_end is not None:
         hooks.on_fit_end(trainer=trainer)
 

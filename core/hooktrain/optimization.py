@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Scheduler",
     "check_optimizers_hold_the_model",
+    "check_unchanged_since_prepare",
     "configure_optimizers",
     "make_optimizer_step",
     "parse_optimizer_config",
@@ -103,6 +104,30 @@ def check_optimizers_hold_the_model(module: torch.nn.Module, optimizers: list[An
                 f"Build it over model.parameters(), or pass a callable taking them "
                 f"(optimizer=lambda params: torch.optim.SGD(params, lr=0.1))"
             )
+
+
+def check_unchanged_since_prepare(trainer: Trainer, prepared: tuple[Any, list[Any]]) -> None:
+    """Refuse a model or optimizers replaced once ``prepare`` has run (in
+    ``on_fit_start``, an epoch's or a batch's hook). The fit's step was built from
+    ``prepared`` (the model and the optimizers as ``prepare`` left them) and would go
+    on stepping those, the change unseen: an emptied optimizer list trained nothing.
+    Called as each epoch starts and as the fit ends.
+
+    :raises ConfigurationError: naming what changed, and where to change it instead.
+    """
+    model, optimizers = prepared
+    changed = [] if trainer.model is model else ["trainer.model"]
+    if len(trainer.optimizers) != len(optimizers) or any(
+        a is not b for a, b in zip(trainer.optimizers, optimizers, strict=False)
+    ):
+        changed.append("trainer.optimizers")
+    if changed:
+        raise ConfigurationError(
+            f"{' and '.join(changed)} replaced during fit, after prepare (found at epoch "
+            f"{trainer.current_epoch}, global step {trainer.global_step}): the fit steps "
+            f"the model and optimizers that prepare left, and would not see the change. "
+            f"Replace them in a setup or prepare implementation, or pass them to fit()"
+        )
 
 
 def parse_optimizer_config(config: Any) -> tuple[list[Any], list[Scheduler]]:
