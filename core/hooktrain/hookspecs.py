@@ -135,7 +135,9 @@ def prepare(trainer: Trainer, stage: str) -> None:
     ``trainer.lr_schedulers``, ``trainer.train_dataloader`` and
     ``trainer.eval_dataloaders`` with wrapped versions (distributed data parallel,
     a sharded dataloader). ``trainer.module`` keeps the user's unwrapped model
-    (given ``torch.compile(module)``, the module inside it).
+    (given ``torch.compile(module)``, the module inside it). This is the last place
+    to replace the model or the optimizers: the fit's step is built from what
+    ``prepare`` leaves, and a later replacement raises ``ConfigurationError``.
 
     :param trainer: the trainer.
     :param stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
