@@ -25,13 +25,11 @@ The two-process check's worker is `hooktrain.conformance_worker`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import io
 import os
 import subprocess
 import sys
-import types
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +42,8 @@ from hooktrain.conformance_support import (
     Neighbour,
     TrainingJob,
     UnhandledSigterm,
+    declared_plugin,
+    fresh_selection,
     implemented_hooks,
     metric_differences,
     raise_on_entry,
@@ -59,44 +59,6 @@ CHECKS = ("resume", "host_sync", "order", "hook_errors", "documented_errors", "m
 #: The global step at which the resume check sends SIGTERM: mid-way through epoch 2.
 KILL_STEP = 9
 _GUIDE = "see docs/testing-a-plugin.md"
-
-
-def declared_plugin(cls: type) -> Any:
-    """The ``plugin`` attribute of a `PluginConformance` subclass, as written there."""
-    # getattr_static: a plain function given as a factory must not become a method.
-    value = inspect.getattr_static(cls, "plugin", None)
-    if isinstance(value, staticmethod | classmethod):
-        value = value.__func__
-    if value is None:
-        pytest.fail(
-            f"{cls.__name__}: set the class attribute plugin = ... to what plugins=[...] "
-            f"accepts (a name, (name, {{options}}), an import path, a class or an object)"
-        )
-    return value
-
-
-def fresh_selection(value: Any) -> Any:
-    """A copy of a plugin selection that shares no state with ``value``: every run of
-    a check gets its plugin as new, as a fresh process would."""
-    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping):
-        try:
-            options = copy.deepcopy(dict(value[1]))
-        except Exception:  # a stream, a lock: options are inputs, sharing them is fine
-            options = dict(value[1])
-        return (fresh_selection(value[0]), options)
-    if (
-        isinstance(value, str | types.ModuleType)
-        or inspect.isclass(value)
-        or inspect.isroutine(value)
-    ):
-        return value  # constructed anew by each Trainer, or nothing to copy
-    try:
-        return copy.deepcopy(value)
-    except Exception as exc:
-        pytest.fail(
-            f"the plugin object {value!r} cannot be copied ({exc}), so each run of a check "
-            f"cannot get a fresh one; set plugin = its class, or (its class, {{options}})"
-        )
 
 
 class PluginConformance:

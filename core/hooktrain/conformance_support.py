@@ -4,9 +4,12 @@ comparison. Importing this module does not import torch."""
 
 from __future__ import annotations
 
+import copy
+import inspect
 import os
 import signal
 import sys
+import types
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -29,6 +32,8 @@ __all__ = [
     "Neighbour",
     "TrainingJob",
     "UnhandledSigterm",
+    "declared_plugin",
+    "fresh_selection",
     "implemented_hooks",
     "raise_on_entry",
     "sigterm_guard",
@@ -298,3 +303,45 @@ def raise_on_entry(code: Any) -> Iterator[None]:
         yield
     finally:
         sys.settrace(previous)
+
+
+def declared_plugin(cls: type) -> Any:
+    """The ``plugin`` attribute of a `PluginConformance` subclass, as written there."""
+    import pytest
+
+    # getattr_static: a plain function given as a factory must not become a method.
+    value = inspect.getattr_static(cls, "plugin", None)
+    if isinstance(value, staticmethod | classmethod):
+        value = value.__func__
+    if value is None:
+        pytest.fail(
+            f"{cls.__name__}: set the class attribute plugin = ... to what plugins=[...] "
+            f"accepts (a name, (name, {{options}}), an import path, a class or an object)"
+        )
+    return value
+
+
+def fresh_selection(value: Any) -> Any:
+    """A copy of a plugin selection that shares no state with ``value``: every run of
+    a check gets its plugin as new, as a fresh process would."""
+    import pytest
+
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Mapping):
+        try:
+            options = copy.deepcopy(dict(value[1]))
+        except Exception:  # a stream, a lock: options are inputs, sharing them is fine
+            options = dict(value[1])
+        return (fresh_selection(value[0]), options)
+    if (
+        isinstance(value, str | types.ModuleType)
+        or inspect.isclass(value)
+        or inspect.isroutine(value)
+    ):
+        return value  # constructed anew by each Trainer, or nothing to copy
+    try:
+        return copy.deepcopy(value)
+    except Exception as exc:
+        pytest.fail(
+            f"the plugin object {value!r} cannot be copied ({exc}), so each run of a check "
+            f"cannot get a fresh one; set plugin = its class, or (its class, {{options}})"
+        )

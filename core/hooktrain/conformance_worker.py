@@ -11,8 +11,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from hooktrain.conformance import declared_plugin, fresh_selection
-from hooktrain.conformance_support import TrainingJob
+from hooktrain.conformance_support import TrainingJob, declared_plugin, fresh_selection
 
 __all__ = ["main"]
 

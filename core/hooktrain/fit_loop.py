@@ -40,13 +40,9 @@ from hooktrain.options import (
     warn_if_max_steps_unreachable,
 )
 from hooktrain.publishing import check_finite, logging_epoch_end, publish, publish_step
-from hooktrain.replay import (
-    replay_epoch_start,
-    restore_next_epoch_generators,
-    warn_if_epoch_length_changed,
-)
-from hooktrain.results import iterate, metric_values, origin, unexpected_result
-from hooktrain.rng import fork_rng, loader_generators, rng_state, set_rng_state
+from hooktrain.replay import epoch_batches, warn_if_epoch_length_changed
+from hooktrain.results import metric_values, origin, unexpected_result
+from hooktrain.rng import fork_rng, set_rng_state
 from hooktrain.running_means import process_collectives
 from hooktrain.state import check_loaded
 
@@ -301,7 +297,7 @@ def _open_epoch(
         warn_if_epoch_length_changed(trainer, skip, total)
     if hooks.on_train_epoch_start is not None:
         hooks.on_train_epoch_start(trainer=trainer)
-    batches = _epoch_batches(trainer, hooks, loader, skip)
+    batches = epoch_batches(trainer, hooks, loader, skip)
     if limit is not None:
         batches = itertools.islice(batches, max(0, limit - skip))
     _apply_pending_rng(trainer)  # a mid-epoch resume: after the iterator drew its seeds
@@ -381,31 +377,6 @@ def _validate(trainer: Trainer) -> None:
         )
     trainer._validated_at_step = trainer.global_step
     trainer._epoch_validation = (trainer._epoch_validation or set()) | set(results)
-
-
-def _epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: int) -> Iterator[Any]:
-    """The epoch's batch iterator, created here so that it draws its seeds (the
-    sampler's order, the workers' base seed) from the epoch's starting state.
-
-    That state (every global generator and the loader's own generators) is kept
-    for checkpoints; a run resuming in the middle of the epoch puts it back first,
-    so the iterator it creates replays the interrupted epoch exactly.
-    """
-    generators = loader_generators(loader)
-    # A checkpoint taken after the iterator was made (at the first batch, too)
-    # holds the state it was made from.
-    if skip or trainer._pending_epoch_data is not None:
-        replay_epoch_start(trainer, loader, generators)
-    else:
-        restore_next_epoch_generators(trainer, loader, generators)
-    trainer._epoch_start_state = {
-        "rng": rng_state(),
-        "generators": [generator.get_state() for generator in generators],
-    }
-    iterable = hooks.batch_iterator(
-        trainer=trainer, dataloader=loader, stage="train", skip_batches=skip
-    )
-    return iterate(trainer.plugin_manager, "batch_iterator", iterable)
 
 
 def _add_metric_values(

@@ -1,7 +1,8 @@
 """What a resumed run replays of the epoch a checkpoint interrupted: how the epoch
 was split into batches, the random state it started from, and where the training
 loader's own generators were. `hooktrain.state` records these in a checkpoint;
-the training loop (`hooktrain.fit_loop`) puts them back as the epoch opens.
+`epoch_batches` puts them back as the training loop (`hooktrain.fit_loop`) opens
+an epoch.
 """
 
 from __future__ import annotations
@@ -13,13 +14,16 @@ import torch
 
 from hooktrain.batches import length
 from hooktrain.errors import ResumeWarning, warn_user
-from hooktrain.rng import set_rng_state
+from hooktrain.results import iterate
+from hooktrain.rng import loader_generators, rng_state, set_rng_state
 
 if TYPE_CHECKING:
+    from hooktrain.hookcalls import ResolvedHooks
     from hooktrain.trainer import Trainer
 
 __all__ = [
     "SPLIT",
+    "epoch_batches",
     "epoch_split",
     "replay_epoch_start",
     "restore_next_epoch_generators",
@@ -135,3 +139,29 @@ def _set_generators(loader: Any, generators: list[torch.Generator], states: list
             f"checkpoint: the resumed epoch's order may differ from the interrupted one",
             ResumeWarning,
         )
+
+
+def epoch_batches(trainer: Trainer, hooks: ResolvedHooks, loader: Any, skip: int) -> Iterator[Any]:
+    """The training epoch's batch iterator (``hooks.batch_iterator``'s), created so
+    that it draws its seeds (the sampler's order, the workers' base seed) from the
+    epoch's starting state.
+
+    That state (every global generator and the loader's own generators) is kept
+    for checkpoints; a run resuming in the middle of the epoch puts it back first,
+    so the iterator it creates replays the interrupted epoch exactly.
+    """
+    generators = loader_generators(loader)
+    # A checkpoint taken after the iterator was made (at the first batch, too)
+    # holds the state it was made from.
+    if skip or trainer._pending_epoch_data is not None:
+        replay_epoch_start(trainer, loader, generators)
+    else:
+        restore_next_epoch_generators(trainer, loader, generators)
+    trainer._epoch_start_state = {
+        "rng": rng_state(),
+        "generators": [generator.get_state() for generator in generators],
+    }
+    iterable = hooks.batch_iterator(
+        trainer=trainer, dataloader=loader, stage="train", skip_batches=skip
+    )
+    return iterate(trainer.plugin_manager, "batch_iterator", iterable)
