@@ -657,12 +657,7 @@ def _validated_on_itself(kind: str) -> DataLoader:
     if kind == "shuffled by its own generator":
         # The validation draws its iterator's seed from the same generator: the
         # next epoch's order moved with it.
-        return DataLoader(
-            Indexed(8, noise=False),
-            batch_size=2,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(0),
-        )
+        return _loader("own generator")
     # A sampler with replacement draws its indices 32 at a time, as the epoch goes:
     # a validation in between moved the training epoch's own later batches.
     generator = torch.Generator().manual_seed(0) if "its own" in kind else None
