@@ -93,6 +93,15 @@ class NeedsOptions:
     @hookimpl
     def on_fit_start(self, trainer):
         pass
+
+class ChecksItsOption:
+    def __init__(self, api_key=None):
+        if api_key is None:
+            raise ValueError("needs api_key")
+
+    @hookimpl
+    def on_fit_start(self, trainer):
+        pass
 """
 
 
@@ -101,7 +110,11 @@ def test_detail_refuses_what_a_trainer_would_refuse(fake_dists):
     # then refused with a PluginError.
     fake_dists.add(
         "misc-dist",
-        {"misspelt": "miscmod:Misspelt", "needs_options": "miscmod:NeedsOptions"},
+        {
+            "misspelt": "miscmod:Misspelt",
+            "needs_options": "miscmod:NeedsOptions",
+            "checks_its_option": "miscmod:ChecksItsOption",
+        },
         {"miscmod": MISSPELT},
     )
     result = hooktrain_cli("plugins", "--detail")
@@ -111,7 +124,16 @@ def test_detail_refuses_what_a_trainer_would_refuse(fake_dists):
     assert "ERROR: PluginError: plugin 'misspelt' implements 'on_train_epoch_ends'" in misspelt
     assert "did you mean 'on_train_epoch_end'?" in misspelt
     needs = next(ln for ln in lines if ln.startswith("needs_options "))
-    assert "ok: on_fit_start (hook arguments not checked: it needs options" in needs
+    assert (
+        "ok: on_fit_start (hook arguments not checked: built with no options, it raised " in needs
+    )
+    assert "TypeError" in needs
+    # Its own check of a required option, as the docs ask, is not a broken plugin.
+    checks = next(ln for ln in lines if ln.startswith("checks_its_option "))
+    assert (
+        "ok: on_fit_start (hook arguments not checked: built with no options, it raised " in checks
+    )
+    assert "ValueError: needs api_key" in checks
 
 
 def test_disabled_plugins_are_marked(fake_dists):

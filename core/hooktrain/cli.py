@@ -52,20 +52,22 @@ def _check_registration(name: str, target: Any) -> str:
     a plugin a Trainer would refuse (a misspelt hook, an argument the hook does not
     offer, a yield without ``wrapper=True``) is not listed as ok.
 
-    :return: ``""``, or why registration was not checked (a plugin that cannot be
-        built without options).
+    :return: ``""``, or why registration was not checked: a plugin that cannot be
+        built without options (a required argument, or its own check of one).
     :raises PluginError: what a Trainer selecting the plugin would raise.
     """
-    from hooktrain.errors import PluginError
     from hooktrain.manager import PluginManager
     from hooktrain.plugins import build_plugin
 
     try:
         plugin = build_plugin(name, target, None)
-    except PluginError as exc:
-        if isinstance(exc.__cause__, TypeError):
-            return " (hook arguments not checked: it needs options to be built)"
-        raise
+    except (Exception, SystemExit) as exc:
+        # Not broken: a plugin may rightly refuse to be built without its options.
+        cause = exc.__cause__ or exc
+        return (
+            f" (hook arguments not checked: built with no options, it raised "
+            f"{type(cause).__name__}: {cause})"
+        )
     PluginManager().register(plugin, name)
     return ""
 
