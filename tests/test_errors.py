@@ -337,6 +337,24 @@ def test_a_plugin_exiting_in_on_exception_hides_neither_the_error_nor_the_clean_
     )
 
 
+class ExitsInTeardown:
+    name = "exits_in_teardown"
+
+    @hookimpl(tryfirst=True)
+    def teardown(self):
+        raise SystemExit(5)
+
+
+def test_a_plugin_exiting_in_teardown_after_a_good_fit_exits_once_the_others_cleaned_up():
+    # Its exit is what it asked for, with nothing else to report; the plugins after
+    # it used to be skipped.
+    witness = Witness()
+    with pytest.raises(SystemExit) as excinfo:
+        run([ExitsInTeardown(), witness], max_epochs=1, record=False)
+    assert excinfo.value.code == 5
+    assert witness.events == ["teardown"]
+
+
 class WrapsTeardown:
     name = "wraps_teardown"
     calls = 0

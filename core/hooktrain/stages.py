@@ -93,7 +93,10 @@ def run_stage(trainer: Trainer, stage: str, body: Callable[[], Any]) -> Any:
         trainer._logged_since_publish.clear()
         trainer._logged_outside_batches.clear()
         if errors and failure is None:
-            raise errors[0]
+            # A plugin's sys.exit after a stage that went well: every other teardown
+            # has run by now, and the process ends as the plugin asked.
+            cause = errors[0].__cause__
+            raise cause if isinstance(cause, SystemExit) else errors[0]
         for error in errors:
             print(f"hooktrain: teardown raised after an error: {error}", file=sys.stderr)
         if failure is None:

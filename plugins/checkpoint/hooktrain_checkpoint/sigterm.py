@@ -22,31 +22,50 @@ def report(trainer: Trainer, text: str) -> None:
 
 
 class WorkerSigterm:
-    """A DataLoader ``worker_init_fn``: the worker ends on a SIGTERM from its parent
-    (the main process shutting it down) and ignores one from anyone else; then the
-    loader's own ``worker_init_fn`` (``inner``) runs.
+    """A DataLoader ``worker_init_fn``: runs the loader's own ``worker_init_fn``
+    (``inner``), then makes the worker end on a SIGTERM from its parent (the main
+    process shutting it down) and ignore one from anyone else.
 
     A scheduler may signal every process of a job (Slurm signals the whole step).
     torch's handler in a worker exits quietly when the parent sent the signal and
     dies otherwise, and the main process then raises "DataLoader worker ... is
     killed by signal: Terminated" at its next batch, before it could save. Here
     the signal is blocked and a thread waits for it, reading who sent it
-    (``signal.sigwaitinfo``); where that is not available (not Linux), torch's
-    handling is left as it is. A module-level class, so that a loader whose
-    workers are spawned can pickle it.
+    (``signal.sigwaitinfo``).
+
+    Blocking reaches only threads started after it, so this is done only in a
+    worker with a single thread (a forked one, Linux's default); a spawned worker
+    already runs a native thread of torch's, and is left to torch's handling, as
+    is a platform without ``sigwaitinfo`` and a worker whose own ``worker_init_fn``
+    set a SIGTERM handler. A module-level class, so that a spawned loader can
+    pickle it.
     """
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
 
     def __call__(self, worker_id: int) -> None:
-        if hasattr(signal, "sigwaitinfo"):
-            # Blocked before the thread starts, in this thread and in every thread
-            # started later: only the waiting thread receives it.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-            threading.Thread(target=_end_on_parents_sigterm, daemon=True).start()
+        before = signal.getsignal(signal.SIGTERM)
         if self.inner is not None:
             self.inner(worker_id)
+        if (
+            hasattr(signal, "sigwaitinfo")
+            and signal.getsignal(signal.SIGTERM) == before
+            and _threads() == 1
+        ):
+            # Blocked before the thread starts, so in every thread from now on:
+            # only the waiting thread receives it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            threading.Thread(target=_end_on_parents_sigterm, daemon=True).start()
+
+
+def _threads() -> int:
+    """The number of threads of this process, native ones included (0 when the
+    platform does not say)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
 
 
 def _end_on_parents_sigterm() -> None:

@@ -228,6 +228,37 @@ def test_a_crash_with_loader_workers_alive_still_ends_them_and_the_process(tmp_p
     assert "worker_init_fn given back: True" in crashed.stdout
 
 
+SHIELDS = """
+import os, signal, sys
+from hooktrain_checkpoint.sigterm import WorkerSigterm  # torch, and its thread, too
+
+def own_handler(worker_id):
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
+
+# A forked worker is its parent's calling thread alone; a spawned one imports torch
+# in a fresh process, which then runs a native thread of torch's.
+child = os.fork() if sys.argv[1] != "spawned" else 0
+if child == 0:
+    WorkerSigterm(own_handler if sys.argv[1] == "own" else None)(0)
+    print("blocked:", signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []), flush=True)
+    os._exit(0)
+os.waitpid(child, 0)
+"""
+
+
+@pytest.mark.parametrize(
+    ("worker", "blocked"), [("forked", True), ("own", False), ("spawned", False)]
+)
+def test_a_worker_is_shielded_only_where_the_shield_holds(worker: str, blocked: bool) -> None:
+    # A worker whose own worker_init_fn set a SIGTERM handler keeps it (blocked, it
+    # would never run); one with a thread already running (spawned: torch starts
+    # one) could get the signal on that thread, so torch's handling is left there.
+    shown = subprocess.run(
+        [sys.executable, "-c", SHIELDS, worker], capture_output=True, text=True, timeout=120
+    )
+    assert f"blocked: {blocked}" in shown.stdout, shown.stderr
+
+
 def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_batch(tmp_path: Path) -> None:
     init_file = tmp_path / "rendezvous"
     processes = []
