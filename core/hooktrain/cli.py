@@ -359,7 +359,8 @@ def _run(argv: Sequence[str] | None) -> int:
     plugins.add_argument(
         "--detail",
         action="store_true",
-        help="import each plugin: show its hooks or its load error (exit status 1 if one fails)",
+        help="import and register each plugin as a Trainer would: show its hooks, or why a "
+        "Trainer would refuse it (exit status 1 if one is broken)",
     )
     plugins.add_argument("--hooks", action="store_true", help="list every hook of hooktrain")
     plugins.add_argument(
