@@ -102,20 +102,14 @@ def fork_rng(*dataloaders: Any) -> Iterator[dict[str, Any]]:
     torch's CPU and CUDA ones are put back as they were when it ends. Gives the
     state it puts back (`rng_state`'s).
 
-    The own generators of ``dataloaders`` (those of `loader_generators`, and the
-    epoch-seeded one too) are put back as well. Another loader iterated in the
+    The own generators of ``dataloaders`` (`loader_generators`, the epoch-seeded
+    one included) are put back as well. Another loader iterated in the
     block (one given the same generator, or the same loader) draws from them
     otherwise; a sampler with ``replacement=True`` draws its indices as its epoch
     goes, so an epoch under way would change, unseen by a resume that replays it.
     """
     saved = rng_state()
-    generators = []
-    for loader in dataloaders:
-        generators += loader_generators(loader)
-        sampler = getattr(loader, "sampler", None)
-        owned = epoch_seeded_generator(sampler)
-        if owned is not None and getattr(sampler, "generator", None) is owned:
-            generators.append(owned)
+    generators = [g for loader in dataloaders for g in loader_generators(loader, epoch_seeded=True)]
     states = [generator.get_state() for generator in generators]
     try:
         yield saved
@@ -125,21 +119,22 @@ def fork_rng(*dataloaders: Any) -> Iterator[dict[str, Any]]:
             generator.set_state(state)
 
 
-def loader_generators(dataloader: Any) -> list[torch.Generator]:
+def loader_generators(dataloader: Any, epoch_seeded: bool = False) -> list[torch.Generator]:
     """The ``torch.Generator`` objects that decide a dataloader's epoch: its own
     (worker seeds) and its sampler's (the order), in that order, each once.
 
     A generator marked with `mark_epoch_seeded` (the one the core attaches to a
-    ``RandomSampler``, or a plugin's) is left out: it is reseeded from the run's
-    data seed and the epoch before every epoch, so its state at an epoch's start
-    follows from the epoch alone, and a checkpoint need not hold it.
+    ``RandomSampler``, or a plugin's) is left out unless ``epoch_seeded``: it is
+    reseeded from the run's data seed and the epoch before every epoch, so its
+    state at an epoch's start follows from the epoch alone, and a checkpoint need
+    not hold it.
     """
     found: list[torch.Generator] = []
     sampler = getattr(dataloader, "sampler", None)
     batch_sampler = getattr(dataloader, "batch_sampler", None)
     for owner in (dataloader, sampler, getattr(batch_sampler, "sampler", None)):
         generator = getattr(owner, "generator", None)
-        if generator is epoch_seeded_generator(owner):
+        if not epoch_seeded and generator is epoch_seeded_generator(owner):
             continue
         if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
             found.append(generator)
