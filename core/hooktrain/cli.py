@@ -14,13 +14,13 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
-from importlib import metadata
 from typing import Any
 
 from hooktrain.markers import PROJECT_NAME
 from hooktrain.plugins import (
     COMMAND_ENTRY_POINT_GROUP,
     ENTRY_POINT_GROUP,
+    InstalledPlugin,
     disabled_plugin_names,
     installed_plugins,
 )
@@ -288,29 +288,13 @@ def _list_hooks() -> int:
     return 0
 
 
-def _commands() -> dict[str, metadata.EntryPoint]:
+def _commands() -> dict[str, InstalledPlugin]:
     """The subcommands installed distributions register, by name. ``plugins`` is
     left out: the command that lists a broken installation must not be one that an
     installed package (broken, maybe) replaces."""
-    found: dict[str, metadata.EntryPoint] = {}
-    for entry_point in metadata.entry_points(group=COMMAND_ENTRY_POINT_GROUP):
-        if entry_point.name != "plugins":
-            found.setdefault(entry_point.name, entry_point)
-    return found
-
-
-def _say_shadowed_commands(name: str) -> None:
-    """A note on stderr for each other distribution registering command ``name``:
-    only the first found runs (the same rule as for a plugin name two claim)."""
-    entries = [e for e in metadata.entry_points(group=COMMAND_ENTRY_POINT_GROUP) if e.name == name]
-    for entry_point in entries[1:]:
-        if entry_point.value != entries[0].value:
-            source = entry_point.dist.name if entry_point.dist is not None else "an entry point"
-            print(
-                f"note: command {name!r} is also registered by {source} "
-                f"({entry_point.value}), which is ignored",
-                file=sys.stderr,
-            )
+    commands = installed_plugins(COMMAND_ENTRY_POINT_GROUP)
+    commands.pop("plugins", None)
+    return commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -328,11 +312,19 @@ def _run(argv: Sequence[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     commands = _commands()
     if args and args[0] in commands:
-        _say_shadowed_commands(args[0])
+        chosen = commands[args[0]]
+        if chosen.shadowed:
+            # Only the first found runs, as for a plugin name two distributions claim.
+            print(
+                f"note: command {args[0]!r} is also registered by "
+                f"{', '.join(chosen.shadowed)}, which is ignored",
+                file=sys.stderr,
+            )
         try:
-            command = commands[args[0]].load()
+            command = chosen.load()
         except Exception as exc:
-            print(f"error: command {args[0]!r} failed to load: {exc}", file=sys.stderr)
+            cause = exc.__cause__ or exc
+            print(f"error: command {args[0]!r} failed to load: {cause}", file=sys.stderr)
             return 2
         return int(command(args[1:]) or 0)
 
@@ -341,11 +333,10 @@ def _run(argv: Sequence[str] | None) -> int:
         description="hooktrain: a PyTorch trainer whose every phase is a plugin hook.",
     )
     sub = parser.add_subparsers(dest="command")
-    for name, entry_point in sorted(commands.items()):
+    for name, installed in sorted(commands.items()):
         # Listed for --help only (they run before argparse, above); their own
-        # --help is not read here, which would import them.
-        source = entry_point.dist.name if entry_point.dist is not None else "an entry point"
-        text = f"from {source}; hooktrain {name} --help".replace("%", "%%")  # argparse formats
+        # --help is not read here, which would import them. argparse %-formats help.
+        text = f"from {installed.distribution}; hooktrain {name} --help".replace("%", "%%")
         sub.add_parser(name, help=text, add_help=False)
     plugins = sub.add_parser(
         "plugins",

@@ -80,15 +80,16 @@ class InstalledPlugin:
         return target
 
 
-def installed_plugins() -> dict[str, InstalledPlugin]:
-    """Every plugin installed in this environment, by entry-point name.
+def installed_plugins(group: str = ENTRY_POINT_GROUP) -> dict[str, InstalledPlugin]:
+    """Every plugin installed in this environment, by entry-point name (or, given
+    ``group=COMMAND_ENTRY_POINT_GROUP``, every subcommand of ``hooktrain``).
 
     Reads metadata only: nothing is imported. When two distributions claim one
     name, the first found wins, as ``importlib.metadata`` orders them; the others
     are kept in its ``shadowed``, and selecting the name warns.
     """
     found: dict[str, InstalledPlugin] = {}
-    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for entry_point in metadata.entry_points(group=group):
         dist = entry_point.dist
         distribution = dist.name if dist is not None else "?"
         version = dist.version if dist is not None else "?"
