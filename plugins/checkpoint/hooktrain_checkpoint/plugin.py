@@ -282,7 +282,7 @@ class ModelCheckpoint:
         if (
             self.save_last
             and trainer.sync_gradients
-            and self._progress(trainer) != self._saved_progress
+            and resume.progress(trainer) != self._saved_progress
         ):
             self._save(trainer, ranked=False)
         # No wait here: teardown waits, so the last write overlaps the other
@@ -313,13 +313,13 @@ class ModelCheckpoint:
         # The loop has stopped (after an optimizer step, so no half-accumulated
         # gradients) or finished: save that state unless it is saved already, and
         # wait for it, since the scheduler may kill the process soon after.
-        if self._progress(trainer) != self._saved_progress:
+        if resume.progress(trainer) != self._saved_progress:
             self._save(trainer, ranked=False)
         self._writer.wait()
         trainer.should_stop = trainer.interrupted = True
         self.interrupted = True
         # Nothing was saved when a resume is stopped before it trains a batch.
-        idle = self._progress(trainer) == self._resumed_progress
+        idle = resume.progress(trainer) == self._resumed_progress
         done = "nothing trained since the resume" if idle else f"saved {self.last_model_path}"
         report(
             trainer,
@@ -329,15 +329,6 @@ class ModelCheckpoint:
         )
 
     # ------------------------------------------------------------------ saving
-
-    @staticmethod
-    def _progress(trainer: Trainer) -> tuple[Any, ...]:
-        return (
-            trainer.current_epoch,
-            trainer.global_step,
-            trainer.epoch_batches_done,
-            trainer.epoch_complete,
-        )
 
     def _score(self, trainer: Trainer) -> float | None:
         if self.monitor is None:
@@ -390,17 +381,11 @@ class ModelCheckpoint:
                     score,
                     self.save_top_k,
                     self._effective_mode(),
-                    same_step=[
-                        kept
-                        for kept, step in self._kept_steps.items()
-                        if step == trainer.global_step
-                    ],
+                    steps=self._kept_steps,
+                    step=trainer.global_step,
                 )
-                if ranked_name is not None:
-                    self._kept_steps[ranked_name] = trainer.global_step
-                    self._forget_steps_of_evicted()
         self._sequence += 1
-        self._saved_progress = self._progress(trainer)
+        self._saved_progress = resume.progress(trainer)
         self._evicting = [name for name in evicted if name != ranked_name]
         # Every process builds the checkpoint, whatever it decided about ranking:
         # plugins' on_save_checkpoint may run collectives. Only rank 0 writes.
@@ -447,11 +432,6 @@ class ModelCheckpoint:
         self.save_costs.append(time.perf_counter() - started)
         self.wait_costs.append(waited)
 
-    def _forget_steps_of_evicted(self) -> None:
-        self._kept_steps = {
-            name: step for name, step in self._kept_steps.items() if name in self.best_k_models
-        }
-
     def _encodes_inline(self, trainer: Trainer) -> bool:
         if self._inline is None:  # judged once per fit
             self._inline = storage.small_enough_to_encode_inline(trainer.module)
@@ -488,13 +468,7 @@ class ModelCheckpoint:
             )
             if ranking is not None:
                 self.best_k_models, self._kept_steps = ranking
-        progress = checkpoint["progress"]
-        self._saved_progress = self._resumed_progress = (
-            int(progress["epoch"]),
-            int(progress["global_step"]),
-            int(progress["epoch_batches_done"]),
-            bool(progress["epoch_complete"]),
-        )
+        self._saved_progress = self._resumed_progress = resume.saved_progress(checkpoint)
         if trainer.is_global_zero:
             resume.report_differences(trainer, checkpoint)
 

@@ -15,7 +15,7 @@ from hooktrain_checkpoint.discovery import list_checkpoints, newest_checkpoint
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["load", "report_differences", "restore_ranking"]
+__all__ = ["load", "progress", "report_differences", "restore_ranking", "saved_progress"]
 
 
 def load(
@@ -177,3 +177,26 @@ def restore_ranking(
             if name not in best:
                 sharded.remove(dirpath / name)
     return (best, steps) if same_ranking else None
+
+
+def progress(trainer: Trainer) -> tuple[int, int, int, bool]:
+    """Where the run stands: ``(epoch, global step, batches done in the epoch,
+    whether the epoch is complete)``. Equal to a checkpoint's `saved_progress`
+    when that checkpoint holds this very state, so that it is not saved twice."""
+    return (
+        trainer.current_epoch,
+        trainer.global_step,
+        trainer.epoch_batches_done,
+        trainer.epoch_complete,
+    )
+
+
+def saved_progress(checkpoint: Mapping[str, Any]) -> tuple[int, int, int, bool]:
+    """`progress` as ``checkpoint`` recorded it."""
+    saved = checkpoint["progress"]
+    return (
+        int(saved["epoch"]),
+        int(saved["global_step"]),
+        int(saved["epoch_batches_done"]),
+        bool(saved["epoch_complete"]),
+    )

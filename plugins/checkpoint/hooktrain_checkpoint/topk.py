@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from hooktrain.errors import ConfigurationError, missing_monitor_hint
@@ -165,7 +165,8 @@ def enter(
     keep: int,
     mode: str,
     *,
-    same_step: Collection[str] = (),
+    steps: dict[str, int],
+    step: int,
 ) -> tuple[str | None, list[str]]:
     """Enter a checkpoint scoring ``score`` into ``scores`` (file name to score of
     the checkpoints kept) if it belongs among the best ``keep`` (``-1``: all).
@@ -176,19 +177,20 @@ def enter(
     by the save of another step, least of all a better one by a worse one. A name
     that only an evicted checkpoint held is free: the new file replaces it.
 
-    :param same_step: the kept checkpoints of the same global step as this one,
-        which hold the same weights (saved again at the epoch's end, after a
-        step-wise save of its last batch). The new save is ranked in their place,
-        rescored: it takes the file when ``name`` (or a version of it) is its name,
+    :param steps: file name to global step of the checkpoints kept; kept in step
+        with ``scores``. A kept checkpoint of the same global step as this one
+        (``step``) holds the same weights (saved again at the epoch's end, after a
+        step-wise save of its last batch): the new save is ranked in its place,
+        rescored. It takes the file when ``name`` (or a version of it) is its name,
         and otherwise evicts it, since a name with a metric in it would show the
         old score.
     :return: ``(file name, evicted names)``, or ``(None, [])`` when it does not
-        belong (``scores`` is then unchanged).
+        belong (``scores`` and ``steps`` are then unchanged).
     """
     if keep == 0:
         return None, []
     stem = name.removesuffix(SUFFIX)
-    previous = next((kept for kept in same_step if kept in scores), None)
+    previous = next((kept for kept in scores if steps.get(kept) == step), None)
     others = {kept: value for kept, value in scores.items() if kept != previous}
     evicted: list[str] = []
     if keep != -1 and len(others) >= keep:
@@ -210,7 +212,9 @@ def enter(
             name = f"{stem}-v{version}{SUFFIX}"
     for old in evicted:
         del scores[old]
+        steps.pop(old, None)
     scores[name] = score
+    steps[name] = step
     return name, evicted
 
 
