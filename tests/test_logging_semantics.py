@@ -5,6 +5,8 @@ Each test failed on the loop before the rule it guards was put in.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -182,6 +184,46 @@ def test_a_validation_step_returning_a_loss_per_sample_is_refused(as_dict):
         ConfigurationError, match=r"validation_step returned a loss of shape \(\d+,\)"
     ):
         Trainer(plugins=[], device="cpu").validate(StepReturns(per_sample), val)
+
+
+def test_a_validation_step_returning_its_loss_as_a_number_gives_val_loss():
+    # loss.item() was left out of the metrics: fit warned that validation_step
+    # "returned nothing" and validate() raised for a missing loss.
+    _, val = make_data(n=48, batch_size=16)
+    model = StepReturns(lambda out, y: F.cross_entropy(out, y).item())
+    as_number = Trainer(plugins=[], device="cpu").validate(model, val)
+    model.make_value = F.cross_entropy
+    as_tensor = Trainer(plugins=[], device="cpu").validate(model, val)
+    assert set(as_number) == {"val_loss"}
+    assert as_number["val_loss"] == pytest.approx(float(as_tensor["val_loss"]), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("make_value", "said"),
+    [
+        (lambda out, y: (F.cross_entropy(out, y), 0.5), "returned tuple"),
+        (lambda out, y: [F.cross_entropy(out, y)], "returned list"),
+        (lambda out, y: "0.3", "returned str"),
+        (lambda out, y: True, "returned bool"),
+        (lambda out, y: {"loss": "0.3"}, "returned a dict whose 'loss' is '0.3'"),
+    ],
+)
+def test_an_evaluation_step_returning_something_else_is_refused_at_its_first_batch(
+    make_value, said
+):
+    train, val = make_data(n=32, batch_size=16)
+    batches = []
+
+    class Counts:
+        @hookimpl
+        def on_validation_batch_start(self, batch_idx):
+            batches.append(batch_idx)
+
+    trainer = Trainer(plugins=[Counts()], device="cpu", max_epochs=2)
+    with pytest.raises(ConfigurationError, match=rf"validation_step {re.escape(said)}"):
+        trainer.fit(StepReturns(make_value), train, val, **SGD_FIT)
+    assert batches == [0]
+    assert trainer.current_epoch == 0
 
 
 def test_numpy_scalars_can_be_logged():

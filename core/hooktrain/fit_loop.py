@@ -371,7 +371,7 @@ def _validate(trainer: Trainer) -> None:
         trainer._warned_empty_validation = True
         warn_user(
             "hooktrain: validation in fit computed no metric: the model's validation_step "
-            "returned nothing and nothing was logged with trainer.log (or, for a plain "
+            "returned no number and nothing was logged with trainer.log (or, for a plain "
             "model, fit had no loss_fn and no metrics). Return the loss, or a dict of "
             "values, from validation_step"
         )

@@ -428,10 +428,13 @@ def forward_step(trainer: Trainer, batch: Any, batch_idx: int, stage: str) -> An
 
     :param stage: ``"train"``, ``"validate"``, ``"test"`` or ``"predict"``.
     :return: for ``"train"``, the loss tensor or a mapping holding ``"loss"``; for
-        evaluation, a loss tensor or a mapping: ``"outputs"`` and ``"targets"``
-        (the loop then computes ``loss_fn`` and the metrics on them) and any other
-        scalar entries (each becomes a metric, ``"acc"`` giving ``val_acc``); for
-        ``"predict"``, the predictions.
+        evaluation, a loss (a one-value tensor or a number), ``None``, or a
+        mapping: ``"outputs"`` and ``"targets"`` (the loop then computes ``loss_fn``
+        and the metrics on them) and any other scalar entries (each becomes a
+        metric, ``"acc"`` giving ``val_acc``); for ``"predict"``, the predictions.
+    :raises ConfigurationError: (from the loop) for an evaluation result of any
+        other kind, or a mapping whose ``"loss"`` is not a number, naming the
+        plugins that implement this hook.
     """
 
 
