@@ -148,6 +148,47 @@ def test_lightnings_self_log_in_a_step_points_to_trainer_log():
     assert not any("trainer.log" in note for note in info.value.__notes__)
 
 
+def test_a_models_step_that_cannot_take_batch_idx_is_refused_naming_the_fix():
+    # def training_step(self, batch) failed with a bare "takes 2 positional
+    # arguments but 3 were given", which names neither hooktrain's call nor the fix.
+    class NoIndex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 2)
+
+        def training_step(self, batch):
+            return F.cross_entropy(self.layer(batch[0]), batch[1])
+
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    with pytest.raises(
+        ConfigurationError,
+        match=r"the model's training_step\(batch\) cannot be called as "
+        r"training_step\(batch, batch_idx\).*give it the parameters \(batch, batch_idx\)",
+    ):
+        fit(NoIndex(), trainer=trainer)
+    assert trainer.global_step == 0
+
+    class EvalNoIndex(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(8, 2)
+
+        def validation_step(self, batch, *, dataloader_idx):
+            return F.cross_entropy(self.layer(batch[0]), batch[1])
+
+    with pytest.raises(ConfigurationError, match=r"the model's validation_step\(batch, \*"):
+        hooktrain.Trainer(plugins=[], device="cpu").validate(EvalNoIndex(), make_data()[1])
+
+    # Lightning's optional dataloader_idx, *args and keyword-only extras with
+    # defaults all take the call.
+    class Flexible(EvalNoIndex):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0, *rest, scale=1.0):
+            return scale * F.cross_entropy(self.layer(batch[0]), batch[1])
+
+    result = hooktrain.Trainer(plugins=[], device="cpu").validate(Flexible(), make_data()[1])
+    assert set(result) == {"val_loss"}
+
+
 class Faulty(nn.Module):
     """A model whose forward always raises: the user's own error."""
 

@@ -116,6 +116,17 @@ def test_unknown_name_lists_installed_and_closest(fake_dists):
     assert "tagger" in message.split("Installed plugins:")[1]
 
 
+def test_a_distribution_name_given_as_a_plugin_name_gets_the_plugin_names(fake_dists):
+    # The README's table puts "hooktrain-tqdm" beside "tqdm"; difflib found no close name.
+    fake_dists.add("hooktrain-tagger", {"tagger": "tagmod:Tagger"}, {"tagmod": RECORDING_PLUGIN})
+    with pytest.raises(PluginError) as excinfo:
+        hooktrain.Trainer(plugins=["hooktrain_Tagger"])
+    message = str(excinfo.value)
+    assert "'hooktrain_Tagger' is the distribution; the plugin names it installs: 'tagger'" in (
+        message
+    )
+
+
 def test_broken_plugin_breaks_only_runs_that_select_it(fake_dists):
     fake_dists.add(
         "broken-dist",
@@ -165,6 +176,26 @@ def test_typo_in_hook_name_is_refused_with_closest_hook():
     message = str(excinfo.value)
     assert "'Typo'" in message and "'on_train_epoch_ned'" in message
     assert "did you mean 'on_train_epoch_end'?" in message
+
+
+@pytest.mark.parametrize(
+    ("theirs", "said"),
+    [
+        ("on_epoch_end", "Lightning's on_epoch_end is on_train_epoch_end here"),
+        ("on_train_start", "Lightning's on_train_start is on_fit_start here"),
+        ("on_batch_end", "Lightning's on_batch_end is on_train_batch_end here"),
+        ("on_epoch_begin", "Keras's on_epoch_begin is on_train_epoch_start here"),
+    ],
+)
+def test_a_hook_name_of_another_trainer_gets_hooktrains_name_for_it(theirs, said):
+    # By spelling alone on_epoch_end was sent to on_test_epoch_end, which fit never
+    # calls, and on_train_start to on_train_epoch_start, which runs every epoch.
+    plugin = type("Migrated", (), {theirs: hookimpl(lambda self, trainer: None)})()
+    with pytest.raises(PluginError) as excinfo:
+        hooktrain.Trainer(plugins=[plugin])
+    message = str(excinfo.value)
+    assert f"implements {theirs!r}, which is not a hooktrain hook; {said}" in message
+    assert "did you mean" not in message
 
 
 def test_a_method_named_like_a_hook_without_hookimpl_is_warned_about():

@@ -24,6 +24,7 @@ from hooktrain.errors import ConfigurationError
 __all__ = [
     "STEP_NAMES",
     "batch_size",
+    "check_step_arguments",
     "compiled_step",
     "fingerprint",
     "length",
@@ -207,6 +208,28 @@ def user_method(module: Any, name: str) -> Any:
     ):
         return getattr(module, name)
     return None
+
+
+def check_step_arguments(step: Callable[..., Any], name: str, dataloader_idx: bool) -> None:
+    """Check that a model's own step can be called as ``name(batch, batch_idx)``
+    (with ``dataloader_idx=`` when ``dataloader_idx``), as the core calls it.
+
+    :raises ConfigurationError: when it cannot (Lightning's habit ``def
+        training_step(self, batch)`` gets the missing ``batch_idx`` named), before
+        the step runs: its own TypeError would name neither the cause nor the fix.
+    """
+    try:
+        signature = inspect.signature(step)
+    except (TypeError, ValueError):  # no signature to read: the call will tell
+        return
+    try:
+        signature.bind(None, 0, **({"dataloader_idx": 0} if dataloader_idx else {}))
+    except TypeError:
+        raise ConfigurationError(
+            f"the model's {name}{signature} cannot be called as {name}(batch, batch_idx), "
+            f"which is how hooktrain calls it (as Lightning does): give it the parameters "
+            f"(batch, batch_idx)"
+        ) from None
 
 
 def takes_dataloader_idx(step: Callable[..., Any]) -> bool:

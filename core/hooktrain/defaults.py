@@ -16,6 +16,7 @@ from torch.utils.data import RandomSampler
 
 from hooktrain.batches import (
     STEP_NAMES,
+    check_step_arguments,
     compiled_step,
     move_to_device,
     predict_inputs,
@@ -133,11 +134,13 @@ class CoreDefaults:
         (`hooktrain.batches.compiled_step`); ``None`` when it has none."""
         name = STEP_NAMES[stage]
         step = user_method(trainer.module, name)
-        if step is not None and trainer.model is not trainer.module:
+        if step is None:
+            return None
+        with_idx = stage != "train" and takes_dataloader_idx(step)
+        check_step_arguments(step, name, with_idx)
+        if trainer.model is not trainer.module:
             step = compiled_step(trainer.model, step)
-        if step is not None and stage != "train" and takes_dataloader_idx(step):
-            return _with_dataloader_idx(step, trainer)
-        return step
+        return _with_dataloader_idx(step, trainer) if with_idx else step
 
     @hookimpl(trylast=True)
     def backward(self, trainer: Trainer, loss: torch.Tensor) -> bool:

@@ -18,6 +18,26 @@ from hooktrain.roles import check_exclusive_roles, exclusive_roles
 
 __all__ = ["PluginManager", "object_name"]
 
+# Hooks of Lightning's Callback and Keras's callbacks that hooktrain calls by
+# another name. Spelling alone would point elsewhere: the name closest to
+# on_epoch_end is on_test_epoch_end, a hook fit never calls, and the closest to
+# on_train_start is on_train_epoch_start, which runs every epoch, not once.
+_NAMED_OTHERWISE = {
+    "on_train_start": ("Lightning", "on_fit_start"),
+    "on_train_end": ("Lightning", "on_fit_end"),
+    "on_epoch_start": ("Lightning", "on_train_epoch_start"),
+    "on_epoch_end": ("Lightning", "on_train_epoch_end"),
+    "on_batch_start": ("Lightning", "on_train_batch_start"),
+    "on_batch_end": ("Lightning", "on_train_batch_end"),
+    "on_train_begin": ("Keras", "on_fit_start"),
+    "on_epoch_begin": ("Keras", "on_train_epoch_start"),
+    "on_train_batch_begin": ("Keras", "on_train_batch_start"),
+    "on_test_begin": ("Keras", "on_validation_start (on_test_start in test())"),
+    "on_test_batch_begin": ("Keras", "on_validation_batch_start (on_test_batch_start in test())"),
+    "on_predict_begin": ("Keras", "on_predict_start"),
+    "on_predict_batch_begin": ("Keras", "on_predict_batch_start"),
+}
+
 
 def object_name(obj: Any) -> str:
     """The name a plugin object registers under when none is given: a module's
@@ -73,6 +93,9 @@ class PluginManager(pluggy.PluginManager):
             if not hasattr(self.hook, hook_name):
                 closest = closest_name(hook_name, spec_names)
                 hint = f"; did you mean {closest!r}?" if closest else ""
+                if hook_name in _NAMED_OTHERWISE:
+                    trainer, ours = _NAMED_OTHERWISE[hook_name]
+                    hint = f"; {trainer}'s {hook_name} is {ours} here"
                 raise PluginError(
                     f"plugin {name!r} implements {hook_name!r}, which is not a hooktrain "
                     f"hook{hint} (see 'hooktrain plugins --hooks' for the list)"

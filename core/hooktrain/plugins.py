@@ -302,6 +302,17 @@ def _load_entry(
             else:
                 closest = closest_name(name, installed)
                 hint = f" Did you mean {closest!r}?" if closest else ""
+                # The README's table shows a plugin's distribution beside its name.
+                provided = sorted(
+                    plugin.name
+                    for plugin in installed.values()
+                    if _normalized(plugin.distribution) == _normalized(name)
+                )
+                if provided:
+                    hint = (
+                        f" {name!r} is the distribution; the plugin names it installs: "
+                        f"{', '.join(map(repr, provided))}."
+                    )
                 known = ", ".join(sorted(installed)) or "none"
                 raise PluginError(
                     f"unknown plugin {name!r}.{hint} Installed plugins: {known}. "
@@ -315,6 +326,11 @@ def _load_entry(
         return None
     obj = build_plugin(name, target, options)
     return (object_name(obj) if inspect.isclass(target) else name), obj, installed
+
+
+def _normalized(distribution: str) -> str:
+    # PEP 503: hooktrain-tqdm, hooktrain_tqdm and HookTrain.TQDM are one distribution.
+    return re.sub(r"[-_.]+", "-", distribution).lower()
 
 
 def _say_disabled(name: str, where: str) -> None:
