@@ -118,6 +118,16 @@ def test_logged_steps_drop_what_each_key_holds() -> None:
     assert LoggedSteps().fresh({"loss": 1.0}, 0) == {"loss": 1.0}
 
 
+def test_logged_steps_past_the_resume_are_held_one_by_one() -> None:
+    # The crashed run logged every 2nd step up to 22 after its checkpoint at 18; the
+    # resume logs every step. By the last step alone, 19 and 21 were dropped.
+    records = [("loss", step) for step in range(2, 23, 2)]
+    held = LoggedSteps.from_records(records, after=18)
+    assert held.last == {"loss": 18}
+    published = [step for step in range(17, 26) if held.fresh({"loss": 0.5}, step)]
+    assert published == [19, 21, 23, 24, 25]
+
+
 def test_flush_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
     schedule = FlushSchedule(flush_secs=3600, max_queue=3)
     assert not schedule.due("step", 2)

@@ -231,38 +231,58 @@ def load_state(
 
 
 class LoggedSteps:
-    """The last step each key already holds at its destination, so that a resumed
+    """The steps each key already holds at its destination, so that a resumed
     run writes every step once.
 
     A run resumed from a checkpoint at step ``s`` publishes steps ``s + 1``, ... again,
     and the run it resumes may have written some of them before it crashed. Built
     from what the destination holds (a CSV file's rows, an MLflow run's metric
-    histories), `fresh` keeps only the values past that. Keyed by name, not by
-    step alone: at one step a crashed run may have written the training values but
-    died before the epoch's means.
+    histories), `fresh` keeps only the values the destination lacks. Keyed by name,
+    not by step alone: at one step a crashed run may have written the training
+    values but died before the epoch's means.
 
-    :param last: key to the last step written; empty for a new run.
+    :param last: key to the last step written (up to the resume's step, when
+        ``held`` is given); empty for a new run.
+    :param held: ``(key, step)`` pairs the destination holds past the resume's
+        step. The resumed run may publish at other steps than the run it resumes
+        did (a smaller ``log_every_n_steps``): those are written, between the held
+        ones, where a last step alone would drop every step below it.
     """
 
-    def __init__(self, last: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self, last: Mapping[str, int] | None = None, held: Iterable[tuple[str, int]] = ()
+    ) -> None:
         self.last: dict[str, int] = dict(last or {})
+        self.held: set[tuple[str, int]] = set(held)
 
     def fresh(self, values: Mapping[str, float], step: int) -> dict[str, float]:
         """The entries of ``values`` (key to value, published at ``step``) that
-        are past the last step their key holds; those become the last."""
-        kept = {key: value for key, value in values.items() if step > self.last.get(key, -1)}
+        the destination lacks: past the last step their key holds, and not held
+        at ``step``. Their steps become the last."""
+        kept = {
+            key: value
+            for key, value in values.items()
+            if step > self.last.get(key, -1) and (key, step) not in self.held
+        }
         for key in kept:
             self.last[key] = step
         return kept
 
     @classmethod
-    def from_records(cls, records: Iterable[tuple[str, int]]) -> LoggedSteps:
-        """From ``(key, step)`` pairs in any order: the highest step of each key."""
+    def from_records(
+        cls, records: Iterable[tuple[str, int]], after: int | None = None
+    ) -> LoggedSteps:
+        """From ``(key, step)`` pairs in any order: the highest step of each key,
+        or, given the step a run resumes ``after``, the highest up to it and every
+        pair past it (for a destination that cannot remove them: MLflow's)."""
         last: dict[str, int] = {}
+        held: set[tuple[str, int]] = set()
         for key, step in records:
-            if step > last.get(key, -1):
+            if after is not None and step > after:
+                held.add((key, step))
+            elif step > last.get(key, -1):
                 last[key] = step
-        return cls(last)
+        return cls(last, held)
 
 
 # ---------------------------------------------------------------------- checkpoints

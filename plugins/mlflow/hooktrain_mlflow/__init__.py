@@ -213,7 +213,7 @@ class MLFlowLogger:
             self.run_id = self._create_run(client, trainer)
         else:
             self.run_id = run_id
-            self._logged = _logged_steps(client, run_id)
+            self._logged = _logged_steps(client, run_id, trainer.global_step)
         self._ending = self.run_id
 
     @hookimpl
@@ -391,11 +391,14 @@ class MLFlowLogger:
         self._schedule.done()
 
 
-def _logged_steps(client: MlflowClient, run_id: str) -> LoggedSteps:
-    """The last step each metric of the run holds."""
+def _logged_steps(client: MlflowClient, run_id: str, resumed_at: int) -> LoggedSteps:
+    """The steps each metric of the run holds: the last up to ``resumed_at`` (the
+    checkpoint's global step), and every one past it, which the resumed fit may
+    publish again or, with another ``log_every_n_steps``, between."""
     keys = client.get_run(run_id).data.metrics.keys()
     return LoggedSteps.from_records(
-        (key, metric.step) for key in keys for metric in client.get_metric_history(run_id, key)
+        ((key, metric.step) for key in keys for metric in client.get_metric_history(run_id, key)),
+        after=resumed_at,
     )
 
 
