@@ -881,6 +881,28 @@ def test_max_steps_that_max_epochs_cuts_short_is_warned_about():
         fit(trainer=hooktrain.Trainer(plugins=[], device="cpu", max_steps=20, max_epochs=3))
 
 
+def test_a_fit_shorter_than_log_every_n_steps_with_a_logger_is_warned_about():
+    # 2 epochs of 8 steps against the default interval of 50: the loggers got the
+    # epochs' values and no training-loss curve, without a word.
+    class Listens:
+        @hookimpl
+        def log_metrics(self, metrics, step, scope):
+            pass
+
+    trainer = hooktrain.Trainer(plugins=[Listens()], device="cpu", max_epochs=2)
+    with pytest.warns(
+        UserWarning,
+        match=r"log_every_n_steps=50 is more than the 16 optimizer steps of this fit, so "
+        r"no step's values reach 'Listens', only the epochs'",
+    ):
+        fit(trainer=trainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # One log point within the fit, or no logger listening: nothing to say.
+        fit(trainer=hooktrain.Trainer(plugins=[Listens()], device="cpu", log_every_n_steps=8))
+        fit(trainer=hooktrain.Trainer(plugins=[], device="cpu", max_epochs=2))
+
+
 def test_missing_loss_fn_and_optimizer():
     with pytest.raises(ConfigurationError, match="loss_fn"):
         fit(loss_fn=None)

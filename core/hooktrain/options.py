@@ -17,6 +17,7 @@ from hooktrain.batches import length, limited_length, unwrap_compiled, user_meth
 from hooktrain.epoch_metrics import is_epoch_metric
 from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain.hookcalls import HOOK_NAMES
+from hooktrain.results import implementers
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -237,16 +238,28 @@ def check_monitors(trainer: Trainer) -> None:
 def warn_if_max_steps_unreachable(trainer: Trainer) -> None:
     """Warn when ``max_epochs`` ends the fit before ``max_steps`` optimizer steps, as
     ``Trainer(max_steps=N)`` alone does with the default ``max_epochs=1`` (Lightning,
-    whose default is 1000 epochs, trains the N steps)."""
+    whose default is 1000 epochs, trains the N steps); and when a logger listens
+    (a plugin implements ``log_metrics``) but the fit ends before the first log
+    point, ``log_every_n_steps``, so that no step's values (the training loss
+    curve) reach it (Lightning warns when an epoch is shorter than the interval)."""
     batches = limited_length(trainer.train_dataloader, trainer.limits["train"])
-    if trainer.max_steps is None or batches is None:
+    if batches is None:
         return
     steps = trainer.max_epochs * -(-batches // trainer.accumulate_grad_batches)
-    if steps < trainer.max_steps:
+    if trainer.max_steps is not None and steps < trainer.max_steps:
         warn_user(
             f"hooktrain: max_steps={trainer.max_steps} will not be reached: "
             f"max_epochs={trainer.max_epochs} ends the fit after {steps} optimizer steps "
             f"({batches} batches an epoch); raise max_epochs to train {trainer.max_steps}",
+        )
+    steps = min(steps, trainer.max_steps or steps)
+    loggers = implementers(trainer.plugin_manager, "log_metrics")
+    if loggers and steps < trainer.log_every_n_steps:
+        warn_user(
+            f"hooktrain: log_every_n_steps={trainer.log_every_n_steps} is more than the "
+            f"{steps} optimizer steps of this fit, so no step's values reach "
+            f"{', '.join(map(repr, loggers))}, only the epochs'; set a lower "
+            f"log_every_n_steps for step-wise curves",
         )
 
 
