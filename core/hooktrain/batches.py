@@ -219,7 +219,10 @@ def check_step_arguments(step: Callable[..., Any], name: str, dataloader_idx: bo
         the step runs: its own TypeError would name neither the cause nor the fix.
     """
     try:
-        signature = inspect.signature(step)
+        # Not through __wrapped__: FSDP's register_fsdp_forward_method wraps the bound
+        # step, whose signature, read through it, loses one parameter too many. A
+        # wrapper taking *args and **kwargs is left to the call.
+        signature = inspect.signature(step, follow_wrapped=False)
     except (TypeError, ValueError):  # no signature to read: the call will tell
         return
     try:
