@@ -479,6 +479,7 @@ class ModelCheckpoint:
 
     @hookimpl
     def load_checkpoint(self, trainer: Trainer, ckpt_path: str) -> Mapping[str, Any] | None:
+        resume.check_processes_agree(trainer, ckpt_path, self.dirpath)
         found = resume.load(ckpt_path, self.dirpath, say=trainer.is_global_zero, trainer=trainer)
         if found is None:
             return {}  # nothing to resume from: not None, which would ask the core

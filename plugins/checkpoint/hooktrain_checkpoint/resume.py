@@ -8,14 +8,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hooktrain.errors import warn_user
+from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain_checkpoint import sharded, storage
 from hooktrain_checkpoint.discovery import list_checkpoints, newest_checkpoint
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
 
-__all__ = ["load", "progress", "report_differences", "restore_ranking", "saved_progress"]
+__all__ = [
+    "check_processes_agree",
+    "load",
+    "progress",
+    "report_differences",
+    "restore_ranking",
+    "saved_progress",
+]
 
 
 def load(
@@ -73,6 +80,43 @@ def load(
             file=sys.stderr,
         )
     return checkpoint, loaded_from
+
+
+def check_processes_agree(trainer: Trainer, ckpt_path: str, dirpath: Path) -> None:
+    """On several processes, check that each sees the same thing where ``ckpt_path``
+    points (``"last"``: ``dirpath``), before any of them loads it: the same
+    checkpoint names there (or the same file size).
+
+    A process that resolved another checkpoint, or none (a ``dirpath`` per rank,
+    node-local storage), would train from other weights, or wait in a collective
+    the others never enter: a sharded load hung for the whole timeout, silently.
+
+    :raises ConfigurationError: on every process, with what each one sees.
+    """
+    if trainer.world_size == 1:
+        return
+    from hooktrain.running_means import process_collectives
+
+    where = dirpath if ckpt_path == storage.LAST_NAME else Path(ckpt_path)
+    if where.is_dir():
+        seen = ", ".join(sorted(p.name for p in where.glob("*" + storage.SUFFIX))) or "nothing"
+    else:
+        seen = (
+            f"a file of {where.stat().st_size} bytes"
+            if where.is_file()
+            else "nothing (no such path)"
+        )
+    views = process_collectives(trainer).all_gather_object((os.fspath(where), seen))
+    # Paths may differ (one file system mounted in two places): what is there may not.
+    if all(what == views[0][1] for _, what in views):
+        return
+    each = "; ".join(f"rank {rank}: {path} holds {what}" for rank, (path, what) in enumerate(views))
+    raise ConfigurationError(
+        f"hooktrain-checkpoint: the processes see different checkpoints for "
+        f"ckpt_path={ckpt_path!r} ({each}). Every process resumes from the same "
+        f"checkpoint: give them one dirpath on storage they all read (the plugin saves "
+        f"every process's shards into rank 0's)"
+    )
 
 
 def report_differences(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:

@@ -131,6 +131,8 @@ def main() -> None:
     if "checkpoint" in config:
         checkpoint = dict(config["checkpoint"])
         checkpoint["dirpath"] = str(out / checkpoint["dirpath"])
+        if config.get("dirpath_per_rank"):
+            checkpoint["dirpath"] += f"_rank{rank}"  # as node-local storage amounts to
         plugins.append(("checkpoint", checkpoint))
     if "fault" in config:
         fault = config["fault"]

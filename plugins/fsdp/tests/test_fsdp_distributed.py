@@ -330,6 +330,26 @@ def test_an_exception_on_one_process_ends_the_job(tmp_path) -> None:
     assert "injected fault at hook on_train_batch_end, global step 2, rank 1" in proc.stderr
 
 
+def test_processes_that_see_different_checkpoints_are_refused_before_loading(tmp_path) -> None:
+    # A dirpath per rank: rank 0 found last.ckpt and waited in the sharded load's
+    # collective while rank 1 started fresh, for the whole timeout (30 minutes),
+    # printing nothing.
+    pytest.importorskip("hooktrain_checkpoint")
+    config = {"max_epochs": 1, "n": N_TRAIN, "batch_size": PER_RANK_BATCH}
+    checkpoint = {"dirpath": "ckpt", "every_n_epochs": 1}
+    saved = launch({**config, "checkpoint": checkpoint, "dirpath_per_rank": True}, tmp_path)
+    assert saved.returncode == 0, saved.stderr[-4000:]
+    assert (tmp_path / "ckpt_rank0" / "last.ckpt").is_dir()
+    resumed = launch(
+        {**config, "checkpoint": checkpoint, "dirpath_per_rank": True, "ckpt_path": "last"},
+        tmp_path,
+    )
+    assert resumed.returncode != 0
+    said = "the processes see different checkpoints for ckpt_path='last' (rank 0: "
+    assert resumed.stderr.count(said) >= 2, resumed.stderr[-4000:]  # on both ranks
+    assert "ckpt_rank1 holds nothing" in resumed.stderr
+
+
 def test_a_validation_loader_empty_on_one_process_is_refused_by_name(tmp_path) -> None:
     # Every forward of a sharded model is a collective: rank 0 validated alone and
     # the job died in gloo ("Connection reset by peer"), naming nothing.
