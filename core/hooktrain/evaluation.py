@@ -294,19 +294,23 @@ def _accumulate(
 
     :raises ConfigurationError: when the step returned a loss (a tensor, or the
         ``"loss"`` of a dict) of more than one value (one per sample), which the mean
-        would weigh as one; or something that is none of a loss (a tensor or a
-        number), a dict and ``None``, or a dict whose ``"loss"`` is not a number.
+        would weigh as one; or a loss that is a string (a number formatted).
+
+    Anything else (a tuple of predictions, an object for a plugin's batch-end hook)
+    is no metric, and is left out: the step may have logged its values itself.
     """
     if isinstance(outputs, numbers.Real) and not isinstance(outputs, bool):
         # loss.item(): the loss all the same, already on the host.
         means.add(stage_name("loss", prefix, suffix), float(outputs), trainer._batch_size)
         return
-    if outputs is not None and not isinstance(outputs, torch.Tensor | Mapping):
-        _refuse_result(trainer, stage, f"{type(outputs).__name__} {outputs!r:.60}")
-    if isinstance(outputs, Mapping) and "loss" in outputs:
-        value = outputs["loss"]
-        if isinstance(value, bool) or not isinstance(value, torch.Tensor | numbers.Real):
-            _refuse_result(trainer, stage, f"a dict whose 'loss' is {value!r:.60}")
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if isinstance(loss, str):
+        # Left out, it would only show as a warning that validation computed nothing.
+        raise ConfigurationError(
+            f"{STEP_NAMES[stage]} returned its loss as the string {loss!r:.40}; an "
+            f"evaluation step returns its loss as a tensor of one value or a number"
+            f"{origin(trainer.plugin_manager, 'forward_step')}"
+        )
     loss = outputs if isinstance(outputs, torch.Tensor) else None
     if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
         loss = outputs["loss"]
@@ -359,17 +363,6 @@ def _accumulate(
         elif isinstance(value, numbers.Real) and not isinstance(value, bool):
             # NumPy's scalars too: what scikit-learn's metrics return.
             means.add(stage_name(key, prefix, suffix), float(value), trainer._batch_size)
-
-
-def _refuse_result(trainer: Trainer, stage: str, what: str) -> None:
-    # Left out of the metrics, it would only show as a warning that validation
-    # computed nothing, blaming a step that did return its loss (as a string).
-    raise ConfigurationError(
-        f"{STEP_NAMES[stage]} returned {what}; an evaluation step returns its loss (a "
-        f"tensor of one value, or a number), a dict of values (each number in it becomes "
-        f"a metric), or None (having logged its values with trainer.log)"
-        f"{origin(trainer.plugin_manager, 'forward_step')}"
-    )
 
 
 def concatenable(predictions: list[Any]) -> bool:

@@ -432,9 +432,10 @@ def forward_step(trainer: Trainer, batch: Any, batch_idx: int, stage: str) -> An
         mapping: ``"outputs"`` and ``"targets"`` (the loop then computes ``loss_fn``
         and the metrics on them) and any other scalar entries (each becomes a
         metric, ``"acc"`` giving ``val_acc``); for ``"predict"``, the predictions.
-    :raises ConfigurationError: (from the loop) for an evaluation result of any
-        other kind, or a mapping whose ``"loss"`` is not a number, naming the
-        plugins that implement this hook.
+        An evaluation result of another kind is passed to the batch-end hooks and
+        is no metric.
+    :raises ConfigurationError: (from the loop) for an evaluation loss that is a
+        string, naming the plugins that implement this hook.
     """
 
 
