@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -148,45 +149,58 @@ def test_lightnings_self_log_in_a_step_points_to_trainer_log():
     assert not any("trainer.log" in note for note in info.value.__notes__)
 
 
-def test_a_models_step_that_cannot_take_batch_idx_is_refused_naming_the_fix():
-    # def training_step(self, batch) failed with a bare "takes 2 positional
-    # arguments but 3 were given", which names neither hooktrain's call nor the fix.
-    class NoIndex(nn.Module):
+def test_a_models_steps_get_the_arguments_they_take_and_one_taking_none_is_refused():
+    # Lightning passes batch_idx only to a step that takes it; hooktrain's bare
+    # "takes 2 positional arguments but 3 were given" named neither cause nor fix.
+    class Net(nn.Module):
         def __init__(self):
             super().__init__()
+            torch.manual_seed(0)
             self.layer = nn.Linear(8, 2)
 
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self.layer(batch[0]), batch[1])
+
+    class BatchOnly(Net):
         def training_step(self, batch):
             return F.cross_entropy(self.layer(batch[0]), batch[1])
 
-    trainer = hooktrain.Trainer(plugins=[], device="cpu")
-    with pytest.raises(
-        ConfigurationError,
-        match=r"the model's training_step\(batch\) cannot be called as "
-        r"training_step\(batch, batch_idx\).*give it the parameters \(batch, batch_idx\)",
-    ):
-        fit(NoIndex(), trainer=trainer)
-    assert trainer.global_step == 0
+    with_index, batch_only = Net(), BatchOnly()
+    fit(with_index, trainer=hooktrain.Trainer(plugins=[], device="cpu", seed=0))
+    fit(batch_only, trainer=hooktrain.Trainer(plugins=[], device="cpu", seed=0))
+    assert torch.equal(with_index.layer.weight, batch_only.layer.weight)
 
-    class EvalNoIndex(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Linear(8, 2)
+    def logs_its_arguments(step):
+        # A decorator's (*args, **kwargs) wrapper: the parameters are read through it.
+        @functools.wraps(step)
+        def wrapper(*args, **kwargs):
+            seen.append((len(args), tuple(sorted(kwargs))))
+            return step(*args, **kwargs)
 
-        def validation_step(self, batch, *, dataloader_idx):
+        return wrapper
+
+    seen: list = []
+
+    class Wrapped(Net):
+        @logs_its_arguments
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
             return F.cross_entropy(self.layer(batch[0]), batch[1])
 
-    with pytest.raises(ConfigurationError, match=r"the model's validation_step\(batch, \*"):
-        hooktrain.Trainer(plugins=[], device="cpu").validate(EvalNoIndex(), make_data()[1])
+    hooktrain.Trainer(plugins=[], device="cpu").validate(Wrapped(), make_data()[1])
+    assert seen and set(seen) == {(3, ("dataloader_idx",))}  # self, batch, batch_idx
 
-    # Lightning's optional dataloader_idx, *args and keyword-only extras with
-    # defaults all take the call.
-    class Flexible(EvalNoIndex):
-        def validation_step(self, batch, batch_idx, dataloader_idx=0, *rest, scale=1.0):
-            return scale * F.cross_entropy(self.layer(batch[0]), batch[1])
+    class NeedsMore(Net):
+        def validation_step(self, batch, batch_idx, extra):
+            return F.cross_entropy(self.layer(batch[0]), batch[1])
 
-    result = hooktrain.Trainer(plugins=[], device="cpu").validate(Flexible(), make_data()[1])
-    assert set(result) == {"val_loss"}
+    trainer = hooktrain.Trainer(plugins=[], device="cpu", max_epochs=3)
+    with pytest.raises(
+        ConfigurationError,
+        match=r"the model's validation_step\(batch, batch_idx, extra\) can be called neither "
+        r"as validation_step\(batch, batch_idx\) nor as validation_step\(batch\)",
+    ):
+        fit(NeedsMore(), trainer=trainer, val_dataloaders=make_data()[1])
+    assert trainer.global_step == 0  # before training, not at the first validation
 
 
 class Faulty(nn.Module):
@@ -901,6 +915,9 @@ def test_a_fit_shorter_than_log_every_n_steps_with_a_logger_is_warned_about():
         # One log point within the fit, or no logger listening: nothing to say.
         fit(trainer=hooktrain.Trainer(plugins=[Listens()], device="cpu", log_every_n_steps=8))
         fit(trainer=hooktrain.Trainer(plugins=[], device="cpu", max_epochs=2))
+        # A progress bar (the default plugins) shows values but draws no curve.
+        bar = type("Bar", (Listens,), {"exclusive_roles": ("progress-bar",)})()
+        fit(trainer=hooktrain.Trainer(plugins=[bar], device="cpu", max_epochs=2))
 
 
 def test_missing_loss_fn_and_optimizer():

@@ -24,7 +24,7 @@ from hooktrain.errors import ConfigurationError
 __all__ = [
     "STEP_NAMES",
     "batch_size",
-    "check_step_arguments",
+    "check_model_steps",
     "compiled_step",
     "fingerprint",
     "length",
@@ -33,8 +33,8 @@ __all__ = [
     "predict_inputs",
     "skip_first_batches",
     "skips_by_index",
+    "step_arguments",
     "step_batch_size",
-    "takes_dataloader_idx",
     "unpack_batch",
     "unwrap_compiled",
     "user_method",
@@ -210,43 +210,75 @@ def user_method(module: Any, name: str) -> Any:
     return None
 
 
-def check_step_arguments(step: Callable[..., Any], name: str, dataloader_idx: bool) -> None:
-    """Check that a model's own step can be called as ``name(batch, batch_idx)``
-    (with ``dataloader_idx=`` when ``dataloader_idx``), as the core calls it.
+def step_arguments(step: Callable[..., Any], stage: str) -> tuple[bool, bool]:
+    """Which of ``batch_idx`` and ``dataloader_idx`` a model's own step for
+    ``stage`` takes after the batch: ``(takes batch_idx, takes dataloader_idx)``.
 
-    :raises ConfigurationError: when it cannot (Lightning's habit ``def
-        training_step(self, batch)`` gets the missing ``batch_idx`` named), before
-        the step runs: its own TypeError would name neither the cause nor the fix.
+    As in Lightning, ``batch_idx`` is passed only to a step that takes it (``def
+    training_step(self, batch)`` is called with the batch alone), and
+    ``dataloader_idx`` (by keyword) only to an evaluation step that names it. A
+    step whose parameters cannot be read (``*args, **kwargs`` wrapping nothing)
+    is given both that its stage offers.
+
+    :raises ConfigurationError: for a step that can be called neither with the
+        batch and its index nor with the batch alone.
     """
-    try:
-        # Not through __wrapped__: FSDP's register_fsdp_forward_method wraps the bound
-        # step, whose signature, read through it, loses one parameter too many. A
-        # wrapper taking *args and **kwargs is left to the call.
-        signature = inspect.signature(step, follow_wrapped=False)
-    except (TypeError, ValueError):  # no signature to read: the call will tell
-        return
-    try:
-        signature.bind(None, 0, **({"dataloader_idx": 0} if dataloader_idx else {}))
-    except TypeError:
-        raise ConfigurationError(
-            f"the model's {name}{signature} cannot be called as {name}(batch, batch_idx), "
-            f"which is how hooktrain calls it (as Lightning does): give it the parameters "
-            f"(batch, batch_idx)"
-        ) from None
-
-
-def takes_dataloader_idx(step: Callable[..., Any]) -> bool:
-    """Whether a model's step names a ``dataloader_idx`` parameter that can be
-    passed by keyword (Lightning's ``validation_step(batch, batch_idx,
-    dataloader_idx=0)``)."""
-    try:
-        parameter = inspect.signature(step).parameters.get("dataloader_idx")
-    except (TypeError, ValueError):  # no signature to read
-        return False
-    return parameter is not None and parameter.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        inspect.Parameter.KEYWORD_ONLY,
+    name = STEP_NAMES[stage]
+    signature = _step_signature(step)
+    if signature is None:
+        return True, False
+    parameter = signature.parameters.get("dataloader_idx")
+    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    loader = stage != "train" and parameter is not None and parameter.kind in by_keyword
+    for arguments in ((None, 0), (None,)):
+        try:
+            signature.bind(*arguments, **({"dataloader_idx": 0} if loader else {}))
+        except TypeError:
+            continue
+        return len(arguments) == 2, loader
+    raise ConfigurationError(
+        f"the model's {name}{signature} can be called neither as {name}(batch, "
+        f"batch_idx) nor as {name}(batch): give it the parameters (batch, batch_idx)"
     )
+
+
+def check_model_steps(module: Any, stages: Iterable[str]) -> None:
+    """`step_arguments` of each of ``module``'s own steps for ``stages``, so that
+    ``fit`` refuses a validation step it cannot call before training, not at its
+    first validation, an epoch later.
+
+    :raises ConfigurationError: as `step_arguments`.
+    """
+    for stage in stages:
+        step = user_method(module, STEP_NAMES[stage])
+        if step is not None:
+            step_arguments(step, stage)
+
+
+def _step_signature(step: Callable[..., Any]) -> inspect.Signature | None:
+    """The parameters a step takes, read from the step itself; through
+    ``__wrapped__`` only when it takes ``*args, **kwargs`` (a decorator's wrapper,
+    FSDP's ``register_fsdp_forward_method``). ``inspect.signature`` reads through
+    every wrapper, and drops the bound ``self`` once too often when the wrapped one
+    is a bound method, as FSDP's is."""
+    try:
+        outer = inspect.signature(step, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return None
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    if any(p.kind not in variadic for p in outer.parameters.values()):
+        return outer
+    inner = getattr(step, "__wrapped__", None)
+    if inner is None:
+        return None
+    try:
+        signature = inspect.signature(inner, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(step, types.MethodType) and inspect.isfunction(inner):
+        # A method decorated in its class: the wrapped function still takes self.
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+    return signature
 
 
 def _compiled_module_type() -> type | None:

@@ -16,12 +16,11 @@ from torch.utils.data import RandomSampler
 
 from hooktrain.batches import (
     STEP_NAMES,
-    check_step_arguments,
     compiled_step,
     move_to_device,
     predict_inputs,
     skip_first_batches,
-    takes_dataloader_idx,
+    step_arguments,
     unpack_batch,
     user_method,
 )
@@ -132,15 +131,15 @@ class CoreDefaults:
         """The module's own step for ``stage`` (``training_step``...), run through
         ``trainer.model`` when that is ``torch.compile``'s wrapper of the module
         (`hooktrain.batches.compiled_step`); ``None`` when it has none."""
-        name = STEP_NAMES[stage]
-        step = user_method(trainer.module, name)
+        step = user_method(trainer.module, STEP_NAMES[stage])
         if step is None:
             return None
-        with_idx = stage != "train" and takes_dataloader_idx(step)
-        check_step_arguments(step, name, with_idx)
+        batch_idx, dataloader_idx = step_arguments(step, stage)
         if trainer.model is not trainer.module:
             step = compiled_step(trainer.model, step)
-        return _with_dataloader_idx(step, trainer) if with_idx else step
+        if not batch_idx or dataloader_idx:
+            return _with_arguments(step, trainer, batch_idx, dataloader_idx)
+        return step
 
     @hookimpl(trylast=True)
     def backward(self, trainer: Trainer, loss: torch.Tensor) -> bool:
@@ -232,10 +231,14 @@ class CoreDefaults:
         return loaded
 
 
-def _with_dataloader_idx(step: Any, trainer: Trainer) -> Any:
+def _with_arguments(step: Any, trainer: Trainer, batch_idx: bool, dataloader_idx: bool) -> Any:
     # Lightning passes the loader's index to validation_step(batch, batch_idx,
     # dataloader_idx); a step written for it would otherwise see 0 for every loader.
-    def step_of_loader(batch: Any, batch_idx: int) -> Any:
-        return step(batch, batch_idx, dataloader_idx=trainer.dataloader_idx)
+    # It passes batch_idx only to a step that takes it.
+    def call(batch: Any, index: int) -> Any:
+        arguments = (batch, index) if batch_idx else (batch,)
+        if dataloader_idx:
+            return step(*arguments, dataloader_idx=trainer.dataloader_idx)
+        return step(*arguments)
 
-    return step_of_loader
+    return call

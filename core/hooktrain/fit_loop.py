@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hooktrain.batches import batch_size, limited_length, step_batch_size
+from hooktrain.batches import batch_size, check_model_steps, limited_length, step_batch_size
 from hooktrain.epoch_metrics import EpochMetrics
 from hooktrain.errors import ConfigurationError, NonFiniteLossError, PluginError, warn_user
 from hooktrain.evaluation import evaluation_loop
@@ -60,6 +60,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     trainer.optimizers, trainer._schedulers = configure_optimizers(trainer.module, optimizer)
     trainer.lr_schedulers = [entry.scheduler for entry in trainer._schedulers]
     refuse_manual_optimization(trainer.module, len(trainer.optimizers))
+    check_model_steps(trainer.module, ("train", "validate") if _validates(trainer) else ("train",))
     check_monitors(trainer)
     warn_if_max_steps_unreachable(trainer)
     warn_if_launched_but_alone(trainer)
