@@ -18,6 +18,7 @@ from hooktrain.epoch_metrics import is_epoch_metric
 from hooktrain.errors import ConfigurationError, warn_user
 from hooktrain.hookcalls import HOOK_NAMES
 from hooktrain.results import implementers
+from hooktrain.roles import exclusive_roles
 
 if TYPE_CHECKING:
     from hooktrain.trainer import Trainer
@@ -253,7 +254,13 @@ def warn_if_max_steps_unreachable(trainer: Trainer) -> None:
             f"({batches} batches an epoch); raise max_epochs to train {trainer.max_steps}",
         )
     steps = min(steps, trainer.max_steps or steps)
-    loggers = implementers(trainer.plugin_manager, "log_metrics")
+    manager = trainer.plugin_manager
+    # A progress bar shows the published values too, but draws no curve of them.
+    loggers = [
+        name
+        for name in implementers(manager, "log_metrics")
+        if "progress-bar" not in exclusive_roles(name, manager.get_plugin(name))
+    ]
     if loggers and steps < trainer.log_every_n_steps:
         warn_user(
             f"hooktrain: log_every_n_steps={trainer.log_every_n_steps} is more than the "

@@ -101,11 +101,7 @@ def check_processes_agree(trainer: Trainer, ckpt_path: str, dirpath: Path) -> No
     if where.is_dir():
         seen = ", ".join(sorted(p.name for p in where.glob("*" + storage.SUFFIX))) or "nothing"
     else:
-        seen = (
-            f"a file of {where.stat().st_size} bytes"
-            if where.is_file()
-            else "nothing (no such path)"
-        )
+        seen = f"a file of {where.stat().st_size} bytes" if where.is_file() else "nothing"
     views = process_collectives(trainer).all_gather_object((os.fspath(where), seen))
     # Paths may differ (one file system mounted in two places): what is there may not.
     if all(what == views[0][1] for _, what in views):
