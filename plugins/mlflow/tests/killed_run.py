@@ -29,7 +29,7 @@ class Kill:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train(uri: str, experiment: str, ckpt_dir: str, kill_at: int = 0) -> None:
+def train(uri: str, experiment: str, ckpt_dir: str, kill_at: int = 0, log_every: int = 1) -> None:
     """The run; the test calls it in its own process for the undisturbed reference."""
     logger = {
         "tracking_uri": uri,
@@ -46,7 +46,9 @@ def train(uri: str, experiment: str, ckpt_dir: str, kill_at: int = 0) -> None:
     ]
     if kill_at:
         plugins.append(Kill(kill_at))
-    trainer = Trainer(plugins=plugins, max_epochs=3, seed=7, device="cpu", log_every_n_steps=1)
+    trainer = Trainer(
+        plugins=plugins, max_epochs=3, seed=7, device="cpu", log_every_n_steps=log_every
+    )
     train, val = make_data(n=128, batch_size=16, seed=3)
     trainer.fit(
         make_model(dropout=0.2),
@@ -64,5 +66,6 @@ if __name__ == "__main__":
     parser.add_argument("--experiment", required=True)
     parser.add_argument("--ckpt-dir", required=True)
     parser.add_argument("--kill-at", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=1)
     args = parser.parse_args()
-    train(args.uri, args.experiment, args.ckpt_dir, args.kill_at)
+    train(args.uri, args.experiment, args.ckpt_dir, args.kill_at, args.log_every)

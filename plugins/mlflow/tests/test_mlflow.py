@@ -203,6 +203,24 @@ def test_a_killed_then_resumed_run_continues_with_every_step_once(
     assert torch.load(local, weights_only=True)["progress"]["global_step"] == 24
 
 
+def test_a_resume_publishing_more_often_fills_the_steps_between_those_held(
+    mlflow_server: str, tmp_path: Path
+) -> None:
+    # Killed at step 15 after publishing every 2nd step (14 held, past the checkpoint
+    # of step 12), resumed publishing every step: 13 was dropped below the last
+    # step held, where the csv and tensorboard plugins kept it.
+    client = MlflowClient(mlflow_server)
+    experiment = f"interval-{uuid.uuid4().hex}"
+    ckpt = tmp_path / "ckpt"
+    killed = _script(mlflow_server, experiment, ckpt, "--kill-at", "15", "--log-every", "2")
+    assert killed.returncode == -9, killed.stderr
+    assert history(client, the_run(client, experiment).info.run_id, "loss")[-1][0] == 14
+    resumed = _script(mlflow_server, experiment, ckpt, "--log-every", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    steps = [step for step, _ in history(client, the_run(client, experiment).info.run_id, "loss")]
+    assert steps == [2, 4, 6, 8, 10, 12, *range(13, 25)]
+
+
 def test_a_fit_stopped_by_sigterm_ends_killed_and_uploads_no_checkpoint(
     mlflow_server: str, tmp_path: Path
 ) -> None:
