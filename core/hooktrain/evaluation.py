@@ -311,10 +311,7 @@ def _accumulate(
             f"evaluation step returns its loss as a tensor of one value or a number"
             f"{origin(trainer.plugin_manager, 'forward_step')}"
         )
-    loss = outputs if isinstance(outputs, torch.Tensor) else None
-    if isinstance(outputs, Mapping) and isinstance(outputs.get("loss"), torch.Tensor):
-        loss = outputs["loss"]
-    if loss is not None and loss.numel() != 1:
+    if isinstance(loss, torch.Tensor) and loss.numel() != 1:
         raise ConfigurationError(
             f"{STEP_NAMES[stage]} returned a loss of shape {tuple(loss.shape)}; an "
             f"evaluation step returns its loss as one number (reduced over the batch, "
