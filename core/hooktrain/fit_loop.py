@@ -36,8 +36,8 @@ from hooktrain.optimization import (
 from hooktrain.options import (
     check_monitors,
     refuse_manual_optimization,
+    warn_if_fit_ends_too_soon,
     warn_if_launched_but_alone,
-    warn_if_max_steps_unreachable,
 )
 from hooktrain.publishing import check_finite, logging_epoch_end, publish, publish_step
 from hooktrain.replay import epoch_batches, warn_if_epoch_length_changed
@@ -62,7 +62,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     refuse_manual_optimization(trainer.module, len(trainer.optimizers))
     check_model_steps(trainer.module, ("train", "validate") if _validates(trainer) else ("train",))
     check_monitors(trainer)
-    warn_if_max_steps_unreachable(trainer)
+    warn_if_fit_ends_too_soon(trainer)
     warn_if_launched_but_alone(trainer)
     _start_progress(trainer)
     trainer.plugin_manager.hook.prepare(trainer=trainer, stage="fit")

@@ -35,7 +35,7 @@ __all__ = [
     "refuse_manual_optimization",
     "resolve_device",
     "trainer_hparams",
-    "warn_if_max_steps_unreachable",
+    "warn_if_fit_ends_too_soon",
     "why_evaluation_computed_nothing",
     "why_fit_never_validates",
 ]
@@ -236,13 +236,15 @@ def check_monitors(trainer: Trainer) -> None:
             )
 
 
-def warn_if_max_steps_unreachable(trainer: Trainer) -> None:
-    """Warn when ``max_epochs`` ends the fit before ``max_steps`` optimizer steps, as
-    ``Trainer(max_steps=N)`` alone does with the default ``max_epochs=1`` (Lightning,
-    whose default is 1000 epochs, trains the N steps); and when a logger listens
-    (a plugin implements ``log_metrics``) but the fit ends before the first log
-    point, ``log_every_n_steps``, so that no step's values (the training loss
-    curve) reach it (Lightning warns when an epoch is shorter than the interval)."""
+def warn_if_fit_ends_too_soon(trainer: Trainer) -> None:
+    """Warn when the fit's length (known from the training loader's) ends it too
+    soon for what was asked. When ``max_epochs`` ends it before ``max_steps``
+    optimizer steps, as ``Trainer(max_steps=N)`` alone does with the default
+    ``max_epochs=1`` (Lightning, whose default is 1000 epochs, trains the N steps).
+    When a logger listens (a plugin implements ``log_metrics``) but the fit ends
+    before the first log point, ``log_every_n_steps``, so that no step's values
+    (the training loss curve) reach it (Lightning warns when an epoch is shorter
+    than the interval)."""
     batches = limited_length(trainer.train_dataloader, trainer.limits["train"])
     if batches is None:
         return
