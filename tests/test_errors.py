@@ -256,7 +256,10 @@ def test_a_plugin_whose_call_into_the_core_fails_is_named_and_a_wrapper_is_not()
 
         @hookimpl
         def on_train_epoch_end(self, trainer):
-            trainer.validate(trainer.model, make_data()[1])
+            batch = next(iter(make_data()[1]))
+            trainer.plugin_manager.hook.forward_step(
+                trainer=trainer, batch=batch, batch_idx=0, stage="validate"
+            )
 
     class FaultyValidation(nn.Module):
         def __init__(self):
@@ -306,6 +309,45 @@ def test_an_error_in_the_iterator_a_batch_iterator_returned_names_the_plugin():
     with pytest.raises(HookError, match="shard 3 is corrupt") as info:
         fit(trainer=hooktrain.Trainer(plugins=[Shards()], device="cpu"))
     assert (info.value.plugin, info.value.hook) == ("shards", "batch_iterator")
+
+
+def test_a_stage_started_from_a_hook_of_a_running_one_is_refused_and_leaves_it_whole():
+    # A plugin's trainer.validate() in on_train_epoch_end took over the fit: its
+    # stage stayed "validate" (early stopping, which judges in fit only, never
+    # stopped), and its setup replaced the fit's model, loss and stop flag.
+    class ValidatesOther:
+        name = "validates-other"
+
+        @hookimpl
+        def on_train_epoch_end(self, trainer):
+            trainer.validate(trainer.model, make_data()[1])
+
+    witness = Witness()
+    trainer = hooktrain.Trainer(plugins=[ValidatesOther(), witness], device="cpu")
+    with pytest.raises(HookError, match="one stage at a time") as info:
+        fit(trainer=trainer)
+    assert (info.value.plugin, info.value.hook) == ("validates-other", "on_train_epoch_end")
+    message = str(info.value)
+    assert "validate() was called while this trainer's fit() runs" in message
+    assert "fit(model, train, [val, other])" in message
+    assert isinstance(info.value.__cause__, ConfigurationError)
+    assert trainer.stage == "fit"
+    assert witness.events == ["on_exception", "teardown"]
+    # The fit that failed leaves the trainer free for the next stage.
+    assert "val_loss" in trainer.validate(trainer.model, make_data()[1])
+
+
+def test_a_ctrl_c_in_teardown_leaves_the_trainer_free_for_the_next_stage():
+    class InterruptedTeardown:
+        @hookimpl
+        def teardown(self, trainer):
+            if trainer.stage == "fit":
+                raise KeyboardInterrupt
+
+    trainer = hooktrain.Trainer(plugins=[InterruptedTeardown()], device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        fit(trainer=trainer)
+    assert "val_loss" in trainer.validate(make_model(), make_data()[1], loss_fn=F.cross_entropy)
 
 
 def test_keyboard_interrupt_runs_on_exception_and_teardown():

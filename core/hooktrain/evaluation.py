@@ -92,6 +92,7 @@ def run_evaluation(
     fit_fns = trainer.loss_fn, trainer.metric_fns
     begin_stage(
         trainer,
+        stage,
         model,
         loss_fn if loss_fn is not None else trainer.loss_fn,
         metrics if metrics is not None else trainer.metric_fns,

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from hooktrain import hookspecs
 from hooktrain.batches import unwrap_compiled
-from hooktrain.errors import HookError, HooktrainError, NonFiniteLossError, PluginError
+from hooktrain.errors import (
+    ConfigurationError,
+    HookError,
+    HooktrainError,
+    NonFiniteLossError,
+    PluginError,
+)
 from hooktrain.hookcalls import HOOK_NAMES
 from hooktrain.instrument import implementation_code
 from hooktrain.manager import answers_with_an_iterable
@@ -36,14 +42,32 @@ __all__ = ["begin_stage", "call_each", "explain", "run_stage"]
 
 def begin_stage(
     trainer: Trainer,
+    stage: str,
     model: nn.Module,
     loss_fn: Callable[..., torch.Tensor] | None,
     metrics: Mapping[str, Any] | None,
 ) -> None:
     """Check the stage's loss and metrics, and make ``model`` the trainer's.
 
-    :raises ConfigurationError: for a loss or metrics that cannot be used.
+    :raises ConfigurationError: for a loss or metrics that cannot be used, and
+        when another stage of this trainer is running (a hook called
+        ``trainer.validate()`` during ``fit``).
     """
+    running = trainer._running_stage
+    if running is not None:
+        # The stage would take the running one's model, loss, stop flag and stage
+        # name, and its teardown would close the running one's loggers.
+        advice = (
+            "; to evaluate another dataset during fit, give fit a list of validation "
+            "dataloaders (fit(model, train, [val, other])), whose metrics get the "
+            "suffix /dataloader_idx_1"
+            if running == "fit" and stage != "fit"
+            else ""
+        )
+        raise ConfigurationError(
+            f"{stage}() was called while this trainer's {running}() runs (from a hook?): "
+            f"a trainer runs one stage at a time{advice}"
+        )
     check_loss_fn(loss_fn)
     check_metrics(metrics)
     trainer.model = model
@@ -63,7 +87,7 @@ def run_stage(trainer: Trainer, stage: str, body: Callable[[], Any]) -> Any:
     :raises HookError: when a plugin's implementation raised (the original is its
         ``__cause__``); any other exception propagates with a note saying where.
     """
-    trainer.stage = stage
+    trainer.stage = trainer._running_stage = stage
     hook = trainer.plugin_manager.hook
     failure: BaseException | None = None
     try:
@@ -83,7 +107,11 @@ def run_stage(trainer: Trainer, stage: str, body: Callable[[], Any]) -> Any:
             raise
         raise failure from exc
     finally:
-        errors = call_each(trainer, "teardown", {"trainer": trainer, "stage": stage})
+        try:
+            errors = call_each(trainer, "teardown", {"trainer": trainer, "stage": stage})
+        finally:
+            # Even after a Ctrl-C in teardown, a notebook's next stage may run.
+            trainer._running_stage = None
         trainer._active_means = None
         trainer._log_prefix = ""
         # Names still pending have no later publication to go to; cleared first, so
@@ -265,8 +293,9 @@ def _culprit(trainer: Trainer, exc: BaseException) -> tuple[str, str] | None:
     if found is None:
         found = _innermost(exc, owners)
     if found is not None and found[0] is core:
-        # The user's code the core ran (a model's validation_step inside a trainer.
-        # validate() a plugin called) raises its own errors, which stay the user's.
+        # The user's code the core ran (a model's validation_step, run by the core's
+        # forward_step that a plugin called) raises its own errors, which stay the
+        # user's.
         found = _innermost(exc, callers) if isinstance(exc, HooktrainError) else None
     if found is None:
         return None

@@ -185,6 +185,7 @@ class Trainer:
         self.global_rank = 0
         self.world_size = 1
         self.stage: str | None = None
+        self._running_stage: str | None = None
         #: Seed of the training data's per-epoch shuffling (saved in checkpoints).
         self.data_seed = 0
         self._schedulers: list[Scheduler] = []
@@ -393,7 +394,7 @@ class Trainer:
                 "fit() needs loss_fn=... for a model without its own "
                 "training_step(batch, batch_idx)"
             )
-        begin_stage(self, model, loss_fn, metrics)
+        begin_stage(self, "fit", model, loss_fn, metrics)
         self.interrupted = False  # kept through a validate() or test() that follows
         self.train_dataloader = train_dataloaders
         self.eval_dataloaders = eval_loaders
