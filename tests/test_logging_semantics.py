@@ -5,6 +5,8 @@ Each test failed on the loop before the rule it guards was put in.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -340,15 +342,18 @@ def test_training_and_evaluation_weigh_a_batch_alike():
 
 
 class SaysItsBatchSize(torch.nn.Module):
-    """A step whose batch no rule can read: it says how many samples it held."""
+    """A step whose batch no rule can read: it says how many samples it held, in a
+    mapping of type ``kind``."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: type = dict) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(()))
+        self.kind = kind
 
     def training_step(self, batch, batch_idx):
         values = batch["values"]
-        return {"loss": self.weight * sum(values) / len(values), "batch_size": len(values)}
+        loss = self.weight * sum(values) / len(values)
+        return self.kind([("loss", loss), ("batch_size", len(values))])
 
     def validation_step(self, batch, batch_idx):
         return self.training_step(batch, batch_idx)
@@ -357,10 +362,12 @@ class SaysItsBatchSize(torch.nn.Module):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def test_a_step_can_say_its_batch_size():
+# An OrderedDict's "batch_size" was ignored: only a plain dict was read for it.
+@pytest.mark.parametrize("kind", [dict, OrderedDict])
+def test_a_step_can_say_its_batch_size(kind):
     batches = [{"values": [1.0, 2.0, 3.0]}, {"values": [10.0]}]
     trainer = Trainer(plugins=[], device="cpu")
-    trainer.fit(SaysItsBatchSize(), batches, [batches])  # one validation loader
+    trainer.fit(SaysItsBatchSize(kind), batches, [batches])  # one validation loader
     # (1 + 2 + 3 + 10) / 4 samples, not the mean of the two batch means (6.0).
     assert trainer.metrics["loss"] == pytest.approx(4.0)
     assert trainer.metrics["val_loss"] == pytest.approx(4.0)
@@ -371,18 +378,20 @@ class TimeMajorTagger(torch.nn.Module):
     """Tags every time step of ``(T, B, F)`` sequences: outputs ``(T, B, C)``, so
     its steps say the batch size, which no rule can read off these outputs."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.head = torch.nn.Linear(2, 3)
-
     def forward(self, x):
         return self.head(x)
+
+    def __init__(self, kind: type = dict) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(2, 3)
+        self.kind = kind
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         outputs = self(x)
         loss = F.cross_entropy(outputs.reshape(-1, 3), y.reshape(-1))
-        return {"loss": loss, "outputs": outputs, "targets": y, "batch_size": x.shape[1]}
+        pairs = [("loss", loss), ("outputs", outputs), ("targets", y), ("batch_size", x.shape[1])]
+        return self.kind(pairs)
 
     def validation_step(self, batch, batch_idx):
         return self.training_step(batch, batch_idx)
@@ -391,7 +400,8 @@ class TimeMajorTagger(torch.nn.Module):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-def test_metrics_weigh_a_batch_by_the_size_its_step_says():
+@pytest.mark.parametrize("kind", [dict, OrderedDict])
+def test_metrics_weigh_a_batch_by_the_size_its_step_says(kind):
     # The step's loss was weighted by its "batch_size" (3 and 1 sequences), the
     # metrics= values by the outputs' first dimension (T = 4 for both): the
     # epoch's accuracy was the plain mean of the two batches' accuracies.
@@ -400,7 +410,7 @@ def test_metrics_weigh_a_batch_by_the_size_its_step_says():
     y = torch.randint(0, 3, (4, 4), generator=generator)
     batches = [(x[:, :3], y[:, :3]), (x[:, 3:], y[:, 3:])]
     torch.manual_seed(0)
-    model = TimeMajorTagger()
+    model = TimeMajorTagger(kind)
     trainer = Trainer(plugins=[], device="cpu")
     trainer.fit(model, batches, batches, metrics={"acc": accuracy})
     with torch.no_grad():

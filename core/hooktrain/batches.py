@@ -154,7 +154,9 @@ def step_batch_size(outputs: Any, batch_guess: int) -> int:
     the batch as it arrived, before the step could take it apart. The loss, the
     step's other values and the ``metrics=`` functions' values all weigh this.
     """
-    if type(outputs) is dict:
+    # The usual dict settled without the Mapping ABC's check; an OrderedDict or
+    # another mapping says the same.
+    if type(outputs) is dict or isinstance(outputs, Mapping):
         given = outputs.get("batch_size")
         if given is not None:
             return int(given)

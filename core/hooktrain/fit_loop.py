@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -212,7 +212,12 @@ def _train_epoch(
             # that a run resumed from it sums the same groups (the same epoch means),
             # and checked before any can validate or save weights a NaN trained.
             check_finite(trainer)
-        if metric_fns and type(outputs) is dict and "outputs" in outputs and "targets" in outputs:
+        if (
+            metric_fns
+            and isinstance(outputs, Mapping)
+            and "outputs" in outputs
+            and "targets" in outputs
+        ):
             _add_metric_values(trainer, hooks, outputs["outputs"], outputs["targets"], size)
         batch_idx += 1
         trainer.epoch_batches_done = batch_idx
