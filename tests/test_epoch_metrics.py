@@ -180,6 +180,25 @@ def test_a_value_that_is_not_one_number_is_refused_naming_the_metric() -> None:
         fit({"f1": per_class}, [])
 
 
+def test_a_metric_failing_on_a_batch_is_named_with_the_shapes_it_was_given() -> None:
+    # torchmetrics' own error named neither the metric nor what it was fed.
+    too_few = torchmetrics.F1Score("multiclass", num_classes=CLASSES - 2)
+    with pytest.raises(Exception) as info:
+        fit({"f1": too_few}, [])
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert (
+        "raised by metrics={'f1': ...} given outputs of shape (16, 5) (torch.float32) "
+        "and targets of shape (16,) (torch.int64)"
+    ) in notes
+
+    def wrong(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs == targets).float().mean()  # (16, 5) against (16,)
+
+    with pytest.raises(RuntimeError) as info:
+        fit({"wrong": wrong}, [])
+    assert "raised by metrics={'wrong': ...}" in "\n".join(info.value.__notes__)
+
+
 def test_a_collection_of_metrics_under_one_name_is_refused_naming_it() -> None:
     # MetricCollection's compute() returns a dict: it was kept as the value, and
     # reading trainer.metrics or any logger then failed with a TypeError.

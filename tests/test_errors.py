@@ -586,8 +586,15 @@ def test_a_failing_teardown_is_raised_after_every_teardown_ran(witness_first):
 
 def test_empty_dataloader():
     empty = DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)))
-    with pytest.raises(ConfigurationError, match="empty"):
+    with pytest.raises(ConfigurationError, match="^train_dataloaders is empty"):
         fit(loader=empty)
+    # Of several loaders, the empty one is named by its index, as its metrics are.
+    val = make_data()[1]
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    with pytest.raises(ConfigurationError, match=r"^dataloaders\[1\] is empty"):
+        trainer.validate(make_model(), [val, empty, val], loss_fn=F.cross_entropy)
+    with pytest.raises(ConfigurationError, match=r"^val_dataloaders is empty"):
+        fit(trainer=trainer, val_dataloaders=empty)
 
 
 @pytest.mark.parametrize("stage", ["validate", "test", "predict"])

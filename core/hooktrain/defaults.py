@@ -24,7 +24,7 @@ from hooktrain.batches import (
     unpack_batch,
     user_method,
 )
-from hooktrain.epoch_metrics import is_epoch_metric
+from hooktrain.epoch_metrics import is_epoch_metric, note_failing_metric
 from hooktrain.errors import ConfigurationError, missing_checkpoint_message
 from hooktrain.markers import hookimpl
 from hooktrain.results import origin
@@ -170,7 +170,11 @@ class CoreDefaults:
                 predicted = outputs.detach() if isinstance(outputs, torch.Tensor) else outputs
                 for name, fn in trainer.metric_fns.items():
                     if not is_epoch_metric(fn):
-                        values[name] = fn(predicted, targets)
+                        try:
+                            values[name] = fn(predicted, targets)
+                        except Exception as exc:
+                            note_failing_metric(exc, name, predicted, targets)
+                            raise
                 stateful = trainer._epoch_metrics
                 if stateful:
                     # Updated only: their values are computed at the epoch's end.

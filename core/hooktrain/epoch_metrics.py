@@ -90,8 +90,12 @@ class EpochMetrics:
 
     def update(self, outputs: Any, targets: Any) -> None:
         """``update(outputs, targets)`` of every metric: one batch, no host sync."""
-        for metric in self._metrics.values():
-            metric.update(outputs, targets)
+        for name, metric in self._metrics.items():
+            try:
+                metric.update(outputs, targets)
+            except Exception as exc:
+                note_failing_metric(exc, name, outputs, targets)
+                raise
         self.updates += 1
 
     def compute(self, collectives: Collectives | None) -> dict[str, Any]:
@@ -259,3 +263,18 @@ def _cpu_tensors(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_cpu_tensors(v) for v in value]
     return value
+
+
+def note_failing_metric(exc: BaseException, name: str, outputs: Any, targets: Any) -> None:
+    """Add to ``exc``, raised by the ``metrics=`` entry ``name`` on one batch, a note
+    naming it and what it was given: a metric library's own words name neither."""
+    exc.add_note(
+        f"hooktrain: raised by metrics={{{name!r}: ...}} given outputs "
+        f"{_described(outputs)} and targets {_described(targets)}"
+    )
+
+
+def _described(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"of shape {tuple(value.shape)} ({value.dtype})"
+    return f"of type {type(value).__name__}"

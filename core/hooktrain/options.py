@@ -441,8 +441,9 @@ def loader_list(what: str, loaders: Any) -> list[Iterable[Any]]:
         result = list(loaders)
     else:
         result = [loaders]
-    for loader in result:
-        check_loader(what, loader)
+    for index, loader in enumerate(result):
+        # Of several, the one at fault is named by its index, as its metrics are.
+        check_loader(f"{what}[{index}]" if len(result) > 1 else what, loader)
     return result
 
 
