@@ -586,7 +586,7 @@ def test_a_failing_teardown_is_raised_after_every_teardown_ran(witness_first):
 
 def test_empty_dataloader():
     empty = DataLoader(TensorDataset(torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)))
-    with pytest.raises(ConfigurationError, match="^train_dataloaders is empty"):
+    with pytest.raises(ConfigurationError, match=r"^train_dataloaders is empty"):
         fit(loader=empty)
     # Of several loaders, the empty one is named by its index, as its metrics are.
     val = make_data()[1]

@@ -562,6 +562,66 @@ def test_a_step_that_takes_its_batch_apart_keeps_the_batch_weight() -> None:
     assert trainer.metrics["inside"] == pytest.approx(weighted, rel=1e-6)
 
 
+class TwoInputs(torch.nn.Module):
+    """Takes batches whose tensors sit one level down: ``{"inputs": {"a", "b"},
+    "targets": {"cls"}}`` or ``((a, b), (cls,))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(3, 2)
+        self.b = torch.nn.Linear(1, 2)
+
+    def _loss(self, batch):
+        if isinstance(batch, dict):
+            (a, b), y = batch["inputs"].values(), batch["targets"]["cls"]
+        else:
+            (a, b), (y,) = batch
+        return F.cross_entropy(self.a(a) + self.b(b), y)
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+@pytest.mark.parametrize("nested", ["dict", "tuple"])
+def test_a_batch_whose_tensors_are_nested_weighs_its_samples(nested) -> None:
+    # Only the batch's top level was read: these weighed 1 each, and the epoch's
+    # means were plain means over batches.
+    torch.manual_seed(0)
+    sizes = (6, 6, 1)
+    batches = []
+    for n in sizes:
+        a, b, y = torch.randn(n, 3), torch.randn(n, 1), torch.randint(0, 2, (n,))
+        if nested == "dict":
+            batches.append({"inputs": {"a": a, "b": b}, "targets": {"cls": y}})
+        else:
+            batches.append(((a, b), (y,)))
+    model = TwoInputs()
+    with torch.no_grad():
+        losses = [model._loss(batch).item() for batch in batches]
+    weighted = sum(loss * n for loss, n in zip(losses, sizes, strict=True)) / sum(sizes)
+    assert weighted != pytest.approx(sum(losses) / len(losses))  # the data tells them apart
+    trainer = Trainer(plugins=[], device="cpu")
+    trainer.fit(model, batches, batches)
+    assert trainer.metrics["loss"] == pytest.approx(weighted, rel=1e-6)
+    assert trainer.metrics["val_loss"] == pytest.approx(weighted, rel=1e-6)
+
+
+def test_a_batch_of_ragged_sequences_and_labels_weighs_its_labels() -> None:
+    # The labels are this level's tensor: the first sequence's length is not read.
+    from hooktrain.batches import batch_size
+
+    sequences = [torch.zeros(7), torch.zeros(2), torch.zeros(5)]
+    assert batch_size((sequences, torch.zeros(3))) == 3
+    assert batch_size({"ids": ["x", "y", "z"], "inputs": {"m": torch.zeros(3, 7)}}) == 3
+    assert batch_size({"ids": ["x", "y"]}) == 1
+
+
 def test_writing_into_trainer_metrics_points_to_trainer_log():
     from hooktrain.metrics import Metrics
 

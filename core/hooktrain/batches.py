@@ -120,22 +120,34 @@ def predict_inputs(batch: Any) -> Any:
 
 
 def batch_size(batch: Any, default: int = 1) -> int:
-    """The first dimension of the first tensor with one in ``batch`` (a tensor, a
-    tuple or list, or a dict), else ``default``."""
+    """The first dimension of the batch's first tensor with one, else ``default``.
+
+    ``batch`` is a tensor, a tuple or list, or a dict. A container's own tensors
+    are looked at before the containers inside it, each of those in its turn:
+    ``(list of ragged sequences, labels)`` weighs ``len(labels)``, not the first
+    sequence's length, and ``{"inputs": {"image": x, "text": t}, "targets": y}``
+    weighs ``y``'s first dimension; ``((x1, x2), (y,))`` weighs ``x1``'s.
+    """
     # Called every step: the common tuple is tested first, and shape[0] is read
     # rather than len(), which goes through a Python-level Tensor.__len__.
     cls = type(batch)
     if cls is tuple or cls is list or isinstance(batch, tuple | list):
-        for item in batch:
-            if isinstance(item, torch.Tensor) and item.ndim:
-                return item.shape[0]
-        return default
-    if isinstance(batch, torch.Tensor):
+        items: Iterable[Any] = batch
+    elif isinstance(batch, torch.Tensor):
         return batch.shape[0] if batch.ndim else default
-    if isinstance(batch, Mapping):
-        for item in batch.values():
-            if isinstance(item, torch.Tensor) and item.ndim:
-                return item.shape[0]
+    elif isinstance(batch, Mapping):
+        items = batch.values()
+    else:
+        return default
+    for item in items:
+        if isinstance(item, torch.Tensor) and item.ndim:
+            return item.shape[0]
+    # Nested containers, only once no tensor of this level told (rarely reached).
+    for item in items:
+        if isinstance(item, tuple | list | Mapping):
+            found = batch_size(item, 0)
+            if found:
+                return found
     return default
 
 
