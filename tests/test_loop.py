@@ -423,13 +423,17 @@ def test_predicting_over_a_loader_in_order_does_not_warn():
             hooktrain.Trainer(plugins=[], device="cpu").predict(make_model(), loader)
 
 
-@pytest.mark.parametrize("form", ["pair", "inputs only", "dict", "dict without targets"])
+@pytest.mark.parametrize(
+    "form", ["pair", "inputs only", "one-tuple", "triple", "dict", "dict without targets"]
+)
 def test_predict_takes_every_batch_form_that_training_takes(form):
     model = make_model()
     inputs, targets = torch.randn(12, 8), torch.randint(0, 2, (12,))
     samples = {
         "pair": list(zip(inputs, targets, strict=True)),
         "inputs only": list(inputs),
+        "one-tuple": [(x,) for x in inputs],
+        "triple": [(x, y, 1.0) for x, y in zip(inputs, targets, strict=True)],
         "dict": [{"inputs": x, "targets": y} for x, y in zip(inputs, targets, strict=True)],
         "dict without targets": [{"inputs": x} for x in inputs],
     }[form]
@@ -437,6 +441,15 @@ def test_predict_takes_every_batch_form_that_training_takes(form):
     predictions = hooktrain.Trainer(plugins=[], device="cpu").predict(model, batches)
     with torch.no_grad():
         torch.testing.assert_close(predictions, model(inputs))
+
+
+def test_predict_refuses_a_list_of_one_tensor_per_sample_for_a_plain_model():
+    # Its first item, one sample, was taken for the batch's inputs: 64 samples
+    # gave one prediction, silently.
+    sequences = [torch.randn(int(n), 8) for n in torch.randint(1, 5, (8,))]
+    loader = DataLoader(sequences, batch_size=4, collate_fn=list)
+    with pytest.raises(hooktrain.ConfigurationError, match=r"a list of length 4: .*predict_step"):
+        hooktrain.Trainer(plugins=[], device="cpu").predict(make_model(), loader)
 
 
 class Checkpointer:

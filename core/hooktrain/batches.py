@@ -109,11 +109,25 @@ def unpack_batch(batch: Any, stage: str = "train") -> tuple[Any, Any]:
 
 def predict_inputs(batch: Any) -> Any:
     """What a plain model is given in ``predict``: the first item of a tuple or list
-    (targets may follow, or not), the ``"inputs"`` of a dict that has them (as in
-    training), and otherwise the batch itself (a tensor, or a dict the model takes
-    whole)."""
+    of one to three, ``(inputs,)``, ``(inputs, targets)`` or ``(inputs, targets,
+    weights)`` as Keras reads them; the ``"inputs"`` of a dict that has them (as in
+    training); and otherwise the batch itself (a tensor, or a dict the model takes
+    whole).
+
+    :raises ConfigurationError: for a tuple or list of any other length, such as
+        a collate's list of one tensor per sample, whose first item would be one
+        sample's.
+    """
     if isinstance(batch, (tuple, list)):
-        return batch[0]
+        if 1 <= len(batch) <= 3:
+            return batch[0]
+        raise ConfigurationError(
+            f"predict cannot tell the inputs of a batch that is a {type(batch).__name__} "
+            f"of length {len(batch)}: a model without its own predict_step is given the "
+            f"first item of (inputs,), (inputs, targets) or (inputs, targets, weights). "
+            f"For a list of one item per sample, define predict_step(batch, batch_idx) "
+            f"on the model (returning self(batch)), or collate the batch as (inputs,)"
+        )
     if isinstance(batch, Mapping) and "inputs" in batch:
         return batch["inputs"]
     return batch
