@@ -285,6 +285,30 @@ def test_a_metric_name_the_loop_uses_itself_is_refused_before_training(name):
     assert trainer.global_step == 0
 
 
+def test_logging_loss_in_a_training_batch_is_refused_at_the_first_step():
+    # trainer.log("loss", data_loss) beside a returned data_loss + l2 made the
+    # epoch's "loss" the mean of the two, without a word.
+    class LogsPartOfItsLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(8, 2)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            data_loss = F.cross_entropy(self.layer(x), y)
+            trainer.log("loss", data_loss)
+            return data_loss + 0.1 * self.layer.weight.square().sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    train, val = make_data(n=32, batch_size=16)
+    trainer = Trainer(plugins=[], device="cpu")
+    with pytest.raises(ConfigurationError, match=r"trainer.log\('loss', ...\) in a training batch"):
+        trainer.fit(LogsPartOfItsLoss(), train, val)
+    assert trainer.global_step == 0
+
+
 def test_an_evaluation_that_computes_nothing_fails_clearly():
     _, val = make_data(n=32, batch_size=16)
     with pytest.raises(ConfigurationError, match=r"validate\(\) computed no metric"):

@@ -48,8 +48,9 @@ def loader_suffix(index: int, count: int) -> str:
 def log_value(trainer: Trainer, name: str, value: Any, batch_size: Any) -> None:
     """What ``Trainer.log`` does (its docstring says it for users).
 
-    :raises ConfigurationError: for a tensor of more than one element, or a value
-        that is neither a number nor a tensor.
+    :raises ConfigurationError: for a tensor of more than one element, a value
+        that is neither a number nor a tensor, or the name ``"loss"`` in a training
+        batch (the loop's own).
     """
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
@@ -68,6 +69,15 @@ def log_value(trainer: Trainer, name: str, value: Any, batch_size: Any) -> None:
         raise ConfigurationError(
             f"trainer.log({name!r}, ..., batch_size={batch_size!r}) needs a positive "
             f"number (or a one-element tensor) as the value's weight in the epoch's mean"
+        )
+    if name == "loss" and trainer._active_means is trainer._train_means:
+        # Averaged with the returned loss into one "loss": a mean of two things.
+        raise ConfigurationError(
+            "trainer.log('loss', ...) in a training batch: 'loss' is the loop's own name "
+            "for the loss the training step returned, which it logs already, and the two "
+            "would be averaged into one value. Log a part of the loss under a name of its "
+            "own (trainer.log('data_loss', ...)), or drop a call that logs the returned "
+            "loss again (Lightning's self.log('loss', loss))"
         )
     name = stage_name(name, trainer._log_prefix, trainer._log_suffix)
     trainer.metrics.set(name, value)

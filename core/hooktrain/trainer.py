@@ -294,8 +294,9 @@ class Trainer:
             number, or a one-element tensor (a token count, left on the device and
             not checked).
         :raises ConfigurationError: for a tensor of more than one element, a value
-            that is neither a number nor a tensor, or a ``batch_size`` that is neither
-            a positive number nor a one-element tensor.
+            that is neither a number nor a tensor, a ``batch_size`` that is neither
+            a positive number nor a one-element tensor, and for the name ``"loss"``
+            in a training batch: the loop logs the loss the step returned under it.
         """
         log_value(self, name, value, batch_size)
 
