@@ -58,7 +58,8 @@ class ModelCheckpoint:
         when ``every_n_train_steps`` is not set either.
     :param async_save: copy the state on the training thread and write it on a
         background thread; ``False`` writes before training continues.
-    :param save_on_sigterm: on SIGTERM, save at the next batch boundary and stop.
+    :param save_on_sigterm: on SIGTERM, save at the next batch boundary and stop
+        (as ``last.ckpt`` even with ``save_last=False``).
     :param verbose: print where each checkpoint went (on rank 0).
     :raises ConfigurationError: for an unknown ``mode``, a ``save_top_k`` below -1,
         an ``every_n_*`` below 1, or a ``filename`` holding a directory separator, a
@@ -314,7 +315,9 @@ class ModelCheckpoint:
         # gradients) or finished: save that state unless it is saved already, and
         # wait for it, since the scheduler may kill the process soon after.
         if resume.progress(trainer) != self._saved_progress:
-            self._save(trainer, ranked=False)
+            # As last.ckpt even with save_last=False: the work since the last ranked
+            # save would be lost, and the resume would start from that save.
+            self._save(trainer, ranked=False, stopping=True)
         self._writer.wait()
         trainer.should_stop = trainer.interrupted = True
         self.interrupted = True
@@ -353,7 +356,7 @@ class ModelCheckpoint:
         """Names in ``best_k_models``, best first."""
         return topk.ranked(self.best_k_models, self._effective_mode())
 
-    def _save(self, trainer: Trainer, *, ranked: bool) -> None:
+    def _save(self, trainer: Trainer, *, ranked: bool, stopping: bool = False) -> None:
         started = time.perf_counter()
         self._writer.wait()  # one write at a time; surfaces the previous one's error
         waited = time.perf_counter() - started
@@ -402,8 +405,15 @@ class ModelCheckpoint:
                 self._evicting,
             ) = before
             raise
-        if ranked_name is None and not self.save_last:
+        if ranked_name is None and not (self.save_last or stopping):
             return
+        if trainer.is_global_zero and not self.dirpath.is_dir():
+            # Removed during the run (a clean-up script): made again, lock included,
+            # rather than failing the run and losing its work.
+            report(trainer, f"{self.dirpath} was removed during the run; made it again")
+            storage.prepare_directory(self.dirpath)
+            self._lock.release()
+            self._lock.acquire(self.dirpath)
         target = self.dirpath / ranked_name if ranked_name else self.last_path
         self.last_model_path = self.last_path if self.save_last else target
         link = self.last_path if ranked_name and self.save_last else None

@@ -223,6 +223,7 @@ def main() -> int:
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--init-file", default="")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--no-save-last", action="store_true")
     args = parser.parse_args()
 
     plugins: list[Any] = []
@@ -232,6 +233,7 @@ def main() -> int:
         "dirpath": args.dir,
         "filename": FILENAME,
         "every_n_train_steps": args.every,
+        "save_last": not args.no_save_last,
     }
     plugins.append(("checkpoint", checkpoint_options))
     if args.fault:

@@ -141,21 +141,27 @@ def test_sigkill_at_random_moments_then_rerun_is_bit_identical(
 
 
 @pytest.mark.parametrize(
-    ("moment", "step"),
-    [("batch-end", 7), ("backward", 8)],
-    ids=["between-batches", "mid-batch"],
+    ("moment", "step", "save_last"),
+    [("batch-end", 7, True), ("backward", 8, True), ("batch-end", 7, False)],
+    ids=["between-batches", "mid-batch", "without-save-last"],
 )
 def test_sigterm_saves_at_the_next_batch_stops_cleanly_and_resumes_exactly(
-    reference: Path, tmp_path: Path, moment: str, step: int
+    reference: Path, tmp_path: Path, moment: str, step: int, save_last: bool
 ) -> None:
     # Between batches the run stops at once; inside a batch (after its backward)
     # it stops once that batch's optimizer step is done. Either way at `step`.
-    command = _command(tmp_path, "term", "--every", "1000")
+    # With save_last=False the stopped state was not written: the run said "saved"
+    # and named the last ranked file, and the resume lost the steps since.
+    command = _command(
+        tmp_path, "term", "--every", "1000", *([] if save_last else ["--no-save-last"])
+    )
     stopped = _run([*command, "--fault", f"SIGTERM:{moment}:{step}"])
     assert stopped.returncode == 0, stopped.stderr
     assert f"fault: SIGTERM at {moment} of step {step}" in stopped.stderr
     assert f"finished global_step={step} should_stop=True" in stopped.stdout
-    info = read_info(tmp_path / "term-ckpt" / "last.ckpt")
+    last = tmp_path / "term-ckpt" / "last.ckpt"
+    assert f"SIGTERM received; saved {last} (epoch 0, global step {step})" in stopped.stderr
+    info = read_info(last)
     # Saved at the boundary where it stopped: not later, and mid-epoch here.
     assert info.record["global_step"] == step
     assert not info.record["epoch_complete"]

@@ -164,6 +164,40 @@ def test_reading_the_lock_file_in_the_holding_process_keeps_the_lock(tmp_path: P
     assert _probe(tmp_path).stdout.strip() == "acquired"
 
 
+def test_a_directory_removed_during_the_run_is_made_again_with_its_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The next save failed with FileNotFoundError, and the run ended with its work lost.
+    directory = tmp_path / "ckpt"
+    probes: list[subprocess.CompletedProcess[str]] = []
+
+    class CleanUpScript:
+        @hookimpl
+        def on_train_batch_end(self, trainer: Trainer) -> None:
+            if trainer.global_step == 2:
+                shutil.rmtree(directory)
+            elif trainer.global_step == 4:
+                probes.append(_probe(directory))  # another run, after the remake
+
+    # Written before training goes on: removed between saves, not in the middle of
+    # one (whose write then fails, and says so at the next save).
+    options = {"dirpath": directory, "every_n_train_steps": 1, "async_save": False}
+    trainer = Trainer(plugins=[("checkpoint", options), CleanUpScript()], device="cpu")
+    trainer.fit(
+        make_model(),
+        make_data(n=96, batch_size=16)[0],
+        loss_fn=F.cross_entropy,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1),
+    )
+    assert f"{directory} was removed during the run; made it again" in capsys.readouterr().err
+    (probe,) = probes
+    assert probe.returncode != 0 and "another run (process" in probe.stderr
+    assert "last.ckpt" in {path.name for path in directory.iterdir()}
+    assert not (directory / LOCK_NAME).exists()  # released at the end, as always
+    resumed = _fit(directory, ckpt_path="last")
+    assert resumed.global_step == 6  # nothing left to train: the saves were all kept
+
+
 # A run that takes the lock, forks a worker that lives on, and waits to be killed.
 FORKS_A_WORKER = (
     "import os, sys, time; from pathlib import Path; "
