@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-from hooktrain.errors import ConfigurationError, closest_name, missing_monitor_hint
+from hooktrain.errors import (
+    ConfigurationError,
+    ResumeWarning,
+    closest_name,
+    missing_monitor_hint,
+    warn_user,
+)
 from hooktrain.results import unexpected_result
 
 if TYPE_CHECKING:
@@ -29,6 +35,7 @@ __all__ = [
     "configure_optimizers",
     "make_optimizer_step",
     "parse_optimizer_config",
+    "warn_if_learning_rate_changed",
 ]
 
 
@@ -357,3 +364,35 @@ def step_scheduler(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler")
         entry.scheduler.step(*args)
+
+
+def warn_if_learning_rate_changed(
+    optimizers: list[Any], saved_states: list[Any], scheduled: bool
+) -> None:
+    """Warn (`hooktrain.ResumeWarning`) when a resume is given a learning rate other
+    than its checkpoint's: loading an optimizer's state puts the saved one back, and
+    training goes on with it.
+
+    Compared per parameter group, before loading: the ``initial_lr`` that LR
+    schedulers record, where both sides have it, else ``lr`` when no scheduler runs
+    (one that sets no ``initial_lr``, such as ``ReduceLROnPlateau``, changes ``lr``
+    on its own). Optimizer states of another form or number are left to the checks
+    that refuse them.
+    """
+    for index, (optimizer, saved) in enumerate(zip(optimizers, saved_states, strict=False)):
+        saved_groups = saved.get("param_groups", []) if isinstance(saved, Mapping) else []
+        for group, old in zip(optimizer.param_groups, saved_groups, strict=False):
+            key = "initial_lr" if "initial_lr" in group and "initial_lr" in old else "lr"
+            if key == "lr" and scheduled:
+                continue
+            given, kept = group.get(key), old.get(key)
+            if isinstance(given, int | float) and isinstance(kept, int | float) and given != kept:
+                warn_user(
+                    f"hooktrain: resuming with a learning rate of {given:g} for optimizer "
+                    f"{index}, where the checkpoint's state has {kept:g}: loading it puts "
+                    f"{kept:g} back, and training goes on with it. To go on with another "
+                    f"rate, set param_group['lr'] in an on_fit_start hook, which runs after "
+                    f"the checkpoint is loaded",
+                    ResumeWarning,
+                )
+                return

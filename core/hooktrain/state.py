@@ -17,6 +17,7 @@ from torch import nn
 
 from hooktrain.errors import ConfigurationError
 from hooktrain.loadable import require_loadable
+from hooktrain.optimization import warn_if_learning_rate_changed
 from hooktrain.publishing import check_finite
 from hooktrain.replay import SPLIT, epoch_split, warn_if_workers_persist
 from hooktrain.results import unexpected_result
@@ -224,10 +225,12 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         check_count("LR scheduler(s)", schedulers, scheduler_states)
         for index, (scheduler, saved) in enumerate(zip(schedulers, scheduler_states, strict=True)):
             check_scheduler_kind(index, scheduler, saved)
+    optimizer_states = list(checkpoint.get("optimizers", []))
+    warn_if_learning_rate_changed(trainer.optimizers, optimizer_states, bool(schedulers))
     loaded = trainer.plugin_manager.hook.set_state_dict(
         trainer=trainer,
         model_state_dict=checkpoint["model"],
-        optimizer_state_dicts=list(checkpoint.get("optimizers", [])),
+        optimizer_state_dicts=optimizer_states,
     )
     if loaded is not True:
         # Another value (load_state_dict's result, returned on) ends the hook
