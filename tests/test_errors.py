@@ -771,6 +771,29 @@ def test_batch_that_cannot_be_unpacked():
         fit(loader=triples)
 
 
+def test_a_dict_batch_that_cannot_be_unpacked_lists_its_keys():
+    # It said only "got a dict".
+    batches = [{"x": torch.randn(4, 8), "y": torch.zeros(4).long()}]
+    with pytest.raises(ConfigurationError, match=r"got a dict with keys 'x', 'y'\. A model"):
+        fit(loader=batches)
+
+
+def test_a_plain_model_of_several_inputs_is_told_it_gets_them_as_one():
+    # A bare "forward() missing 1 required positional argument" named no cause.
+    class TwoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(8, 2)
+
+        def forward(self, a, b):
+            return self.layer(a) + self.layer(b)
+
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match="missing 1 required positional argument") as info:
+        fit(TwoInputs(), loader=[((x, x), torch.zeros(4).long())])
+    assert "the inputs as one argument (here a tuple of 2)" in "\n".join(info.value.__notes__)
+
+
 def test_a_validation_batch_that_cannot_be_unpacked_names_validation_step():
     train, _ = make_data()
     triples = DataLoader(

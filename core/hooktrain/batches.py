@@ -93,11 +93,12 @@ def unpack_batch(batch: Any, stage: str = "train") -> tuple[Any, Any]:
         return batch[0], batch[1]
     if isinstance(batch, Mapping) and "inputs" in batch and "targets" in batch:
         return batch["inputs"], batch["targets"]
-    described = (
-        f"a {type(batch).__name__} of length {len(batch)}"
-        if isinstance(batch, tuple | list)
-        else f"a {type(batch).__name__}"
-    )
+    if isinstance(batch, tuple | list):
+        described = f"a {type(batch).__name__} of length {len(batch)}"
+    elif isinstance(batch, Mapping):
+        described = f"a {type(batch).__name__} with keys {', '.join(map(repr, batch)) or 'none'}"
+    else:
+        described = f"a {type(batch).__name__}"
     step = STEP_NAMES.get(stage, "training_step")
     raise ConfigurationError(
         f"cannot unpack the batch into (inputs, targets): got {described}. A model "

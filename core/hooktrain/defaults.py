@@ -111,7 +111,19 @@ class CoreDefaults:
             # dataloader's: name it, or the model is blamed.
             by = origin(trainer.plugin_manager, "transfer_batch_to_device")
             raise ConfigurationError(f"{exc}{by}") from None
-        outputs = model(inputs)
+        try:
+            outputs = model(inputs)
+        except TypeError as exc:
+            if isinstance(inputs, tuple | list) and "positional argument" in str(exc):
+                # A model of several inputs, given the batch's inputs as one tuple.
+                exc.add_note(
+                    f"hooktrain: a model without its own {STEP_NAMES[stage]} is called as "
+                    f"model(inputs), the inputs as one argument (here a "
+                    f"{type(inputs).__name__} of {len(inputs)}); for a forward of several "
+                    f"arguments, define {STEP_NAMES[stage]}(batch, batch_idx), or take the "
+                    f"{type(inputs).__name__} in forward"
+                )
+            raise
         if stage == "train":
             try:
                 loss = trainer.loss_fn(outputs, targets)
