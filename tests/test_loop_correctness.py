@@ -493,35 +493,48 @@ def test_stopping_at_max_steps_mid_epoch_runs_no_epoch_end_and_resumes_exactly(t
         assert torch.equal(value, resumed_model.state_dict()[key]), key
 
 
-@pytest.mark.parametrize("scheduled", [False, True])
+class WarmsUp:
+    """Sets the learning rate itself at every step, as a warm-up plugin does."""
+
+    name = "warms_up"
+
+    @hookimpl
+    def on_train_batch_start(self, trainer):
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = 0.01 * (trainer.global_step + 1)
+
+
+@pytest.mark.parametrize("moved_by", ["nothing", "a scheduler", "a warm-up plugin"])
 def test_a_resume_given_another_learning_rate_warns_that_the_checkpoints_is_kept(
-    tmp_path, scheduled
+    tmp_path, moved_by
 ):
     # The checkpoint's rate was put back by load_state_dict without a word, and
-    # the run went on with it. With a scheduler the rate decays on its own: the
-    # rates given are compared (initial_lr), not the decayed one.
+    # the run went on with it. The rates each script gave are compared, not the
+    # rates a scheduler or a plugin moved them to since.
     path = tmp_path / "run.ckpt"
+    plugins = [WarmsUp()] if moved_by == "a warm-up plugin" else []
 
-    def fit(lr, plugins, ckpt_path=None):
+    def fit(lr, saver=(), ckpt_path=None):
         def configure_optimizers():
             optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-            if not scheduled:
+            if moved_by != "a scheduler":
                 return optimizer
             return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)]
 
         model = make_model()
         model.configure_optimizers = configure_optimizers
-        trainer = Trainer(plugins=plugins, max_epochs=2, seed=1, device="cpu")
+        trainer = Trainer(plugins=[*plugins, *saver], max_epochs=2, seed=1, device="cpu")
         trainer.fit(model, make_data(n=32)[0], loss_fn=F.cross_entropy, ckpt_path=ckpt_path)
         return trainer
 
-    fit(0.05, [SavesAtFitEnd(path)])
+    saved = fit(0.05, [SavesAtFitEnd(path)])
+    moved = saved.optimizers[0].param_groups[0]["lr"] != 0.05
+    assert moved == (moved_by != "nothing")
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResumeWarning)
-        fit(0.05, [], ckpt_path=path)  # the same rate, decayed or not: no warning
-    with pytest.warns(ResumeWarning, match=r"learning rate of 0.5 for optimizer 0, .* has 0.05"):
-        resumed = fit(0.5, [], ckpt_path=path)
-    assert resumed.optimizers[0].param_groups[0].get("initial_lr", 0.05) == 0.05
+        fit(0.05, ckpt_path=path)  # the same rate given: no warning
+    with pytest.warns(ResumeWarning, match=r"learning rate of 0.5 for optimizer 0, .* given 0.05"):
+        fit(0.5, ckpt_path=path)
 
 
 def test_a_fit_ended_by_max_steps_resumes_the_epochs_mean_loss_to_the_bit(tmp_path):

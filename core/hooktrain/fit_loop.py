@@ -29,6 +29,7 @@ from hooktrain.optimization import (
     check_optimizers_hold_the_model,
     check_unchanged_since_prepare,
     configure_optimizers,
+    learning_rates,
     make_optimizer_step,
     step_monitoring_schedulers,
     step_scheduler,
@@ -59,6 +60,7 @@ def run_fit(trainer: Trainer, optimizer: Any, ckpt_path: str | os.PathLike[str] 
     """The body of ``fit``, between ``setup`` and ``teardown``."""
     trainer.optimizers, trainer._schedulers = configure_optimizers(trainer.module, optimizer)
     trainer.lr_schedulers = [entry.scheduler for entry in trainer._schedulers]
+    trainer._configured_lrs = learning_rates(trainer.optimizers)  # before a resume loads any
     refuse_manual_optimization(trainer.module, len(trainer.optimizers))
     check_model_steps(trainer.module, ("train", "validate") if _validates(trainer) else ("train",))
     check_monitors(trainer)

@@ -33,6 +33,7 @@ __all__ = [
     "check_optimizers_hold_the_model",
     "check_unchanged_since_prepare",
     "configure_optimizers",
+    "learning_rates",
     "make_optimizer_step",
     "parse_optimizer_config",
     "warn_if_learning_rate_changed",
@@ -366,33 +367,40 @@ def step_scheduler(
         entry.scheduler.step(*args)
 
 
-def warn_if_learning_rate_changed(
-    optimizers: list[Any], saved_states: list[Any], scheduled: bool
-) -> None:
-    """Warn (`hooktrain.ResumeWarning`) when a resume is given a learning rate other
-    than its checkpoint's: loading an optimizer's state puts the saved one back, and
-    training goes on with it.
+def learning_rates(optimizers: list[Any]) -> list[list[float | None]]:
+    """Each optimizer's learning rates, one per parameter group (``None`` for a rate
+    that is not a number, such as a tensor)."""
+    return [
+        [
+            lr if isinstance(lr := group.get("lr"), int | float) else None
+            for group in opt.param_groups
+        ]
+        for opt in optimizers
+    ]
 
-    Compared per parameter group, before loading: the ``initial_lr`` that LR
-    schedulers record, where both sides have it, else ``lr`` when no scheduler runs
-    (one that sets no ``initial_lr``, such as ``ReduceLROnPlateau``, changes ``lr``
-    on its own). Optimizer states of another form or number are left to the checks
-    that refuse them.
+
+def warn_if_learning_rate_changed(configured: list[Any], saved: Any) -> None:
+    """Warn (`hooktrain.ResumeWarning`) when a resume's script configured another
+    learning rate than the run that saved the checkpoint (``saved``, its
+    ``configured_lrs``; ``None`` for a checkpoint without them): loading the
+    optimizers' state puts the saved rates back, and training goes on with them.
+
+    Both are the rates as ``configure_optimizers`` (or ``optimizer=``) left them
+    when each fit started, so a rate that a scheduler or a warm-up plugin moved
+    since does not count as a change.
     """
-    for index, (optimizer, saved) in enumerate(zip(optimizers, saved_states, strict=False)):
-        saved_groups = saved.get("param_groups", []) if isinstance(saved, Mapping) else []
-        for group, old in zip(optimizer.param_groups, saved_groups, strict=False):
-            key = "initial_lr" if "initial_lr" in group and "initial_lr" in old else "lr"
-            if key == "lr" and scheduled:
-                continue
-            given, kept = group.get(key), old.get(key)
-            if isinstance(given, int | float) and isinstance(kept, int | float) and given != kept:
+    if not isinstance(saved, list):
+        return
+    for index, (given, kept) in enumerate(zip(configured, saved, strict=False)):
+        for new, old in zip(given, kept, strict=False):
+            if new is not None and old is not None and new != old:
                 warn_user(
-                    f"hooktrain: resuming with a learning rate of {given:g} for optimizer "
-                    f"{index}, where the checkpoint's state has {kept:g}: loading it puts "
-                    f"{kept:g} back, and training goes on with it. To go on with another "
-                    f"rate, set param_group['lr'] in an on_fit_start hook, which runs after "
-                    f"the checkpoint is loaded",
+                    f"hooktrain: resuming with a learning rate of {new:g} for optimizer "
+                    f"{index}, where the run that saved the checkpoint was given {old:g}: "
+                    f"loading the optimizer's state puts that run's rate back, and "
+                    f"training goes on with it. To go on with another rate, set "
+                    f"param_group['lr'] in an on_fit_start hook, which runs after the "
+                    f"checkpoint is loaded",
                     ResumeWarning,
                 )
                 return

@@ -110,6 +110,7 @@ def dump_checkpoint(trainer: Trainer) -> dict[str, Any]:
         "model": model_state,
         "optimizers": optimizer_states,
         "lr_schedulers": [entry.scheduler.state_dict() for entry in trainer._schedulers],
+        "configured_lrs": trainer._configured_lrs,
         "progress": {
             "epoch": trainer.current_epoch,
             "global_step": trainer.global_step,
@@ -225,12 +226,11 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         check_count("LR scheduler(s)", schedulers, scheduler_states)
         for index, (scheduler, saved) in enumerate(zip(schedulers, scheduler_states, strict=True)):
             check_scheduler_kind(index, scheduler, saved)
-    optimizer_states = list(checkpoint.get("optimizers", []))
-    warn_if_learning_rate_changed(trainer.optimizers, optimizer_states, bool(schedulers))
+    warn_if_learning_rate_changed(trainer._configured_lrs, checkpoint.get("configured_lrs"))
     loaded = trainer.plugin_manager.hook.set_state_dict(
         trainer=trainer,
         model_state_dict=checkpoint["model"],
-        optimizer_state_dicts=optimizer_states,
+        optimizer_state_dicts=list(checkpoint.get("optimizers", [])),
     )
     if loaded is not True:
         # Another value (load_state_dict's result, returned on) ends the hook

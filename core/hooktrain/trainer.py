@@ -189,6 +189,8 @@ class Trainer:
         #: Seed of the training data's per-epoch shuffling (saved in checkpoints).
         self.data_seed = 0
         self._schedulers: list[Scheduler] = []
+        # The learning rates the fit's optimizers were configured with (checkpointed).
+        self._configured_lrs: list[list[float | None]] = []
         self._hooks: ResolvedHooks | None = None
         self._pending_rng: Mapping[str, Any] | None = None
         self._rng_outside_validation: Mapping[str, Any] | None = None

@@ -407,13 +407,13 @@ class ModelCheckpoint:
             raise
         if ranked_name is None and not (self.save_last or stopping):
             return
-        if trainer.is_global_zero and not self.dirpath.is_dir():
+        if trainer.is_global_zero and not self.dirpath.exists():
             # Removed during the run (a clean-up script): made again, lock included,
             # rather than failing the run and losing its work.
-            report(trainer, f"{self.dirpath} was removed during the run; made it again")
             storage.prepare_directory(self.dirpath)
             self._lock.release()
             self._lock.acquire(self.dirpath)
+            report(trainer, f"{self.dirpath} was removed during the run; made it again")
         target = self.dirpath / ranked_name if ranked_name else self.last_path
         self.last_model_path = self.last_path if self.save_last else target
         link = self.last_path if ranked_name and self.save_last else None
