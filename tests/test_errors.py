@@ -793,6 +793,19 @@ def test_a_plain_model_of_several_inputs_is_told_it_gets_them_as_one():
         fit(TwoInputs(), loader=[((x, x), torch.zeros(4).long())])
     assert "the inputs as one argument (here a tuple of 2)" in "\n".join(info.value.__notes__)
 
+    class TakesTheTuple(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(8, 2)
+
+        def forward(self, xs):
+            a, b = xs
+            return self.layer(a, b)  # a bug inside forward, not its signature
+
+    with pytest.raises(TypeError) as info:
+        fit(TakesTheTuple(), loader=[((x, x), torch.zeros(4).long())])
+    assert not any("as one argument" in note for note in info.value.__notes__)
+
 
 def test_a_validation_batch_that_cannot_be_unpacked_names_validation_step():
     train, _ = make_data()

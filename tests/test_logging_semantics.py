@@ -587,8 +587,8 @@ def test_a_step_that_takes_its_batch_apart_keeps_the_batch_weight() -> None:
 
 
 class TwoInputs(torch.nn.Module):
-    """Takes batches whose tensors sit one level down: ``{"inputs": {"a", "b"},
-    "targets": {"cls"}}`` or ``((a, b), (cls,))``."""
+    """Takes batches whose tensors sit one level down, in dicts: ``{"inputs": {"a",
+    "b"}, "targets": {"cls"}}``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -596,10 +596,7 @@ class TwoInputs(torch.nn.Module):
         self.b = torch.nn.Linear(1, 2)
 
     def _loss(self, batch):
-        if isinstance(batch, dict):
-            (a, b), y = batch["inputs"].values(), batch["targets"]["cls"]
-        else:
-            (a, b), (y,) = batch
+        (a, b), y = batch["inputs"].values(), batch["targets"]["cls"]
         return F.cross_entropy(self.a(a) + self.b(b), y)
 
     def training_step(self, batch, batch_idx):
@@ -612,8 +609,7 @@ class TwoInputs(torch.nn.Module):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-@pytest.mark.parametrize("nested", ["dict", "tuple"])
-def test_a_batch_whose_tensors_are_nested_weighs_its_samples(nested) -> None:
+def test_a_batch_whose_tensors_are_in_nested_dicts_weighs_its_samples() -> None:
     # Only the batch's top level was read: these weighed 1 each, and the epoch's
     # means were plain means over batches.
     torch.manual_seed(0)
@@ -621,10 +617,7 @@ def test_a_batch_whose_tensors_are_nested_weighs_its_samples(nested) -> None:
     batches = []
     for n in sizes:
         a, b, y = torch.randn(n, 3), torch.randn(n, 1), torch.randint(0, 2, (n,))
-        if nested == "dict":
-            batches.append({"inputs": {"a": a, "b": b}, "targets": {"cls": y}})
-        else:
-            batches.append(((a, b), (y,)))
+        batches.append({"inputs": {"a": a, "b": b}, "targets": {"cls": y}})
     model = TwoInputs()
     with torch.no_grad():
         losses = [model._loss(batch).item() for batch in batches]
@@ -636,14 +629,18 @@ def test_a_batch_whose_tensors_are_nested_weighs_its_samples(nested) -> None:
     assert trainer.metrics["val_loss"] == pytest.approx(weighted, rel=1e-6)
 
 
-def test_a_batch_of_ragged_sequences_and_labels_weighs_its_labels() -> None:
-    # The labels are this level's tensor: the first sequence's length is not read.
+def test_tuples_and_lists_inside_a_batch_are_not_taken_for_its_fields() -> None:
+    # They may hold one tensor per sample: a first search of them weighed a batch
+    # of waveforms by the first one's length (16000), of images by their channels.
     from hooktrain.batches import batch_size
 
-    sequences = [torch.zeros(7), torch.zeros(2), torch.zeros(5)]
-    assert batch_size((sequences, torch.zeros(3))) == 3
-    assert batch_size({"ids": ["x", "y", "z"], "inputs": {"m": torch.zeros(3, 7)}}) == 3
-    assert batch_size({"ids": ["x", "y"]}) == 1
+    waveforms = [torch.zeros(16000), torch.zeros(12000)]
+    assert batch_size((waveforms, ["yes", "no"])) == 1
+    assert batch_size((tuple(waveforms), ({"label": 1}, {"label": 0}))) == 1
+    assert batch_size({"ids": [[1] * 512] * 32, "text": ["a"] * 32}) == 1
+    # This level's tensor, then the dicts inside, come first.
+    assert batch_size((waveforms, torch.zeros(2))) == 2
+    assert batch_size(({"x": torch.zeros(3, 7)}, ["a", "b", "c"])) == 3
 
 
 def test_writing_into_trainer_metrics_points_to_trainer_log():

@@ -424,7 +424,7 @@ def test_predicting_over_a_loader_in_order_does_not_warn():
 
 
 @pytest.mark.parametrize(
-    "form", ["pair", "inputs only", "one-tuple", "triple", "dict", "dict without targets"]
+    "form", ["pair", "inputs only", "one-tuple", "four fields", "dict", "dict without targets"]
 )
 def test_predict_takes_every_batch_form_that_training_takes(form):
     model = make_model()
@@ -433,7 +433,9 @@ def test_predict_takes_every_batch_form_that_training_takes(form):
         "pair": list(zip(inputs, targets, strict=True)),
         "inputs only": list(inputs),
         "one-tuple": [(x,) for x in inputs],
-        "triple": [(x, y, 1.0) for x, y in zip(inputs, targets, strict=True)],
+        "four fields": [
+            (x, y, 1.0, i) for i, (x, y) in enumerate(zip(inputs, targets, strict=True))
+        ],
         "dict": [{"inputs": x, "targets": y} for x, y in zip(inputs, targets, strict=True)],
         "dict without targets": [{"inputs": x} for x in inputs],
     }[form]
@@ -446,10 +448,14 @@ def test_predict_takes_every_batch_form_that_training_takes(form):
 def test_predict_refuses_a_list_of_one_tensor_per_sample_for_a_plain_model():
     # Its first item, one sample, was taken for the batch's inputs: 64 samples
     # gave one prediction, silently.
-    sequences = [torch.randn(int(n), 8) for n in torch.randint(1, 5, (8,))]
-    loader = DataLoader(sequences, batch_size=4, collate_fn=list)
-    with pytest.raises(hooktrain.ConfigurationError, match=r"a list of length 4: .*predict_step"):
-        hooktrain.Trainer(plugins=[], device="cpu").predict(make_model(), loader)
+    sequences = [torch.randn(n, 8) for n in (3, 1, 2, 4, 2, 2)]
+    for batch_size in (2, 3):  # a batch of two or three samples too
+        loader = DataLoader(sequences, batch_size=batch_size, collate_fn=list)
+        with pytest.raises(
+            hooktrain.ConfigurationError,
+            match=rf"a list of {batch_size} tensors whose first dimensions differ.*predict_step",
+        ):
+            hooktrain.Trainer(plugins=[], device="cpu").predict(make_model(), loader)
 
 
 class Checkpointer:

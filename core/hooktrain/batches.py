@@ -110,25 +110,28 @@ def unpack_batch(batch: Any, stage: str = "train") -> tuple[Any, Any]:
 
 def predict_inputs(batch: Any) -> Any:
     """What a plain model is given in ``predict``: the first item of a tuple or list
-    of one to three, ``(inputs,)``, ``(inputs, targets)`` or ``(inputs, targets,
-    weights)`` as Keras reads them; the ``"inputs"`` of a dict that has them (as in
-    training); and otherwise the batch itself (a tensor, or a dict the model takes
-    whole).
+    (``(inputs,)``, ``(inputs, targets)``...: targets may follow, or not), the
+    ``"inputs"`` of a dict that has them (as in training), and otherwise the batch
+    itself (a tensor, or a dict the model takes whole).
 
-    :raises ConfigurationError: for a tuple or list of any other length, such as
-        a collate's list of one tensor per sample, whose first item would be one
-        sample's.
+    :raises ConfigurationError: for a tuple or list of tensors whose first
+        dimensions differ, which holds one tensor per sample (a collate's list of
+        ragged sequences), not fields of one batch: its first item is one sample.
     """
     if isinstance(batch, (tuple, list)):
-        if 1 <= len(batch) <= 3:
-            return batch[0]
-        raise ConfigurationError(
-            f"predict cannot tell the inputs of a batch that is a {type(batch).__name__} "
-            f"of length {len(batch)}: a model without its own predict_step is given the "
-            f"first item of (inputs,), (inputs, targets) or (inputs, targets, weights). "
-            f"For a list of one item per sample, define predict_step(batch, batch_idx) "
-            f"on the model (returning self(batch)), or collate the batch as (inputs,)"
-        )
+        if (
+            len(batch) > 1
+            and all(isinstance(item, torch.Tensor) and item.ndim for item in batch)
+            and len({item.shape[0] for item in batch}) > 1
+        ):
+            raise ConfigurationError(
+                f"predict was given a {type(batch).__name__} of {len(batch)} tensors "
+                f"whose first dimensions differ, one tensor per sample rather than the "
+                f"fields of one batch; a model without its own predict_step is given "
+                f"the first item, one sample. Define predict_step(batch, batch_idx) on "
+                f"the model (returning self(batch)), or collate the batch as (inputs,)"
+            )
+        return batch[0]
     if isinstance(batch, Mapping) and "inputs" in batch:
         return batch["inputs"]
     return batch
@@ -138,10 +141,12 @@ def batch_size(batch: Any, default: int = 1) -> int:
     """The first dimension of the batch's first tensor with one, else ``default``.
 
     ``batch`` is a tensor, a tuple or list, or a dict. A container's own tensors
-    are looked at before the containers inside it, each of those in its turn:
-    ``(list of ragged sequences, labels)`` weighs ``len(labels)``, not the first
-    sequence's length, and ``{"inputs": {"image": x, "text": t}, "targets": y}``
-    weighs ``y``'s first dimension; ``((x1, x2), (y,))`` weighs ``x1``'s.
+    come first, then those of the dicts inside it, in order: ``{"inputs": {"image":
+    x, "text": t}, "targets": y}`` weighs ``y``'s first dimension, and
+    ``({"a": x1, "b": x2}, labels_list)`` weighs ``x1``'s. Tuples and lists inside
+    are not searched: they may hold one tensor per sample (``(list of ragged
+    sequences, list of labels)``, whose first sequence's length is no batch size),
+    so such a batch weighs ``default`` unless its step says its ``"batch_size"``.
     """
     # Called every step: the common tuple is tested first, and shape[0] is read
     # rather than len(), which goes through a Python-level Tensor.__len__.
@@ -157,9 +162,10 @@ def batch_size(batch: Any, default: int = 1) -> int:
     for item in items:
         if isinstance(item, torch.Tensor) and item.ndim:
             return item.shape[0]
-    # Nested containers, only once no tensor of this level told (rarely reached).
+    # Reached only when this level holds no tensor; dicts (a dict subclass
+    # included) by a check that is quick on strings and token lists too.
     for item in items:
-        if isinstance(item, tuple | list | Mapping):
+        if isinstance(item, dict):
             found = batch_size(item, 0)
             if found:
                 return found
@@ -181,9 +187,11 @@ def step_batch_size(outputs: Any, batch_guess: int) -> int:
     the batch as it arrived, before the step could take it apart. The loss, the
     step's other values and the ``metrics=`` functions' values all weigh this.
     """
-    # The usual dict settled without the Mapping ABC's check; an OrderedDict or
-    # another mapping says the same.
-    if type(outputs) is dict or isinstance(outputs, Mapping):
+    # The usual dict, and the loss tensor, settled without the Mapping ABC's check;
+    # an OrderedDict or another mapping says what a dict says.
+    if type(outputs) is dict or (
+        not isinstance(outputs, torch.Tensor) and isinstance(outputs, Mapping)
+    ):
         given = outputs.get("batch_size")
         if given is not None:
             return int(given)

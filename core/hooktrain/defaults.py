@@ -114,7 +114,7 @@ class CoreDefaults:
         try:
             outputs = model(inputs)
         except TypeError as exc:
-            if isinstance(inputs, tuple | list) and "positional argument" in str(exc):
+            if isinstance(inputs, tuple | list) and not _takes(model, inputs):
                 # A model of several inputs, given the batch's inputs as one tuple.
                 exc.add_note(
                     f"hooktrain: a model without its own {STEP_NAMES[stage]} is called as "
@@ -258,3 +258,17 @@ def _with_arguments(step: Any, trainer: Trainer, batch_idx: bool, dataloader_idx
         return step(*arguments)
 
     return call
+
+
+def _takes(model: Any, inputs: Any) -> bool:
+    """Whether ``model.forward`` can be called with ``inputs`` as its one argument
+    (``True`` when its signature cannot be read: nothing is claimed then)."""
+    import inspect
+
+    try:
+        inspect.signature(model.forward).bind(inputs)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True

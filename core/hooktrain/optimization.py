@@ -397,10 +397,11 @@ def warn_if_learning_rate_changed(configured: list[Any], saved: Any) -> None:
                 warn_user(
                     f"hooktrain: resuming with a learning rate of {new:g} for optimizer "
                     f"{index}, where the run that saved the checkpoint was given {old:g}: "
-                    f"loading the optimizer's state puts that run's rate back, and "
-                    f"training goes on with it. To go on with another rate, set "
-                    f"param_group['lr'] in an on_fit_start hook, which runs after the "
-                    f"checkpoint is loaded",
+                    f"loading the optimizer's state put that run's rate back, and "
+                    f"training goes on with it. To change the rate of a resumed run, "
+                    f"configure the checkpoint's rate and set the new one in an "
+                    f"on_fit_start hook, which runs after the checkpoint is loaded "
+                    f"(param_group['lr'], and an LR scheduler's base_lrs)",
                     ResumeWarning,
                 )
                 return

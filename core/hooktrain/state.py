@@ -226,7 +226,6 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         check_count("LR scheduler(s)", schedulers, scheduler_states)
         for index, (scheduler, saved) in enumerate(zip(schedulers, scheduler_states, strict=True)):
             check_scheduler_kind(index, scheduler, saved)
-    warn_if_learning_rate_changed(trainer._configured_lrs, checkpoint.get("configured_lrs"))
     loaded = trainer.plugin_manager.hook.set_state_dict(
         trainer=trainer,
         model_state_dict=checkpoint["model"],
@@ -236,6 +235,7 @@ def restore_checkpoint(trainer: Trainer, checkpoint: Mapping[str, Any]) -> None:
         # Another value (load_state_dict's result, returned on) ends the hook
         # before the core's default: the optimizers would silently stay fresh.
         raise unexpected_result(trainer.plugin_manager, "set_state_dict", loaded, "True")
+    warn_if_learning_rate_changed(trainer._configured_lrs, checkpoint.get("configured_lrs"))
     for scheduler, saved in zip(schedulers, scheduler_states, strict=True):
         scheduler.load_state_dict(saved)
     by_rank = checkpoint.get("random_states_by_rank")
