@@ -763,6 +763,30 @@ def test_a_model_attribute_named_like_lightnings_switch_left_on_trains():
     assert fit(model).global_step > 0
 
 
+def test_an_optimizer_given_to_a_model_that_configures_its_own_is_refused():
+    # optimizer= won, and the model's Adam and StepLR were dropped without a word.
+    class Configures(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.layer(x)
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.Adam(self.parameters(), lr=0.01)
+            return [optimizer], [torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)]
+
+    trainer = hooktrain.Trainer(plugins=[], device="cpu")
+    with pytest.raises(ConfigurationError, match=r"defines configure_optimizers\(\): give one"):
+        fit(Configures(), trainer=trainer)
+    assert trainer.global_step == 0
+    # The test harness gives its SGD only to a model without an optimizer of its own.
+    result = run([], model=Configures(), record=False)
+    assert [type(o).__name__ for o in result.trainer.optimizers] == ["Adam"]
+    assert len(result.trainer.lr_schedulers) == 1
+
+
 def test_batch_that_cannot_be_unpacked():
     triples = DataLoader(
         TensorDataset(torch.randn(8, 8), torch.zeros(8).long(), torch.zeros(8)), batch_size=4

@@ -67,10 +67,18 @@ def configure_optimizers(module: torch.nn.Module, optimizer: Any) -> tuple[list[
 
     :param optimizer: an optimizer, a callable taking the parameters, or ``None``
         to ask ``module.configure_optimizers()``.
-    :raises ConfigurationError: when there is no optimizer, or something else was
-        given where an optimizer belongs.
+    :raises ConfigurationError: when there is no optimizer, something else was
+        given where an optimizer belongs, or both ``optimizer`` and the module's
+        ``configure_optimizers`` (one of them would be dropped without a word).
     """
     schedulers: list[Scheduler] = []
+    own = callable(getattr(module, "configure_optimizers", None))
+    if optimizer is not None and own:
+        raise ConfigurationError(
+            f"fit() was given optimizer=... and the model ({type(module).__name__}) defines "
+            f"configure_optimizers(): give one of them (the model's may return LR "
+            f"schedulers too)"
+        )
     if optimizer is not None:
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizers = [optimizer]
@@ -81,7 +89,7 @@ def configure_optimizers(module: torch.nn.Module, optimizer: Any) -> tuple[list[
                 f"optimizer must be a torch.optim.Optimizer or a callable taking the "
                 f"parameters, got {type(optimizer).__name__}"
             )
-    elif callable(getattr(module, "configure_optimizers", None)):
+    elif own:
         optimizers, schedulers = parse_optimizer_config(module.configure_optimizers())
     else:
         raise ConfigurationError(

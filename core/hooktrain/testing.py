@@ -193,7 +193,8 @@ def run(
     :param plugins: the plugin list, as for ``Trainer(plugins=...)``.
     :param stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``.
     :param record: register a `HookRecorder` (after your plugins).
-    :param model: default `make_model`.
+    :param model: default `make_model`; trained with SGD (lr 0.1) unless it defines
+        ``configure_optimizers`` or ``fit_kwargs`` gives an ``optimizer``.
     :param data: ``(train_loader, val_loader)``; default `make_data`.
     :param fit_kwargs: extra keyword arguments for ``fit`` (``ckpt_path``...);
         ``metrics`` replaces the default ``{"acc": hooktrain.accuracy}``, in every stage.
@@ -220,14 +221,9 @@ def run(
     metrics = fit_kwargs["metrics"]
     result: Any = None
     if stage == "fit":
-        trainer.fit(
-            model,
-            train,
-            val,
-            loss_fn=F.cross_entropy,
-            optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
-            **fit_kwargs,
-        )
+        if not callable(getattr(model, "configure_optimizers", None)):
+            fit_kwargs.setdefault("optimizer", lambda params: torch.optim.SGD(params, lr=0.1))
+        trainer.fit(model, train, val, loss_fn=F.cross_entropy, **fit_kwargs)
     elif stage == "validate":
         result = trainer.validate(model, val, loss_fn=F.cross_entropy, metrics=metrics)
     elif stage == "test":
