@@ -51,7 +51,7 @@ def unexpected_result(
     )
     return PluginError(
         f"the {hook_name} hook returned {type(result).__name__} {result!r:.60}, which "
-        f"is not {expected}; implemented by {', '.join(names) or 'no plugin'}{around}. An "
+        f"is not {expected}; implemented by {', '.join(names) or 'the core alone'}{around}. An "
         f"implementation that only observes returns None, so that the next one (the "
         f"core's default last) still does the work"
     )
