@@ -190,7 +190,7 @@ def step_batch_size(outputs: Any, batch_guess: int) -> int:
     # The usual dict, and the loss tensor, settled without the Mapping ABC's check;
     # an OrderedDict or another mapping says what a dict says.
     if type(outputs) is dict or (
-        not isinstance(outputs, torch.Tensor) and isinstance(outputs, Mapping)
+        type(outputs) is not torch.Tensor and isinstance(outputs, Mapping)
     ):
         given = outputs.get("batch_size")
         if given is not None:
