@@ -216,7 +216,7 @@ def _train_epoch(
             check_finite(trainer)
         if (
             metric_fns
-            and isinstance(outputs, Mapping)
+            and (type(outputs) is dict or isinstance(outputs, Mapping))
             and "outputs" in outputs
             and "targets" in outputs
         ):
