@@ -579,7 +579,7 @@ def test_a_wrapper_that_drops_the_result_is_named():
     with pytest.raises(
         PluginError,
         match=r"optimizer_step hook returned NoneType None, which is not True or False; "
-        r"implemented by no plugin, wrapped by 'swallows' \(.*`return \(yield\)`",
+        r"implemented by the core alone, wrapped by 'swallows' \(.*`return \(yield\)`",
     ):
         run([SwallowsTheResult("optimizer_step")], limit_train_batches=2, record=False)
     with pytest.raises(
