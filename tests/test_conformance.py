@@ -206,6 +206,38 @@ class TestAtFitStart(PluginConformance):
     documented_errors = [({"prefix": 5}, "prefix must be a string")]
 """
 
+UNRESTORED_STATE = """
+from hooktrain import hookimpl
+from hooktrain.testing import PluginConformance
+
+
+class StepCounter:
+    \"\"\"Counts steps and saves the count, but never reads it back: the weights and
+    the published values cannot tell.\"\"\"
+
+    name = "step_counter"
+
+    def __init__(self):
+        self.seen = 0
+
+    @hookimpl
+    def on_train_batch_end(self):
+        self.seen += 1
+
+    @hookimpl
+    def on_save_checkpoint(self, trainer, checkpoint):
+        checkpoint["plugins"][trainer.plugin_manager.get_name(self)] = {"seen": self.seen}
+
+
+class TestStepCounter(PluginConformance):
+    plugin = StepCounter
+
+
+class TestStepCounterDeclared(PluginConformance):
+    plugin = StepCounter
+    run_specific_state = ["seen"]
+"""
+
 NOT_SLOW = ("-m", "not slow", "-p", "no:cacheprovider")
 
 
@@ -364,3 +396,17 @@ class TestProfileConformance(PluginConformance):
     """The core's own plugin passes the suite too."""
 
     plugin = "profile"
+
+
+def test_a_saved_state_that_is_never_restored_fails_the_resume_check(
+    pytester: pytest.Pytester,
+) -> None:
+    # Its weights and published values were right, so the check passed it: an EMA
+    # kept aside for validation only, lost on resume, went unseen the same way.
+    pytester.makepyfile(test_counter=UNRESTORED_STATE)
+    result = pytester.runpytest_subprocess(*NOT_SLOW, "-k", "resume")
+    text = result.stdout.str()
+    assert outcomes(result) == {"passed": 1, "failed": 1}, text
+    assert "FAILED test_counter.py::TestStepCounter::test_exact_resume_after_sigterm" in text
+    assert "another saved state of 'step_counter'" in text
+    assert "at seen (12 and 3)" in text

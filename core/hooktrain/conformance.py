@@ -40,6 +40,7 @@ import pytest
 from hooktrain.conformance_support import (
     HostSyncCounter,
     Neighbour,
+    StateAtFitEnd,
     TrainingJob,
     UnhandledSigterm,
     declared_plugin,
@@ -48,6 +49,7 @@ from hooktrain.conformance_support import (
     metric_differences,
     raise_on_entry,
     sigterm_guard,
+    state_differences,
     weight_differences,
 )
 from hooktrain.errors import ResumeWarning
@@ -72,12 +74,15 @@ class PluginConformance:
     :cvar wall_clock_metrics: names (``fnmatch`` patterns) of values the plugin
         publishes that measure time (``samples_per_sec``): the resume check does not
         compare them.
+    :cvar run_specific_state: paths (``fnmatch``, ``key/0/key``) of saved state that
+        an interrupted run holds otherwise by design (a count of saves made).
     """
 
     plugin: Any = None
     skip_checks: Mapping[str, str] = {}
     documented_errors: Sequence[tuple[Mapping[str, Any], str]] = ()
     wall_clock_metrics: Sequence[str] = ()
+    run_specific_state: Sequence[str] = ()
 
     @pytest.fixture(autouse=True)
     def _conformance_isolation(
@@ -136,7 +141,8 @@ class PluginConformance:
                 )
             companions = [("checkpoint", {"dirpath": "conformance-ckpt", "async_save": False})]
         reference_job = self._job("uninterrupted")
-        reference = reference_job.fit([self._fresh(), *companions])
+        reference_state, resumed_state = StateAtFitEnd(name), StateAtFitEnd(name)
+        reference = reference_job.fit([self._fresh(), *companions, reference_state])
         reference_values = reference_job.trainer.metrics.floats()
         fault = ("faults", {"hook": "on_train_batch_end", "step": KILL_STEP, "fault": "sigterm"})
         job = self._job("interrupted")
@@ -159,7 +165,7 @@ class PluginConformance:
         with warnings.catch_warnings():
             warnings.simplefilter("error", ResumeWarning)
             try:
-                resumed = job.fit([self._fresh(), *companions], ckpt_path="last")
+                resumed = job.fit([self._fresh(), *companions, resumed_state], ckpt_path="last")
             except ResumeWarning as doubt:
                 pytest.fail(
                     f"exact resume: the run resumed from global step {KILL_STEP} warned "
@@ -199,6 +205,15 @@ class PluginConformance:
                 f"checkpoint['plugins'][name] and read back in on_load_checkpoint. Values "
                 f"that measure time are left out by listing them in wall_clock_metrics. "
                 f"{_GUIDE}"
+            )
+        states = reference_state.state, resumed_state.state
+        if differences := state_differences(*states, self.run_specific_state):
+            pytest.fail(
+                f"exact resume: the run resumed from global step {KILL_STEP} ends with the "
+                f"same weights and values but another saved state of {name!r} than the same "
+                f"run uninterrupted (checkpoint['plugins'][{name!r}] at {differences}): it "
+                f"was not read back in on_load_checkpoint, or counted twice. List what "
+                f"differs by design in run_specific_state. {_GUIDE}"
             )
 
     # ------------------------------------------------------------------ (b) host sync

@@ -5,7 +5,9 @@ comparison. Importing this module does not import torch."""
 from __future__ import annotations
 
 import copy
+import fnmatch
 import inspect
+import math
 import os
 import signal
 import sys
@@ -133,6 +135,61 @@ def weight_differences(
     return _first_three(differing)
 
 
+class StateAtFitEnd:
+    """Keeps what the plugin registered as ``name`` saves in a checkpoint
+    (``checkpoint["plugins"][name]``) as the fit ends, before teardown closes its
+    files."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.state: Any = None
+
+    @hookimpl
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self.state = copy.deepcopy(trainer.dump_checkpoint()["plugins"].get(self.name))
+
+
+def state_differences(expected: Any, actual: Any, ignored: Iterable[str] = ()) -> str:
+    """An empty string when two saved plugin states hold the same numbers and tensors
+    at the same places, else where they differ (at most three ``key/0/key`` paths).
+    Floats and float tensors are equal within a relative 1e-6, as in
+    `metric_differences`. Strings are left out, as paths, run ids and versions
+    differ between two runs by design, and so are paths matching an ``ignored``
+    pattern (``fnmatch``)."""
+    return _first_three(_state_paths(expected, actual, tuple(ignored), ""))
+
+
+def _state_paths(expected: Any, actual: Any, ignored: tuple[str, ...], path: str) -> list[str]:
+    import torch
+
+    if path and any(fnmatch.fnmatchcase(path, pattern) for pattern in ignored):
+        return []
+    here = path or "the top level"
+
+    def inner(a: Any, b: Any, key: Any) -> list[str]:
+        return _state_paths(a, b, ignored, f"{path}/{key}" if path else str(key))
+
+    if isinstance(expected, Mapping) and isinstance(actual, Mapping):
+        return [d for k in expected if k in actual for d in inner(expected[k], actual[k], k)]
+    if isinstance(expected, list | tuple) and isinstance(actual, list | tuple):
+        if len(expected) != len(actual):
+            return [f"{here} (lengths {len(expected)} and {len(actual)})"]
+        pairs = enumerate(zip(expected, actual, strict=True))
+        return [d for i, (a, b) in pairs for d in inner(a, b, i)]
+    if isinstance(expected, torch.Tensor) and isinstance(actual, torch.Tensor):
+        same = expected.shape == actual.shape and (
+            torch.allclose(expected.double(), actual.double(), rtol=1e-6, atol=0.0)
+            if expected.is_floating_point()
+            else torch.equal(expected, actual)
+        )
+        return [] if same else [here]
+    if isinstance(expected, int | float) and isinstance(actual, int | float):
+        if math.isclose(expected, actual, rel_tol=1e-6):
+            return []
+        return [f"{here} ({expected!r} and {actual!r})"]
+    return []
+
+
 def metric_differences(
     expected: Mapping[str, float], actual: Mapping[str, float], ignored: Iterable[str] = ()
 ) -> str:
@@ -145,8 +202,6 @@ def metric_differences(
     may change its last bits, while a value the plugin failed to restore is off by
     far more.
     """
-    import fnmatch
-    import math
 
     def kept(values: Mapping[str, float]) -> dict[str, float]:
         return {
