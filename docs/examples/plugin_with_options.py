@@ -36,9 +36,10 @@ class GradNormMonitor:
         """The largest norm logged so far (read from the device when asked)."""
         return 0.0 if self._largest is None else float(self._largest)
 
-    @hookimpl
+    @hookimpl(tryfirst=True)
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
-        # Called after gradients were unscaled and before clipping: true values.
+        # Called after gradients were unscaled and before clipping: true values. First,
+        # so that another plugin changing gradients in this hook does not change them.
         if trainer.global_step % self.every_n_steps:
             return
         grads = [
