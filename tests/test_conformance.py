@@ -24,7 +24,7 @@ from hooktrain.testing import PluginConformance
 class GradNorm:
     name = "grad_norm"
 
-    @hookimpl
+    @hookimpl(tryfirst=True)  # the gradients as the loop made them, whatever the order
     def on_before_optimizer_step(self, trainer, optimizer):
         grads = [p.grad for g in optimizer.param_groups for p in g["params"]
                  if p.grad is not None]
@@ -410,3 +410,19 @@ def test_a_saved_state_that_is_never_restored_fails_the_resume_check(
     assert "FAILED test_counter.py::TestStepCounter::test_exact_resume_after_sigterm" in text
     assert "another saved state of 'step_counter'" in text
     assert "at seen (12 and 3)" in text
+
+
+def test_a_value_logged_from_gradients_another_plugin_changes_fails_the_order_check(
+    pytester: pytest.Pytester,
+) -> None:
+    # Read in a plain on_before_optimizer_step, the norm was taken before or after
+    # the neighbour halved the gradients, by list order; the weights, all the check
+    # compared, were the same.
+    plain = GRAD_NORM.replace("@hookimpl(tryfirst=True)", "@hookimpl")
+    assert plain != GRAD_NORM
+    pytester.makepyfile(test_plain_norm=plain)
+    result = pytester.runpytest_subprocess(*NOT_SLOW, "-k", "order")
+    text = result.stdout.str()
+    assert outcomes(result) == {"failed": 1}, text
+    assert "trains other weights or publishes other values (grad_norm: " in text
+    assert " listed first, " in text and " listed last)" in text

@@ -248,17 +248,24 @@ class PluginConformance:
     def test_order_independence(self) -> None:
         """Listed before and after a neighbour plugin that halves gradients in
         ``on_before_optimizer_step`` and draws from torch's global generator in
-        ``on_train_batch_start``, the plugin must train the same weights."""
+        ``on_train_batch_start``, the plugin must train the same weights and publish
+        the same values (but those of ``wall_clock_metrics``)."""
         self._skip_if_asked("order")
-        first = self._job("first").fit([self._fresh(), Neighbour()])
-        last = self._job("last").fit([Neighbour(), self._fresh()])
-        differences = weight_differences(first, last)
+        first_job = self._job("first")
+        first = first_job.fit([self._fresh(), Neighbour()])
+        last_job = self._job("last")
+        last = last_job.fit([Neighbour(), self._fresh()])
+        values = first_job.trainer.metrics.floats(), last_job.trainer.metrics.floats()
+        differences = weight_differences(first, last) or metric_differences(
+            *values, self.wall_clock_metrics, ("listed first", "listed last")
+        )
         if differences:
             pytest.fail(
                 f"order independence: listed first and listed last among other plugins, the "
-                f"plugin trains different weights ({differences}). Its hooks depend on what "
-                f"another plugin's implementation of the same hook did before them (gradients "
-                f"changed, random numbers drawn from torch's global generator). Mark the "
+                f"plugin trains other weights or publishes other values ({differences}). Its "
+                f"hooks depend on what another plugin's implementation of the same hook did "
+                f"before them (gradients changed, random numbers drawn from torch's global "
+                f"generator). Mark the "
                 f"implementations whose place matters @hookimpl(tryfirst=True) or "
                 f"(trylast=True), use a generator of your own, or, if it must be listed at one "
                 f"end, say so in skip_checks = {{'order': 'why'}} and in its docs. {_GUIDE}"

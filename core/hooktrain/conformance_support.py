@@ -191,11 +191,14 @@ def _state_paths(expected: Any, actual: Any, ignored: tuple[str, ...], path: str
 
 
 def metric_differences(
-    expected: Mapping[str, float], actual: Mapping[str, float], ignored: Iterable[str] = ()
+    expected: Mapping[str, float],
+    actual: Mapping[str, float],
+    ignored: Iterable[str] = (),
+    labels: tuple[str, str] = ("uninterrupted", "resumed"),
 ) -> str:
     """An empty string when both hold the same published values, else what differs
-    (at most three names). Names matching an ``ignored`` pattern (``fnmatch``) are
-    left out.
+    (at most three names, each value followed by its run's label). Names matching an
+    ``ignored`` pattern (``fnmatch``) are left out.
 
     Values are equal within a relative 1e-6: an epoch's mean resumed mid-epoch is
     summed in two parts (before the checkpoint and after it) instead of one, which
@@ -214,7 +217,7 @@ def metric_differences(
     if expected.keys() != actual.keys():
         return f"different names: {sorted(expected)} and {sorted(actual)}"
     differing = [
-        f"{name}: {value!r} uninterrupted, {actual[name]!r} resumed"
+        f"{name}: {value!r} {labels[0]}, {actual[name]!r} {labels[1]}"
         for name, value in expected.items()
         if not math.isclose(value, actual[name], rel_tol=1e-6, abs_tol=1e-12)
         and not (math.isnan(value) and math.isnan(actual[name]))

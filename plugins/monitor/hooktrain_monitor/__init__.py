@@ -14,8 +14,9 @@ At every optimizer step where the trainer publishes (``global_step`` a multiple 
   ``on_before_optimizer_step``: the rate the step trained with, before a
   step-wise LR scheduler changes it for the next step;
 * ``grad_norm``: the total 2-norm of the gradients of every optimizer's
-  parameters, read in ``on_before_optimizer_step`` (after a precision plugin
-  unscaled them, before ``gradient_clip_val`` clips them; with gradient
+  parameters, read in ``on_before_optimizer_step``, before any other plugin's
+  implementation (after a precision plugin unscaled them, before
+  ``gradient_clip_val`` clips them; with gradient
   accumulation, the whole window's gradients), and computed only at those steps.
   With ``gradient_clip_val`` the trainer itself logs this same norm at every
   step, so the monitor leaves it to the trainer: logging it twice at a publish
@@ -106,7 +107,9 @@ class Monitor:
     def on_fit_start(self, trainer: Trainer) -> None:
         self._start_interval()
 
-    @hookimpl
+    # First: another plugin changing the gradients in this hook (a clipping or noise
+    # plugin) would otherwise change the norm read, by the order plugins are listed.
+    @hookimpl(tryfirst=True)
     def on_before_optimizer_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step + 1  # the step this optimizer is about to take
         if step % trainer.log_every_n_steps:
