@@ -43,6 +43,7 @@ from hooktrain.conformance_support import (
     StateAtFitEnd,
     TrainingJob,
     UnhandledSigterm,
+    called_hooks,
     declared_plugin,
     fresh_selection,
     implemented_hooks,
@@ -313,27 +314,7 @@ class PluginConformance:
     def _called_hooks(self) -> list[tuple[str, Any, str]]:
         """(hook, code object, registered name) of each implementation of the plugin
         that a short fit calls (one run, recording)."""
-        from hooktrain.hookcalls import HOOK_NAMES
-        from hooktrain.instrument import implementation_code
-
-        job = self._job("hooks-called")
-        job.fit([self._fresh()], steps=2, epochs=1, record=True)
-        manager = job.trainer.plugin_manager
-        name = job.trainer.plugin_names[0]
-        plugin = manager.get_plugin(name)
-        called = set(job.recorder.names())
-        found = []
-        for hook in HOOK_NAMES:
-            # on_exception runs after an error already happened; its own errors are
-            # reported on stderr, not raised.
-            if hook not in called or hook == "on_exception":
-                continue
-            for impl in getattr(manager.hook, hook).get_hookimpls():
-                if impl.plugin is plugin:
-                    # pluggy registers only functions and methods: each has code.
-                    code = implementation_code(impl.function)
-                    found.append((hook, code, name))
-        return found
+        return called_hooks(self._job("hooks-called"), self._fresh())
 
     def test_documented_errors_are_clear(self) -> None:
         """Each ``documented_errors`` entry must be refused before any training step,

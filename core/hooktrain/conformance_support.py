@@ -32,13 +32,17 @@ __all__ = [
     "HostSyncCounter",
     "InjectedHookError",
     "Neighbour",
+    "StateAtFitEnd",
     "TrainingJob",
     "UnhandledSigterm",
+    "called_hooks",
     "declared_plugin",
     "fresh_selection",
     "implemented_hooks",
+    "metric_differences",
     "raise_on_entry",
     "sigterm_guard",
+    "state_differences",
     "weight_differences",
 ]
 
@@ -223,6 +227,30 @@ def metric_differences(
         and not (math.isnan(value) and math.isnan(actual[name]))
     ]
     return _first_three(differing)
+
+
+def called_hooks(job: TrainingJob, selection: Any) -> list[tuple[str, Any, str]]:
+    """(hook, code object, registered name) of each implementation of the plugin
+    ``selection`` that a short fit of ``job`` calls (one run, recording)."""
+    from hooktrain.hookcalls import HOOK_NAMES
+    from hooktrain.instrument import implementation_code
+
+    job.fit([selection], steps=2, epochs=1, record=True)
+    manager = job.trainer.plugin_manager
+    name = job.trainer.plugin_names[0]
+    plugin = manager.get_plugin(name)
+    called = set(job.recorder.names())
+    found = []
+    for hook in HOOK_NAMES:
+        # on_exception runs after an error already happened; its own errors are
+        # reported on stderr, not raised.
+        if hook not in called or hook == "on_exception":
+            continue
+        for impl in getattr(manager.hook, hook).get_hookimpls():
+            if impl.plugin is plugin:
+                # pluggy registers only functions and methods: each has code.
+                found.append((hook, implementation_code(impl.function), name))
+    return found
 
 
 def _first_three(differing: list[str]) -> str:
